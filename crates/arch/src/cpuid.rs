@@ -1,0 +1,212 @@
+//! The CPUID each vCPU sees.
+//!
+//! Ferry starts from the set KVM supports on this host (`KVM_GET_SUPPORTED_CPUID`) and
+//! passes every vCPU's table through [`vcpu_cpuid`], the single place where the table is
+//! specialised: topology (APIC IDs), the hypervisor bit and timing leaves, and a
+//! [`FeatureMask`] that hides features, so that a VM can be given a CPU baseline shared
+//! by several hosts and later move between them.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+/// Highest hypervisor leaf Ferry fills in (the VMware-defined timing leaf).
+pub const HYPERVISOR_TIMING_LEAF: u32 = 0x4000_0010;
+/// The LAPIC timer frequency KVM emulates, in kHz (1 GHz).
+const KVM_LAPIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// Errors building a vCPU's CPUID table.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The table would exceed what KVM accepts.
+    #[error("the CPUID table has too many entries for KVM")]
+    TooManyEntries,
+}
+
+/// A CPUID register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Register {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// Bits to hide from one register of one CPUID leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskEntry {
+    /// The leaf (EAX input).
+    pub leaf: u32,
+    /// The subleaf (ECX input); `None` applies to every subleaf.
+    pub subleaf: Option<u32>,
+    /// The register the bits are in.
+    pub register: Register,
+    /// The bits to clear.
+    pub clear: u32,
+}
+
+/// A set of CPU features hidden from the guest. Empty by default: the guest sees
+/// everything KVM supports on this host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeatureMask {
+    entries: Vec<MaskEntry>,
+}
+
+impl FeatureMask {
+    /// A mask hiding the given bits.
+    pub fn new(entries: Vec<MaskEntry>) -> Self {
+        Self { entries }
+    }
+
+    /// The masked bits.
+    pub fn entries(&self) -> &[MaskEntry] {
+        &self.entries
+    }
+
+    fn apply(&self, entry: &mut kvm_cpuid_entry2) {
+        for m in &self.entries {
+            if m.leaf == entry.function && m.subleaf.is_none_or(|s| s == entry.index) {
+                let reg = match m.register {
+                    Register::Eax => &mut entry.eax,
+                    Register::Ebx => &mut entry.ebx,
+                    Register::Ecx => &mut entry.ecx,
+                    Register::Edx => &mut entry.edx,
+                };
+                *reg &= !m.clear;
+            }
+        }
+    }
+}
+
+/// Where a vCPU sits in the VM's topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// This vCPU's index, which is also its APIC ID.
+    pub index: u8,
+    /// Number of vCPUs in the VM.
+    pub count: u8,
+}
+
+/// Builds the CPUID table of one vCPU from the host's supported table.
+///
+/// `tsc_khz`, when known, is published in leaf 0x4000_0010 (EAX: TSC kHz, EBX: LAPIC
+/// timer kHz), the leaf QEMU and VMware use so a guest can learn its clock rate
+/// without calibrating.
+pub fn vcpu_cpuid(
+    supported: &CpuId,
+    topology: Topology,
+    tsc_khz: Option<u32>,
+    mask: &FeatureMask,
+) -> Result<CpuId, Error> {
+    let mut entries: Vec<kvm_cpuid_entry2> = supported.as_slice().to_vec();
+    let apic_id = u32::from(topology.index);
+    let count = u32::from(topology.count.max(1));
+    let mut has_hypervisor_leaf = false;
+
+    for e in entries.iter_mut() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (count << 16);
+                // Hypervisor present.
+                e.ecx |= 1 << 31;
+                if count > 1 {
+                    e.edx |= 1 << 28;
+                }
+            }
+            0x4 => {
+                // Cores per package - 1, in EAX[31:26].
+                e.eax = (e.eax & 0x03ff_ffff) | ((count - 1) << 26);
+            }
+            0xb | 0x1f => {
+                e.edx = apic_id;
+            }
+            0x4000_0000 => {
+                has_hypervisor_leaf = true;
+                if tsc_khz.is_some() {
+                    e.eax = e.eax.max(HYPERVISOR_TIMING_LEAF);
+                }
+            }
+            _ => {}
+        }
+        mask.apply(e);
+    }
+
+    if let (Some(khz), true) = (tsc_khz, has_hypervisor_leaf) {
+        entries.retain(|e| e.function != HYPERVISOR_TIMING_LEAF);
+        entries.push(kvm_cpuid_entry2 {
+            function: HYPERVISOR_TIMING_LEAF,
+            index: 0,
+            flags: 0,
+            eax: khz,
+            ebx: KVM_LAPIC_TIMER_KHZ,
+            ..Default::default()
+        });
+    }
+
+    CpuId::from_entries(&entries).map_err(|_| Error::TooManyEntries)
+}
+
+/// Looks up one leaf/subleaf in a table.
+pub fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<kvm_cpuid_entry2> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| {
+            e.function == leaf
+                && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+        })
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> CpuId {
+        CpuId::from_entries(&[
+            kvm_cpuid_entry2 { function: 0, eax: 0x1f, ..Default::default() },
+            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0800, ecx: 0x0000_0201, edx: 0x1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                edx: 7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 { function: 0x4000_0000, eax: 0x4000_0001, ..Default::default() },
+        ])
+        .expect("small table")
+    }
+
+    #[test]
+    fn topology_and_hypervisor_bit() {
+        let t = vcpu_cpuid(&host(), Topology { index: 3, count: 4 }, None, &FeatureMask::default()).expect("cpuid");
+        let l1 = find(&t, 1, 0).expect("leaf 1");
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_eq!(l1.ebx & 0xffff, 0x0800);
+        assert_ne!(l1.ecx & (1 << 31), 0);
+        assert_ne!(l1.edx & (1 << 28), 0);
+        assert_eq!(find(&t, 0xb, 1).expect("leaf b").edx, 3);
+        assert!(find(&t, HYPERVISOR_TIMING_LEAF, 0).is_none());
+    }
+
+    #[test]
+    fn timing_leaf_published() {
+        let t = vcpu_cpuid(&host(), Topology { index: 0, count: 1 }, Some(2_500_000), &FeatureMask::default()).expect("cpuid");
+        assert_eq!(find(&t, 0x4000_0000, 0).expect("leaf").eax, HYPERVISOR_TIMING_LEAF);
+        let l = find(&t, HYPERVISOR_TIMING_LEAF, 0).expect("timing leaf");
+        assert_eq!(l.eax, 2_500_000);
+        assert_eq!(l.ebx, KVM_LAPIC_TIMER_KHZ);
+    }
+
+    #[test]
+    fn mask_hides_bits() {
+        let mask = FeatureMask::new(vec![MaskEntry { leaf: 1, subleaf: None, register: Register::Ecx, clear: 1 << 9 }]);
+        let t = vcpu_cpuid(&host(), Topology { index: 0, count: 1 }, None, &mask).expect("cpuid");
+        assert_eq!(find(&t, 1, 0).expect("leaf 1").ecx & (1 << 9), 0);
+        assert_ne!(find(&t, 1, 0).expect("leaf 1").ecx & 1, 0);
+    }
+}

@@ -1,0 +1,175 @@
+//! The 16550A serial console (COM1: ports 0x3f8..0x3ff, IRQ 4), on `vm-superio`.
+//!
+//! Interrupts reach the guest through an eventfd registered with KVM as an irqfd for the
+//! UART's IRQ line, so raising one never leaves the kernel's fast path.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use vm_superio::{Serial as Uart, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::PioDevice;
+
+/// COM1's first port.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's IRQ line.
+pub const COM1_IRQ: u32 = 4;
+/// Number of ports a 16550 decodes.
+pub const PORT_COUNT: u16 = 8;
+
+/// Errors setting up the serial console.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The output file cannot be opened for writing.
+    #[error("cannot open serial output file {path} for writing")]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The interrupt eventfd cannot be created or cloned.
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] io::Error),
+    /// The input FIFO is full.
+    #[error("the serial input FIFO is full")]
+    InputFull,
+}
+
+/// Raises the UART's interrupt by writing to an eventfd that KVM injects as an IRQ.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// A trigger on `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console output goes.
+#[derive(Debug)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(File),
+    /// Nowhere.
+    Sink,
+}
+
+impl SerialOutput {
+    /// Opens (creating or truncating) `path` for the console.
+    pub fn file(path: &Path) -> Result<Self, Error> {
+        File::create(path)
+            .map(SerialOutput::File)
+            .map_err(|source| Error::OpenFile { path: path.to_owned(), source })
+    }
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialOutput::Stdout => io::stdout().write(buf),
+            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::Sink => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialOutput::Stdout => io::stdout().flush(),
+            SerialOutput::File(f) => f.flush(),
+            SerialOutput::Sink => Ok(()),
+        }
+    }
+}
+
+/// The serial console device.
+#[derive(Debug)]
+pub struct Serial {
+    uart: Uart<EventFdTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+}
+
+impl Serial {
+    /// A UART writing to `out` and raising its interrupt on `irq_evt`.
+    pub fn new(irq_evt: EventFd, out: SerialOutput) -> Self {
+        Self { uart: Uart::new(EventFdTrigger::new(irq_evt), out) }
+    }
+
+    /// Feeds bytes typed on the console to the guest. Returns how many fit in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> Result<usize, Error> {
+        self.uart.enqueue_raw_bytes(bytes).map_err(|_| Error::InputFull)
+    }
+
+    /// Free space in the input FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl PioDevice for Serial {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        let v = self.uart.read(offset as u8);
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            if let Err(e) = self.uart.write(offset as u8, b) {
+                // Losing console output must not stop the guest.
+                tracing::warn!("serial console write failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmits_to_file_and_raises_irq() {
+        let dir = std::env::temp_dir().join(format!("ferry-serial-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("out");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut s = Serial::new(irq.try_clone().expect("clone"), SerialOutput::file(&path).expect("file"));
+        // Enable the THR-empty interrupt (IER bit 1), then send "hi".
+        s.write(1, &[0x2]);
+        s.write(0, b"h");
+        s.write(0, b"i");
+        assert_eq!(std::fs::read(&path).expect("read"), b"hi");
+        assert!(irq.read().expect("irq raised") >= 1);
+        // LSR: transmitter empty.
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+        // Input.
+        assert_eq!(s.enqueue_input(b"x").expect("enqueue"), 1);
+        let mut rx = [0u8];
+        s.read(0, &mut rx);
+        assert_eq!(rx[0], b'x');
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn unwritable_file_is_an_error() {
+        let err = SerialOutput::file(Path::new("/nonexistent-dir/x")).expect_err("no dir");
+        assert!(err.to_string().contains("/nonexistent-dir/x"));
+    }
+}
