@@ -148,14 +148,132 @@ pub fn vcpu_cpuid(
     CpuId::from_entries(&entries).map_err(|_| Error::TooManyEntries)
 }
 
+/// A CPU feature: one bit of one CPUID register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Feature {
+    /// Leaf.
+    pub leaf: u32,
+    /// Subleaf.
+    pub subleaf: u32,
+    /// Register.
+    pub register: Register,
+    /// Bit number.
+    pub bit: u8,
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match feature_name(self) {
+            Some(name) => write!(f, "{name}"),
+            None => {
+                write!(f, "CPUID[{:#x}.{}].{:?} bit {}", self.leaf, self.subleaf, self.register, self.bit)
+            }
+        }
+    }
+}
+
+/// The feature registers compared between a guest's CPUID and a host's: (leaf, subleaf,
+/// register, bits that are not features and must be ignored).
+const FEATURE_REGISTERS: &[(u32, u32, Register, u32)] = &[
+    // Hypervisor (31) is Ferry's own; OSXSAVE (27) mirrors CR4.
+    (0x1, 0, Register::Ecx, (1 << 31) | (1 << 27)),
+    // HTT (28) follows the vCPU count.
+    (0x1, 0, Register::Edx, 1 << 28),
+    (0x7, 0, Register::Ebx, 0),
+    // OSPKE (4) mirrors CR4.
+    (0x7, 0, Register::Ecx, 1 << 4),
+    (0x7, 0, Register::Edx, 0),
+    (0x7, 1, Register::Eax, 0),
+    (0xd, 1, Register::Eax, 0),
+    (0x8000_0001, 0, Register::Ecx, 0),
+    (0x8000_0001, 0, Register::Edx, 0),
+];
+
+/// Names of the features most worth naming in a message.
+fn feature_name(f: &Feature) -> Option<&'static str> {
+    use Register::*;
+    Some(match (f.leaf, f.subleaf, f.register, f.bit) {
+        (1, 0, Ecx, 0) => "sse3",
+        (1, 0, Ecx, 9) => "ssse3",
+        (1, 0, Ecx, 12) => "fma",
+        (1, 0, Ecx, 13) => "cx16",
+        (1, 0, Ecx, 19) => "sse4.1",
+        (1, 0, Ecx, 20) => "sse4.2",
+        (1, 0, Ecx, 21) => "x2apic",
+        (1, 0, Ecx, 22) => "movbe",
+        (1, 0, Ecx, 23) => "popcnt",
+        (1, 0, Ecx, 24) => "tsc-deadline",
+        (1, 0, Ecx, 25) => "aes",
+        (1, 0, Ecx, 26) => "xsave",
+        (1, 0, Ecx, 28) => "avx",
+        (1, 0, Ecx, 29) => "f16c",
+        (1, 0, Ecx, 30) => "rdrand",
+        (1, 0, Edx, 25) => "sse",
+        (1, 0, Edx, 26) => "sse2",
+        (7, 0, Ebx, 0) => "fsgsbase",
+        (7, 0, Ebx, 3) => "bmi1",
+        (7, 0, Ebx, 5) => "avx2",
+        (7, 0, Ebx, 8) => "bmi2",
+        (7, 0, Ebx, 9) => "erms",
+        (7, 0, Ebx, 16) => "avx512f",
+        (7, 0, Ebx, 18) => "rdseed",
+        (7, 0, Ebx, 19) => "adx",
+        (7, 0, Ebx, 29) => "sha",
+        (7, 0, Ecx, 9) => "vaes",
+        (7, 0, Ecx, 22) => "rdpid",
+        (7, 0, Edx, 22) => "amx-bf16",
+        (7, 0, Edx, 24) => "amx-tile",
+        (7, 0, Edx, 25) => "amx-int8",
+        (0xd, 1, Eax, 0) => "xsaveopt",
+        (0xd, 1, Eax, 1) => "xsavec",
+        (0xd, 1, Eax, 3) => "xsaves",
+        (0x8000_0001, 0, Ecx, 0) => "lahf_lm",
+        (0x8000_0001, 0, Ecx, 5) => "abm",
+        (0x8000_0001, 0, Edx, 20) => "nx",
+        (0x8000_0001, 0, Edx, 26) => "pdpe1gb",
+        (0x8000_0001, 0, Edx, 27) => "rdtscp",
+        (0x8000_0001, 0, Edx, 29) => "lm",
+        _ => return None,
+    })
+}
+
+fn register(e: &kvm_cpuid_entry2, r: Register) -> u32 {
+    match r {
+        Register::Eax => e.eax,
+        Register::Ebx => e.ebx,
+        Register::Ecx => e.ecx,
+        Register::Edx => e.edx,
+    }
+}
+
+/// The features a guest was given (`guest`, e.g. from a checkpoint) that `host` does not
+/// support. Empty means the guest can run on the host.
+pub fn missing_features(guest: &[kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature> {
+    let mut missing = Vec::new();
+    for &(leaf, subleaf, reg, ignore) in FEATURE_REGISTERS {
+        let Some(g) = guest.iter().find(|e| {
+            e.function == leaf && (e.index == subleaf || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+        }) else {
+            continue;
+        };
+        let h = find(host, leaf, subleaf).map(|e| register(&e, reg)).unwrap_or(0);
+        let lacking = register(g, reg) & !h & !ignore;
+        for bit in 0..32u8 {
+            if lacking & (1 << bit) != 0 {
+                missing.push(Feature { leaf, subleaf, register: reg, bit });
+            }
+        }
+    }
+    missing
+}
+
 /// Looks up one leaf/subleaf in a table.
 pub fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<kvm_cpuid_entry2> {
     cpuid
         .as_slice()
         .iter()
         .find(|e| {
-            e.function == leaf
-                && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+            e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
         })
         .copied()
 }
@@ -167,7 +285,13 @@ mod tests {
     fn host() -> CpuId {
         CpuId::from_entries(&[
             kvm_cpuid_entry2 { function: 0, eax: 0x1f, ..Default::default() },
-            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0800, ecx: 0x0000_0201, edx: 0x1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_0800,
+                ecx: 0x0000_0201,
+                edx: 0x1,
+                ..Default::default()
+            },
             kvm_cpuid_entry2 {
                 function: 0xb,
                 index: 1,
@@ -182,7 +306,8 @@ mod tests {
 
     #[test]
     fn topology_and_hypervisor_bit() {
-        let t = vcpu_cpuid(&host(), Topology { index: 3, count: 4 }, None, &FeatureMask::default()).expect("cpuid");
+        let t = vcpu_cpuid(&host(), Topology { index: 3, count: 4 }, None, &FeatureMask::default())
+            .expect("cpuid");
         let l1 = find(&t, 1, 0).expect("leaf 1");
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -195,7 +320,9 @@ mod tests {
 
     #[test]
     fn timing_leaf_published() {
-        let t = vcpu_cpuid(&host(), Topology { index: 0, count: 1 }, Some(2_500_000), &FeatureMask::default()).expect("cpuid");
+        let t =
+            vcpu_cpuid(&host(), Topology { index: 0, count: 1 }, Some(2_500_000), &FeatureMask::default())
+                .expect("cpuid");
         assert_eq!(find(&t, 0x4000_0000, 0).expect("leaf").eax, HYPERVISOR_TIMING_LEAF);
         let l = find(&t, HYPERVISOR_TIMING_LEAF, 0).expect("timing leaf");
         assert_eq!(l.eax, 2_500_000);
@@ -203,8 +330,30 @@ mod tests {
     }
 
     #[test]
+    fn missing_features_are_named() {
+        let h = host();
+        let guest =
+            vcpu_cpuid(&h, Topology { index: 0, count: 2 }, None, &FeatureMask::default()).expect("cpuid");
+        // A guest made from the host's own table (plus Ferry's synthetic bits) fits.
+        assert!(missing_features(guest.as_slice(), &h).is_empty());
+        let mut entries = guest.as_slice().to_vec();
+        for e in entries.iter_mut().filter(|e| e.function == 1) {
+            e.ecx |= 1 << 20; // sse4.2
+            e.ecx |= 1 << 2; // an unnamed bit
+        }
+        let missing = missing_features(&entries, &h);
+        let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
+        assert_eq!(names, vec!["CPUID[0x1.0].Ecx bit 2".to_string(), "sse4.2".to_string()]);
+    }
+
+    #[test]
     fn mask_hides_bits() {
-        let mask = FeatureMask::new(vec![MaskEntry { leaf: 1, subleaf: None, register: Register::Ecx, clear: 1 << 9 }]);
+        let mask = FeatureMask::new(vec![MaskEntry {
+            leaf: 1,
+            subleaf: None,
+            register: Register::Ecx,
+            clear: 1 << 9,
+        }]);
         let t = vcpu_cpuid(&host(), Topology { index: 0, count: 1 }, None, &mask).expect("cpuid");
         assert_eq!(find(&t, 1, 0).expect("leaf 1").ecx & (1 << 9), 0);
         assert_ne!(find(&t, 1, 0).expect("leaf 1").ecx & 1, 0);

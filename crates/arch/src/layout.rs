@@ -56,10 +56,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     if mem_size <= MMIO_HOLE_START {
         vec![(GuestAddress(0), mem_size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_HOLE_START),
-            (GuestAddress(MMIO_HOLE_END), mem_size - MMIO_HOLE_START),
-        ]
+        vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(MMIO_HOLE_END), mem_size - MMIO_HOLE_START)]
     }
 }
 
@@ -119,18 +116,26 @@ mod tests {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         let map = memory_map(256 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[2], MemoryMapEntry { start: HIMEM_START, len: (256 << 20) - HIMEM_START, kind: MemoryKind::Ram });
+        assert_eq!(
+            map[2],
+            MemoryMapEntry { start: HIMEM_START, len: (256 << 20) - HIMEM_START, kind: MemoryKind::Ram }
+        );
     }
 
     #[test]
     fn large_guest_skips_the_mmio_hole() {
         let four_g = 4u64 << 30;
         let ranges = ram_ranges(four_g);
-        assert_eq!(ranges, vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(MMIO_HOLE_END), four_g - MMIO_HOLE_START)]);
+        assert_eq!(
+            ranges,
+            vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(MMIO_HOLE_END), four_g - MMIO_HOLE_START)]
+        );
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert_eq!(total, four_g);
         let map = memory_map(four_g);
-        assert!(map.iter().all(|e| e.kind != MemoryKind::Ram || e.start + e.len <= MMIO_HOLE_START || e.start >= MMIO_HOLE_END));
+        assert!(map.iter().all(|e| e.kind != MemoryKind::Ram
+            || e.start + e.len <= MMIO_HOLE_START
+            || e.start >= MMIO_HOLE_END));
         assert_eq!(low_ram_end(four_g), MMIO_HOLE_START);
     }
 

@@ -12,3 +12,4 @@
 pub mod cpuid;
 pub mod layout;
 pub mod regs;
+pub mod state;

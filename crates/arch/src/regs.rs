@@ -72,8 +72,10 @@ struct Descriptor {
     limit: u32,
 }
 
-const CODE32: Descriptor = Descriptor { selector: CODE_SELECTOR, type_: 0xb, s: 1, db: 1, g: 1, limit: 0xfffff };
-const DATA32: Descriptor = Descriptor { selector: DATA_SELECTOR, type_: 0x3, s: 1, db: 1, g: 1, limit: 0xfffff };
+const CODE32: Descriptor =
+    Descriptor { selector: CODE_SELECTOR, type_: 0xb, s: 1, db: 1, g: 1, limit: 0xfffff };
+const DATA32: Descriptor =
+    Descriptor { selector: DATA_SELECTOR, type_: 0x3, s: 1, db: 1, g: 1, limit: 0xfffff };
 const TSS32: Descriptor = Descriptor { selector: TSS_SELECTOR, type_: 0xb, s: 0, db: 0, g: 0, limit: 0x67 };
 
 impl Descriptor {
@@ -110,8 +112,7 @@ impl Descriptor {
 pub fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), Error> {
     let gdt = [0u64, 0, CODE32.encode(), DATA32.encode(), TSS32.encode()];
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(Error::WriteTables)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64)).map_err(Error::WriteTables)?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(Error::WriteTables)?;
     Ok(())
@@ -123,7 +124,11 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// Sets the boot vCPU's registers for PVH entry at `entry` with `start_info` in EBX.
 /// [`write_boot_tables`] must have been called on the guest's memory.
-pub fn setup_pvh_registers(vcpu: &VcpuFd, entry: GuestAddress, start_info: GuestAddress) -> Result<(), Error> {
+pub fn setup_pvh_registers(
+    vcpu: &VcpuFd,
+    entry: GuestAddress,
+    start_info: GuestAddress,
+) -> Result<(), Error> {
     let mut sregs = vcpu.get_sregs().map_err(kvm("special registers"))?;
     sregs.cs = CODE32.segment();
     let data = DATA32.segment();

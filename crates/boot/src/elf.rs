@@ -5,6 +5,10 @@ use std::io::{Read, Seek, SeekFrom};
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// Notes larger than this are not read (a kernel's notes are a few hundred bytes).
+const MAX_NOTE_SEGMENT: u64 = 1 << 20;
 const EM_X86_64: u16 = 62;
 /// More program headers than any kernel has; bounds what we read from the file.
 const MAX_PHDRS: u16 = 256;
@@ -30,6 +34,15 @@ pub enum ElfError {
     /// Nothing to load.
     #[error("the ELF image has no loadable segment")]
     NoLoadableSegment,
+}
+
+/// What the headers say about a kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct KernelHeaders {
+    /// Physical ranges of the loadable segments.
+    pub segments: Vec<Segment>,
+    /// The PVH entry point from the Xen note, if any.
+    pub pvh_entry: Option<u32>,
 }
 
 /// One loadable segment's physical range.
@@ -59,8 +72,31 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Checks the ELF header and returns the physical ranges of the loadable segments.
-pub(crate) fn load_segments<R: Read + Seek>(r: &mut R) -> Result<Vec<Segment>, ElfError> {
+/// Finds the PVH entry note in a PT_NOTE segment's bytes.
+fn find_pvh_note(notes: &[u8]) -> Option<u32> {
+    let align4 = |n: usize| n.div_ceil(4) * 4;
+    let mut at = 0usize;
+    while at + 12 <= notes.len() {
+        let namesz = u32_at(notes, at) as usize;
+        let descsz = u32_at(notes, at + 4) as usize;
+        let kind = u32_at(notes, at + 8);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(align4(namesz))?;
+        let next = desc_at.checked_add(align4(descsz))?;
+        if desc_at.checked_add(descsz)? > notes.len() {
+            return None;
+        }
+        if kind == XEN_ELFNOTE_PHYS32_ENTRY && notes[name_at..name_at + namesz] == *b"Xen\0" && descsz >= 4 {
+            return Some(u32_at(notes, desc_at));
+        }
+        at = next;
+    }
+    None
+}
+
+/// Checks the ELF header, and returns the physical ranges of the loadable segments and
+/// the PVH entry point.
+pub(crate) fn read_headers<R: Read + Seek>(r: &mut R) -> Result<KernelHeaders, ElfError> {
     r.seek(SeekFrom::Start(0)).map_err(ElfError::Io)?;
     let mut head = Vec::with_capacity(EHDR_SIZE);
     r.by_ref().take(EHDR_SIZE as u64).read_to_end(&mut head).map_err(ElfError::Io)?;
@@ -82,10 +118,23 @@ pub(crate) fn load_segments<R: Read + Seek>(r: &mut R) -> Result<Vec<Segment>, E
         return Err(ElfError::BadProgramHeaders);
     }
     let mut segments = Vec::new();
+    let mut pvh_entry = None;
     let mut ph = [0u8; PHDR_SIZE];
     for i in 0..u64::from(phnum) {
         read_at(r, phoff + i * PHDR_SIZE as u64, &mut ph)?;
-        if u32_at(&ph, 0) != PT_LOAD {
+        let kind = u32_at(&ph, 0);
+        if kind == PT_NOTE && pvh_entry.is_none() {
+            let offset = u64_at(&ph, 8);
+            let size = u64_at(&ph, 32);
+            if size > MAX_NOTE_SEGMENT {
+                return Err(ElfError::BadProgramHeaders);
+            }
+            let mut notes = vec![0u8; size as usize];
+            read_at(r, offset, &mut notes)?;
+            pvh_entry = find_pvh_note(&notes);
+            continue;
+        }
+        if kind != PT_LOAD {
             continue;
         }
         let paddr = u64_at(&ph, 24);
@@ -103,5 +152,5 @@ pub(crate) fn load_segments<R: Read + Seek>(r: &mut R) -> Result<Vec<Segment>, E
     if segments.is_empty() {
         return Err(ElfError::NoLoadableSegment);
     }
-    Ok(segments)
+    Ok(KernelHeaders { segments, pvh_entry })
 }

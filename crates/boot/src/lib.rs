@@ -139,8 +139,11 @@ where
 
     // Check the headers ourselves first: linux-loader's errors do not say which segment
     // is wrong, and it does not check segments against the layout.
-    let segments = elf::load_segments(kernel)?;
-    for seg in &segments {
+    let headers = elf::read_headers(kernel)?;
+    if headers.pvh_entry.is_none() {
+        return Err(Error::NoPvhNote);
+    }
+    for seg in &headers.segments {
         if seg.start < HIMEM_START || seg.end > low_end {
             return Err(Error::SegmentOutsideRam { start: seg.start, end: seg.end, ram_end: low_end });
         }
@@ -176,11 +179,10 @@ where
         let start = low_end.checked_sub(initrd.size).map(|a| a & !(PAGE_SIZE - 1));
         let start = match start {
             Some(s) if s >= kernel_top => s,
-            _ => {
-                return Err(Error::InitrdDoesNotFit { size: initrd.size, kernel_end, ram_end: low_end })
-            }
+            _ => return Err(Error::InitrdDoesNotFit { size: initrd.size, kernel_end, ram_end: low_end }),
         };
-        let size = usize::try_from(initrd.size).map_err(|_| Error::InitrdLargerThanMemory { size: initrd.size, mem_size })?;
+        let size = usize::try_from(initrd.size)
+            .map_err(|_| Error::InitrdLargerThanMemory { size: initrd.size, mem_size })?;
         mem.read_exact_volatile_from(GuestAddress(start), &mut initrd.source, size)
             .map_err(Error::ReadInitrd)?;
         initrd_at = Some((GuestAddress(start), initrd.size));
@@ -195,7 +197,12 @@ where
             MemoryKind::Reserved => XEN_HVM_MEMMAP_TYPE_RESERVED,
         };
         let entry = hvm_memmap_table_entry { addr: e.start, size: e.len, type_, reserved: 0 };
-        write(mem, "memory map", entry, MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64)?;
+        write(
+            mem,
+            "memory map",
+            entry,
+            MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64,
+        )?;
     }
 
     let mut info = hvm_start_info {
@@ -216,6 +223,8 @@ where
 
     Ok(BootInfo { entry, start_info: GuestAddress(PVH_INFO_START), kernel_end, initrd: initrd_at })
 }
+
+pub mod testing;
 
 #[cfg(test)]
 mod tests;

@@ -1,53 +1,9 @@
 use std::io::Cursor;
 
-use vm_memory::{GuestMemoryMmap, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::*;
-
-/// Builds a minimal ELF64 x86-64 executable with one PT_LOAD segment at `paddr` holding
-/// `code`, and, if `pvh_entry` is given, a PT_NOTE with the Xen PVH entry note.
-fn make_elf(paddr: u64, code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
-    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
-    let phoff = 64u64;
-    let data_off = phoff + 56 * u64::from(phnum);
-    let note_off = data_off + code.len() as u64;
-    let mut f = vec![0u8; 64];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
-    f[32..40].copy_from_slice(&phoff.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&phnum.to_le_bytes());
-    let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
-        let mut p = vec![0u8; 56];
-        p[0..4].copy_from_slice(&ty.to_le_bytes());
-        p[8..16].copy_from_slice(&off.to_le_bytes());
-        p[16..24].copy_from_slice(&addr.to_le_bytes());
-        p[24..32].copy_from_slice(&addr.to_le_bytes());
-        p[32..40].copy_from_slice(&size.to_le_bytes());
-        p[40..48].copy_from_slice(&size.to_le_bytes());
-        p
-    };
-    f.extend(phdr(1, data_off, paddr, code.len() as u64));
-    let mut note = Vec::new();
-    if let Some(entry) = pvh_entry {
-        note.extend(4u32.to_le_bytes()); // namesz
-        note.extend(4u32.to_le_bytes()); // descsz
-        note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-        note.extend(b"Xen\0");
-        note.extend(entry.to_le_bytes());
-        f.extend(phdr(4, note_off, 0, note.len() as u64));
-    }
-    f.extend_from_slice(code);
-    f.extend(note);
-    f
-}
+use crate::testing::make_elf;
 
 fn memory(size: u64) -> GuestMemoryMmap {
     let ranges: Vec<(GuestAddress, usize)> =
@@ -97,8 +53,16 @@ fn loads_a_pvh_elf_and_writes_start_info() {
 #[test]
 fn rejects_non_elf() {
     let mem = memory(32 << 20);
-    let err = load_pvh(&mem, 32 << 20, &mut Cursor::new(b"hello, not an elf file at all, but long enough to read a header from it ok".to_vec()), "", NO_INITRD)
-        .expect_err("not elf");
+    let err = load_pvh(
+        &mem,
+        32 << 20,
+        &mut Cursor::new(
+            b"hello, not an elf file at all, but long enough to read a header from it ok".to_vec(),
+        ),
+        "",
+        NO_INITRD,
+    )
+    .expect_err("not elf");
     assert!(matches!(err, Error::Elf(ElfError::NotElf)), "{err:?}");
     let err = load_pvh(&mem, 32 << 20, &mut Cursor::new(b"tiny".to_vec()), "", NO_INITRD).expect_err("short");
     assert!(matches!(err, Error::Elf(ElfError::NotElf)), "{err:?}");
@@ -132,12 +96,24 @@ fn rejects_initrd_that_does_not_fit() {
     let mem = memory(32 << 20);
     let elf = make_elf(0x10_0000, &[0x90], Some(0x10_0000));
     let big = vec![0u8; 33 << 20];
-    let err = load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), "", Some(Initrd { source: &big[..], size: big.len() as u64 }))
-        .expect_err("too big");
+    let err = load_pvh(
+        &mem,
+        32 << 20,
+        &mut Cursor::new(&elf),
+        "",
+        Some(Initrd { source: &big[..], size: big.len() as u64 }),
+    )
+    .expect_err("too big");
     assert!(matches!(err, Error::InitrdLargerThanMemory { .. }), "{err:?}");
     let almost = vec![0u8; 31 << 20];
-    let err = load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), "", Some(Initrd { source: &almost[..], size: almost.len() as u64 }))
-        .expect_err("does not fit");
+    let err = load_pvh(
+        &mem,
+        32 << 20,
+        &mut Cursor::new(&elf),
+        "",
+        Some(Initrd { source: &almost[..], size: almost.len() as u64 }),
+    )
+    .expect_err("does not fit");
     assert!(matches!(err, Error::InitrdDoesNotFit { .. }), "{err:?}");
 }
 
@@ -146,6 +122,12 @@ fn rejects_bad_cmdline() {
     let mem = memory(32 << 20);
     let elf = make_elf(0x10_0000, &[0x90], Some(0x10_0000));
     let long = "x".repeat(CMDLINE_MAX_SIZE);
-    assert!(matches!(load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), &long, NO_INITRD), Err(Error::CmdlineTooLong { .. })));
-    assert!(matches!(load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), "a\0b", NO_INITRD), Err(Error::CmdlineNul)));
+    assert!(matches!(
+        load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), &long, NO_INITRD),
+        Err(Error::CmdlineTooLong { .. })
+    ));
+    assert!(matches!(
+        load_pvh(&mem, 32 << 20, &mut Cursor::new(&elf), "a\0b", NO_INITRD),
+        Err(Error::CmdlineNul)
+    ));
 }

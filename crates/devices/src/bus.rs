@@ -68,10 +68,7 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<(&Entry, u16)> {
-        self.entries
-            .iter()
-            .find(|e| port >= e.base && port - e.base < e.len)
-            .map(|e| (e, port - e.base))
+        self.entries.iter().find(|e| port >= e.base && port - e.base < e.len).map(|e| (e, port - e.base))
     }
 
     /// Dispatches an `IN`. Returns false if no device claims the port.
@@ -138,8 +135,17 @@ mod tests {
     fn rejects_overlaps() {
         let mut bus = PioBus::new();
         bus.insert(0x60, 5, Arc::new(Mutex::new(Latch::default()))).expect("insert");
-        assert!(matches!(bus.insert(0x64, 1, Arc::new(Mutex::new(Latch::default()))), Err(Error::Overlap { .. })));
-        assert!(matches!(bus.insert(0xffff, 2, Arc::new(Mutex::new(Latch::default()))), Err(Error::BadRange { .. })));
-        assert!(matches!(bus.insert(0x10, 0, Arc::new(Mutex::new(Latch::default()))), Err(Error::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(0x64, 1, Arc::new(Mutex::new(Latch::default()))),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0xffff, 2, Arc::new(Mutex::new(Latch::default()))),
+            Err(Error::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x10, 0, Arc::new(Mutex::new(Latch::default()))),
+            Err(Error::BadRange { .. })
+        ));
     }
 }

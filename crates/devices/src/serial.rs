@@ -34,6 +34,9 @@ pub enum Error {
     /// The interrupt eventfd cannot be created or cloned.
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] io::Error),
+    /// A saved state that no UART can have.
+    #[error("the saved serial state is invalid (receive FIFO larger than the UART's)")]
+    BadState,
     /// The input FIFO is full.
     #[error("the serial input FIFO is full")]
     InputFull,
@@ -96,6 +99,66 @@ impl Write for SerialOutput {
     }
 }
 
+/// The saved state of the UART: every register and the receive FIFO. The transmit side
+/// has no buffer to save: each byte the guest sends is written out at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register (pending interrupt).
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialState> for vm_superio::serial::SerialState {
+    fn from(s: &SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The serial console device.
 #[derive(Debug)]
 pub struct Serial {
@@ -106,6 +169,19 @@ impl Serial {
     /// A UART writing to `out` and raising its interrupt on `irq_evt`.
     pub fn new(irq_evt: EventFd, out: SerialOutput) -> Self {
         Self { uart: Uart::new(EventFdTrigger::new(irq_evt), out) }
+    }
+
+    /// Saves the UART's registers and receive FIFO.
+    pub fn save(&self) -> SerialState {
+        self.uart.state().into()
+    }
+
+    /// Rebuilds a UART from a saved state, writing to `out` and raising `irq_evt`.
+    pub fn restore(state: &SerialState, irq_evt: EventFd, out: SerialOutput) -> Result<Self, Error> {
+        let uart =
+            Uart::from_state(&state.into(), EventFdTrigger::new(irq_evt), vm_superio::serial::NoEvents, out)
+                .map_err(|_| Error::BadState)?;
+        Ok(Self { uart })
     }
 
     /// Feeds bytes typed on the console to the guest. Returns how many fit in the FIFO.
@@ -165,6 +241,34 @@ mod tests {
         s.read(0, &mut rx);
         assert_eq!(rx[0], b'x');
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut s = Serial::new(irq.try_clone().expect("clone"), SerialOutput::Sink);
+        s.write(3, &[0x83]); // DLAB on, 8 bits
+        s.write(0, &[0x0c]); // divisor 12
+        s.write(3, &[0x03]);
+        s.write(7, &[0x5a]); // scratch
+        s.write(1, &[0x1]); // RX interrupt on
+        s.enqueue_input(b"ab").expect("input");
+        let saved = s.save();
+        assert_eq!(saved.in_buffer, b"ab");
+        let json = serde_json::to_string(&saved).expect("json");
+        let back: SerialState = serde_json::from_str(&json).expect("parse");
+        let mut r = Serial::restore(&back, irq, SerialOutput::Sink).expect("restore");
+        assert_eq!(r.save(), saved);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let bad = SerialState { in_buffer: vec![0; 1000], ..saved };
+        assert!(matches!(
+            Serial::restore(&bad, EventFd::new(0).expect("efd"), SerialOutput::Sink),
+            Err(Error::BadState)
+        ));
     }
 
     #[test]

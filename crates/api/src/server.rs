@@ -1,0 +1,170 @@
+//! The API server: a thread running a small tokio runtime with an axum router on the
+//! unix socket. Each request is parsed into a [`Request`] and handed to the VMM through a
+//! [`Handler`], called on a blocking thread so the VMM may take its time (a snapshot).
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+
+use crate::types::{ApiError, Request, Response, SnapshotRequest};
+
+/// The VMM side of the API.
+pub trait Handler: Send + Sync + 'static {
+    /// Carries out `request`. May block.
+    fn handle(&self, request: Request) -> Result<Response, ApiError>;
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another process serves this socket.
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// Binding failed.
+    #[error("cannot listen on API socket {path}")]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime or thread cannot start.
+    #[error("cannot start the API server")]
+    Start(#[source] std::io::Error),
+}
+
+/// A running server. [`ServerHandle::shutdown`] (or dropping it) stops accepting
+/// connections, lets the requests in flight finish writing their responses, and removes
+/// the socket file.
+#[derive(Debug)]
+pub struct ServerHandle {
+    path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops the server gracefully, waiting at most `timeout` for responses in flight.
+    pub fn shutdown(&mut self, timeout: std::time::Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let deadline = std::time::Instant::now() + timeout;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Binds `path` (replacing a stale socket nobody listens on) and serves it on a thread.
+pub fn spawn(path: &Path, handler: Arc<dyn Handler>) -> Result<ServerHandle, Error> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        StdUnixListener::bind(path).map_err(|source| Error::Bind { path: path.to_owned(), source })?;
+    listener.set_nonblocking(true).map_err(|source| Error::Bind { path: path.to_owned(), source })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(Error::Start)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("API server cannot use its socket: {e}");
+                        return;
+                    }
+                };
+                let serve = axum::serve(listener, router(handler)).with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("API server stopped: {e}");
+                }
+            })
+        })
+        .map_err(Error::Start)?;
+    Ok(ServerHandle { path: path.to_owned(), stop: Some(stop), thread: Some(thread) })
+}
+
+/// The routes.
+pub fn router(handler: Arc<dyn Handler>) -> Router {
+    Router::new()
+        .route("/vm", get(info))
+        .route("/vm/pause", put(pause))
+        .route("/vm/resume", put(resume))
+        .route("/vm/snapshot", put(snapshot))
+        .fallback(not_found)
+        .with_state(handler)
+}
+
+async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
+    let result = tokio::task::spawn_blocking(move || handler.handle(request)).await;
+    match result {
+        Ok(Ok(Response::Info(info))) => Json(info).into_response(),
+        Ok(Ok(Response::Snapshot(report))) => Json(report).into_response(),
+        Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error_response(e),
+        Err(e) => error_response(ApiError::internal(format!("the request handler failed: {e}"))),
+    }
+}
+
+fn error_response(e: ApiError) -> HttpResponse {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e)).into_response()
+}
+
+async fn info(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+    call(h, Request::Info).await
+}
+
+async fn pause(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+    call(h, Request::Pause).await
+}
+
+async fn resume(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+    call(h, Request::Resume).await
+}
+
+async fn snapshot(
+    State(h): State<Arc<dyn Handler>>,
+    body: Result<Json<SnapshotRequest>, JsonRejection>,
+) -> HttpResponse {
+    match body {
+        Ok(Json(req)) => call(h, Request::Snapshot(req)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("bad snapshot request: {}", e.body_text()))),
+    }
+}
+
+async fn not_found() -> HttpResponse {
+    error_response(ApiError {
+        status: 404,
+        message: "no such endpoint; see docs/api.md (GET /vm, PUT /vm/pause, /vm/resume, /vm/snapshot)"
+            .into(),
+    })
+}

@@ -1,0 +1,62 @@
+//! `ferry-bench`: Ferry's benchmarks. Each runs the real `ferry` binary several times and
+//! prints the median and spread; `--json` prints the same figures as JSON.
+
+mod boot;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry's benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-bench")]
+struct Cli {
+    /// The ferry binary to measure (default: `ferry` next to this program).
+    #[arg(long, global = true, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+
+    /// Print the results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Time from process start to the guest's first instruction, for 256 MiB and 2 GiB
+    /// guests (memstress; its first instruction writes the POST port 0x80, which Ferry
+    /// timestamps).
+    Boot(boot::BootArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ferry = match cli.ferry.clone().map(Ok).unwrap_or_else(default_ferry) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ferry-bench: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.bench {
+        Bench::Boot(args) => boot::run(&ferry, &args, cli.json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_ferry() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("ferry");
+    anyhow::ensure!(p.exists(), "no ferry binary at {} (build it, or pass --ferry PATH)", p.display());
+    Ok(p)
+}

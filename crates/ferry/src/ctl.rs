@@ -1,0 +1,79 @@
+//! Commands that act on a running VM through its API socket.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use ferry_api::client::send;
+use ferry_api::{Request, Response, SnapshotRequest};
+
+use crate::cli::{InfoArgs, SnapshotArgs, SocketArgs};
+
+const QUICK: Duration = Duration::from_secs(30);
+/// A snapshot writes all of guest memory.
+const SLOW: Duration = Duration::from_secs(900);
+
+pub fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
+    let Response::Info(info) = send(&args.socket.api_socket, &Request::Info, QUICK)? else {
+        bail!("the VMM answered an info request with something else");
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        let state = serde_json::to_value(info.state)?;
+        println!("state:    {}", state.as_str().unwrap_or("?"));
+        println!("kernel:   {}", info.kernel);
+        println!("memory:   {} MiB", info.memory_bytes >> 20);
+        println!("vcpus:    {}", info.vcpus);
+        println!("uptime:   {:.1} s", info.uptime_ms as f64 / 1000.0);
+        println!("pid:      {}", info.pid);
+        if let Some(from) = info.restored_from {
+            println!("restored: from {}", from.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pause(args: SocketArgs) -> anyhow::Result<ExitCode> {
+    send(&args.api_socket, &Request::Pause, QUICK)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn resume(args: SocketArgs) -> anyhow::Result<ExitCode> {
+    send(&args.api_socket, &Request::Resume, QUICK)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    // Relative paths mean the caller's directory, not the VMM's.
+    let to = std::path::absolute(&args.to)?;
+    if !args.json {
+        eprintln!("ferry: writing a checkpoint to {}...", to.display());
+    }
+    let request = Request::Snapshot(SnapshotRequest { to, stop: args.stop });
+    let Response::Snapshot(report) = send(&args.socket.api_socket, &request, SLOW)? else {
+        bail!("the VMM answered a snapshot request with something else");
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("checkpoint: {}", report.path.display());
+        println!(
+            "memory:     {} MiB guest, {} MiB written, {} zero pages skipped",
+            report.memory_bytes >> 20,
+            report.memory_written_bytes >> 20,
+            report.zero_pages
+        );
+        println!(
+            "on disk:    {:.1} MiB (state file {} KiB)",
+            report.disk_bytes as f64 / (1 << 20) as f64,
+            report.state_bytes >> 10
+        );
+        println!("time:       {:.1} ms total, vCPUs paused {:.1} ms", report.total_ms, report.paused_ms);
+        println!(
+            "VM:         {}",
+            if report.stopped { "suspended (its VMM has exited)" } else { "running as before" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

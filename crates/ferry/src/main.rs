@@ -1,0 +1,64 @@
+//! `ferry`: the command line of Ferry, live migration of KVM virtual machines.
+
+mod cli;
+mod ctl;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let started_ns = ferry_vmm::monotonic_ns();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("ferry: error: {} (see 'ferry --help')", one_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cli.log_level);
+    let result = match cli.command {
+        cli::Command::Run(args) => run::run(args, started_ns),
+        cli::Command::Restore(args) => run::restore(args, started_ns),
+        cli::Command::Info(args) => ctl::info(args),
+        cli::Command::Pause(args) => ctl::pause(args),
+        cli::Command::Resume(args) => ctl::resume(args),
+        cli::Command::Snapshot(args) => ctl::snapshot(args),
+        cli::Command::Guests(args) => run::guests(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Folds clap's multi-line message into one line, without the usage block.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,90 @@
+//! `ferry run` and `ferry guests`.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use ferry_vmm::{KernelSource, RestoreConfig, RunOutcome, VmConfig, Vmm};
+
+use crate::cli::{GuestsArgs, RestoreArgs, RunArgs};
+
+pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let kernel = match (&args.kernel, &args.guest) {
+        (Some(path), None) => KernelSource::File(path.clone()),
+        (None, Some(name)) => match ferry_guests::find(name) {
+            Some(g) => KernelSource::Embedded { name: g.name.to_string(), elf: g.elf },
+            None => {
+                let names: Vec<&str> = ferry_guests::all().iter().map(|g| g.name).collect();
+                bail!("unknown guest {name:?}; the bundled guests are: {}", names.join(", "));
+            }
+        },
+        _ => bail!("give exactly one of --kernel or --guest"),
+    };
+    if let Some(path) = &args.kernel {
+        if !path.exists() {
+            bail!("kernel {} does not exist", path.display());
+        }
+        if path.is_dir() {
+            bail!("kernel {} is a directory, not an ELF file", path.display());
+        }
+    }
+    if let Some(path) = &args.initrd {
+        if !path.exists() {
+            bail!("initrd {} does not exist", path.display());
+        }
+        if path.is_dir() {
+            bail!("initrd {} is a directory, not a file", path.display());
+        }
+    }
+    let config = VmConfig {
+        memory: args.memory,
+        vcpus: args.cpus,
+        kernel,
+        cmdline: args.cmdline,
+        initrd: args.initrd,
+        serial: args.serial,
+        started_ns,
+        api_socket: args.api_socket,
+    };
+    let vmm = Vmm::build(config).context("cannot start the VM")?;
+    finish(vmm.run()?)
+}
+
+pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let config = RestoreConfig {
+        from: args.from.clone(),
+        serial: args.serial,
+        api_socket: args.api_socket,
+        started_ns,
+    };
+    let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;
+    finish(vmm.run()?)
+}
+
+fn finish(outcome: RunOutcome) -> anyhow::Result<ExitCode> {
+    match outcome {
+        RunOutcome::PowerOff | RunOutcome::Signalled(_) | RunOutcome::Suspended => Ok(ExitCode::SUCCESS),
+    }
+}
+
+pub fn guests(args: GuestsArgs) -> anyhow::Result<ExitCode> {
+    let guests = ferry_guests::all();
+    if args.json {
+        let list: Vec<serde_json::Value> = guests
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "name": g.name,
+                    "summary": g.summary,
+                    "cmdline": g.cmdline_help,
+                    "elf_bytes": g.elf.len(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for g in guests {
+            println!("{}\n    {}\n    options: {}", g.name, g.summary, g.cmdline_help);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,210 @@
+/*
+ * memstress: a page-stamping memory writer that catches any lost or stale page.
+ *
+ * Command line: wss=SIZE (working set, default 64M), seed=N (default 1), rate=N (pages
+ * per second, 0 = as fast as it can), passes=N (power off after N passes; 0 = for ever).
+ *
+ * On pass p it checks that every page of the working set still holds the stamp of pass
+ * p-1 (zero for p = 1: fresh RAM is zero), then writes the stamp of pass p: a 64-bit value
+ * from the seed, the page index and the pass, in the page's first 8 bytes and its bitwise
+ * NOT in the last 8. A page a migration or restore lost or left stale shows as
+ *   memstress: CORRUPTION page=<i> expected=0x<x> found=0x<y>
+ * after which memstress stops working (halts) so the evidence stays in memory.
+ */
+#include "../rt/rt.h"
+
+#define PAGE 4096ull
+#define WORDS_PER_PAGE (PAGE / 8)
+#define K_SEED 0x9e3779b97f4a7c15ull
+#define K_PASS 0xc2b2ae3d27d4eb4full
+#define K_PAGE 0x165667b19e3779f9ull
+#define MIB (1ull << 20)
+#define LOW_LIMIT (4ull << 30) /* identity-mapped by the entry stub */
+
+static const char *const known[] = {"wss", "seed", "rate", "passes", 0};
+
+/* The stamp base of pass p; page i's stamp is (base + i * K_PAGE) | 1. */
+static u64 pass_base(u64 seed, u64 p) { return (seed * K_SEED) ^ (p * K_PASS); }
+
+static u64 option(const char *cmdline, const char *key, u64 def)
+{
+    const char *v = cmdline_get(cmdline, key);
+    u64 out;
+    if (!v)
+        return def;
+    if (parse_size(v, &out)) {
+        puts("memstress: error: bad value for ");
+        puts(key);
+        puts(", using ");
+        put_dec(def);
+        putc('\n');
+        return def;
+    }
+    return out;
+}
+
+/* Finds `len` bytes of RAM below 4 GiB above the image that avoid [avoid_lo, avoid_hi). */
+static u64 place(const struct hvm_start_info *si, u64 len, u64 avoid_lo, u64 avoid_hi)
+{
+    const struct hvm_memmap_table_entry *map = (const void *)si->memmap_paddr;
+    u64 floor = ((u64)__image_end + MIB - 1) & ~(MIB - 1);
+    if (si->version < 1 || !si->memmap_paddr)
+        return 0;
+    for (u32 i = 0; i < si->memmap_entries; i++) {
+        if (map[i].type != HVM_MEMMAP_RAM)
+            continue;
+        u64 lo = map[i].addr, hi = map[i].addr + map[i].size;
+        if (hi > LOW_LIMIT)
+            hi = LOW_LIMIT;
+        if (lo < floor)
+            lo = floor;
+        lo = (lo + PAGE - 1) & ~(PAGE - 1);
+        /* Try below the avoided range, then above it. */
+        u64 cand[2] = {lo, avoid_hi > lo ? (avoid_hi + PAGE - 1) & ~(PAGE - 1) : lo};
+        for (int c = 0; c < 2; c++) {
+            u64 a = cand[c];
+            if (a + len > hi || a + len < a)
+                continue;
+            if (avoid_hi > avoid_lo && a < avoid_hi && avoid_lo < a + len)
+                continue;
+            return a;
+        }
+    }
+    return 0;
+}
+
+static __attribute__((noreturn)) void corruption(u64 page, u64 expected, u64 found)
+{
+    puts("memstress: CORRUPTION page=");
+    put_dec(page);
+    puts(" expected=");
+    put_hex(expected, 16);
+    puts(" found=");
+    put_hex(found, 16);
+    putc('\n');
+    halt_forever();
+}
+
+static void pass_line(u64 p)
+{
+    puts("memstress: pass ");
+    put_dec(p);
+    putc('\n');
+}
+
+void guest_main(const struct hvm_start_info *si)
+{
+    const char *cmdline = 0;
+    if (si->magic != HVM_START_MAGIC) {
+        puts("memstress: error: no PVH start info\n");
+        poweroff();
+    }
+    if (si->cmdline_paddr)
+        cmdline = (const char *)si->cmdline_paddr;
+    cmdline_check(cmdline, known, "memstress");
+    u64 wss = option(cmdline, "wss", 64 * MIB);
+    u64 seed = option(cmdline, "seed", 1);
+    u64 rate = option(cmdline, "rate", 0);
+    u64 passes = option(cmdline, "passes", 0);
+
+    u64 rd_lo = 0, rd_hi = 0;
+    if (si->nr_modules >= 1 && si->modlist_paddr) {
+        const struct hvm_modlist_entry *m = (const void *)si->modlist_paddr;
+        u64 sum = 0;
+        rd_lo = m->paddr;
+        rd_hi = m->paddr + m->size;
+        for (u64 off = 0; off + 8 <= m->size; off += PAGE)
+            sum += *(volatile const u64 *)(m->paddr + off);
+        puts("memstress: initrd addr=");
+        put_hex(m->paddr, 1);
+        puts(" size=");
+        put_dec(m->size);
+        puts(" sum=");
+        put_hex(sum, 16);
+        putc('\n');
+    }
+
+    wss &= ~(PAGE - 1);
+    if (wss < PAGE)
+        wss = PAGE;
+    u64 base = place(si, wss, rd_lo, rd_hi);
+    if (!base) {
+        puts("memstress: error: wss ");
+        put_dec(wss);
+        puts(" does not fit in guest RAM\n");
+        poweroff();
+    }
+    u64 npages = wss / PAGE;
+    u64 khz = tsc_khz();
+    u64 tsc_per_sec = khz * 1000;
+    u64 tsc_per_page = (rate && khz) ? tsc_per_sec / rate : 0;
+    if (rate && !khz)
+        puts("memstress: no TSC frequency from the VMM; ignoring rate\n");
+
+    puts("memstress: wss=");
+    put_dec(wss);
+    puts(" pages=");
+    put_dec(npages);
+    puts(" base=");
+    put_hex(base, 1);
+    puts(" seed=");
+    put_dec(seed);
+    puts(" rate=");
+    put_dec(rate);
+    putc('\n');
+    puts("memstress: ready\n");
+
+    u64 last_print = rdtsc();
+    u64 next_page_at = last_print;
+    for (u64 p = 1;; p++) {
+        u64 mask = p == 1 ? 0 : ~0ull;
+        u64 prev = pass_base(seed, p - 1);
+        u64 cur = pass_base(seed, p);
+        volatile u64 *pg = (volatile u64 *)base;
+        for (u64 i = 0; i < npages; i++, pg += WORDS_PER_PAGE) {
+            u64 want = (prev | 1) & mask;
+            u64 w0 = pg[0];
+            u64 w1 = pg[WORDS_PER_PAGE - 1];
+            if (w0 != want)
+                corruption(i, want, w0);
+            if (w1 != (~(prev | 1) & mask))
+                corruption(i, ~(prev | 1) & mask, w1);
+            pg[0] = cur | 1;
+            pg[WORDS_PER_PAGE - 1] = ~(cur | 1);
+            prev += K_PAGE;
+            cur += K_PAGE;
+            if (tsc_per_page) {
+                next_page_at += tsc_per_page;
+                u64 now;
+                while ((i64)((now = rdtsc()) - next_page_at) < 0)
+                    cpu_relax();
+                /* After a pause (checkpoint, migration) do not race to catch up. */
+                if (now - next_page_at > tsc_per_sec)
+                    next_page_at = now;
+            }
+            if (khz && (i & 255) == 255) {
+                u64 now = rdtsc();
+                if (now - last_print >= tsc_per_sec) {
+                    puts("memstress: pass ");
+                    put_dec(p);
+                    puts(": page ");
+                    put_dec(i + 1);
+                    puts(" of ");
+                    put_dec(npages);
+                    putc('\n');
+                    last_print = now;
+                }
+            }
+        }
+        u64 now = rdtsc();
+        int last = passes && p >= passes;
+        if (!khz || p == 1 || last || now - last_print >= tsc_per_sec / 2) {
+            pass_line(p);
+            last_print = now;
+        }
+        if (last) {
+            puts("memstress: done\n");
+            poweroff();
+        }
+    }
+}

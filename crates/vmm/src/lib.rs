@@ -1,0 +1,363 @@
+//! The Ferry virtual machine monitor: one process per VM.
+//!
+//! [`Vmm::build`] turns a [`VmConfig`] into a VM ready to run: KVM opened and checked,
+//! guest memory mapped (lazily), the kernel booted through PVH ([`ferry_boot`]), the
+//! devices placed ([`ferry_devices`]), one thread per vCPU ([`vcpu`]).
+//! [`Vmm::restore`] builds the same from a checkpoint ([`persist`]). [`Vmm::run`] then runs
+//! the guest until it powers off, fails, is suspended, or the process is asked to stop,
+//! serving the API socket meanwhile ([`api`]).
+
+pub mod api;
+pub mod config;
+pub mod memory;
+pub mod persist;
+pub mod vcpu;
+pub mod vm;
+
+mod run;
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_arch::cpuid::{self, FeatureMask, Topology};
+use ferry_arch::regs;
+use ferry_boot::Initrd;
+use ferry_devices::boot_timer::{BootTimer, FirstWrite};
+use ferry_devices::i8042::I8042;
+use ferry_devices::serial::{self, Serial, SerialOutput, SerialState};
+use ferry_devices::PioBus;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use config::{KernelSource, SerialConfig, VmConfig};
+pub use ferry_devices::boot_timer::monotonic_ns;
+pub use persist::RestoreConfig;
+pub use run::RunOutcome;
+pub use vcpu::{GuestFault, StopReason};
+
+use crate::memory::GuestMemory;
+use crate::vcpu::{ExitNotifier, VcpuContext, VcpuHandle};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// KVM is unusable.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// Guest memory cannot be created.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// The kernel file cannot be opened.
+    #[error("cannot open kernel {path}")]
+    OpenKernel {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd file cannot be opened.
+    #[error("cannot open initrd {path}")]
+    OpenInitrd {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel or initrd cannot be loaded.
+    #[error("cannot boot {kernel}")]
+    Boot {
+        /// Kernel name.
+        kernel: String,
+        /// Why.
+        #[source]
+        source: ferry_boot::Error,
+    },
+    /// CPUID cannot be built.
+    #[error("cannot build the vCPUs' CPUID")]
+    Cpuid(#[from] cpuid::Error),
+    /// A vCPU cannot be created or set up.
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU's boot state cannot be set.
+    #[error("cannot set up vCPU {index}")]
+    SetupVcpu {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: regs::Error,
+    },
+    /// A device cannot be created.
+    #[error("cannot set up the serial console")]
+    Serial(#[from] serial::Error),
+    /// A device cannot be placed.
+    #[error("cannot place a device on the I/O bus")]
+    Bus(#[from] ferry_devices::bus::Error),
+    /// An eventfd cannot be made or registered.
+    #[error("cannot set up {what}")]
+    EventFd {
+        /// What it was for.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU thread failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// Restoring from a checkpoint failed.
+    #[error(transparent)]
+    Restore(#[from] persist::RestoreError),
+    /// The API socket cannot be served.
+    #[error(transparent)]
+    Api(#[from] ferry_api::server::Error),
+    /// The guest failed.
+    #[error(transparent)]
+    Guest(#[from] GuestFault),
+    /// The run loop failed.
+    #[error("the VMM's event loop failed")]
+    EventLoop(#[source] std::io::Error),
+}
+
+fn efd(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::EventFd { what, source }
+}
+
+/// What a VM is, as reported by `info` and recorded in its checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Description {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The kernel or bundled guest it booted.
+    pub kernel: String,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// Whether the guest runs (the VMM's view; each vCPU thread has its own state machine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRunState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are paused by request.
+    Paused,
+}
+
+/// The devices of a VM.
+struct Devices {
+    serial: Arc<Mutex<Serial>>,
+    pio: Arc<PioBus>,
+    reset_evt: EventFd,
+    boot_timer: FirstWrite,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices").field("pio", &self.pio).finish()
+    }
+}
+
+/// A built VM, ready to run.
+#[derive(Debug)]
+pub struct Vmm {
+    // Field order is drop order: vCPUs, then the VM, then the memory it maps.
+    vcpus: Vec<VcpuHandle>,
+    vm: VmFd,
+    kvm: Kvm,
+    memory: GuestMemory,
+    devices: Devices,
+    exit: Arc<ExitNotifier>,
+    signals: Option<std::os::fd::OwnedFd>,
+    description: Description,
+    serial_config: SerialConfig,
+    api_socket: Option<PathBuf>,
+    msrs: Vec<u32>,
+    state: VmRunState,
+    started: Instant,
+    started_ns: u64,
+    restored_from: Option<PathBuf>,
+}
+
+/// KVM opened and checked, with the host's CPUID; the first step of build and restore.
+struct Host {
+    kvm: Kvm,
+    supported: kvm_bindings::CpuId,
+    max_vcpus: usize,
+}
+
+fn open_host() -> Result<Host, Error> {
+    let kvm = vm::open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus().min(usize::from(u8::MAX));
+    let supported = vm::supported_cpuid(&kvm)?;
+    Ok(Host { kvm, supported, max_vcpus })
+}
+
+fn create_devices(
+    vm_fd: &VmFd,
+    serial_config: &SerialConfig,
+    serial_state: Option<&SerialState>,
+) -> Result<Devices, Error> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the serial interrupt"))?;
+    vm_fd.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| Error::EventFd {
+        what: "the serial interrupt",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let out = match serial_config {
+        SerialConfig::Stdio => SerialOutput::Stdout,
+        SerialConfig::File(path) => SerialOutput::file(path)?,
+        SerialConfig::Null => SerialOutput::Sink,
+    };
+    let serial = match serial_state {
+        Some(state) => Serial::restore(state, serial_irq, out)?,
+        None => Serial::new(serial_irq, out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the reset eventfd"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone().map_err(efd("the reset eventfd"))?)));
+    let boot_timer = FirstWrite::default();
+    let mut pio = PioBus::new();
+    pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
+    pio.insert(0x60, 5, i8042)?;
+    pio.insert(0x80, 1, Arc::new(Mutex::new(BootTimer::new(boot_timer.clone()))))?;
+    Ok(Devices { serial, pio: Arc::new(pio), reset_evt, boot_timer })
+}
+
+impl Vmm {
+    /// Builds the VM described by `config`. Nothing runs until [`Vmm::run`].
+    pub fn build(config: VmConfig) -> Result<Self, Error> {
+        // Before any thread exists, so every vCPU thread inherits the mask.
+        let signals = run::block_stop_signals()?;
+        let host = open_host()?;
+        config.validate(host.max_vcpus)?;
+        // Checked above: 1..=255.
+        let vcpu_count = config.vcpus as u8;
+
+        memory::check_size(config.memory, memory::host_ram(), vm::phys_bits(&host.supported))?;
+        let mem = memory::create(config.memory)?;
+        let vm_fd = vm::create_vm(&host.kvm, &mem)?;
+
+        // Boot: kernel, command line, initrd, start info, boot GDT.
+        let kernel_name = config.kernel.name();
+        let boot_err = |source| Error::Boot { kernel: kernel_name.clone(), source };
+        let initrd = match &config.initrd {
+            Some(path) => {
+                let open_err = |source| Error::OpenInitrd { path: path.clone(), source };
+                let f = File::open(path).map_err(open_err)?;
+                let meta = f.metadata().map_err(|source| Error::OpenInitrd { path: path.clone(), source })?;
+                if meta.is_dir() {
+                    return Err(Error::OpenInitrd {
+                        path: path.clone(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "it is a directory"),
+                    });
+                }
+                Some(Initrd { source: f, size: meta.len() })
+            }
+            None => None,
+        };
+        let boot = match &config.kernel {
+            KernelSource::File(path) => {
+                let mut f =
+                    File::open(path).map_err(|source| Error::OpenKernel { path: path.clone(), source })?;
+                ferry_boot::load_pvh(&mem, config.memory, &mut f, &config.cmdline, initrd)
+            }
+            KernelSource::Embedded { elf, .. } => {
+                ferry_boot::load_pvh(&mem, config.memory, &mut Cursor::new(*elf), &config.cmdline, initrd)
+            }
+        }
+        .map_err(boot_err)?;
+        regs::write_boot_tables(&mem).map_err(|source| Error::SetupVcpu { index: 0, source })?;
+        tracing::debug!(entry = format_args!("{:#x}", boot.entry.0), initrd = ?boot.initrd, "kernel loaded");
+
+        let devices = create_devices(&vm_fd, &config.serial, None)?;
+        let exit = Arc::new(ExitNotifier::new(
+            EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
+        ));
+
+        // vCPUs.
+        let mask = FeatureMask::default();
+        let ctx = VcpuContext { pio: devices.pio.clone(), memory: mem.clone(), exit: exit.clone() };
+        let mut fds: Vec<VcpuFd> = Vec::with_capacity(usize::from(vcpu_count));
+        for index in 0..vcpu_count {
+            let fd =
+                vm_fd.create_vcpu(u64::from(index)).map_err(|source| Error::CreateVcpu { index, source })?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            let table =
+                cpuid::vcpu_cpuid(&host.supported, Topology { index, count: vcpu_count }, tsc_khz, &mask)?;
+            fd.set_cpuid2(&table).map_err(|source| Error::CreateVcpu { index, source })?;
+            let setup = |r: Result<(), regs::Error>| r.map_err(|source| Error::SetupVcpu { index, source });
+            setup(regs::setup_msrs(&fd))?;
+            setup(regs::setup_fpu(&fd))?;
+            setup(regs::setup_lint(&fd))?;
+            if index == 0 {
+                setup(regs::setup_pvh_registers(&fd, boot.entry, boot.start_info))?;
+            }
+            fds.push(fd);
+        }
+        let msrs = ferry_arch::state::saveable_msrs(&host.kvm, &fds[0])
+            .map_err(|e| Error::Restore(persist::RestoreError::State(e)))?;
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (index, fd) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(index as u8, fd, ctx.clone())?);
+        }
+
+        let description = Description {
+            memory: config.memory,
+            vcpus: config.vcpus,
+            kernel: kernel_name,
+            cmdline: config.cmdline.clone(),
+        };
+        Ok(Self {
+            vcpus,
+            vm: vm_fd,
+            kvm: host.kvm,
+            memory: mem,
+            devices,
+            exit,
+            signals: Some(signals),
+            description,
+            serial_config: config.serial,
+            api_socket: config.api_socket,
+            msrs,
+            state: VmRunState::Running,
+            started: Instant::now(),
+            started_ns: config.started_ns,
+            restored_from: None,
+        })
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The KVM VM handle.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// What the VM is.
+    pub fn description(&self) -> &Description {
+        &self.description
+    }
+}

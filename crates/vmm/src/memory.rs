@@ -1,0 +1,131 @@
+//! Guest memory: anonymous, lazily populated mappings laid out by [`ferry_arch::layout`].
+//!
+//! Memory is `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`: creating a 2 GiB guest costs
+//! address space, not RAM; a page is populated when the guest or the VMM first touches it.
+//! Every region carries an [`AtomicBitmap`] of the pages the VMM itself has written
+//! through `vm-memory` (loading the kernel and initrd now; device DMA later), so that a
+//! migration's dirty set can be the union of KVM's dirty log and the VMM's own writes.
+
+use ferry_arch::layout::{self, MIN_MEMORY, PAGE_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Guest memory with VMM-write tracking.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Errors sizing or creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Below the minimum.
+    #[error("guest memory of {size} bytes is below the minimum of {} MiB", MIN_MEMORY >> 20)]
+    TooSmall {
+        /// Requested size.
+        size: u64,
+    },
+    /// Not a whole number of pages.
+    #[error("guest memory of {size} bytes is not a multiple of the 4 KiB page size")]
+    NotPageAligned {
+        /// Requested size.
+        size: u64,
+    },
+    /// More than the host has.
+    #[error("guest memory of {} MiB exceeds this host's {} MiB of RAM", size >> 20, host >> 20)]
+    MoreThanHost {
+        /// Requested size.
+        size: u64,
+        /// Host RAM.
+        host: u64,
+    },
+    /// The top guest-physical address exceeds what the CPU can address.
+    #[error("guest memory of {} MiB ends above the {bits}-bit physical address space of this CPU", size >> 20)]
+    BeyondPhysBits {
+        /// Requested size.
+        size: u64,
+        /// Physical address bits.
+        bits: u8,
+    },
+    /// The kernel refused the mapping.
+    #[error("cannot map {} MiB of guest memory", size >> 20)]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// Total RAM of this host in bytes, from `/proc/meminfo`.
+pub fn host_ram() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks a requested size against the minimum, the page size, the host's RAM and the
+/// CPU's physical address width.
+pub fn check_size(size: u64, host_ram: Option<u64>, phys_bits: u8) -> Result<(), Error> {
+    if size < MIN_MEMORY {
+        return Err(Error::TooSmall { size });
+    }
+    if size % PAGE_SIZE != 0 {
+        return Err(Error::NotPageAligned { size });
+    }
+    if let Some(host) = host_ram {
+        if size > host {
+            return Err(Error::MoreThanHost { size, host });
+        }
+    }
+    let top = layout::ram_ranges(size).last().map(|(a, l)| a.0 + l).unwrap_or(size);
+    if phys_bits < 64 && top > (1u64 << phys_bits) {
+        return Err(Error::BeyondPhysBits { size, bits: phys_bits });
+    }
+    Ok(())
+}
+
+/// Maps `size` bytes of guest memory (lazily: nothing is touched).
+pub fn create(size: u64) -> Result<GuestMemory, Error> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        layout::ram_ranges(size).into_iter().map(|(a, l)| (a, l as usize)).collect();
+    GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
+}
+
+/// Resident pages of the calling process, from `/proc/self/statm` (for tests and
+/// reports that check memory is populated lazily).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * PAGE_SIZE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    #[test]
+    fn size_checks() {
+        assert!(matches!(check_size(1 << 20, None, 48), Err(Error::TooSmall { .. })));
+        assert!(matches!(check_size((64 << 20) + 1, None, 48), Err(Error::NotPageAligned { .. })));
+        assert!(matches!(check_size(8 << 30, Some(4 << 30), 48), Err(Error::MoreThanHost { .. })));
+        assert!(matches!(check_size(8 << 30, None, 32), Err(Error::BeyondPhysBits { .. })));
+        check_size(256 << 20, Some(1 << 30), 48).expect("fits");
+    }
+
+    #[test]
+    fn creating_two_gib_touches_nothing() {
+        let before = resident_bytes().expect("statm");
+        let mem = create(2 << 30).expect("map");
+        let after = resident_bytes().expect("statm");
+        assert_eq!(mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>(), 2 << 30);
+        // The bitmaps (64 KiB) and allocator noise, not 2 GiB.
+        assert!(after.saturating_sub(before) < 16 << 20, "grew by {}", after - before);
+    }
+
+    #[test]
+    fn large_memory_has_two_regions() {
+        let mem = create(4 << 30).expect("map");
+        assert_eq!(mem.num_regions(), 2);
+    }
+}

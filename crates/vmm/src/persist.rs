@@ -1,0 +1,362 @@
+//! Checkpoints of a whole VM: the tree of component states ([`VmSnapshot`]) plus memory,
+//! written to and restored from a checkpoint directory in the format of
+//! [`ferry_checkpoint`].
+//!
+//! Snapshot: pause the vCPUs (if running), save every vCPU, the in-kernel devices and the
+//! serial port, write the memory file sparsely and the state file, then resume, or, for a
+//! suspend, stop. Any failure removes what was written and leaves the VM as it was.
+//!
+//! Restore: check the state file, check the host has every CPU feature the guest was
+//! given, map the memory file copy-on-write, create the VM and its devices from the saved
+//! states, and only then start the vCPUs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_api::{SnapshotReport, SnapshotRequest};
+use ferry_arch::layout;
+use ferry_arch::state::{VcpuState, VmState};
+use ferry_checkpoint::{memory as memfile, read_state_file, write_state_file, MEMORY_FILE, STATE_FILE};
+use ferry_devices::serial::SerialState;
+use kvm_bindings::kvm_cpuid_entry2;
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::{ExitNotifier, Request as VcpuRequest, RunState, VcpuContext, VcpuHandle};
+use crate::{create_devices, efd, open_host, vm, Description, Error, SerialConfig, VmRunState, Vmm};
+
+/// How long pausing may take before it is an error.
+const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One guest RAM region as stored in the memory file (back to back, in this order).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegionState {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The whole VM's state, as stored in `state.ferry` (and, later, sent in a migration).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// The Ferry version that wrote it.
+    pub ferry_version: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// What the VM is.
+    pub description: Description,
+    /// Guest RAM layout, in memory-file order.
+    pub memory_regions: Vec<RegionState>,
+    /// PIC, IOAPIC, PIT, kvmclock.
+    pub vm: VmState,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// The serial console.
+    pub serial: SerialState,
+}
+
+/// Why a snapshot failed. The VM is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The target exists and is not an empty directory.
+    #[error("snapshot target {0} exists and is not empty")]
+    NotEmpty(PathBuf),
+    /// The target exists and is not a directory.
+    #[error("snapshot target {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The target cannot be created or written.
+    #[error("snapshot target {path} cannot be written")]
+    Unwritable {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vCPUs cannot be paused.
+    #[error("cannot pause the vCPUs")]
+    Pause(#[from] crate::vcpu::Error),
+    /// KVM state cannot be read.
+    #[error("cannot read the VM's state")]
+    State(#[from] ferry_arch::state::Error),
+    /// The memory file cannot be written.
+    #[error(transparent)]
+    Memory(#[from] memfile::Error),
+    /// The state file cannot be written.
+    #[error(transparent)]
+    Format(#[from] ferry_checkpoint::format::Error),
+}
+
+/// Why a restore failed. Nothing ran, and the checkpoint is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The directory is missing.
+    #[error("checkpoint directory {0} does not exist")]
+    NoDirectory(PathBuf),
+    /// Not a directory.
+    #[error("checkpoint {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The state file is bad.
+    #[error(transparent)]
+    Format(#[from] ferry_checkpoint::format::Error),
+    /// The memory file is bad.
+    #[error(transparent)]
+    Memory(#[from] memfile::Error),
+    /// The state contradicts itself.
+    #[error("the checkpoint is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The host lacks CPU features the guest uses.
+    #[error("this host's CPU lacks features the checkpointed guest was given: {0}")]
+    MissingFeatures(String),
+    /// KVM refused a saved state.
+    #[error("cannot restore the vCPU and device state")]
+    State(#[from] ferry_arch::state::Error),
+}
+
+/// What `ferry restore` needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The checkpoint directory.
+    pub from: PathBuf,
+    /// The serial console.
+    pub serial: SerialConfig,
+    /// Serve the API here.
+    pub api_socket: Option<PathBuf>,
+    /// `CLOCK_MONOTONIC` ns at process start.
+    pub started_ns: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks `dir` can take a snapshot; returns whether it had to be created.
+fn prepare_target(dir: &Path) -> Result<bool, SnapshotError> {
+    let unwritable = |source| SnapshotError::Unwritable { path: dir.to_owned(), source };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(SnapshotError::NotADirectory(dir.to_owned())),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(dir).map_err(unwritable)?;
+            if entries.next().is_some() {
+                return Err(SnapshotError::NotEmpty(dir.to_owned()));
+            }
+            // Prove we can create files there before pausing anything.
+            let probe = dir.join(".ferry-write-test");
+            std::fs::write(&probe, b"").map_err(unwritable)?;
+            let _ = std::fs::remove_file(&probe);
+            Ok(false)
+        }
+        Err(_) => {
+            std::fs::create_dir_all(dir).map_err(unwritable)?;
+            Ok(true)
+        }
+    }
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+impl Vmm {
+    /// Pauses every vCPU and waits until all are out of the guest.
+    pub(crate) fn pause_vcpus(&mut self) -> Result<(), crate::vcpu::Error> {
+        for v in &self.vcpus {
+            v.request(VcpuRequest::Pause);
+        }
+        for v in &self.vcpus {
+            v.wait_for(RunState::Paused, PAUSE_TIMEOUT)?;
+        }
+        self.state = VmRunState::Paused;
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub(crate) fn resume_vcpus(&mut self) {
+        for v in &self.vcpus {
+            v.request(VcpuRequest::Run);
+        }
+        self.state = VmRunState::Running;
+    }
+
+    /// Captures the whole VM's state. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmSnapshot, SnapshotError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.with_fd(|fd| VcpuState::save(fd, &self.kvm, &self.msrs))??);
+        }
+        let vm = VmState::save(&self.vm)?;
+        let serial = self.devices.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let memory_regions =
+            self.memory.iter().map(|r| RegionState { guest_addr: r.start_addr().0, len: r.len() }).collect();
+        Ok(VmSnapshot {
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix_ms: unix_ms(),
+            description: self.description.clone(),
+            memory_regions,
+            vm,
+            vcpus,
+            serial,
+        })
+    }
+
+    /// Writes a checkpoint to `request.to`. Unless `request.stop`, the VM goes on as it was
+    /// (running or paused); with `stop`, its vCPUs stay paused and the caller ends the VM.
+    pub fn snapshot(&mut self, request: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
+        let started = Instant::now();
+        let dir = request.to.clone();
+        let created = prepare_target(&dir)?;
+        let was_running = self.state == VmRunState::Running;
+        if was_running {
+            if let Err(e) = self.pause_vcpus() {
+                self.resume_vcpus();
+                return Err(e.into());
+            }
+        }
+        let paused_at = Instant::now();
+        let result = self.write_checkpoint(&dir);
+        if result.is_err() || !request.stop {
+            if was_running {
+                self.resume_vcpus();
+            }
+        }
+        let paused_ms = if was_running { paused_at.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
+        match result {
+            Ok((stats, state_bytes)) => {
+                let report = SnapshotReport {
+                    path: dir.clone(),
+                    stopped: request.stop,
+                    total_ms: started.elapsed().as_secs_f64() * 1e3,
+                    paused_ms,
+                    memory_bytes: self.description.memory,
+                    memory_written_bytes: stats.bytes_written,
+                    zero_pages: stats.zero_pages,
+                    state_bytes,
+                    disk_bytes: allocated_bytes(&dir.join(MEMORY_FILE))
+                        + allocated_bytes(&dir.join(STATE_FILE)),
+                };
+                tracing::info!(
+                    path = %dir.display(),
+                    total_ms = format_args!("{:.1}", report.total_ms),
+                    paused_ms = format_args!("{:.1}", report.paused_ms),
+                    written_mib = stats.bytes_written >> 20,
+                    "snapshot written"
+                );
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(dir.join(MEMORY_FILE));
+                let _ = std::fs::remove_file(dir.join(STATE_FILE));
+                if created {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                tracing::warn!("snapshot to {} failed: {e}; the VM goes on", dir.display());
+                Err(e)
+            }
+        }
+    }
+
+    fn write_checkpoint(&self, dir: &Path) -> Result<(memfile::WriteStats, u64), SnapshotError> {
+        let state = self.save_state()?;
+        let stats = memfile::write_sparse(&self.memory, &dir.join(MEMORY_FILE))?;
+        let path = write_state_file(dir, &state)?;
+        let state_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Ok((stats, state_bytes))
+    }
+
+    /// Builds a VM from the checkpoint in `config.from`. Its vCPUs start with [`Vmm::run`].
+    pub fn restore(config: RestoreConfig) -> Result<Self, Error> {
+        let signals = crate::run::block_stop_signals()?;
+        let dir = &config.from;
+        match std::fs::metadata(dir) {
+            Err(_) => return Err(RestoreError::NoDirectory(dir.clone()).into()),
+            Ok(m) if !m.is_dir() => return Err(RestoreError::NotADirectory(dir.clone()).into()),
+            Ok(_) => {}
+        }
+        let snap: VmSnapshot = read_state_file(dir).map_err(RestoreError::from)?;
+        let host = open_host()?;
+        check_consistent(&snap, host.max_vcpus)?;
+
+        // CPU features, before anything is created.
+        for (i, v) in snap.vcpus.iter().enumerate() {
+            let entries: Vec<kvm_cpuid_entry2> = v.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+            let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
+                return Err(RestoreError::MissingFeatures(format!("{} (vCPU {i})", names.join(", "))).into());
+            }
+        }
+
+        let regions: Vec<(GuestAddress, u64)> =
+            snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
+        let mem = memfile::map_private(&dir.join(MEMORY_FILE), &regions).map_err(RestoreError::from)?;
+        let vm_fd = vm::create_vm(&host.kvm, &mem)?;
+        let devices = create_devices(&vm_fd, &config.serial, Some(&snap.serial))?;
+        let exit = Arc::new(ExitNotifier::new(
+            EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
+        ));
+        let ctx = VcpuContext { pio: devices.pio.clone(), memory: mem.clone(), exit: exit.clone() };
+
+        let mut fds = Vec::with_capacity(snap.vcpus.len());
+        for (i, state) in snap.vcpus.iter().enumerate() {
+            let index = i as u8;
+            let fd = vm_fd.create_vcpu(index as u64).map_err(|source| Error::CreateVcpu { index, source })?;
+            state.restore(&fd).map_err(RestoreError::from)?;
+            fds.push(fd);
+        }
+        snap.vm.restore(&vm_fd).map_err(RestoreError::from)?;
+        let msrs = ferry_arch::state::saveable_msrs(&host.kvm, &fds[0]).map_err(RestoreError::from)?;
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (i, fd) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx.clone())?);
+        }
+        tracing::info!(from = %dir.display(), memory_mib = snap.description.memory >> 20, "restored {}", snap.description.kernel);
+        Ok(Vmm {
+            vcpus,
+            vm: vm_fd,
+            kvm: host.kvm,
+            memory: mem,
+            devices,
+            exit,
+            signals: Some(signals),
+            description: snap.description,
+            serial_config: config.serial,
+            api_socket: config.api_socket,
+            msrs,
+            state: VmRunState::Running,
+            started: Instant::now(),
+            started_ns: config.started_ns,
+            restored_from: Some(dir.clone()),
+        })
+    }
+}
+
+/// Checks the parts of a state that must agree with each other.
+fn check_consistent(snap: &VmSnapshot, max_vcpus: usize) -> Result<(), RestoreError> {
+    let bad = |m: String| Err(RestoreError::Inconsistent(m));
+    let d = &snap.description;
+    if snap.vcpus.is_empty() || snap.vcpus.len() > max_vcpus || snap.vcpus.len() != d.vcpus as usize {
+        return bad(format!(
+            "{} vCPU states for a VM of {} vCPUs (this host allows {max_vcpus})",
+            snap.vcpus.len(),
+            d.vcpus
+        ));
+    }
+    let expected: Vec<RegionState> = layout::ram_ranges(d.memory)
+        .into_iter()
+        .map(|(a, l)| RegionState { guest_addr: a.0, len: l })
+        .collect();
+    if snap.memory_regions != expected {
+        return bad(format!(
+            "memory regions {:?} do not match a {}-byte guest",
+            snap.memory_regions, d.memory
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The VMM thread's event loop: waits for the guest to stop, for a signal, or for console
+//! input, and tears the VM down in order.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use ferry_devices::boot_timer::monotonic_ns;
+
+use ferry_api::{ApiError, Request as ApiRequest, Response, RunState as ApiRunState, VmInfo};
+
+use crate::api::{self, Inbox};
+use crate::vcpu::{Request, StopReason};
+use crate::{Error, SerialConfig, VmRunState, Vmm};
+
+/// How a run ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The process received SIGTERM or SIGINT and stopped the VM.
+    Signalled(i32),
+    /// A snapshot with `stop` suspended the VM: its checkpoint holds it now.
+    Suspended,
+}
+
+const TOKEN_EXIT: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_SIGNAL: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+const TOKEN_API: u64 = 5;
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it spawns after) so
+/// they are read from a signalfd instead of killing the process mid-way.
+pub(crate) fn block_stop_signals() -> Result<OwnedFd, Error> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Error::EventLoop(std::io::Error::from_raw_os_error(rc)));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::EventLoop(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_signal(fd: RawFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reading at most `size` bytes into `info`, which is that large.
+    let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+impl Vmm {
+    /// Runs the guest until it powers off, fails, or the process gets SIGTERM/SIGINT.
+    /// A guest failure is an error ([`Error::Guest`]).
+    pub fn run(mut self) -> Result<RunOutcome, Error> {
+        let signals = self
+            .signals
+            .take()
+            .ok_or_else(|| Error::EventLoop(std::io::Error::other("the VM has already been run")))?;
+        let epoll = Epoll::new().map_err(Error::EventLoop)?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+        };
+        add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT).map_err(Error::EventLoop)?;
+        add(self.devices.reset_evt.as_raw_fd(), TOKEN_RESET).map_err(Error::EventLoop)?;
+        add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
+        // Console input: only from something epoll can watch (not /dev/null or a file).
+        let mut stdin_open =
+            self.serial_config == SerialConfig::Stdio && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+        let mut server = None;
+        let mut inbox: Option<Inbox> = None;
+        if let Some(path) = self.api_socket.clone() {
+            let (bridge, ib) = api::channel().map_err(Error::EventLoop)?;
+            add(ib.wake.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
+            server = Some(ferry_api::server::spawn(&path, std::sync::Arc::new(bridge))?);
+            inbox = Some(ib);
+            tracing::info!(socket = %path.display(), "API listening");
+        }
+
+        for v in &self.vcpus {
+            v.request(Request::Run);
+        }
+        tracing::info!(
+            memory_mib = self.description.memory >> 20,
+            vcpus = self.description.vcpus,
+            "{} running",
+            self.description.kernel
+        );
+
+        let mut timer_logged = false;
+        let mut events = vec![EpollEvent::default(); 8];
+        let outcome = loop {
+            let n = match epoll.wait(if timer_logged { -1 } else { 20 }, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(Error::EventLoop(e)),
+            };
+            if !timer_logged {
+                if let Some(&at) = self.devices.boot_timer.get() {
+                    timer_logged = true;
+                    let since = at.saturating_sub(self.started_ns);
+                    tracing::info!(
+                        monotonic_ns = at,
+                        "boot timer: the guest's first instruction ran {:.3} ms after ferry started",
+                        since as f64 / 1e6
+                    );
+                }
+            }
+            let mut stop = None;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {
+                        let _ = self.exit.eventfd().read();
+                        match self.exit.reason() {
+                            Some(StopReason::PowerOff) => stop = Some(Ok(RunOutcome::PowerOff)),
+                            Some(StopReason::Fault(f)) => stop = Some(Err(Error::Guest(f))),
+                            None => {}
+                        }
+                    }
+                    TOKEN_RESET => {
+                        let _ = self.devices.reset_evt.read();
+                        tracing::info!("the guest powered off (i8042 reset)");
+                        stop = Some(Ok(RunOutcome::PowerOff));
+                    }
+                    TOKEN_SIGNAL => {
+                        if let Some(sig) = read_signal(signals.as_raw_fd()) {
+                            tracing::info!("signal {sig} received: stopping the VM");
+                            stop = Some(Ok(RunOutcome::Signalled(sig)));
+                        }
+                    }
+                    TOKEN_API => {
+                        if let Some(ib) = &inbox {
+                            let _ = ib.wake.read();
+                            while let Ok((request, reply)) = ib.calls.try_recv() {
+                                let (answer, suspend) = self.handle_api(request);
+                                let _ = reply.send(answer);
+                                if suspend {
+                                    stop = Some(Ok(RunOutcome::Suspended));
+                                }
+                            }
+                        }
+                    }
+                    TOKEN_STDIN => {
+                        if !self.forward_stdin() {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                libc::STDIN_FILENO,
+                                EpollEvent::default(),
+                            );
+                            stdin_open = false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(s) = stop {
+                break s;
+            }
+        };
+        let _ = stdin_open;
+        self.shutdown();
+        if let Some(mut s) = server {
+            // Lets a response in flight (a suspend's report) reach its client.
+            s.shutdown(std::time::Duration::from_secs(5));
+        }
+        outcome
+    }
+
+    /// Carries out one API request on the VMM thread. The flag says the VM was suspended
+    /// and the VMM must end.
+    fn handle_api(&mut self, request: ApiRequest) -> (Result<Response, ApiError>, bool) {
+        match request {
+            ApiRequest::Info => (Ok(Response::Info(self.info())), false),
+            ApiRequest::Pause => {
+                if self.state == VmRunState::Paused {
+                    return (Err(ApiError::conflict("the VM is already paused")), false);
+                }
+                match self.pause_vcpus() {
+                    Ok(()) => {
+                        tracing::info!("VM paused");
+                        (Ok(Response::Done), false)
+                    }
+                    Err(e) => {
+                        self.resume_vcpus();
+                        (Err(ApiError::internal(format!("cannot pause the VM: {e}"))), false)
+                    }
+                }
+            }
+            ApiRequest::Resume => {
+                if self.state == VmRunState::Running {
+                    return (Err(ApiError::conflict("the VM is not paused")), false);
+                }
+                self.resume_vcpus();
+                tracing::info!("VM resumed");
+                (Ok(Response::Done), false)
+            }
+            ApiRequest::Snapshot(req) => match self.snapshot(&req) {
+                Ok(report) => (Ok(Response::Snapshot(report)), req.stop),
+                Err(e) => {
+                    use crate::persist::SnapshotError as S;
+                    let msg = error_chain(&e);
+                    let err = match e {
+                        S::NotEmpty(_) | S::NotADirectory(_) | S::Unwritable { .. } => {
+                            ApiError::bad_request(msg)
+                        }
+                        _ => ApiError::internal(msg),
+                    };
+                    (Err(err), false)
+                }
+            },
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            state: match self.state {
+                VmRunState::Running => ApiRunState::Running,
+                VmRunState::Paused => ApiRunState::Paused,
+            },
+            memory_bytes: self.description.memory,
+            vcpus: self.description.vcpus,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            kernel: self.description.kernel.clone(),
+            pid: std::process::id(),
+            restored_from: self.restored_from.clone(),
+        }
+    }
+
+    /// Moves console input into the UART; false once stdin is closed.
+    fn forward_stdin(&self) -> bool {
+        let mut serial = self.devices.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let room = serial.input_capacity();
+        if room == 0 {
+            return true;
+        }
+        let mut buf = [0u8; 64];
+        let want = room.min(buf.len());
+        // SAFETY: reading at most `want` <= buf.len() bytes into `buf`.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), want) };
+        if n <= 0 {
+            return false;
+        }
+        let _ = serial.enqueue_input(&buf[..n as usize]);
+        true
+    }
+
+    fn shutdown(&mut self) {
+        let started = monotonic_ns();
+        for v in self.vcpus.drain(..) {
+            v.stop();
+        }
+        tracing::debug!("vCPUs stopped in {} us", (monotonic_ns() - started) / 1000);
+    }
+}
+
+/// An error and its causes in one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs Ferry's whole test suite: unit tests, and end-to-end tests that boot real guests on
+# KVM (memstress, Debian's cloud kernel). Installs what the tests need first.
+#
+# It fails, loudly, if /dev/kvm is not usable or it does not run as root: a suite that
+# skips its KVM tests proves nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "ferry tests: FATAL: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "the suite must run as root (network namespaces, /dev/kvm, mount namespaces)"
+[ -e /dev/kvm ] || die "/dev/kvm does not exist: this machine has no KVM"
+[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable"
+python3 - <<'PY' || die "/dev/kvm cannot be opened or does not answer KVM_GET_API_VERSION"
+import fcntl, os
+fd = os.open('/dev/kvm', os.O_RDWR)
+assert fcntl.ioctl(fd, 0xAE00, 0) == 12
+PY
+
+scripts/setup.sh
+
+# The Linux boot check's kernel (cached in target/linux).
+FERRY_TEST_VMLINUX=$(scripts/fetch-linux.sh target/linux)
+export FERRY_TEST_VMLINUX
+
+# KVM guests here run by instruction emulation on 2 cores: two tests at a time keeps
+# each guest's pace close to what it has alone.
+export RUST_TEST_THREADS=${RUST_TEST_THREADS:-2}
+cargo test --workspace --locked "$@"
