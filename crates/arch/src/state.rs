@@ -139,16 +139,11 @@ pub struct VcpuState {
 }
 
 impl VcpuState {
-    /// Reads the state of a vCPU that is not running. `msrs` lists what to save
-    /// ([`saveable_msrs`]).
-    pub fn save(vcpu: &VcpuFd, kvm_fd: &Kvm, msrs: &[u32]) -> Result<Self, Error> {
-        let cpuid = vcpu
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("read the vCPU's CPUID"))?
-            .as_slice()
-            .iter()
-            .map(CpuidEntry::from)
-            .collect();
+    /// Reads the state of a vCPU that is not running. `cpuid` is the table the VMM gave
+    /// the vCPU (saved as given: some KVMs report a different table from KVM_GET_CPUID2
+    /// than the one set); `msrs` lists what to save ([`saveable_msrs`]).
+    pub fn save(vcpu: &VcpuFd, kvm_fd: &Kvm, cpuid: &[CpuidEntry], msrs: &[u32]) -> Result<Self, Error> {
+        let cpuid = cpuid.to_vec();
         let mp_state = vcpu.get_mp_state().map_err(kvm("read the MP state"))?;
         let regs = vcpu.get_regs().map_err(kvm("read the general registers"))?;
         let sregs = vcpu.get_sregs().map_err(kvm("read the special registers"))?;

@@ -25,24 +25,25 @@ pub enum Error {
     BadSerial(String),
 }
 
-/// Parses a size like `256M`, `2G`, `1048576` or `512K` (binary multiples).
+/// Parses a size like `256M`, `2G`, `2GiB`, `1048576` or `512K` (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, Error> {
-    let t = s.trim();
     let bad = || Error::BadSize(s.to_string());
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
+    let upper = s.trim().to_ascii_uppercase();
+    let t = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix("I"))
+        .or_else(|| upper.strip_suffix("B"))
+        .unwrap_or(&upper);
+    let (digits, shift) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
         _ => (t, 0),
     };
-    let digits = digits.strip_suffix(['i', 'I']).unwrap_or(digits);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let n: u64 = digits.parse().map_err(|_| bad())?;
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
@@ -140,7 +141,9 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("256M"), Ok(256 << 20));
         assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("2GiB".trim_end_matches('B')), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
         assert_eq!(parse_size("1g"), Ok(1 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64K"), Ok(64 << 10));

@@ -188,6 +188,8 @@ pub struct Vmm {
     serial_config: SerialConfig,
     api_socket: Option<PathBuf>,
     msrs: Vec<u32>,
+    /// The CPUID table each vCPU was given.
+    cpuid: Vec<Vec<ferry_arch::state::CpuidEntry>>,
     state: VmRunState,
     started: Instant,
     started_ns: u64,
@@ -293,6 +295,7 @@ impl Vmm {
         let mask = FeatureMask::default();
         let ctx = VcpuContext { pio: devices.pio.clone(), memory: mem.clone(), exit: exit.clone() };
         let mut fds: Vec<VcpuFd> = Vec::with_capacity(usize::from(vcpu_count));
+        let mut tables = Vec::with_capacity(usize::from(vcpu_count));
         for index in 0..vcpu_count {
             let fd =
                 vm_fd.create_vcpu(u64::from(index)).map_err(|source| Error::CreateVcpu { index, source })?;
@@ -300,6 +303,7 @@ impl Vmm {
             let table =
                 cpuid::vcpu_cpuid(&host.supported, Topology { index, count: vcpu_count }, tsc_khz, &mask)?;
             fd.set_cpuid2(&table).map_err(|source| Error::CreateVcpu { index, source })?;
+            tables.push(table.as_slice().iter().map(ferry_arch::state::CpuidEntry::from).collect());
             let setup = |r: Result<(), regs::Error>| r.map_err(|source| Error::SetupVcpu { index, source });
             setup(regs::setup_msrs(&fd))?;
             setup(regs::setup_fpu(&fd))?;
@@ -334,6 +338,7 @@ impl Vmm {
             serial_config: config.serial,
             api_socket: config.api_socket,
             msrs,
+            cpuid: tables,
             state: VmRunState::Running,
             started: Instant::now(),
             started_ns: config.started_ns,

@@ -188,8 +188,8 @@ impl Vmm {
     /// Captures the whole VM's state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmSnapshot, SnapshotError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            vcpus.push(v.with_fd(|fd| VcpuState::save(fd, &self.kvm, &self.msrs))??);
+        for (v, cpuid) in self.vcpus.iter().zip(&self.cpuid) {
+            vcpus.push(v.with_fd(|fd| VcpuState::save(fd, &self.kvm, cpuid, &self.msrs))??);
         }
         let vm = VmState::save(&self.vm)?;
         let serial = self.devices.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
@@ -329,6 +329,7 @@ impl Vmm {
             serial_config: config.serial,
             api_socket: config.api_socket,
             msrs,
+            cpuid: snap.vcpus.iter().map(|v| v.cpuid.clone()).collect(),
             state: VmRunState::Running,
             started: Instant::now(),
             started_ns: config.started_ns,
