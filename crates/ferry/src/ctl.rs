@@ -47,7 +47,7 @@ pub fn resume(args: SocketArgs) -> anyhow::Result<ExitCode> {
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     // Relative paths mean the caller's directory, not the VMM's.
     let to = std::path::absolute(&args.to)?;
-    if !args.json {
+    if !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!("ferry: writing a checkpoint to {}...", to.display());
     }
     let request = Request::Snapshot(SnapshotRequest { to, stop: args.stop });
