@@ -46,6 +46,9 @@ fn one(ferry: &Path, memory: &str) -> anyhow::Result<(f64, f64)> {
     let mut found = None;
     for line in BufReader::new(stderr).lines() {
         let line = line?;
+        if !line.contains("boot timer") {
+            continue;
+        }
         if let Some(rest) = line.split("monotonic_ns=").nth(1) {
             let at: u64 = rest.split(|c: char| !c.is_ascii_digit()).next().unwrap_or("").parse()?;
             let after_main: f64 = line

@@ -60,5 +60,7 @@ fn init_logging(level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // A closed stderr (a supervisor that stopped reading) must not panic the VMM.
+        .log_internal_errors(false)
         .init();
 }

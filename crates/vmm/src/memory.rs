@@ -118,7 +118,7 @@ mod tests {
         let before = resident_bytes().expect("statm");
         let mem = create(2 << 30).expect("map");
         let after = resident_bytes().expect("statm");
-        assert_eq!(mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>(), 2 << 30);
+        assert_eq!(mem.iter().map(vm_memory::GuestMemoryRegion::len).sum::<u64>(), 2 << 30);
         // The bitmaps (64 KiB) and allocator noise, not 2 GiB.
         assert!(after.saturating_sub(before) < 16 << 20, "grew by {}", after - before);
     }

@@ -221,10 +221,8 @@ impl Vmm {
         }
         let paused_at = Instant::now();
         let result = self.write_checkpoint(&dir);
-        if result.is_err() || !request.stop {
-            if was_running {
-                self.resume_vcpus();
-            }
+        if (result.is_err() || !request.stop) && was_running {
+            self.resume_vcpus();
         }
         let paused_ms = if was_running { paused_at.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
         match result {

@@ -80,8 +80,9 @@ impl Vmm {
         add(self.devices.reset_evt.as_raw_fd(), TOKEN_RESET).map_err(Error::EventLoop)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
         // Console input: only from something epoll can watch (not /dev/null or a file).
-        let mut stdin_open =
-            self.serial_config == SerialConfig::Stdio && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+        if self.serial_config == SerialConfig::Stdio {
+            let _ = add(libc::STDIN_FILENO, TOKEN_STDIN);
+        }
         let mut server = None;
         let mut inbox: Option<Inbox> = None;
         if let Some(path) = self.api_socket.clone() {
@@ -95,6 +96,12 @@ impl Vmm {
         for v in &self.vcpus {
             v.request(Request::Run);
         }
+        let now = monotonic_ns();
+        tracing::info!(
+            monotonic_ns = now,
+            "vCPUs running {:.3} ms after ferry started",
+            now.saturating_sub(self.started_ns) as f64 / 1e6
+        );
         tracing::info!(
             memory_mib = self.description.memory >> 20,
             vcpus = self.description.vcpus,
@@ -155,15 +162,10 @@ impl Vmm {
                             }
                         }
                     }
-                    TOKEN_STDIN => {
-                        if !self.forward_stdin() {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                libc::STDIN_FILENO,
-                                EpollEvent::default(),
-                            );
-                            stdin_open = false;
-                        }
+                    // Console input closed: stop watching it.
+                    TOKEN_STDIN if !self.forward_stdin() => {
+                        let _ =
+                            epoll.ctl(ControlOperation::Delete, libc::STDIN_FILENO, EpollEvent::default());
                     }
                     _ => {}
                 }
@@ -172,7 +174,6 @@ impl Vmm {
                 break s;
             }
         };
-        let _ = stdin_open;
         self.shutdown();
         if let Some(mut s) = server {
             // Lets a response in flight (a suspend's report) reach its client.
