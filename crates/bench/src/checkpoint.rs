@@ -121,7 +121,8 @@ pub fn run(ferry: &Path, args: &CheckpointArgs, json: bool) -> anyhow::Result<()
         (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..args.runs {
         let sock = scratch.join("vm.sock");
-        let console = scratch.join("console.log");
+        // A console of its own per run: a stale one would show passes before this VM runs.
+        let console = scratch.join(format!("console{run}.log"));
         let snap = scratch.join(format!("snap{run}"));
         let child = Command::new(ferry)
             .args(["run", "--guest", "memstress", "--memory", &args.memory, "--cmdline", "wss=16M"])
