@@ -27,4 +27,17 @@ export FERRY_TEST_VMLINUX
 # KVM guests here run by instruction emulation on 2 cores: two tests at a time keeps
 # each guest's pace close to what it has alone.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-2}
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary, the last of
+# which is often an empty doc-test run).
+passed=$(grep -E '^test result:' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+echo
+echo "ferry tests: $passed passed, $failed failed"
+[ "$status" = 0 ] || echo "ferry tests: FAILED (cargo test exited $status)" >&2
+exit "$status"
