@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dirty;
 pub mod memory;
 pub mod persist;
 pub mod vcpu;

@@ -1,0 +1,448 @@
+//! The migration wire protocol, version 1.
+//!
+//! Every message is a frame:
+//!
+//! ```text
+//! offset size
+//!      0    4  magic "FMIG"
+//!      4    2  message kind (little endian)
+//!      6    2  flags, zero in version 1
+//!      8    4  payload length
+//!     12    4  CRC-32 (IEEE) of the payload
+//!     16    -  payload
+//! ```
+//!
+//! Each kind has its own payload bound ([`Kind::max_payload`]); a frame that claims more,
+//! an unknown kind, non-zero flags, a bad magic or checksum ends the migration. Control
+//! messages carry JSON; memory travels in binary [`Pages`] batches.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Frame magic.
+pub const MAGIC: &[u8; 4] = b"FMIG";
+/// Protocol version this Ferry speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Frame header size.
+pub const HEADER_LEN: usize = 16;
+/// Guest page size on the wire.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one [`Pages`] frame.
+pub const MAX_PAGES_PER_FRAME: usize = 512;
+/// Flag in a page entry's address: the page is all zeros and has no data.
+pub const ZERO_PAGE: u64 = 1;
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection failed or closed.
+    #[error("the migration connection failed")]
+    Io(#[from] std::io::Error),
+    /// Not a frame.
+    #[error("the peer sent something that is not a Ferry migration frame (bad magic)")]
+    BadMagic,
+    /// Unknown kind.
+    #[error("the peer sent an unknown message kind {0}")]
+    UnknownKind(u16),
+    /// Flags set that version 1 does not define.
+    #[error("the peer sent a {kind:?} message with unknown flags {flags:#x}")]
+    BadFlags {
+        /// The kind.
+        kind: Kind,
+        /// The flags.
+        flags: u16,
+    },
+    /// Payload larger than the kind allows.
+    #[error("the peer sent a {kind:?} message of {len} bytes; at most {max} are allowed")]
+    TooLarge {
+        /// The kind.
+        kind: Kind,
+        /// Claimed length.
+        len: u32,
+        /// Bound.
+        max: u32,
+    },
+    /// Checksum mismatch.
+    #[error("a {0:?} message arrived corrupted (checksum mismatch)")]
+    BadChecksum(Kind),
+    /// JSON payload does not parse.
+    #[error("the peer sent a malformed {kind:?} message")]
+    Json {
+        /// The kind.
+        kind: Kind,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Binary page batch malformed.
+    #[error("the peer sent a malformed page batch: {0}")]
+    BadPages(&'static str),
+    /// The peer aborted the migration.
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+    /// A message that has no place at this point of the protocol.
+    #[error("the peer sent {got:?} where {expected} was expected")]
+    Unexpected {
+        /// What arrived.
+        got: Kind,
+        /// What the state machine wanted.
+        expected: &'static str,
+    },
+}
+
+/// Message kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Sender -> receiver: protocol version, migration id.
+    Hello = 1,
+    /// Receiver -> sender: a nonce to prove the shared key with.
+    Challenge = 2,
+    /// Sender -> receiver: HMAC of the nonce.
+    ChallengeResponse = 3,
+    /// Sender -> receiver: the VM's configuration, for the pre-migration checks.
+    Config = 4,
+    /// Receiver -> sender: checks passed, VM reserved.
+    Accept = 5,
+    /// Either way: the migration is refused or aborted, with the reason.
+    Abort = 6,
+    /// Sender -> receiver: a batch of pages.
+    Pages = 7,
+    /// Sender -> receiver: a pre-copy pass ended.
+    PassEnd = 8,
+    /// Sender -> receiver: the checkpoint state at the switchover.
+    State = 9,
+    /// Sender -> receiver: the memory hash (with --verify).
+    Verify = 10,
+    /// Receiver -> sender: restore succeeded (RESTORE_OK) or failed (RESTORE_FAILED).
+    RestoreResult = 11,
+    /// Sender -> receiver: the source has stopped for good and released the VM's lock.
+    Commit = 12,
+    /// Receiver -> sender: the VM runs on the destination.
+    Activated = 13,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => ChallengeResponse,
+            4 => Config,
+            5 => Accept,
+            6 => Abort,
+            7 => Pages,
+            8 => PassEnd,
+            9 => State,
+            10 => Verify,
+            11 => RestoreResult,
+            12 => Commit,
+            13 => Activated,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload this kind may carry.
+    pub fn max_payload(self) -> u32 {
+        match self {
+            Kind::Pages => (4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE)) as u32,
+            Kind::State => 64 << 20,
+            Kind::Config => 1 << 20,
+            Kind::Abort | Kind::RestoreResult => 64 << 10,
+            _ => 4 << 10,
+        }
+    }
+}
+
+/// One received frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Its kind.
+    pub kind: Kind,
+    /// Its payload, checked against the kind's bound and the checksum.
+    pub payload: Vec<u8>,
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+    let len =
+        u32::try_from(payload.len()).ok().filter(|&l| l <= kind.max_payload()).ok_or(Error::TooLarge {
+            kind,
+            len: payload.len().min(u32::MAX as usize) as u32,
+            max: kind.max_payload(),
+        })?;
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4..6].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..12].copy_from_slice(&len.to_le_bytes());
+    header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Reads one frame, checking magic, kind, flags, the kind's bound and the checksum before
+/// allocating for the payload.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, Error> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    if &header[..4] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let raw_kind = u16::from_le_bytes([header[4], header[5]]);
+    let kind = Kind::from_u16(raw_kind).ok_or(Error::UnknownKind(raw_kind))?;
+    let flags = u16::from_le_bytes([header[6], header[7]]);
+    if flags != 0 {
+        return Err(Error::BadFlags { kind, flags });
+    }
+    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if len > kind.max_payload() {
+        return Err(Error::TooLarge { kind, len, max: kind.max_payload() });
+    }
+    let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    if crc32fast::hash(&payload) != crc {
+        return Err(Error::BadChecksum(kind));
+    }
+    Ok(Frame { kind, payload })
+}
+
+/// Encodes a control message as a frame payload.
+pub fn to_json<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising plain structs of strings and numbers cannot fail.
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+impl Frame {
+    /// Parses the payload of a control message of kind `kind`.
+    pub fn json<T: for<'de> Deserialize<'de>>(&self, kind: Kind, expected: &'static str) -> Result<T, Error> {
+        if self.kind == Kind::Abort && kind != Kind::Abort {
+            // Let the caller see the peer's reason.
+            let abort: Abort = serde_json::from_slice(&self.payload)
+                .map_err(|source| Error::Json { kind: Kind::Abort, source })?;
+            return Err(Error::PeerAborted(abort.reason));
+        }
+        if self.kind != kind {
+            return Err(Error::Unexpected { got: self.kind, expected });
+        }
+        serde_json::from_slice(&self.payload).map_err(|source| Error::Json { kind, source })
+    }
+}
+
+/// `Hello`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    /// The sender's protocol version.
+    pub protocol_version: u32,
+    /// The migration id, made by the source and logged on both sides.
+    pub migration_id: String,
+    /// The sender's Ferry version.
+    pub ferry_version: String,
+}
+
+/// `Abort`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Abort {
+    /// Why.
+    pub reason: String,
+}
+
+/// A batch of pages: `(guest-physical address, Some(data) | None for a zero page)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pages {
+    /// The pages, in the order sent.
+    pub pages: Vec<(u64, Option<Vec<u8>>)>,
+}
+
+/// Encodes a page batch straight from guest memory: `entries` are (address, page bytes);
+/// zero pages are sent as markers only.
+pub fn encode_pages<'a>(
+    entries: impl ExactSizeIterator<Item = (u64, &'a [u8])>,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let n = entries.len();
+    if n > MAX_PAGES_PER_FRAME {
+        return Err(Error::BadPages("too many pages for one frame"));
+    }
+    out.clear();
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for (addr, data) in entries {
+        if addr % PAGE_SIZE as u64 != 0 || data.len() != PAGE_SIZE {
+            return Err(Error::BadPages("unaligned page"));
+        }
+        if data.iter().all(|&b| b == 0) {
+            out.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+        } else {
+            out.extend_from_slice(&addr.to_le_bytes());
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a page batch, calling `page(addr, Some(data) | None)` for each entry. Checks
+/// the count and every length against the payload; never reads past it.
+pub fn decode_pages(
+    payload: &[u8],
+    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), Error>,
+) -> Result<usize, Error> {
+    let count = payload.get(..4).ok_or(Error::BadPages("no count"))?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    if count > MAX_PAGES_PER_FRAME {
+        return Err(Error::BadPages("more pages than a frame may hold"));
+    }
+    let mut at = 4usize;
+    for _ in 0..count {
+        let raw = payload.get(at..at + 8).ok_or(Error::BadPages("truncated entry"))?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(raw);
+        let raw = u64::from_le_bytes(a);
+        at += 8;
+        if raw & (PAGE_SIZE as u64 - 1) & !ZERO_PAGE != 0 {
+            return Err(Error::BadPages("unaligned address"));
+        }
+        if raw & ZERO_PAGE != 0 {
+            page(raw & !ZERO_PAGE, None)?;
+        } else {
+            let data = payload.get(at..at + PAGE_SIZE).ok_or(Error::BadPages("truncated page data"))?;
+            at += PAGE_SIZE;
+            page(raw, Some(data))?;
+        }
+    }
+    if at != payload.len() {
+        return Err(Error::BadPages("trailing bytes after the last page"));
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        let hello = Hello { protocol_version: 1, migration_id: "m-1".into(), ferry_version: "0.1.0".into() };
+        write_frame(&mut buf, Kind::Hello, &to_json(&hello)).expect("write");
+        write_frame(&mut buf, Kind::PassEnd, b"{}").expect("write");
+        let mut r = &buf[..];
+        let f = read_frame(&mut r).expect("read");
+        assert_eq!(f.json::<Hello>(Kind::Hello, "Hello").expect("json"), hello);
+        let f = read_frame(&mut r).expect("read");
+        assert!(matches!(
+            f.json::<Hello>(Kind::Hello, "Hello"),
+            Err(Error::Unexpected { got: Kind::PassEnd, .. })
+        ));
+        assert!(matches!(read_frame(&mut r), Err(Error::Io(_))));
+    }
+
+    #[test]
+    fn abort_carries_the_reason() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, Kind::Abort, &to_json(&Abort { reason: "no".into() })).expect("write");
+        let f = read_frame(&mut &buf[..]).expect("read");
+        let e = f.json::<Hello>(Kind::Hello, "Hello").expect_err("abort");
+        assert!(matches!(&e, Error::PeerAborted(r) if r == "no"), "{e:?}");
+        assert_eq!(e.to_string(), "the peer aborted the migration: no");
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let mut good = Vec::new();
+        write_frame(&mut good, Kind::Hello, b"{}").expect("write");
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(read_frame(&mut &b[..]), Err(Error::BadMagic)));
+        let mut b = good.clone();
+        b[4] = 99;
+        assert!(matches!(read_frame(&mut &b[..]), Err(Error::UnknownKind(99))));
+        let mut b = good.clone();
+        b[6] = 1;
+        assert!(matches!(read_frame(&mut &b[..]), Err(Error::BadFlags { .. })));
+        let mut b = good.clone();
+        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_frame(&mut &b[..]), Err(Error::TooLarge { .. })));
+        let mut b = good.clone();
+        b[HEADER_LEN] ^= 1;
+        assert!(matches!(read_frame(&mut &b[..]), Err(Error::BadChecksum(Kind::Hello))));
+        assert!(matches!(read_frame(&mut &good[..good.len() - 1]), Err(Error::Io(_))));
+        assert!(write_frame(&mut Vec::new(), Kind::Hello, &vec![0u8; 5000]).is_err());
+    }
+
+    #[test]
+    fn pages_round_trip_with_zero_markers() {
+        let a = vec![7u8; PAGE_SIZE];
+        let z = vec![0u8; PAGE_SIZE];
+        let mut out = Vec::new();
+        encode_pages([(0x1000u64, &a[..]), (0x2000, &z[..])].into_iter(), &mut out).expect("encode");
+        assert_eq!(out.len(), 4 + 8 + PAGE_SIZE + 8);
+        let mut got = Vec::new();
+        let n = decode_pages(&out, |addr, data| {
+            got.push((addr, data.map(<[u8]>::to_vec)));
+            Ok(())
+        })
+        .expect("decode");
+        assert_eq!(n, 2);
+        assert_eq!(got, vec![(0x1000, Some(a)), (0x2000, None)]);
+    }
+
+    #[test]
+    fn malformed_page_batches_are_errors_not_panics() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1, 0, 0],
+            vec![1, 0, 0, 0],
+            [2u32.to_le_bytes().to_vec(), 0x1001u64.to_le_bytes().to_vec()].concat(),
+            [1u32.to_le_bytes().to_vec(), 0x1000u64.to_le_bytes().to_vec(), vec![1; 10]].concat(),
+            [1u32.to_le_bytes().to_vec(), 0x1003u64.to_le_bytes().to_vec()].concat(),
+            [0u32.to_le_bytes().to_vec(), vec![0; 3]].concat(),
+            u32::MAX.to_le_bytes().to_vec(),
+        ];
+        for c in cases {
+            assert!(decode_pages(&c, |_, _| Ok(())).is_err(), "{c:?}");
+        }
+    }
+
+    /// Random garbage, and random mutations of valid streams, never panic the decoder and
+    /// never make it allocate beyond a kind's bound.
+    #[test]
+    fn random_input_never_panics() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut valid = Vec::new();
+        write_frame(&mut valid, Kind::Hello, b"{\"protocol_version\":1}").expect("write");
+        let page = vec![9u8; PAGE_SIZE];
+        let mut pages = Vec::new();
+        encode_pages([(0x4000u64, &page[..])].into_iter(), &mut pages).expect("encode");
+        write_frame(&mut valid, Kind::Pages, &pages).expect("write");
+        for _ in 0..20_000 {
+            let mut data = if next() % 2 == 0 {
+                (0..(next() % 64)).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..(next() % 4 + 1) {
+                    let i = (next() as usize) % v.len();
+                    v[i] = next() as u8;
+                }
+                v
+            };
+            if next() % 3 == 0 {
+                data.truncate((next() as usize) % (data.len() + 1));
+            }
+            let mut r = &data[..];
+            while let Ok(f) = read_frame(&mut r) {
+                assert!(f.payload.len() <= f.kind.max_payload() as usize);
+                let _ = decode_pages(&f.payload, |_, _| Ok(()));
+                let _ = f.json::<Hello>(Kind::Hello, "Hello");
+            }
+        }
+    }
+}
