@@ -21,7 +21,7 @@ trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 
 say "1. ferry run: memstress, 256 MiB, wss=16M (console below)"
-$ferry run --guest memstress --memory 256M --cmdline "wss=16M" --api-socket "$work/vm.sock" \
+$ferry run --guest memstress --memory 256M --cmdline "wss=16M" --api-socket "$work/vm.sock" --home "$work/home" \
   --log-level warn > "$work/console1" &
 run_pid=$!
 tail -f "$work/console1" --pid=$run_pid &

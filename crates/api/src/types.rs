@@ -32,6 +32,9 @@ pub struct VmInfo {
     /// The checkpoint it was restored from, if any.
     #[serde(default)]
     pub restored_from: Option<PathBuf>,
+    /// The VM's home directory (whose lock this VMM holds).
+    #[serde(default)]
+    pub home: Option<PathBuf>,
 }
 
 /// `PUT /vm/snapshot`: write a checkpoint.

@@ -130,6 +130,13 @@ pub struct RunArgs {
     /// `resume` and `snapshot`. See docs/api.md.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The VM's home directory: it holds the VM's lock file, an exclusive lock that only one
+    /// VMM holds, so the same VM never runs twice (put it on storage every host shares).
+    /// Default: a new directory under $FERRY_STATE_DIR/vms (/var/lib/ferry/vms), removed
+    /// when the VM ends unless it was suspended.
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
 }
 
 /// Arguments of `ferry restore`.
@@ -146,6 +153,11 @@ pub struct RestoreArgs {
     /// Serve the VM's API on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The VM's home directory (see `ferry run --help`). Default: the home the checkpoint
+    /// names (so a suspended VM resumes under its own lock), or a new one.
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
 }
 
 /// The API socket of the VM to act on.

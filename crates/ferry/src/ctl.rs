@@ -27,6 +27,9 @@ pub fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
         println!("vcpus:    {}", info.vcpus);
         println!("uptime:   {:.1} s", info.uptime_ms as f64 / 1000.0);
         println!("pid:      {}", info.pid);
+        if let Some(home) = &info.home {
+            println!("home:     {}", home.display());
+        }
         if let Some(from) = info.restored_from {
             println!("restored: from {}", from.display());
         }

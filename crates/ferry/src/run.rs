@@ -44,6 +44,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         serial: args.serial,
         started_ns,
         api_socket: args.api_socket,
+        home: args.home,
     };
     let vmm = Vmm::build(config).context("cannot start the VM")?;
     finish(vmm.run()?)
@@ -54,6 +55,7 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         from: args.from.clone(),
         serial: args.serial,
         api_socket: args.api_socket,
+        home: args.home,
         started_ns,
     };
     let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;

@@ -118,6 +118,8 @@ pub struct VmConfig {
     pub started_ns: u64,
     /// Serve the API on this unix socket.
     pub api_socket: Option<PathBuf>,
+    /// The VM's home directory (its lock); `None` makes one under the state root.
+    pub home: Option<PathBuf>,
 }
 
 impl VmConfig {

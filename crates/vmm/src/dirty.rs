@@ -122,6 +122,7 @@ mod tests {
             serial: SerialConfig::Null,
             started_ns: 0,
             api_socket: None,
+            home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
         })
         .expect("build");
         vmm.start_dirty_log().expect("start");

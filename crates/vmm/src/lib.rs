@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod dirty;
+pub mod home;
 pub mod memory;
 pub mod persist;
 pub mod vcpu;
@@ -120,6 +121,9 @@ pub enum Error {
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    /// The VM's home cannot be locked.
+    #[error(transparent)]
+    Home(#[from] home::Error),
     /// Restoring from a checkpoint failed.
     #[error(transparent)]
     Restore(#[from] persist::RestoreError),
@@ -195,6 +199,27 @@ pub struct Vmm {
     started: Instant,
     started_ns: u64,
     restored_from: Option<PathBuf>,
+    /// The home whose lock this VMM holds.
+    home: home::VmHome,
+    /// Whether Ferry made the home (and removes it when the VM ends for good).
+    home_is_default: bool,
+}
+
+/// Locks `requested` or a new default home; returns it and whether it is a default one.
+fn lock_home(requested: Option<&std::path::Path>) -> Result<(home::VmHome, bool), Error> {
+    match requested {
+        Some(dir) => Ok((home::VmHome::lock(dir)?, false)),
+        None => Ok((home::VmHome::lock(&home::default_home(&new_vm_id()))?, true)),
+    }
+}
+
+/// A fresh VM id: 8 random hex digits.
+fn new_vm_id() -> String {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    format!("vm-{:02x}{:02x}{:02x}{:02x}-{}", b[0], b[1], b[2], b[3], std::process::id())
 }
 
 /// KVM opened and checked, with the host's CPUID; the first step of build and restore.
@@ -248,6 +273,8 @@ impl Vmm {
         let signals = run::block_stop_signals()?;
         let host = open_host()?;
         config.validate(host.max_vcpus)?;
+        // The VM runs in one VMM only: take its home's lock before anything else.
+        let (home, home_is_default) = lock_home(config.home.as_deref())?;
         // Checked above: 1..=255.
         let vcpu_count = config.vcpus as u8;
 
@@ -344,6 +371,8 @@ impl Vmm {
             started: Instant::now(),
             started_ns: config.started_ns,
             restored_from: None,
+            home,
+            home_is_default,
         })
     }
 
@@ -360,6 +389,11 @@ impl Vmm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// The VM's home directory.
+    pub fn home(&self) -> &std::path::Path {
+        self.home.dir()
     }
 
     /// What the VM is.

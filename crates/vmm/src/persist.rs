@@ -56,6 +56,10 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     /// The serial console.
     pub serial: SerialState,
+    /// The VM's home directory when it was checkpointed (a restore locks it again unless
+    /// told otherwise).
+    #[serde(default)]
+    pub home: Option<PathBuf>,
 }
 
 /// Why a snapshot failed. The VM is left as it was.
@@ -125,6 +129,8 @@ pub struct RestoreConfig {
     pub serial: SerialConfig,
     /// Serve the API here.
     pub api_socket: Option<PathBuf>,
+    /// The VM's home; `None` means the one the checkpoint names, or a new default one.
+    pub home: Option<PathBuf>,
     /// `CLOCK_MONOTONIC` ns at process start.
     pub started_ns: u64,
 }
@@ -203,6 +209,7 @@ impl Vmm {
             vm,
             vcpus,
             serial,
+            home: Some(self.home.dir().to_owned()),
         })
     }
 
@@ -280,6 +287,7 @@ impl Vmm {
         let snap: VmSnapshot = read_state_file(dir).map_err(RestoreError::from)?;
         let host = open_host()?;
         check_consistent(&snap, host.max_vcpus)?;
+        let (home, home_is_default) = crate::lock_home(config.home.as_deref().or(snap.home.as_deref()))?;
 
         // CPU features, before anything is created.
         for (i, v) in snap.vcpus.iter().enumerate() {
@@ -332,6 +340,8 @@ impl Vmm {
             started: Instant::now(),
             started_ns: config.started_ns,
             restored_from: Some(dir.clone()),
+            home,
+            home_is_default,
         })
     }
 }

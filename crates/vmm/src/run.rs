@@ -179,6 +179,14 @@ impl Vmm {
             // Lets a response in flight (a suspend's report) reach its client.
             s.shutdown(std::time::Duration::from_secs(5));
         }
+        // A home Ferry made for a VM that has now ended for good goes with it; a suspended
+        // VM's home stays (its checkpoint names it).
+        if self.home_is_default && !matches!(outcome, Ok(RunOutcome::Suspended)) {
+            let dir = self.home.dir().to_owned();
+            self.home.release();
+            let _ = std::fs::remove_file(dir.join(crate::home::LOCK_FILE));
+            let _ = std::fs::remove_dir(&dir);
+        }
         outcome
     }
 
@@ -239,6 +247,7 @@ impl Vmm {
             kernel: self.description.kernel.clone(),
             pid: std::process::id(),
             restored_from: self.restored_from.clone(),
+            home: Some(self.home.dir().to_owned()),
         }
     }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("FERRY_LOG");
+    // Default VM homes go under a scratch state root, not /var/lib/ferry.
+    c.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
     c
 }
 

@@ -1,0 +1,169 @@
+//! The VM's home directory and its exclusive lock: the arbiter that a VM runs in one VMM
+//! only (vMotion's lock on the VM's files on shared storage).
+//!
+//! The lock is an open-file-description (OFD) write lock on `DIR/vm.lock`: it conflicts
+//! with every other open of the file, in this process or any other on any host sharing the
+//! file system's lock manager, and the kernel drops it when the process dies, so a crashed
+//! VMM never leaves its VM locked. The file's content names the holder, for messages.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The lock file's name in a home directory.
+pub const LOCK_FILE: &str = "vm.lock";
+/// Where homes go when `--home` is not given: `$FERRY_STATE_DIR/vms/<id>`, with
+/// `FERRY_STATE_DIR` defaulting to this.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+
+/// Errors with a VM home.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The directory or lock file cannot be created or opened.
+    #[error("cannot use VM home {path}")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another VMM holds the lock.
+    #[error("VM home {path} is locked by another VMM ({holder}): the VM runs elsewhere")]
+    Held {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it, as the holder wrote it.
+        holder: String,
+    },
+    /// The lock call failed for another reason.
+    #[error("cannot lock VM home {path}")]
+    Lock {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The default home for a new VM.
+pub fn default_home(id: &str) -> PathBuf {
+    let root =
+        std::env::var_os("FERRY_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+    root.join("vms").join(id)
+}
+
+/// A VM home whose lock this VMM holds while the value lives (or until [`VmHome::release`]).
+#[derive(Debug)]
+pub struct VmHome {
+    dir: PathBuf,
+    lock: Option<File>,
+}
+
+fn ofd_lock(file: &File, kind: libc::c_short) -> std::io::Result<()> {
+    // SAFETY: flock is plain data; all-zero is a valid value before the fields are set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // the whole file
+    fl.l_pid = 0; // required for OFD locks
+                  // SAFETY: F_OFD_SETLK with a valid flock on a descriptor this File owns.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl VmHome {
+    /// Creates `dir` if needed and takes its lock, without waiting.
+    pub fn lock(dir: &Path) -> Result<Self, Error> {
+        let open = |source| Error::Open { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(open)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))
+            .map_err(open)?;
+        match ofd_lock(&file, libc::F_WRLCK as libc::c_short) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim().to_string();
+                let holder = if holder.is_empty() { "holder unknown".to_string() } else { holder };
+                return Err(Error::Held { path: dir.to_owned(), holder });
+            }
+            Err(source) => return Err(Error::Lock { path: dir.to_owned(), source }),
+        }
+        // Name ourselves for whoever finds the lock taken.
+        let me = format!("pid {} on {}", std::process::id(), hostname());
+        let _ = file.set_len(0);
+        let _ = file.seek(SeekFrom::Start(0));
+        let _ = file.write_all(me.as_bytes());
+        let _ = file.sync_data();
+        Ok(Self { dir: dir.to_owned(), lock: Some(file) })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether this VMM still holds the lock.
+    pub fn is_held(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// Gives the lock up (the source of a migration, once it has stopped for good).
+    pub fn release(&mut self) {
+        if let Some(f) = self.lock.take() {
+            let _ = f.set_len(0);
+            let _ = ofd_lock(&f, libc::F_UNLCK as libc::c_short);
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "this host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time_and_release() {
+        let dir = std::env::temp_dir().join(format!("ferry-home-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut a = VmHome::lock(&dir).expect("first lock");
+        assert!(a.is_held());
+        // OFD locks conflict between open file descriptions, even in one process.
+        match VmHome::lock(&dir) {
+            Err(Error::Held { holder, .. }) => {
+                assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}")
+            }
+            other => panic!("expected Held, got {other:?}"),
+        }
+        a.release();
+        assert!(!a.is_held());
+        let b = VmHome::lock(&dir).expect("after release");
+        drop(b);
+        // Dropping the File closes the description and so drops the lock.
+        let _c = VmHome::lock(&dir).expect("after drop");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn unusable_directory() {
+        assert!(matches!(VmHome::lock(Path::new("/proc/ferry-no-home")), Err(Error::Open { .. })));
+    }
+}
