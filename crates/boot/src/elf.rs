@@ -38,7 +38,7 @@ pub enum ElfError {
 
 /// What the headers say about a kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct KernelHeaders {
+pub struct KernelHeaders {
     /// Physical ranges of the loadable segments.
     pub segments: Vec<Segment>,
     /// The PVH entry point from the Xen note, if any.
@@ -47,8 +47,10 @@ pub(crate) struct KernelHeaders {
 
 /// One loadable segment's physical range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Segment {
+pub struct Segment {
+    /// First physical address.
     pub start: u64,
+    /// First physical address after the segment (`p_paddr + p_memsz`).
     pub end: u64,
 }
 
@@ -96,7 +98,7 @@ fn find_pvh_note(notes: &[u8]) -> Option<u32> {
 
 /// Checks the ELF header, and returns the physical ranges of the loadable segments and
 /// the PVH entry point.
-pub(crate) fn read_headers<R: Read + Seek>(r: &mut R) -> Result<KernelHeaders, ElfError> {
+pub fn read_headers<R: Read + Seek>(r: &mut R) -> Result<KernelHeaders, ElfError> {
     r.seek(SeekFrom::Start(0)).map_err(ElfError::Io)?;
     let mut head = Vec::with_capacity(EHDR_SIZE);
     r.by_ref().take(EHDR_SIZE as u64).read_to_end(&mut head).map_err(ElfError::Io)?;

@@ -23,7 +23,7 @@ use linux_loader::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
-pub use elf::ElfError;
+pub use elf::{read_headers, ElfError, KernelHeaders, Segment};
 
 /// Errors loading a guest for PVH boot.
 #[derive(Debug, thiserror::Error)]

@@ -121,6 +121,9 @@ pub enum Error {
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    /// KVM refused to report or take vCPU or VM state.
+    #[error("cannot access the vCPU state")]
+    State(#[from] ferry_arch::state::Error),
     /// The VM's home cannot be locked.
     #[error(transparent)]
     Home(#[from] home::Error),
@@ -211,6 +214,20 @@ fn lock_home(requested: Option<&std::path::Path>) -> Result<(home::VmHome, bool)
         Some(dir) => Ok((home::VmHome::lock(dir)?, false)),
         None => Ok((home::VmHome::lock(&home::default_home(&new_vm_id()))?, true)),
     }
+}
+
+/// Probes which MSRs a checkpoint must save, then starts one thread per vCPU; the threads
+/// wait in `Created` until [`Vmm::run`] lets them run.
+fn spawn_vcpus(kvm: &Kvm, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> Result<(Vec<VcpuHandle>, Vec<u32>), Error> {
+    let msrs = match fds.first() {
+        Some(fd) => ferry_arch::state::saveable_msrs(kvm, fd)?,
+        None => Vec::new(),
+    };
+    let mut vcpus = Vec::with_capacity(fds.len());
+    for (index, fd) in fds.into_iter().enumerate() {
+        vcpus.push(VcpuHandle::spawn(index as u8, fd, ctx.clone())?);
+    }
+    Ok((vcpus, msrs))
 }
 
 /// A fresh VM id: 8 random hex digits.
@@ -341,12 +358,7 @@ impl Vmm {
             }
             fds.push(fd);
         }
-        let msrs = ferry_arch::state::saveable_msrs(&host.kvm, &fds[0])
-            .map_err(|e| Error::Restore(persist::RestoreError::State(e)))?;
-        let mut vcpus = Vec::with_capacity(fds.len());
-        for (index, fd) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(index as u8, fd, ctx.clone())?);
-        }
+        let (vcpus, msrs) = spawn_vcpus(&host.kvm, fds, &ctx)?;
 
         let description = Description {
             memory: config.memory,

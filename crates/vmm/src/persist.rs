@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vcpu::{ExitNotifier, Request as VcpuRequest, RunState, VcpuContext, VcpuHandle};
+use crate::vcpu::{ExitNotifier, Request as VcpuRequest, RunState, VcpuContext};
 use crate::{create_devices, efd, open_host, vm, Description, Error, SerialConfig, VmRunState, Vmm};
 
 /// How long pausing may take before it is an error.
@@ -317,11 +317,7 @@ impl Vmm {
             fds.push(fd);
         }
         snap.vm.restore(&vm_fd).map_err(RestoreError::from)?;
-        let msrs = ferry_arch::state::saveable_msrs(&host.kvm, &fds[0]).map_err(RestoreError::from)?;
-        let mut vcpus = Vec::with_capacity(fds.len());
-        for (i, fd) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx.clone())?);
-        }
+        let (vcpus, msrs) = crate::spawn_vcpus(&host.kvm, fds, &ctx)?;
         tracing::info!(from = %dir.display(), memory_mib = snap.description.memory >> 20, "restored {}", snap.description.kernel);
         Ok(Vmm {
             vcpus,
