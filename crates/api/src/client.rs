@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::types::{ApiError, Request, Response, SnapshotReport, VmInfo};
+use crate::types::{ApiError, MigrationReport, Request, Response, SnapshotReport, VmInfo};
 
 /// The largest response accepted.
 const MAX_RESPONSE: u64 = 16 << 20;
@@ -70,7 +70,10 @@ pub fn send(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         Request::Snapshot(_) => {
             Response::Snapshot(serde_json::from_slice::<SnapshotReport>(body).map_err(bad)?)
         }
-        Request::Pause | Request::Resume => Response::Done,
+        Request::Migrate(_) => {
+            Response::Migration(serde_json::from_slice::<MigrationReport>(body).map_err(bad)?)
+        }
+        Request::Pause | Request::Resume | Request::MigrateCancel => Response::Done,
     })
 }
 

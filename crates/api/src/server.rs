@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 
-use crate::types::{ApiError, Request, Response, SnapshotRequest};
+use crate::types::{ApiError, MigrateRequest, Request, Response, SnapshotRequest};
 
 /// The VMM side of the API.
 pub trait Handler: Send + Sync + 'static {
@@ -119,6 +119,8 @@ pub fn router(handler: Arc<dyn Handler>) -> Router {
         .route("/vm/pause", put(pause))
         .route("/vm/resume", put(resume))
         .route("/vm/snapshot", put(snapshot))
+        .route("/vm/migrate", put(migrate))
+        .route("/vm/migrate/cancel", put(migrate_cancel))
         .fallback(not_found)
         .with_state(handler)
 }
@@ -128,6 +130,7 @@ async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
     match result {
         Ok(Ok(Response::Info(info))) => Json(info).into_response(),
         Ok(Ok(Response::Snapshot(report))) => Json(report).into_response(),
+        Ok(Ok(Response::Migration(report))) => Json(report).into_response(),
         Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error_response(e),
         Err(e) => error_response(ApiError::internal(format!("the request handler failed: {e}"))),
@@ -161,10 +164,24 @@ async fn snapshot(
     }
 }
 
+async fn migrate(
+    State(h): State<Arc<dyn Handler>>,
+    body: Result<Json<MigrateRequest>, JsonRejection>,
+) -> HttpResponse {
+    match body {
+        Ok(Json(req)) => call(h, Request::Migrate(req)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("bad migrate request: {}", e.body_text()))),
+    }
+}
+
+async fn migrate_cancel(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+    call(h, Request::MigrateCancel).await
+}
+
 async fn not_found() -> HttpResponse {
     error_response(ApiError {
         status: 404,
-        message: "no such endpoint; see docs/api.md (GET /vm, PUT /vm/pause, /vm/resume, /vm/snapshot)"
+        message: "no such endpoint; see docs/api.md (GET /vm, PUT /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/migrate/cancel)"
             .into(),
     })
 }

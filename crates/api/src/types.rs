@@ -35,6 +35,179 @@ pub struct VmInfo {
     /// The VM's home directory (whose lock this VMM holds).
     #[serde(default)]
     pub home: Option<PathBuf>,
+    /// The migration in progress, or the last one this VMM attempted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
+}
+
+/// `PUT /vm/migrate`: live-migrate the VM to a `ferry receive` listening at `to`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` of the receiving VMM.
+    pub to: String,
+    /// The shared key file (the receiver reads the same key).
+    pub auth_key_file: PathBuf,
+    /// Largest acceptable downtime, ms (default 300).
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Most pre-copy passes before giving up (default 30).
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    /// Give up after this many seconds (default 600).
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Bandwidth cap in MiB/s; 0 = none (the default).
+    #[serde(default)]
+    pub bandwidth_mib: u64,
+    /// Hash the whole guest memory on both sides at the switchover.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+fn default_max_iterations() -> u32 {
+    30
+}
+fn default_timeout_s() -> u64 {
+    600
+}
+
+impl MigrateRequest {
+    /// A request with the default limits.
+    pub fn new(to: impl Into<String>, auth_key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            to: to.into(),
+            auth_key_file: auth_key_file.into(),
+            downtime_ms: default_downtime_ms(),
+            max_iterations: default_max_iterations(),
+            timeout_s: default_timeout_s(),
+            bandwidth_mib: 0,
+            verify: false,
+        }
+    }
+}
+
+/// Phases of a migration, as the source sees them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Connecting, authenticating, pre-migration checks.
+    Setup,
+    /// Iterative pre-copy; the guest runs.
+    PreCopy,
+    /// vCPUs paused; the last pages and the state are going out.
+    StopAndCopy,
+    /// Waiting for the destination to restore (RESTORE_OK / RESTORE_FAILED).
+    Restoring,
+    /// The source stopped for good and released the lock; waiting for activation.
+    Committed,
+    /// The VM runs on the destination.
+    Completed,
+    /// The migration failed; the VM runs on the source.
+    Failed,
+    /// An operator cancelled it; the VM runs on the source.
+    Cancelled,
+    /// The source committed but the destination failed after taking the VM over: it runs
+    /// nowhere.
+    Lost,
+}
+
+/// Where the VM runs once a migration has ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmLocation {
+    /// The source VMM (the migration did not happen).
+    Source,
+    /// The destination VMM.
+    Destination,
+    /// Nowhere (the destination failed after it had taken over).
+    Nowhere,
+}
+
+/// A migration in progress (or the last one), for `ferry info` and progress displays.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationInfo {
+    /// The migration id.
+    pub migration_id: String,
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// The destination address.
+    pub destination: String,
+    /// The pre-copy pass running (0 before the first).
+    pub pass: u32,
+    /// Pages still to send in this pass.
+    pub pages_left: u64,
+    /// Pages dirtied and waiting for the next pass (known after each pass).
+    pub pages_dirty: u64,
+    /// Throughput of the running pass, MB/s.
+    pub rate_mb_s: f64,
+    /// Downtime a stop-and-copy would cost now, ms (from the last pass).
+    pub expected_downtime_ms: f64,
+    /// Bytes sent so far.
+    pub bytes_transferred: u64,
+    /// Since the migration started, ms.
+    pub elapsed_ms: u64,
+    /// Why it ended, once it has.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// One pre-copy pass in a [`MigrationReport`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PassReport {
+    /// Pass number, from 1. The stop-and-copy pass is the last one.
+    pub pass: u32,
+    /// Pages sent (data and zero markers).
+    pub pages: u64,
+    /// Of those, zero pages sent as markers only.
+    pub zero_pages: u64,
+    /// Bytes put on the wire.
+    pub bytes: u64,
+    /// Duration, ms.
+    pub ms: f64,
+    /// Pages the guest dirtied while this pass ran.
+    pub dirtied: u64,
+    /// Whether the vCPUs were paused (the stop-and-copy pass).
+    pub stop_and_copy: bool,
+}
+
+/// What a migration did: `ferry migrate`'s report (`--json` prints it as is).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    /// The migration id (in every log line of both VMMs).
+    pub migration_id: String,
+    /// `completed`, `failed`, `cancelled` or `lost` (see [`MigrationPhase`]).
+    pub status: MigrationPhase,
+    /// Where the VM runs now.
+    pub vm_running_on: VmLocation,
+    /// Why pre-copy stopped (completed) or why the migration failed.
+    pub reason: String,
+    /// The destination address.
+    pub destination: String,
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Request to end, ms.
+    pub total_ms: f64,
+    /// Connection, authentication and pre-migration checks, ms.
+    pub setup_ms: f64,
+    /// vCPUs paused on the source until they run on the destination, ms (0 if the
+    /// migration did not reach the stop-and-copy).
+    pub downtime_ms: f64,
+    /// Bytes sent (all frames).
+    pub bytes_transferred: u64,
+    /// Pages sent with data.
+    pub pages_sent: u64,
+    /// Zero pages sent as markers only.
+    pub zero_pages: u64,
+    /// Bulk throughput of the first pass, MB/s.
+    pub throughput_mb_s: f64,
+    /// Whether both sides hashed guest memory at the switchover and agreed.
+    pub verified: bool,
+    /// Each pass, the stop-and-copy last.
+    pub passes: Vec<PassReport>,
 }
 
 /// `PUT /vm/snapshot`: write a checkpoint.
@@ -82,6 +255,10 @@ pub enum Request {
     Resume,
     /// `PUT /vm/snapshot`.
     Snapshot(SnapshotRequest),
+    /// `PUT /vm/migrate`: answers when the migration has ended.
+    Migrate(MigrateRequest),
+    /// `PUT /vm/migrate/cancel`.
+    MigrateCancel,
 }
 
 impl Request {
@@ -100,6 +277,8 @@ impl Request {
             Request::Pause => "/vm/pause",
             Request::Resume => "/vm/resume",
             Request::Snapshot(_) => "/vm/snapshot",
+            Request::Migrate(_) => "/vm/migrate",
+            Request::MigrateCancel => "/vm/migrate/cancel",
         }
     }
 
@@ -107,6 +286,7 @@ impl Request {
     pub fn body(&self) -> Option<Vec<u8>> {
         match self {
             Request::Snapshot(s) => serde_json::to_vec(s).ok(),
+            Request::Migrate(m) => serde_json::to_vec(m).ok(),
             _ => None,
         }
     }
@@ -121,6 +301,8 @@ pub enum Response {
     Done,
     /// A snapshot's report.
     Snapshot(SnapshotReport),
+    /// A migration's report.
+    Migration(MigrationReport),
 }
 
 /// A refused or failed request: HTTP status and a sentence saying why.

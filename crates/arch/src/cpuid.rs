@@ -267,6 +267,32 @@ pub fn missing_features(guest: &[kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature
     missing
 }
 
+/// Clears the feature called `name` (as [`Feature`]'s `Display` names it, e.g. `avx2`) in
+/// a host table, as if the host lacked it. Returns whether the name is known.
+pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
+    for &(leaf, subleaf, reg, _) in FEATURE_REGISTERS {
+        for bit in 0..32u8 {
+            let f = Feature { leaf, subleaf, register: reg, bit };
+            if feature_name(&f) != Some(name) {
+                continue;
+            }
+            for e in cpuid.as_mut_slice().iter_mut().filter(|e| {
+                e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+            }) {
+                let r = match reg {
+                    Register::Eax => &mut e.eax,
+                    Register::Ebx => &mut e.ebx,
+                    Register::Ecx => &mut e.ecx,
+                    Register::Edx => &mut e.edx,
+                };
+                *r &= !(1u32 << bit);
+            }
+            return true;
+        }
+    }
+    false
+}
+
 /// Looks up one leaf/subleaf in a table.
 pub fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<kvm_cpuid_entry2> {
     cpuid
@@ -281,6 +307,17 @@ pub fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<kvm_cpuid_entry2> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cleared_feature_is_missing() {
+        let mut h = host();
+        let guest: Vec<kvm_cpuid_entry2> = h.as_slice().to_vec();
+        assert!(missing_features(&guest, &h).is_empty());
+        assert!(clear_feature(&mut h, "sse3"));
+        let names: Vec<String> = missing_features(&guest, &h).iter().map(|f| f.to_string()).collect();
+        assert_eq!(names, vec!["sse3"]);
+        assert!(!clear_feature(&mut h, "no-such-feature"));
+    }
 
     fn host() -> CpuId {
         CpuId::from_entries(&[

@@ -42,6 +42,138 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// List the bundled test guests and their command-line options.
     Guests(GuestsArgs),
+    /// Wait for a live migration on a TCP address and run the VM it brings.
+    #[command(long_about = RECEIVE_ABOUT)]
+    Receive(ReceiveArgs),
+    /// Live-migrate a running VM to a `ferry receive` on another host (or process).
+    #[command(long_about = MIGRATE_ABOUT)]
+    Migrate(MigrateArgs),
+    /// Cancel a VM's migration in progress; the VM keeps running where it is.
+    #[command(long_about = CANCEL_ABOUT)]
+    MigrateCancel(SocketArgs),
+}
+
+const RECEIVE_ABOUT: &str = "\
+Wait for one incoming live migration and run the VM it brings, in this process.
+
+The source (`ferry migrate`) must prove it knows the key in --auth-key-file, and this side
+proves the same to it, before anything else is accepted. Then this VMM checks it can run the
+VM (memory, vCPUs, CPU features, MSRs, devices) and refuses it with the reason if not;
+reserves memory and vCPUs; receives memory pass after pass and finally the CPU and device
+state; restores it and answers RESTORE_OK. The vCPUs start only after the source has stopped
+for good and this VMM holds the VM's lock (the lock file in the VM's home directory, on
+storage both hosts share), so the VM never runs on both sides.
+
+A migration that fails (wrong key, refused checks, a malformed message, the source rolling
+back) leaves nothing running here; the error is logged and the wait goes on. SIGTERM or
+SIGINT stop waiting (exit 0), aborting a migration in progress before its commit. Once the
+VM runs, this process behaves like `ferry run`: SIGTERM stops the VM, --api-socket serves
+the API (and the VM can migrate on from here).
+
+Examples:
+  ferry receive --listen tcp:0.0.0.0:7000 --auth-key-file /etc/ferry/migration.key
+  ferry receive --listen tcp:127.0.0.1:7001 --auth-key-file key --api-socket vm-b.sock \\
+      --serial file:console-b.log";
+
+const MIGRATE_ABOUT: &str = "\
+Live-migrate the VM behind --api-socket to a `ferry receive` listening at --to, while the guest
+keeps running.
+
+Phases: connect and authenticate both ways with the shared key; pre-migration checks on the
+destination; iterative pre-copy (pass 1 sends every page, zero pages as markers only; each
+later pass sends what the guest dirtied meanwhile); after each pass the expected downtime is
+estimated from the measured bandwidth and dirty rate, and the migration goes to
+stop-and-copy once it is within --downtime-ms and another pass would not shrink it much;
+stop-and-copy (pause, last pages, CPU and device state); the destination restores and
+answers; the source commits (stops for good, releases the VM's lock); the destination takes
+the lock and starts the vCPUs.
+
+Until the commit, any failure (destination refused or died, connection lost, restore
+failed, verification mismatch, cancel, timeout, no convergence) resumes the VM here. Progress
+goes to stderr; the report goes to stdout (--json: the documented JSON, see docs/migration.md).
+Exit status: 0 only if the VM now runs on the destination.
+
+Examples:
+  ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file /etc/ferry/migration.key
+  ferry migrate --api-socket vm.sock --to tcp:127.0.0.1:7001 --auth-key-file key \\
+      --downtime-ms 50 --bandwidth-mib 500 --verify --json";
+
+const CANCEL_ABOUT: &str = "\
+Cancel the migration in progress of the VM behind --api-socket. The source stops sending,
+tells the destination, and the VM keeps running on the source (it resumes if it was in the
+stop-and-copy). A migration that has committed (the source has already stopped for good and
+handed the VM's lock over) can no longer be cancelled; the command then fails and says so.
+`ferry migrate` ends with status `cancelled`.";
+
+/// Arguments of `ferry receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:7000).
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub listen: String,
+
+    /// File holding the key shared with the source (16 to 4096 bytes; make one with
+    /// `head -c 32 /dev/urandom > FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: PathBuf,
+
+    /// Where the VM's serial console goes once it runs here: stdio, file:PATH or null.
+    #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialConfig,
+
+    /// Serve the VM's API on this unix socket once it runs here.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// The VM's home directory on this host. Default: the one the source names (its lock
+    /// must be the same file on both hosts: put homes on shared storage).
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+}
+
+/// Arguments of `ferry migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+
+    /// The destination: tcp:HOST:PORT of a `ferry receive`.
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub to: String,
+
+    /// File holding the key shared with the destination.
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: PathBuf,
+
+    /// Largest acceptable downtime (vCPUs paused), in ms.
+    #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub downtime_ms: u64,
+
+    /// Give up (VM stays on the source) after this many pre-copy passes without reaching
+    /// the downtime limit.
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_iterations: u32,
+
+    /// Give up (VM stays on the source) if pre-copy has not converged after this many seconds.
+    #[arg(long, value_name = "S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: u64,
+
+    /// Cap the bandwidth used, in MiB/s (0: no cap).
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub bandwidth_mib: u64,
+
+    /// Hash all guest memory on both sides at the switchover; a mismatch fails the migration
+    /// and the VM resumes on the source. Costs time (off by default).
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 const RESTORE_ABOUT: &str = "\

@@ -2,6 +2,7 @@
 
 mod cli;
 mod ctl;
+mod migrate;
 mod run;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ fn main() -> ExitCode {
         cli::Command::Resume(args) => ctl::resume(args),
         cli::Command::Snapshot(args) => ctl::snapshot(args),
         cli::Command::Guests(args) => run::guests(args),
+        cli::Command::Receive(args) => run::receive(args, started_ns),
+        cli::Command::Migrate(args) => migrate::migrate(args),
+        cli::Command::MigrateCancel(args) => migrate::cancel(args),
     };
     match result {
         Ok(code) => code,

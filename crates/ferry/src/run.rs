@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use ferry_vmm::migration::{Error as MigrationError, ReceiveConfig};
 use ferry_vmm::{KernelSource, RestoreConfig, RunOutcome, VmConfig, Vmm};
 
-use crate::cli::{GuestsArgs, RestoreArgs, RunArgs};
+use crate::cli::{GuestsArgs, ReceiveArgs, RestoreArgs, RunArgs};
 
 pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
     let kernel = match (&args.kernel, &args.guest) {
@@ -62,9 +63,31 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
     finish(vmm.run()?)
 }
 
+pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let config = ReceiveConfig {
+        listen: args.listen.clone(),
+        auth_key_file: args.auth_key_file,
+        serial: args.serial,
+        api_socket: args.api_socket,
+        home: args.home,
+        started_ns,
+    };
+    let vmm = match Vmm::receive(config) {
+        Ok(v) => v,
+        // Stopped while waiting: nothing was received, nothing runs; not an error.
+        Err(ferry_vmm::Error::Migration(e)) if matches!(*e, MigrationError::Interrupted(_)) => {
+            return Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {}", args.listen))),
+    };
+    finish(vmm.run()?)
+}
+
 fn finish(outcome: RunOutcome) -> anyhow::Result<ExitCode> {
     match outcome {
-        RunOutcome::PowerOff | RunOutcome::Signalled(_) | RunOutcome::Suspended => Ok(ExitCode::SUCCESS),
+        RunOutcome::PowerOff | RunOutcome::Signalled(_) | RunOutcome::Suspended | RunOutcome::Migrated => {
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

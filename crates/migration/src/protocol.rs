@@ -149,7 +149,7 @@ impl Kind {
         match self {
             Kind::Pages => (4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE)) as u32,
             Kind::State => 64 << 20,
-            Kind::Config => 1 << 20,
+            Kind::Config | Kind::Verify => 1 << 20,
             Kind::Abort | Kind::RestoreResult => 64 << 10,
             _ => 4 << 10,
         }
@@ -186,27 +186,8 @@ pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<()
 /// Reads one frame, checking magic, kind, flags, the kind's bound and the checksum before
 /// allocating for the payload.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, Error> {
-    let mut header = [0u8; HEADER_LEN];
-    r.read_exact(&mut header)?;
-    if &header[..4] != MAGIC {
-        return Err(Error::BadMagic);
-    }
-    let raw_kind = u16::from_le_bytes([header[4], header[5]]);
-    let kind = Kind::from_u16(raw_kind).ok_or(Error::UnknownKind(raw_kind))?;
-    let flags = u16::from_le_bytes([header[6], header[7]]);
-    if flags != 0 {
-        return Err(Error::BadFlags { kind, flags });
-    }
-    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if len > kind.max_payload() {
-        return Err(Error::TooLarge { kind, len, max: kind.max_payload() });
-    }
-    let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
-    if crc32fast::hash(&payload) != crc {
-        return Err(Error::BadChecksum(kind));
-    }
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
     Ok(Frame { kind, payload })
 }
 
@@ -219,17 +200,27 @@ pub fn to_json<T: Serialize>(msg: &T) -> Vec<u8> {
 impl Frame {
     /// Parses the payload of a control message of kind `kind`.
     pub fn json<T: for<'de> Deserialize<'de>>(&self, kind: Kind, expected: &'static str) -> Result<T, Error> {
-        if self.kind == Kind::Abort && kind != Kind::Abort {
-            // Let the caller see the peer's reason.
-            let abort: Abort = serde_json::from_slice(&self.payload)
-                .map_err(|source| Error::Json { kind: Kind::Abort, source })?;
-            return Err(Error::PeerAborted(abort.reason));
-        }
-        if self.kind != kind {
-            return Err(Error::Unexpected { got: self.kind, expected });
-        }
-        serde_json::from_slice(&self.payload).map_err(|source| Error::Json { kind, source })
+        parse_json(self.kind, &self.payload, kind, expected)
     }
+}
+
+/// Parses the payload of a control message that arrived as `got` where `want` was
+/// expected. An `Abort` becomes [`Error::PeerAborted`] with the peer's reason.
+pub fn parse_json<T: for<'de> Deserialize<'de>>(
+    got: Kind,
+    payload: &[u8],
+    want: Kind,
+    expected: &'static str,
+) -> Result<T, Error> {
+    if got == Kind::Abort && want != Kind::Abort {
+        let abort: Abort =
+            serde_json::from_slice(payload).map_err(|source| Error::Json { kind: Kind::Abort, source })?;
+        return Err(Error::PeerAborted(abort.reason));
+    }
+    if got != want {
+        return Err(Error::Unexpected { got, expected });
+    }
+    serde_json::from_slice(payload).map_err(|source| Error::Json { kind: want, source })
 }
 
 /// `Hello`.
@@ -241,6 +232,73 @@ pub struct Hello {
     pub migration_id: String,
     /// The sender's Ferry version.
     pub ferry_version: String,
+    /// Hex nonce for the receiver to prove the key with.
+    #[serde(default)]
+    pub nonce: String,
+}
+
+/// `Challenge`: the receiver's nonce for the sender to prove the key with, and the
+/// receiver's own proof over the sender's nonce (see [`crate::auth`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Challenge {
+    /// Hex nonce.
+    pub nonce: String,
+    /// Hex HMAC proving the receiver knows the key.
+    pub proof: String,
+}
+
+/// `ChallengeResponse`: the sender's proof over the receiver's nonce.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChallengeResponse {
+    /// Hex HMAC.
+    pub proof: String,
+}
+
+/// `Accept`: the pre-migration checks passed and the VM is reserved.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Accept {
+    /// The receiver's Ferry version.
+    pub ferry_version: String,
+}
+
+/// `PassEnd`: the pages of one pass have all been sent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PassEnd {
+    /// Pass number, from 1; the stop-and-copy pass is the last.
+    pub pass: u32,
+    /// Pages sent in it.
+    pub pages: u64,
+}
+
+/// `Verify`: CRC-32 of each `chunk_bytes` of guest memory, regions in order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Verify {
+    /// Chunk size in bytes.
+    pub chunk_bytes: u64,
+    /// One checksum per chunk.
+    pub crcs: Vec<u32>,
+}
+
+/// `RestoreResult`: RESTORE_OK (`ok`) or RESTORE_FAILED with the reason.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoreResult {
+    /// Whether the destination restored the VM (its vCPUs wait for the commit).
+    pub ok: bool,
+    /// Why not.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `Commit`: the source has stopped for good and released the VM's lock.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Commit {}
+
+/// `Activated`: the destination holds the lock and its vCPUs run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Activated {
+    /// `CLOCK_MONOTONIC` ns (destination clock) between receiving Commit and starting the
+    /// vCPUs; for the downtime figure.
+    pub activation_ns: u64,
 }
 
 /// `Abort`.
@@ -281,6 +339,134 @@ pub fn encode_pages<'a>(
         }
     }
     Ok(())
+}
+
+/// A page batch being filled straight from guest memory into a reusable buffer that also
+/// holds the frame header, so a batch goes out in one write.
+#[derive(Debug)]
+pub struct PageBatch {
+    buf: Vec<u8>,
+    count: u32,
+    zero: u64,
+}
+
+impl Default for PageBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageBatch {
+    /// An empty batch with room for a full frame.
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(HEADER_LEN + Kind::Pages.max_payload() as usize);
+        buf.resize(HEADER_LEN + 4, 0);
+        Self { buf, count: 0, zero: 0 }
+    }
+
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether another page would not fit.
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_PAGES_PER_FRAME
+    }
+
+    /// Zero pages in the batch (sent as markers).
+    pub fn zero_pages(&self) -> u64 {
+        self.zero
+    }
+
+    /// Adds the page at `addr`; `fill` copies its 4096 bytes into the slice it is given.
+    /// A page that turns out all zeros is kept as a marker only. Returns whether it was zero.
+    pub fn push(&mut self, addr: u64, fill: impl FnOnce(&mut [u8])) -> Result<bool, Error> {
+        if self.is_full() {
+            return Err(Error::BadPages("too many pages for one frame"));
+        }
+        if addr % PAGE_SIZE as u64 != 0 {
+            return Err(Error::BadPages("unaligned page"));
+        }
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&addr.to_le_bytes());
+        self.buf.resize(at + 8 + PAGE_SIZE, 0);
+        fill(&mut self.buf[at + 8..]);
+        let zero = is_zero(&self.buf[at + 8..]);
+        if zero {
+            self.buf.truncate(at + 8);
+            self.buf[at..at + 8].copy_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+            self.zero += 1;
+        }
+        self.count += 1;
+        Ok(zero)
+    }
+
+    /// Writes the batch as one `Pages` frame and empties it. Returns the bytes written.
+    pub fn send<W: Write>(&mut self, w: &mut W) -> Result<u64, Error> {
+        let payload_len = (self.buf.len() - HEADER_LEN) as u32;
+        self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[HEADER_LEN..]);
+        self.buf[..4].copy_from_slice(MAGIC);
+        self.buf[4..6].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
+        self.buf[6..8].copy_from_slice(&[0, 0]);
+        self.buf[8..12].copy_from_slice(&payload_len.to_le_bytes());
+        self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        w.write_all(&self.buf)?;
+        let n = self.buf.len() as u64;
+        self.buf.truncate(HEADER_LEN + 4);
+        self.count = 0;
+        self.zero = 0;
+        Ok(n)
+    }
+}
+
+/// Whether a buffer is all zeros (word at a time).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
+        // middle of the slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Reads one frame into `payload` (reused between calls, so a migration does not allocate
+/// per batch). Same checks as [`read_frame`].
+pub fn read_frame_into<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, Error> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let (kind, len, crc) = check_header(&header)?;
+    payload.clear();
+    payload.resize(len as usize, 0);
+    r.read_exact(payload)?;
+    if crc32fast::hash(payload) != crc {
+        return Err(Error::BadChecksum(kind));
+    }
+    Ok(kind)
+}
+
+fn check_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u32, u32), Error> {
+    if &header[..4] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let raw_kind = u16::from_le_bytes([header[4], header[5]]);
+    let kind = Kind::from_u16(raw_kind).ok_or(Error::UnknownKind(raw_kind))?;
+    let flags = u16::from_le_bytes([header[6], header[7]]);
+    if flags != 0 {
+        return Err(Error::BadFlags { kind, flags });
+    }
+    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if len > kind.max_payload() {
+        return Err(Error::TooLarge { kind, len, max: kind.max_payload() });
+    }
+    let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    Ok((kind, len, crc))
 }
 
 /// Decodes a page batch, calling `page(addr, Some(data) | None)` for each entry. Checks
@@ -325,7 +511,12 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut buf = Vec::new();
-        let hello = Hello { protocol_version: 1, migration_id: "m-1".into(), ferry_version: "0.1.0".into() };
+        let hello = Hello {
+            protocol_version: 1,
+            migration_id: "m-1".into(),
+            ferry_version: "0.1.0".into(),
+            nonce: "00".into(),
+        };
         write_frame(&mut buf, Kind::Hello, &to_json(&hello)).expect("write");
         write_frame(&mut buf, Kind::PassEnd, b"{}").expect("write");
         let mut r = &buf[..];
@@ -370,6 +561,41 @@ mod tests {
         assert!(matches!(read_frame(&mut &b[..]), Err(Error::BadChecksum(Kind::Hello))));
         assert!(matches!(read_frame(&mut &good[..good.len() - 1]), Err(Error::Io(_))));
         assert!(write_frame(&mut Vec::new(), Kind::Hello, &vec![0u8; 5000]).is_err());
+    }
+
+    #[test]
+    fn page_batch_is_one_frame_with_zero_markers() {
+        let mut b = PageBatch::new();
+        assert!(!b.push(0x1000, |d| d.fill(7)).expect("push"));
+        assert!(b.push(0x2000, |d| d.fill(0)).expect("push"));
+        assert_eq!((b.len(), b.zero_pages()), (2, 1));
+        assert!(b.push(0x2001, |_| {}).is_err());
+        let mut wire = Vec::new();
+        let n = b.send(&mut wire).expect("send");
+        assert_eq!(n as usize, wire.len());
+        assert!(b.is_empty());
+        let mut payload = Vec::new();
+        assert_eq!(read_frame_into(&mut &wire[..], &mut payload).expect("read"), Kind::Pages);
+        let mut got = Vec::new();
+        decode_pages(&payload, |a, d| {
+            got.push((a, d.map(|d| d[0])));
+            Ok(())
+        })
+        .expect("decode");
+        assert_eq!(got, vec![(0x1000, Some(7)), (0x2000, None)]);
+        // Reused: the next batch starts clean.
+        b.push(0x3000, |d| d.fill(1)).expect("push");
+        let mut wire = Vec::new();
+        b.send(&mut wire).expect("send");
+        assert_eq!(wire.len(), HEADER_LEN + 4 + 8 + PAGE_SIZE);
+    }
+
+    #[test]
+    fn zero_check() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v[1..]));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub(crate) fn channel() -> std::io::Result<(Bridge, Inbox)> {
 
 impl Handler for Bridge {
     fn handle(&self, request: Request) -> Result<Response, ApiError> {
+        let request_timeout = match &request {
+            Request::Migrate(m) => Some(Duration::from_secs(m.timeout_s.saturating_add(600))),
+            _ => None,
+        };
         let (tx, rx) = mpsc::channel();
         self.calls
             .lock()
@@ -47,7 +51,12 @@ impl Handler for Bridge {
             .send((request, tx))
             .map_err(|_| ApiError::conflict("the VM is shutting down"))?;
         let _ = self.wake.write(1);
-        match rx.recv_timeout(REQUEST_TIMEOUT) {
+        // A migration answers when it ends, bounded by its own timeout.
+        let timeout = match &request_timeout {
+            Some(t) => *t,
+            None => REQUEST_TIMEOUT,
+        };
+        match rx.recv_timeout(timeout) {
             Ok(answer) => answer,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ApiError::internal("the VMM did not answer in time")),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(ApiError::conflict("the VM is shutting down")),

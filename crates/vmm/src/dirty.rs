@@ -10,6 +10,11 @@ use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+
+use crate::memory::GuestMemory;
 use crate::vm;
 use crate::Vmm;
 
@@ -65,11 +70,24 @@ fn own_writes(r: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
     std::ops::Deref::deref(r).bitmap()
 }
 
-impl Vmm {
+/// The dirty log of one VM: cheap to clone, usable from the migration thread while the
+/// vCPUs run (the KVM calls it makes are safe to issue concurrently with `KVM_RUN`).
+#[derive(Clone, Debug)]
+pub struct DirtyLog {
+    vm: Arc<VmFd>,
+    memory: GuestMemory,
+}
+
+impl DirtyLog {
+    /// The log of the VM `vm` with guest memory `memory`.
+    pub fn new(vm: Arc<VmFd>, memory: GuestMemory) -> Self {
+        Self { vm, memory }
+    }
+
     /// Starts logging: from now on every page written is reported once by
-    /// [`Vmm::take_dirty`]. The VMM's own write log is cleared (its writes so far, loading
+    /// [`DirtyLog::take`]. The VMM's own write log is cleared (its writes so far, loading
     /// the kernel and initrd, are part of the first full pass anyway).
-    pub fn start_dirty_log(&self) -> Result<(), Error> {
+    pub fn start(&self) -> Result<(), Error> {
         for r in self.memory.iter() {
             own_writes(r).reset();
         }
@@ -77,13 +95,13 @@ impl Vmm {
     }
 
     /// Stops logging.
-    pub fn stop_dirty_log(&self) -> Result<(), Error> {
+    pub fn stop(&self) -> Result<(), Error> {
         vm::register_memory(&self.vm, &self.memory, 0).map_err(Error::Switch)
     }
 
     /// Returns and clears the pages dirtied since the last call (or since logging started):
     /// KVM's log OR the VMM's own writes, per region.
-    pub fn take_dirty(&self) -> Result<Vec<DirtyRegion>, Error> {
+    pub fn take(&self) -> Result<Vec<DirtyRegion>, Error> {
         let mut out = Vec::with_capacity(self.memory.num_regions());
         for (slot, r) in self.memory.iter().enumerate() {
             let slot = slot as u32;
@@ -98,6 +116,13 @@ impl Vmm {
             out.push(DirtyRegion { start: r.start_addr().0, len: r.len(), bits });
         }
         Ok(out)
+    }
+}
+
+impl Vmm {
+    /// This VM's dirty log.
+    pub fn dirty_log(&self) -> DirtyLog {
+        DirtyLog::new(self.vm.clone(), self.memory.clone())
     }
 }
 
@@ -125,14 +150,15 @@ mod tests {
             home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
         })
         .expect("build");
-        vmm.start_dirty_log().expect("start");
+        let log = vmm.dirty_log();
+        log.start().expect("start");
         let mut vmm = vmm;
         vmm.resume_vcpus();
         std::thread::sleep(std::time::Duration::from_millis(1500));
         vmm.pause_vcpus().expect("pause");
         // A VMM write (as a device would do) at 40 MiB, far from the guest's working set.
         vmm.memory().write_obj(1u64, GuestAddress(40 << 20)).expect("write");
-        let dirty = vmm.take_dirty().expect("dirty");
+        let dirty = log.take().expect("dirty");
         let pages: Vec<u64> = dirty.iter().flat_map(|r| r.pages().collect::<Vec<_>>()).collect();
         assert!(pages.contains(&(40 << 20)), "the VMM's own write is missing");
         // memstress places its 1 MiB working set at 2 MiB and writes every page of it.
@@ -144,9 +170,9 @@ mod tests {
             pages.len()
         );
         // Taken: the next read is empty while the guest is paused.
-        let again = vmm.take_dirty().expect("dirty");
+        let again = log.take().expect("dirty");
         assert_eq!(again.iter().map(DirtyRegion::count).sum::<u64>(), 0);
-        vmm.stop_dirty_log().expect("stop");
+        log.stop().expect("stop");
     }
 
     /// The memstress image, built by the guests crate (a dev-dependency).

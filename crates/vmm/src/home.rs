@@ -82,8 +82,28 @@ fn ofd_lock(file: &File, kind: libc::c_short) -> std::io::Result<()> {
 impl VmHome {
     /// Creates `dir` if needed and takes its lock, without waiting.
     pub fn lock(dir: &Path) -> Result<Self, Error> {
-        let open = |source| Error::Open { path: dir.to_owned(), source };
-        std::fs::create_dir_all(dir).map_err(open)?;
+        let mut home = Self::unlocked(dir);
+        home.acquire(None)?;
+        Ok(home)
+    }
+
+    /// A home whose lock is not (yet) held: a migration destination reserves the VM under
+    /// it and takes the lock only at the switchover.
+    pub fn unlocked(dir: &Path) -> Self {
+        Self { dir: dir.to_owned(), lock: None }
+    }
+
+    /// Takes the lock, without waiting, naming this process (and `note`, e.g. the migration
+    /// that brought the VM here) in the lock file. Returns what the file said before: the
+    /// last holder's name if it ended without releasing (it died, or still runs the VM it
+    /// took over), empty if it released cleanly.
+    pub fn acquire(&mut self, note: Option<&str>) -> Result<String, Error> {
+        if self.lock.is_some() {
+            return Ok(String::new());
+        }
+        let dir = self.dir.clone();
+        let open = |source| Error::Open { path: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(open)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -91,24 +111,43 @@ impl VmHome {
             .truncate(false)
             .open(dir.join(LOCK_FILE))
             .map_err(open)?;
+        let mut previous = String::new();
         match ofd_lock(&file, libc::F_WRLCK as libc::c_short) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim().to_string();
-                let holder = if holder.is_empty() { "holder unknown".to_string() } else { holder };
-                return Err(Error::Held { path: dir.to_owned(), holder });
+            Ok(()) => {
+                let _ = file.read_to_string(&mut previous);
             }
-            Err(source) => return Err(Error::Lock { path: dir.to_owned(), source }),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+                let _ = file.read_to_string(&mut previous);
+                let holder = previous.trim().to_string();
+                let holder = if holder.is_empty() { "holder unknown".to_string() } else { holder };
+                return Err(Error::Held { path: dir, holder });
+            }
+            Err(source) => return Err(Error::Lock { path: dir, source }),
         }
         // Name ourselves for whoever finds the lock taken.
-        let me = format!("pid {} on {}", std::process::id(), hostname());
+        let mut me = format!("pid {} on {}", std::process::id(), hostname());
+        if let Some(note) = note {
+            me.push_str(&format!(" ({note})"));
+        }
         let _ = file.set_len(0);
         let _ = file.seek(SeekFrom::Start(0));
         let _ = file.write_all(me.as_bytes());
         let _ = file.sync_data();
-        Ok(Self { dir: dir.to_owned(), lock: Some(file) })
+        self.lock = Some(file);
+        Ok(previous.trim().to_string())
+    }
+
+    /// [`VmHome::acquire`], retrying while another VMM holds the lock, for up to `wait`.
+    pub fn acquire_within(&mut self, note: Option<&str>, wait: std::time::Duration) -> Result<String, Error> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.acquire(note) {
+                Err(Error::Held { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The directory.
@@ -159,6 +198,34 @@ mod tests {
         drop(b);
         // Dropping the File closes the description and so drops the lock.
         let _c = VmHome::lock(&dir).expect("after drop");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn the_last_holder_is_named_unless_it_released() {
+        let dir = std::env::temp_dir().join(format!("ferry-home-note-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut a = VmHome::unlocked(&dir);
+        assert!(!a.is_held());
+        assert_eq!(a.acquire(Some("migration m-1")).expect("lock"), "");
+        // A holder that ends without releasing (a crash) leaves its name behind.
+        drop(a);
+        let mut b = VmHome::unlocked(&dir);
+        let before = b.acquire(None).expect("lock");
+        assert!(before.ends_with("(migration m-1)"), "{before}");
+        b.release();
+        let mut c = VmHome::unlocked(&dir);
+        assert_eq!(c.acquire(None).expect("lock"), "");
+        // Waiting gives up after the deadline while another holds it.
+        let mut d = VmHome::unlocked(&dir);
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            d.acquire_within(None, std::time::Duration::from_millis(50)),
+            Err(Error::Held { .. })
+        ));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(50));
+        drop(c);
+        d.acquire_within(None, std::time::Duration::from_millis(50)).expect("free now");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

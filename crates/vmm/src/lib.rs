@@ -12,6 +12,7 @@ pub mod config;
 pub mod dirty;
 pub mod home;
 pub mod memory;
+pub mod migration;
 pub mod persist;
 pub mod vcpu;
 pub mod vm;
@@ -139,6 +140,15 @@ pub enum Error {
     /// The run loop failed.
     #[error("the VMM's event loop failed")]
     EventLoop(#[source] std::io::Error),
+    /// A migration failed (receive side), or was interrupted.
+    #[error(transparent)]
+    Migration(Box<migration::Error>),
+    /// The VM was lost in a migration (the destination failed after taking it over).
+    #[error("the VM was lost in a migration: {0}")]
+    MigrationLost(String),
+    /// The VMM does not hold the VM's lock, so it must not run the VM.
+    #[error("VM home {0} is not locked by this VMM: refusing to start the vCPUs")]
+    NotLocked(PathBuf),
 }
 
 fn efd(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -186,7 +196,7 @@ impl std::fmt::Debug for Devices {
 pub struct Vmm {
     // Field order is drop order: vCPUs, then the VM, then the memory it maps.
     vcpus: Vec<VcpuHandle>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     kvm: Kvm,
     memory: GuestMemory,
     devices: Devices,
@@ -206,6 +216,12 @@ pub struct Vmm {
     home: home::VmHome,
     /// Whether Ferry made the home (and removes it when the VM ends for good).
     home_is_default: bool,
+    /// The outgoing migration in progress.
+    migration: Option<migration::Outgoing>,
+    /// The last outgoing migration's final status.
+    last_migration: Option<ferry_api::MigrationInfo>,
+    /// On a migration destination: the connection to tell the source the VM runs.
+    activation: Option<migration::Activation>,
 }
 
 /// Locks `requested` or a new default home; returns it and whether it is a default one.
@@ -240,13 +256,13 @@ fn new_vm_id() -> String {
 }
 
 /// KVM opened and checked, with the host's CPUID; the first step of build and restore.
-struct Host {
-    kvm: Kvm,
-    supported: kvm_bindings::CpuId,
-    max_vcpus: usize,
+pub(crate) struct Host {
+    pub(crate) kvm: Kvm,
+    pub(crate) supported: kvm_bindings::CpuId,
+    pub(crate) max_vcpus: usize,
 }
 
-fn open_host() -> Result<Host, Error> {
+pub(crate) fn open_host() -> Result<Host, Error> {
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus().min(usize::from(u8::MAX));
     let supported = vm::supported_cpuid(&kvm)?;
@@ -368,7 +384,7 @@ impl Vmm {
         };
         Ok(Self {
             vcpus,
-            vm: vm_fd,
+            vm: Arc::new(vm_fd),
             kvm: host.kvm,
             memory: mem,
             devices,
@@ -385,6 +401,9 @@ impl Vmm {
             restored_from: None,
             home,
             home_is_default,
+            migration: None,
+            last_migration: None,
+            activation: None,
         })
     }
 

@@ -303,7 +303,27 @@ impl Vmm {
             snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
         let mem = memfile::map_private(&dir.join(MEMORY_FILE), &regions).map_err(RestoreError::from)?;
         let vm_fd = vm::create_vm(&host.kvm, &mem)?;
-        let devices = create_devices(&vm_fd, &config.serial, Some(&snap.serial))?;
+        Vmm::from_snapshot(Parts {
+            host,
+            memory: mem,
+            vm: vm_fd,
+            snap,
+            serial: config.serial,
+            api_socket: config.api_socket,
+            home,
+            home_is_default,
+            started_ns: config.started_ns,
+            restored_from: Some(dir.clone()),
+            signals,
+        })
+    }
+
+    /// Builds the VM around restored memory from the rest of a checkpoint: devices, vCPUs
+    /// (threads waiting in `Created`), in-kernel devices and clock. Shared by restore and
+    /// the migration destination.
+    pub(crate) fn from_snapshot(p: Parts) -> Result<Self, Error> {
+        let Parts { host, memory: mem, vm: vm_fd, snap, serial, api_socket, home, home_is_default, .. } = p;
+        let devices = create_devices(&vm_fd, &serial, Some(&snap.serial))?;
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
         ));
@@ -318,32 +338,50 @@ impl Vmm {
         }
         snap.vm.restore(&vm_fd).map_err(RestoreError::from)?;
         let (vcpus, msrs) = crate::spawn_vcpus(&host.kvm, fds, &ctx)?;
-        tracing::info!(from = %dir.display(), memory_mib = snap.description.memory >> 20, "restored {}", snap.description.kernel);
+        tracing::info!(memory_mib = snap.description.memory >> 20, "restored {}", snap.description.kernel);
         Ok(Vmm {
             vcpus,
-            vm: vm_fd,
+            vm: Arc::new(vm_fd),
             kvm: host.kvm,
             memory: mem,
             devices,
             exit,
-            signals: Some(signals),
+            signals: Some(p.signals),
             description: snap.description,
-            serial_config: config.serial,
-            api_socket: config.api_socket,
+            serial_config: serial,
+            api_socket,
             msrs,
             cpuid: snap.vcpus.iter().map(|v| v.cpuid.clone()).collect(),
             state: VmRunState::Running,
             started: Instant::now(),
-            started_ns: config.started_ns,
-            restored_from: Some(dir.clone()),
+            started_ns: p.started_ns,
+            restored_from: p.restored_from,
             home,
             home_is_default,
+            migration: None,
+            last_migration: None,
+            activation: None,
         })
     }
 }
 
+/// What [`Vmm::from_snapshot`] builds a VM from.
+pub(crate) struct Parts {
+    pub host: crate::Host,
+    pub memory: crate::memory::GuestMemory,
+    pub vm: kvm_ioctls::VmFd,
+    pub snap: VmSnapshot,
+    pub serial: SerialConfig,
+    pub api_socket: Option<PathBuf>,
+    pub home: crate::home::VmHome,
+    pub home_is_default: bool,
+    pub started_ns: u64,
+    pub restored_from: Option<PathBuf>,
+    pub signals: std::os::fd::OwnedFd,
+}
+
 /// Checks the parts of a state that must agree with each other.
-fn check_consistent(snap: &VmSnapshot, max_vcpus: usize) -> Result<(), RestoreError> {
+pub(crate) fn check_consistent(snap: &VmSnapshot, max_vcpus: usize) -> Result<(), RestoreError> {
     let bad = |m: String| Err(RestoreError::Inconsistent(m));
     let d = &snap.description;
     if snap.vcpus.is_empty() || snap.vcpus.len() > max_vcpus || snap.vcpus.len() != d.vcpus as usize {

@@ -10,6 +10,7 @@ use ferry_devices::boot_timer::monotonic_ns;
 use ferry_api::{ApiError, Request as ApiRequest, Response, RunState as ApiRunState, VmInfo};
 
 use crate::api::{self, Inbox};
+use crate::migration::{error_chain, Next};
 use crate::vcpu::{Request, StopReason};
 use crate::{Error, SerialConfig, VmRunState, Vmm};
 
@@ -22,6 +23,8 @@ pub enum RunOutcome {
     Signalled(i32),
     /// A snapshot with `stop` suspended the VM: its checkpoint holds it now.
     Suspended,
+    /// The VM was live-migrated: it runs on the destination now.
+    Migrated,
 }
 
 const TOKEN_EXIT: u64 = 1;
@@ -29,6 +32,7 @@ const TOKEN_RESET: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_API: u64 = 5;
+const TOKEN_MIGRATION: u64 = 6;
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and the threads it spawns after) so
 /// they are read from a signalfd instead of killing the process mid-way.
@@ -55,7 +59,7 @@ pub(crate) fn block_stop_signals() -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn read_signal(fd: RawFd) -> Option<i32> {
+pub(crate) fn read_signal(fd: RawFd) -> Option<i32> {
     // SAFETY: signalfd_siginfo is plain data.
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -72,6 +76,10 @@ impl Vmm {
             .signals
             .take()
             .ok_or_else(|| Error::EventLoop(std::io::Error::other("the VM has already been run")))?;
+        // The invariant that keeps a VM from running twice: no vCPU starts without the lock.
+        if !self.home.is_held() {
+            return Err(Error::NotLocked(self.home.dir().to_owned()));
+        }
         let epoll = Epoll::new().map_err(Error::EventLoop)?;
         let add = |fd: RawFd, token: u64| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
@@ -97,6 +105,7 @@ impl Vmm {
             v.request(Request::Run);
         }
         let now = monotonic_ns();
+        self.report_activation();
         tracing::info!(
             monotonic_ns = now,
             "vCPUs running {:.3} ms after ferry started",
@@ -110,6 +119,7 @@ impl Vmm {
         );
 
         let mut timer_logged = false;
+        let mut migration_wake: Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>> = None;
         let mut events = vec![EpollEvent::default(); 8];
         let outcome = loop {
             let n = match epoll.wait(if timer_logged { -1 } else { 20 }, &mut events) {
@@ -153,12 +163,29 @@ impl Vmm {
                     TOKEN_API => {
                         if let Some(ib) = &inbox {
                             let _ = ib.wake.read();
-                            while let Ok((request, reply)) = ib.calls.try_recv() {
-                                let (answer, suspend) = self.handle_api(request);
-                                let _ = reply.send(answer);
-                                if suspend {
-                                    stop = Some(Ok(RunOutcome::Suspended));
+                            let calls: Vec<_> = ib.calls.try_iter().collect();
+                            for (request, reply) in calls {
+                                if let Some(s) = self.handle_api(request, reply) {
+                                    stop = Some(s);
                                 }
+                            }
+                        }
+                        if let (Some(m), None) = (&self.migration, &migration_wake) {
+                            let wake = m.wake.clone();
+                            add(wake.as_raw_fd(), TOKEN_MIGRATION).map_err(Error::EventLoop)?;
+                            migration_wake = Some(wake);
+                        }
+                    }
+                    TOKEN_MIGRATION => {
+                        match self.handle_migration_calls() {
+                            Next::Continue => {}
+                            Next::Migrated => stop = Some(Ok(RunOutcome::Migrated)),
+                            Next::Lost(why) => stop = Some(Err(Error::MigrationLost(why))),
+                        }
+                        if self.migration.is_none() {
+                            if let Some(w) = migration_wake.take() {
+                                let _ =
+                                    epoll.ctl(ControlOperation::Delete, w.as_raw_fd(), EpollEvent::default());
                             }
                         }
                     }
@@ -174,6 +201,7 @@ impl Vmm {
                 break s;
             }
         };
+        self.abandon_migration();
         self.shutdown();
         if let Some(mut s) = server {
             // Lets a response in flight (a suspend's report) reach its client.
@@ -181,7 +209,11 @@ impl Vmm {
         }
         // A home Ferry made for a VM that has now ended for good goes with it; a suspended
         // VM's home stays (its checkpoint names it).
-        if self.home_is_default && !matches!(outcome, Ok(RunOutcome::Suspended)) {
+        let handed_on = matches!(
+            outcome,
+            Ok(RunOutcome::Suspended) | Ok(RunOutcome::Migrated) | Err(Error::MigrationLost(_))
+        );
+        if self.home_is_default && !handed_on && self.home.is_held() {
             let dir = self.home.dir().to_owned();
             self.home.release();
             let _ = std::fs::remove_file(dir.join(crate::home::LOCK_FILE));
@@ -190,49 +222,75 @@ impl Vmm {
         outcome
     }
 
-    /// Carries out one API request on the VMM thread. The flag says the VM was suspended
-    /// and the VMM must end.
-    fn handle_api(&mut self, request: ApiRequest) -> (Result<Response, ApiError>, bool) {
-        match request {
-            ApiRequest::Info => (Ok(Response::Info(self.info())), false),
+    /// Carries out one API request on the VMM thread and answers on `reply` (a migration
+    /// answers when it ends). Returns how the VM ends, if this request ends it.
+    fn handle_api(
+        &mut self,
+        request: ApiRequest,
+        reply: std::sync::mpsc::Sender<Result<Response, ApiError>>,
+    ) -> Option<Result<RunOutcome, Error>> {
+        if let Some(id) = self.migrating() {
+            if matches!(request, ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(_)) {
+                let _ = reply.send(Err(ApiError::conflict(format!(
+                    "migration {id} is in progress; cancel it first (ferry migrate-cancel)"
+                ))));
+                return None;
+            }
+        }
+        let answer = match request {
+            ApiRequest::Info => Ok(Response::Info(self.info())),
             ApiRequest::Pause => {
                 if self.state == VmRunState::Paused {
-                    return (Err(ApiError::conflict("the VM is already paused")), false);
-                }
-                match self.pause_vcpus() {
-                    Ok(()) => {
-                        tracing::info!("VM paused");
-                        (Ok(Response::Done), false)
-                    }
-                    Err(e) => {
-                        self.resume_vcpus();
-                        (Err(ApiError::internal(format!("cannot pause the VM: {e}"))), false)
+                    Err(ApiError::conflict("the VM is already paused"))
+                } else {
+                    match self.pause_vcpus() {
+                        Ok(()) => {
+                            tracing::info!("VM paused");
+                            Ok(Response::Done)
+                        }
+                        Err(e) => {
+                            self.resume_vcpus();
+                            Err(ApiError::internal(format!("cannot pause the VM: {e}")))
+                        }
                     }
                 }
             }
             ApiRequest::Resume => {
                 if self.state == VmRunState::Running {
-                    return (Err(ApiError::conflict("the VM is not paused")), false);
+                    Err(ApiError::conflict("the VM is not paused"))
+                } else {
+                    self.resume_vcpus();
+                    tracing::info!("VM resumed");
+                    Ok(Response::Done)
                 }
-                self.resume_vcpus();
-                tracing::info!("VM resumed");
-                (Ok(Response::Done), false)
             }
             ApiRequest::Snapshot(req) => match self.snapshot(&req) {
-                Ok(report) => (Ok(Response::Snapshot(report)), req.stop),
+                Ok(report) => {
+                    let _ = reply.send(Ok(Response::Snapshot(report)));
+                    return req.stop.then_some(Ok(RunOutcome::Suspended));
+                }
                 Err(e) => {
                     use crate::persist::SnapshotError as S;
                     let msg = error_chain(&e);
-                    let err = match e {
+                    Err(match e {
                         S::NotEmpty(_) | S::NotADirectory(_) | S::Unwritable { .. } => {
                             ApiError::bad_request(msg)
                         }
                         _ => ApiError::internal(msg),
-                    };
-                    (Err(err), false)
+                    })
                 }
             },
-        }
+            ApiRequest::Migrate(req) => match self.start_migration(req, reply) {
+                Ok(()) => return None,
+                Err((e, reply)) => {
+                    let _ = reply.send(Err(e));
+                    return None;
+                }
+            },
+            ApiRequest::MigrateCancel => self.cancel_migration().map(|()| Response::Done),
+        };
+        let _ = reply.send(answer);
+        None
     }
 
     fn info(&self) -> VmInfo {
@@ -248,6 +306,7 @@ impl Vmm {
             pid: std::process::id(),
             restored_from: self.restored_from.clone(),
             home: Some(self.home.dir().to_owned()),
+            migration: self.migration_info(),
         }
     }
 
@@ -276,16 +335,4 @@ impl Vmm {
         }
         tracing::debug!("vCPUs stopped in {} us", (monotonic_ns() - started) / 1000);
     }
-}
-
-/// An error and its causes in one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

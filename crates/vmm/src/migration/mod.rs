@@ -1,0 +1,493 @@
+//! Live migration of a running VM between two VMM processes (see `docs/migration.md`).
+//!
+//! The source side runs on its own thread ([`send`]) so the VMM thread keeps serving the
+//! API (progress in `info`, cancel) and the guest keeps running during pre-copy. Everything
+//! that touches the vCPUs or the VM's lock (pause, save, commit, resume) the migration
+//! thread asks of the VMM thread through a [`Call`], so those steps are ordered with API
+//! requests such as a cancel: the commit and a cancel can never both succeed.
+//!
+//! The destination side ([`receive`]) runs before the VM exists: `ferry receive` waits for
+//! a connection, reserves the VM from the source's configuration, receives memory and
+//! state, restores, and returns a [`Vmm`] whose vCPUs start only once it holds the VM's
+//! lock.
+
+pub mod receive;
+pub mod send;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use ferry_api::{
+    ApiError, MigrateRequest, MigrationInfo, MigrationPhase, MigrationReport, Response, VmLocation,
+};
+use ferry_arch::state::CpuidEntry;
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+use crate::persist::{RegionState, VmSnapshot};
+use crate::{Description, VmRunState, Vmm};
+
+pub use receive::ReceiveConfig;
+
+/// The devices a Ferry VM has, as named in the pre-migration checks. A destination refuses
+/// a VM with a device it does not know.
+pub const DEVICES: &[&str] = &["serial-16550@0x3f8", "i8042@0x60", "boot-timer@0x80"];
+
+/// The `Config` message: what the destination checks before any memory moves, and what it
+/// reserves the VM from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// Memory size, vCPUs, kernel, command line.
+    pub description: Description,
+    /// Guest RAM layout.
+    pub memory_regions: Vec<RegionState>,
+    /// The CPUID table each vCPU was given.
+    pub cpuid: Vec<Vec<CpuidEntry>>,
+    /// The MSRs the source saves per vCPU.
+    pub msrs: Vec<u32>,
+    /// Device names ([`DEVICES`]).
+    pub devices: Vec<String>,
+    /// The VM's home directory (on storage both hosts share); its lock moves with the VM.
+    pub home: PathBuf,
+    /// Whether Ferry made the home (then whoever runs the VM last removes it).
+    pub home_is_default: bool,
+    /// Both sides hash guest memory at the switchover.
+    pub verify: bool,
+}
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The address is not `tcp:HOST:PORT`.
+    #[error("bad migration address {0:?}: expected tcp:HOST:PORT, e.g. tcp:10.0.0.2:7000")]
+    BadAddress(String),
+    /// Nothing accepted the connection.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Listening failed.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The wire protocol failed (connection lost, malformed message, peer abort).
+    #[error(transparent)]
+    Protocol(#[from] ferry_migration::protocol::Error),
+    /// The auth key cannot be used.
+    #[error(transparent)]
+    Key(#[from] ferry_migration::auth::Error),
+    /// The peer did not prove it knows the key.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The peers speak different protocol versions.
+    #[error("the peer speaks migration protocol version {0}; this Ferry speaks version {1}")]
+    Version(u32, u32),
+    /// The destination refused the VM in its pre-migration checks.
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    /// The pre-migration checks failed here (destination side).
+    #[error("pre-migration check failed: {0}")]
+    Check(String),
+    /// Pre-copy did not converge, or a limit was reached.
+    #[error("{0}")]
+    GaveUp(String),
+    /// An operator cancelled the migration.
+    #[error("cancelled by the operator")]
+    Cancelled,
+    /// The VMM could not do its part (pause, save, commit).
+    #[error("the VMM could not {0}")]
+    Vmm(String),
+    /// The destination could not restore the VM.
+    #[error("the destination could not restore the VM: {0}")]
+    RestoreFailed(String),
+    /// The guest memory hashes of both sides differ.
+    #[error("memory verification failed: {0}")]
+    Verify(String),
+    /// Dirty logging failed.
+    #[error(transparent)]
+    Dirty(#[from] crate::dirty::Error),
+    /// Guest memory could not be read or written.
+    #[error("guest memory access failed at {addr:#x}")]
+    Memory {
+        /// Guest-physical address.
+        addr: u64,
+    },
+    /// The process was asked to stop.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+    /// Building the VM on the destination failed.
+    #[error(transparent)]
+    Build(Box<crate::Error>),
+}
+
+impl From<crate::Error> for Error {
+    fn from(e: crate::Error) -> Self {
+        Error::Build(Box::new(e))
+    }
+}
+
+/// An error and its causes in one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Parses `tcp:HOST:PORT`.
+pub fn parse_address(s: &str) -> Result<String, Error> {
+    let rest = s.strip_prefix("tcp:").ok_or_else(|| Error::BadAddress(s.to_string()))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| Error::BadAddress(s.to_string()))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(Error::BadAddress(s.to_string()));
+    }
+    Ok(rest.to_string())
+}
+
+/// A fresh migration id.
+pub fn new_migration_id() -> String {
+    let n = ferry_migration::auth::nonce().map(|n| ferry_migration::auth::hex(&n[..6])).unwrap_or_default();
+    format!("m-{n}")
+}
+
+/// Faults a test can inject through `FERRY_FAULT_INJECT` (comma-separated), to prove the
+/// recovery paths: `restore-fail` (the destination answers RESTORE_FAILED),
+/// `hide-cpu-feature=NAME` (the destination pretends its CPU lacks NAME, e.g. `avx2`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Fail the restore on the destination.
+    pub restore_fail: bool,
+    /// CPU features the destination pretends to lack.
+    pub hide_cpu_features: Vec<String>,
+}
+
+impl Faults {
+    /// Reads `FERRY_FAULT_INJECT`.
+    pub fn from_env() -> Self {
+        let mut f = Faults::default();
+        if let Ok(v) = std::env::var("FERRY_FAULT_INJECT") {
+            for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                match item.split_once('=') {
+                    None if item == "restore-fail" => f.restore_fail = true,
+                    Some(("hide-cpu-feature", name)) => f.hide_cpu_features.push(name.to_string()),
+                    _ => tracing::warn!("FERRY_FAULT_INJECT: unknown fault {item:?} ignored"),
+                }
+            }
+        }
+        f
+    }
+}
+
+/// CRC-32 of each `chunk` bytes of guest memory, regions in order. The vCPUs must not run.
+pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk as usize];
+    for r in mem.iter() {
+        let mut off = 0u64;
+        while off < r.len() {
+            let n = chunk.min(r.len() - off) as usize;
+            let ok = r
+                .get_slice(vm_memory::MemoryRegionAddress(off), n)
+                .map(|s| s.copy_to(&mut buf[..n]) == n)
+                .unwrap_or(false);
+            out.push(if ok { crc32fast::hash(&buf[..n]) } else { 0 });
+            off += n as u64;
+        }
+    }
+    out
+}
+
+/// Chunk size for [`memory_crcs`]: 2 MiB, more for huge guests so the list stays small.
+pub fn verify_chunk(memory: u64) -> u64 {
+    (2u64 << 20).max((memory / 65536).next_power_of_two())
+}
+
+/// A request from the migration thread to the VMM thread.
+#[derive(Debug)]
+pub(crate) enum Call {
+    /// Pause the vCPUs and save the VM's state (the stop-and-copy).
+    StopAndSave(Sender<Result<Box<VmSnapshot>, String>>),
+    /// Commit: refuse if cancelled; else stop for good and release the VM's lock.
+    Commit(Sender<Result<(), String>>),
+    /// The destination did not confirm activation: take the lock back. Answers what the
+    /// lock file said before (who held it last), or why it cannot be taken.
+    Reclaim(Sender<Result<String, String>>),
+    /// Let the vCPUs run again (rollback).
+    Resume(Sender<()>),
+    /// The migration has ended.
+    Finished(Box<MigrationReport>),
+}
+
+/// The migration thread's end of the channel to the VMM thread.
+#[derive(Debug, Clone)]
+pub(crate) struct VmmPort {
+    calls: Sender<Call>,
+    wake: Arc<EventFd>,
+}
+
+impl VmmPort {
+    /// Sends a call and waits for its answer.
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Call) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        self.calls.send(make(tx)).ok()?;
+        let _ = self.wake.write(1);
+        rx.recv().ok()
+    }
+
+    fn finish(&self, report: MigrationReport) {
+        let _ = self.calls.send(Call::Finished(Box::new(report)));
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Shared progress, read by `info`.
+pub(crate) type Status = Arc<Mutex<MigrationInfo>>;
+
+fn update(status: &Status, f: impl FnOnce(&mut MigrationInfo)) {
+    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut s);
+}
+
+/// The VMM thread's record of the outgoing migration.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    id: String,
+    status: Status,
+    cancel: Arc<AtomicBool>,
+    committed: bool,
+    reply: Sender<Result<Response, ApiError>>,
+    inbox: Receiver<Call>,
+    /// Registered with the run loop's epoll.
+    pub wake: Arc<EventFd>,
+}
+
+/// On a destination: the source connection, to report activation on.
+#[derive(Debug)]
+pub struct Activation {
+    pub(crate) stream: TcpStream,
+    pub(crate) id: String,
+    pub(crate) commit_ns: u64,
+}
+
+/// What the run loop does after a migration call.
+pub(crate) enum Next {
+    /// Go on.
+    Continue,
+    /// The VM now runs on the destination: end this VMM.
+    Migrated,
+    /// The VM was lost (the destination failed after taking it over): end this VMM.
+    Lost(String),
+}
+
+impl Vmm {
+    /// Starts an outgoing migration; the answer goes to `reply` when it ends.
+    pub(crate) fn start_migration(
+        &mut self,
+        req: MigrateRequest,
+        reply: Sender<Result<Response, ApiError>>,
+    ) -> Result<(), (ApiError, Sender<Result<Response, ApiError>>)> {
+        if let Some(m) = &self.migration {
+            return Err((
+                ApiError::conflict(format!("the VM is already migrating (migration {})", m.id)),
+                reply,
+            ));
+        }
+        if self.state == VmRunState::Paused {
+            return Err((ApiError::conflict("the VM is paused; resume it before migrating"), reply));
+        }
+        let addr = match parse_address(&req.to) {
+            Ok(a) => a,
+            Err(e) => return Err((ApiError::bad_request(e.to_string()), reply)),
+        };
+        let key = match ferry_migration::auth::Key::load(&req.auth_key_file) {
+            Ok(k) => k,
+            Err(e) => return Err((ApiError::bad_request(error_chain(&e)), reply)),
+        };
+        if req.downtime_ms == 0 || req.max_iterations == 0 || req.timeout_s == 0 {
+            return Err((
+                ApiError::bad_request("downtime_ms, max_iterations and timeout_s must be at least 1"),
+                reply,
+            ));
+        }
+        let id = new_migration_id();
+        let status: Status = Arc::new(Mutex::new(MigrationInfo {
+            migration_id: id.clone(),
+            phase: MigrationPhase::Setup,
+            destination: req.to.clone(),
+            pass: 0,
+            pages_left: 0,
+            pages_dirty: 0,
+            rate_mb_s: 0.0,
+            expected_downtime_ms: 0.0,
+            bytes_transferred: 0,
+            elapsed_ms: 0,
+            reason: String::new(),
+        }));
+        let wake = match EventFd::new(libc::EFD_NONBLOCK) {
+            Ok(e) => Arc::new(e),
+            Err(e) => return Err((ApiError::internal(format!("cannot start the migration: {e}")), reply)),
+        };
+        let (tx, inbox) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let config = MigrationConfig {
+            description: self.description.clone(),
+            memory_regions: self
+                .memory
+                .iter()
+                .map(|r| RegionState { guest_addr: r.start_addr().0, len: r.len() })
+                .collect(),
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            devices: DEVICES.iter().map(|d| d.to_string()).collect(),
+            home: self.home.dir().to_owned(),
+            home_is_default: self.home_is_default,
+            verify: req.verify,
+        };
+        let source = send::Source {
+            id: id.clone(),
+            addr,
+            req,
+            key,
+            config,
+            memory: self.memory.clone(),
+            dirty: self.dirty_log(),
+            port: VmmPort { calls: tx, wake: wake.clone() },
+            status: status.clone(),
+            cancel: cancel.clone(),
+        };
+        if let Err(e) = std::thread::Builder::new().name("migration".into()).spawn(move || source.run()) {
+            return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
+        }
+        tracing::info!("migration {id}: started");
+        self.migration = Some(Outgoing { id, status, cancel, committed: false, reply, inbox, wake });
+        Ok(())
+    }
+
+    /// Asks the outgoing migration to stop; it rolls back unless it has committed.
+    pub(crate) fn cancel_migration(&mut self) -> Result<(), ApiError> {
+        match &self.migration {
+            None => Err(ApiError::conflict("no migration is in progress")),
+            Some(m) if m.committed => Err(ApiError::conflict(format!(
+                "migration {} has committed: the VM is moving to the destination and it can no longer \
+                 be cancelled",
+                m.id
+            ))),
+            Some(m) => {
+                m.cancel.store(true, Ordering::SeqCst);
+                tracing::info!("migration {}: cancel requested", m.id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Progress of the outgoing migration, or the last one's end.
+    pub(crate) fn migration_info(&self) -> Option<MigrationInfo> {
+        match &self.migration {
+            Some(m) => Some(m.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            None => self.last_migration.clone(),
+        }
+    }
+
+    /// The id of the migration in progress.
+    pub(crate) fn migrating(&self) -> Option<&str> {
+        self.migration.as_ref().map(|m| m.id.as_str())
+    }
+
+    /// Carries out the migration thread's requests.
+    pub(crate) fn handle_migration_calls(&mut self) -> Next {
+        let Some(m) = &self.migration else {
+            return Next::Continue;
+        };
+        let _ = m.wake.read();
+        let calls: Vec<Call> = m.inbox.try_iter().collect();
+        for call in calls {
+            match call {
+                Call::StopAndSave(tx) => {
+                    let r = match self.pause_vcpus() {
+                        Ok(()) => self.save_state().map(Box::new).map_err(|e| error_chain(&e)),
+                        Err(e) => Err(format!("pause the vCPUs: {}", error_chain(&e))),
+                    };
+                    let _ = tx.send(r);
+                }
+                Call::Commit(tx) => {
+                    let Some(m) = &mut self.migration else { continue };
+                    if m.cancel.load(Ordering::SeqCst) {
+                        let _ = tx.send(Err("cancelled by the operator".into()));
+                        continue;
+                    }
+                    m.committed = true;
+                    // From here on this VMM never runs the guest again (unless it takes the
+                    // lock back because the destination never took the VM over).
+                    self.home.release();
+                    tracing::info!(
+                        "migration {}: committed; lock on {} released",
+                        m.id,
+                        self.home.dir().display()
+                    );
+                    let _ = tx.send(Ok(()));
+                }
+                Call::Reclaim(tx) => {
+                    let r = self.home.acquire(None).map_err(|e| error_chain(&e));
+                    if let Some(m) = &mut self.migration {
+                        m.committed = false;
+                    }
+                    let _ = tx.send(r);
+                }
+                Call::Resume(tx) => {
+                    if self.state == VmRunState::Paused {
+                        self.resume_vcpus();
+                    }
+                    let _ = tx.send(());
+                }
+                Call::Finished(report) => {
+                    let Some(m) = self.migration.take() else { continue };
+                    let mut last = m.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    last.phase = report.status;
+                    last.reason = report.reason.clone();
+                    self.last_migration = Some(last);
+                    let location = report.vm_running_on;
+                    let reason = report.reason.clone();
+                    let _ = m.reply.send(Ok(Response::Migration(*report)));
+                    match location {
+                        VmLocation::Destination => return Next::Migrated,
+                        VmLocation::Nowhere => return Next::Lost(reason),
+                        VmLocation::Source => {}
+                    }
+                }
+            }
+        }
+        Next::Continue
+    }
+
+    /// Ends an outgoing migration because the VM itself is ending (power-off, signal).
+    pub(crate) fn abandon_migration(&mut self) {
+        if let Some(m) = self.migration.take() {
+            m.cancel.store(true, Ordering::SeqCst);
+            let _ = m.reply.send(Err(ApiError::conflict(format!(
+                "migration {}: the VM stopped on the source before the migration ended",
+                m.id
+            ))));
+        }
+    }
+}

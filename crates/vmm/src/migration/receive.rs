@@ -1,0 +1,576 @@
+//! The destination side of a live migration: `ferry receive`.
+//!
+//! ```text
+//! Listening ──accept──> Handshake ──> Checks ──> Reserved ──> Receiving ──> Restored
+//!     ^                     │            │           │            │            │
+//!     └─────────────────────┴────────────┴───────────┴────────────┴── failure: drop
+//!                                                                     everything, listen
+//! Restored ──Commit──> take the VM's lock ──> Activated (vCPUs run, `Activated` sent)
+//! Restored ──connection lost──> take the lock if free (the source committed or died)
+//!                                or give up (the source still holds it and resumes)
+//! ```
+//!
+//! Nothing runs before the lock is held: [`Vmm::run`] refuses to start vCPUs without it.
+//! A failed incoming migration (bad key, malformed message, a check that fails, the source
+//! rolling back) is logged and the receiver waits for the next one; SIGTERM or SIGINT end
+//! it, aborting a migration in progress before its commit.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_arch::layout;
+use ferry_migration::auth::{self, Key, Role};
+use ferry_migration::protocol::{
+    self as wire, decode_pages, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge,
+    ChallengeResponse, Commit, Hello, Kind, PassEnd, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
+};
+use kvm_bindings::kvm_cpuid_entry2;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::{
+    error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
+    DEVICES,
+};
+use crate::home::VmHome;
+use crate::memory::{self, GuestMemory};
+use crate::persist::{check_consistent, Parts, RegionState, VmSnapshot};
+use crate::run::read_signal;
+use crate::{open_host, vm, Host, SerialConfig, Vmm};
+
+/// How long any single read or write may block before the migration is given up.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the source has to commit after RESTORE_OK.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the source to release the VM's lock after its commit.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long to try for the lock when the connection broke after RESTORE_OK.
+const LOST_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// What `ferry receive` needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveConfig {
+    /// `tcp:HOST:PORT` to listen on.
+    pub listen: String,
+    /// The shared key file.
+    pub auth_key_file: PathBuf,
+    /// The serial console of the VM once it runs here.
+    pub serial: SerialConfig,
+    /// Serve the VM's API here once it runs.
+    pub api_socket: Option<PathBuf>,
+    /// The VM's home; `None` means the one the source names (shared storage).
+    pub home: Option<PathBuf>,
+    /// `CLOCK_MONOTONIC` ns at process start.
+    pub started_ns: u64,
+}
+
+/// Why one incoming migration failed, with its id when known.
+struct Failed {
+    id: Option<String>,
+    error: Error,
+}
+
+impl Vmm {
+    /// Waits for an incoming migration and returns the VM it brought, holding its lock,
+    /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on.
+    pub fn receive(config: ReceiveConfig) -> Result<Vmm, crate::Error> {
+        let signals = crate::run::block_stop_signals()?;
+        let key =
+            Key::load(&config.auth_key_file).map_err(|e| crate::Error::Migration(Box::new(e.into())))?;
+        let addr = parse_address(&config.listen).map_err(|e| crate::Error::Migration(Box::new(e)))?;
+        // Fail early on a host that cannot run VMs at all.
+        drop(open_host()?);
+        let listener = TcpListener::bind(&addr).map_err(|source| {
+            crate::Error::Migration(Box::new(Error::Listen { addr: addr.clone(), source }))
+        })?;
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+        tracing::info!("waiting for an incoming migration on tcp:{local}");
+        let faults = Faults::from_env();
+        loop {
+            match wait_readable(listener.as_raw_fd(), signals.as_raw_fd(), None) {
+                Wait::Signal(sig) => {
+                    tracing::info!("signal {sig} received: no longer waiting for a migration");
+                    return Err(crate::Error::Migration(Box::new(Error::Interrupted(sig))));
+                }
+                Wait::Ready | Wait::Timeout => {}
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("cannot accept a connection: {e}");
+                    continue;
+                }
+            };
+            tracing::info!("incoming migration connection from {peer}");
+            let started = Instant::now();
+            match incoming(stream, &config, &key, &faults, &signals) {
+                Ok(vmm) => {
+                    tracing::info!(
+                        "migration {}: received in {:.1} ms",
+                        vmm.activation.as_ref().map(|a| a.id.as_str()).unwrap_or("?"),
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                    return Ok(vmm);
+                }
+                Err(Failed { id, error }) => {
+                    let id = id.unwrap_or_else(|| format!("from {peer}"));
+                    let msg = error_chain(&error);
+                    if let Error::Interrupted(_) = error {
+                        tracing::info!("migration {id}: {msg}");
+                        return Err(crate::Error::Migration(Box::new(error)));
+                    }
+                    tracing::warn!(
+                        "migration {id}: failed: {msg}; nothing runs here; waiting for another migration"
+                    );
+                }
+            }
+        }
+    }
+}
+
+enum Wait {
+    Ready,
+    Signal(i32),
+    Timeout,
+}
+
+/// Waits until `fd` is readable or a stop signal arrives on `signals`.
+fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let mut fds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals, events: libc::POLLIN, revents: 0 },
+        ];
+        let ms = match deadline {
+            None => -1,
+            Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+        };
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Wait::Ready; // let the read report the error
+        }
+        if fds[1].revents != 0 {
+            if let Some(sig) = read_signal(signals) {
+                return Wait::Signal(sig);
+            }
+        }
+        if fds[0].revents != 0 {
+            return Wait::Ready;
+        }
+        if n == 0 {
+            return Wait::Timeout;
+        }
+    }
+}
+
+/// One incoming migration, from the first byte to a restored VM holding its lock.
+fn incoming(
+    stream: TcpStream,
+    config: &ReceiveConfig,
+    key: &Key,
+    faults: &Faults,
+    signals: &OwnedFd,
+) -> Result<Vmm, Failed> {
+    let mut rx = Receiver { id: None, stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
+    let io = |e| Failed { id: None, error: Error::Protocol(wire::Error::Io(e)) };
+    stream.set_nodelay(true).map_err(io)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    rx.stream = Some(stream);
+    match rx.run(config, key, faults) {
+        Ok(vmm) => Ok(vmm),
+        Err(error) => {
+            // Tell the source why, unless the connection is what failed or it aborted.
+            if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
+                rx.abort(&error_chain(&error));
+            }
+            Err(Failed { id: rx.id.clone(), error })
+        }
+    }
+}
+
+struct Receiver {
+    id: Option<String>,
+    stream: Option<TcpStream>,
+    signals: RawFd,
+    payload: Vec<u8>,
+}
+
+impl Receiver {
+    fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or("?")
+    }
+
+    fn stream(&mut self) -> Result<&mut TcpStream, Error> {
+        self.stream.as_mut().ok_or(Error::Protocol(wire::Error::Io(std::io::ErrorKind::NotConnected.into())))
+    }
+
+    fn send<T: serde::Serialize>(&mut self, kind: Kind, msg: &T) -> Result<(), Error> {
+        write_frame(self.stream()?, kind, &to_json(msg))?;
+        Ok(())
+    }
+
+    fn abort(&mut self, reason: &str) {
+        if let Ok(s) = self.stream() {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_frame(s, Kind::Abort, &to_json(&wire::Abort { reason: reason.to_string() }));
+        }
+    }
+
+    /// Reads the next frame into `self.payload`, giving up on a stop signal.
+    fn next(&mut self) -> Result<Kind, Error> {
+        // Between frames, and before blocking for one, look for a stop signal.
+        if let Some(sig) = read_signal(self.signals) {
+            return Err(Error::Interrupted(sig));
+        }
+        let mut payload = std::mem::take(&mut self.payload);
+        let r = read_frame_into(self.stream()?, &mut payload);
+        self.payload = payload;
+        Ok(r?)
+    }
+
+    fn expect<T: for<'de> serde::Deserialize<'de>>(
+        &mut self,
+        want: Kind,
+        name: &'static str,
+    ) -> Result<T, Error> {
+        let got = self.next()?;
+        Ok(parse_json(got, &self.payload, want, name)?)
+    }
+
+    fn run(&mut self, config: &ReceiveConfig, key: &Key, faults: &Faults) -> Result<Vmm, Error> {
+        // Handshake: version, id, mutual proof of the key.
+        let hello: Hello = self.expect(Kind::Hello, "Hello")?;
+        if !valid_id(&hello.migration_id) {
+            return Err(Error::Check("the migration id must be 1-64 letters, digits, '-' or '_'".into()));
+        }
+        self.id = Some(hello.migration_id.clone());
+        let id = hello.migration_id.clone();
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::Version(hello.protocol_version, PROTOCOL_VERSION));
+        }
+        tracing::info!("migration {id}: source runs Ferry {}", hello.ferry_version);
+        let their_nonce = auth::unhex(&hello.nonce)
+            .filter(|n| n.len() == auth::NONCE_LEN)
+            .ok_or_else(|| Error::Auth("authentication failed: the source sent no valid nonce".into()))?;
+        let my_nonce = auth::nonce()?;
+        let challenge =
+            Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &id, &their_nonce) };
+        self.send(Kind::Challenge, &challenge)?;
+        let response: ChallengeResponse = self.expect(Kind::ChallengeResponse, "ChallengeResponse")?;
+        if !key.check(Role::Sender, &id, &my_nonce, &response.proof) {
+            return Err(Error::Auth(
+                "authentication failed: the source does not know the migration key".into(),
+            ));
+        }
+        tracing::info!("migration {id}: source authenticated");
+
+        // Pre-migration checks, then the reservation.
+        let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
+        let mut host = open_host()?;
+        for name in &faults.hide_cpu_features {
+            if ferry_arch::cpuid::clear_feature(&mut host.supported, name) {
+                tracing::warn!("migration {id}: fault injected: pretending this CPU lacks {name}");
+            }
+        }
+        check_config(&cfg, &host).map_err(Error::Check)?;
+        let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
+        let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
+        self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
+        tracing::info!(
+            "migration {id}: checks passed; reserved {} MiB and {} vCPUs for {}",
+            cfg.description.memory >> 20,
+            cfg.description.vcpus,
+            cfg.description.kernel
+        );
+
+        // Memory, pass after pass, then the state.
+        let snap = self.receive_memory(&mem)?;
+        let restore = |why: String| Error::RestoreFailed(why);
+        if snap.description != cfg.description || snap.memory_regions != cfg.memory_regions {
+            return self.refuse_restore(restore("the state does not match the configuration checked".into()));
+        }
+        if let Err(e) = check_consistent(&snap, host.max_vcpus) {
+            return self.refuse_restore(restore(error_chain(&e)));
+        }
+        if cfg.verify {
+            let v: wire::Verify = self.expect(Kind::Verify, "Verify")?;
+            if let Err(why) = compare_memory(&mem, cfg.description.memory, &v) {
+                return self.refuse_restore(Error::Verify(why));
+            }
+            tracing::info!("migration {id}: memory verified ({} chunks agree)", v.crcs.len());
+        }
+        if faults.restore_fail {
+            return self.refuse_restore(restore("fault injected (FERRY_FAULT_INJECT=restore-fail)".into()));
+        }
+        let home_dir = config.home.clone().unwrap_or_else(|| cfg.home.clone());
+        let signals = self.dup_signals()?;
+        let vmm = match Vmm::from_snapshot(Parts {
+            host,
+            memory: mem,
+            vm: vm_fd,
+            snap,
+            serial: config.serial.clone(),
+            api_socket: config.api_socket.clone(),
+            home: VmHome::unlocked(&home_dir),
+            home_is_default: cfg.home_is_default,
+            started_ns: config.started_ns,
+            restored_from: None,
+            signals,
+        }) {
+            Ok(v) => v,
+            Err(e) => return self.refuse_restore(restore(error_chain(&e))),
+        };
+        self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() })?;
+        tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit");
+        self.activate(vmm, &home_dir)
+    }
+
+    fn refuse_restore<T>(&mut self, e: Error) -> Result<T, Error> {
+        let reason = error_chain(&e);
+        let reason = reason.strip_prefix("the destination could not restore the VM: ").unwrap_or(&reason);
+        let _ = self.send(Kind::RestoreResult, &RestoreResult { ok: false, reason: reason.to_string() });
+        // Already told: no Abort on top.
+        self.stream = None;
+        Err(e)
+    }
+
+    fn dup_signals(&self) -> Result<OwnedFd, Error> {
+        // SAFETY: dup of a descriptor this process owns; the new one is owned by the result.
+        let fd = unsafe { libc::fcntl(self.signals, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(Error::Vmm(format!(
+                "duplicate the signal descriptor: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    }
+
+    /// Receives page batches and pass ends until the state arrives.
+    fn receive_memory(&mut self, mem: &GuestMemory) -> Result<VmSnapshot, Error> {
+        let top = mem.iter().map(|r| vm_memory::GuestMemoryRegion::last_addr(r).0 + 1).max().unwrap_or(0);
+        // Pages written with data so far: a zero marker for one of them must clear it; for
+        // any other the fresh (zero) memory is left untouched, so it costs no host RAM.
+        let mut written = vec![0u64; (top / PAGE_SIZE as u64).div_ceil(64) as usize];
+        let zero = vec![0u8; PAGE_SIZE];
+        let mut pages_in_pass = 0u64;
+        let mut pass_started = Instant::now();
+        loop {
+            match self.next()? {
+                Kind::Pages => {
+                    let payload = std::mem::take(&mut self.payload);
+                    let r = decode_pages(&payload, |addr, data| {
+                        let pfn = (addr / PAGE_SIZE as u64) as usize;
+                        let outside = wire::Error::BadPages("a page outside guest memory");
+                        let word = written.get_mut(pfn / 64).ok_or(outside)?;
+                        let bit = 1u64 << (pfn % 64);
+                        match data {
+                            Some(d) => {
+                                mem.write_slice(d, GuestAddress(addr))
+                                    .map_err(|_| wire::Error::BadPages("a page outside guest memory"))?;
+                                *word |= bit;
+                            }
+                            None if *word & bit != 0 => {
+                                mem.write_slice(&zero, GuestAddress(addr))
+                                    .map_err(|_| wire::Error::BadPages("a page outside guest memory"))?;
+                                *word &= !bit;
+                            }
+                            None if !mem.address_in_range(GuestAddress(addr)) => {
+                                return Err(wire::Error::BadPages("a page outside guest memory"));
+                            }
+                            None => {}
+                        }
+                        Ok(())
+                    });
+                    self.payload = payload;
+                    pages_in_pass += r? as u64;
+                }
+                Kind::PassEnd => {
+                    let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
+                    if end.pages != pages_in_pass {
+                        return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
+                    }
+                    tracing::info!(
+                        "migration {}: pass {} received: {} pages in {:.1} ms",
+                        self.id(),
+                        end.pass,
+                        end.pages,
+                        pass_started.elapsed().as_secs_f64() * 1e3
+                    );
+                    pages_in_pass = 0;
+                    pass_started = Instant::now();
+                }
+                Kind::State => {
+                    return serde_json::from_slice(&self.payload)
+                        .map_err(|source| Error::Protocol(wire::Error::Json { kind: Kind::State, source }));
+                }
+                other => {
+                    // An Abort becomes PeerAborted; anything else is out of place.
+                    parse_json::<PassEnd>(other, &self.payload, Kind::PassEnd, "Pages, PassEnd or State")?;
+                    return Err(Error::Protocol(wire::Error::Unexpected {
+                        got: other,
+                        expected: "Pages, PassEnd or State",
+                    }));
+                }
+            }
+        }
+    }
+
+    /// After RESTORE_OK: the commit, the lock, then the VM is this VMM's.
+    fn activate(&mut self, mut vmm: Vmm, home_dir: &std::path::Path) -> Result<Vmm, Error> {
+        let id = self.id().to_string();
+        let note = format!("migration {id}");
+        let stream_fd = self.stream()?.as_raw_fd();
+        let commit_ns;
+        match wait_readable(stream_fd, self.signals, Some(COMMIT_TIMEOUT)) {
+            Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
+            Wait::Timeout => {
+                tracing::warn!("migration {id}: no commit from the source in {} s", COMMIT_TIMEOUT.as_secs());
+                commit_ns = crate::monotonic_ns();
+                self.take_over_if_free(&mut vmm, &note, "the source sent no commit")?;
+            }
+            Wait::Ready => match self.next() {
+                Ok(Kind::Commit) => {
+                    commit_ns = crate::monotonic_ns();
+                    let _: Commit = parse_json(Kind::Commit, &self.payload, Kind::Commit, "Commit")?;
+                    vmm.home.acquire_within(Some(&note), LOCK_WAIT).map_err(|e| {
+                        Error::Vmm(format!("take the VM's lock after the commit: {}", error_chain(&e)))
+                    })?;
+                }
+                Ok(other) => {
+                    parse_json::<Commit>(other, &self.payload, Kind::Commit, "Commit")?;
+                    return Err(Error::Protocol(wire::Error::Unexpected { got: other, expected: "Commit" }));
+                }
+                Err(Error::Protocol(wire::Error::Io(e))) => {
+                    commit_ns = crate::monotonic_ns();
+                    let why = format!("the connection broke before the commit ({e})");
+                    self.take_over_if_free(&mut vmm, &note, &why)?;
+                }
+                Err(e) => return Err(e),
+            },
+        }
+        tracing::info!("migration {id}: holding the VM's lock on {}; starting the vCPUs", home_dir.display());
+        let stream = self.stream.take().ok_or(Error::Vmm("keep the connection".into()))?;
+        vmm.activation = Some(Activation { stream, id, commit_ns });
+        Ok(vmm)
+    }
+
+    /// Without a commit message, the lock decides: free means the source committed (or
+    /// died) and will never resume; held means it still has the VM.
+    fn take_over_if_free(&mut self, vmm: &mut Vmm, note: &str, why: &str) -> Result<(), Error> {
+        match vmm.home.acquire_within(Some(note), LOST_LOCK_WAIT) {
+            Ok(_) => {
+                tracing::warn!(
+                    "migration {}: {why}, but the VM's lock is free: the source has let the VM go; taking it over",
+                    self.id()
+                );
+                Ok(())
+            }
+            Err(e) => Err(Error::Vmm(format!(
+                "take the VM over: {why} and the source still holds the VM's lock ({})",
+                error_chain(&e)
+            ))),
+        }
+    }
+}
+
+impl Vmm {
+    /// On a destination: tells the source the vCPUs run. Called once they do.
+    pub(crate) fn report_activation(&mut self) {
+        if let Some(mut a) = self.activation.take() {
+            let ns = crate::monotonic_ns().saturating_sub(a.commit_ns);
+            let msg = to_json(&wire::Activated { activation_ns: ns });
+            match write_frame(&mut a.stream, Kind::Activated, &msg) {
+                Ok(()) => tracing::info!(
+                    "migration {}: the VM runs here; vCPUs started {:.3} ms after the commit",
+                    a.id,
+                    ns as f64 / 1e6
+                ),
+                Err(e) => tracing::warn!(
+                    "migration {}: the VM runs here, but the source could not be told: {}",
+                    a.id,
+                    error_chain(&e)
+                ),
+            }
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The pre-migration checks: can this host run this VM?
+fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
+    let d = &c.description;
+    if d.vcpus == 0 || d.vcpus as usize > host.max_vcpus {
+        return Err(format!("the VM has {} vCPUs; this host allows 1 to {}", d.vcpus, host.max_vcpus));
+    }
+    if c.cpuid.len() != d.vcpus as usize {
+        return Err(format!("{} CPUID tables for {} vCPUs", c.cpuid.len(), d.vcpus));
+    }
+    memory::check_size(d.memory, memory::host_ram(), vm::phys_bits(&host.supported))
+        .map_err(|e| format!("memory: {}", error_chain(&e)))?;
+    let expected: Vec<RegionState> = layout::ram_ranges(d.memory)
+        .into_iter()
+        .map(|(a, l)| RegionState { guest_addr: a.0, len: l })
+        .collect();
+    if c.memory_regions != expected {
+        return Err(format!(
+            "memory layout {:?} is not this Ferry's for {} bytes",
+            c.memory_regions, d.memory
+        ));
+    }
+    let unknown: Vec<&String> = c.devices.iter().filter(|d| !DEVICES.contains(&d.as_str())).collect();
+    if !unknown.is_empty() {
+        return Err(format!("this Ferry has no device like {unknown:?}"));
+    }
+    for (i, table) in c.cpuid.iter().enumerate() {
+        let entries: Vec<kvm_cpuid_entry2> = table.iter().map(kvm_cpuid_entry2::from).collect();
+        let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
+            return Err(format!(
+                "this host's CPU lacks features the VM was given: {} (vCPU {i})",
+                names.join(", ")
+            ));
+        }
+    }
+    let list = host.kvm.get_msr_index_list().map_err(|e| format!("cannot list this host's MSRs: {e}"))?;
+    let missing: Vec<String> =
+        c.msrs.iter().filter(|m| !list.as_slice().contains(m)).map(|m| format!("{m:#x}")).collect();
+    if !missing.is_empty() {
+        return Err(format!("this host's KVM cannot restore MSRs {}", missing.join(", ")));
+    }
+    Ok(())
+}
+
+/// Compares guest memory with the source's checksums; the error names the first mismatch.
+fn compare_memory(mem: &GuestMemory, memory: u64, v: &wire::Verify) -> Result<(), String> {
+    if v.chunk_bytes != verify_chunk(memory) {
+        return Err(format!("unexpected chunk size {}", v.chunk_bytes));
+    }
+    let mine = memory_crcs(mem, v.chunk_bytes);
+    if mine.len() != v.crcs.len() {
+        return Err(format!("{} checksums for {} chunks", v.crcs.len(), mine.len()));
+    }
+    let bad: Vec<usize> =
+        mine.iter().zip(&v.crcs).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+    match bad.first() {
+        None => Ok(()),
+        Some(&first) => Err(format!(
+            "{} of {} chunks of {} KiB differ, the first is chunk {first}",
+            bad.len(),
+            mine.len(),
+            v.chunk_bytes >> 10
+        )),
+    }
+}

@@ -1,0 +1,620 @@
+//! The source side of a live migration, on its own thread.
+//!
+//! ```text
+//! Setup ──> PreCopy ──> StopAndCopy ──> Restoring ──> Committed ──> Completed
+//!   │          │             │              │             │
+//!   └──────────┴─────────────┴──────────────┴──> Failed / Cancelled (VM resumes here)
+//!                                                         └──> Failed (lock taken back,
+//!                                                              VM resumes here) or Lost
+//! ```
+//!
+//! Until `Committed` the source holds the VM's lock, so the destination cannot run the VM
+//! whatever happens to the connection, and any failure resumes the VM here. At the commit
+//! (on the VMM thread, where a cancel is also decided) the source releases the lock; from
+//! then on only the lock decides: if the destination does not confirm activation, the
+//! source takes the lock back, and resumes the VM only if the destination never held it
+//! for this migration.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::{MigrateRequest, MigrationPhase, MigrationReport, PassReport, VmLocation};
+use ferry_migration::auth::{self, Key, Role};
+use ferry_migration::convergence::{self, Decision, Limits, PassMeasure};
+use ferry_migration::protocol::{
+    self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
+    ChallengeResponse, Commit, Hello, Kind, PageBatch, PassEnd, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
+};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::{error_chain, memory_crcs, update, verify_chunk, Call, Error, MigrationConfig, Status, VmmPort};
+use crate::dirty::{DirtyLog, DirtyRegion};
+use crate::memory::GuestMemory;
+
+/// How long to wait for the destination to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long any single read or write may block (a stalled peer fails the migration).
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination has to restore (verification hashes all memory).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the destination has to take the lock and start the vCPUs after the commit.
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the migration thread needs.
+pub(crate) struct Source {
+    pub id: String,
+    pub addr: String,
+    pub req: MigrateRequest,
+    pub key: Key,
+    pub config: MigrationConfig,
+    pub memory: GuestMemory,
+    pub dirty: DirtyLog,
+    pub port: VmmPort,
+    pub status: Status,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Counters kept while the migration runs, for the report.
+#[derive(Default)]
+struct Tally {
+    setup_ms: f64,
+    bytes: u64,
+    pages_sent: u64,
+    zero_pages: u64,
+    passes: Vec<PassReport>,
+    downtime_ms: f64,
+    verified: bool,
+    stop_reason: String,
+}
+
+struct Run<'a> {
+    src: &'a Source,
+    stream: Option<TcpStream>,
+    phase: MigrationPhase,
+    started: Instant,
+    tally: Tally,
+    logging: bool,
+    paused: bool,
+    paused_at: Option<Instant>,
+    /// The dirty set taken after the last pre-copy pass: sent with the stop-and-copy.
+    last_dirty: Option<Vec<DirtyRegion>>,
+}
+
+impl Source {
+    /// Runs the migration to its end and hands the report to the VMM thread.
+    pub fn run(self) {
+        let mut run = Run {
+            src: &self,
+            stream: None,
+            phase: MigrationPhase::Setup,
+            started: Instant::now(),
+            tally: Tally::default(),
+            logging: false,
+            paused: false,
+            paused_at: None,
+            last_dirty: None,
+        };
+        let result = run.migrate();
+        let report = run.finish(result);
+        self.port.finish(report);
+    }
+}
+
+impl Run<'_> {
+    fn id(&self) -> &str {
+        &self.src.id
+    }
+
+    /// Moves to `next`, checking the transition is one the state machine has.
+    fn enter(&mut self, next: MigrationPhase) {
+        use MigrationPhase::*;
+        let ok = matches!(
+            (self.phase, next),
+            (Setup, PreCopy)
+                | (PreCopy, StopAndCopy)
+                | (StopAndCopy, Restoring)
+                | (Restoring, Committed)
+                | (Committed, Completed)
+                | (Setup | PreCopy | StopAndCopy | Restoring | Committed, Failed | Cancelled | Lost)
+        );
+        debug_assert!(ok, "migration state {:?} -> {next:?}", self.phase);
+        if !ok {
+            tracing::error!("migration {}: invalid state change {:?} -> {next:?}", self.id(), self.phase);
+        }
+        self.phase = next;
+        update(&self.src.status, |s| s.phase = next);
+    }
+
+    fn stream(&mut self) -> &mut TcpStream {
+        match &mut self.stream {
+            Some(s) => s,
+            None => unreachable!("the stream exists from the handshake on"),
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), Error> {
+        if self.src.cancel.load(Ordering::SeqCst) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn send<T: serde::Serialize>(&mut self, kind: Kind, msg: &T) -> Result<(), Error> {
+        let payload = to_json(msg);
+        self.send_raw(kind, &payload)
+    }
+
+    fn send_raw(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+        write_frame(self.stream(), kind, payload)?;
+        self.tally.bytes += (wire::HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    fn recv<T: for<'de> serde::Deserialize<'de>>(
+        &mut self,
+        want: Kind,
+        expected: &'static str,
+        timeout: Duration,
+    ) -> Result<T, Error> {
+        let stream = self.stream();
+        stream.set_read_timeout(Some(timeout)).map_err(wire::Error::Io)?;
+        let mut payload = Vec::new();
+        let got = read_frame_into(stream, &mut payload)?;
+        Ok(parse_json(got, &payload, want, expected)?)
+    }
+
+    /// After a failed write: the peer may have said why before closing.
+    fn peer_reason(&mut self, e: Error) -> Error {
+        if !matches!(e, Error::Protocol(wire::Error::Io(_))) {
+            return e;
+        }
+        let Some(stream) = &mut self.stream else { return e };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut payload = Vec::new();
+        match read_frame_into(stream, &mut payload) {
+            Ok(Kind::Abort) => match parse_json::<Hello>(Kind::Abort, &payload, Kind::Hello, "") {
+                Err(peer) => Error::Protocol(peer),
+                Ok(_) => e,
+            },
+            _ => e,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), Error> {
+        self.setup()?;
+        self.tally.setup_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.enter(MigrationPhase::PreCopy);
+        self.src.dirty.start()?;
+        self.logging = true;
+        self.precopy().map_err(|e| self.peer_reason(e))?;
+        self.stop_and_copy().map_err(|e| self.peer_reason(e))?;
+        self.switchover()
+    }
+
+    /// Connect, authenticate both ways, pre-migration checks.
+    fn setup(&mut self) -> Result<(), Error> {
+        let src = self.src;
+        let addrs: Vec<_> = src
+            .addr
+            .to_socket_addrs()
+            .map_err(|source| Error::Connect { addr: src.addr.clone(), source })?
+            .collect();
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
+        let mut stream = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let stream = stream.ok_or(Error::Connect { addr: src.addr.clone(), source: last })?;
+        let io = |e| Error::Protocol(wire::Error::Io(e));
+        stream.set_nodelay(true).map_err(io)?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        self.stream = Some(stream);
+        tracing::info!("migration {}: connected to {}", src.id, src.addr);
+
+        let my_nonce = auth::nonce()?;
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            migration_id: src.id.clone(),
+            ferry_version: env!("CARGO_PKG_VERSION").into(),
+            nonce: auth::hex(&my_nonce),
+        };
+        self.send(Kind::Hello, &hello)?;
+        let challenge: Challenge = self.recv(Kind::Challenge, "Challenge", IO_TIMEOUT)?;
+        if !src.key.check(Role::Receiver, &src.id, &my_nonce, &challenge.proof) {
+            let reason = "the destination does not know the migration key";
+            let _ = self.send(Kind::Abort, &wire::Abort { reason: "authentication failed".into() });
+            return Err(Error::Auth(reason.into()));
+        }
+        let their_nonce = auth::unhex(&challenge.nonce)
+            .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
+        let proof = src.key.prove(Role::Sender, &src.id, &their_nonce);
+        self.send(Kind::ChallengeResponse, &ChallengeResponse { proof })?;
+        self.send(Kind::Config, &src.config)?;
+        match self.recv::<Accept>(Kind::Accept, "Accept", IO_TIMEOUT) {
+            Ok(a) => {
+                tracing::info!(
+                    "migration {}: destination (Ferry {}) accepted the VM after its checks",
+                    src.id,
+                    a.ferry_version
+                );
+                Ok(())
+            }
+            Err(Error::Protocol(wire::Error::PeerAborted(reason))) => {
+                if reason.contains("authentication") {
+                    Err(Error::Auth(format!("the destination rejected this source's key: {reason}")))
+                } else {
+                    Err(Error::Refused(reason))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `pages` (guest-physical addresses); returns (pages, zero pages, bytes).
+    fn send_pages(
+        &mut self,
+        pages: &mut dyn Iterator<Item = u64>,
+        total: u64,
+        pass: u32,
+    ) -> Result<(u64, u64, u64), Error> {
+        let mut batch = PageBatch::new();
+        let (mut sent, mut zero, mut bytes) = (0u64, 0u64, 0u64);
+        let pass_start = Instant::now();
+        let cap = self.src.req.bandwidth_mib.saturating_mul(1 << 20);
+        let mem = self.src.memory.clone();
+        let mut last_status = Instant::now();
+        loop {
+            let next = pages.next();
+            if let Some(addr) = next {
+                let mut ok = true;
+                batch.push(addr, |buf| ok = read_page(&mem, addr, buf)).map_err(Error::Protocol)?;
+                if !ok {
+                    return Err(Error::Memory { addr });
+                }
+            }
+            if batch.is_full() || (next.is_none() && !batch.is_empty()) {
+                self.check_cancel()?;
+                zero += batch.zero_pages();
+                sent += batch.len() as u64;
+                let n = batch.send(self.stream())?;
+                bytes += n;
+                self.tally.bytes += n;
+                if cap > 0 {
+                    // Sleep until the pass is back under the cap.
+                    let due = Duration::from_secs_f64(bytes as f64 / cap as f64);
+                    if let Some(wait) = due.checked_sub(pass_start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                if last_status.elapsed() >= Duration::from_millis(50) {
+                    last_status = Instant::now();
+                    let secs = pass_start.elapsed().as_secs_f64().max(1e-9);
+                    let elapsed = self.started.elapsed().as_millis() as u64;
+                    let transferred = self.tally.bytes;
+                    update(&self.src.status, |s| {
+                        s.pass = pass;
+                        s.pages_left = total.saturating_sub(sent);
+                        s.rate_mb_s = bytes as f64 / secs / 1e6;
+                        s.bytes_transferred = transferred;
+                        s.elapsed_ms = elapsed;
+                    });
+                }
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        self.send(Kind::PassEnd, &PassEnd { pass, pages: sent })?;
+        Ok((sent, zero, bytes))
+    }
+
+    fn record_pass(
+        &mut self,
+        pass: u32,
+        sent: (u64, u64, u64),
+        ms: f64,
+        dirtied: u64,
+        stop: bool,
+    ) -> PassMeasure {
+        let (pages, zero, bytes) = sent;
+        self.tally.pages_sent += pages - zero;
+        self.tally.zero_pages += zero;
+        self.tally.passes.push(PassReport {
+            pass,
+            pages,
+            zero_pages: zero,
+            bytes,
+            ms,
+            dirtied,
+            stop_and_copy: stop,
+        });
+        PassMeasure { pass, pages, bytes, ms, dirtied }
+    }
+
+    fn precopy(&mut self) -> Result<(), Error> {
+        let limits = Limits {
+            downtime_ms: self.src.req.downtime_ms,
+            max_iterations: self.src.req.max_iterations,
+            timeout: Duration::from_secs(self.src.req.timeout_s),
+        };
+        let regions: Vec<(u64, u64)> =
+            self.src.config.memory_regions.iter().map(|r| (r.guest_addr, r.len)).collect();
+        let total: u64 = regions.iter().map(|(_, l)| l / PAGE_SIZE as u64).sum();
+        let mut measures = Vec::new();
+        let mut pending: Option<Vec<DirtyRegion>> = None;
+        for pass in 1u32.. {
+            let t = Instant::now();
+            let sent = match pending.take() {
+                None => {
+                    let mut all = regions
+                        .iter()
+                        .flat_map(|&(start, len)| (0..len / PAGE_SIZE as u64).map(move |i| start + i * 4096));
+                    self.send_pages(&mut all, total, pass)?
+                }
+                Some(dirty) => {
+                    let n = dirty.iter().map(DirtyRegion::count).sum();
+                    let mut it = dirty.iter().flat_map(|r| r.pages());
+                    self.send_pages(&mut it, n, pass)?
+                }
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let dirty = self.src.dirty.take()?;
+            let dirtied: u64 = dirty.iter().map(DirtyRegion::count).sum();
+            let m = self.record_pass(pass, sent, ms, dirtied, false);
+            measures.push(m);
+            let bw = convergence::bandwidth(&measures);
+            let expected = convergence::expected_downtime_ms(dirtied, bw);
+            update(&self.src.status, |s| {
+                s.pages_left = 0;
+                s.pages_dirty = dirtied;
+                s.expected_downtime_ms = expected;
+            });
+            let decision = convergence::decide(&measures, self.started.elapsed(), &limits);
+            let line = format!(
+                "migration {}: pre-copy pass {pass}: sent {} pages ({} bytes) in {:.1} ms at {:.0} MB/s; {dirtied} \
+                 pages dirtied meanwhile",
+                self.id(),
+                m.pages,
+                m.bytes,
+                ms,
+                if ms > 0.0 { m.bytes as f64 / ms / 1e3 } else { 0.0 },
+            );
+            match decision {
+                Decision::Continue => tracing::info!("{line}"),
+                Decision::StopAndCopy(reason) => {
+                    tracing::info!("{line}; last pass: {reason}");
+                    self.tally.stop_reason = reason;
+                    self.last_dirty = Some(dirty);
+                    return Ok(());
+                }
+                Decision::GiveUp(reason) => {
+                    tracing::info!("{line}; giving up: {reason}");
+                    return Err(Error::GaveUp(reason));
+                }
+            }
+            self.check_cancel()?;
+            pending = Some(dirty);
+        }
+        Ok(())
+    }
+
+    fn stop_and_copy(&mut self) -> Result<(), Error> {
+        self.check_cancel()?;
+        self.enter(MigrationPhase::StopAndCopy);
+        let paused_at = Instant::now();
+        self.paused = true;
+        let state = self
+            .src
+            .port
+            .ask(Call::StopAndSave)
+            .ok_or_else(|| Error::Vmm("answer (the VMM is shutting down)".into()))?
+            .map_err(|e| Error::Vmm(format!("pause and save the VM: {e}")))?;
+        // Final sync: everything dirtied up to the pause (the previous pass's set was
+        // taken and not sent: it is part of this one).
+        let mut dirty = self.src.dirty.take()?;
+        if let Some(last) = self.pending_last_dirty() {
+            merge(&mut dirty, &last);
+        }
+        let n: u64 = dirty.iter().map(DirtyRegion::count).sum();
+        let pass = self.tally.passes.len() as u32 + 1;
+        let t = Instant::now();
+        let mut it = dirty.iter().flat_map(|r| r.pages());
+        let sent = self.send_pages(&mut it, n, pass)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        self.record_pass(pass, sent, ms, 0, true);
+        let payload =
+            serde_json::to_vec(&*state).map_err(|e| Error::Vmm(format!("serialise the state: {e}")))?;
+        self.send_raw(Kind::State, &payload)?;
+        if self.src.config.verify {
+            let chunk = verify_chunk(self.src.config.description.memory);
+            let crcs = memory_crcs(&self.src.memory, chunk);
+            self.send(Kind::Verify, &wire::Verify { chunk_bytes: chunk, crcs })?;
+        }
+        tracing::info!(
+            "migration {}: stop-and-copy: sent {} pages and {} bytes of state in {:.2} ms after the pause",
+            self.id(),
+            sent.0,
+            payload.len(),
+            paused_at.elapsed().as_secs_f64() * 1e3
+        );
+        self.paused_at = Some(paused_at);
+        Ok(())
+    }
+
+    fn switchover(&mut self) -> Result<(), Error> {
+        self.enter(MigrationPhase::Restoring);
+        let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", RESTORE_TIMEOUT)?;
+        if !result.ok {
+            return Err(if result.reason.starts_with("memory verification failed") {
+                Error::Verify(result.reason)
+            } else {
+                Error::RestoreFailed(result.reason)
+            });
+        }
+        self.tally.verified = self.src.config.verify;
+        tracing::info!("migration {}: destination restored the VM (RESTORE_OK)", self.id());
+        // The commit point: decided on the VMM thread, where a cancel is decided too.
+        self.src
+            .port
+            .ask(Call::Commit)
+            .ok_or_else(|| Error::Vmm("answer (the VMM is shutting down)".into()))?
+            .map_err(|e| if e.contains("cancelled") { Error::Cancelled } else { Error::Vmm(e) })?;
+        self.enter(MigrationPhase::Committed);
+        self.send(Kind::Commit, &Commit {})?;
+        let activated: Activated = self.recv(Kind::Activated, "Activated", ACTIVATION_TIMEOUT)?;
+        let paused_for = self.paused_at.map(|t| t.elapsed().as_secs_f64() * 1e3).unwrap_or(0.0);
+        self.tally.downtime_ms = paused_for;
+        tracing::info!(
+            "migration {}: the VM runs on the destination ({:.3} ms from commit to vCPUs running there); \
+             downtime {:.2} ms",
+            self.id(),
+            activated.activation_ns as f64 / 1e6,
+            paused_for
+        );
+        self.enter(MigrationPhase::Completed);
+        Ok(())
+    }
+
+    /// The dirty set taken after the last pre-copy pass, kept for the stop-and-copy.
+    fn pending_last_dirty(&mut self) -> Option<Vec<DirtyRegion>> {
+        self.last_dirty.take()
+    }
+
+    /// Turns the result into the report, rolling back first if needed.
+    fn finish(&mut self, result: Result<(), Error>) -> MigrationReport {
+        let (status, location, reason) = match result {
+            Ok(()) => (MigrationPhase::Completed, VmLocation::Destination, self.tally.stop_reason.clone()),
+            Err(e) => self.roll_back(e),
+        };
+        if status != MigrationPhase::Completed {
+            self.enter(status);
+        }
+        let total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let throughput = self
+            .tally
+            .passes
+            .first()
+            .filter(|p| p.ms > 0.0)
+            .map(|p| p.bytes as f64 / p.ms / 1e3)
+            .unwrap_or(0.0);
+        update(&self.src.status, |s| {
+            s.elapsed_ms = total_ms as u64;
+            s.reason = reason.clone();
+        });
+        let t = &self.tally;
+        MigrationReport {
+            migration_id: self.src.id.clone(),
+            status,
+            vm_running_on: location,
+            reason,
+            destination: self.src.req.to.clone(),
+            memory_bytes: self.src.config.description.memory,
+            total_ms,
+            setup_ms: t.setup_ms,
+            downtime_ms: if status == MigrationPhase::Completed { t.downtime_ms } else { 0.0 },
+            bytes_transferred: t.bytes,
+            pages_sent: t.pages_sent,
+            zero_pages: t.zero_pages,
+            throughput_mb_s: throughput,
+            verified: t.verified && status == MigrationPhase::Completed,
+            passes: t.passes.clone(),
+        }
+    }
+
+    /// After a failure: make the VM run here again unless the destination has it.
+    fn roll_back(&mut self, e: Error) -> (MigrationPhase, VmLocation, String) {
+        let mut reason = error_chain(&e);
+        let cancelled = matches!(e, Error::Cancelled);
+        tracing::warn!("migration {}: failed in {:?}: {reason}", self.id(), self.phase);
+        // Tell the destination, unless it is the one that ended it.
+        if self.stream.is_some() && !matches!(e, Error::Protocol(_)) {
+            let abort = wire::Abort { reason: reason.clone() };
+            let _ = self.stream().set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_frame(self.stream(), Kind::Abort, &to_json(&abort));
+            let _ = self.stream().flush();
+        }
+        if self.phase == MigrationPhase::Committed {
+            // The lock decides. If the destination took it for this migration, the VM is
+            // its (even if it has died since): never resume here.
+            match self.src.port.ask(Call::Reclaim) {
+                Some(Ok(previous)) if previous.contains(&format!("(migration {})", self.id())) => {
+                    let why = format!(
+                        "{reason}; the destination took the VM over ({previous}) and then failed: the VM \
+                         runs nowhere"
+                    );
+                    tracing::error!("migration {}: {why}", self.id());
+                    self.stop_logging();
+                    return (MigrationPhase::Lost, VmLocation::Nowhere, why);
+                }
+                Some(Ok(_)) => {
+                    reason.push_str("; the destination never took the VM's lock, so the source took it back");
+                }
+                Some(Err(held)) => {
+                    // The destination holds the lock: it has the VM.
+                    tracing::info!(
+                        "migration {}: no activation message, but the destination holds the lock ({held}): \
+                         the VM runs there",
+                        self.id()
+                    );
+                    self.stop_logging();
+                    return (
+                        MigrationPhase::Completed,
+                        VmLocation::Destination,
+                        format!("{reason}; the destination holds the VM's lock, so it runs there"),
+                    );
+                }
+                None => {
+                    return (
+                        MigrationPhase::Lost,
+                        VmLocation::Nowhere,
+                        format!("{reason}; the VMM is ending"),
+                    );
+                }
+            }
+        }
+        self.stop_logging();
+        if self.paused {
+            let _ = self.src.port.ask(Call::Resume);
+            self.paused = false;
+        }
+        tracing::info!("migration {}: the VM runs on the source", self.id());
+        let status = if cancelled { MigrationPhase::Cancelled } else { MigrationPhase::Failed };
+        (status, VmLocation::Source, reason)
+    }
+
+    fn stop_logging(&mut self) {
+        if self.logging {
+            if let Err(e) = self.src.dirty.stop() {
+                tracing::warn!("migration {}: cannot stop dirty logging: {e}", self.id());
+            }
+            self.logging = false;
+        }
+    }
+}
+
+/// ORs `extra` into `into` (same regions).
+fn merge(into: &mut [DirtyRegion], extra: &[DirtyRegion]) {
+    for (a, b) in into.iter_mut().zip(extra) {
+        for (x, y) in a.bits.iter_mut().zip(&b.bits) {
+            *x |= y;
+        }
+    }
+}
+
+/// Copies the guest page at `addr` into `buf`; false if it is not guest memory.
+fn read_page(mem: &GuestMemory, addr: u64, buf: &mut [u8]) -> bool {
+    match mem.get_slice(GuestAddress(addr), PAGE_SIZE) {
+        Ok(s) => s.copy_to(buf) == PAGE_SIZE,
+        Err(_) => false,
+    }
+}
