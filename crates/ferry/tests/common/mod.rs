@@ -157,6 +157,21 @@ impl Vm {
         Vm { child, lines: rx, seen: Vec::new(), stderr }
     }
 
+    /// Waits until the VMM's stderr contains `needle`; returns all of stderr.
+    pub fn wait_stderr(&self, timeout: Duration, needle: &str) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stderr();
+            if s.contains(needle) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("no {needle:?} on the VMM's stderr within {timeout:?}; stderr:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What the VMM wrote on stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()

@@ -1,0 +1,520 @@
+//! Live migration on real KVM, between two `ferry` processes over loopback TCP: the happy
+//! path there and back with memory verification, and every fault the issue names. After
+//! each, the VM runs exactly once (on the side the report says) with its memory intact:
+//! memstress checks every page's stamp on every pass and prints CORRUPTION otherwise.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ferry, pass_number, require_kvm, run_to_end, wait_timeout, write_random_file, TempDir, Vm};
+use ferry_migration::auth::{self, Key, Role};
+use ferry_migration::protocol::{self as wire, Kind};
+
+const T: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+fn write_key(dir: &TempDir, name: &str, byte: u8) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::write(&p, [byte; 32]).expect("key");
+    p
+}
+
+/// A memstress VM with an API socket; waits until it runs its passes.
+fn source(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
+    let sock = dir.path("src.sock");
+    let home = dir.path("home");
+    let mut args =
+        vec!["--guest", "memstress", "--memory", "256M", "--api-socket", s(&sock), "--home", s(&home)];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--cmdline") {
+        args.extend_from_slice(&["--cmdline", "wss=8M"]);
+    }
+    let mut vm = Vm::start(&args);
+    vm.wait_prefix(T, "memstress: ready");
+    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
+    (vm, sock)
+}
+
+/// `ferry receive` with its console on stdout; waits until it listens.
+fn receiver(port: u16, key: &Path, sock: Option<&Path>, env: &[(&str, &str)]) -> Vm {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut cmd = ferry();
+    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(key)]);
+    if let Some(sock) = sock {
+        cmd.args(["--api-socket", s(sock)]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let vm = Vm::spawn(&mut cmd);
+    vm.wait_stderr(T, "waiting for an incoming migration");
+    vm
+}
+
+fn migrate_args<'a>(sock: &'a Path, port_arg: &'a str, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v =
+        vec!["migrate", "--api-socket", s(sock), "--to", port_arg, "--auth-key-file", s(key), "--json"];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn migrate(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+    let to = format!("tcp:127.0.0.1:{port}");
+    let out = run_to_end(&migrate_args(sock, &to, key, extra), T);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "migrate printed no JSON report ({e}): stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, report)
+}
+
+/// Starts `ferry migrate` in the background.
+fn migrate_bg(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> Child {
+    let to = format!("tcp:127.0.0.1:{port}");
+    ferry()
+        .args(migrate_args(sock, &to, key, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
+fn finish(mut child: Child) -> (Output, serde_json::Value) {
+    wait_timeout(&mut child, T).expect("migrate did not end");
+    let out = child.wait_with_output().expect("output");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    (out, report)
+}
+
+fn info(sock: &Path) -> serde_json::Value {
+    let out = run_to_end(&["info", "--api-socket", s(sock), "--json"], T);
+    assert!(out.status.success(), "info failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("info JSON")
+}
+
+/// Waits until the source's migration is in pre-copy and has sent something.
+fn wait_precopy(sock: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let i = info(sock);
+        let m = &i["migration"];
+        if m["phase"] == "pre-copy" && m["bytes_transferred"].as_u64().unwrap_or(0) > 0 {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "migration never reached pre-copy: {i}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The VM still runs here: new passes after `after`, no corruption, state running.
+fn still_runs(vm: &mut Vm, sock: &Path) {
+    let last = vm.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
+    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
+    assert_eq!(info(sock)["state"], "running");
+}
+
+/// A source big enough, and a cap low enough, that pre-copy lasts several seconds.
+fn slow_source(dir: &TempDir) -> (Vm, PathBuf) {
+    let initrd = dir.path("initrd.img");
+    write_random_file(&initrd, 32 << 20, 7);
+    source(dir, &["--initrd", s(&initrd)])
+}
+const SLOW: &[&str] = &["--bandwidth-mib", "4"];
+
+#[test]
+fn there_and_back_with_verification_and_the_guest_never_notices() {
+    require_kvm();
+    let dir = TempDir::new("mig-ok");
+    let key = write_key(&dir, "key", 1);
+    let (mut src, src_sock) = source(&dir, &[]);
+    let port = free_port();
+    let dst_sock = dir.path("dst.sock");
+    let mut dst = receiver(port, &key, Some(&dst_sock), &[]);
+
+    let (out, r) = migrate(&src_sock, port, &key, &["--verify"]);
+    assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["vm_running_on"], "destination");
+    assert_eq!(r["verified"], true);
+    let passes = r["passes"].as_array().expect("passes");
+    assert!(passes.len() >= 2, "{r}");
+    assert_eq!(passes.last().expect("last")["stop_and_copy"], true);
+    assert_eq!(passes[0]["pages"], 65536, "pass 1 sends every page of 256 MiB");
+    assert!(r["zero_pages"].as_u64().expect("zero") > 40_000, "zero pages go as markers: {r}");
+    assert!(r["downtime_ms"].as_f64().expect("downtime") > 0.0);
+    for k in ["total_ms", "setup_ms", "bytes_transferred", "pages_sent", "throughput_mb_s", "migration_id"] {
+        assert!(!r[k].is_null(), "report lacks {k}: {r}");
+    }
+    let id = r["migration_id"].as_str().expect("id").to_string();
+
+    // The source ends (exit 0) and the guest continues on the destination.
+    let last_src = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("source passes");
+    assert!(src.wait(T).success(), "source exit: {}", src.stderr());
+    let line = dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last_src + 1));
+    assert!(pass_number(&line).is_some());
+    let src_log = src.stderr();
+    assert!(src_log.contains(&format!("migration {id}: pre-copy pass 1: sent 65536 pages (")), "{src_log}");
+    assert!(src_log.contains("pages dirtied meanwhile; last pass: "), "{src_log}");
+    let dst_log = dst.stderr();
+    assert!(dst_log.contains(&format!("migration {id}: restored (RESTORE_OK)")), "{dst_log}");
+    assert!(dst_log.contains(&format!("migration {id}: memory verified")), "{dst_log}");
+    // The lock moved: the destination names itself and this migration in it.
+    let lock = std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock file");
+    assert!(lock.contains(&format!("(migration {id})")), "{lock}");
+    assert_eq!(info(&dst_sock)["home"], s(&dir.path("home")));
+
+    // And back: the destination is a full VMM that can migrate on.
+    let port2 = free_port();
+    let back_sock = dir.path("back.sock");
+    let mut back = receiver(port2, &key, Some(&back_sock), &[]);
+    let (out, r) = migrate(&dst_sock, port2, &key, &["--verify"]);
+    assert!(out.status.success(), "migrate back failed: {r}");
+    assert!(dst.wait(T).success());
+    let last = dst.seen.iter().rev().find_map(|l| pass_number(l)).expect("passes");
+    back.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last + 1));
+    assert_eq!(info(&back_sock)["state"], "running");
+    assert!(back.signal_and_wait(libc::SIGTERM, T).success());
+}
+
+#[test]
+fn cancel_during_precopy_keeps_the_vm_on_the_source() {
+    require_kvm();
+    let dir = TempDir::new("mig-cancel");
+    let key = write_key(&dir, "key", 2);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let child = migrate_bg(&sock, port, &key, SLOW);
+    let i = wait_precopy(&sock);
+    // Everything else is refused while it runs.
+    let again = run_to_end(&migrate_args(&sock, &format!("tcp:127.0.0.1:{port}"), &key, &[]), T);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already migrating"), "{again:?}");
+    let pause = run_to_end(&["pause", "--api-socket", s(&sock)], T);
+    assert!(String::from_utf8_lossy(&pause.stderr).contains("is in progress"), "{pause:?}");
+
+    let c = run_to_end(&["migrate-cancel", "--api-socket", s(&sock)], T);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let (out, r) = finish(child);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["vm_running_on"], "source");
+    assert_eq!(r["migration_id"], i["migration"]["migration_id"]);
+    still_runs(&mut src, &sock);
+    assert_eq!(info(&sock)["migration"]["phase"], "cancelled");
+    // Nothing more to cancel.
+    let c = run_to_end(&["migrate-cancel", "--api-socket", s(&sock)], T);
+    assert!(String::from_utf8_lossy(&c.stderr).contains("no migration is in progress"));
+    // The destination dropped it and waits for the next one.
+    dst.wait_stderr(T, "nothing runs here; waiting for another migration");
+    assert!(dst.child.try_wait().expect("wait").is_none(), "the receiver exited");
+}
+
+#[test]
+fn destination_killed_during_precopy() {
+    require_kvm();
+    let dir = TempDir::new("mig-kill");
+    let key = write_key(&dir, "key", 3);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let child = migrate_bg(&sock, port, &key, SLOW);
+    wait_precopy(&sock);
+    dst.child.kill().expect("kill");
+    let (out, r) = finish(child);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["vm_running_on"], "source");
+    still_runs(&mut src, &sock);
+}
+
+/// Forwards a migration, cutting both connections when the sender's `State` frame (the
+/// stop-and-copy) goes by.
+fn cutting_proxy(to: u16) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().expect("accept");
+        let mut b = TcpStream::connect(("127.0.0.1", to)).expect("connect");
+        let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        loop {
+            let mut h = [0u8; wire::HEADER_LEN];
+            if a.read_exact(&mut h).is_err() {
+                break;
+            }
+            let kind = u16::from_le_bytes([h[4], h[5]]);
+            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+            let mut p = vec![0u8; len];
+            if a.read_exact(&mut p).is_err() {
+                break;
+            }
+            if kind == Kind::State as u16 {
+                break;
+            }
+            if b.write_all(&h).and_then(|_| b.write_all(&p)).is_err() {
+                break;
+            }
+        }
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    });
+    port
+}
+
+#[test]
+fn connection_cut_during_stop_and_copy_resumes_the_source() {
+    require_kvm();
+    let dir = TempDir::new("mig-cut");
+    let key = write_key(&dir, "key", 4);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let proxy = cutting_proxy(port);
+    let (out, r) = migrate(&sock, proxy, &key, &[]);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["vm_running_on"], "source");
+    // It got as far as the stop-and-copy pass.
+    assert!(r["passes"].as_array().expect("passes").iter().any(|p| p["stop_and_copy"] == true), "{r}");
+    still_runs(&mut src, &sock);
+    dst.wait_stderr(T, "waiting for another migration");
+    assert!(dst.child.try_wait().expect("wait").is_none());
+}
+
+#[test]
+fn restore_failure_on_the_destination_rolls_back() {
+    require_kvm();
+    let dir = TempDir::new("mig-restore");
+    let key = write_key(&dir, "key", 5);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let dst = receiver(port, &key, None, &[("FERRY_FAULT_INJECT", "restore-fail")]);
+    let (out, r) = migrate(&sock, port, &key, &[]);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["reason"].as_str().expect("reason").contains("could not restore the VM: fault injected"),
+        "{r}"
+    );
+    still_runs(&mut src, &sock);
+    dst.wait_stderr(T, "waiting for another migration");
+    // The lock never left the source.
+    let lock = std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock");
+    assert!(!lock.contains("migration"), "{lock}");
+}
+
+#[test]
+fn destination_lacking_a_cpu_feature_refuses_before_memory_moves() {
+    require_kvm();
+    let dir = TempDir::new("mig-cpu");
+    let key = write_key(&dir, "key", 6);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let _dst = receiver(port, &key, None, &[("FERRY_FAULT_INJECT", "hide-cpu-feature=sse2")]);
+    let (out, r) = migrate(&sock, port, &key, &[]);
+    assert!(!out.status.success());
+    let reason = r["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("refused the VM") && reason.contains("lacks features") && reason.contains("sse2"),
+        "{r}"
+    );
+    assert_eq!(r["passes"].as_array().expect("passes").len(), 0, "no memory may move: {r}");
+    still_runs(&mut src, &sock);
+}
+
+#[test]
+fn wrong_key_is_rejected_and_nothing_is_restored() {
+    require_kvm();
+    let dir = TempDir::new("mig-key");
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let dst = receiver(port, &write_key(&dir, "dst-key", 7), None, &[]);
+    let (out, r) = migrate(&sock, port, &write_key(&dir, "src-key", 8), &[]);
+    assert!(!out.status.success());
+    assert!(r["reason"].as_str().expect("reason").contains("authentication failed"), "{r}");
+    assert_eq!(r["bytes_transferred"].as_u64().expect("bytes") < 4096, true, "{r}");
+    still_runs(&mut src, &sock);
+    let log = dst.wait_stderr(T, "waiting for another migration");
+    assert!(log.contains("authentication failed"), "{log}");
+    assert!(!log.contains("checks passed"), "{log}");
+}
+
+#[test]
+fn nothing_listening_and_bad_requests() {
+    require_kvm();
+    let dir = TempDir::new("mig-bad");
+    let key = write_key(&dir, "key", 9);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let (out, r) = migrate(&sock, port, &key, &[]);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "failed");
+    assert!(r["reason"].as_str().expect("reason").contains("cannot connect to 127.0.0.1"), "{r}");
+    // Refused before anything starts, each with one line.
+    for (args, needle) in [
+        (vec!["--to", "127.0.0.1:7000"], "bad migration address"),
+        (vec!["--to", "tcp:127.0.0.1:99999"], "bad migration address"),
+    ] {
+        let mut a = vec!["migrate", "--api-socket", s(&sock), "--auth-key-file", s(&key)];
+        a.extend(args);
+        common::assert_one_line_error(&run_to_end(&a, T), needle);
+    }
+    let short = dir.path("short-key");
+    std::fs::write(&short, b"tiny").expect("write");
+    let a = ["migrate", "--api-socket", s(&sock), "--to", "tcp:127.0.0.1:1", "--auth-key-file", s(&short)];
+    common::assert_one_line_error(&run_to_end(&a, T), "a key must have 16 to 4096");
+    let a = ["receive", "--listen", "nowhere", "--auth-key-file", s(&key)];
+    common::assert_one_line_error(&run_to_end(&a, T), "bad migration address");
+    let missing = dir.path("missing");
+    let a = ["receive", "--listen", "tcp:127.0.0.1:1", "--auth-key-file", s(&missing)];
+    common::assert_one_line_error(&run_to_end(&a, T), "cannot read the auth key file");
+    still_runs(&mut src, &sock);
+}
+
+/// Sends raw bytes to a receiver and returns what it answered before closing.
+fn poke(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(Shutdown::Write);
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut v = Vec::new();
+    let _ = c.read_to_end(&mut v);
+    v
+}
+
+/// Authenticates to a receiver as a source that knows `key`; returns the connection.
+fn authenticated(port: u16, key: &Key, id: &str) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let nonce = auth::nonce().expect("nonce");
+    let hello = wire::Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        migration_id: id.into(),
+        ferry_version: "test".into(),
+        nonce: auth::hex(&nonce),
+    };
+    wire::write_frame(&mut c, Kind::Hello, &wire::to_json(&hello)).expect("hello");
+    let f = wire::read_frame(&mut c).expect("challenge");
+    let ch: wire::Challenge = f.json(Kind::Challenge, "Challenge").expect("challenge");
+    assert!(key.check(Role::Receiver, id, &nonce, &ch.proof), "the receiver's proof");
+    let theirs = auth::unhex(&ch.nonce).expect("hex");
+    let resp = wire::ChallengeResponse { proof: key.prove(Role::Sender, id, &theirs) };
+    wire::write_frame(&mut c, Kind::ChallengeResponse, &wire::to_json(&resp)).expect("response");
+    c
+}
+
+#[test]
+fn malformed_truncated_and_oversized_messages_leave_the_receiver_sane() {
+    require_kvm();
+    let dir = TempDir::new("mig-fuzz");
+    let key_path = write_key(&dir, "key", 0x30);
+    let key = Key::from_bytes(vec![0x30; 32]).expect("key");
+    let port = free_port();
+    let mut dst = receiver(port, &key_path, None, &[]);
+
+    // Not a frame at all.
+    poke(port, b"GET / HTTP/1.1\r\n\r\n");
+    dst.wait_stderr(T, "bad magic");
+    // A Hello claiming 1 GiB: refused from the header, nothing allocated.
+    let mut h = Vec::new();
+    h.extend_from_slice(wire::MAGIC);
+    h.extend_from_slice(&(Kind::Hello as u16).to_le_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    h.extend_from_slice(&[0; 4]);
+    let answer = poke(port, &h);
+    assert!(String::from_utf8_lossy(&answer).contains("at most 4096 are allowed"), "{answer:?}");
+    // Truncated: a header and half a payload, then the connection closes.
+    let mut t = Vec::new();
+    wire::write_frame(&mut t, Kind::Hello, b"{\"protocol_version\":1}").expect("frame");
+    poke(port, &t[..t.len() - 5]);
+    // Valid frame, malformed JSON.
+    let mut m = Vec::new();
+    wire::write_frame(&mut m, Kind::Hello, b"{not json").expect("frame");
+    poke(port, &m);
+    dst.wait_stderr(T, "malformed Hello message");
+
+    // After authentication: a malformed Config, then a page batch outside guest memory.
+    let mut c = authenticated(port, &key, "m-test-config");
+    wire::write_frame(&mut c, Kind::Config, b"{\"description\":7}").expect("config");
+    let f = wire::read_frame(&mut c).expect("abort");
+    assert_eq!(f.kind, Kind::Abort);
+    dst.wait_stderr(T, "migration m-test-config: failed: the peer sent a malformed Config message");
+
+    // A real migration still goes through afterwards.
+    let (mut src, sock) = source(&dir, &[]);
+    let (out, r) = migrate(&sock, port, &key_path, &[]);
+    assert!(out.status.success(), "{r}");
+    assert!(src.wait(T).success());
+    let last = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("passes");
+    dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last));
+    let log = dst.stderr();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_page_outside_guest_memory_aborts_that_migration() {
+    require_kvm();
+    let dir = TempDir::new("mig-page");
+    let key_path = write_key(&dir, "key", 11);
+    let port = free_port();
+    let dst = receiver(port, &key_path, None, &[]);
+    // A real source migrates through a proxy that replaces its first page batch with one
+    // page far outside the guest's memory.
+    let (_src, sock) = source(&dir, &[]);
+    let proxy = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            let (mut a, _) = l.accept().expect("accept");
+            let mut b = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+            });
+            let mut rewritten = false;
+            while let Ok(f) = wire::read_frame(&mut a) {
+                let mut payload = f.payload;
+                if f.kind == Kind::Pages && !rewritten {
+                    let mut out = Vec::new();
+                    let page = vec![0x5a; wire::PAGE_SIZE];
+                    wire::encode_pages([(1u64 << 40, &page[..])].into_iter(), &mut out).expect("encode");
+                    payload = out;
+                    rewritten = true;
+                }
+                if wire::write_frame(&mut b, f.kind, &payload).is_err() {
+                    break;
+                }
+            }
+            let _ = b.shutdown(Shutdown::Both);
+            let _ = a.shutdown(Shutdown::Both);
+        });
+        p
+    };
+    let (out, r) = migrate(&sock, proxy, &key_path, &[]);
+    assert!(!out.status.success());
+    assert!(r["reason"].as_str().expect("reason").contains("a page outside guest memory"), "{r}");
+    assert_eq!(r["vm_running_on"], "source");
+    dst.wait_stderr(T, "waiting for another migration");
+}
