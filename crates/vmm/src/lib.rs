@@ -232,12 +232,19 @@ fn lock_home(requested: Option<&std::path::Path>) -> Result<(home::VmHome, bool)
     }
 }
 
-/// Probes which MSRs a checkpoint must save, then starts one thread per vCPU; the threads
-/// wait in `Created` until [`Vmm::run`] lets them run.
-fn spawn_vcpus(kvm: &Kvm, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> Result<(Vec<VcpuHandle>, Vec<u32>), Error> {
-    let msrs = match fds.first() {
-        Some(fd) => ferry_arch::state::saveable_msrs(kvm, fd)?,
-        None => Vec::new(),
+/// Starts one thread per vCPU; the threads wait in `Created` until [`Vmm::run`] lets them
+/// run. Returns them with the MSRs a checkpoint must save: `known` (a restored VM keeps
+/// the set it was saved with) or, for a new VM, those this host's KVM can save.
+fn spawn_vcpus(
+    kvm: &Kvm,
+    fds: Vec<VcpuFd>,
+    ctx: &VcpuContext,
+    known: Option<Vec<u32>>,
+) -> Result<(Vec<VcpuHandle>, Vec<u32>), Error> {
+    let msrs = match (known, fds.first()) {
+        (Some(m), _) => m,
+        (None, Some(fd)) => ferry_arch::state::saveable_msrs(kvm, fd)?,
+        (None, None) => Vec::new(),
     };
     let mut vcpus = Vec::with_capacity(fds.len());
     for (index, fd) in fds.into_iter().enumerate() {
@@ -374,7 +381,7 @@ impl Vmm {
             }
             fds.push(fd);
         }
-        let (vcpus, msrs) = spawn_vcpus(&host.kvm, fds, &ctx)?;
+        let (vcpus, msrs) = spawn_vcpus(&host.kvm, fds, &ctx, None)?;
 
         let description = Description {
             memory: config.memory,

@@ -337,7 +337,9 @@ impl Vmm {
             fds.push(fd);
         }
         snap.vm.restore(&vm_fd).map_err(RestoreError::from)?;
-        let (vcpus, msrs) = crate::spawn_vcpus(&host.kvm, fds, &ctx)?;
+        let saved: Vec<u32> =
+            snap.vcpus.first().map(|v| v.msrs.iter().map(|&(i, _)| i).collect()).unwrap_or_default();
+        let (vcpus, msrs) = crate::spawn_vcpus(&host.kvm, fds, &ctx, Some(saved))?;
         tracing::info!(memory_mib = snap.description.memory >> 20, "restored {}", snap.description.kernel);
         Ok(Vmm {
             vcpus,

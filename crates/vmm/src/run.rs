@@ -91,21 +91,36 @@ impl Vmm {
         if self.serial_config == SerialConfig::Stdio {
             let _ = add(libc::STDIN_FILENO, TOKEN_STDIN);
         }
+        for v in &self.vcpus {
+            v.request(Request::Run);
+        }
+        let now = monotonic_ns();
+        let migrated_in = self.activation.is_some();
+        self.report_activation();
+        // The API comes up once the guest runs: on a migration destination, every
+        // microsecond before the vCPUs start is downtime.
         let mut server = None;
         let mut inbox: Option<Inbox> = None;
         if let Some(path) = self.api_socket.clone() {
             let (bridge, ib) = api::channel().map_err(Error::EventLoop)?;
             add(ib.wake.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
-            server = Some(ferry_api::server::spawn(&path, std::sync::Arc::new(bridge))?);
-            inbox = Some(ib);
-            tracing::info!(socket = %path.display(), "API listening");
+            match ferry_api::server::spawn(&path, std::sync::Arc::new(bridge)) {
+                Ok(s) => {
+                    server = Some(s);
+                    inbox = Some(ib);
+                    tracing::info!(socket = %path.display(), "API listening");
+                }
+                // A VM that has just migrated in must not die for want of its API.
+                Err(e) if migrated_in => {
+                    tracing::error!("{}; the VM runs without its API", error_chain(&e));
+                }
+                Err(e) => {
+                    self.shutdown();
+                    return Err(e.into());
+                }
+            }
         }
 
-        for v in &self.vcpus {
-            v.request(Request::Run);
-        }
-        let now = monotonic_ns();
-        self.report_activation();
         tracing::info!(
             monotonic_ns = now,
             "vCPUs running {:.3} ms after ferry started",

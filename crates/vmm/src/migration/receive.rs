@@ -79,8 +79,13 @@ impl Vmm {
         let key =
             Key::load(&config.auth_key_file).map_err(|e| crate::Error::Migration(Box::new(e.into())))?;
         let addr = parse_address(&config.listen).map_err(|e| crate::Error::Migration(Box::new(e)))?;
-        // Fail early on a host that cannot run VMs at all.
+        // Fail early on a host that cannot run VMs at all, or an API socket in use.
         drop(open_host()?);
+        if let Some(sock) = &config.api_socket {
+            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+                return Err(ferry_api::server::Error::InUse(sock.clone()).into());
+            }
+        }
         let listener = TcpListener::bind(&addr).map_err(|source| {
             crate::Error::Migration(Box::new(Error::Listen { addr: addr.clone(), source }))
         })?;
