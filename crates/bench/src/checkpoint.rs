@@ -39,7 +39,7 @@ struct Report {
     restore_main_to_running_vcpus_ms: Summary,
 }
 
-fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub(crate) fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut buf = vec![0u8; 1 << 20];
@@ -56,7 +56,7 @@ fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_file_line(path: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) fn wait_file_line(path: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if std::fs::read_to_string(path).map(|s| s.contains(needle)).unwrap_or(false) {

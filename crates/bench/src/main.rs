@@ -3,6 +3,7 @@
 
 mod boot;
 mod checkpoint;
+mod migrate;
 mod stats;
 
 use std::path::PathBuf;
@@ -35,6 +36,10 @@ enum Bench {
     /// Snapshot time and size, and restore time to running vCPUs, for a 1 GiB guest holding
     /// 512 MiB of initrd content.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Live migration of memstress (1 GiB, 512 MiB random initrd, wss=64M) between two
+    /// ferry processes over loopback; total, downtime, bytes, passes, pass-1 throughput
+    /// against one plain TCP stream measured in the same run.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Boot(args) => boot::run(&ferry, &args, cli.json),
         Bench::Checkpoint(args) => checkpoint::run(&ferry, &args, cli.json),
+        Bench::Migrate(args) => migrate::run(&ferry, &args, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,206 @@
+//! Migration: live-migrates memstress (1 GiB, 512 MiB random initrd, wss=64M) between two
+//! `ferry` processes over loopback, several runs, and measures one plain TCP stream on
+//! loopback in the same run as the throughput reference. (The QEMU side-by-side run is not
+//! built yet.)
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::checkpoint::{wait_file_line, write_random};
+use crate::stats::Summary;
+
+/// Arguments of the migration benchmark.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// Runs.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// Initrd size in MiB (random content).
+    #[arg(long, default_value_t = 512)]
+    initrd_mib: u64,
+    /// memstress working set.
+    #[arg(long, default_value = "64M")]
+    wss: String,
+    /// Downtime limit given to `ferry migrate`, ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    runs: usize,
+    total_ms: Summary,
+    downtime_ms: Summary,
+    bytes_mib: Summary,
+    passes: Summary,
+    pass1_mb_s: Summary,
+    tcp_stream_mb_s: f64,
+    pass1_vs_tcp: f64,
+}
+
+/// MB/s of one plain TCP stream on loopback over `dur`.
+fn tcp_stream(dur: Duration) -> anyhow::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        let buf = vec![0x5au8; 2 << 20];
+        let end = Instant::now() + dur;
+        while Instant::now() < end {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = l.accept()?;
+    let mut buf = vec![0u8; 2 << 20];
+    let t = Instant::now();
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf)? {
+            0 => break,
+            k => n += k as u64,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    writer.join().map_err(|_| anyhow::anyhow!("writer thread failed"))??;
+    Ok(n as f64 / secs / 1e6)
+}
+
+fn one_run(
+    ferry: &Path,
+    dir: &Path,
+    args: &MigrateArgs,
+    initrd: &Path,
+    key: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (src_sock, src_console) = (dir.join("src.sock"), dir.join("src.console"));
+    let dst_log = dir.join("dst.log");
+    let _ = std::fs::remove_file(&src_console);
+    let mut src = Command::new(ferry)
+        .args(["run", "--guest", "memstress", "--memory", &args.memory, "--initrd", &s(initrd)])
+        .args(["--cmdline", &format!("wss={}", args.wss), "--api-socket", &s(&src_sock)])
+        .args(["--home", &s(&dir.join("home")), "--serial", &format!("file:{}", s(&src_console))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut dst = Command::new(ferry)
+        .args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}"), "--auth-key-file", &s(key)])
+        .args(["--serial", "null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&dst_log)?)
+        .spawn()?;
+    let result = (|| {
+        wait_file_line(&src_console, "memstress: pass 2", Duration::from_secs(120))?;
+        wait_file_line(&dst_log, "waiting for an incoming migration", Duration::from_secs(10))?;
+        let out = Command::new(ferry)
+            .args(["migrate", "--api-socket", &s(&src_sock), "--to", &format!("tcp:127.0.0.1:{port}")])
+            .args([
+                "--auth-key-file",
+                &s(key),
+                "--downtime-ms",
+                &args.downtime_ms.to_string(),
+                "--json",
+                "--quiet",
+            ])
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("no report: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if report["status"] != "completed" {
+            bail!("migration did not complete: {report}");
+        }
+        Ok(report)
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = dst.kill();
+    let _ = dst.wait();
+    result
+}
+
+pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let initrd = dir.join("initrd.img");
+    write_random(&initrd, args.initrd_mib)?;
+    let key = dir.join("key");
+    std::fs::write(&key, [0x42u8; 32])?;
+    let mut reports = Vec::new();
+    for i in 0..args.runs {
+        let r = one_run(ferry, &dir, args, &initrd, &key);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.context(format!("run {}", i + 1)));
+            }
+        };
+        if !json {
+            eprintln!(
+                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
+                i + 1,
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["downtime_ms"].as_f64().unwrap_or(0.0),
+                r["passes"].as_array().map(Vec::len).unwrap_or(0)
+            );
+        }
+        reports.push(r);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let tcp = tcp_stream(Duration::from_secs(1))?;
+    let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
+    let bytes: Vec<f64> = f("bytes_transferred").iter().map(|b| b / (1u64 << 20) as f64).collect();
+    let passes: Vec<f64> =
+        reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
+    let pass1 = Summary::of(&f("throughput_mb_s"));
+    let report = Report {
+        runs: args.runs,
+        total_ms: Summary::of(&f("total_ms")),
+        downtime_ms: Summary::of(&f("downtime_ms")),
+        bytes_mib: Summary::of(&bytes),
+        passes: Summary::of(&passes),
+        pass1_vs_tcp: pass1.median / tcp,
+        pass1_mb_s: pass1,
+        tcp_stream_mb_s: tcp,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let p = |name: &str, s: &Summary, unit: &str| {
+            println!(
+                "{name:<24} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
+                s.median, s.min, s.max, s.runs
+            )
+        };
+        println!(
+            "migration of memstress ({} memory, {} MiB initrd, wss={}):",
+            args.memory, args.initrd_mib, args.wss
+        );
+        p("total", &report.total_ms, "ms");
+        p("downtime", &report.downtime_ms, "ms");
+        p("sent", &report.bytes_mib, "MiB");
+        p("passes", &report.passes, "");
+        p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
+        println!(
+            "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+            "one TCP stream",
+            tcp,
+            report.pass1_vs_tcp * 100.0
+        );
+        println!("QEMU side by side: not built yet");
+    }
+    Ok(())
+}
