@@ -1,6 +1,6 @@
 //! Feeds arbitrary bytes through what a migration receiver does with its input: frames one
-//! after another until an error; page batches decoded (every address page-aligned, every
-//! data slice exactly one page); control messages parsed as JSON and as the typed messages.
+//! after another until an error; page batches decoded into runs (every address page-aligned,
+//! every run's data a whole number of pages, the runs adding up to the count); control messages parsed as JSON and as the typed messages.
 //! Anything but an `Err` on bad input (a panic, an abort, a hang) is a bug.
 #![no_main]
 
@@ -14,13 +14,21 @@ fuzz_target!(|data: &[u8]| {
         assert!(payload.len() <= kind.max_payload() as usize);
         match kind {
             Kind::Pages => {
-                let _ = wire::decode_pages(&payload, |addr, page| {
-                    assert_eq!(addr % wire::PAGE_SIZE as u64, 0);
-                    if let Some(p) = page {
-                        assert_eq!(p.len(), wire::PAGE_SIZE);
+                let mut pages = 0u64;
+                let r = wire::decode_page_runs(&payload, |run| {
+                    match run {
+                        wire::PageRun::Zero(addr) => assert_eq!(addr % wire::PAGE_SIZE as u64, 0),
+                        wire::PageRun::Data { addr, data } => {
+                            assert_eq!(addr % wire::PAGE_SIZE as u64, 0);
+                            assert!(!data.is_empty() && data.len() % wire::PAGE_SIZE == 0);
+                        }
                     }
+                    pages += run.pages();
                     Ok(())
                 });
+                if let Ok(n) = r {
+                    assert_eq!(n as u64, pages);
+                }
             }
             _ => {
                 let _ = wire::parse_json::<serde_json::Value>(kind, &payload, kind, "any");

@@ -14,9 +14,9 @@
 //!
 //! Each kind has its own payload bound ([`Kind::max_payload`]); a frame that claims more,
 //! an unknown kind, non-zero flags, a bad magic or checksum ends the migration. Control
-//! messages carry JSON; memory travels in binary [`Pages`] batches.
+//! messages carry JSON; memory travels in binary `Pages` batches ([`PageBatch`]).
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +28,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
-/// Most pages in one [`Pages`] frame.
+/// Most pages in one `Pages` frame.
 pub const MAX_PAGES_PER_FRAME: usize = 512;
 /// Flag in a page entry's address: the page is all zeros and has no data.
 pub const ZERO_PAGE: u64 = 1;
@@ -308,44 +308,44 @@ pub struct Abort {
     pub reason: String,
 }
 
-/// A batch of pages: `(guest-physical address, Some(data) | None for a zero page)`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Pages {
-    /// The pages, in the order sent.
-    pub pages: Vec<(u64, Option<Vec<u8>>)>,
-}
-
-/// Encodes a page batch straight from guest memory: `entries` are (address, page bytes);
-/// zero pages are sent as markers only.
+/// Encodes a page batch: `entries` are (address, page bytes); zero pages become markers.
+/// (The sender fills a [`PageBatch`] straight from guest memory instead; this is for tests
+/// and tools that hold pages in buffers.)
 pub fn encode_pages<'a>(
     entries: impl ExactSizeIterator<Item = (u64, &'a [u8])>,
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    let n = entries.len();
-    if n > MAX_PAGES_PER_FRAME {
-        return Err(Error::BadPages("too many pages for one frame"));
+    let mut batch = PageBatch::new();
+    for (addr, data) in entries {
+        if data.len() != PAGE_SIZE {
+            return Err(Error::BadPages("a page is not 4096 bytes"));
+        }
+        batch.push(addr, |d| d.copy_from_slice(data))?;
     }
     out.clear();
-    out.extend_from_slice(&(n as u32).to_le_bytes());
-    for (addr, data) in entries {
-        if addr % PAGE_SIZE as u64 != 0 || data.len() != PAGE_SIZE {
-            return Err(Error::BadPages("unaligned page"));
-        }
-        if data.iter().all(|&b| b == 0) {
-            out.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
-        } else {
-            out.extend_from_slice(&addr.to_le_bytes());
-            out.extend_from_slice(data);
-        }
-    }
+    out.extend_from_slice(&batch.count.to_le_bytes());
+    out.extend_from_slice(&batch.head[HEADER_LEN + 4..]);
+    out.extend_from_slice(&batch.data);
     Ok(())
 }
 
-/// A page batch being filled straight from guest memory into a reusable buffer that also
-/// holds the frame header, so a batch goes out in one write.
+/// A page batch filled straight from guest memory. The `Pages` payload is
+///
+/// ```text
+/// count: u32 (at most MAX_PAGES_PER_FRAME)
+/// count x u64: guest-physical address, page-aligned; bit 0 (ZERO_PAGE) = all zeros, no data
+/// the 4096 bytes of every page without ZERO_PAGE, in entry order, back to back
+/// ```
+///
+/// Data is contiguous so that the receiver can place a run of consecutive pages in one
+/// copy (one `UFFDIO_COPY` for up to 2 MiB). The frame header and entries live in one
+/// buffer, the data in another; [`PageBatch::send`] writes both with one `writev`.
 #[derive(Debug)]
 pub struct PageBatch {
-    buf: Vec<u8>,
+    /// Frame header, count, entries.
+    head: Vec<u8>,
+    /// Page data.
+    data: Vec<u8>,
     count: u32,
     zero: u64,
 }
@@ -359,9 +359,9 @@ impl Default for PageBatch {
 impl PageBatch {
     /// An empty batch with room for a full frame.
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(HEADER_LEN + Kind::Pages.max_payload() as usize);
-        buf.resize(HEADER_LEN + 4, 0);
-        Self { buf, count: 0, zero: 0 }
+        let mut head = Vec::with_capacity(HEADER_LEN + 4 + 8 * MAX_PAGES_PER_FRAME);
+        head.resize(HEADER_LEN + 4, 0);
+        Self { head, data: Vec::with_capacity(MAX_PAGES_PER_FRAME * PAGE_SIZE), count: 0, zero: 0 }
     }
 
     /// Pages in the batch.
@@ -393,15 +393,16 @@ impl PageBatch {
         if addr % PAGE_SIZE as u64 != 0 {
             return Err(Error::BadPages("unaligned page"));
         }
-        let at = self.buf.len();
-        self.buf.extend_from_slice(&addr.to_le_bytes());
-        self.buf.resize(at + 8 + PAGE_SIZE, 0);
-        fill(&mut self.buf[at + 8..]);
-        let zero = is_zero(&self.buf[at + 8..]);
+        let at = self.data.len();
+        self.data.resize(at + PAGE_SIZE, 0);
+        fill(&mut self.data[at..]);
+        let zero = is_zero(&self.data[at..]);
         if zero {
-            self.buf.truncate(at + 8);
-            self.buf[at..at + 8].copy_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+            self.data.truncate(at);
+            self.head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
             self.zero += 1;
+        } else {
+            self.head.extend_from_slice(&addr.to_le_bytes());
         }
         self.count += 1;
         Ok(zero)
@@ -409,21 +410,38 @@ impl PageBatch {
 
     /// Writes the batch as one `Pages` frame and empties it. Returns the bytes written.
     pub fn send<W: Write>(&mut self, w: &mut W) -> Result<u64, Error> {
-        let payload_len = (self.buf.len() - HEADER_LEN) as u32;
-        self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.count.to_le_bytes());
-        let crc = crc32fast::hash(&self.buf[HEADER_LEN..]);
-        self.buf[..4].copy_from_slice(MAGIC);
-        self.buf[4..6].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
-        self.buf[6..8].copy_from_slice(&[0, 0]);
-        self.buf[8..12].copy_from_slice(&payload_len.to_le_bytes());
-        self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
-        w.write_all(&self.buf)?;
-        let n = self.buf.len() as u64;
-        self.buf.truncate(HEADER_LEN + 4);
+        let payload_len = (self.head.len() - HEADER_LEN + self.data.len()) as u32;
+        self.head[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.count.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.head[HEADER_LEN..]);
+        crc.update(&self.data);
+        self.head[..4].copy_from_slice(MAGIC);
+        self.head[4..6].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
+        self.head[6..8].copy_from_slice(&[0, 0]);
+        self.head[8..12].copy_from_slice(&payload_len.to_le_bytes());
+        self.head[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+        let n = (self.head.len() + self.data.len()) as u64;
+        write_all_vectored(w, &mut [IoSlice::new(&self.head), IoSlice::new(&self.data)])?;
+        self.head.truncate(HEADER_LEN + 4);
+        self.data.clear();
         self.count = 0;
         self.zero = 0;
         Ok(n)
     }
+}
+
+/// `Write::write_all` for several buffers (one `writev` when the socket takes it all).
+fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a buffer is all zeros (word at a time).
@@ -469,37 +487,93 @@ fn check_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u32, u32), Error> {
     Ok((kind, len, crc))
 }
 
-/// Decodes a page batch, calling `page(addr, Some(data) | None)` for each entry. Checks
-/// the count and every length against the payload; never reads past it.
-pub fn decode_pages(
+/// A piece of a decoded `Pages` batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageRun<'a> {
+    /// The page at this address is all zeros.
+    Zero(u64),
+    /// Pages at consecutive addresses from `addr`, with their data back to back
+    /// (`data.len()` is a non-zero multiple of [`PAGE_SIZE`]).
+    Data {
+        /// Guest-physical address of the first page.
+        addr: u64,
+        /// The pages' bytes.
+        data: &'a [u8],
+    },
+}
+
+impl PageRun<'_> {
+    /// Pages in the run.
+    pub fn pages(&self) -> u64 {
+        match self {
+            PageRun::Zero(_) => 1,
+            PageRun::Data { data, .. } => (data.len() / PAGE_SIZE) as u64,
+        }
+    }
+}
+
+/// Decodes a page batch into runs: every zero page on its own, and data pages with
+/// consecutive addresses merged into one [`PageRun::Data`]. Checks the count, every
+/// address and the data length against the payload before calling `run` at all; never
+/// reads past the payload. Returns the number of pages.
+pub fn decode_page_runs(
     payload: &[u8],
-    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), Error>,
+    mut run: impl FnMut(PageRun<'_>) -> Result<(), Error>,
 ) -> Result<usize, Error> {
     let count = payload.get(..4).ok_or(Error::BadPages("no count"))?;
     let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
     if count > MAX_PAGES_PER_FRAME {
         return Err(Error::BadPages("more pages than a frame may hold"));
     }
-    let mut at = 4usize;
-    for _ in 0..count {
-        let raw = payload.get(at..at + 8).ok_or(Error::BadPages("truncated entry"))?;
+    let entries = payload.get(4..4 + 8 * count).ok_or(Error::BadPages("truncated entries"))?;
+    let entry = |i: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(raw);
-        let raw = u64::from_le_bytes(a);
-        at += 8;
+        a.copy_from_slice(&entries[8 * i..8 * i + 8]);
+        u64::from_le_bytes(a)
+    };
+    let mut with_data = 0usize;
+    for i in 0..count {
+        let raw = entry(i);
         if raw & (PAGE_SIZE as u64 - 1) & !ZERO_PAGE != 0 {
             return Err(Error::BadPages("unaligned address"));
         }
-        if raw & ZERO_PAGE != 0 {
-            page(raw & !ZERO_PAGE, None)?;
-        } else {
-            let data = payload.get(at..at + PAGE_SIZE).ok_or(Error::BadPages("truncated page data"))?;
-            at += PAGE_SIZE;
-            page(raw, Some(data))?;
+        if raw & ZERO_PAGE == 0 {
+            with_data += 1;
         }
     }
-    if at != payload.len() {
+    let data = &payload[4 + 8 * count..];
+    if data.len() < with_data * PAGE_SIZE {
+        return Err(Error::BadPages("truncated page data"));
+    }
+    if data.len() > with_data * PAGE_SIZE {
         return Err(Error::BadPages("trailing bytes after the last page"));
+    }
+    // The run being built: (first address, first data offset, pages).
+    let mut open: Option<(u64, usize, usize)> = None;
+    let mut at = 0usize;
+    for i in 0..count {
+        let raw = entry(i);
+        if raw & ZERO_PAGE != 0 {
+            if let Some((addr, from, n)) = open.take() {
+                run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
+            }
+            run(PageRun::Zero(raw & !ZERO_PAGE))?;
+            continue;
+        }
+        open = match open {
+            Some((addr, from, n)) if addr.checked_add((n * PAGE_SIZE) as u64) == Some(raw) => {
+                Some((addr, from, n + 1))
+            }
+            Some((addr, from, n)) => {
+                run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
+                Some((raw, at, 1))
+            }
+            None => Some((raw, at, 1)),
+        };
+        at += PAGE_SIZE;
+    }
+    if let Some((addr, from, n)) = open {
+        run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
     }
     Ok(count)
 }
@@ -577,12 +651,12 @@ mod tests {
         let mut payload = Vec::new();
         assert_eq!(read_frame_into(&mut &wire[..], &mut payload).expect("read"), Kind::Pages);
         let mut got = Vec::new();
-        decode_pages(&payload, |a, d| {
-            got.push((a, d.map(|d| d[0])));
+        decode_page_runs(&payload, |r| {
+            got.push(r.to_owned_test());
             Ok(())
         })
         .expect("decode");
-        assert_eq!(got, vec![(0x1000, Some(7)), (0x2000, None)]);
+        assert_eq!(got, vec![(0x1000, Some(vec![7u8; PAGE_SIZE])), (0x2000, None)]);
         // Reused: the next batch starts clean.
         b.push(0x3000, |d| d.fill(1)).expect("push");
         let mut wire = Vec::new();
@@ -598,21 +672,78 @@ mod tests {
         assert!(!is_zero(&v[1..]));
     }
 
+    impl PageRun<'_> {
+        fn to_owned_test(self) -> (u64, Option<Vec<u8>>) {
+            match self {
+                PageRun::Zero(a) => (a, None),
+                PageRun::Data { addr, data } => (addr, Some(data.to_vec())),
+            }
+        }
+    }
+
     #[test]
     fn pages_round_trip_with_zero_markers() {
         let a = vec![7u8; PAGE_SIZE];
         let z = vec![0u8; PAGE_SIZE];
         let mut out = Vec::new();
         encode_pages([(0x1000u64, &a[..]), (0x2000, &z[..])].into_iter(), &mut out).expect("encode");
-        assert_eq!(out.len(), 4 + 8 + PAGE_SIZE + 8);
+        assert_eq!(out.len(), 4 + 8 + 8 + PAGE_SIZE);
         let mut got = Vec::new();
-        let n = decode_pages(&out, |addr, data| {
-            got.push((addr, data.map(<[u8]>::to_vec)));
+        let n = decode_page_runs(&out, |r| {
+            got.push(r.to_owned_test());
             Ok(())
         })
         .expect("decode");
         assert_eq!(n, 2);
         assert_eq!(got, vec![(0x1000, Some(a)), (0x2000, None)]);
+    }
+
+    /// Consecutive data pages come out as one run; a gap, a zero page or a step backwards
+    /// starts a new one.
+    #[test]
+    fn consecutive_pages_merge_into_runs() {
+        let page = |b: u8| vec![b; PAGE_SIZE];
+        let (p1, p2, p3, p4, p5, z) = (page(1), page(2), page(3), page(4), page(5), page(0));
+        let entries = [
+            (0x1000u64, &p1[..]),
+            (0x2000, &p2[..]),
+            (0x3000, &p3[..]),
+            (0x4000, &z[..]),
+            (0x5000, &p4[..]),
+            (0x7000, &p5[..]),
+            (0x6000, &p1[..]),
+        ];
+        let mut out = Vec::new();
+        encode_pages(entries.into_iter(), &mut out).expect("encode");
+        let mut got = Vec::new();
+        let n = decode_page_runs(&out, |r| {
+            got.push(r.to_owned_test());
+            Ok(())
+        })
+        .expect("decode");
+        assert_eq!(n, 7);
+        let three: Vec<u8> = [p1.clone(), p2, p3].concat();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, Some(three)),
+                (0x4000, None),
+                (0x5000, Some(p4)),
+                (0x7000, Some(p5.clone())),
+                (0x6000, Some(p1)),
+            ]
+        );
+        assert_eq!(PageRun::Data { addr: 0, data: &out[..2 * PAGE_SIZE] }.pages(), 2);
+        // A run never wraps around the address space.
+        let mut top = Vec::new();
+        encode_pages([(!0xfffu64, &p5[..]), (0, &p5[..])].into_iter(), &mut top).expect("encode");
+        let mut runs = 0;
+        decode_page_runs(&top, |_| {
+            runs += 1;
+            Ok(())
+        })
+        .expect("decode");
+        assert_eq!(runs, 2);
     }
 
     #[test]
@@ -623,12 +754,19 @@ mod tests {
             vec![1, 0, 0, 0],
             [2u32.to_le_bytes().to_vec(), 0x1001u64.to_le_bytes().to_vec()].concat(),
             [1u32.to_le_bytes().to_vec(), 0x1000u64.to_le_bytes().to_vec(), vec![1; 10]].concat(),
+            [1u32.to_le_bytes().to_vec(), 0x1000u64.to_le_bytes().to_vec(), vec![1; PAGE_SIZE + 1]].concat(),
+            [1u32.to_le_bytes().to_vec(), 0x1001u64.to_le_bytes().to_vec(), vec![1; PAGE_SIZE]].concat(),
             [1u32.to_le_bytes().to_vec(), 0x1003u64.to_le_bytes().to_vec()].concat(),
             [0u32.to_le_bytes().to_vec(), vec![0; 3]].concat(),
             u32::MAX.to_le_bytes().to_vec(),
         ];
         for c in cases {
-            assert!(decode_pages(&c, |_, _| Ok(())).is_err(), "{c:?}");
+            let mut called = false;
+            let r = decode_page_runs(&c, |_| {
+                called = true;
+                Ok(())
+            });
+            assert!(r.is_err() && !called, "{c:?}");
         }
     }
 
@@ -666,7 +804,7 @@ mod tests {
             let mut r = &data[..];
             while let Ok(f) = read_frame(&mut r) {
                 assert!(f.payload.len() <= f.kind.max_payload() as usize);
-                let _ = decode_pages(&f.payload, |_, _| Ok(()));
+                let _ = decode_page_runs(&f.payload, |_| Ok(()));
                 let _ = f.json::<Hello>(Kind::Hello, "Hello");
             }
         }

@@ -11,6 +11,7 @@
 //! state, restores, and returns a [`Vmm`] whose vCPUs start only once it holds the VM's
 //! lock.
 
+mod place;
 pub mod receive;
 pub mod send;
 

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 use ferry_arch::layout;
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::protocol::{
-    self as wire, decode_pages, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge,
-    ChallengeResponse, Commit, Hello, Kind, PassEnd, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
+    self as wire, decode_page_runs, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge,
+    ChallengeResponse, Commit, Hello, Kind, PassEnd, RestoreResult, PROTOCOL_VERSION,
 };
 use kvm_bindings::kvm_cpuid_entry2;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::place::Placer;
 use super::{
     error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
     DEVICES,
@@ -361,42 +361,16 @@ impl Receiver {
 
     /// Receives page batches and pass ends until the state arrives.
     fn receive_memory(&mut self, mem: &GuestMemory) -> Result<VmSnapshot, Error> {
-        let top = mem.iter().map(|r| vm_memory::GuestMemoryRegion::last_addr(r).0 + 1).max().unwrap_or(0);
-        // Pages written with data so far: a zero marker for one of them must clear it; for
-        // any other the fresh (zero) memory is left untouched, so it costs no host RAM.
-        let mut written = vec![0u64; (top / PAGE_SIZE as u64).div_ceil(64) as usize];
-        let zero = vec![0u8; PAGE_SIZE];
+        let id = self.id().to_owned();
+        let mut placer = Placer::new(mem, &id);
+        tracing::debug!("migration {id}: placing pages with userfaultfd: {}", placer.uses_userfaultfd());
         let mut pages_in_pass = 0u64;
         let mut pass_started = Instant::now();
         loop {
             match self.next()? {
                 Kind::Pages => {
-                    let payload = std::mem::take(&mut self.payload);
-                    let r = decode_pages(&payload, |addr, data| {
-                        let pfn = (addr / PAGE_SIZE as u64) as usize;
-                        let outside = wire::Error::BadPages("a page outside guest memory");
-                        let word = written.get_mut(pfn / 64).ok_or(outside)?;
-                        let bit = 1u64 << (pfn % 64);
-                        match data {
-                            Some(d) => {
-                                mem.write_slice(d, GuestAddress(addr))
-                                    .map_err(|_| wire::Error::BadPages("a page outside guest memory"))?;
-                                *word |= bit;
-                            }
-                            None if *word & bit != 0 => {
-                                mem.write_slice(&zero, GuestAddress(addr))
-                                    .map_err(|_| wire::Error::BadPages("a page outside guest memory"))?;
-                                *word &= !bit;
-                            }
-                            None if !mem.address_in_range(GuestAddress(addr)) => {
-                                return Err(wire::Error::BadPages("a page outside guest memory"));
-                            }
-                            None => {}
-                        }
-                        Ok(())
-                    });
-                    self.payload = payload;
-                    pages_in_pass += r? as u64;
+                    let n = decode_page_runs(&self.payload, |run| placer.place(run))?;
+                    pages_in_pass += n as u64;
                 }
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
