@@ -6,9 +6,9 @@
 //! file system's lock manager, and the kernel drops it when the process dies, so a crashed
 //! VMM never leaves its VM locked. The file's content names the holder, for messages.
 
+use crate::disk::ofd_lock;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// The lock file's name in a home directory.
@@ -60,23 +60,6 @@ pub fn default_home(id: &str) -> PathBuf {
 pub struct VmHome {
     dir: PathBuf,
     lock: Option<File>,
-}
-
-fn ofd_lock(file: &File, kind: libc::c_short) -> std::io::Result<()> {
-    // SAFETY: flock is plain data; all-zero is a valid value before the fields are set.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // the whole file
-    fl.l_pid = 0; // required for OFD locks
-                  // SAFETY: F_OFD_SETLK with a valid flock on a descriptor this File owns.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 impl VmHome {

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod dirty;
+pub mod disk;
 pub mod home;
 pub mod memory;
 pub mod migration;
