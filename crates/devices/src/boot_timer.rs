@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 /// The moment of the first write, in `CLOCK_MONOTONIC` nanoseconds (the same clock a
 /// benchmark harness in another process reads).
@@ -32,12 +32,12 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-impl PioDevice for BootTimer {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, _offset: u16, _data: &[u8]) {
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
         let _ = self.first_write.set(monotonic_ns());
     }
 }

@@ -1,64 +1,65 @@
-//! The port I/O bus.
+//! Buses: port I/O and MMIO exits dispatched to devices by address range. One type serves
+//! both; a port bus uses 16-bit addresses in the same 64-bit space.
 
 use std::sync::{Arc, Mutex};
 
-/// A device reached through x86 port I/O.
-pub trait PioDevice: Send {
-    /// Handles an `IN` at `offset` from the device's base port; fills `data`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Handles an `OUT` at `offset` from the device's base port.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device reached through port I/O or MMIO.
+pub trait BusDevice: Send {
+    /// Handles a read (`IN`, or an MMIO load) at `offset` from the device's base; fills `data`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Handles a write (`OUT`, or an MMIO store) at `offset` from the device's base.
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 /// Errors placing a device on the bus.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The range overlaps a device already on the bus.
-    #[error("port range {base:#x}+{len} overlaps a device already on the bus")]
+    #[error("range {base:#x}+{len} overlaps a device already on the bus")]
     Overlap {
-        /// First port.
-        base: u16,
-        /// Number of ports.
-        len: u16,
+        /// First address.
+        base: u64,
+        /// Length.
+        len: u64,
     },
     /// Zero-length or wrapping range.
-    #[error("port range {base:#x}+{len} is empty or wraps")]
+    #[error("range {base:#x}+{len} is empty or wraps")]
     BadRange {
-        /// First port.
-        base: u16,
-        /// Number of ports.
-        len: u16,
+        /// First address.
+        base: u64,
+        /// Length.
+        len: u64,
     },
 }
 
 struct Entry {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// Maps port ranges to devices. Unclaimed ports read as all ones and ignore writes, as
-/// on a PC with nothing decoding them.
+/// Maps address ranges to devices. Unclaimed addresses read as all ones and ignore
+/// writes, as on a PC with nothing decoding them.
 #[derive(Default)]
-pub struct PioBus {
+pub struct Bus {
     entries: Vec<Entry>,
 }
 
-impl std::fmt::Debug for PioBus {
+impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ranges: Vec<String> = self.entries.iter().map(|e| format!("{:#x}+{}", e.base, e.len)).collect();
-        f.debug_struct("PioBus").field("ranges", &ranges).finish()
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
     }
 }
 
-impl PioBus {
+impl Bus {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Places `device` at ports `base..base+len`.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<(), Error> {
+    /// Places `device` at `base..base+len`.
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), Error> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::BadRange { base, len })?;
         if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
             return Err(Error::Overlap { base, len });
@@ -67,13 +68,13 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Entry, u16)> {
-        self.entries.iter().find(|e| port >= e.base && port - e.base < e.len).map(|e| (e, port - e.base))
+    fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
+        self.entries.iter().find(|e| addr >= e.base && addr - e.base < e.len).map(|e| (e, addr - e.base))
     }
 
-    /// Dispatches an `IN`. Returns false if no device claims the port.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a read. Returns false if no device claims the address.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((e, offset)) => {
                 // A device whose lock is poisoned has panicked; keep the VM alive and
                 // let it read whatever the device's state now is.
@@ -88,9 +89,9 @@ impl PioBus {
         }
     }
 
-    /// Dispatches an `OUT`. Returns false if no device claims the port.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a write. Returns false if no device claims the address.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((e, offset)) => {
                 let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
                 dev.write(offset, data);
@@ -106,12 +107,12 @@ mod tests {
     use super::*;
 
     #[derive(Default)]
-    struct Latch(Vec<(u16, u8)>);
-    impl PioDevice for Latch {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    struct Latch(Vec<(u64, u8)>);
+    impl BusDevice for Latch {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data[0]));
         }
     }
@@ -119,7 +120,7 @@ mod tests {
     #[test]
     fn dispatches_by_range() {
         let dev = Arc::new(Mutex::new(Latch::default()));
-        let mut bus = PioBus::new();
+        let mut bus = Bus::new();
         bus.insert(0x3f8, 8, dev.clone()).expect("insert");
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
@@ -133,14 +134,14 @@ mod tests {
 
     #[test]
     fn rejects_overlaps() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::new();
         bus.insert(0x60, 5, Arc::new(Mutex::new(Latch::default()))).expect("insert");
         assert!(matches!(
             bus.insert(0x64, 1, Arc::new(Mutex::new(Latch::default()))),
             Err(Error::Overlap { .. })
         ));
         assert!(matches!(
-            bus.insert(0xffff, 2, Arc::new(Mutex::new(Latch::default()))),
+            bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Latch::default()))),
             Err(Error::BadRange { .. })
         ));
         assert!(matches!(

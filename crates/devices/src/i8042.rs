@@ -5,12 +5,12 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 /// The command byte that pulses the CPU reset line.
 pub const CMD_RESET_CPU: u8 = 0xfe;
 /// Offset of the command/status port from the data port (0x60 + 4 = 0x64).
-const COMMAND_OFFSET: u16 = 4;
+const COMMAND_OFFSET: u64 = 4;
 
 /// The i8042 device: ports 0x60..=0x64.
 #[derive(Debug)]
@@ -25,13 +25,13 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status: output buffer empty, input buffer empty. Data: nothing.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             if let Err(e) = self.reset_evt.write(1) {
                 tracing::error!("cannot signal the guest's reset request: {e}");

@@ -1,7 +1,7 @@
 //! Emulated legacy devices for Ferry.
 //!
-//! The guest reaches these through port I/O. Each device implements [`PioDevice`] and is
-//! placed on a [`PioBus`] that the vCPU threads dispatch `IN`/`OUT` exits to.
+//! The guest reaches these through port I/O. Each device implements [`BusDevice`] and is
+//! placed on a [`Bus`] that the vCPU threads dispatch `IN`/`OUT` exits to.
 //!
 //! - [`serial::Serial`]: a 16550A UART (COM1 at 0x3f8, IRQ 4), on `vm-superio`;
 //! - [`i8042::I8042`]: the keyboard controller's reset line, which Ferry treats as the guest
@@ -14,4 +14,4 @@ pub mod bus;
 pub mod i8042;
 pub mod serial;
 
-pub use bus::{PioBus, PioDevice};
+pub use bus::{Bus, BusDevice};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 /// COM1's first port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -195,8 +195,8 @@ impl Serial {
     }
 }
 
-impl PioDevice for Serial {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = self.uart.read(offset as u8);
         data.fill(0);
         if let Some(b) = data.first_mut() {
@@ -204,7 +204,7 @@ impl PioDevice for Serial {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, b) {
                 // Losing console output must not stop the guest.

@@ -32,7 +32,7 @@ use ferry_boot::Initrd;
 use ferry_devices::boot_timer::{BootTimer, FirstWrite};
 use ferry_devices::i8042::I8042;
 use ferry_devices::serial::{self, Serial, SerialOutput, SerialState};
-use ferry_devices::PioBus;
+use ferry_devices::Bus;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -181,14 +181,15 @@ pub enum VmRunState {
 /// The devices of a VM.
 struct Devices {
     serial: Arc<Mutex<Serial>>,
-    pio: Arc<PioBus>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
     reset_evt: EventFd,
     boot_timer: FirstWrite,
 }
 
 impl std::fmt::Debug for Devices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Devices").field("pio", &self.pio).finish()
+        f.debug_struct("Devices").field("pio", &self.pio).field("mmio", &self.mmio).finish()
     }
 }
 
@@ -300,11 +301,12 @@ fn create_devices(
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the reset eventfd"))?;
     let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone().map_err(efd("the reset eventfd"))?)));
     let boot_timer = FirstWrite::default();
-    let mut pio = PioBus::new();
-    pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
+    let mut pio = Bus::new();
+    pio.insert(serial::COM1_PORT.into(), serial::PORT_COUNT.into(), serial.clone())?;
     pio.insert(0x60, 5, i8042)?;
     pio.insert(0x80, 1, Arc::new(Mutex::new(BootTimer::new(boot_timer.clone()))))?;
-    Ok(Devices { serial, pio: Arc::new(pio), reset_evt, boot_timer })
+    let mmio = Bus::new();
+    Ok(Devices { serial, pio: Arc::new(pio), mmio: Arc::new(mmio), reset_evt, boot_timer })
 }
 
 impl Vmm {
@@ -362,7 +364,12 @@ impl Vmm {
 
         // vCPUs.
         let mask = FeatureMask::default();
-        let ctx = VcpuContext { pio: devices.pio.clone(), memory: mem.clone(), exit: exit.clone() };
+        let ctx = VcpuContext {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            memory: mem.clone(),
+            exit: exit.clone(),
+        };
         let mut fds: Vec<VcpuFd> = Vec::with_capacity(usize::from(vcpu_count));
         let mut tables = Vec::with_capacity(usize::from(vcpu_count));
         for index in 0..vcpu_count {

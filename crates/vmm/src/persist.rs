@@ -327,7 +327,12 @@ impl Vmm {
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
         ));
-        let ctx = VcpuContext { pio: devices.pio.clone(), memory: mem.clone(), exit: exit.clone() };
+        let ctx = VcpuContext {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            memory: mem.clone(),
+            exit: exit.clone(),
+        };
 
         let mut fds = Vec::with_capacity(snap.vcpus.len());
         for (i, state) in snap.vcpus.iter().enumerate() {

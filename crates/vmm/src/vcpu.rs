@@ -1,7 +1,7 @@
 //! vCPU threads.
 //!
 //! Each vCPU runs `KVM_RUN` in a thread of its own and handles the exits KVM hands to
-//! user space: port I/O goes to the [`PioBus`], anything that ends the VM (power-off, a
+//! user space: port I/O goes to the [`Bus`], anything that ends the VM (power-off, a
 //! triple fault, an emulation failure) is reported once through the [`ExitNotifier`].
 //!
 //! A vCPU's lifecycle is an explicit state machine driven by requests from the VMM
@@ -19,7 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use ferry_devices::PioBus;
+use ferry_devices::Bus;
 
 use crate::memory::GuestMemory;
 
@@ -222,7 +222,9 @@ fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
     /// Port I/O devices.
-    pub pio: Arc<PioBus>,
+    pub pio: Arc<Bus>,
+    /// MMIO devices (virtio-mmio transports).
+    pub mmio: Arc<Bus>,
     /// Guest memory (to show the bytes at RIP on a failure).
     pub memory: GuestMemory,
     /// Where to report that the VM stopped.
@@ -458,19 +460,23 @@ fn run_once(index: u8, fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), StopRea
     };
     match exit {
         VcpuExit::IoOut(port, data) => {
-            ctx.pio.write(port, data);
+            ctx.pio.write(u64::from(port), data);
             Ok(())
         }
         VcpuExit::IoIn(port, data) => {
-            ctx.pio.read(port, data);
+            ctx.pio.read(u64::from(port), data);
             Ok(())
         }
-        VcpuExit::MmioRead(_, data) => {
-            // Nothing is mapped there yet: reads float high, like an empty bus.
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            // Unclaimed addresses float high, like an empty bus.
+            ctx.mmio.read(addr, data);
             Ok(())
         }
-        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Ok(()),
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+            Ok(())
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Ok(()),
         VcpuExit::SystemEvent(kind, _) => {
             if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
                 Err(StopReason::PowerOff)
