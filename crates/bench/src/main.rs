@@ -4,6 +4,7 @@
 mod boot;
 mod checkpoint;
 mod migrate;
+mod qemu;
 mod stats;
 
 use std::path::PathBuf;
@@ -38,7 +39,9 @@ enum Bench {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Live migration of memstress (1 GiB, 512 MiB random initrd, wss=64M) between two
     /// ferry processes over loopback; total, downtime, bytes, passes, pass-1 throughput
-    /// against one plain TCP stream measured in the same run.
+    /// against one plain TCP stream measured in the same run; and, when
+    /// qemu-system-x86_64 is installed, the same guest migrated by QEMU after each Ferry
+    /// run, with the Ferry/QEMU ratios.
     Migrate(migrate::MigrateArgs),
 }
 

@@ -1,7 +1,9 @@
 //! Migration: live-migrates memstress (1 GiB, 512 MiB random initrd, wss=64M) between two
 //! `ferry` processes over loopback, several runs, and measures one plain TCP stream on
-//! loopback in the same run as the throughput reference. (The QEMU side-by-side run is not
-//! built yet.)
+//! loopback in the same run as the throughput reference. When `qemu-system-x86_64` is on
+//! PATH, the same invocation also migrates the same guest ELF with the same initrd file
+//! between two QEMUs (microvm, KVM; see `qemu.rs`), one QEMU run after each Ferry run, and reports
+//! QEMU's figures and the Ferry/QEMU ratios next to Ferry's.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,6 +15,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::checkpoint::{wait_file_line, write_random};
+use crate::qemu;
 use crate::stats::Summary;
 
 /// Arguments of the migration benchmark.
@@ -45,6 +48,34 @@ struct Report {
     pass1_mb_s: Summary,
     tcp_stream_mb_s: f64,
     pass1_vs_tcp: f64,
+    /// The same migration with QEMU; `null` when `qemu-system-x86_64` is not on PATH.
+    qemu: Option<QemuReport>,
+}
+
+/// QEMU's figures for the same guest, and Ferry's medians over QEMU's.
+#[derive(Debug, Serialize)]
+struct QemuReport {
+    version: String,
+    total_ms: Summary,
+    downtime_ms: Summary,
+    setup_ms: Summary,
+    bytes_mib: Summary,
+    /// `dirty-sync-count`.
+    passes: Summary,
+    /// Ferry's median total over QEMU's.
+    total_ratio: f64,
+    /// Ferry's median downtime over QEMU's.
+    downtime_ratio: f64,
+    /// Whether Ferry's median total is under half of QEMU's.
+    total_under_half: bool,
+}
+
+/// Writes the guest ELF for QEMU into `dir`; returns its path.
+fn qemu_elf(dir: &Path) -> anyhow::Result<PathBuf> {
+    let guest = ferry_guests::find("memstress").context("no bundled memstress guest")?;
+    let elf = dir.join("memstress.elf");
+    std::fs::write(&elf, guest.elf).with_context(|| format!("cannot write {}", elf.display()))?;
+    Ok(elf)
 }
 
 /// MB/s of one plain TCP stream on loopback over `dur`.
@@ -138,35 +169,16 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     write_random(&initrd, args.initrd_mib)?;
     let key = dir.join("key");
     std::fs::write(&key, [0x42u8; 32])?;
-    let mut reports = Vec::new();
-    for i in 0..args.runs {
-        let r = one_run(ferry, &dir, args, &initrd, &key);
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.context(format!("run {}", i + 1)));
-            }
-        };
-        if !json {
-            eprintln!(
-                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
-                i + 1,
-                r["total_ms"].as_f64().unwrap_or(0.0),
-                r["downtime_ms"].as_f64().unwrap_or(0.0),
-                r["passes"].as_array().map(Vec::len).unwrap_or(0)
-            );
-        }
-        reports.push(r);
-    }
+    let result = all_runs(ferry, &dir, args, &initrd, &key, json);
     let _ = std::fs::remove_dir_all(&dir);
+    let (reports, qemu_bin, qemu_runs) = result?;
     let tcp = tcp_stream(Duration::from_secs(1))?;
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
     let bytes: Vec<f64> = f("bytes_transferred").iter().map(|b| b / (1u64 << 20) as f64).collect();
     let passes: Vec<f64> =
         reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
     let pass1 = Summary::of(&f("throughput_mb_s"));
-    let report = Report {
+    let mut report = Report {
         runs: args.runs,
         total_ms: Summary::of(&f("total_ms")),
         downtime_ms: Summary::of(&f("downtime_ms")),
@@ -175,7 +187,9 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         pass1_vs_tcp: pass1.median / tcp,
         pass1_mb_s: pass1,
         tcp_stream_mb_s: tcp,
+        qemu: None,
     };
+    report.qemu = qemu_bin.zip(qemu_runs).map(|(q, runs)| qemu_report(&q, &runs, &report));
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -200,7 +214,99 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
             tcp,
             report.pass1_vs_tcp * 100.0
         );
-        println!("QEMU side by side: not built yet");
+        match &report.qemu {
+            None => println!(
+                "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
+                qemu::BINARY
+            ),
+            Some(q) => {
+                println!("QEMU side by side, same ELF and initrd ({}):", q.version);
+                p("QEMU total", &q.total_ms, "ms");
+                p("QEMU downtime", &q.downtime_ms, "ms");
+                p("QEMU setup", &q.setup_ms, "ms");
+                p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
+                p("QEMU passes (syncs)", &q.passes, "");
+                println!(
+                    "Ferry/QEMU: total {:.2}x (Ferry under half of QEMU: {}), downtime {:.2}x",
+                    q.total_ratio,
+                    if q.total_under_half { "yes" } else { "no" },
+                    q.downtime_ratio
+                );
+            }
+        }
     }
     Ok(())
+}
+
+type Runs = (Vec<serde_json::Value>, Option<PathBuf>, Option<Vec<qemu::Run>>);
+
+/// Ferry's runs, each followed by QEMU's run of the same guest when QEMU is installed
+/// (interleaved, so that a change in the machine's load affects both sides alike).
+fn all_runs(
+    ferry: &Path,
+    dir: &Path,
+    args: &MigrateArgs,
+    initrd: &Path,
+    key: &Path,
+    json: bool,
+) -> anyhow::Result<Runs> {
+    let qemu_bin = qemu::find();
+    let setup = match &qemu_bin {
+        Some(_) => {
+            let elf = qemu_elf(dir)?;
+            let memory = ferry_vmm::config::parse_size(&args.memory)?;
+            Some((elf, memory))
+        }
+        None => None,
+    };
+    let mut reports = Vec::new();
+    let mut qemu_runs = Vec::new();
+    for i in 0..args.runs {
+        let r = one_run(ferry, dir, args, initrd, key).with_context(|| format!("run {}", i + 1))?;
+        if !json {
+            eprintln!(
+                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
+                i + 1,
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["downtime_ms"].as_f64().unwrap_or(0.0),
+                r["passes"].as_array().map(Vec::len).unwrap_or(0)
+            );
+        }
+        reports.push(r);
+        if let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) {
+            let s =
+                qemu::Setup { elf, initrd, memory: *memory, wss: &args.wss, downtime_ms: args.downtime_ms };
+            let r = qemu::one_run(q, dir, &s).with_context(|| format!("QEMU run {}", i + 1))?;
+            if !json {
+                eprintln!(
+                    "qemu run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
+                    i + 1,
+                    r.total_ms,
+                    r.downtime_ms,
+                    r.passes
+                );
+            }
+            qemu_runs.push(r);
+        }
+    }
+    let qemu_runs = qemu_bin.as_ref().map(|_| qemu_runs);
+    Ok((reports, qemu_bin, qemu_runs))
+}
+
+fn qemu_report(qemu: &Path, runs: &[qemu::Run], ferry: &Report) -> QemuReport {
+    let f = |g: fn(&qemu::Run) -> f64| -> Summary { Summary::of(&runs.iter().map(g).collect::<Vec<_>>()) };
+    let total_ms = f(|r| r.total_ms);
+    let downtime_ms = f(|r| r.downtime_ms);
+    let total_ratio = ferry.total_ms.median / total_ms.median;
+    QemuReport {
+        version: qemu::version(qemu).unwrap_or_else(|e| format!("unknown version ({e:#})")),
+        setup_ms: f(|r| r.setup_ms),
+        bytes_mib: f(|r| r.bytes / (1u64 << 20) as f64),
+        passes: f(|r| r.passes),
+        total_ratio,
+        downtime_ratio: ferry.downtime_ms.median / downtime_ms.median,
+        total_under_half: total_ratio < 0.5,
+        total_ms,
+        downtime_ms,
+    }
 }
