@@ -115,17 +115,27 @@ impl FromStr for DiskConfig {
     }
 }
 
-/// An open, locked disk image.
+/// An open disk image, normally holding its lock.
 #[derive(Debug)]
 pub struct Disk {
     config: DiskConfig,
     file: File,
     sectors: u64,
+    locked: bool,
 }
 
 impl Disk {
     /// Opens and locks the image of `config`.
     pub fn open(config: &DiskConfig) -> Result<Self, Error> {
+        let mut d = Self::open_unlocked(config)?;
+        d.lock()?;
+        Ok(d)
+    }
+
+    /// Opens the image of `config` without taking its lock: a migration destination
+    /// prepares the VM's disks while the source still holds them, and locks them at the
+    /// switchover ([`Disk::lock`]).
+    pub fn open_unlocked(config: &DiskConfig) -> Result<Self, Error> {
         let path = config.path.clone();
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -146,15 +156,40 @@ impl Disk {
         if size % SECTOR_SIZE != 0 {
             return Err(Error::Size { path, size });
         }
-        let kind = if config.readonly { libc::F_RDLCK } else { libc::F_WRLCK };
-        match ofd_lock(&file, kind as libc::c_short) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
-                return Err(Error::InUse { path })
+        Ok(Self { config: config.clone(), file, sectors: size / SECTOR_SIZE, locked: false })
+    }
+
+    /// Takes the image's lock (exclusive, or shared if read-only) without waiting.
+    pub fn lock(&mut self) -> Result<(), Error> {
+        let kind = if self.config.readonly { libc::F_RDLCK } else { libc::F_WRLCK };
+        let path = self.config.path.clone();
+        match ofd_lock(&self.file, kind as libc::c_short) {
+            Ok(()) => {
+                self.locked = true;
+                Ok(())
             }
-            Err(source) => return Err(Error::Open { path, source }),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                Err(Error::InUse { path })
+            }
+            Err(source) => Err(Error::Open { path, source }),
         }
-        Ok(Self { config: config.clone(), file, sectors: size / SECTOR_SIZE })
+    }
+
+    /// Drops the lock, keeping the file open (the source of a migration, once it has
+    /// stopped for good). Flushes first, so that the next holder reads what was written.
+    pub fn unlock(&mut self) {
+        if let Err(e) = self.file.sync_data() {
+            tracing::warn!("cannot flush disk {}: {e}", self.config.path.display());
+        }
+        if let Err(e) = ofd_lock(&self.file, libc::F_UNLCK as libc::c_short) {
+            tracing::warn!("cannot unlock disk {}: {e}", self.config.path.display());
+        }
+        self.locked = false;
+    }
+
+    /// Whether this VMM holds the image's lock.
+    pub fn is_locked(&self) -> bool {
+        self.locked
     }
 
     /// Opens every image, refusing the same file twice.
@@ -259,9 +294,18 @@ mod tests {
         assert!(matches!(Disk::open(&ro), Err(Error::InUse { .. })));
         drop(first);
         let r1 = Disk::open(&ro).expect("reader");
-        let _r2 = Disk::open(&ro).expect("second reader");
+        let r2 = Disk::open(&ro).expect("second reader");
         assert!(matches!(Disk::open(&rw), Err(Error::InUse { .. })));
         drop(r1);
+        drop(r2);
+        // Handed over: the holder unlocks (file still open), the next one locks.
+        let mut a = Disk::open(&rw).expect("a");
+        let mut b = Disk::open_unlocked(&rw).expect("b, unlocked");
+        assert!(a.is_locked() && !b.is_locked());
+        assert!(matches!(b.lock(), Err(Error::InUse { .. })));
+        a.unlock();
+        b.lock().expect("b takes over");
+        assert!(matches!(a.lock(), Err(Error::InUse { .. })));
         let _ = std::fs::remove_dir_all(&d);
     }
 
