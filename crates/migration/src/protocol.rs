@@ -325,7 +325,7 @@ pub fn encode_pages<'a>(
     out.clear();
     out.extend_from_slice(&batch.count.to_le_bytes());
     out.extend_from_slice(&batch.head[HEADER_LEN + 4..]);
-    out.extend_from_slice(&batch.data);
+    out.extend_from_slice(&batch.data[..batch.data_len]);
     Ok(())
 }
 
@@ -344,8 +344,9 @@ pub fn encode_pages<'a>(
 pub struct PageBatch {
     /// Frame header, count, entries.
     head: Vec<u8>,
-    /// Page data.
+    /// Page data: a buffer of a full frame's size, zeroed once; `data_len` bytes in use.
     data: Vec<u8>,
+    data_len: usize,
     count: u32,
     zero: u64,
 }
@@ -361,7 +362,7 @@ impl PageBatch {
     pub fn new() -> Self {
         let mut head = Vec::with_capacity(HEADER_LEN + 4 + 8 * MAX_PAGES_PER_FRAME);
         head.resize(HEADER_LEN + 4, 0);
-        Self { head, data: Vec::with_capacity(MAX_PAGES_PER_FRAME * PAGE_SIZE), count: 0, zero: 0 }
+        Self { head, data: vec![0; MAX_PAGES_PER_FRAME * PAGE_SIZE], data_len: 0, count: 0, zero: 0 }
     }
 
     /// Pages in the batch.
@@ -393,37 +394,53 @@ impl PageBatch {
         if addr % PAGE_SIZE as u64 != 0 {
             return Err(Error::BadPages("unaligned page"));
         }
-        let at = self.data.len();
-        self.data.resize(at + PAGE_SIZE, 0);
-        fill(&mut self.data[at..]);
-        let zero = is_zero(&self.data[at..]);
+        let at = self.data_len;
+        let page = &mut self.data[at..at + PAGE_SIZE];
+        fill(page);
+        let zero = is_zero(page);
         if zero {
-            self.data.truncate(at);
             self.head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
             self.zero += 1;
         } else {
             self.head.extend_from_slice(&addr.to_le_bytes());
+            self.data_len += PAGE_SIZE;
         }
         self.count += 1;
         Ok(zero)
     }
 
+    /// Adds the page at `addr` as a zero marker without reading it: the caller knows it
+    /// is all zeros (never populated).
+    pub fn push_zero(&mut self, addr: u64) -> Result<(), Error> {
+        if self.is_full() {
+            return Err(Error::BadPages("too many pages for one frame"));
+        }
+        if addr % PAGE_SIZE as u64 != 0 {
+            return Err(Error::BadPages("unaligned page"));
+        }
+        self.head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+        self.zero += 1;
+        self.count += 1;
+        Ok(())
+    }
+
     /// Writes the batch as one `Pages` frame and empties it. Returns the bytes written.
     pub fn send<W: Write>(&mut self, w: &mut W) -> Result<u64, Error> {
-        let payload_len = (self.head.len() - HEADER_LEN + self.data.len()) as u32;
+        let data = &self.data[..self.data_len];
+        let payload_len = (self.head.len() - HEADER_LEN + data.len()) as u32;
         self.head[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.count.to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.head[HEADER_LEN..]);
-        crc.update(&self.data);
+        crc.update(data);
         self.head[..4].copy_from_slice(MAGIC);
         self.head[4..6].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
         self.head[6..8].copy_from_slice(&[0, 0]);
         self.head[8..12].copy_from_slice(&payload_len.to_le_bytes());
         self.head[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
-        let n = (self.head.len() + self.data.len()) as u64;
-        write_all_vectored(w, &mut [IoSlice::new(&self.head), IoSlice::new(&self.data)])?;
+        let n = (self.head.len() + data.len()) as u64;
+        write_all_vectored(w, &mut [IoSlice::new(&self.head), IoSlice::new(data)])?;
         self.head.truncate(HEADER_LEN + 4);
-        self.data.clear();
+        self.data_len = 0;
         self.count = 0;
         self.zero = 0;
         Ok(n)
@@ -460,8 +477,14 @@ pub fn read_frame_into<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header)?;
     let (kind, len, crc) = check_header(&header)?;
-    payload.clear();
-    payload.resize(len as usize, 0);
+    // Reused buffer: zero-fill only the part it never had (a 2 MiB memset per page batch
+    // showed in the receiver's profile).
+    let len = len as usize;
+    if payload.len() < len {
+        payload.resize(len, 0);
+    } else {
+        payload.truncate(len);
+    }
     r.read_exact(payload)?;
     if crc32fast::hash(payload) != crc {
         return Err(Error::BadChecksum(kind));
@@ -644,6 +667,7 @@ mod tests {
         assert!(b.push(0x2000, |d| d.fill(0)).expect("push"));
         assert_eq!((b.len(), b.zero_pages()), (2, 1));
         assert!(b.push(0x2001, |_| {}).is_err());
+        assert!(b.push_zero(0x2001).is_err());
         let mut wire = Vec::new();
         let n = b.send(&mut wire).expect("send");
         assert_eq!(n as usize, wire.len());

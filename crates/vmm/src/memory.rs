@@ -91,6 +91,50 @@ pub fn create(size: u64) -> Result<GuestMemory, Error> {
     GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
 }
 
+/// For each region, a bitmap (bit `i` of word `i / 64` = page `i`) of the pages that were
+/// never populated: neither present nor swapped out, in an anonymous mapping, so they read
+/// as zeros. `None` for a region mapped from a file (a restored checkpoint: a page not
+/// present there holds the file's bytes) or when `/proc/self/pagemap` cannot be read.
+///
+/// A migration's first pass sends these as zero markers without touching them: reading
+/// such a page would make the kernel map the zero page (a fault per page) only to find
+/// zeros. A page the guest writes after this call is in the dirty log and sent again.
+pub fn never_touched(mem: &GuestMemory) -> Vec<Option<Vec<u64>>> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+    mem.iter()
+        .map(|r| {
+            if r.file_offset().is_some() {
+                return None;
+            }
+            let f = pagemap.as_ref()?;
+            let pages = (r.len() / PAGE_SIZE) as usize;
+            let first = r.as_ptr() as u64 / PAGE_SIZE;
+            let mut bits = vec![0u64; pages.div_ceil(64)];
+            let mut buf = vec![0u8; 8 * 8192];
+            let mut page = 0usize;
+            while page < pages {
+                let n = (pages - page).min(8192);
+                let raw = &mut buf[..8 * n];
+                f.read_exact_at(raw, (first + page as u64) * 8).ok()?;
+                for (i, e) in raw.chunks_exact(8).enumerate() {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(e);
+                    let entry = u64::from_le_bytes(a);
+                    // Bit 63: present; bit 62: swapped.
+                    if entry >> 62 == 0 {
+                        let p = page + i;
+                        bits[p / 64] |= 1 << (p % 64);
+                    }
+                }
+                page += n;
+            }
+            Some(bits)
+        })
+        .collect()
+}
+
 /// Resident pages of the calling process, from `/proc/self/statm` (for tests and
 /// reports that check memory is populated lazily).
 pub fn resident_bytes() -> Option<u64> {
@@ -121,6 +165,23 @@ mod tests {
         assert_eq!(mem.iter().map(vm_memory::GuestMemoryRegion::len).sum::<u64>(), 2 << 30);
         // The bitmaps (64 KiB) and allocator noise, not 2 GiB.
         assert!(after.saturating_sub(before) < 16 << 20, "grew by {}", after - before);
+    }
+
+    /// Pages written are not "never touched"; the others are, and read as zeros.
+    #[test]
+    fn never_touched_pages() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create(16 << 20).expect("map");
+        mem.write_obj(7u64, GuestAddress(0x5000)).expect("write");
+        let mut b = [0u8; 8];
+        mem.read_slice(&mut b, GuestAddress(0x9000)).expect("read");
+        let maps = never_touched(&mem);
+        let bits = maps[0].as_ref().expect("anonymous memory has a map");
+        let untouched = |p: usize| bits[p / 64] & (1 << (p % 64)) != 0;
+        assert!(!untouched(5), "a written page");
+        assert!(!untouched(9), "a page read (the zero page is mapped)");
+        assert!(untouched(6) && untouched(4095));
+        assert_eq!(bits.iter().map(|w| w.count_ones()).sum::<u32>(), 4096 - 2);
     }
 
     #[test]

@@ -260,10 +260,11 @@ impl Run<'_> {
         }
     }
 
-    /// Sends `pages` (guest-physical addresses); returns (pages, zero pages, bytes).
+    /// Sends `pages` (guest-physical address, known to be zero without reading it);
+    /// returns (pages, zero pages, bytes).
     fn send_pages(
         &mut self,
-        pages: &mut dyn Iterator<Item = u64>,
+        pages: &mut dyn Iterator<Item = (u64, bool)>,
         total: u64,
         pass: u32,
     ) -> Result<(u64, u64, u64), Error> {
@@ -275,12 +276,16 @@ impl Run<'_> {
         let mut last_status = Instant::now();
         loop {
             let next = pages.next();
-            if let Some(addr) = next {
-                let mut ok = true;
-                batch.push(addr, |buf| ok = read_page(&mem, addr, buf)).map_err(Error::Protocol)?;
-                if !ok {
-                    return Err(Error::Memory { addr });
+            match next {
+                Some((addr, true)) => batch.push_zero(addr).map_err(Error::Protocol)?,
+                Some((addr, false)) => {
+                    let mut ok = true;
+                    batch.push(addr, |buf| ok = read_page(&mem, addr, buf)).map_err(Error::Protocol)?;
+                    if !ok {
+                        return Err(Error::Memory { addr });
+                    }
                 }
+                None => {}
             }
             if batch.is_full() || (next.is_none() && !batch.is_empty()) {
                 self.check_cancel()?;
@@ -356,14 +361,20 @@ impl Run<'_> {
             let t = Instant::now();
             let sent = match pending.take() {
                 None => {
-                    let mut all = regions
-                        .iter()
-                        .flat_map(|&(start, len)| (0..len / PAGE_SIZE as u64).map(move |i| start + i * 4096));
+                    // Every page; those never populated go as zero markers unread.
+                    let untouched = crate::memory::never_touched(&self.src.memory);
+                    let mut all = regions.iter().enumerate().flat_map(|(r, &(start, len))| {
+                        let map = untouched.get(r).and_then(Option::as_ref);
+                        (0..len / PAGE_SIZE as u64).map(move |i| {
+                            let zero = map.is_some_and(|m| m[(i / 64) as usize] & (1 << (i % 64)) != 0);
+                            (start + i * PAGE_SIZE as u64, zero)
+                        })
+                    });
                     self.send_pages(&mut all, total, pass)?
                 }
                 Some(dirty) => {
                     let n = dirty.iter().map(DirtyRegion::count).sum();
-                    let mut it = dirty.iter().flat_map(|r| r.pages());
+                    let mut it = dirty.iter().flat_map(|r| r.pages()).map(|a| (a, false));
                     self.send_pages(&mut it, n, pass)?
                 }
             };
@@ -428,7 +439,7 @@ impl Run<'_> {
         let n: u64 = dirty.iter().map(DirtyRegion::count).sum();
         let pass = self.tally.passes.len() as u32 + 1;
         let t = Instant::now();
-        let mut it = dirty.iter().flat_map(|r| r.pages());
+        let mut it = dirty.iter().flat_map(|r| r.pages()).map(|a| (a, false));
         let sent = self.send_pages(&mut it, n, pass)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         self.record_pass(pass, sent, ms, 0, true);
