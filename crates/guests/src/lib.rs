@@ -4,7 +4,10 @@
 //!
 //! Guest ABI: PVH entry (`rt/entry.S`), the first instruction writes port 0x80 (boot
 //! timer), console on the 16550 at 0x3f8, power-off by writing 0xfe to port 0x64, TSC
-//! frequency from CPUID leaf 0x4000_0010.
+//! frequency from CPUID leaf 0x4000_0010. Devices beyond the console (blkstress's disk)
+//! are virtio-mmio version 2 transports named on the command line as Linux's
+//! `virtio_mmio.device=<size>@<base>:<irq>`, below 4 GiB (the guests identity-map only
+//! that).
 
 /// A bundled guest.
 #[derive(Debug)]
@@ -19,14 +22,28 @@ pub struct Guest {
     pub elf: &'static [u8],
 }
 
-static GUESTS: &[Guest] = &[Guest {
-    name: "memstress",
-    summary: "stamps every page of its working set on each pass and checks the previous \
-              stamps, so any lost or stale page shows as a CORRUPTION line",
-    cmdline_help: "wss=SIZE (working set, default 64M), seed=N (default 1), rate=N (pages/s, \
-                   0 = as fast as it can), passes=N (power off after N passes, 0 = never)",
-    elf: include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf")),
-}];
+static GUESTS: &[Guest] = &[
+    Guest {
+        name: "memstress",
+        summary: "stamps every page of its working set on each pass and checks the previous \
+                  stamps, so any lost or stale page shows as a CORRUPTION line",
+        cmdline_help: "wss=SIZE (working set, default 64M), seed=N (default 1), rate=N (pages/s, \
+                       0 = as fast as it can), passes=N (power off after N passes, 0 = never)",
+        elf: include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf")),
+    },
+    Guest {
+        name: "blkstress",
+        summary: "appends numbered, checksummed records to a virtio-blk disk through its own \
+                  virtio-mmio driver, reads each back and re-reads the newest ones every 64 \
+                  records, so any lost, stale or corrupt block shows as a CORRUPTION line",
+        cmdline_help: "seed=N (default 1), records=N (power off after N records this boot, \
+                       0 = never), rate=N (records/s, 0 = as fast as it can), window=N (newest \
+                       records re-read at each check, default 512, 0 = all), format=1 \
+                       (overwrite a disk that is not blkstress's); the disk is the first \
+                       virtio-blk among virtio_mmio.device=SIZE@BASE:IRQ (Linux's format)",
+        elf: include_bytes!(concat!(env!("OUT_DIR"), "/blkstress.elf")),
+    },
+];
 
 /// Every bundled guest.
 pub fn all() -> &'static [Guest] {
@@ -61,6 +78,7 @@ mod tests {
     #[test]
     fn lookup() {
         assert!(find("memstress").is_some());
+        assert!(find("blkstress").is_some());
         assert!(find("nope").is_none());
     }
 }
