@@ -269,6 +269,13 @@ pub struct RunArgs {
     /// when the VM ends unless it was suspended.
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// A disk: a raw image given to the guest as a virtio-blk device (repeatable; the first
+    /// is at 0xd0000000, IRQ 5, the next 4 KiB and one IRQ higher, and so on; the kernel
+    /// command line gets a virtio_mmio.device= entry for each). Ferry holds an exclusive
+    /// lock on a writable image (a shared one with readonly=on) while the VM runs, so a
+    /// second VM on the same image is refused; the lock moves with the VM in a migration.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
+    pub disks: Vec<ferry_vmm::disk::DiskConfig>,
 }
 
 /// Arguments of `ferry restore`.

@@ -24,6 +24,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log_level);
+    if !matches!(cli.command, cli::Command::Run(_) | cli::Command::Restore(_) | cli::Command::Receive(_)) {
+        // A report piped into `head` ends the command quietly, as with any Unix tool,
+        // instead of a panic on a failed print. (VMM processes keep ignoring SIGPIPE:
+        // there a closed socket is an error to handle, not a reason to die.)
+        // SAFETY: resetting a signal's disposition to the default has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args, started_ns),
         cli::Command::Restore(args) => run::restore(args, started_ns),

@@ -46,6 +46,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         started_ns,
         api_socket: args.api_socket,
         home: args.home,
+        disks: args.disks,
     };
     let vmm = Vmm::build(config).context("cannot start the VM")?;
     finish(vmm.run()?)

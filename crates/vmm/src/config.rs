@@ -120,6 +120,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The VM's home directory (its lock); `None` makes one under the state root.
     pub home: Option<PathBuf>,
+    /// Disk images, one virtio-blk device each, in order.
+    pub disks: Vec<crate::disk::DiskConfig>,
 }
 
 impl VmConfig {

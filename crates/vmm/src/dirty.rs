@@ -148,6 +148,7 @@ mod tests {
             started_ns: 0,
             api_socket: None,
             home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
+            disks: Vec::new(),
         })
         .expect("build");
         let log = vmm.dirty_log();

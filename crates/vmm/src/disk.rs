@@ -147,7 +147,10 @@ impl Disk {
         }
         let file = match OpenOptions::new().read(true).write(!config.readonly).open(&path) {
             Ok(f) => f,
-            Err(e) if !config.readonly && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
+            Err(e)
+                if !config.readonly
+                    && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS)) =>
+            {
                 return Err(Error::ReadOnlyFile { path })
             }
             Err(source) => return Err(Error::Open { path, source }),

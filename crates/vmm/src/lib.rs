@@ -16,6 +16,7 @@ pub mod memory;
 pub mod migration;
 pub mod persist;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 mod run;
@@ -42,8 +43,10 @@ pub use persist::RestoreConfig;
 pub use run::RunOutcome;
 pub use vcpu::{GuestFault, StopReason};
 
+use crate::disk::Disk;
 use crate::memory::GuestMemory;
 use crate::vcpu::{ExitNotifier, VcpuContext, VcpuHandle};
+use crate::virtio::VirtioDevices;
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +150,9 @@ pub enum Error {
     /// The VM was lost in a migration (the destination failed after taking it over).
     #[error("the VM was lost in a migration: {0}")]
     MigrationLost(String),
+    /// A virtio device (or the disk image behind it) could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// The VMM does not hold the VM's lock, so it must not run the VM.
     #[error("VM home {0} is not locked by this VMM: refusing to start the vCPUs")]
     NotLocked(PathBuf),
@@ -183,13 +189,18 @@ struct Devices {
     serial: Arc<Mutex<Serial>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    virtio: VirtioDevices,
     reset_evt: EventFd,
     boot_timer: FirstWrite,
 }
 
 impl std::fmt::Debug for Devices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Devices").field("pio", &self.pio).field("mmio", &self.mmio).finish()
+        f.debug_struct("Devices")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .field("virtio", &self.virtio)
+            .finish()
     }
 }
 
@@ -282,6 +293,7 @@ fn create_devices(
     vm_fd: &VmFd,
     serial_config: &SerialConfig,
     serial_state: Option<&SerialState>,
+    virtio: VirtioDevices,
 ) -> Result<Devices, Error> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the serial interrupt"))?;
     vm_fd.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| Error::EventFd {
@@ -305,8 +317,9 @@ fn create_devices(
     pio.insert(serial::COM1_PORT.into(), serial::PORT_COUNT.into(), serial.clone())?;
     pio.insert(0x60, 5, i8042)?;
     pio.insert(0x80, 1, Arc::new(Mutex::new(BootTimer::new(boot_timer.clone()))))?;
-    let mmio = Bus::new();
-    Ok(Devices { serial, pio: Arc::new(pio), mmio: Arc::new(mmio), reset_evt, boot_timer })
+    let mut mmio = Bus::new();
+    virtio.attach(&mut mmio)?;
+    Ok(Devices { serial, pio: Arc::new(pio), mmio: Arc::new(mmio), virtio, reset_evt, boot_timer })
 }
 
 impl Vmm {
@@ -322,8 +335,15 @@ impl Vmm {
         let vcpu_count = config.vcpus as u8;
 
         memory::check_size(config.memory, memory::host_ram(), vm::phys_bits(&host.supported))?;
+        let disks = Disk::open_all(&config.disks).map_err(virtio::Error::from)?;
         let mem = memory::create(config.memory)?;
         let vm_fd = vm::create_vm(&host.kvm, &mem)?;
+        let virtio = VirtioDevices::create(&vm_fd, &mem, disks)?;
+        let cmdline = match virtio.cmdline() {
+            extra if extra.is_empty() => config.cmdline.clone(),
+            extra if config.cmdline.is_empty() => extra,
+            extra => format!("{} {extra}", config.cmdline),
+        };
 
         // Boot: kernel, command line, initrd, start info, boot GDT.
         let kernel_name = config.kernel.name();
@@ -347,17 +367,17 @@ impl Vmm {
             KernelSource::File(path) => {
                 let mut f =
                     File::open(path).map_err(|source| Error::OpenKernel { path: path.clone(), source })?;
-                ferry_boot::load_pvh(&mem, config.memory, &mut f, &config.cmdline, initrd)
+                ferry_boot::load_pvh(&mem, config.memory, &mut f, &cmdline, initrd)
             }
             KernelSource::Embedded { elf, .. } => {
-                ferry_boot::load_pvh(&mem, config.memory, &mut Cursor::new(*elf), &config.cmdline, initrd)
+                ferry_boot::load_pvh(&mem, config.memory, &mut Cursor::new(*elf), &cmdline, initrd)
             }
         }
         .map_err(boot_err)?;
         regs::write_boot_tables(&mem).map_err(|source| Error::SetupVcpu { index: 0, source })?;
         tracing::debug!(entry = format_args!("{:#x}", boot.entry.0), initrd = ?boot.initrd, "kernel loaded");
 
-        let devices = create_devices(&vm_fd, &config.serial, None)?;
+        let devices = create_devices(&vm_fd, &config.serial, None, virtio)?;
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
         ));

@@ -60,6 +60,10 @@ pub struct VmSnapshot {
     /// told otherwise).
     #[serde(default)]
     pub home: Option<PathBuf>,
+    /// The virtio devices, in window order (none in checkpoints of Ferry before 0.1's
+    /// devices stage, which read as an empty list).
+    #[serde(default)]
+    pub virtio: Vec<crate::virtio::VirtioState>,
 }
 
 /// Why a snapshot failed. The VM is left as it was.
@@ -210,6 +214,7 @@ impl Vmm {
             vcpus,
             serial,
             home: Some(self.home.dir().to_owned()),
+            virtio: self.devices.virtio.save(),
         })
     }
 
@@ -299,6 +304,13 @@ impl Vmm {
             }
         }
 
+        // The disks, locked, before anything else is created.
+        let backends: Vec<crate::virtio::Backend> = snap.virtio.iter().map(|v| v.backend.clone()).collect();
+        let mut disks = crate::virtio::open_disks_unlocked(&backends).map_err(crate::virtio::Error::from)?;
+        for d in &mut disks {
+            d.lock().map_err(crate::virtio::Error::from)?;
+        }
+
         let regions: Vec<(GuestAddress, u64)> =
             snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
         let mem = memfile::map_private(&dir.join(MEMORY_FILE), &regions).map_err(RestoreError::from)?;
@@ -315,6 +327,7 @@ impl Vmm {
             started_ns: config.started_ns,
             restored_from: Some(dir.clone()),
             signals,
+            disks,
         })
     }
 
@@ -323,7 +336,8 @@ impl Vmm {
     /// the migration destination.
     pub(crate) fn from_snapshot(p: Parts) -> Result<Self, Error> {
         let Parts { host, memory: mem, vm: vm_fd, snap, serial, api_socket, home, home_is_default, .. } = p;
-        let devices = create_devices(&vm_fd, &serial, Some(&snap.serial))?;
+        let virtio = crate::virtio::VirtioDevices::restore(&vm_fd, &mem, &snap.virtio, p.disks)?;
+        let devices = create_devices(&vm_fd, &serial, Some(&snap.serial), virtio)?;
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
         ));
@@ -385,6 +399,9 @@ pub(crate) struct Parts {
     pub started_ns: u64,
     pub restored_from: Option<PathBuf>,
     pub signals: std::os::fd::OwnedFd,
+    /// The disks of `snap.virtio`, opened by the caller (locked for a restore; not yet
+    /// for a migration destination, which locks them at the switchover).
+    pub disks: Vec<crate::disk::Disk>,
 }
 
 /// Checks the parts of a state that must agree with each other.

@@ -51,8 +51,12 @@ pub struct MigrationConfig {
     pub cpuid: Vec<Vec<CpuidEntry>>,
     /// The MSRs the source saves per vCPU.
     pub msrs: Vec<u32>,
-    /// Device names ([`DEVICES`]).
+    /// Device names ([`DEVICES`], then one per virtio device).
     pub devices: Vec<String>,
+    /// What backs each virtio device (the destination opens every disk before any memory
+    /// moves).
+    #[serde(default)]
+    pub virtio: Vec<crate::virtio::Backend>,
     /// The VM's home directory (on storage both hosts share); its lock moves with the VM.
     pub home: PathBuf,
     /// Whether Ferry made the home (then whoever runs the VM last removes it).
@@ -231,13 +235,23 @@ pub(crate) enum Call {
     StopAndSave(Sender<Result<Box<VmSnapshot>, String>>),
     /// Commit: refuse if cancelled; else stop for good and release the VM's lock.
     Commit(Sender<Result<(), String>>),
-    /// The destination did not confirm activation: take the lock back. Answers what the
-    /// lock file said before (who held it last), or why it cannot be taken.
-    Reclaim(Sender<Result<String, String>>),
+    /// The destination did not confirm activation: take the lock back, then the disks'.
+    Reclaim(Sender<Reclaimed>),
     /// Let the vCPUs run again (rollback).
     Resume(Sender<()>),
     /// The migration has ended.
     Finished(Box<MigrationReport>),
+}
+
+/// What taking the VM back after a commit found.
+#[derive(Debug)]
+pub(crate) enum Reclaimed {
+    /// The VM's lock is this VMM's again (and its disks'); what the lock file said before.
+    Lock(String),
+    /// Someone holds the VM's lock: why it cannot be taken.
+    Held(String),
+    /// The VM's lock is back, but a disk's is held by someone else: the VM must not run.
+    DiskHeld(String),
 }
 
 /// The migration thread's end of the channel to the VMM thread.
@@ -360,7 +374,8 @@ impl Vmm {
                 .collect(),
             cpuid: self.cpuid.clone(),
             msrs: self.msrs.clone(),
-            devices: DEVICES.iter().map(|d| d.to_string()).collect(),
+            devices: DEVICES.iter().map(|d| d.to_string()).chain(self.devices.virtio.names()).collect(),
+            virtio: self.devices.virtio.backends(),
             home: self.home.dir().to_owned(),
             home_is_default: self.home_is_default,
             verify: req.verify,
@@ -439,7 +454,9 @@ impl Vmm {
                     }
                     m.committed = true;
                     // From here on this VMM never runs the guest again (unless it takes the
-                    // lock back because the destination never took the VM over).
+                    // lock back because the destination never took the VM over). Disks
+                    // first: the destination takes the VM's lock, then theirs.
+                    self.devices.virtio.unlock_disks();
                     self.home.release();
                     tracing::info!(
                         "migration {}: committed; lock on {} released",
@@ -449,7 +466,13 @@ impl Vmm {
                     let _ = tx.send(Ok(()));
                 }
                 Call::Reclaim(tx) => {
-                    let r = self.home.acquire(None).map_err(|e| error_chain(&e));
+                    let r = match self.home.acquire(None) {
+                        Err(e) => Reclaimed::Held(error_chain(&e)),
+                        Ok(previous) => match self.devices.virtio.lock_disks() {
+                            Ok(()) => Reclaimed::Lock(previous),
+                            Err(e) => Reclaimed::DiskHeld(error_chain(&e)),
+                        },
+                    };
                     if let Some(m) = &mut self.migration {
                         m.committed = false;
                     }

@@ -285,6 +285,9 @@ impl Receiver {
             }
         }
         check_config(&cfg, &host).map_err(Error::Check)?;
+        // The disks exist and can be opened here (their locks come at the switchover).
+        let disks =
+            crate::virtio::open_disks_unlocked(&cfg.virtio).map_err(|e| Error::Check(error_chain(&e)))?;
         let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
@@ -298,7 +301,12 @@ impl Receiver {
         // Memory, pass after pass, then the state.
         let snap = self.receive_memory(&mem)?;
         let restore = |why: String| Error::RestoreFailed(why);
-        if snap.description != cfg.description || snap.memory_regions != cfg.memory_regions {
+        let snap_virtio: Vec<crate::virtio::Backend> =
+            snap.virtio.iter().map(|v| v.backend.clone()).collect();
+        if snap.description != cfg.description
+            || snap.memory_regions != cfg.memory_regions
+            || snap_virtio != cfg.virtio
+        {
             return self.refuse_restore(restore("the state does not match the configuration checked".into()));
         }
         if let Err(e) = check_consistent(&snap, host.max_vcpus) {
@@ -328,6 +336,7 @@ impl Receiver {
             started_ns: config.started_ns,
             restored_from: None,
             signals,
+            disks,
         }) {
             Ok(v) => v,
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
@@ -423,6 +432,7 @@ impl Receiver {
                     vmm.home.acquire_within(Some(&note), LOCK_WAIT).map_err(|e| {
                         Error::Vmm(format!("take the VM's lock after the commit: {}", error_chain(&e)))
                     })?;
+                    Self::lock_disks(&mut vmm)?;
                 }
                 Ok(other) => {
                     parse_json::<Commit>(other, &self.payload, Kind::Commit, "Commit")?;
@@ -442,6 +452,17 @@ impl Receiver {
         Ok(vmm)
     }
 
+    /// With the VM's lock held: the disks' locks. If one is held elsewhere the VM's lock is
+    /// released again (cleanly, so the source sees it was never used) and this side fails:
+    /// the source takes the VM back.
+    fn lock_disks(vmm: &mut Vmm) -> Result<(), Error> {
+        if let Err(e) = vmm.devices.virtio.lock_disks() {
+            vmm.home.release();
+            return Err(Error::Vmm(format!("take the VM's disk locks: {}", error_chain(&e))));
+        }
+        Ok(())
+    }
+
     /// Without a commit message, the lock decides: free means the source committed (or
     /// died) and will never resume; held means it still has the VM.
     fn take_over_if_free(&mut self, vmm: &mut Vmm, note: &str, why: &str) -> Result<(), Error> {
@@ -451,7 +472,7 @@ impl Receiver {
                     "migration {}: {why}, but the VM's lock is free: the source has let the VM go; taking it over",
                     self.id()
                 );
-                Ok(())
+                Self::lock_disks(vmm)
             }
             Err(e) => Err(Error::Vmm(format!(
                 "take the VM over: {why} and the source still holds the VM's lock ({})",
@@ -508,7 +529,21 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
             c.memory_regions, d.memory
         ));
     }
-    let unknown: Vec<&String> = c.devices.iter().filter(|d| !DEVICES.contains(&d.as_str())).collect();
+    if c.virtio.len() > crate::virtio::MAX_DEVICES {
+        return Err(format!(
+            "{} virtio devices; this Ferry supports {}",
+            c.virtio.len(),
+            crate::virtio::MAX_DEVICES
+        ));
+    }
+    let virtio: Vec<String> = c
+        .virtio
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.device_name(crate::virtio::MMIO_BASE + i as u64 * crate::virtio::MMIO_SIZE))
+        .collect();
+    let unknown: Vec<&String> =
+        c.devices.iter().filter(|d| !DEVICES.contains(&d.as_str()) && !virtio.contains(d)).collect();
     if !unknown.is_empty() {
         return Err(format!("this Ferry has no device like {unknown:?}"));
     }

@@ -30,6 +30,7 @@ use ferry_migration::protocol::{
 };
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use super::Reclaimed;
 use super::{error_chain, memory_crcs, update, verify_chunk, Call, Error, MigrationConfig, Status, VmmPort};
 use crate::dirty::{DirtyLog, DirtyRegion};
 use crate::memory::GuestMemory;
@@ -558,7 +559,9 @@ impl Run<'_> {
             // The lock decides. If the destination took it for this migration, the VM is
             // its (even if it has died since): never resume here.
             match self.src.port.ask(Call::Reclaim) {
-                Some(Ok(previous)) if previous.contains(&format!("(migration {})", self.id())) => {
+                Some(Reclaimed::Lock(previous))
+                    if previous.contains(&format!("(migration {})", self.id())) =>
+                {
                     let why = format!(
                         "{reason}; the destination took the VM over ({previous}) and then failed: the VM \
                          runs nowhere"
@@ -567,10 +570,16 @@ impl Run<'_> {
                     self.stop_logging();
                     return (MigrationPhase::Lost, VmLocation::Nowhere, why);
                 }
-                Some(Ok(_)) => {
+                Some(Reclaimed::Lock(_)) => {
                     reason.push_str("; the destination never took the VM's lock, so the source took it back");
                 }
-                Some(Err(held)) => {
+                Some(Reclaimed::DiskHeld(why)) => {
+                    let why = format!("{reason}; the source took the VM's lock back but not its disks ({why}): the VM runs nowhere");
+                    tracing::error!("migration {}: {why}", self.id());
+                    self.stop_logging();
+                    return (MigrationPhase::Lost, VmLocation::Nowhere, why);
+                }
+                Some(Reclaimed::Held(held)) => {
                     // The destination holds the lock: it has the VM.
                     tracing::info!(
                         "migration {}: no activation message, but the destination holds the lock ({held}): \

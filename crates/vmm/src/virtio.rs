@@ -1,0 +1,316 @@
+//! The VM's virtio devices: where each sits (a 4 KiB virtio-mmio window from
+//! [`MMIO_BASE`], one IOAPIC pin from [`FIRST_GSI`], in the order given on the command
+//! line), how the guest learns of them (`virtio_mmio.device=4K@BASE:GSI` on the kernel
+//! command line), their interrupts (an irqfd per device) and their state in checkpoints
+//! and migrations ([`VirtioState`]).
+//!
+//! A disk's image is held under its lock ([`crate::disk`]) for as long as the device
+//! lives; the device does its I/O through a duplicate of the same open file, so the lock
+//! can be dropped and taken again (a migration's handover) without closing anything.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_devices::Bus;
+use ferry_virtio::{Block, MmioTransport, MmioTransportState};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::disk::{Disk, DiskConfig};
+use crate::memory::GuestMemory;
+
+/// First virtio-mmio window (inside the 32-bit MMIO hole).
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each window.
+pub const MMIO_SIZE: u64 = ferry_virtio::mmio::MMIO_LEN;
+/// IOAPIC pin of the first device (0-4 are the PC's timer, keyboard, cascade, COM2, COM1).
+pub const FIRST_GSI: u32 = 5;
+/// Most virtio devices in one VM (IOAPIC pins 5..=20).
+pub const MAX_DEVICES: usize = 16;
+
+/// Errors setting up virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// More devices than windows and pins.
+    #[error("{0} virtio devices requested; a VM can have at most {MAX_DEVICES}")]
+    TooMany(usize),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::Error),
+    /// The block device refused the image.
+    #[error("disk {path}: cannot create its virtio-blk device")]
+    Block {
+        /// The image.
+        path: String,
+        /// Why.
+        #[source]
+        source: ferry_virtio::block::Error,
+    },
+    /// The transport could not be created.
+    #[error("cannot create a virtio-mmio transport")]
+    Transport(#[from] ferry_virtio::mmio::Error),
+    /// A saved device state does not fit the device recreated from it.
+    #[error("virtio device {index}: the saved state does not fit it")]
+    Restore {
+        /// Its position.
+        index: usize,
+        /// Why.
+        #[source]
+        source: ferry_virtio::persist::Error,
+    },
+    /// A saved state names devices in another order or place.
+    #[error("virtio device {index}: saved at {saved_base:#x} pin {saved_gsi}, expected {base:#x} pin {gsi}")]
+    Placement {
+        /// Its position.
+        index: usize,
+        /// Saved window.
+        saved_base: u64,
+        /// Saved pin.
+        saved_gsi: u32,
+        /// Expected window.
+        base: u64,
+        /// Expected pin.
+        gsi: u32,
+    },
+    /// An eventfd or irqfd could not be set up.
+    #[error("cannot set up the interrupt of virtio device {index}")]
+    Interrupt {
+        /// Its position.
+        index: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The MMIO bus refused the window.
+    #[error(transparent)]
+    Bus(#[from] ferry_devices::bus::Error),
+}
+
+/// What backs a virtio device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// virtio-blk on a raw image.
+    Disk(DiskConfig),
+}
+
+impl Backend {
+    /// The name used in the migration's device list, e.g. `virtio-blk@0xd0000000`.
+    pub fn device_name(&self, base: u64) -> String {
+        match self {
+            Backend::Disk(_) => format!("virtio-blk@{base:#x}"),
+        }
+    }
+}
+
+/// One device in a checkpoint or migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// What backs it.
+    pub backend: Backend,
+    /// Its MMIO window.
+    pub base: u64,
+    /// Its IOAPIC pin.
+    pub gsi: u32,
+    /// The transport and queues.
+    pub transport: MmioTransportState,
+}
+
+struct Entry {
+    backend: Backend,
+    base: u64,
+    gsi: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+    disk: Option<Disk>,
+}
+
+/// The VM's virtio devices.
+#[derive(Default)]
+pub struct VirtioDevices {
+    entries: Vec<Entry>,
+}
+
+impl std::fmt::Debug for VirtioDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.entries.iter().map(|e| e.backend.device_name(e.base)).collect();
+        f.debug_struct("VirtioDevices").field("devices", &names).finish()
+    }
+}
+
+fn place(index: usize) -> (u64, u32) {
+    (MMIO_BASE + index as u64 * MMIO_SIZE, FIRST_GSI + index as u32)
+}
+
+fn block_device(disk: &Disk, index: usize) -> Result<Box<dyn ferry_virtio::VirtioDevice>, Error> {
+    let path = disk.path().display().to_string();
+    let io = disk
+        .file()
+        .try_clone()
+        .map_err(|source| Error::Disk(crate::disk::Error::Open { path: disk.path().to_owned(), source }))?;
+    let id = format!("ferry-disk-{index}");
+    let dev = Block::new(io, disk.config().readonly, id.as_bytes())
+        .map_err(|source| Error::Block { path, source })?;
+    Ok(Box::new(dev))
+}
+
+fn interrupt(vm: &VmFd, index: usize, gsi: u32) -> Result<EventFd, Error> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Interrupt { index, source })?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(|e| Error::Interrupt { index, source: std::io::Error::from_raw_os_error(e.errno()) })?;
+    Ok(evt)
+}
+
+impl VirtioDevices {
+    /// Devices for a VM that boots: one virtio-blk per disk (opened and locked by the
+    /// caller), in order.
+    pub fn create(vm: &VmFd, mem: &GuestMemory, disks: Vec<Disk>) -> Result<Self, Error> {
+        if disks.len() > MAX_DEVICES {
+            return Err(Error::TooMany(disks.len()));
+        }
+        let mut entries = Vec::with_capacity(disks.len());
+        for (index, disk) in disks.into_iter().enumerate() {
+            let (base, gsi) = place(index);
+            let dev = block_device(&disk, index)?;
+            let t = MmioTransport::new(dev, mem.clone(), interrupt(vm, index, gsi)?)?;
+            entries.push(Entry {
+                backend: Backend::Disk(disk.config().clone()),
+                base,
+                gsi,
+                transport: Arc::new(Mutex::new(t)),
+                disk: Some(disk),
+            });
+        }
+        Ok(Self { entries })
+    }
+
+    /// Devices recreated from saved `states`, with the disks the caller opened for them
+    /// (in the order of the disk backends; locked or not, as the caller needs).
+    pub fn restore(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        states: &[VirtioState],
+        disks: Vec<Disk>,
+    ) -> Result<Self, Error> {
+        if states.len() > MAX_DEVICES {
+            return Err(Error::TooMany(states.len()));
+        }
+        let mut disks = disks.into_iter();
+        let mut entries = Vec::with_capacity(states.len());
+        for (index, s) in states.iter().enumerate() {
+            let (base, gsi) = place(index);
+            if (s.base, s.gsi) != (base, gsi) {
+                return Err(Error::Placement { index, saved_base: s.base, saved_gsi: s.gsi, base, gsi });
+            }
+            let (dev, disk) = match &s.backend {
+                Backend::Disk(cfg) => {
+                    let disk = match disks.next() {
+                        Some(d) => d,
+                        None => Disk::open_unlocked(cfg)?,
+                    };
+                    (block_device(&disk, index)?, Some(disk))
+                }
+            };
+            let t = MmioTransport::restore(&s.transport, dev, mem.clone(), interrupt(vm, index, gsi)?)
+                .map_err(|source| Error::Restore { index, source })?;
+            entries.push(Entry {
+                backend: s.backend.clone(),
+                base,
+                gsi,
+                transport: Arc::new(Mutex::new(t)),
+                disk,
+            });
+        }
+        Ok(Self { entries })
+    }
+
+    /// Places every transport on the MMIO bus.
+    pub fn attach(&self, bus: &mut Bus) -> Result<(), Error> {
+        for e in &self.entries {
+            bus.insert(e.base, MMIO_SIZE, e.transport.clone())?;
+        }
+        Ok(())
+    }
+
+    /// What the kernel command line must carry so the guest finds the devices.
+    pub fn cmdline(&self) -> String {
+        self.entries
+            .iter()
+            .map(|e| format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_SIZE >> 10, e.base, e.gsi))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Names for the migration's device list.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.backend.device_name(e.base)).collect()
+    }
+
+    /// The backends, in order.
+    pub fn backends(&self) -> Vec<Backend> {
+        self.entries.iter().map(|e| e.backend.clone()).collect()
+    }
+
+    /// Every device's state. The vCPUs must be paused (requests complete within the exit
+    /// that starts them, so none is in flight then).
+    pub fn save(&self) -> Vec<VirtioState> {
+        self.entries
+            .iter()
+            .map(|e| VirtioState {
+                backend: e.backend.clone(),
+                base: e.base,
+                gsi: e.gsi,
+                transport: e.transport.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            })
+            .collect()
+    }
+
+    /// Takes every disk's lock (a migration destination, before its vCPUs start). On a
+    /// failure the locks taken so far are dropped again.
+    pub fn lock_disks(&mut self) -> Result<(), Error> {
+        let mut taken = Vec::new();
+        for i in 0..self.entries.len() {
+            let r = match &mut self.entries[i].disk {
+                Some(d) if !d.is_locked() => d.lock().map(|()| true),
+                _ => Ok(false),
+            };
+            match r {
+                Ok(true) => taken.push(i),
+                Ok(false) => {}
+                Err(err) => {
+                    for j in taken {
+                        if let Some(d) = &mut self.entries[j].disk {
+                            d.unlock();
+                        }
+                    }
+                    return Err(err.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes and drops every disk's lock (a migration source that has stopped for good).
+    pub fn unlock_disks(&mut self) {
+        for e in &mut self.entries {
+            if let Some(d) = &mut e.disk {
+                d.unlock();
+            }
+        }
+    }
+
+    /// Whether there is no device.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Opens, without their locks, the disks a saved device list names, in order; checks
+/// each image exists and is usable before anything else happens.
+pub fn open_disks_unlocked(backends: &[Backend]) -> Result<Vec<Disk>, crate::disk::Error> {
+    backends
+        .iter()
+        .map(|b| match b {
+            Backend::Disk(cfg) => Disk::open_unlocked(cfg),
+        })
+        .collect()
+}
