@@ -8,7 +8,8 @@
 //! 0x0000_6040 ..0x0000_7000   PVH module list (initrd)
 //! 0x0000_7000 ..0x0000_8000   PVH memory map (e820-like)
 //! 0x0002_0000 ..0x0003_0000   kernel command line (64 KiB at most)
-//! 0x0009_fc00 ..0x0010_0000   EBDA / VGA / BIOS: reserved, not RAM
+//! 0x0009_fc00 ..0x0010_0000   EBDA / VGA / BIOS: reserved, not RAM; inside it:
+//! 0x000e_0000 ..0x000f_0000     ACPI tables, RSDP first (written by ferry-acpi)
 //! 0x0010_0000 ..              the kernel (ELF segments must start at or above 1 MiB)
 //! ...           ..top of low RAM  initrd, placed as high as possible below the MMIO hole
 //! 0xc000_0000 ..0x1_0000_0000 32-bit MMIO hole (LAPIC, IOAPIC, future device windows)
@@ -37,6 +38,12 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// End of usable RAM below 1 MiB (start of the EBDA).
 pub const EBDA_START: u64 = 0x9fc00;
+/// Start of the ACPI table area, in the BIOS area the memory map reserves. The RSDP is
+/// its first structure: 16-byte aligned inside 0xe_0000..0x10_0000, where a guest that is
+/// not told the RSDP's address (PVH `rsdp_paddr` left 0) scans for it.
+pub const ACPI_START: u64 = 0xe_0000;
+/// Size of the ACPI table area (64 KiB: 0xe_0000..0xf_0000).
+pub const ACPI_SIZE: u64 = 0x1_0000;
 /// Start of high memory: kernels load here or above.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

@@ -121,6 +121,13 @@ fn write<T: vm_memory::ByteValued, M: GuestMemoryBackend>(
     mem.write_obj(value, GuestAddress(addr)).map_err(|source| Error::WriteBootData { what, source })
 }
 
+/// Points the `hvm_start_info` written by [`load_pvh`] at the ACPI RSDP at `rsdp` (the
+/// guest then finds its ACPI tables without scanning the BIOS area).
+pub fn set_rsdp<M: GuestMemoryBackend>(mem: &M, rsdp: GuestAddress) -> Result<(), Error> {
+    let at = PVH_INFO_START + std::mem::offset_of!(hvm_start_info, rsdp_paddr) as u64;
+    write(mem, "the ACPI RSDP address", rsdp.0, at)
+}
+
 /// Loads `kernel` (a PVH ELF), `cmdline` and `initrd` into `mem`, a guest of `mem_size`
 /// bytes laid out by [`ferry_arch::layout`], and writes `hvm_start_info`.
 pub fn load_pvh<M, K, I>(

@@ -131,3 +131,16 @@ fn rejects_bad_cmdline() {
         Err(Error::CmdlineNul)
     ));
 }
+
+#[test]
+fn rsdp_address_goes_into_start_info() {
+    let mem = memory(64 << 20);
+    let elf = make_elf(0x10_0000, &[0xf4; 16], Some(0x10_0000));
+    load_pvh(&mem, 64 << 20, &mut Cursor::new(&elf), "", NO_INITRD).expect("load");
+    let start: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("start info");
+    assert_eq!(start.rsdp_paddr, 0);
+    set_rsdp(&mem, GuestAddress(0xe_0000)).expect("rsdp");
+    let start: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("start info");
+    assert_eq!(start.rsdp_paddr, 0xe_0000);
+    assert_eq!(start.magic, XEN_HVM_START_MAGIC_VALUE, "nothing else changed");
+}

@@ -150,6 +150,9 @@ pub enum Error {
     /// The VM was lost in a migration (the destination failed after taking it over).
     #[error("the VM was lost in a migration: {0}")]
     MigrationLost(String),
+    /// The ACPI tables could not be built.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] ferry_acpi::Error),
     /// A virtio device (or the disk image behind it) could not be set up.
     #[error(transparent)]
     Virtio(#[from] virtio::Error),
@@ -375,6 +378,9 @@ impl Vmm {
         }
         .map_err(boot_err)?;
         regs::write_boot_tables(&mem).map_err(|source| Error::SetupVcpu { index: 0, source })?;
+        // ACPI: the CPUs (MADT) and the virtio devices (DSDT), for guests that read them.
+        let rsdp = ferry_acpi::write_tables(&mem, vcpu_count, &virtio.acpi_devices())?;
+        ferry_boot::set_rsdp(&mem, rsdp).map_err(boot_err)?;
         tracing::debug!(entry = format_args!("{:#x}", boot.entry.0), initrd = ?boot.initrd, "kernel loaded");
 
         let devices = create_devices(&vm_fd, &config.serial, None, virtio)?;

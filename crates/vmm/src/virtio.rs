@@ -1,7 +1,7 @@
 //! The VM's virtio devices: where each sits (a 4 KiB virtio-mmio window from
 //! [`MMIO_BASE`], one IOAPIC pin from [`FIRST_GSI`], in the order given on the command
 //! line), how the guest learns of them (`virtio_mmio.device=4K@BASE:GSI` on the kernel
-//! command line), their interrupts (an irqfd per device) and their state in checkpoints
+//! command line, and a `LNRO0005` device in the ACPI DSDT, see `ferry-acpi`), their interrupts (an irqfd per device) and their state in checkpoints
 //! and migrations ([`VirtioState`]).
 //!
 //! A disk's image is held under its lock ([`crate::disk`]) for as long as the device
@@ -238,6 +238,14 @@ impl VirtioDevices {
             .map(|e| format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_SIZE >> 10, e.base, e.gsi))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// The devices as the ACPI tables describe them (a DSDT entry each).
+    pub fn acpi_devices(&self) -> Vec<ferry_acpi::MmioDevice> {
+        self.entries
+            .iter()
+            .map(|e| ferry_acpi::MmioDevice { base: e.base, len: MMIO_SIZE, gsi: e.gsi })
+            .collect()
     }
 
     /// Names for the migration's device list.
