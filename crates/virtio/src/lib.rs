@@ -1,4 +1,5 @@
-//! Virtio devices for Ferry: the virtio-mmio transport and a virtio-blk device.
+//! Virtio devices for Ferry: the virtio-mmio transport, a virtio-blk and a virtio-net
+//! device.
 //!
 //! What is here:
 //!
@@ -12,6 +13,13 @@
 //! - [`block::Block`]: a virtio-blk device backed by a raw image in a [`std::fs::File`]:
 //!   `IN`, `OUT`, `FLUSH` and `GET_ID` requests, read-only images, sector ranges checked
 //!   against the capacity.
+//! - [`net::Net`]: a virtio-net device on a [`ferry_net::Tap`]: one receive and one
+//!   transmit queue, the MAC and a link-up status in the configuration space, no
+//!   offloads. Transmit runs in the guest's `QueueNotify` exit; receive is
+//!   device-initiated, run by the VMM's event loop through
+//!   [`MmioTransport::device_event`] when the tap is readable or the guest added receive
+//!   buffers (see [`device::QueueKind::Receive`]). Frames it cannot pass on are dropped
+//!   and counted ([`net::NetStats`]).
 //! - [`persist`]: the serialisable state of a transport and its queues, enough to recreate
 //!   both on another host ([`mmio::MmioTransport::state`], [`mmio::MmioTransport::restore`]),
 //!   with every field checked on restore.
@@ -25,7 +33,8 @@
 //! together with KVM's dirty log.
 //!
 //! Guest mistakes never stop the VMM: a request the device cannot serve completes with an
-//! error status (`VIRTIO_BLK_S_IOERR`, `VIRTIO_BLK_S_UNSUPP`); a queue the device cannot
+//! error status (`VIRTIO_BLK_S_IOERR`, `VIRTIO_BLK_S_UNSUPP`) or, for a NIC, an empty used
+//! element and a dropped frame; a queue the device cannot
 //! use (rings outside guest memory, a bad size, a looping or truncated descriptor chain, an
 //! available index too far ahead) puts the device in `DEVICE_NEEDS_RESET` and it ignores
 //! that guest until it resets the device.
@@ -46,6 +55,27 @@
 //! restored guest memory and a new eventfd (also available as
 //! [`ferry_checkpoint::Persist`]).
 //!
+//! A NIC also needs the VMM's event loop (level-triggered epoll), which watches the
+//! transport's event fd always and the tap only while the device can take frames:
+//!
+//! ```text
+//! let net = Net::new(Tap::open(&cfg.tap)?, cfg.mac);    // on restore: net::saved_mac(&state)
+//! let handle = net.handle();                             // tap fd, counters, announce()
+//! let transport = MmioTransport::new(Box::new(net), guest_memory.clone(), irq)?;  // or ::restore
+//! let event_fd = transport.event_fd().expect("a NIC has one").try_clone()?;
+//! epoll.add(&event_fd, EPOLLIN);                         // always; the tap fd not yet
+//! // when event_fd or the tap fd is readable:
+//! match transport.lock().device_event() {                // clears event_fd
+//!     Poll::Backend => epoll.add_or_keep(handle.tap_fd(), EPOLLIN),
+//!     Poll::WaitForDriver => epoll.remove_if_there(handle.tap_fd()),
+//! }
+//! // after a migration, once the vCPUs run: handle.announce() at each ferry_net::rarp::schedule() delay
+//! ```
+//!
+//! The event fd fires when the driver starts the device, adds receive buffers, and right
+//! after a restore of a running device, so the tap is watched as soon as there is
+//! somewhere to put its frames.
+//!
 //! What is not here (yet):
 //!
 //! - `VIRTIO_F_RING_EVENT_IDX` (notification suppression by index): not offered. The
@@ -56,12 +86,17 @@
 //!   the PCI transport.
 //! - virtio-blk `DISCARD`, `WRITE_ZEROES`, multiple queues, and any asynchronous I/O:
 //!   requests run to completion inside the `QueueNotify` exit.
-//! - virtio-net and every other device type.
+//! - virtio-net offloads (checksum, TSO/GSO, `MRG_RXBUF`), its control queue, multiple
+//!   queue pairs, `VIRTIO_NET_F_MTU`, link status changes and indirect descriptors (not
+//!   offered to a NIC); without `VIRTIO_F_RING_EVENT_IDX` the guest kicks the receive
+//!   queue after every refill.
+//! - Every other device type.
 
 pub mod block;
 pub mod chain;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 mod queue;
 
@@ -70,8 +105,9 @@ mod testing;
 
 pub use block::Block;
 pub use chain::Chain;
-pub use device::VirtioDevice;
-pub use mmio::MmioTransport;
+pub use device::{Poll, QueueKind, VirtioDevice};
+pub use mmio::{DeviceQueues, MmioTransport};
+pub use net::{Net, NetHandle, NetStats};
 pub use persist::{MmioTransportState, VirtQueueState};
 
 /// Guest memory as the VMM maps it: `vm-memory` regions that log the VMM's own writes.

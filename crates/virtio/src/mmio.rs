@@ -49,6 +49,18 @@
 //! Requests added after the device looked arrive with their own notification, since the
 //! device never asks the driver to suppress them.
 //!
+//! ## Device-initiated work
+//!
+//! A queue of kind [`QueueKind::Receive`] (a network device's receive queue) is not
+//! served on notification: the driver only lent the device buffers, which it fills when
+//! input arrives on its backend. A transport for such a device has an event fd
+//! ([`MmioTransport::event_fd`]); the transport signals it when the driver notifies a
+//! receive queue and when the driver starts the device. The VMM's event loop watches it,
+//! and the device's backend fd ([`MmioTransport::backend_fd`]) while
+//! [`MmioTransport::device_event`] says [`Poll::Backend`], and calls `device_event` when
+//! either is readable. The device takes and completes chains there, through
+//! [`DeviceQueues`]; the transport raises one interrupt for the batch.
+//!
 //! ## Broken queues
 //!
 //! If the driver makes ready a queue whose rings are misaligned, of a bad size or not in
@@ -57,6 +69,7 @@
 //! `DEVICE_NEEDS_RESET`, raises a configuration-change interrupt if the driver was
 //! running, and ignores notifications until the driver resets it.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::virtio_config::{
@@ -68,10 +81,10 @@ use virtio_bindings::virtio_mmio as reg;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::chain::{self, Chain};
-use crate::device::VirtioDevice;
+use crate::device::{Poll, QueueKind, VirtioDevice};
 use crate::queue::{self, VirtQueue};
 use crate::GuestMemory;
 
@@ -210,6 +223,9 @@ pub enum Error {
         #[source]
         source: chain::Error,
     },
+    /// The event fd of a device with a receive queue cannot be created.
+    #[error("cannot create the virtio device's event fd")]
+    EventFd(#[source] std::io::Error),
 }
 
 /// A virtio device behind a virtio-mmio register block.
@@ -229,6 +245,9 @@ pub struct MmioTransport {
     pub(crate) interrupt_status: u32,
     pub(crate) config_generation: u32,
     pub(crate) queues: Vec<VirtQueue>,
+    /// Signalled when the device has work for [`MmioTransport::device_event`]; only for
+    /// devices with a [`QueueKind::Receive`] queue.
+    pub(crate) event: Option<EventFd>,
 }
 
 impl MmioTransport {
@@ -248,6 +267,12 @@ impl MmioTransport {
             queues.push(VirtQueue::new(size));
         }
         let device_features = Self::offered_features(device.as_ref());
+        // `count` fits in a u16 (checked above).
+        let event = if (0..count as u16).any(|q| device.queue_kind(q) == QueueKind::Receive) {
+            Some(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?)
+        } else {
+            None
+        };
         Ok(Self {
             device,
             mem,
@@ -261,6 +286,7 @@ impl MmioTransport {
             interrupt_status: 0,
             config_generation: 0,
             queues,
+            event,
         })
     }
 
@@ -300,6 +326,66 @@ impl MmioTransport {
     /// The features the driver accepted (meaningful once `FEATURES_OK` is set).
     pub fn driver_features(&self) -> u64 {
         self.driver_features
+    }
+
+    /// The fd the VMM's event loop always watches (for readability) for a device with
+    /// device-initiated work (a receive queue), calling [`MmioTransport::device_event`]
+    /// when it fires. `None` for devices that only serve requests (virtio-blk).
+    pub fn event_fd(&self) -> Option<&EventFd> {
+        self.event.as_ref()
+    }
+
+    /// The device's backend fd (a tap), which the VMM watches for readability while
+    /// [`MmioTransport::device_event`] last said [`Poll::Backend`].
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Runs the device's device-initiated work (for a network device: moves frames from
+    /// its tap into the receive queue's buffers), interrupting the guest once if any
+    /// buffer was used. The VMM's event loop calls it when the transport's event fd or
+    /// the backend fd is readable; it clears the event fd. Returns whether to keep
+    /// watching the backend fd. Does nothing (and says [`Poll::WaitForDriver`]) while the
+    /// driver is not running the device; the event fd fires when it starts it.
+    pub fn device_event(&mut self) -> Poll {
+        if let Some(event) = &self.event {
+            // Clears the counter; fails with EAGAIN if it was not signalled, which is fine.
+            let _ = event.read();
+        }
+        if !self.running() {
+            return Poll::WaitForDriver;
+        }
+        let mut queues =
+            DeviceQueues { queues: &mut self.queues, mem: &self.mem, completed: Vec::new(), error: None };
+        let poll = self.device.device_event(&mut queues);
+        let DeviceQueues { completed, error, .. } = queues;
+        let interrupt = completed.iter().any(|&index| {
+            self.queues[usize::from(index)].ring.as_ref().is_some_and(|ring| wants_interrupt(ring, &self.mem))
+        });
+        if interrupt {
+            self.raise(INT_USED_RING);
+        }
+        if let Some(e) = error {
+            self.fail(e);
+            return Poll::WaitForDriver;
+        }
+        poll
+    }
+
+    /// Whether the driver is running the device: `DRIVER_OK`, and neither
+    /// `DEVICE_NEEDS_RESET` nor `FAILED`.
+    fn running(&self) -> bool {
+        self.status & (status::DRIVER_OK | status::NEEDS_RESET | status::FAILED) == status::DRIVER_OK
+    }
+
+    /// Signals the event fd, if the device has one: there is work for `device_event`.
+    pub(crate) fn wake(&self) {
+        if let Some(event) = &self.event {
+            if let Err(e) = event.write(1) {
+                let error: &dyn std::error::Error = &e;
+                tracing::warn!(error, "cannot signal the virtio device's event fd");
+            }
+        }
     }
 
     /// Handles a read of `data.len()` bytes at `offset` in the register block.
@@ -484,6 +570,8 @@ impl MmioTransport {
         self.status = new | (old & status::NEEDS_RESET);
         if (new & !old) & status::DRIVER_OK != 0 {
             self.device.activate(self.driver_features);
+            // Receive buffers the driver added (and notified) before DRIVER_OK are usable now.
+            self.wake();
         }
     }
 
@@ -525,7 +613,7 @@ impl MmioTransport {
     }
 
     fn notify(&mut self, value: u32) {
-        if self.status & (status::DRIVER_OK | status::NEEDS_RESET | status::FAILED) != status::DRIVER_OK {
+        if !self.running() {
             tracing::debug!(
                 queue = value,
                 status = self.status,
@@ -541,6 +629,11 @@ impl MmioTransport {
             tracing::debug!(queue = value, "notification for a queue that is not ready");
             return;
         };
+        if self.device.queue_kind(index) == QueueKind::Receive {
+            // New buffers: the device fills them from the VMM's event loop.
+            self.wake();
+            return;
+        }
         let (completed, result) = serve_queue(self.device.as_mut(), index, ring, &self.mem);
         if completed > 0 && wants_interrupt(ring, &self.mem) {
             self.raise(INT_USED_RING);
@@ -565,26 +658,101 @@ fn serve_queue(
     };
     let mut completed = 0;
     while ring.next_avail() != end {
-        // `iter` re-reads the available index and refuses one more than a queue ahead.
-        let popped = match ring.iter(mem) {
-            Ok(mut avail) => avail.next(),
-            Err(source) => return (completed, Err(Error::Ring { index, source })),
-        };
-        let Some(desc_chain) = popped else {
-            return (completed, Err(Error::AvailEntry { index }));
-        };
-        let head = desc_chain.head_index();
-        let chain = match Chain::collect(desc_chain, mem) {
+        let chain = match take_chain(index, ring, mem) {
             Ok(chain) => chain,
-            Err(source) => return (completed, Err(Error::Chain { index, head, source })),
+            Err(e) => return (completed, Err(e)),
         };
         let len = device.process(index, &chain, mem);
-        if let Err(source) = ring.add_used(mem, head, len) {
+        if let Err(source) = ring.add_used(mem, chain.head_index(), len) {
             return (completed, Err(Error::Ring { index, source }));
         }
         completed += 1;
     }
     (completed, Ok(()))
+}
+
+/// Takes the next chain the driver made available on `ring`, which it said is there.
+fn take_chain(index: u16, ring: &mut Queue, mem: &GuestMemory) -> Result<Chain, Error> {
+    // `iter` re-reads the available index and refuses one more than a queue ahead.
+    let popped = match ring.iter(mem) {
+        Ok(mut avail) => avail.next(),
+        Err(source) => return Err(Error::Ring { index, source }),
+    };
+    let Some(desc_chain) = popped else {
+        return Err(Error::AvailEntry { index });
+    };
+    let head = desc_chain.head_index();
+    Chain::collect(desc_chain, mem).map_err(|source| Error::Chain { index, head, source })
+}
+
+/// A device's access to its queues during [`VirtioDevice::device_event`]: it takes the
+/// chains the driver made available and completes them, one at a time.
+///
+/// A queue the device finds broken (an available index too far ahead, an unreadable
+/// entry, a chain that does not terminate) ends the device's access: every later call
+/// finds nothing, and the transport puts the device in `DEVICE_NEEDS_RESET` afterwards.
+#[derive(Debug)]
+pub struct DeviceQueues<'a> {
+    queues: &'a mut [VirtQueue],
+    mem: &'a GuestMemory,
+    /// The queues with chains completed, for the interrupt.
+    completed: Vec<u16>,
+    error: Option<Error>,
+}
+
+impl DeviceQueues<'_> {
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemory {
+        self.mem
+    }
+
+    /// Whether the driver has made a chain available on `queue` that the device has not
+    /// taken yet. False for a queue that does not exist or is not ready.
+    pub fn has_available(&mut self, queue: u16) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let Some(ring) = self.queues.get(usize::from(queue)).and_then(|q| q.ring.as_ref()) else {
+            return false;
+        };
+        match ring.avail_idx(self.mem, Ordering::Acquire) {
+            Ok(idx) => idx.0 != ring.next_avail(),
+            Err(source) => {
+                self.error = Some(Error::Ring { index: queue, source });
+                false
+            }
+        }
+    }
+
+    /// Takes the next available chain of `queue`, calls `f` with it, and completes it with
+    /// the length `f` returns (the bytes it wrote into the chain's writable buffers).
+    /// Returns whether there was a chain (and `f` was called); false if there is none, the
+    /// queue is not ready, or it is broken.
+    pub fn serve_next(&mut self, queue: u16, f: impl FnOnce(&Chain, &GuestMemory) -> u32) -> bool {
+        if !self.has_available(queue) {
+            return false;
+        }
+        let mem = self.mem;
+        let Some(ring) = self.queues.get_mut(usize::from(queue)).and_then(|q| q.ring.as_mut()) else {
+            return false;
+        };
+        let chain = match take_chain(queue, ring, mem) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.error = Some(e);
+                return false;
+            }
+        };
+        let len = f(&chain, mem);
+        if let Err(source) = ring.add_used(mem, chain.head_index(), len) {
+            self.error = Some(Error::Ring { index: queue, source });
+            return true;
+        }
+        if !self.completed.contains(&queue) {
+            self.completed.push(queue);
+        }
+        true
+    }
 }
 
 /// Whether the driver wants an interrupt for new used buffers: unless it set
@@ -1032,6 +1200,128 @@ mod tests {
         }
         // Not just garbage bouncing off the first check: requests did complete.
         assert!(interrupts > 1000, "only {interrupts} interrupts in all");
+    }
+
+    /// A device whose queue 0 is a receive queue: each device event fills every available
+    /// chain with up to 4 bytes of "fill". Counts the chains `process` sees.
+    #[derive(Debug)]
+    struct Filler {
+        queues: Vec<u16>,
+        processed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl VirtioDevice for Filler {
+        fn device_type(&self) -> u32 {
+            43
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.queues
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process(&mut self, _queue: u16, _chain: &Chain, _mem: &GuestMemory) -> u32 {
+            self.processed.fetch_add(1, Ordering::Relaxed);
+            0
+        }
+        fn queue_kind(&self, queue: u16) -> QueueKind {
+            if queue == 0 {
+                QueueKind::Receive
+            } else {
+                QueueKind::Request
+            }
+        }
+        fn device_event(&mut self, queues: &mut DeviceQueues<'_>) -> Poll {
+            assert!(!queues.has_available(7), "no such queue");
+            while queues.serve_next(0, |chain, mem| {
+                let n = chain.writable_len().min(4) as usize;
+                chain.write_at(mem, 0, &b"fill"[..n]).map_or(0, |()| n as u32)
+            }) {}
+            Poll::WaitForDriver
+        }
+    }
+
+    #[test]
+    fn receive_queues_are_left_to_device_events() {
+        let processed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut d = Driver::new(Box::new(Filler { queues: vec![16, 16], processed: processed.clone() }));
+        let event =
+            d.t.event_fd()
+                .expect("a device with a receive queue has an event fd")
+                .try_clone()
+                .expect("clone");
+        assert_eq!(d.t.backend_fd(), None);
+        // Before DRIVER_OK: nothing happens.
+        d.negotiate();
+        d.setup_queue(u32::from(QSIZE), DESC, AVAIL, USED);
+        d.add_chain(&[(DATA, 8, true)]);
+        d.notify();
+        assert!(event.read().is_err(), "notifications before DRIVER_OK are ignored");
+        assert_eq!(d.t.device_event(), Poll::WaitForDriver);
+        assert_eq!(d.used_idx(), 0);
+        // DRIVER_OK signals the event fd: buffers added before are usable now.
+        d.add_status(status::DRIVER_OK);
+        assert_eq!(event.read().expect("signalled"), 1);
+        d.t.device_event();
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(d.used_elem(0).1, 4);
+        assert_eq!(d.take_irq(), 1);
+        // A notification of the receive queue only signals the event fd.
+        for _ in 0..3 {
+            d.add_chain(&[(DATA, 2, true)]);
+        }
+        d.notify();
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(processed.load(Ordering::Relaxed), 0);
+        assert_eq!(event.read().expect("signalled"), 1);
+        d.notify();
+        // The device event takes all three, with one interrupt, and clears the event fd.
+        d.t.device_event();
+        assert!(event.read().is_err(), "cleared");
+        assert_eq!(d.used_idx(), 4);
+        assert_eq!(d.used_elem(3).1, 2);
+        let mut b = [0u8; 4];
+        d.mem.read_slice(&mut b, GuestAddress(DATA)).expect("read");
+        assert_eq!(&b, b"fill");
+        assert_eq!(d.take_irq(), 1);
+        // Nothing completed: no interrupt. The driver asks for none: none.
+        d.t.device_event();
+        assert_eq!(d.take_irq(), 0);
+        d.mem.write_obj(1u16.to_le(), GuestAddress(AVAIL)).expect("flags");
+        d.add_chain(&[(DATA, 2, true)]);
+        d.t.device_event();
+        assert_eq!(d.used_idx(), 5);
+        assert_eq!(d.take_irq(), 0);
+        d.mem.write_obj(0u16.to_le(), GuestAddress(AVAIL)).expect("flags");
+        // A broken chain: DEVICE_NEEDS_RESET and a configuration interrupt.
+        d.write_desc(DESC, 0, DATA, 8, VRING_DESC_F_NEXT as u16, 0);
+        d.publish(0);
+        assert_eq!(d.t.device_event(), Poll::WaitForDriver);
+        assert_ne!(d.status() & status::NEEDS_RESET, 0);
+        assert_ne!(d.read_reg(regs::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert_eq!(d.take_irq(), 1);
+        assert_eq!(d.used_idx(), 5);
+        // The state saves and restores (nothing in flight), and a reset brings it back.
+        let state = d.t.state();
+        let efd = EventFd::new(0).expect("eventfd");
+        let filler = Filler { queues: vec![16, 16], processed: processed.clone() };
+        MmioTransport::restore(&state, Box::new(filler), d.mem.clone(), efd).expect("restore");
+        d.start();
+        d.add_chain(&[(DATA, 8, true)]);
+        d.t.device_event();
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(processed.load(Ordering::Relaxed), 0);
+        // Devices without a receive queue have no event fd, and device events do nothing.
+        let (_img, mut blk) = blk_driver();
+        assert!(blk.t.event_fd().is_none());
+        blk.start();
+        blk.write_header(VIRTIO_BLK_T_IN, 0);
+        blk.add_chain(&[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        assert_eq!(blk.t.device_event(), Poll::WaitForDriver);
+        assert_eq!(blk.used_idx(), 0);
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Saving and restoring a virtio-mmio transport and its queues, for checkpoints and live
 //! migration.
 //!
-//! The state is taken between vCPU exits: requests are served synchronously inside the
-//! `QueueNotify` exit, so none is ever in flight and every request is either completed
-//! (in the used ring, in guest memory) or still only in the available ring, where the
-//! restored device finds it at `next_avail`. The device itself carries no state of its
-//! own beyond what is here (virtio-blk: its image, given again on restore); the
-//! configuration space is saved so that a restore onto a different device (another image
-//! size, a read-only flag that changed) is refused instead of surprising the guest.
+//! The state is taken between vCPU exits and device events: requests are served
+//! synchronously inside the `QueueNotify` exit, and a device event completes every chain
+//! it takes before it returns, so none is ever in flight and every chain is either
+//! completed (in the used ring, in guest memory) or still only in the available ring,
+//! where the restored device finds it at `next_avail`. The device itself carries no state
+//! of its own beyond what is here (virtio-blk: its image, given again on restore;
+//! virtio-net: its MAC, in the configuration space, and a tap, any tap); the configuration
+//! space is saved so that a restore onto a different device (another image size, a
+//! read-only flag that changed, another MAC) is refused instead of surprising the guest.
 //!
 //! Compatibility: fields are only ever added, with `#[serde(default)]`, following the
 //! rule of `ferry-checkpoint`.
@@ -245,6 +247,8 @@ impl MmioTransport {
         t.config_generation = state.config_generation;
         if t.status & status::DRIVER_OK != 0 {
             t.device.activate(t.driver_features);
+            // A device with device-initiated work looks at its queues at once.
+            t.wake();
         }
         if t.interrupt_status != 0 {
             // The bits are already set; this only writes the eventfd.

@@ -213,7 +213,15 @@ impl Driver {
 
     /// Sets up queue 0 at `DESC`/`AVAIL`/`USED` with `size` entries and makes it ready.
     pub fn setup_queue(&mut self, size: u32, desc: u64, avail: u64, used: u64) {
-        self.write_reg(regs::QUEUE_SEL, 0);
+        self.configure_queue(0, size, desc, avail, used);
+        self.avail_idx = 0;
+        self.next_desc = 0;
+    }
+
+    /// Sets up queue `index` with `size` entries at `desc`/`avail`/`used` (zeroed) and
+    /// makes it ready.
+    pub fn configure_queue(&mut self, index: u32, size: u32, desc: u64, avail: u64, used: u64) {
+        self.write_reg(regs::QUEUE_SEL, index);
         assert_eq!(self.read_reg(regs::QUEUE_READY), 0);
         self.write_reg(regs::QUEUE_NUM, size);
         for (low, value) in
@@ -226,8 +234,6 @@ impl Driver {
         for addr in [desc, avail, used] {
             let _ = self.mem.write_slice(&[0u8; 16 * 16], GuestAddress(addr));
         }
-        self.avail_idx = 0;
-        self.next_desc = 0;
         self.write_reg(regs::QUEUE_READY, 1);
     }
 
@@ -337,5 +343,87 @@ impl Driver {
         let mut data = vec![0u8; in_len as usize];
         self.mem.read_slice(&mut data, GuestAddress(DATA)).expect("data");
         Completion { len, status: status[0], data }
+    }
+}
+
+/// A queue of its own, as a driver of a device with several queues keeps it: where its
+/// rings are, and the driver's positions in them.
+#[derive(Debug)]
+pub struct Ring {
+    pub index: u32,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub avail_idx: u16,
+    pub next_desc: u16,
+    /// The used elements the driver has looked at.
+    pub seen_used: u16,
+}
+
+impl Ring {
+    /// Queue `index` of `QSIZE` entries with its rings at `base`, `base + 0x1000` and
+    /// `base + 0x2000`.
+    pub fn new(index: u32, base: u64) -> Self {
+        Self {
+            index,
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            avail_idx: 0,
+            next_desc: 0,
+            seen_used: 0,
+        }
+    }
+
+    /// Configures the queue through `d`'s registers and makes it ready.
+    pub fn setup(&mut self, d: &mut Driver) {
+        d.configure_queue(self.index, u32::from(QSIZE), self.desc, self.avail, self.used);
+        self.avail_idx = 0;
+        self.next_desc = 0;
+        self.seen_used = 0;
+    }
+
+    /// Writes a chain of `(addr, len, device-writable)` buffers at the next free
+    /// descriptors and publishes it (no notification). Returns its head.
+    pub fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let index = self.next_desc;
+            let next = (index + 1) % QSIZE;
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(self.desc + 16 * u64::from(index))).expect("descriptor");
+            self.next_desc = next;
+        }
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        mem.write_obj(head.to_le(), GuestAddress(slot)).expect("avail entry");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2)).expect("avail idx");
+        head
+    }
+
+    pub fn used_idx(&self, mem: &GuestMemory) -> u16 {
+        u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used idx"))
+    }
+
+    /// The used elements not looked at yet: (id, len) each.
+    pub fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u32, u32)> {
+        let end = self.used_idx(mem);
+        let mut out = Vec::new();
+        while self.seen_used != end {
+            let at = self.used + 4 + 8 * u64::from(self.seen_used % QSIZE);
+            let id: u32 = mem.read_obj(GuestAddress(at)).expect("used id");
+            let len: u32 = mem.read_obj(GuestAddress(at + 4)).expect("used len");
+            out.push((u32::from_le(id), u32::from_le(len)));
+            self.seen_used = self.seen_used.wrapping_add(1);
+        }
+        out
     }
 }
