@@ -38,6 +38,49 @@ pub struct VmInfo {
     /// The migration in progress, or the last one this VMM attempted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationInfo>,
+    /// The virtio devices, in window order.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// One virtio device in [`VmInfo`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Kind and MMIO window, e.g. `virtio-blk@0xd0000000`.
+    pub name: String,
+    /// Its interrupt (IOAPIC pin).
+    pub gsi: u32,
+    /// The disk image's path, or the tap's name.
+    pub backend: String,
+    /// A disk: whether the guest may only read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<bool>,
+    /// A disk: whether this VMM holds the image's lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<bool>,
+    /// A NIC: its MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// A NIC: frames and bytes through it since this VMM started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<NicStats>,
+}
+
+/// A NIC's counters.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames from the tap dropped (the guest's buffer too small, or unusable).
+    pub rx_dropped: u64,
+    /// Frames the guest sent to the tap.
+    pub tx_frames: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames from the guest dropped (malformed, or the tap full or down).
+    pub tx_dropped: u64,
 }
 
 /// `PUT /vm/migrate`: live-migrate the VM to a `ferry receive` listening at `to`.

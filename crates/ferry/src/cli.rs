@@ -129,6 +129,11 @@ pub struct ReceiveArgs {
     /// must be the same file on both hosts: put homes on shared storage).
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Use tap NEW on this host for the NIC that used tap OLD on the source (repeatable).
+    /// Taps belong to hosts; the NIC's MAC moves with the VM. Default: a tap of the same
+    /// name, which must exist here (ip tuntap add NAME mode tap).
+    #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]
+    pub tap_map: Vec<(String, String)>,
 }
 
 /// Arguments of `ferry migrate`.
@@ -276,6 +281,12 @@ pub struct RunArgs {
     /// second VM on the same image is refused; the lock moves with the VM in a migration.
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
     pub disks: Vec<ferry_vmm::disk::DiskConfig>,
+    /// A NIC: a virtio-net device on an existing tap device, with the given MAC
+    /// (repeatable; after the disks' windows and IRQs). Ferry does not create taps: make
+    /// one with `ip tuntap add NAME mode tap` and put it on a bridge. After a live
+    /// migration the destination announces each MAC (RARP) so switches learn the move.
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    pub nets: Vec<ferry_net::NetConfig>,
 }
 
 /// Arguments of `ferry restore`.
@@ -297,6 +308,10 @@ pub struct RestoreArgs {
     /// names (so a suspended VM resumes under its own lock), or a new one.
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Use tap NEW for the NIC that used tap OLD when the checkpoint was taken (repeatable;
+    /// a restore on another host). Default: the same tap name.
+    #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]
+    pub tap_map: Vec<(String, String)>,
 }
 
 /// The API socket of the VM to act on.
@@ -347,4 +362,12 @@ pub struct GuestsArgs {
     /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_tap_map(s: &str) -> Result<(String, String), String> {
+    let (old, new) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected OLD=NEW (tap names)"))?;
+    for name in [old, new] {
+        ferry_net::tap::check_name(name).map_err(|e| e.to_string())?;
+    }
+    Ok((old.to_owned(), new.to_owned()))
 }

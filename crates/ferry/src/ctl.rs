@@ -33,6 +33,25 @@ pub fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
         if let Some(from) = info.restored_from {
             println!("restored: from {}", from.display());
         }
+        for d in &info.devices {
+            let mut line = format!("device:   {} irq {} on {}", d.name, d.gsi, d.backend);
+            if d.readonly == Some(true) {
+                line.push_str(", read-only");
+            }
+            if let Some(locked) = d.locked {
+                line.push_str(if locked { ", locked" } else { ", NOT locked" });
+            }
+            if let Some(mac) = &d.mac {
+                line.push_str(&format!(", mac {mac}"));
+            }
+            if let Some(s) = &d.stats {
+                line.push_str(&format!(
+                    ", rx {} frames ({} dropped), tx {} frames ({} dropped)",
+                    s.rx_frames, s.rx_dropped, s.tx_frames, s.tx_dropped
+                ));
+            }
+            println!("{line}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

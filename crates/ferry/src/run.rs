@@ -47,6 +47,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
         home: args.home,
         disks: args.disks,
+        nets: args.nets,
     };
     let vmm = Vmm::build(config).context("cannot start the VM")?;
     finish(vmm.run()?)
@@ -59,6 +60,7 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
         home: args.home,
         started_ns,
+        tap_map: args.tap_map,
     };
     let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;
     finish(vmm.run()?)
@@ -72,6 +74,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
         home: args.home,
         started_ns,
+        tap_map: args.tap_map,
     };
     let vmm = match Vmm::receive(config) {
         Ok(v) => v,

@@ -122,6 +122,8 @@ pub struct VmConfig {
     pub home: Option<PathBuf>,
     /// Disk images, one virtio-blk device each, in order.
     pub disks: Vec<crate::disk::DiskConfig>,
+    /// NICs on tap devices, one virtio-net device each, after the disks.
+    pub nets: Vec<ferry_net::NetConfig>,
 }
 
 impl VmConfig {

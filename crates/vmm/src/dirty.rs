@@ -149,6 +149,7 @@ mod tests {
             api_socket: None,
             home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
             disks: Vec::new(),
+            nets: Vec::new(),
         })
         .expect("build");
         let log = vmm.dirty_log();

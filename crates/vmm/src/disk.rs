@@ -195,19 +195,17 @@ impl Disk {
         self.locked
     }
 
-    /// Opens every image, refusing the same file twice.
-    pub fn open_all(configs: &[DiskConfig]) -> Result<Vec<Disk>, Error> {
+    /// Refuses the same image twice in one VM.
+    pub fn check_distinct(configs: &[DiskConfig]) -> Result<(), Error> {
         let mut seen = Vec::new();
-        let mut disks = Vec::new();
         for c in configs {
             let id = std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone());
             if seen.contains(&id) {
                 return Err(Error::Duplicate { path: c.path.clone() });
             }
             seen.push(id);
-            disks.push(Disk::open(c)?);
         }
-        Ok(disks)
+        Ok(())
     }
 
     /// What it was opened from.
@@ -323,7 +321,7 @@ mod tests {
         assert!(matches!(Disk::open(&odd), Err(Error::Size { size: 1000, .. })));
         let p = image(&d, 4096);
         let twice = [DiskConfig { path: p.clone(), readonly: true }, DiskConfig { path: p, readonly: true }];
-        assert!(matches!(Disk::open_all(&twice), Err(Error::Duplicate { .. })));
+        assert!(matches!(Disk::check_distinct(&twice), Err(Error::Duplicate { .. })));
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -338,10 +338,19 @@ impl Vmm {
         let vcpu_count = config.vcpus as u8;
 
         memory::check_size(config.memory, memory::host_ram(), vm::phys_bits(&host.supported))?;
-        let disks = Disk::open_all(&config.disks).map_err(virtio::Error::from)?;
+        // Disks (locked) and taps, before anything else is created.
+        Disk::check_distinct(&config.disks).map_err(virtio::Error::from)?;
+        let backends: Vec<virtio::Backend> = config
+            .disks
+            .iter()
+            .cloned()
+            .map(virtio::Backend::Disk)
+            .chain(config.nets.iter().cloned().map(virtio::Backend::Net))
+            .collect();
+        let (opened, backends) = virtio::open_backends(&backends, true, &[])?;
         let mem = memory::create(config.memory)?;
         let vm_fd = vm::create_vm(&host.kvm, &mem)?;
-        let virtio = VirtioDevices::create(&vm_fd, &mem, disks)?;
+        let virtio = VirtioDevices::create(&vm_fd, &mem, &backends, opened)?;
         let cmdline = match virtio.cmdline() {
             extra if extra.is_empty() => config.cmdline.clone(),
             extra if config.cmdline.is_empty() => extra,

@@ -137,6 +137,8 @@ pub struct RestoreConfig {
     pub home: Option<PathBuf>,
     /// `CLOCK_MONOTONIC` ns at process start.
     pub started_ns: u64,
+    /// Taps to use instead of the checkpoint's: `(name then, name now)`.
+    pub tap_map: Vec<(String, String)>,
 }
 
 fn unix_ms() -> u64 {
@@ -304,12 +306,9 @@ impl Vmm {
             }
         }
 
-        // The disks, locked, before anything else is created.
+        // The disks (locked) and taps, before anything else is created.
         let backends: Vec<crate::virtio::Backend> = snap.virtio.iter().map(|v| v.backend.clone()).collect();
-        let mut disks = crate::virtio::open_disks_unlocked(&backends).map_err(crate::virtio::Error::from)?;
-        for d in &mut disks {
-            d.lock().map_err(crate::virtio::Error::from)?;
-        }
+        let (opened, backends) = crate::virtio::open_backends(&backends, true, &config.tap_map)?;
 
         let regions: Vec<(GuestAddress, u64)> =
             snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
@@ -327,7 +326,8 @@ impl Vmm {
             started_ns: config.started_ns,
             restored_from: Some(dir.clone()),
             signals,
-            disks,
+            opened,
+            backends,
         })
     }
 
@@ -336,7 +336,8 @@ impl Vmm {
     /// the migration destination.
     pub(crate) fn from_snapshot(p: Parts) -> Result<Self, Error> {
         let Parts { host, memory: mem, vm: vm_fd, snap, serial, api_socket, home, home_is_default, .. } = p;
-        let virtio = crate::virtio::VirtioDevices::restore(&vm_fd, &mem, &snap.virtio, p.disks)?;
+        let virtio =
+            crate::virtio::VirtioDevices::restore(&vm_fd, &mem, &snap.virtio, &p.backends, p.opened)?;
         let devices = create_devices(&vm_fd, &serial, Some(&snap.serial), virtio)?;
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
@@ -399,9 +400,11 @@ pub(crate) struct Parts {
     pub started_ns: u64,
     pub restored_from: Option<PathBuf>,
     pub signals: std::os::fd::OwnedFd,
-    /// The disks of `snap.virtio`, opened by the caller (locked for a restore; not yet
+    /// What backs `snap.virtio`, opened by the caller (disks locked for a restore; not yet
     /// for a migration destination, which locks them at the switchover).
-    pub disks: Vec<crate::disk::Disk>,
+    pub opened: crate::virtio::Opened,
+    /// `snap.virtio`'s backends as they are named on this host (taps may differ).
+    pub backends: Vec<crate::virtio::Backend>,
 }
 
 /// Checks the parts of a state that must agree with each other.

@@ -9,6 +9,8 @@ use ferry_devices::boot_timer::monotonic_ns;
 
 use ferry_api::{ApiError, Request as ApiRequest, Response, RunState as ApiRunState, VmInfo};
 
+use ferry_virtio::device::Poll;
+
 use crate::api::{self, Inbox};
 use crate::migration::{error_chain, Next};
 use crate::vcpu::{Request, StopReason};
@@ -33,6 +35,52 @@ const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_MIGRATION: u64 = 6;
+/// NIC `i`: its event fd is `TOKEN_NIC + 2 * i`, its tap `TOKEN_NIC + 2 * i + 1`.
+const TOKEN_NIC: u64 = 0x100;
+
+/// One NIC's fds in the event loop. The receive path runs only while the vCPUs run: with
+/// them paused (a snapshot, a migration's last copy) guest memory must not change, so both
+/// fds leave the loop (level-triggered, they would spin) until the vCPUs run again.
+struct NicPoll {
+    index: usize,
+    event: RawFd,
+    tap: RawFd,
+    event_on: bool,
+    tap_on: bool,
+}
+
+impl NicPoll {
+    fn set(epoll: &Epoll, fd: RawFd, token: u64, on: &mut bool, want: bool) {
+        if *on == want {
+            return;
+        }
+        let op = if want { ControlOperation::Add } else { ControlOperation::Delete };
+        match epoll.ctl(op, fd, EpollEvent::new(EventSet::IN, token)) {
+            Ok(()) => *on = want,
+            Err(e) => tracing::warn!(
+                "cannot {} a NIC fd in the event loop: {e}",
+                if want { "add" } else { "remove" }
+            ),
+        }
+    }
+
+    fn token(&self) -> u64 {
+        TOKEN_NIC + 2 * self.index as u64
+    }
+
+    /// Brings the fds in line with the VM's state; `work` runs the device's receive path
+    /// (given the device's index).
+    fn sync(&mut self, epoll: &Epoll, running: bool, work: impl FnOnce(usize) -> Poll) {
+        if running {
+            Self::set(epoll, self.event, self.token(), &mut self.event_on, true);
+            let want_tap = work(self.index) == Poll::Backend;
+            Self::set(epoll, self.tap, self.token() + 1, &mut self.tap_on, want_tap);
+        } else {
+            Self::set(epoll, self.event, self.token(), &mut self.event_on, false);
+            Self::set(epoll, self.tap, self.token() + 1, &mut self.tap_on, false);
+        }
+    }
+}
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and the threads it spawns after) so
 /// they are read from a signalfd instead of killing the process mid-way.
@@ -95,8 +143,21 @@ impl Vmm {
             v.request(Request::Run);
         }
         let now = monotonic_ns();
-        let migrated_in = self.activation.is_some();
-        self.report_activation();
+        let migrated_in = self.report_activation();
+        if let Some(id) = &migrated_in {
+            self.announce_nics(id);
+        }
+        let mut nics: Vec<NicPoll> = self
+            .devices
+            .virtio
+            .net_fds()
+            .into_iter()
+            .map(|(index, event, tap)| NicPoll { index, event, tap, event_on: false, tap_on: false })
+            .collect();
+        for nic in &mut nics {
+            let virtio = &self.devices.virtio;
+            nic.sync(&epoll, self.state == VmRunState::Running, |i| virtio.device_event(i));
+        }
         // The API comes up once the guest runs: on a migration destination, every
         // microsecond before the vCPUs start is downtime.
         let mut server = None;
@@ -111,7 +172,7 @@ impl Vmm {
                     tracing::info!(socket = %path.display(), "API listening");
                 }
                 // A VM that has just migrated in must not die for want of its API.
-                Err(e) if migrated_in => {
+                Err(e) if migrated_in.is_some() => {
                     tracing::error!("{}; the VM runs without its API", error_chain(&e));
                 }
                 Err(e) => {
@@ -209,7 +270,23 @@ impl Vmm {
                         let _ =
                             epoll.ctl(ControlOperation::Delete, libc::STDIN_FILENO, EpollEvent::default());
                     }
+                    t if t >= TOKEN_NIC => {
+                        let index = ((t - TOKEN_NIC) / 2) as usize;
+                        if let Some(nic) = nics.iter_mut().find(|n| n.index == index) {
+                            let running = self.state == VmRunState::Running;
+                            let virtio = &self.devices.virtio;
+                            nic.sync(&epoll, running, |i| virtio.device_event(i));
+                        }
+                    }
                     _ => {}
+                }
+            }
+            // A pause or resume in this batch (API, snapshot, migration): NICs follow.
+            let running = self.state == VmRunState::Running;
+            for nic in &mut nics {
+                if nic.event_on != running {
+                    let virtio = &self.devices.virtio;
+                    nic.sync(&epoll, running, |i| virtio.device_event(i));
                 }
             }
             if let Some(s) = stop {
@@ -308,6 +385,42 @@ impl Vmm {
         None
     }
 
+    /// After a migration: tells the switches where each NIC's MAC is now (RARP, several
+    /// rounds, as vMotion and QEMU do), from a thread so nothing waits for it.
+    fn announce_nics(&self, id: &str) {
+        let nics = self.devices.virtio.nics();
+        if nics.is_empty() {
+            return;
+        }
+        let id = id.to_owned();
+        let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
+            let mut sent = 0;
+            for delay in ferry_net::rarp::schedule() {
+                std::thread::sleep(delay);
+                for n in &nics {
+                    match n.announce() {
+                        Ok(()) => sent += 1,
+                        Err(e) => tracing::warn!(
+                            "migration {id}: cannot announce {} on {}: {e}",
+                            n.mac(),
+                            n.tap_name()
+                        ),
+                    }
+                }
+            }
+            for n in &nics {
+                tracing::info!(
+                    "migration {id}: announced {} on tap {} ({sent} RARP frames in all)",
+                    n.mac(),
+                    n.tap_name()
+                );
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start announcing the NICs after the migration: {e}");
+        }
+    }
+
     fn info(&self) -> VmInfo {
         VmInfo {
             state: match self.state {
@@ -322,6 +435,7 @@ impl Vmm {
             restored_from: self.restored_from.clone(),
             home: Some(self.home.dir().to_owned()),
             migration: self.migration_info(),
+            devices: self.devices.virtio.info(),
         }
     }
 

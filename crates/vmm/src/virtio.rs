@@ -4,14 +4,23 @@
 //! command line, and a `LNRO0005` device in the ACPI DSDT, see `ferry-acpi`), their interrupts (an irqfd per device) and their state in checkpoints
 //! and migrations ([`VirtioState`]).
 //!
+//! A NIC is backed by a tap device on this host; only its MAC moves with the VM (the
+//! destination may use a tap of another name). Its receive path runs on the VMM's event
+//! loop ([`VirtioDevices::net_fds`], [`VirtioDevices::device_event`]).
+//!
 //! A disk's image is held under its lock ([`crate::disk`]) for as long as the device
 //! lives; the device does its I/O through a duplicate of the same open file, so the lock
 //! can be dropped and taken again (a migration's handover) without closing anything.
 
 use std::sync::{Arc, Mutex};
 
+use std::os::fd::{AsRawFd, RawFd};
+
 use ferry_devices::Bus;
-use ferry_virtio::{Block, MmioTransport, MmioTransportState};
+use ferry_net::{NetConfig, Tap};
+use ferry_virtio::device::Poll;
+use ferry_virtio::net::NetHandle;
+use ferry_virtio::{Block, MmioTransport, MmioTransportState, Net};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -84,6 +93,22 @@ pub enum Error {
     /// The MMIO bus refused the window.
     #[error(transparent)]
     Bus(#[from] ferry_devices::bus::Error),
+    /// A tap device cannot be used.
+    #[error(transparent)]
+    Tap(#[from] ferry_net::tap::Error),
+    /// Two NICs share a MAC or a tap.
+    #[error("{0}")]
+    Nics(String),
+    /// A saved NIC state names another MAC than its configuration.
+    #[error("virtio device {index}: the saved NIC has MAC {saved}, the configuration {config}")]
+    Mac {
+        /// Its position.
+        index: usize,
+        /// In the state.
+        saved: String,
+        /// In the configuration.
+        config: String,
+    },
 }
 
 /// What backs a virtio device.
@@ -92,6 +117,8 @@ pub enum Error {
 pub enum Backend {
     /// virtio-blk on a raw image.
     Disk(DiskConfig),
+    /// virtio-net on a tap device.
+    Net(NetConfig),
 }
 
 impl Backend {
@@ -99,8 +126,58 @@ impl Backend {
     pub fn device_name(&self, base: u64) -> String {
         match self {
             Backend::Disk(_) => format!("virtio-blk@{base:#x}"),
+            Backend::Net(_) => format!("virtio-net@{base:#x}"),
         }
     }
+}
+
+/// What backs each device, opened: disks (locked or not, as the caller chose) and taps.
+#[derive(Debug, Default)]
+pub struct Opened {
+    disks: std::vec::IntoIter<Disk>,
+    taps: std::vec::IntoIter<Tap>,
+}
+
+/// Opens what `backends` name, in order, before any device exists: every disk image
+/// (taking its lock if `lock_disks`) and every tap, where a NIC's tap may be renamed by
+/// `tap_map` (`(name on the source, name here)`: taps are per host, the MAC moves).
+pub fn open_backends(
+    backends: &[Backend],
+    lock_disks: bool,
+    tap_map: &[(String, String)],
+) -> Result<(Opened, Vec<Backend>), Error> {
+    if backends.len() > MAX_DEVICES {
+        return Err(Error::TooMany(backends.len()));
+    }
+    let mut disks = Vec::new();
+    let mut taps = Vec::new();
+    let mut here = Vec::with_capacity(backends.len());
+    for b in backends {
+        match b {
+            Backend::Disk(cfg) => {
+                let mut d = Disk::open_unlocked(cfg)?;
+                if lock_disks {
+                    d.lock()?;
+                }
+                disks.push(d);
+                here.push(b.clone());
+            }
+            Backend::Net(cfg) => {
+                let name = tap_map.iter().find(|(from, _)| *from == cfg.tap).map_or(&cfg.tap, |(_, to)| to);
+                taps.push(Tap::open(name)?);
+                here.push(Backend::Net(NetConfig { tap: name.clone(), mac: cfg.mac }));
+            }
+        }
+    }
+    let nics: Vec<NetConfig> = here
+        .iter()
+        .filter_map(|b| match b {
+            Backend::Net(n) => Some(n.clone()),
+            Backend::Disk(_) => None,
+        })
+        .collect();
+    ferry_net::mac::check_nics(&nics).map_err(Error::Nics)?;
+    Ok((Opened { disks: disks.into_iter(), taps: taps.into_iter() }, here))
 }
 
 /// One device in a checkpoint or migration.
@@ -122,6 +199,7 @@ struct Entry {
     gsi: u32,
     transport: Arc<Mutex<MmioTransport>>,
     disk: Option<Disk>,
+    net: Option<NetHandle>,
 }
 
 /// The VM's virtio devices.
@@ -153,6 +231,30 @@ fn block_device(disk: &Disk, index: usize) -> Result<Box<dyn ferry_virtio::Virti
     Ok(Box::new(dev))
 }
 
+type Made = (Box<dyn ferry_virtio::VirtioDevice>, Option<Disk>, Option<NetHandle>);
+
+/// The device for `backend`, from the next disk or tap `opened` holds.
+fn device(backend: &Backend, index: usize, opened: &mut Opened) -> Result<Made, Error> {
+    match backend {
+        Backend::Disk(cfg) => {
+            let disk = match opened.disks.next() {
+                Some(d) => d,
+                None => Disk::open_unlocked(cfg)?,
+            };
+            Ok((block_device(&disk, index)?, Some(disk), None))
+        }
+        Backend::Net(cfg) => {
+            let tap = match opened.taps.next() {
+                Some(t) => t,
+                None => Tap::open(&cfg.tap)?,
+            };
+            let net = Net::new(tap, cfg.mac);
+            let handle = net.handle();
+            Ok((Box::new(net), None, Some(handle)))
+        }
+    }
+}
+
 fn interrupt(vm: &VmFd, index: usize, gsi: u32) -> Result<EventFd, Error> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Interrupt { index, source })?;
     vm.register_irqfd(&evt, gsi)
@@ -161,63 +263,64 @@ fn interrupt(vm: &VmFd, index: usize, gsi: u32) -> Result<EventFd, Error> {
 }
 
 impl VirtioDevices {
-    /// Devices for a VM that boots: one virtio-blk per disk (opened and locked by the
-    /// caller), in order.
-    pub fn create(vm: &VmFd, mem: &GuestMemory, disks: Vec<Disk>) -> Result<Self, Error> {
-        if disks.len() > MAX_DEVICES {
-            return Err(Error::TooMany(disks.len()));
-        }
-        let mut entries = Vec::with_capacity(disks.len());
-        for (index, disk) in disks.into_iter().enumerate() {
+    /// Devices for a VM that boots, one per backend in order, from what
+    /// [`open_backends`] opened for them.
+    pub fn create(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        backends: &[Backend],
+        mut opened: Opened,
+    ) -> Result<Self, Error> {
+        let mut entries = Vec::with_capacity(backends.len());
+        for (index, backend) in backends.iter().enumerate() {
             let (base, gsi) = place(index);
-            let dev = block_device(&disk, index)?;
+            let (dev, disk, net) = device(backend, index, &mut opened)?;
             let t = MmioTransport::new(dev, mem.clone(), interrupt(vm, index, gsi)?)?;
             entries.push(Entry {
-                backend: Backend::Disk(disk.config().clone()),
+                backend: backend.clone(),
                 base,
                 gsi,
                 transport: Arc::new(Mutex::new(t)),
-                disk: Some(disk),
+                disk,
+                net,
             });
         }
         Ok(Self { entries })
     }
 
-    /// Devices recreated from saved `states`, with the disks the caller opened for them
-    /// (in the order of the disk backends; locked or not, as the caller needs).
+    /// Devices recreated from saved `states`, around what [`open_backends`] opened for
+    /// `backends` (the states' backends as they are called here).
     pub fn restore(
         vm: &VmFd,
         mem: &GuestMemory,
         states: &[VirtioState],
-        disks: Vec<Disk>,
+        backends: &[Backend],
+        mut opened: Opened,
     ) -> Result<Self, Error> {
-        if states.len() > MAX_DEVICES {
+        if states.len() > MAX_DEVICES || states.len() != backends.len() {
             return Err(Error::TooMany(states.len()));
         }
-        let mut disks = disks.into_iter();
         let mut entries = Vec::with_capacity(states.len());
-        for (index, s) in states.iter().enumerate() {
+        for (index, (s, backend)) in states.iter().zip(backends).enumerate() {
             let (base, gsi) = place(index);
             if (s.base, s.gsi) != (base, gsi) {
                 return Err(Error::Placement { index, saved_base: s.base, saved_gsi: s.gsi, base, gsi });
             }
-            let (dev, disk) = match &s.backend {
-                Backend::Disk(cfg) => {
-                    let disk = match disks.next() {
-                        Some(d) => d,
-                        None => Disk::open_unlocked(cfg)?,
-                    };
-                    (block_device(&disk, index)?, Some(disk))
+            if let (Backend::Net(cfg), Some(saved)) = (backend, ferry_virtio::net::saved_mac(&s.transport)) {
+                if saved != cfg.mac {
+                    return Err(Error::Mac { index, saved: saved.to_string(), config: cfg.mac.to_string() });
                 }
-            };
+            }
+            let (dev, disk, net) = device(backend, index, &mut opened)?;
             let t = MmioTransport::restore(&s.transport, dev, mem.clone(), interrupt(vm, index, gsi)?)
                 .map_err(|source| Error::Restore { index, source })?;
             entries.push(Entry {
-                backend: s.backend.clone(),
+                backend: backend.clone(),
                 base,
                 gsi,
                 transport: Arc::new(Mutex::new(t)),
                 disk,
+                net,
             });
         }
         Ok(Self { entries })
@@ -306,19 +409,81 @@ impl VirtioDevices {
         }
     }
 
+    /// The NICs' fds for the event loop: (device index, event fd, tap fd). Watch the event
+    /// fd always, the tap fd while [`VirtioDevices::device_event`] says [`Poll::Backend`].
+    pub fn net_fds(&self) -> Vec<(usize, RawFd, RawFd)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let net = e.net.as_ref()?;
+                let t = e.transport.lock().unwrap_or_else(|p| p.into_inner());
+                Some((i, t.event_fd()?.as_raw_fd(), net.tap_fd()))
+            })
+            .collect()
+    }
+
+    /// Device-initiated work of device `index` (a NIC: frames from its tap into the
+    /// guest's buffers). Only while the vCPUs run: with them paused for a snapshot or a
+    /// migration's last copy, guest memory must not change.
+    pub fn device_event(&self, index: usize) -> Poll {
+        match self.entries.get(index) {
+            Some(e) => e.transport.lock().unwrap_or_else(|p| p.into_inner()).device_event(),
+            None => Poll::WaitForDriver,
+        }
+    }
+
+    /// The NICs (to announce after a migration, and for `info`).
+    pub fn nics(&self) -> Vec<NetHandle> {
+        self.entries.iter().filter_map(|e| e.net.clone()).collect()
+    }
+
+    /// Every device for `info`.
+    pub fn info(&self) -> Vec<ferry_api::DeviceInfo> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let (backend, readonly, locked, mac, stats) = match (&e.backend, &e.disk, &e.net) {
+                    (Backend::Disk(c), d, _) => (
+                        c.path.display().to_string(),
+                        Some(c.readonly),
+                        d.as_ref().map(Disk::is_locked),
+                        None,
+                        None,
+                    ),
+                    (Backend::Net(c), _, n) => (
+                        c.tap.clone(),
+                        None,
+                        None,
+                        Some(c.mac.to_string()),
+                        n.as_ref().map(|n| {
+                            let s = n.stats();
+                            ferry_api::NicStats {
+                                rx_frames: s.rx_frames,
+                                rx_bytes: s.rx_bytes,
+                                rx_dropped: s.rx_dropped,
+                                tx_frames: s.tx_frames,
+                                tx_bytes: s.tx_bytes,
+                                tx_dropped: s.tx_dropped,
+                            }
+                        }),
+                    ),
+                };
+                ferry_api::DeviceInfo {
+                    name: e.backend.device_name(e.base),
+                    gsi: e.gsi,
+                    backend,
+                    readonly,
+                    locked,
+                    mac,
+                    stats,
+                }
+            })
+            .collect()
+    }
+
     /// Whether there is no device.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// Opens, without their locks, the disks a saved device list names, in order; checks
-/// each image exists and is usable before anything else happens.
-pub fn open_disks_unlocked(backends: &[Backend]) -> Result<Vec<Disk>, crate::disk::Error> {
-    backends
-        .iter()
-        .map(|b| match b {
-            Backend::Disk(cfg) => Disk::open_unlocked(cfg),
-        })
-        .collect()
 }

@@ -63,6 +63,9 @@ pub struct ReceiveConfig {
     pub home: Option<PathBuf>,
     /// `CLOCK_MONOTONIC` ns at process start.
     pub started_ns: u64,
+    /// Taps to use instead of the source's: `(name on the source, name here)`. A NIC whose
+    /// tap is not listed uses a tap of the same name here.
+    pub tap_map: Vec<(String, String)>,
 }
 
 /// Why one incoming migration failed, with its id when known.
@@ -285,9 +288,10 @@ impl Receiver {
             }
         }
         check_config(&cfg, &host).map_err(Error::Check)?;
-        // The disks exist and can be opened here (their locks come at the switchover).
-        let disks =
-            crate::virtio::open_disks_unlocked(&cfg.virtio).map_err(|e| Error::Check(error_chain(&e)))?;
+        // The disks and taps exist and can be opened here (the disks' locks come at the
+        // switchover).
+        let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
+            .map_err(|e| Error::Check(error_chain(&e)))?;
         let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
@@ -336,7 +340,8 @@ impl Receiver {
             started_ns: config.started_ns,
             restored_from: None,
             signals,
-            disks,
+            opened,
+            backends,
         }) {
             Ok(v) => v,
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
@@ -483,8 +488,10 @@ impl Receiver {
 }
 
 impl Vmm {
-    /// On a destination: tells the source the vCPUs run. Called once they do.
-    pub(crate) fn report_activation(&mut self) {
+    /// On a destination: tells the source the vCPUs run. Called once they do. Returns the
+    /// migration's id if the VM has just migrated in.
+    pub(crate) fn report_activation(&mut self) -> Option<String> {
+        let id = self.activation.as_ref().map(|a| a.id.clone());
         if let Some(mut a) = self.activation.take() {
             let ns = crate::monotonic_ns().saturating_sub(a.commit_ns);
             let msg = to_json(&wire::Activated { activation_ns: ns });
@@ -501,6 +508,7 @@ impl Vmm {
                 ),
             }
         }
+        id
     }
 }
 
