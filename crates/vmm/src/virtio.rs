@@ -149,26 +149,17 @@ pub fn open_backends(
     if backends.len() > MAX_DEVICES {
         return Err(Error::TooMany(backends.len()));
     }
-    let mut disks = Vec::new();
-    let mut taps = Vec::new();
-    let mut here = Vec::with_capacity(backends.len());
-    for b in backends {
-        match b {
-            Backend::Disk(cfg) => {
-                let mut d = Disk::open_unlocked(cfg)?;
-                if lock_disks {
-                    d.lock()?;
-                }
-                disks.push(d);
-                here.push(b.clone());
-            }
+    // The backends as they are called here, checked together before anything is opened.
+    let here: Vec<Backend> = backends
+        .iter()
+        .map(|b| match b {
             Backend::Net(cfg) => {
                 let name = tap_map.iter().find(|(from, _)| *from == cfg.tap).map_or(&cfg.tap, |(_, to)| to);
-                taps.push(Tap::open(name)?);
-                here.push(Backend::Net(NetConfig { tap: name.clone(), mac: cfg.mac }));
+                Backend::Net(NetConfig { tap: name.clone(), mac: cfg.mac })
             }
-        }
-    }
+            Backend::Disk(_) => b.clone(),
+        })
+        .collect();
     let nics: Vec<NetConfig> = here
         .iter()
         .filter_map(|b| match b {
@@ -177,6 +168,20 @@ pub fn open_backends(
         })
         .collect();
     ferry_net::mac::check_nics(&nics).map_err(Error::Nics)?;
+    let mut disks = Vec::new();
+    let mut taps = Vec::new();
+    for b in &here {
+        match b {
+            Backend::Disk(cfg) => {
+                let mut d = Disk::open_unlocked(cfg)?;
+                if lock_disks {
+                    d.lock()?;
+                }
+                disks.push(d);
+            }
+            Backend::Net(cfg) => taps.push(Tap::open(&cfg.tap)?),
+        }
+    }
     Ok((Opened { disks: disks.into_iter(), taps: taps.into_iter() }, here))
 }
 
