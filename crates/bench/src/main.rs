@@ -3,6 +3,7 @@
 
 mod boot;
 mod checkpoint;
+mod devices;
 mod migrate;
 mod qemu;
 mod stats;
@@ -43,6 +44,10 @@ enum Bench {
     /// qemu-system-x86_64 is installed, the same guest migrated by QEMU after each Ferry
     /// run, with the Ferry/QEMU ratios.
     Migrate(migrate::MigrateArgs),
+    /// Devices: blkstress disk throughput as the guest and the host see it, and the
+    /// network outage a client (pinging every 1 ms) sees while the VM migrates between
+    /// two hosts (network namespaces behind one bridge). Needs root.
+    Devices(devices::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Bench::Boot(args) => boot::run(&ferry, &args, cli.json),
         Bench::Checkpoint(args) => checkpoint::run(&ferry, &args, cli.json),
         Bench::Migrate(args) => migrate::run(&ferry, &args, cli.json),
+        Bench::Devices(args) => devices::run(&ferry, &args, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
