@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Each guest: its name and its C sources (besides the shared runtime).
-const GUESTS: &[(&str, &[&str])] =
-    &[("memstress", &["memstress/memstress.c"]), ("blkstress", &["blkstress/blkstress.c"])];
-const RUNTIME: &[&str] = &["rt/entry.S", "rt/rt.c"];
-const HEADERS: &[&str] = &["rt/rt.h", "rt/guest.ld"];
+const GUESTS: &[(&str, &[&str])] = &[
+    ("memstress", &["memstress/memstress.c"]),
+    ("blkstress", &["blkstress/blkstress.c"]),
+    ("netecho", &["netecho/netecho.c"]),
+];
+const RUNTIME: &[&str] = &["rt/entry.S", "rt/rt.c", "rt/virtio.c"];
+const HEADERS: &[&str] = &["rt/rt.h", "rt/virtio.h", "rt/guest.ld"];
 
 const CFLAGS: &[&str] = &[
     "-m64",

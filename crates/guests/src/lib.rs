@@ -4,8 +4,8 @@
 //!
 //! Guest ABI: PVH entry (`rt/entry.S`), the first instruction writes port 0x80 (boot
 //! timer), console on the 16550 at 0x3f8, power-off by writing 0xfe to port 0x64, TSC
-//! frequency from CPUID leaf 0x4000_0010. Devices beyond the console (blkstress's disk)
-//! are virtio-mmio version 2 transports named on the command line as Linux's
+//! frequency from CPUID leaf 0x4000_0010. Devices beyond the console (blkstress's disk,
+//! netecho's NIC) are virtio-mmio version 2 transports named on the command line as Linux's
 //! `virtio_mmio.device=<size>@<base>:<irq>`, below 4 GiB (the guests identity-map only
 //! that).
 
@@ -43,6 +43,15 @@ static GUESTS: &[Guest] = &[
                        virtio-blk among virtio_mmio.device=SIZE@BASE:IRQ (Linux's format)",
         elf: include_bytes!(concat!(env!("OUT_DIR"), "/blkstress.elf")),
     },
+    Guest {
+        name: "netecho",
+        summary: "a network echo host on a virtio-net NIC through its own virtio-mmio driver: \
+                  answers ARP for its address, ICMP echo (ping) and UDP port 7 (echo), sends a \
+                  gratuitous ARP at start and prints rx/tx counts every 2 seconds",
+        cmdline_help: "ip=A.B.C.D[/N] (required, the guest's IPv4 address); the NIC is the first \
+                       virtio-net among virtio_mmio.device=SIZE@BASE:IRQ (Linux's format)",
+        elf: include_bytes!(concat!(env!("OUT_DIR"), "/netecho.elf")),
+    },
 ];
 
 /// Every bundled guest.
@@ -79,6 +88,7 @@ mod tests {
     fn lookup() {
         assert!(find("memstress").is_some());
         assert!(find("blkstress").is_some());
+        assert!(find("netecho").is_some());
         assert!(find("nope").is_none());
     }
 }
