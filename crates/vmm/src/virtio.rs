@@ -96,6 +96,14 @@ pub enum Error {
     /// A tap device cannot be used.
     #[error(transparent)]
     Tap(#[from] ferry_net::tap::Error),
+    /// A saved device list and its backends do not match up.
+    #[error("{states} saved virtio devices but {backends} backends for them")]
+    Backends {
+        /// Saved devices.
+        states: usize,
+        /// Backends.
+        backends: usize,
+    },
     /// Two NICs share a MAC or a tap.
     #[error("{0}")]
     Nics(String),
@@ -270,27 +278,8 @@ fn interrupt(vm: &VmFd, index: usize, gsi: u32) -> Result<EventFd, Error> {
 impl VirtioDevices {
     /// Devices for a VM that boots, one per backend in order, from what
     /// [`open_backends`] opened for them.
-    pub fn create(
-        vm: &VmFd,
-        mem: &GuestMemory,
-        backends: &[Backend],
-        mut opened: Opened,
-    ) -> Result<Self, Error> {
-        let mut entries = Vec::with_capacity(backends.len());
-        for (index, backend) in backends.iter().enumerate() {
-            let (base, gsi) = place(index);
-            let (dev, disk, net) = device(backend, index, &mut opened)?;
-            let t = MmioTransport::new(dev, mem.clone(), interrupt(vm, index, gsi)?)?;
-            entries.push(Entry {
-                backend: backend.clone(),
-                base,
-                gsi,
-                transport: Arc::new(Mutex::new(t)),
-                disk,
-                net,
-            });
-        }
-        Ok(Self { entries })
+    pub fn create(vm: &VmFd, mem: &GuestMemory, backends: &[Backend], opened: Opened) -> Result<Self, Error> {
+        Self::build(vm, mem, backends, None, opened)
     }
 
     /// Devices recreated from saved `states`, around what [`open_backends`] opened for
@@ -300,33 +289,53 @@ impl VirtioDevices {
         mem: &GuestMemory,
         states: &[VirtioState],
         backends: &[Backend],
+        opened: Opened,
+    ) -> Result<Self, Error> {
+        if states.len() != backends.len() {
+            return Err(Error::Backends { states: states.len(), backends: backends.len() });
+        }
+        Self::build(vm, mem, backends, Some(states), opened)
+    }
+
+    fn build(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        backends: &[Backend],
+        states: Option<&[VirtioState]>,
         mut opened: Opened,
     ) -> Result<Self, Error> {
-        if states.len() > MAX_DEVICES || states.len() != backends.len() {
-            return Err(Error::TooMany(states.len()));
+        if backends.len() > MAX_DEVICES {
+            return Err(Error::TooMany(backends.len()));
         }
-        let mut entries = Vec::with_capacity(states.len());
-        for (index, (s, backend)) in states.iter().zip(backends).enumerate() {
+        let mut entries = Vec::with_capacity(backends.len());
+        for (index, backend) in backends.iter().enumerate() {
             let (base, gsi) = place(index);
-            if (s.base, s.gsi) != (base, gsi) {
-                return Err(Error::Placement { index, saved_base: s.base, saved_gsi: s.gsi, base, gsi });
-            }
-            if let (Backend::Net(cfg), Some(saved)) = (backend, ferry_virtio::net::saved_mac(&s.transport)) {
-                if saved != cfg.mac {
-                    return Err(Error::Mac { index, saved: saved.to_string(), config: cfg.mac.to_string() });
+            let state = states.and_then(|s| s.get(index));
+            if let Some(s) = state {
+                if (s.base, s.gsi) != (base, gsi) {
+                    return Err(Error::Placement { index, saved_base: s.base, saved_gsi: s.gsi, base, gsi });
+                }
+                if let (Backend::Net(cfg), Some(saved)) =
+                    (backend, ferry_virtio::net::saved_mac(&s.transport))
+                {
+                    if saved != cfg.mac {
+                        return Err(Error::Mac {
+                            index,
+                            saved: saved.to_string(),
+                            config: cfg.mac.to_string(),
+                        });
+                    }
                 }
             }
             let (dev, disk, net) = device(backend, index, &mut opened)?;
-            let t = MmioTransport::restore(&s.transport, dev, mem.clone(), interrupt(vm, index, gsi)?)
-                .map_err(|source| Error::Restore { index, source })?;
-            entries.push(Entry {
-                backend: backend.clone(),
-                base,
-                gsi,
-                transport: Arc::new(Mutex::new(t)),
-                disk,
-                net,
-            });
+            let irq = interrupt(vm, index, gsi)?;
+            let t = match state {
+                Some(s) => MmioTransport::restore(&s.transport, dev, mem.clone(), irq)
+                    .map_err(|source| Error::Restore { index, source })?,
+                None => MmioTransport::new(dev, mem.clone(), irq)?,
+            };
+            let transport = Arc::new(Mutex::new(t));
+            entries.push(Entry { backend: backend.clone(), base, gsi, transport, disk, net });
         }
         Ok(Self { entries })
     }
