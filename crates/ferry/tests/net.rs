@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_testnet::{Net, CLIENT_IP, HOST_B_IP, TAP, VM_IP};
 use common::{assert_one_line_error, require_kvm, require_root, run_to_end, TempDir, Vm};
+use ferry_testnet::{Net, CLIENT_IP, HOST_B_IP, TAP, VM_IP};
 
 const T: Duration = Duration::from_secs(60);
 const MAC: &str = "52:54:00:77:00:02";
@@ -245,4 +245,32 @@ fn the_network_follows_the_vm() {
     );
     assert!(got.load(Ordering::SeqCst) > 0, "no UDP echo came back");
     let _ = b.signal_and_wait(libc::SIGTERM, T);
+}
+
+/// A NIC survives a suspend and a restore: the restored guest answers on the same tap
+/// (the first VMM has exited and closed it), with its MAC and queues as they were.
+#[test]
+fn a_restored_vm_answers_on_its_tap() {
+    require_kvm();
+    require_root();
+    let net = Net::new("r").expect("test network");
+    let dir = TempDir::new("net-restore");
+    let (sock, home) = (dir.path("a.sock"), dir.path("a.home"));
+    let mut vm = netecho(&net.a, &sock, &home);
+    assert!(ping(&net, 3), "no ping replies before the snapshot");
+    let ckpt = dir.path("ckpt");
+    let out = run_to_end(&["snapshot", "--api-socket", s(&sock), "--to", s(&ckpt), "--stop"], T);
+    assert!(out.status.success(), "snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(vm.wait(T).success());
+    let sock2 = dir.path("b.sock");
+    let mut cmd = Net::exec(&net.a, env!("CARGO_BIN_EXE_ferry"));
+    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.args(["restore", "--from", s(&ckpt), "--api-socket", s(&sock2)]);
+    let mut restored = Vm::spawn(&mut cmd);
+    restored.wait_stderr(T, "API listening");
+    assert!(ping(&net, 5), "no ping replies from the restored VM");
+    let out = run_to_end(&["info", "--api-socket", s(&sock2), "--json"], T);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info");
+    assert_eq!(info["devices"][0]["mac"], MAC, "{info}");
+    let _ = restored.signal_and_wait(libc::SIGTERM, T);
 }
