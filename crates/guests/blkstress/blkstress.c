@@ -39,6 +39,7 @@
  * after which blkstress stops writing (halts) so the evidence stays on the disk.
  */
 #include "../rt/rt.h"
+#include "../rt/virtio.h"
 
 #define SECTOR 512u
 #define WORDS (SECTOR / 8)
@@ -76,7 +77,6 @@
 #define VM_QUEUE_DEVICE_HIGH 0x0a4
 #define VM_CONFIG_GENERATION 0x0fc
 #define VM_CONFIG 0x100
-#define VIRTIO_MMIO_MAGIC 0x74726976u /* "virt" */
 
 #define ST_ACKNOWLEDGE 1u
 #define ST_DRIVER 2u
@@ -101,23 +101,11 @@
 #define QSIZE 16
 #define CHUNK_MAX (32u * 1024u) /* bytes per read while checking */
 
-struct virtq_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
 struct virtq_avail {
     u16 flags;
     u16 idx;
     u16 ring[QSIZE];
     u16 used_event;
-};
-
-struct virtq_used_elem {
-    u32 id;
-    u32 len;
 };
 
 struct virtq_used {
@@ -191,143 +179,22 @@ static u64 option(const char *cmdline, const char *key, u64 def)
     return out;
 }
 
-/* Linux's memparse: decimal or 0x hex, optional K/M/G suffix. Returns the end or 0. */
-static const char *parse_num(const char *s, u64 *out)
-{
-    u64 v = 0;
-    int digits = 0;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        s += 2;
-        for (;; s++, digits++) {
-            char c = *s;
-            u64 d;
-            if (c >= '0' && c <= '9')
-                d = (u64)(c - '0');
-            else if (c >= 'a' && c <= 'f')
-                d = (u64)(c - 'a' + 10);
-            else if (c >= 'A' && c <= 'F')
-                d = (u64)(c - 'A' + 10);
-            else
-                break;
-            v = v << 4 | d;
-        }
-    } else {
-        for (; *s >= '0' && *s <= '9'; s++, digits++)
-            v = v * 10 + (u64)(*s - '0');
-    }
-    if (!digits)
-        return 0;
-    switch (*s) {
-    case 'k': case 'K': v <<= 10; s++; break;
-    case 'm': case 'M': v <<= 20; s++; break;
-    case 'g': case 'G': v <<= 30; s++; break;
-    default: break;
-    }
-    *out = v;
-    return s;
-}
-
-static void put_token(const char *s)
-{
-    while (*s && *s != ' ' && *s != '\t' && *s != '\n')
-        putc(*s++);
-}
-
-/* Parses "<size>@<base>:<irq>[:<id>]"; returns 0 on success. */
-static int parse_mmio_device(const char *v, u64 *size, u64 *base, u64 *irq)
-{
-    const char *s = parse_num(v, size);
-    if (!s || *s != '@')
-        return -1;
-    s = parse_num(s + 1, base);
-    if (!s || *s != ':')
-        return -1;
-    s = parse_num(s + 1, irq);
-    if (!s)
-        return -1;
-    if (*s == ':') {
-        u64 id;
-        s = parse_num(s + 1, &id);
-        if (!s)
-            return -1;
-    }
-    return (*s && *s != ' ' && *s != '\t' && *s != '\n') ? -1 : 0;
-}
-
-/* Picks the first virtio_mmio.device= transport that is a version 2 virtio-blk. */
+/* Picks the first virtio_mmio.device= transport that is a version 2 virtio-blk (the
+ * runtime's virtio layer parses the entries and probes each transport). */
 static void find_disk(const char *cmdline)
 {
-    static const char key[] = "virtio_mmio.device";
-    int entries = 0, legacy = 0;
-    const char *p = cmdline;
-    const char *v;
-    while ((v = cmdline_get(p, key)) != 0) {
-        u64 size, base, irq;
-        p = v;
-        entries++;
-        if (parse_mmio_device(v, &size, &base, &irq)) {
-            puts("blkstress: cannot parse virtio_mmio.device=");
-            put_token(v);
-            puts("; skipping it\n");
-            continue;
-        }
-        if (size < VM_CONFIG + 12 || base >= LOW_LIMIT || base + size > LOW_LIMIT || (base & 3)) {
-            puts("blkstress: virtio_mmio.device=");
-            put_token(v);
-            puts(" is too small, misaligned or above 4 GiB; skipping it\n");
-            continue;
-        }
-        mmio = base;
-        u32 magic = rd32(VM_MAGIC);
-        if (magic != VIRTIO_MMIO_MAGIC) {
-            puts("blkstress: no virtio-mmio magic at ");
-            put_hex(base, 1);
-            puts(" (found ");
-            put_hex(magic, 8);
-            puts("); skipping it\n");
-            continue;
-        }
-        u32 id = rd32(VM_DEVICE_ID);
-        u32 version = rd32(VM_VERSION);
-        if (id != 2) {
-            /* 0: an empty transport; others: not a block device. */
-            if (id) {
-                puts("blkstress: skipping virtio device type ");
-                put_dec(id);
-                puts(" at ");
-                put_hex(base, 1);
-                putc('\n');
-            }
-            continue;
-        }
-        if (version != 2) {
-            puts("blkstress: virtio-blk at ");
-            put_hex(base, 1);
-            puts(" is virtio-mmio version ");
-            put_dec(version);
-            puts(", not 2 (modern); skipping it\n");
-            legacy++;
-            continue;
-        }
-        puts("blkstress: virtio-blk at ");
-        put_hex(base, 1);
-        puts(" irq ");
-        put_dec(irq);
-        puts(" vendor ");
-        put_hex(rd32(VM_VENDOR_ID), 8);
-        putc('\n');
-        return;
-    }
-    mmio = 0;
-    if (!entries)
-        fail("no disk: no virtio_mmio.device=<size>@<base>:<irq> on the command line");
-    if (legacy)
-        fail("no virtio-mmio version 2 block device (only legacy version 1 ones; QEMU: "
-             "-global virtio-mmio.force-legacy=false)");
-    puts("blkstress: error: no virtio-blk device (DeviceID 2) among the ");
-    put_dec((u64)entries);
-    puts(" virtio_mmio.device= transports\n");
-    poweroff();
+    struct virtio_dev dev;
+    const char *why;
+    if (virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, &dev, "blkstress", &why))
+        fail(why);
+    mmio = dev.base;
+    puts("blkstress: virtio-blk at ");
+    put_hex(dev.base, 1);
+    puts(" irq ");
+    put_dec(dev.irq);
+    puts(" vendor ");
+    put_hex(dev.vendor_id, 8);
+    putc('\n');
 }
 
 /* ---- virtio-blk driver ---- */
