@@ -164,19 +164,7 @@ static __attribute__((noreturn)) void stop_after_corruption(void)
 
 static u64 option(const char *cmdline, const char *key, u64 def)
 {
-    const char *v = cmdline_get(cmdline, key);
-    u64 out;
-    if (!v)
-        return def;
-    if (parse_size(v, &out)) {
-        puts("blkstress: error: bad value for ");
-        puts(key);
-        puts(", using ");
-        put_dec(def);
-        putc('\n');
-        return def;
-    }
-    return out;
+    return cmdline_option(cmdline, key, def, "blkstress");
 }
 
 /* Picks the first virtio_mmio.device= transport that is a version 2 virtio-blk (the

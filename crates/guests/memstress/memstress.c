@@ -28,19 +28,7 @@ static u64 pass_base(u64 seed, u64 p) { return (seed * K_SEED) ^ (p * K_PASS); }
 
 static u64 option(const char *cmdline, const char *key, u64 def)
 {
-    const char *v = cmdline_get(cmdline, key);
-    u64 out;
-    if (!v)
-        return def;
-    if (parse_size(v, &out)) {
-        puts("memstress: error: bad value for ");
-        puts(key);
-        puts(", using ");
-        put_dec(def);
-        putc('\n');
-        return def;
-    }
-    return out;
+    return cmdline_option(cmdline, key, def, "memstress");
 }
 
 /* Finds `len` bytes of RAM below 4 GiB above the image that avoid [avoid_lo, avoid_hi). */

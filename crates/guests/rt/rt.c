@@ -170,3 +170,21 @@ void *memcpy(void *d, const void *s, unsigned long n)
         *p++ = *q++;
     return d;
 }
+
+u64 cmdline_option(const char *cmdline, const char *key, u64 def, const char *guest)
+{
+    const char *v = cmdline_get(cmdline, key);
+    u64 out;
+    if (!v)
+        return def;
+    if (parse_size(v, &out)) {
+        puts(guest);
+        puts(": error: bad value for ");
+        puts(key);
+        puts(", using ");
+        put_dec(def);
+        putc('\n');
+        return def;
+    }
+    return out;
+}

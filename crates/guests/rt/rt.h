@@ -69,6 +69,9 @@ u64 tsc_khz(void);
 const char *cmdline_get(const char *cmdline, const char *key);
 /* Parses a decimal number with an optional K/M/G suffix; returns 0 on success. */
 int parse_size(const char *s, u64 *out);
+/* The size option `key` of `cmdline` (parse_size), or `def` if absent; a bad value prints
+ * "<guest>: error: bad value for KEY, using DEF" and gives `def`. */
+u64 cmdline_option(const char *cmdline, const char *key, u64 def, const char *guest);
 /* Calls `unknown` for each key not in the NULL-terminated `known` list. */
 void cmdline_check(const char *cmdline, const char *const *known, const char *guest);
 
