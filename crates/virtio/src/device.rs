@@ -50,6 +50,17 @@ pub enum Poll {
     WaitForDriver,
 }
 
+/// Reads `data.len()` bytes at `offset` of a device's configuration space `config`; bytes
+/// past its end read as zero (the guest may read any width anywhere in the window).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send + std::fmt::Debug {
     /// The virtio device ID (`VIRTIO_ID_BLOCK` = 2, ...).

@@ -428,12 +428,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::device::read_config_bytes(&self.config, offset, data);
     }
 
     fn process(&mut self, queue: u16, chain: &Chain, mem: &GuestMemory) -> u32 {
