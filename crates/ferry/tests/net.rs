@@ -274,3 +274,39 @@ fn a_restored_vm_answers_on_its_tap() {
     assert_eq!(info["devices"][0]["mac"], MAC, "{info}");
     let _ = restored.signal_and_wait(libc::SIGTERM, T);
 }
+
+/// A destination without the tap the NIC needs refuses the migration before any memory
+/// moves, with the reason; the VM stays on the source and keeps answering.
+#[test]
+fn a_destination_without_the_tap_refuses_the_migration() {
+    require_kvm();
+    require_root();
+    let net = Net::new("t").expect("test network");
+    let dir = TempDir::new("net-notap");
+    let key = dir.path("key");
+    std::fs::write(&key, [6u8; 32]).expect("key");
+    let (sock_a, home) = (dir.path("a.sock"), dir.path("home"));
+    let _a = netecho(&net.a, &sock_a, &home);
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let listen = format!("tcp:{HOST_B_IP}:{port}");
+    let mut cmd = Net::exec(&net.b, env!("CARGO_BIN_EXE_ferry"));
+    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(&key), "--tap", "vm0=fynotap"]);
+    let b = Vm::spawn(&mut cmd);
+    b.wait_stderr(T, "waiting for an incoming migration");
+    let out = run_to_end(
+        &["migrate", "--api-socket", s(&sock_a), "--to", &listen, "--auth-key-file", s(&key), "--json"],
+        T,
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["status"], "failed", "{report}");
+    assert_eq!(report["vm_running_on"], "source", "{report}");
+    let reason = report["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("tap device fynotap does not exist"), "{reason}");
+    assert_eq!(
+        report["bytes_transferred"].as_u64().map(|b| b < (1 << 20)),
+        Some(true),
+        "memory moved: {report}"
+    );
+    assert!(ping(&net, 3), "the VM stopped answering on the source");
+}
