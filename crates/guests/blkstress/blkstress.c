@@ -10,9 +10,10 @@
  * virtio_mmio.device=<size>@<base>:<irq> (several may be given; the first virtio-mmio
  * version 2 transport with DeviceID 2 is used).
  *
- * The driver: virtio-mmio version 2 (virtio 1.x), VIRTIO_F_VERSION_1 plus FLUSH and
- * SIZE_MAX when offered, queue 0 (16 entries or QueueNumMax) in static memory, one request
- * at a time, completion by polling the used ring (interrupts suppressed, never enabled).
+ * The driver: virtio-mmio version 2 (virtio 1.x) through rt/virtio.h, VIRTIO_F_VERSION_1
+ * plus FLUSH and SIZE_MAX when offered, queue 0 (16 entries or QueueNumMax rounded down to
+ * a power of 2) in static memory, one request at a time, completion by polling the used
+ * ring (interrupts suppressed, never enabled).
  *
  * Disk format, in 512-byte sectors, little-endian u64 words:
  *   sector 0        header: [0] "BLKSHDR1"  [1] format version 1  [2] seed
@@ -50,70 +51,17 @@
 #define CHECK_EVERY 64
 #define MAX_REPORTS 8
 #define SWEEP 256 /* older records checked per periodic check, in rotation */
-#define LOW_LIMIT (4ull << 30) /* identity-mapped by the entry stub */
-
-/* virtio-mmio registers (virtio 1.x, section 4.2.2). */
-#define VM_MAGIC 0x000
-#define VM_VERSION 0x004
-#define VM_DEVICE_ID 0x008
-#define VM_VENDOR_ID 0x00c
-#define VM_DEVICE_FEATURES 0x010
-#define VM_DEVICE_FEATURES_SEL 0x014
-#define VM_DRIVER_FEATURES 0x020
-#define VM_DRIVER_FEATURES_SEL 0x024
-#define VM_QUEUE_SEL 0x030
-#define VM_QUEUE_NUM_MAX 0x034
-#define VM_QUEUE_NUM 0x038
-#define VM_QUEUE_READY 0x044
-#define VM_QUEUE_NOTIFY 0x050
-#define VM_INTERRUPT_STATUS 0x060
-#define VM_INTERRUPT_ACK 0x064
-#define VM_STATUS 0x070
-#define VM_QUEUE_DESC_LOW 0x080
-#define VM_QUEUE_DESC_HIGH 0x084
-#define VM_QUEUE_DRIVER_LOW 0x090
-#define VM_QUEUE_DRIVER_HIGH 0x094
-#define VM_QUEUE_DEVICE_LOW 0x0a0
-#define VM_QUEUE_DEVICE_HIGH 0x0a4
-#define VM_CONFIG_GENERATION 0x0fc
-#define VM_CONFIG 0x100
-
-#define ST_ACKNOWLEDGE 1u
-#define ST_DRIVER 2u
-#define ST_DRIVER_OK 4u
-#define ST_FEATURES_OK 8u
-#define ST_NEEDS_RESET 64u
-#define ST_FAILED 128u
 
 #define F_BLK_SIZE_MAX (1ull << 1)
 #define F_BLK_RO (1ull << 5)
 #define F_BLK_FLUSH (1ull << 9)
-#define F_VERSION_1 (1ull << 32)
 
 #define BLK_T_IN 0u
 #define BLK_T_OUT 1u
 #define BLK_T_FLUSH 4u
 
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_AVAIL_F_NO_INTERRUPT 1
-
 #define QSIZE 16
 #define CHUNK_MAX (32u * 1024u) /* bytes per read while checking */
-
-struct virtq_avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[QSIZE];
-    u16 used_event;
-};
-
-struct virtq_used {
-    u16 flags;
-    u16 idx;
-    struct virtq_used_elem ring[QSIZE];
-    u16 avail_event;
-};
 
 struct blk_req {
     u32 type;
@@ -121,19 +69,15 @@ struct blk_req {
     u64 sector;
 };
 
-static struct virtq_desc desc[QSIZE] __attribute__((aligned(4096)));
-static struct virtq_avail avail __attribute__((aligned(4096)));
-static struct virtq_used used __attribute__((aligned(4096)));
+static u8 ring[VIRTQ_MEM_BYTES(QSIZE)] __attribute__((aligned(4096)));
 static struct blk_req req __attribute__((aligned(16)));
 static u8 req_status __attribute__((aligned(16)));
 static u64 recbuf[WORDS] __attribute__((aligned(4096)));
 static u64 hdrbuf[WORDS] __attribute__((aligned(4096)));
 static u64 iobuf[CHUNK_MAX / 8] __attribute__((aligned(4096)));
 
-static u64 mmio;        /* the transport's base (identity-mapped) */
-static u16 qsize;       /* queue 0's size */
-static u16 avail_idx;   /* next avail index the driver publishes */
-static u16 used_seen;   /* used index the driver has consumed up to */
+static struct virtio_dev dev; /* the disk's transport */
+static struct virtq q;        /* its queue 0 */
 static int has_flush;
 static u64 capacity;    /* in 512-byte sectors */
 static u32 chunk_sectors;
@@ -142,17 +86,16 @@ static u64 tsc_per_sec; /* 0 when the VMM publishes no TSC frequency */
 static const char *const known[] = {"seed", "records", "rate", "window", "format",
                                     "virtio_mmio.device", 0};
 
-static inline u32 rd32(u32 off) { return *(volatile u32 *)(mmio + off); }
-static inline void wr32(u32 off, u32 v) { *(volatile u32 *)(mmio + off) = v; }
-static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
-
-static __attribute__((noreturn)) void fail(const char *what)
+static __attribute__((noreturn)) void fail2(const char *what, const char *why)
 {
     puts("blkstress: error: ");
     puts(what);
+    puts(why);
     putc('\n');
     poweroff();
 }
+
+static __attribute__((noreturn)) void fail(const char *what) { fail2(what, ""); }
 
 static __attribute__((noreturn)) void stop_after_corruption(void)
 {
@@ -160,7 +103,7 @@ static __attribute__((noreturn)) void stop_after_corruption(void)
     halt_forever();
 }
 
-/* ---- options and the virtio_mmio.device= parser ---- */
+/* ---- options and the disk ---- */
 
 static u64 option(const char *cmdline, const char *key, u64 def)
 {
@@ -171,11 +114,9 @@ static u64 option(const char *cmdline, const char *key, u64 def)
  * runtime's virtio layer parses the entries and probes each transport). */
 static void find_disk(const char *cmdline)
 {
-    struct virtio_dev dev;
     const char *why;
     if (virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, &dev, "blkstress", &why))
         fail(why);
-    mmio = dev.base;
     puts("blkstress: virtio-blk at ");
     put_hex(dev.base, 1);
     puts(" irq ");
@@ -187,57 +128,31 @@ static void find_disk(const char *cmdline)
 
 /* ---- virtio-blk driver ---- */
 
-static u64 device_features(void)
+static __attribute__((noreturn)) void device_fail(const char *what, const char *why)
 {
-    wr32(VM_DEVICE_FEATURES_SEL, 0);
-    u64 lo = rd32(VM_DEVICE_FEATURES);
-    wr32(VM_DEVICE_FEATURES_SEL, 1);
-    u64 hi = rd32(VM_DEVICE_FEATURES);
-    return hi << 32 | lo;
+    virtio_fail(&dev);
+    fail2(what, why);
 }
-
-static void device_fail(const char *what)
-{
-    wr32(VM_STATUS, rd32(VM_STATUS) | ST_FAILED);
-    fail(what);
-}
-
-static u32 config32(u32 off) { return rd32(VM_CONFIG + off); }
 
 static void blk_init(void)
 {
-    wr32(VM_STATUS, 0); /* reset */
-    for (int i = 0; rd32(VM_STATUS) != 0; i++) {
-        if (i > 1000000)
-            fail("the virtio-blk device does not finish its reset");
-        cpu_relax();
-    }
-    wr32(VM_STATUS, ST_ACKNOWLEDGE);
-    wr32(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
-
-    u64 offered = device_features();
-    if (!(offered & F_VERSION_1))
-        device_fail("the virtio-blk device does not offer VIRTIO_F_VERSION_1");
+    const char *why;
+    u64 want;
+    if (virtio_negotiate(&dev, F_BLK_FLUSH | F_BLK_SIZE_MAX, 0, &want, &why))
+        fail2("virtio-blk: ", why);
+    u64 offered = virtio_device_features(&dev);
     if (offered & F_BLK_RO)
-        device_fail("the virtio-blk device is read-only");
-    u64 want = F_VERSION_1 | (offered & (F_BLK_FLUSH | F_BLK_SIZE_MAX));
-    wr32(VM_DRIVER_FEATURES_SEL, 0);
-    wr32(VM_DRIVER_FEATURES, (u32)want);
-    wr32(VM_DRIVER_FEATURES_SEL, 1);
-    wr32(VM_DRIVER_FEATURES, (u32)(want >> 32));
-    wr32(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
-    if (!(rd32(VM_STATUS) & ST_FEATURES_OK))
-        device_fail("the virtio-blk device refused the features (FEATURES_OK did not stick)");
+        device_fail("the virtio-blk device is read-only", "");
     has_flush = !!(want & F_BLK_FLUSH);
 
-    /* Capacity (a 64-bit field read as two 32-bit halves) and size_max, consistently. */
+    /* Capacity and size_max, consistently. */
     u32 gen, size_max = 0;
     do {
-        gen = rd32(VM_CONFIG_GENERATION);
-        capacity = (u64)config32(0) | (u64)config32(4) << 32;
+        gen = virtio_config_generation(&dev);
+        capacity = virtio_config64(&dev, 0);
         if (want & F_BLK_SIZE_MAX)
-            size_max = config32(8);
-    } while (rd32(VM_CONFIG_GENERATION) != gen);
+            size_max = virtio_config32(&dev, 8);
+    } while (virtio_config_generation(&dev) != gen);
     u32 chunk = CHUNK_MAX;
     if ((want & F_BLK_SIZE_MAX) && size_max < chunk)
         chunk = size_max;
@@ -245,31 +160,18 @@ static void blk_init(void)
     if (!chunk_sectors)
         chunk_sectors = 1;
 
-    wr32(VM_QUEUE_SEL, 0);
-    if (rd32(VM_QUEUE_READY))
-        device_fail("virtio-blk queue 0 is already live after a reset");
-    u32 max = rd32(VM_QUEUE_NUM_MAX);
-    if (max < 3)
-        device_fail("virtio-blk queue 0 is missing or has fewer than 3 entries");
-    qsize = max < QSIZE ? (u16)max : QSIZE;
-    wr32(VM_QUEUE_NUM, qsize);
-    avail.flags = VRING_AVAIL_F_NO_INTERRUPT;
-    wr32(VM_QUEUE_DESC_LOW, (u32)(u64)desc);
-    wr32(VM_QUEUE_DESC_HIGH, (u32)((u64)desc >> 32));
-    wr32(VM_QUEUE_DRIVER_LOW, (u32)(u64)&avail);
-    wr32(VM_QUEUE_DRIVER_HIGH, (u32)((u64)&avail >> 32));
-    wr32(VM_QUEUE_DEVICE_LOW, (u32)(u64)&used);
-    wr32(VM_QUEUE_DEVICE_HIGH, (u32)((u64)&used >> 32));
-    mb();
-    wr32(VM_QUEUE_READY, 1);
-    wr32(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+    if (virtq_setup(&q, &dev, 0, QSIZE, ring, &why))
+        device_fail("virtio-blk queue 0: ", why);
+    if (q.size < 3)
+        device_fail("virtio-blk queue 0 has fewer than 3 entries", "");
+    virtio_driver_ok(&dev);
 
     puts("blkstress: features offered=");
     put_hex(offered, 16);
     puts(" accepted=");
     put_hex(want, 16);
     puts(" queue=");
-    put_dec(qsize);
+    put_dec(q.size);
     puts(" flush=");
     put_dec((u64)has_flush);
     puts(" chunk=");
@@ -290,34 +192,23 @@ static void blk_io(u32 type, u64 sector, void *buf, u32 len)
     req.sector = sector;
     req_status = 0xff;
     /* Chain: header (device reads), data (device writes it for IN), status byte. */
-    u16 last = type == BLK_T_FLUSH ? 1 : 2;
-    desc[0].addr = (u64)&req;
-    desc[0].len = sizeof req;
-    desc[0].flags = VRING_DESC_F_NEXT;
-    desc[0].next = 1;
-    if (type != BLK_T_FLUSH) {
-        desc[1].addr = (u64)buf;
-        desc[1].len = len;
-        desc[1].flags = VRING_DESC_F_NEXT | (type == BLK_T_IN ? VRING_DESC_F_WRITE : 0);
-        desc[1].next = 2;
+    struct virtq_buf bufs[3];
+    unsigned n = 0, n_out = type == BLK_T_OUT ? 2 : 1;
+    bufs[n++] = (struct virtq_buf){(u64)&req, sizeof req, 0};
+    if (type != BLK_T_FLUSH)
+        bufs[n++] = (struct virtq_buf){(u64)buf, len, type == BLK_T_IN};
+    bufs[n++] = (struct virtq_buf){(u64)&req_status, 1, 1};
+    int head = virtq_add(&q, bufs, n_out, n - n_out, 0);
+    if (head < 0) {
+        /* Cannot happen: the queue has 3 or more entries and each chain is freed. */
+        puts("blkstress: CORRUPTION queue: no free descriptors with no request outstanding\n");
+        stop_after_corruption();
     }
-    desc[last].addr = (u64)&req_status;
-    desc[last].len = 1;
-    desc[last].flags = VRING_DESC_F_WRITE;
-    desc[last].next = 0;
-
-    /* Descriptors, then the ring entry, then the index, then the notify. */
-    avail.ring[avail_idx % qsize] = 0;
-    mb();
-    avail_idx++;
-    *(volatile u16 *)&avail.idx = avail_idx;
-    mb();
-    wr32(VM_QUEUE_NOTIFY, 0);
+    virtq_kick(&q);
 
     u64 start = rdtsc();
     int warned = 0;
-    u16 now;
-    while ((now = *(volatile u16 *)&used.idx) == used_seen) {
+    while (!virtq_has_used(&q)) {
         cpu_relax();
         if (tsc_per_sec && !warned && rdtsc() - start > 10 * tsc_per_sec) {
             puts("blkstress: still waiting for the device: ");
@@ -328,26 +219,29 @@ static void blk_io(u32 type, u64 sector, void *buf, u32 len)
             warned = 1;
         }
     }
-    mb();
-    if ((u16)(now - used_seen) != 1) {
+    u16 seen = q.last_used, now = q.used[1];
+    if ((u16)(now - seen) != 1) {
         puts("blkstress: CORRUPTION queue: used index went from ");
-        put_dec(used_seen);
+        put_dec(seen);
         puts(" to ");
         put_dec(now);
         puts(" with one request outstanding\n");
         stop_after_corruption();
     }
-    struct virtq_used_elem e = *(volatile struct virtq_used_elem *)&used.ring[used_seen % qsize];
-    used_seen = now;
-    u32 isr = rd32(VM_INTERRUPT_STATUS);
-    if (isr)
-        wr32(VM_INTERRUPT_ACK, isr);
-    if (e.id != 0) {
+    virtio_rmb(); /* the element after the index */
+    u32 id = q.used_ring[seen & (q.size - 1)].id;
+    if (id != (u32)head) {
         puts("blkstress: CORRUPTION queue: used ring returned descriptor ");
-        put_dec(e.id);
-        puts(", expected 0\n");
+        put_dec(id);
+        puts(", expected ");
+        put_dec((u64)head);
+        putc('\n');
         stop_after_corruption();
     }
+    u64 token;
+    u32 written;
+    virtq_get_used(&q, &token, &written); /* frees the chain; the checks above passed */
+    virtio_ack_interrupt(&dev);
     u8 st = *(volatile u8 *)&req_status;
     if (st != 0) {
         puts("blkstress: error: ");
@@ -362,7 +256,7 @@ static void blk_io(u32 type, u64 sector, void *buf, u32 len)
         put_dec(st);
         puts(st == 1 ? " (IOERR)" : st == 2 ? " (UNSUPP)" : st == 0xff ? " (not written)" : "");
         puts("; device status ");
-        put_hex(rd32(VM_STATUS), 2);
+        put_hex(virtio_read32(&dev, VIRTIO_MMIO_STATUS), 2);
         putc('\n');
         halt_forever();
     }

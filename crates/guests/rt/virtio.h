@@ -158,6 +158,11 @@ static inline u32 virtio_config_generation(const struct virtio_dev *d) { return 
 static inline u8 virtio_config8(const struct virtio_dev *d, u32 off) { return mmio_read8(d->base + VIRTIO_MMIO_CONFIG + off); }
 static inline u16 virtio_config16(const struct virtio_dev *d, u32 off) { return mmio_read16(d->base + VIRTIO_MMIO_CONFIG + off); }
 static inline u32 virtio_config32(const struct virtio_dev *d, u32 off) { return mmio_read32(d->base + VIRTIO_MMIO_CONFIG + off); }
+/* A 64-bit field as two 32-bit reads, low half first (inside a generation loop). */
+static inline u64 virtio_config64(const struct virtio_dev *d, u32 off)
+{
+    return (u64)virtio_config32(d, off) | (u64)virtio_config32(d, off + 4) << 32;
+}
 
 /* Parses one virtio_mmio.device= value "<size>@<base>:<irq>[:<id>]" (numbers decimal or
  * 0x hex, with an optional K/M/G suffix, as Linux's memparse); 0 on success. */
