@@ -334,6 +334,18 @@ impl VirtioDevices {
                     .map_err(|source| Error::Restore { index, source })?,
                 None => MmioTransport::new(dev, mem.clone(), irq)?,
             };
+            if let (Some(_), Some(evt)) = (&net, t.event_fd()) {
+                // The guest lending RX buffers (a write of 0 to QueueNotify) only has to
+                // wake the event loop: KVM signals the NIC's event fd itself, without an
+                // exit to the VMM (an ioeventfd). TX notifications still exit: the frames
+                // go out inside the exit.
+                let at = kvm_ioctls::IoEventAddress::Mmio(
+                    base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY),
+                );
+                vm.register_ioevent(evt, &at, u32::from(ferry_virtio::net::RX_QUEUE)).map_err(|e| {
+                    Error::Interrupt { index, source: std::io::Error::from_raw_os_error(e.errno()) }
+                })?;
+            }
             let transport = Arc::new(Mutex::new(t));
             entries.push(Entry { backend: backend.clone(), base, gsi, transport, disk, net });
         }
