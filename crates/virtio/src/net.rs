@@ -486,7 +486,7 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
     use crate::mmio::{status, MmioTransport, INT_USED_RING};
-    use crate::testing::{memory, regs, Driver, Ring, MEM_SIZE};
+    use crate::testing::{copy_memory, regs, Driver, Ring, MEM_SIZE};
     use std::ffi::CString;
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::atomic::AtomicUsize;
@@ -1005,15 +1005,6 @@ mod tests {
         n.handle.announce().expect("announce");
         assert_eq!(n.sock.recv().as_deref(), Some(&ferry_net::rarp::frame(MAC)[..]));
         assert_eq!(n.handle.stats(), NetStats::default(), "not the guest's traffic");
-    }
-
-    /// A copy of `mem` in fresh memory, as a migration's destination has it.
-    fn copy_memory(mem: &GuestMemory) -> GuestMemory {
-        let copy = memory();
-        let mut buf = vec![0u8; MEM_SIZE as usize];
-        mem.read_slice(&mut buf, GuestAddress(0)).expect("read");
-        copy.write_slice(&buf, GuestAddress(0)).expect("write");
-        copy
     }
 
     #[test]

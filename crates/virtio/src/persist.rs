@@ -327,28 +327,18 @@ impl ferry_checkpoint::Persist for MmioTransport {
 mod tests {
     use super::*;
     use crate::block::{Block, SECTOR_SIZE};
-    use crate::testing::{memory, regs, Driver, Dummy, TempImage, AVAIL, DESC, MEM_SIZE, QSIZE, USED};
+    use crate::testing::{copy_memory, regs, Driver, Dummy, TempImage, AVAIL, DESC, MEM_SIZE, QSIZE, USED};
     use ferry_checkpoint::Persist;
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
-    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 
     fn block(img: &TempImage, read_only: bool) -> Box<dyn VirtioDevice> {
         Box::new(Block::new(img.open(read_only), read_only, b"id").expect("block"))
-    }
-
-    /// A copy of `mem` in fresh memory, as a migration's destination has it.
-    fn copy_memory(mem: &GuestMemory) -> GuestMemory {
-        let copy = memory();
-        let mut buf = vec![0u8; MEM_SIZE as usize];
-        mem.read_slice(&mut buf, GuestAddress(0)).expect("read");
-        copy.write_slice(&buf, GuestAddress(0)).expect("write");
-        copy
     }
 
     /// Moves `d` to a restored transport over a copy of its memory.

@@ -124,6 +124,15 @@ impl VirtioDevice for Dummy {
     }
 }
 
+/// A copy of `mem` in fresh memory, as a migration's destination has it.
+pub fn copy_memory(mem: &GuestMemory) -> GuestMemory {
+    let copy = memory();
+    let mut buf = vec![0u8; MEM_SIZE as usize];
+    mem.read_slice(&mut buf, GuestAddress(0)).expect("read");
+    copy.write_slice(&buf, GuestAddress(0)).expect("write");
+    copy
+}
+
 /// Guest memory for the tests.
 pub fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
