@@ -576,12 +576,7 @@ static void records_line(u64 count)
 
 void guest_main(const struct hvm_start_info *si)
 {
-    const char *cmdline = 0;
-    if (si->magic != HVM_START_MAGIC)
-        fail("no PVH start info");
-    if (si->cmdline_paddr)
-        cmdline = (const char *)si->cmdline_paddr;
-    cmdline_check(cmdline, known, "blkstress");
+    const char *cmdline = start_cmdline(si, known, "blkstress");
     u64 seed = option(cmdline, "seed", 1);
     u64 limit = option(cmdline, "records", 0);
     u64 rate = option(cmdline, "rate", 0);

@@ -82,14 +82,7 @@ static void pass_line(u64 p)
 
 void guest_main(const struct hvm_start_info *si)
 {
-    const char *cmdline = 0;
-    if (si->magic != HVM_START_MAGIC) {
-        puts("memstress: error: no PVH start info\n");
-        poweroff();
-    }
-    if (si->cmdline_paddr)
-        cmdline = (const char *)si->cmdline_paddr;
-    cmdline_check(cmdline, known, "memstress");
+    const char *cmdline = start_cmdline(si, known, "memstress");
     u64 wss = option(cmdline, "wss", 64 * MIB);
     u64 seed = option(cmdline, "seed", 1);
     u64 rate = option(cmdline, "rate", 0);

@@ -441,12 +441,7 @@ static void net_init(const char *cmdline)
 
 void guest_main(const struct hvm_start_info *si)
 {
-    const char *cmdline = 0;
-    if (si->magic != HVM_START_MAGIC)
-        fail("no PVH start info");
-    if (si->cmdline_paddr)
-        cmdline = (const char *)si->cmdline_paddr;
-    cmdline_check(cmdline, known, "netecho");
+    const char *cmdline = start_cmdline(si, known, "netecho");
 
     const char *ipv = cmdline_get(cmdline, "ip");
     u32 prefix; /* accepted, not used: netecho only answers */

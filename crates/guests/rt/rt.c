@@ -188,3 +188,17 @@ u64 cmdline_option(const char *cmdline, const char *key, u64 def, const char *gu
     }
     return out;
 }
+
+const char *start_cmdline(const struct hvm_start_info *si, const char *const *known, const char *guest)
+{
+    const char *cmdline = 0;
+    if (si->magic != HVM_START_MAGIC) {
+        puts(guest);
+        puts(": error: no PVH start info\n");
+        poweroff();
+    }
+    if (si->cmdline_paddr)
+        cmdline = (const char *)si->cmdline_paddr;
+    cmdline_check(cmdline, known, guest);
+    return cmdline;
+}

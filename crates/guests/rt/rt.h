@@ -74,6 +74,9 @@ int parse_size(const char *s, u64 *out);
 u64 cmdline_option(const char *cmdline, const char *key, u64 def, const char *guest);
 /* Calls `unknown` for each key not in the NULL-terminated `known` list. */
 void cmdline_check(const char *cmdline, const char *const *known, const char *guest);
+/* A guest's start: checks the PVH start info (powers off with "<guest>: error: no PVH start
+ * info" if it is not one) and returns its command line (0 if none), checked against `known`. */
+const char *start_cmdline(const struct hvm_start_info *si, const char *const *known, const char *guest);
 
 void *memset(void *d, int c, unsigned long n);
 void *memcpy(void *d, const void *s, unsigned long n);
