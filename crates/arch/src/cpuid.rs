@@ -246,6 +246,15 @@ fn register(e: &kvm_cpuid_entry2, r: Register) -> u32 {
     }
 }
 
+fn register_mut(e: &mut kvm_cpuid_entry2, r: Register) -> &mut u32 {
+    match r {
+        Register::Eax => &mut e.eax,
+        Register::Ebx => &mut e.ebx,
+        Register::Ecx => &mut e.ecx,
+        Register::Edx => &mut e.edx,
+    }
+}
+
 /// The features a guest was given (`guest`, e.g. from a checkpoint) that `host` does not
 /// support. Empty means the guest can run on the host.
 pub fn missing_features(guest: &[kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature> {
@@ -267,6 +276,21 @@ pub fn missing_features(guest: &[kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature
     missing
 }
 
+/// Clears from a guest's table every feature bit [`missing_features`] would name for
+/// `host`, so that the guest can run there (what a CPU baseline does); returns what was
+/// cleared. Bits that are not features are left alone.
+pub fn mask_to_host(guest: &mut [kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature> {
+    let missing = missing_features(guest, host);
+    for f in &missing {
+        for e in guest.iter_mut().filter(|e| {
+            e.function == f.leaf && (e.index == f.subleaf || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+        }) {
+            *register_mut(e, f.register) &= !(1u32 << f.bit);
+        }
+    }
+    missing
+}
+
 /// Clears the feature called `name` (as [`Feature`]'s `Display` names it, e.g. `avx2`) in
 /// a host table, as if the host lacked it. Returns whether the name is known.
 pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
@@ -279,13 +303,7 @@ pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
             for e in cpuid.as_mut_slice().iter_mut().filter(|e| {
                 e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
             }) {
-                let r = match reg {
-                    Register::Eax => &mut e.eax,
-                    Register::Ebx => &mut e.ebx,
-                    Register::Ecx => &mut e.ecx,
-                    Register::Edx => &mut e.edx,
-                };
-                *r &= !(1u32 << bit);
+                *register_mut(e, reg) &= !(1u32 << bit);
             }
             return true;
         }
@@ -381,6 +399,13 @@ mod tests {
         let missing = missing_features(&entries, &h);
         let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
         assert_eq!(names, vec!["CPUID[0x1.0].Ecx bit 2".to_string(), "sse4.2".to_string()]);
+        // Masked to the host, the guest fits again; the bits that are not features stay.
+        let cleared = mask_to_host(&mut entries, &h);
+        assert_eq!(cleared, missing);
+        assert!(missing_features(&entries, &h).is_empty());
+        let l1 = entries.iter().find(|e| e.function == 1).expect("leaf 1");
+        assert_eq!(l1.ecx & (1 << 20 | 1 << 2), 0);
+        assert_ne!(l1.ecx & (1 << 31), 0, "the hypervisor bit is Ferry's, not a host feature");
     }
 
     #[test]

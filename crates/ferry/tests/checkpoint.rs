@@ -440,12 +440,47 @@ fn committed_fixture_from_format_version_1_restores() {
     // versions must keep restoring it.
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v1");
     let dir = TempDir::new("fixture");
-    // Work on a copy: git checkouts are not sparse and the fixture must stay pristine.
-    copy_checkpoint(&fixture, &dir.0);
-    let state = std::fs::read(dir.0.join("state.ferry")).expect("fixture state");
+    // Work on copies: git checkouts are not sparse and the fixture must stay pristine.
+    let (as_is, fitted) = (dir.path("as-is"), dir.path("fitted"));
+    copy_checkpoint(&fixture, &as_is);
+    copy_checkpoint(&fixture, &fitted);
+    let state = std::fs::read(as_is.join("state.ferry")).expect("fixture state");
     assert_eq!(&state[..8], b"FERRYCKP");
     assert_eq!(u32::from_le_bytes([state[8], state[9], state[10], state[11]]), 1);
+    // The fixture was made on one machine; this one may have another CPU (another vendor,
+    // another generation). Where it lacks features the guest was given, the checkpoint as
+    // it is must be refused, naming them; a copy with its CPUID masked to this host (what
+    // a CPU baseline does; the file stays format version 1) must restore.
+    let cleared = fit_cpuid_to_host(&fitted.join("state.ferry"));
+    if !cleared.is_empty() {
+        restore_fails(&as_is, "this host's CPU lacks features the checkpointed guest was given");
+    }
     // The fixture was suspended after its console showed pass 3 (scripts/make-fixture.sh).
-    let mut vm = restore_and_check_continues(&dir.0, 3, 100_000);
+    let mut vm = restore_and_check_continues(&fitted, 3, 100_000);
     assert!(vm.signal_and_wait(libc::SIGTERM, Duration::from_secs(5)).success());
+}
+
+/// Masks every vCPU's CPUID in a format-version-1 state file to this host's features and
+/// rewrites it (same format version, new checksum). Returns the features cleared.
+fn fit_cpuid_to_host(state_file: &Path) -> Vec<String> {
+    let bytes = std::fs::read(state_file).expect("state");
+    let mut state: serde_json::Value = serde_json::from_slice(&bytes[32..]).expect("state JSON");
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let host = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).expect("supported CPUID");
+    let mut cleared = Vec::new();
+    for vcpu in state["vcpus"].as_array_mut().expect("vcpus") {
+        let table: Vec<ferry_arch::state::CpuidEntry> =
+            serde_json::from_value(vcpu["cpuid"].take()).expect("cpuid entries");
+        let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = table.iter().map(Into::into).collect();
+        cleared.extend(ferry_arch::cpuid::mask_to_host(&mut entries, &host).iter().map(|f| f.to_string()));
+        let table: Vec<ferry_arch::state::CpuidEntry> = entries.iter().map(Into::into).collect();
+        vcpu["cpuid"] = serde_json::to_value(table).expect("cpuid JSON");
+    }
+    let payload = serde_json::to_vec(&state).expect("JSON");
+    let mut out = bytes[..32].to_vec();
+    out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[24..28].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    std::fs::write(state_file, out).expect("write state");
+    cleared
 }
