@@ -11,7 +11,6 @@ need lz4           # decompresses Debian's kernel for the Linux boot check
 need util-linux    # unshare/setpriv for the error tests
 need iproute2      # network namespaces (network tests)
 need iputils-ping  # ping, the client in the network tests
-need libclang-dev  # bindgen, for userfaultfd-sys (the migration receiver's page placement)
 
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${pkgs[*]}" >&2

@@ -1,4 +1,4 @@
-//! The migration wire protocol, version 1.
+//! The migration wire protocol, version 2.
 //!
 //! Every message is a frame:
 //!
@@ -6,24 +6,31 @@
 //! offset size
 //!      0    4  magic "FMIG"
 //!      4    2  message kind (little endian)
-//!      6    2  flags, zero in version 1
+//!      6    2  flags, zero in version 2
 //!      8    4  payload length
-//!     12    4  CRC-32 (IEEE) of the payload
+//!     12    4  CRC-32 (IEEE) of the payload; for `Pages`, of its count and entries only
 //!     16    -  payload
 //! ```
 //!
 //! Each kind has its own payload bound ([`Kind::max_payload`]); a frame that claims more,
 //! an unknown kind, non-zero flags, a bad magic or checksum ends the migration. Control
 //! messages carry JSON; memory travels in binary `Pages` batches ([`PageBatch`]).
+//!
+//! Version 2 differs from version 1 only there: the data of a `Pages` frame is sent straight
+//! from guest memory while the guest runs (the sender never copies it), so it can change
+//! between the sender's checksum and the wire. The checksum covers what must never be wrong
+//! (the count and the addresses); page data is covered by TCP's checksum on the way and, end
+//! to end, by `--verify`. A page the guest changed in flight was dirtied after the dirty log
+//! was read, so a later pass sends it again.
 
-use std::io::{IoSlice, Read, Write};
+use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 /// Frame magic.
 pub const MAGIC: &[u8; 4] = b"FMIG";
 /// Protocol version this Ferry speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Frame header size.
 pub const HEADER_LEN: usize = 16;
 /// Guest page size on the wire.
@@ -45,7 +52,7 @@ pub enum Error {
     /// Unknown kind.
     #[error("the peer sent an unknown message kind {0}")]
     UnknownKind(u16),
-    /// Flags set that version 1 does not define.
+    /// Flags set that this version does not define.
     #[error("the peer sent a {kind:?} message with unknown flags {flags:#x}")]
     BadFlags {
         /// The kind.
@@ -177,10 +184,26 @@ pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<()
     header[..4].copy_from_slice(MAGIC);
     header[4..6].copy_from_slice(&(kind as u16).to_le_bytes());
     header[8..12].copy_from_slice(&len.to_le_bytes());
-    header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    header[12..16].copy_from_slice(&checksum(kind, payload).to_le_bytes());
     w.write_all(&header)?;
     w.write_all(payload)?;
     Ok(())
+}
+
+/// The part of a payload the frame checksum covers: all of it, but for `Pages` only the
+/// count and the entries (as many as the count claims and the payload holds).
+fn checked_part(kind: Kind, payload: &[u8]) -> &[u8] {
+    if kind != Kind::Pages || payload.len() < 4 {
+        return payload;
+    }
+    let count = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+    let end = count.min(MAX_PAGES_PER_FRAME).saturating_mul(8).saturating_add(4);
+    &payload[..end.min(payload.len())]
+}
+
+/// The frame checksum of `payload` as a `kind` message.
+fn checksum(kind: Kind, payload: &[u8]) -> u32 {
+    crc32fast::hash(checked_part(kind, payload))
 }
 
 /// Reads one frame, checking magic, kind, flags, the kind's bound and the checksum before
@@ -309,27 +332,33 @@ pub struct Abort {
 }
 
 /// Encodes a page batch: `entries` are (address, page bytes); zero pages become markers.
-/// (The sender fills a [`PageBatch`] straight from guest memory instead; this is for tests
-/// and tools that hold pages in buffers.)
+/// (The sender builds a [`PageBatch`] over guest memory instead; this is for tests and
+/// tools that hold pages in buffers.)
 pub fn encode_pages<'a>(
     entries: impl ExactSizeIterator<Item = (u64, &'a [u8])>,
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
     let mut batch = PageBatch::new();
-    for (addr, data) in entries {
-        if data.len() != PAGE_SIZE {
+    let mut data = Vec::new();
+    for (addr, page) in entries {
+        if page.len() != PAGE_SIZE {
             return Err(Error::BadPages("a page is not 4096 bytes"));
         }
-        batch.push(addr, |d| d.copy_from_slice(data))?;
+        if is_zero(page) {
+            batch.push_zero(addr)?;
+        } else {
+            batch.push_data(addr)?;
+            data.extend_from_slice(page);
+        }
     }
     out.clear();
-    out.extend_from_slice(&batch.count.to_le_bytes());
-    out.extend_from_slice(&batch.head[HEADER_LEN + 4..]);
-    out.extend_from_slice(&batch.data[..batch.data_len]);
+    out.extend_from_slice(&batch.finish()[HEADER_LEN..]);
+    out.extend_from_slice(&data);
     Ok(())
 }
 
-/// A page batch filled straight from guest memory. The `Pages` payload is
+/// The frame header, count and entries of a `Pages` batch, built page by page. The payload
+/// is
 ///
 /// ```text
 /// count: u32 (at most MAX_PAGES_PER_FRAME)
@@ -337,18 +366,15 @@ pub fn encode_pages<'a>(
 /// the 4096 bytes of every page without ZERO_PAGE, in entry order, back to back
 /// ```
 ///
-/// Data is contiguous so that the receiver can place a run of consecutive pages in one
-/// copy (one `UFFDIO_COPY` for up to 2 MiB). The frame header and entries live in one
-/// buffer, the data in another; [`PageBatch::send`] writes both with one `writev`.
+/// The batch holds no page data: the sender writes [`PageBatch::finish`]'s bytes and then
+/// the data pages straight from guest memory, in entry order. Data is contiguous so that
+/// the receiver can read a run of consecutive pages into guest memory with one call.
 #[derive(Debug)]
 pub struct PageBatch {
     /// Frame header, count, entries.
     head: Vec<u8>,
-    /// Page data: a buffer of a full frame's size, zeroed once; `data_len` bytes in use.
-    data: Vec<u8>,
-    data_len: usize,
     count: u32,
-    zero: u64,
+    data_pages: u32,
 }
 
 impl Default for PageBatch {
@@ -362,7 +388,7 @@ impl PageBatch {
     pub fn new() -> Self {
         let mut head = Vec::with_capacity(HEADER_LEN + 4 + 8 * MAX_PAGES_PER_FRAME);
         head.resize(HEADER_LEN + 4, 0);
-        Self { head, data: vec![0; MAX_PAGES_PER_FRAME * PAGE_SIZE], data_len: 0, count: 0, zero: 0 }
+        Self { head, count: 0, data_pages: 0 }
     }
 
     /// Pages in the batch.
@@ -382,83 +408,64 @@ impl PageBatch {
 
     /// Zero pages in the batch (sent as markers).
     pub fn zero_pages(&self) -> u64 {
-        self.zero
+        u64::from(self.count - self.data_pages)
     }
 
-    /// Adds the page at `addr`; `fill` copies its 4096 bytes into the slice it is given.
-    /// A page that turns out all zeros is kept as a marker only. Returns whether it was zero.
-    pub fn push(&mut self, addr: u64, fill: impl FnOnce(&mut [u8])) -> Result<bool, Error> {
+    /// Bytes of page data that follow the head on the wire.
+    pub fn data_len(&self) -> usize {
+        self.data_pages as usize * PAGE_SIZE
+    }
+
+    fn push(&mut self, entry: u64) -> Result<(), Error> {
         if self.is_full() {
             return Err(Error::BadPages("too many pages for one frame"));
         }
-        if addr % PAGE_SIZE as u64 != 0 {
+        if entry & (PAGE_SIZE as u64 - 1) & !ZERO_PAGE != 0 {
             return Err(Error::BadPages("unaligned page"));
         }
-        let at = self.data_len;
-        let page = &mut self.data[at..at + PAGE_SIZE];
-        fill(page);
-        let zero = is_zero(page);
-        if zero {
-            self.head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
-            self.zero += 1;
-        } else {
-            self.head.extend_from_slice(&addr.to_le_bytes());
-            self.data_len += PAGE_SIZE;
-        }
-        self.count += 1;
-        Ok(zero)
-    }
-
-    /// Adds the page at `addr` as a zero marker without reading it: the caller knows it
-    /// is all zeros (never populated).
-    pub fn push_zero(&mut self, addr: u64) -> Result<(), Error> {
-        if self.is_full() {
-            return Err(Error::BadPages("too many pages for one frame"));
-        }
-        if addr % PAGE_SIZE as u64 != 0 {
-            return Err(Error::BadPages("unaligned page"));
-        }
-        self.head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
-        self.zero += 1;
+        self.head.extend_from_slice(&entry.to_le_bytes());
         self.count += 1;
         Ok(())
     }
 
-    /// Writes the batch as one `Pages` frame and empties it. Returns the bytes written.
-    pub fn send<W: Write>(&mut self, w: &mut W) -> Result<u64, Error> {
-        let data = &self.data[..self.data_len];
-        let payload_len = (self.head.len() - HEADER_LEN + data.len()) as u32;
+    /// Adds the page at `addr` with its data (which the sender writes after the head).
+    pub fn push_data(&mut self, addr: u64) -> Result<(), Error> {
+        if addr & ZERO_PAGE != 0 {
+            return Err(Error::BadPages("unaligned page"));
+        }
+        self.push(addr)?;
+        self.data_pages += 1;
+        Ok(())
+    }
+
+    /// Adds the page at `addr` as a zero marker (no data).
+    pub fn push_zero(&mut self, addr: u64) -> Result<(), Error> {
+        if addr & ZERO_PAGE != 0 {
+            return Err(Error::BadPages("unaligned page"));
+        }
+        self.push(addr | ZERO_PAGE)
+    }
+
+    /// Fills in the frame header and returns header, count and entries: the bytes to write
+    /// before the [`PageBatch::data_len`] bytes of page data.
+    pub fn finish(&mut self) -> &[u8] {
+        let payload_len = (self.head.len() - HEADER_LEN + self.data_len()) as u32;
         self.head[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.count.to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&self.head[HEADER_LEN..]);
-        crc.update(data);
+        let crc = crc32fast::hash(&self.head[HEADER_LEN..]);
         self.head[..4].copy_from_slice(MAGIC);
         self.head[4..6].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
         self.head[6..8].copy_from_slice(&[0, 0]);
         self.head[8..12].copy_from_slice(&payload_len.to_le_bytes());
-        self.head[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
-        let n = (self.head.len() + data.len()) as u64;
-        write_all_vectored(w, &mut [IoSlice::new(&self.head), IoSlice::new(data)])?;
-        self.head.truncate(HEADER_LEN + 4);
-        self.data_len = 0;
-        self.count = 0;
-        self.zero = 0;
-        Ok(n)
+        self.head[12..16].copy_from_slice(&crc.to_le_bytes());
+        &self.head
     }
-}
 
-/// `Write::write_all` for several buffers (one `writev` when the socket takes it all).
-fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    /// Empties the batch for reuse.
+    pub fn clear(&mut self) {
+        self.head.truncate(HEADER_LEN + 4);
+        self.count = 0;
+        self.data_pages = 0;
     }
-    Ok(())
 }
 
 /// Whether a buffer is all zeros (word at a time).
@@ -471,28 +478,82 @@ pub fn is_zero(data: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Reads one frame into `payload` (reused between calls, so a migration does not allocate
-/// per batch). Same checks as [`read_frame`].
-pub fn read_frame_into<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, Error> {
-    let mut header = [0u8; HEADER_LEN];
-    r.read_exact(&mut header)?;
-    let (kind, len, crc) = check_header(&header)?;
-    // Reused buffer: zero-fill only the part it never had (a 2 MiB memset per page batch
-    // showed in the receiver's profile).
-    let len = len as usize;
-    if payload.len() < len {
-        payload.resize(len, 0);
-    } else {
-        payload.truncate(len);
-    }
-    r.read_exact(payload)?;
-    if crc32fast::hash(payload) != crc {
-        return Err(Error::BadChecksum(kind));
-    }
-    Ok(kind)
+/// A frame header that passed its checks; the payload has not been read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The kind.
+    pub kind: Kind,
+    /// Payload length, within the kind's bound.
+    pub len: u32,
+    crc: u32,
 }
 
-fn check_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u32, u32), Error> {
+/// Reads and checks a frame header: magic, kind, flags, the kind's bound.
+pub fn read_header<R: Read>(r: &mut R) -> Result<Header, Error> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    check_header(&header)
+}
+
+impl Header {
+    /// Reads the payload into `payload` (reused between calls, so a migration does not
+    /// allocate per frame) and checks its checksum.
+    pub fn read_payload<R: Read>(&self, r: &mut R, payload: &mut Vec<u8>) -> Result<(), Error> {
+        // Reused buffer: zero-fill only the part it never had.
+        let len = self.len as usize;
+        if payload.len() < len {
+            payload.resize(len, 0);
+        } else {
+            payload.truncate(len);
+        }
+        r.read_exact(payload)?;
+        if checksum(self.kind, payload) != self.crc {
+            return Err(Error::BadChecksum(self.kind));
+        }
+        Ok(())
+    }
+
+    /// For a `Pages` frame: reads its count and entries into `entries` and checks them
+    /// (checksum, alignment, that the length is exactly the data they announce). The page
+    /// data, [`PageEntries::data_len`] bytes in entry order, is the rest of the frame, still
+    /// on the stream.
+    pub fn read_page_entries<R: Read>(&self, r: &mut R, entries: &mut PageEntries) -> Result<(), Error> {
+        if self.kind != Kind::Pages {
+            return Err(Error::Unexpected { got: self.kind, expected: "Pages" });
+        }
+        let mut count = [0u8; 4];
+        if self.len < 4 {
+            return Err(Error::BadPages("no count"));
+        }
+        r.read_exact(&mut count)?;
+        let n = u32::from_le_bytes(count) as usize;
+        if n > MAX_PAGES_PER_FRAME {
+            return Err(Error::BadPages("more pages than a frame may hold"));
+        }
+        let head_len = 4 + 8 * n;
+        if (self.len as usize) < head_len {
+            return Err(Error::BadPages("truncated entries"));
+        }
+        let raw = &mut entries.raw;
+        raw.clear();
+        raw.extend_from_slice(&count);
+        raw.resize(head_len, 0);
+        r.read_exact(&mut raw[4..])?;
+        if crc32fast::hash(raw) != self.crc {
+            return Err(Error::BadChecksum(Kind::Pages));
+        }
+        entries.check(self.len as usize - head_len)
+    }
+}
+
+/// Reads one frame into `payload` (reused between calls). Same checks as [`read_frame`].
+pub fn read_frame_into<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, Error> {
+    let h = read_header(r)?;
+    h.read_payload(r, payload)?;
+    Ok(h.kind)
+}
+
+fn check_header(header: &[u8; HEADER_LEN]) -> Result<Header, Error> {
     if &header[..4] != MAGIC {
         return Err(Error::BadMagic);
     }
@@ -507,10 +568,117 @@ fn check_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u32, u32), Error> {
         return Err(Error::TooLarge { kind, len, max: kind.max_payload() });
     }
     let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-    Ok((kind, len, crc))
+    Ok(Header { kind, len, crc })
 }
 
-/// A piece of a decoded `Pages` batch.
+/// The count and entries of a `Pages` batch, checked; reused from batch to batch.
+#[derive(Debug, Default)]
+pub struct PageEntries {
+    /// Count (4 bytes) and entries (8 bytes each), as on the wire.
+    raw: Vec<u8>,
+    data_pages: usize,
+}
+
+impl PageEntries {
+    /// Parses and checks the count and entries of a whole `Pages` payload (data included).
+    pub fn parse(payload: &[u8]) -> Result<Self, Error> {
+        let count = payload.get(..4).ok_or(Error::BadPages("no count"))?;
+        let n = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+        if n > MAX_PAGES_PER_FRAME {
+            return Err(Error::BadPages("more pages than a frame may hold"));
+        }
+        let raw = payload.get(..4 + 8 * n).ok_or(Error::BadPages("truncated entries"))?.to_vec();
+        let mut e = PageEntries { raw, data_pages: 0 };
+        e.check(payload.len() - (4 + 8 * n))?;
+        Ok(e)
+    }
+
+    /// Checks every entry and that `data_len` bytes are exactly the announced page data.
+    fn check(&mut self, data_len: usize) -> Result<(), Error> {
+        let mut with_data = 0usize;
+        for i in 0..self.len() {
+            let raw = self.entry(i);
+            if raw & (PAGE_SIZE as u64 - 1) & !ZERO_PAGE != 0 {
+                return Err(Error::BadPages("unaligned address"));
+            }
+            if raw & ZERO_PAGE == 0 {
+                with_data += 1;
+            }
+        }
+        self.data_pages = with_data;
+        if data_len < with_data * PAGE_SIZE {
+            return Err(Error::BadPages("truncated page data"));
+        }
+        if data_len > with_data * PAGE_SIZE {
+            return Err(Error::BadPages("trailing bytes after the last page"));
+        }
+        Ok(())
+    }
+
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        self.raw.len().saturating_sub(4) / 8
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of page data that follow the entries.
+    pub fn data_len(&self) -> usize {
+        self.data_pages * PAGE_SIZE
+    }
+
+    fn entry(&self, i: usize) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&self.raw[4 + 8 * i..12 + 8 * i]);
+        u64::from_le_bytes(a)
+    }
+
+    /// The batch as runs: every zero page on its own, and data pages with consecutive
+    /// addresses merged into one run (never wrapping around the address space). The data
+    /// runs' lengths add up to [`PageEntries::data_len`], in order.
+    pub fn runs(&self) -> impl Iterator<Item = Run> + '_ {
+        let mut i = 0usize;
+        std::iter::from_fn(move || {
+            let raw = self.entry_at(i)?;
+            i += 1;
+            if raw & ZERO_PAGE != 0 {
+                return Some(Run::Zero(raw & !ZERO_PAGE));
+            }
+            let mut pages = 1usize;
+            while let Some(next) = self.entry_at(i) {
+                if next & ZERO_PAGE != 0 || raw.checked_add((pages * PAGE_SIZE) as u64) != Some(next) {
+                    break;
+                }
+                pages += 1;
+                i += 1;
+            }
+            Some(Run::Data { addr: raw, pages })
+        })
+    }
+
+    fn entry_at(&self, i: usize) -> Option<u64> {
+        (i < self.len()).then(|| self.entry(i))
+    }
+}
+
+/// A piece of a `Pages` batch, from [`PageEntries::runs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// The page at this address is all zeros.
+    Zero(u64),
+    /// `pages` pages at consecutive addresses from `addr`; their data is next on the wire.
+    Data {
+        /// Guest-physical address of the first page.
+        addr: u64,
+        /// How many.
+        pages: usize,
+    },
+}
+
+/// A piece of a decoded `Pages` payload held in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageRun<'a> {
     /// The page at this address is all zeros.
@@ -535,70 +703,28 @@ impl PageRun<'_> {
     }
 }
 
-/// Decodes a page batch into runs: every zero page on its own, and data pages with
-/// consecutive addresses merged into one [`PageRun::Data`]. Checks the count, every
-/// address and the data length against the payload before calling `run` at all; never
-/// reads past the payload. Returns the number of pages.
+/// Decodes a whole `Pages` payload into runs, as [`PageEntries::runs`] does, with each data
+/// run's bytes. Checks the count, every address and the data length before calling `run`
+/// at all; never reads past the payload. Returns the number of pages. (The receiver reads
+/// page data straight from the stream into guest memory instead; this is for tests, tools
+/// and the fuzzer.)
 pub fn decode_page_runs(
     payload: &[u8],
     mut run: impl FnMut(PageRun<'_>) -> Result<(), Error>,
 ) -> Result<usize, Error> {
-    let count = payload.get(..4).ok_or(Error::BadPages("no count"))?;
-    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
-    if count > MAX_PAGES_PER_FRAME {
-        return Err(Error::BadPages("more pages than a frame may hold"));
-    }
-    let entries = payload.get(4..4 + 8 * count).ok_or(Error::BadPages("truncated entries"))?;
-    let entry = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&entries[8 * i..8 * i + 8]);
-        u64::from_le_bytes(a)
-    };
-    let mut with_data = 0usize;
-    for i in 0..count {
-        let raw = entry(i);
-        if raw & (PAGE_SIZE as u64 - 1) & !ZERO_PAGE != 0 {
-            return Err(Error::BadPages("unaligned address"));
-        }
-        if raw & ZERO_PAGE == 0 {
-            with_data += 1;
+    let entries = PageEntries::parse(payload)?;
+    let mut at = 4 + 8 * entries.len();
+    for r in entries.runs() {
+        match r {
+            Run::Zero(addr) => run(PageRun::Zero(addr))?,
+            Run::Data { addr, pages } => {
+                let data = &payload[at..at + pages * PAGE_SIZE];
+                at += data.len();
+                run(PageRun::Data { addr, data })?;
+            }
         }
     }
-    let data = &payload[4 + 8 * count..];
-    if data.len() < with_data * PAGE_SIZE {
-        return Err(Error::BadPages("truncated page data"));
-    }
-    if data.len() > with_data * PAGE_SIZE {
-        return Err(Error::BadPages("trailing bytes after the last page"));
-    }
-    // The run being built: (first address, first data offset, pages).
-    let mut open: Option<(u64, usize, usize)> = None;
-    let mut at = 0usize;
-    for i in 0..count {
-        let raw = entry(i);
-        if raw & ZERO_PAGE != 0 {
-            if let Some((addr, from, n)) = open.take() {
-                run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
-            }
-            run(PageRun::Zero(raw & !ZERO_PAGE))?;
-            continue;
-        }
-        open = match open {
-            Some((addr, from, n)) if addr.checked_add((n * PAGE_SIZE) as u64) == Some(raw) => {
-                Some((addr, from, n + 1))
-            }
-            Some((addr, from, n)) => {
-                run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
-                Some((raw, at, 1))
-            }
-            None => Some((raw, at, 1)),
-        };
-        at += PAGE_SIZE;
-    }
-    if let Some((addr, from, n)) = open {
-        run(PageRun::Data { addr, data: &data[from..from + n * PAGE_SIZE] })?;
-    }
-    Ok(count)
+    Ok(entries.len())
 }
 
 #[cfg(test)]
@@ -660,17 +786,25 @@ mod tests {
         assert!(write_frame(&mut Vec::new(), Kind::Hello, &vec![0u8; 5000]).is_err());
     }
 
+    /// A batch's head followed by its data is one valid frame; zero pages are markers only.
+    fn batch_frame(b: &mut PageBatch, data: &[u8]) -> Vec<u8> {
+        assert_eq!(b.data_len(), data.len());
+        let mut wire = b.finish().to_vec();
+        wire.extend_from_slice(data);
+        b.clear();
+        wire
+    }
+
     #[test]
     fn page_batch_is_one_frame_with_zero_markers() {
         let mut b = PageBatch::new();
-        assert!(!b.push(0x1000, |d| d.fill(7)).expect("push"));
-        assert!(b.push(0x2000, |d| d.fill(0)).expect("push"));
-        assert_eq!((b.len(), b.zero_pages()), (2, 1));
-        assert!(b.push(0x2001, |_| {}).is_err());
+        b.push_data(0x1000).expect("push");
+        b.push_zero(0x2000).expect("push");
+        assert_eq!((b.len(), b.zero_pages(), b.data_len()), (2, 1, PAGE_SIZE));
+        assert!(b.push_data(0x2001).is_err());
         assert!(b.push_zero(0x2001).is_err());
-        let mut wire = Vec::new();
-        let n = b.send(&mut wire).expect("send");
-        assert_eq!(n as usize, wire.len());
+        assert!(b.push_data(0x2800).is_err());
+        let wire = batch_frame(&mut b, &[7u8; PAGE_SIZE]);
         assert!(b.is_empty());
         let mut payload = Vec::new();
         assert_eq!(read_frame_into(&mut &wire[..], &mut payload).expect("read"), Kind::Pages);
@@ -682,10 +816,78 @@ mod tests {
         .expect("decode");
         assert_eq!(got, vec![(0x1000, Some(vec![7u8; PAGE_SIZE])), (0x2000, None)]);
         // Reused: the next batch starts clean.
-        b.push(0x3000, |d| d.fill(1)).expect("push");
-        let mut wire = Vec::new();
-        b.send(&mut wire).expect("send");
+        b.push_data(0x3000).expect("push");
+        let wire = batch_frame(&mut b, &[1u8; PAGE_SIZE]);
         assert_eq!(wire.len(), HEADER_LEN + 4 + 8 + PAGE_SIZE);
+    }
+
+    /// Page data may change between the sender's checksum and the wire (it is sent from
+    /// running guest memory): the frame is still good. A changed count or address is not.
+    #[test]
+    fn the_checksum_covers_entries_not_page_data() {
+        let mut b = PageBatch::new();
+        b.push_data(0x1000).expect("push");
+        let wire = batch_frame(&mut b, &[7u8; PAGE_SIZE]);
+        let mut changed_data = wire.clone();
+        changed_data[HEADER_LEN + 12 + 100] = 8;
+        let f = read_frame(&mut &changed_data[..]).expect("data changed in flight");
+        assert_eq!(f.payload[12 + 100], 8);
+        let mut changed_addr = wire.clone();
+        changed_addr[HEADER_LEN + 5] ^= 0x10;
+        assert!(matches!(read_frame(&mut &changed_addr[..]), Err(Error::BadChecksum(Kind::Pages))));
+        let mut changed_count = wire;
+        changed_count[HEADER_LEN] = 2;
+        assert!(read_frame(&mut &changed_count[..]).is_err());
+    }
+
+    /// The streaming read (entries, then runs whose data stays on the stream) agrees with
+    /// decoding the whole payload, and leaves the stream at the data.
+    #[test]
+    fn streamed_entries_match_the_decoded_payload() {
+        let page = |b: u8| vec![b; PAGE_SIZE];
+        let mut out = Vec::new();
+        let entries = [
+            (0x1000u64, page(1)),
+            (0x2000, page(2)),
+            (0x3000, page(0)),
+            (0x9000, page(3)),
+            (0x8000, page(4)),
+        ];
+        encode_pages(entries.iter().map(|(a, p)| (*a, &p[..])), &mut out).expect("encode");
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Pages, &out).expect("frame");
+        let mut r = &wire[..];
+        let h = read_header(&mut r).expect("header");
+        let mut e = PageEntries::default();
+        h.read_page_entries(&mut r, &mut e).expect("entries");
+        assert_eq!((e.len(), e.data_len()), (5, 4 * PAGE_SIZE));
+        let runs: Vec<Run> = e.runs().collect();
+        assert_eq!(
+            runs,
+            vec![
+                Run::Data { addr: 0x1000, pages: 2 },
+                Run::Zero(0x3000),
+                Run::Data { addr: 0x9000, pages: 1 },
+                Run::Data { addr: 0x8000, pages: 1 },
+            ]
+        );
+        assert_eq!(r, &[page(1), page(2), page(3), page(4)].concat()[..]);
+        // Not a Pages frame; a lying length; a bad checksum.
+        let mut hello = Vec::new();
+        write_frame(&mut hello, Kind::Hello, b"{}").expect("frame");
+        let mut r = &hello[..];
+        let h = read_header(&mut r).expect("header");
+        assert!(h.read_page_entries(&mut r, &mut e).is_err());
+        let mut short = wire.clone();
+        short[8..12].copy_from_slice(&((4 + 5 * 8 + PAGE_SIZE) as u32).to_le_bytes());
+        let mut r = &short[..];
+        let h = read_header(&mut r).expect("header");
+        assert!(matches!(h.read_page_entries(&mut r, &mut e), Err(Error::BadPages("truncated page data"))));
+        let mut bad = wire;
+        bad[12] ^= 1;
+        let mut r = &bad[..];
+        let h = read_header(&mut r).expect("header");
+        assert!(matches!(h.read_page_entries(&mut r, &mut e), Err(Error::BadChecksum(Kind::Pages))));
     }
 
     #[test]
@@ -830,6 +1032,18 @@ mod tests {
                 assert!(f.payload.len() <= f.kind.max_payload() as usize);
                 let _ = decode_page_runs(&f.payload, |_| Ok(()));
                 let _ = f.json::<Hello>(Kind::Hello, "Hello");
+            }
+            // The receiver's way: page entries first, the data left on the stream.
+            let mut r = &data[..];
+            let mut entries = PageEntries::default();
+            while let Ok(h) = read_header(&mut r) {
+                if h.kind != Kind::Pages || h.read_page_entries(&mut r, &mut entries).is_err() {
+                    break;
+                }
+                let runs: usize =
+                    entries.runs().map(|run| if let Run::Data { pages, .. } = run { pages } else { 1 }).sum();
+                assert_eq!(runs, entries.len());
+                r = r.get(entries.data_len()..).unwrap_or_default();
             }
         }
     }

@@ -84,11 +84,27 @@ pub fn check_size(size: u64, host_ram: Option<u64>, phys_bits: u8) -> Result<(),
     Ok(())
 }
 
-/// Maps `size` bytes of guest memory (lazily: nothing is touched).
+/// Maps `size` bytes of guest memory (lazily: nothing is touched), asking for transparent
+/// huge pages: populating memory 2 MiB at a time is several times cheaper than 4 KiB at a
+/// time (loading an initrd, receiving a migration), and the guest takes fewer TLB misses.
+/// Without THP (disabled on the host) the memory works the same with small pages.
 pub fn create(size: u64) -> Result<GuestMemory, Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let ranges: Vec<(GuestAddress, usize)> =
         layout::ram_ranges(size).into_iter().map(|(a, l)| (a, l as usize)).collect();
-    GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })?;
+    for r in mem.iter() {
+        // SAFETY: advice on a mapping this function just created and owns; MADV_HUGEPAGE
+        // changes how the kernel backs it, not its contents or its validity.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            tracing::debug!(
+                "no transparent huge pages for guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(mem)
 }
 
 /// For each region, a bitmap (bit `i` of word `i / 64` = page `i`) of the pages that were
@@ -167,21 +183,23 @@ mod tests {
         assert!(after.saturating_sub(before) < 16 << 20, "grew by {}", after - before);
     }
 
-    /// Pages written are not "never touched"; the others are, and read as zeros.
+    /// Pages written or read are not "never touched"; pages in a 2 MiB stretch nobody
+    /// touched are (with transparent huge pages the kernel populates whole stretches, so
+    /// the neighbours of a touched page may count as touched too).
     #[test]
     fn never_touched_pages() {
         use vm_memory::{Bytes, GuestAddress};
         let mem = create(16 << 20).expect("map");
         mem.write_obj(7u64, GuestAddress(0x5000)).expect("write");
         let mut b = [0u8; 8];
-        mem.read_slice(&mut b, GuestAddress(0x9000)).expect("read");
+        mem.read_slice(&mut b, GuestAddress(0x40_9000)).expect("read");
         let maps = never_touched(&mem);
         let bits = maps[0].as_ref().expect("anonymous memory has a map");
         let untouched = |p: usize| bits[p / 64] & (1 << (p % 64)) != 0;
         assert!(!untouched(5), "a written page");
-        assert!(!untouched(9), "a page read (the zero page is mapped)");
-        assert!(untouched(6) && untouched(4095));
-        assert_eq!(bits.iter().map(|w| w.count_ones()).sum::<u32>(), 4096 - 2);
+        assert!(!untouched(0x409), "a page read (the zero page is mapped)");
+        assert!((512..1024).all(untouched) && (1536..4096).all(untouched));
+        assert!(bits.iter().map(|w| w.count_ones()).sum::<u32>() >= 4096 - 2 * 512);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 mod place;
 pub mod receive;
 pub mod send;
+mod splice;
 
 use std::net::TcpStream;
 use std::path::PathBuf;

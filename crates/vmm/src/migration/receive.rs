@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use ferry_arch::layout;
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::protocol::{
-    self as wire, decode_page_runs, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge,
-    ChallengeResponse, Commit, Hello, Kind, PassEnd, RestoreResult, PROTOCOL_VERSION,
+    self as wire, parse_json, to_json, write_frame, Accept, Challenge, ChallengeResponse, Commit, Hello,
+    Kind, PageEntries, PassEnd, RestoreResult, PROTOCOL_VERSION,
 };
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -233,14 +233,26 @@ impl Receiver {
 
     /// Reads the next frame into `self.payload`, giving up on a stop signal.
     fn next(&mut self) -> Result<Kind, Error> {
+        let h = self.next_header()?;
+        self.read_payload(h)
+    }
+
+    /// Reads the next frame's header, giving up on a stop signal.
+    fn next_header(&mut self) -> Result<wire::Header, Error> {
         // Between frames, and before blocking for one, look for a stop signal.
         if let Some(sig) = read_signal(self.signals) {
             return Err(Error::Interrupted(sig));
         }
+        Ok(wire::read_header(self.stream()?)?)
+    }
+
+    /// Reads the payload of the frame whose header is `h` into `self.payload`.
+    fn read_payload(&mut self, h: wire::Header) -> Result<Kind, Error> {
         let mut payload = std::mem::take(&mut self.payload);
-        let r = read_frame_into(self.stream()?, &mut payload);
+        let r = h.read_payload(self.stream()?, &mut payload);
         self.payload = payload;
-        Ok(r?)
+        r?;
+        Ok(h.kind)
     }
 
     fn expect<T: for<'de> serde::Deserialize<'de>>(
@@ -376,16 +388,25 @@ impl Receiver {
     /// Receives page batches and pass ends until the state arrives.
     fn receive_memory(&mut self, mem: &GuestMemory) -> Result<VmSnapshot, Error> {
         let id = self.id().to_owned();
-        let mut placer = Placer::new(mem, &id);
-        tracing::debug!("migration {id}: placing pages with userfaultfd: {}", placer.uses_userfaultfd());
+        let mut placer = Placer::new(mem);
+        let mut entries = PageEntries::default();
         let mut pages_in_pass = 0u64;
         let mut pass_started = Instant::now();
+        tracing::debug!("migration {id}: receiving memory");
         loop {
-            match self.next()? {
-                Kind::Pages => {
-                    let n = decode_page_runs(&self.payload, |run| placer.place(run))?;
-                    pages_in_pass += n as u64;
+            let h = self.next_header()?;
+            if h.kind == Kind::Pages {
+                // Entries first, checked; then each run's data straight into guest memory.
+                let stream = self.stream()?;
+                h.read_page_entries(stream, &mut entries)?;
+                let stream = &*stream;
+                for run in entries.runs() {
+                    placer.place_run(run, stream)?;
                 }
+                pages_in_pass += entries.len() as u64;
+                continue;
+            }
+            match self.read_payload(h)? {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
                     if end.pages != pages_in_pass {

@@ -28,8 +28,8 @@ use ferry_migration::protocol::{
     self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
     ChallengeResponse, Commit, Hello, Kind, PageBatch, PassEnd, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use super::splice::{page_is_zero, PageWriter};
 use super::Reclaimed;
 use super::{error_chain, memory_crcs, update, verify_chunk, Call, Error, MigrationConfig, Status, VmmPort};
 use crate::dirty::{DirtyLog, DirtyRegion};
@@ -269,30 +269,38 @@ impl Run<'_> {
         total: u64,
         pass: u32,
     ) -> Result<(u64, u64, u64), Error> {
+        let mem = self.src.memory.clone();
         let mut batch = PageBatch::new();
+        let mut out = PageWriter::new(&mem).map_err(wire::Error::Io)?;
         let (mut sent, mut zero, mut bytes) = (0u64, 0u64, 0u64);
         let pass_start = Instant::now();
         let cap = self.src.req.bandwidth_mib.saturating_mul(1 << 20);
-        let mem = self.src.memory.clone();
         let mut last_status = Instant::now();
         loop {
             let next = pages.next();
             match next {
                 Some((addr, true)) => batch.push_zero(addr).map_err(Error::Protocol)?,
-                Some((addr, false)) => {
-                    let mut ok = true;
-                    batch.push(addr, |buf| ok = read_page(&mem, addr, buf)).map_err(Error::Protocol)?;
-                    if !ok {
-                        return Err(Error::Memory { addr });
+                Some((addr, false)) => match page_is_zero(&mem, addr, PAGE_SIZE) {
+                    None => return Err(Error::Memory { addr }),
+                    Some(true) => batch.push_zero(addr).map_err(Error::Protocol)?,
+                    Some(false) => {
+                        batch.push_data(addr).map_err(Error::Protocol)?;
+                        if !out.push(addr, PAGE_SIZE) {
+                            return Err(Error::Memory { addr });
+                        }
                     }
-                }
+                },
                 None => {}
             }
             if batch.is_full() || (next.is_none() && !batch.is_empty()) {
                 self.check_cancel()?;
                 zero += batch.zero_pages();
                 sent += batch.len() as u64;
-                let n = batch.send(self.stream())?;
+                let data_len = batch.data_len();
+                let head = batch.finish();
+                let n = (head.len() + data_len) as u64;
+                out.send(self.stream(), head).map_err(wire::Error::Io)?;
+                batch.clear();
                 bytes += n;
                 self.tally.bytes += n;
                 if cap > 0 {
@@ -628,13 +636,5 @@ fn merge(into: &mut [DirtyRegion], extra: &[DirtyRegion]) {
         for (x, y) in a.bits.iter_mut().zip(&b.bits) {
             *x |= y;
         }
-    }
-}
-
-/// Copies the guest page at `addr` into `buf`; false if it is not guest memory.
-fn read_page(mem: &GuestMemory, addr: u64, buf: &mut [u8]) -> bool {
-    match mem.get_slice(GuestAddress(addr), PAGE_SIZE) {
-        Ok(s) => s.copy_to(buf) == PAGE_SIZE,
-        Err(_) => false,
     }
 }
