@@ -59,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = wire::parse_json::<wire::Hello>(kind, &payload, Kind::Hello, "Hello");
         let _ = wire::parse_json::<wire::Challenge>(kind, &payload, Kind::Challenge, "Challenge");
         let _ = wire::parse_json::<wire::PassEnd>(kind, &payload, Kind::PassEnd, "PassEnd");
+        let _ = wire::parse_json::<wire::PassAck>(kind, &payload, Kind::PassAck, "PassAck");
         let _ = wire::parse_json::<wire::Verify>(kind, &payload, Kind::Verify, "Verify");
         let _ = wire::parse_json::<wire::RestoreResult>(kind, &payload, Kind::RestoreResult, "RR");
     }

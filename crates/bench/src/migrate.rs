@@ -36,6 +36,9 @@ pub struct MigrateArgs {
     /// Downtime limit given to `ferry migrate`, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
+    /// Skip the QEMU side-by-side runs even if QEMU is installed (quicker, Ferry only).
+    #[arg(long)]
+    without_qemu: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -215,6 +218,7 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
             report.pass1_vs_tcp * 100.0
         );
         match &report.qemu {
+            None if args.without_qemu => println!("QEMU side by side: skipped (--without-qemu)"),
             None => println!(
                 "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
                 qemu::BINARY
@@ -250,7 +254,7 @@ fn all_runs(
     key: &Path,
     json: bool,
 ) -> anyhow::Result<Runs> {
-    let qemu_bin = qemu::find();
+    let qemu_bin = if args.without_qemu { None } else { qemu::find() };
     let setup = match &qemu_bin {
         Some(_) => {
             let elf = qemu_elf(dir)?;

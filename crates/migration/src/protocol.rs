@@ -128,6 +128,8 @@ pub enum Kind {
     Commit = 12,
     /// Receiver -> sender: the VM runs on the destination.
     Activated = 13,
+    /// Receiver -> sender: every page of a pass is in guest memory.
+    PassAck = 14,
 }
 
 impl Kind {
@@ -147,6 +149,7 @@ impl Kind {
             11 => RestoreResult,
             12 => Commit,
             13 => Activated,
+            14 => PassAck,
             _ => return None,
         })
     }
@@ -290,6 +293,18 @@ pub struct PassEnd {
     /// Pass number, from 1; the stop-and-copy pass is the last.
     pub pass: u32,
     /// Pages sent in it.
+    pub pages: u64,
+}
+
+/// `PassAck`: the receiver has placed every page of a pass. The sender times a pass up to
+/// this answer, so its bandwidth figure is what reached the destination rather than what
+/// fit into socket buffers, and nothing of the last pre-copy pass is still in flight when
+/// the guest is paused.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PassAck {
+    /// The pass.
+    pub pass: u32,
+    /// Pages placed in it.
     pub pages: u64,
 }
 

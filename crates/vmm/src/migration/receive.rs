@@ -188,6 +188,7 @@ fn incoming(
     let mut rx = Receiver { id: None, stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
     let io = |e| Failed { id: None, error: Error::Protocol(wire::Error::Io(e)) };
     stream.set_nodelay(true).map_err(io)?;
+    super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     rx.stream = Some(stream);
@@ -412,6 +413,7 @@ impl Receiver {
                     if end.pages != pages_in_pass {
                         return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
                     }
+                    self.send(Kind::PassAck, &wire::PassAck { pass: end.pass, pages: end.pages })?;
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms",
                         self.id(),

@@ -218,6 +218,7 @@ impl Run<'_> {
         let stream = stream.ok_or(Error::Connect { addr: src.addr.clone(), source: last })?;
         let io = |e| Error::Protocol(wire::Error::Io(e));
         stream.set_nodelay(true).map_err(io)?;
+        super::size_socket_buffer(&stream, libc::SO_SNDBUFFORCE);
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         self.stream = Some(stream);
         tracing::info!("migration {}: connected to {}", src.id, src.addr);
@@ -332,6 +333,18 @@ impl Run<'_> {
         Ok((sent, zero, bytes))
     }
 
+    /// Waits for the destination's `PassAck` of `pass`.
+    fn pass_ack(&mut self, pass: u32, pages: u64) -> Result<(), Error> {
+        let ack: wire::PassAck = self.recv(Kind::PassAck, "PassAck", IO_TIMEOUT)?;
+        if ack != (wire::PassAck { pass, pages }) {
+            return Err(Error::Protocol(wire::Error::Unexpected {
+                got: Kind::PassAck,
+                expected: "the PassAck of the pass just sent",
+            }));
+        }
+        Ok(())
+    }
+
     fn record_pass(
         &mut self,
         pass: u32,
@@ -387,6 +400,8 @@ impl Run<'_> {
                     self.send_pages(&mut it, n, pass)?
                 }
             };
+            // Timed to the destination's acknowledgement: what arrived, not what was buffered.
+            self.pass_ack(pass, sent.0)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let dirty = self.src.dirty.take()?;
             let dirtied: u64 = dirty.iter().map(DirtyRegion::count).sum();
@@ -473,6 +488,12 @@ impl Run<'_> {
 
     fn switchover(&mut self) -> Result<(), Error> {
         self.enter(MigrationPhase::Restoring);
+        // The stop-and-copy pass is acknowledged like the others; the state was sent
+        // without waiting for it.
+        if let Some(last) = self.tally.passes.last() {
+            let (pass, pages) = (last.pass, last.pages);
+            self.pass_ack(pass, pages)?;
+        }
         let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", RESTORE_TIMEOUT)?;
         if !result.ok {
             return Err(if result.reason.starts_with("memory verification failed") {
