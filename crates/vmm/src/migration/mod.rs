@@ -234,18 +234,44 @@ impl Faults {
 }
 
 /// CRC-32 of each `chunk` bytes of guest memory, regions in order. The vCPUs must not run.
+/// A chunk whose pages were never populated reads as zeros and is not read (reading it
+/// would only map the zero page over and over).
 pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
+    let untouched = crate::memory::never_touched(mem);
+    let page = ferry_arch::layout::PAGE_SIZE;
     let mut out = Vec::new();
     let mut buf = vec![0u8; chunk as usize];
-    for r in mem.iter() {
+    let mut zero_crc: Option<(usize, u32)> = None;
+    for (i, r) in mem.iter().enumerate() {
+        let map = untouched.get(i).and_then(Option::as_ref);
         let mut off = 0u64;
         while off < r.len() {
             let n = chunk.min(r.len() - off) as usize;
-            let ok = r
-                .get_slice(vm_memory::MemoryRegionAddress(off), n)
-                .map(|s| s.copy_to(&mut buf[..n]) == n)
-                .unwrap_or(false);
-            out.push(if ok { crc32fast::hash(&buf[..n]) } else { 0 });
+            let (first, pages) = ((off / page) as usize, n / page as usize);
+            let never = map.is_some_and(|m| {
+                (first..first + pages).all(|p| m.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0))
+            });
+            let crc = if never {
+                match zero_crc {
+                    Some((len, crc)) if len == n => crc,
+                    _ => {
+                        let crc = crc32fast::hash(&vec![0u8; n]);
+                        zero_crc = Some((n, crc));
+                        crc
+                    }
+                }
+            } else {
+                let ok = r
+                    .get_slice(vm_memory::MemoryRegionAddress(off), n)
+                    .map(|s| s.copy_to(&mut buf[..n]) == n)
+                    .unwrap_or(false);
+                if ok {
+                    crc32fast::hash(&buf[..n])
+                } else {
+                    0
+                }
+            };
+            out.push(crc);
             off += n as u64;
         }
     }

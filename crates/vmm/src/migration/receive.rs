@@ -330,8 +330,10 @@ impl Receiver {
             return self.refuse_restore(restore(error_chain(&e)));
         }
         if cfg.verify {
+            // Hashed here while the source hashes its side: the two run at the same time.
+            let mine = memory_crcs(&mem, verify_chunk(cfg.description.memory));
             let v: wire::Verify = self.expect(Kind::Verify, "Verify")?;
-            if let Err(why) = compare_memory(&mem, cfg.description.memory, &v) {
+            if let Err(why) = compare_memory(&mine, cfg.description.memory, &v) {
                 return self.refuse_restore(Error::Verify(why));
             }
             tracing::info!("migration {id}: memory verified ({} chunks agree)", v.crcs.len());
@@ -598,12 +600,12 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
     Ok(())
 }
 
-/// Compares guest memory with the source's checksums; the error names the first mismatch.
-fn compare_memory(mem: &GuestMemory, memory: u64, v: &wire::Verify) -> Result<(), String> {
+/// Compares this side's checksums of guest memory (`mine`, made with [`verify_chunk`]) with
+/// the source's; the error names the first mismatch.
+fn compare_memory(mine: &[u32], memory: u64, v: &wire::Verify) -> Result<(), String> {
     if v.chunk_bytes != verify_chunk(memory) {
         return Err(format!("unexpected chunk size {}", v.chunk_bytes));
     }
-    let mine = memory_crcs(mem, v.chunk_bytes);
     if mine.len() != v.crcs.len() {
         return Err(format!("{} checksums for {} chunks", v.crcs.len(), mine.len()));
     }
