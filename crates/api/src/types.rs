@@ -106,6 +106,17 @@ pub struct MigrateRequest {
     /// Hash the whole guest memory on both sides at the switchover.
     #[serde(default)]
     pub verify: bool,
+    /// TCP streams (each with a thread on both sides) that carry pre-copy pages, 1 to
+    /// [`MAX_STREAMS`] (default 1).
+    #[serde(default = "default_streams")]
+    pub streams: u32,
+}
+
+/// Most streams one migration may use.
+pub const MAX_STREAMS: u32 = 8;
+
+fn default_streams() -> u32 {
+    1
 }
 
 fn default_downtime_ms() -> u64 {
@@ -129,6 +140,7 @@ impl MigrateRequest {
             timeout_s: default_timeout_s(),
             bandwidth_mib: 0,
             verify: false,
+            streams: default_streams(),
         }
     }
 }
@@ -249,6 +261,9 @@ pub struct MigrationReport {
     pub throughput_mb_s: f64,
     /// Whether both sides hashed guest memory at the switchover and agreed.
     pub verified: bool,
+    /// TCP streams that carried pre-copy pages.
+    #[serde(default = "default_streams")]
+    pub streams: u32,
     /// Each pass, the stop-and-copy last.
     pub passes: Vec<PassReport>,
 }

@@ -39,6 +39,9 @@ pub struct MigrateArgs {
     /// Skip the QEMU side-by-side runs even if QEMU is installed (quicker, Ferry only).
     #[arg(long)]
     without_qemu: bool,
+    /// `ferry migrate --streams N`.
+    #[arg(long, default_value_t = 1)]
+    streams: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,6 +52,10 @@ struct Report {
     bytes_mib: Summary,
     passes: Summary,
     pass1_mb_s: Summary,
+    /// How much of a core the source's vCPU thread got while the migration ran, %.
+    vcpu_share_pct: Summary,
+    /// `--streams`.
+    streams: u32,
     tcp_stream_mb_s: f64,
     pass1_vs_tcp: f64,
     /// One TCP stream from populated memory into fresh memory (what pass 1 must do).
@@ -175,6 +182,56 @@ impl Drop for FreshMemory {
     }
 }
 
+/// Samples the CPU time of the source's vCPU thread while a migration runs: how much of a
+/// core the guest kept (the migration's threads compete with it on a small host).
+struct VcpuSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl VcpuSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let tid = vcpu_thread(pid)?;
+            let read = || vcpu_ns(pid, tid).map(|ns| (Instant::now(), ns));
+            let first = read()?;
+            let mut last = first;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match read() {
+                    Some(s) => last = s,
+                    None => break, // the source has exited
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let wall = last.0.duration_since(first.0).as_secs_f64() * 1e9;
+            (wall > 0.0).then(|| (last.1 - first.1) as f64 / wall)
+        });
+        Self { stop, thread }
+    }
+
+    /// The vCPU thread's share of one core over the samples, 0..1.
+    fn stop(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().ok().flatten()
+    }
+}
+
+/// The thread of `pid` named `vcpu0`.
+fn vcpu_thread(pid: u32) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        (comm.trim() == "vcpu0").then(|| t.file_name().to_str()?.parse().ok()).flatten()
+    })
+}
+
+/// Nanoseconds thread `tid` of `pid` has run on a CPU (`schedstat`).
+fn vcpu_ns(pid: u32, tid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn one_run(
     ferry: &Path,
     dir: &Path,
@@ -202,9 +259,11 @@ fn one_run(
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&dst_log)?)
         .spawn()?;
+    let src_pid = src.id();
     let result = (|| {
         wait_file_line(&src_console, "memstress: pass 2", Duration::from_secs(120))?;
         wait_file_line(&dst_log, "waiting for an incoming migration", Duration::from_secs(10))?;
+        let sampler = VcpuSampler::start(src_pid);
         let out = Command::new(ferry)
             .args(["migrate", "--api-socket", &s(&src_sock), "--to", &format!("tcp:127.0.0.1:{port}")])
             .args([
@@ -212,12 +271,16 @@ fn one_run(
                 &s(key),
                 "--downtime-ms",
                 &args.downtime_ms.to_string(),
+                "--streams",
+                &args.streams.to_string(),
                 "--json",
                 "--quiet",
             ])
             .output()?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        let vcpu_share = sampler.stop();
+        let mut report: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("no report: {}", String::from_utf8_lossy(&out.stderr)))?;
+        report["bench_vcpu_share"] = serde_json::json!(vcpu_share);
         if report["status"] != "completed" {
             bail!("migration did not complete: {report}");
         }
@@ -248,6 +311,7 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     let passes: Vec<f64> =
         reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
     let pass1 = Summary::of(&f("throughput_mb_s"));
+    let vcpu = Summary::of(&f("bench_vcpu_share").iter().map(|v| v * 100.0).collect::<Vec<_>>());
     let mut report = Report {
         runs: args.runs,
         total_ms: Summary::of(&f("total_ms")),
@@ -258,6 +322,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         tcp_into_fresh_memory_mb_s: fresh,
         pass1_vs_fresh: pass1.median / fresh,
         pass1_mb_s: pass1,
+        vcpu_share_pct: vcpu,
+        streams: args.streams,
         tcp_stream_mb_s: tcp,
         qemu: None,
     };
@@ -272,14 +338,19 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
             )
         };
         println!(
-            "migration of memstress ({} memory, {} MiB initrd, wss={}):",
-            args.memory, args.initrd_mib, args.wss
+            "migration of memstress ({} memory, {} MiB initrd, wss={}, {} stream{}):",
+            args.memory,
+            args.initrd_mib,
+            args.wss,
+            args.streams,
+            if args.streams == 1 { "" } else { "s" }
         );
         p("total", &report.total_ms, "ms");
         p("downtime", &report.downtime_ms, "ms");
         p("sent", &report.bytes_mib, "MiB");
         p("passes", &report.passes, "");
         p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
+        p("vCPU kept of a core", &report.vcpu_share_pct, "%");
         println!(
             "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
             "one TCP stream",

@@ -172,6 +172,13 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub verify: bool,
 
+    /// Carry pre-copy pages over N TCP streams, each with its own thread on both hosts
+    /// (1 to 8). One stream is bound by one core on each side; more streams fill a faster
+    /// link, when both hosts have idle cores. On a host without idle cores the streams'
+    /// threads take CPU time from the guest's vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub streams: u32,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -28,6 +28,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         timeout_s: args.timeout_s,
         bandwidth_mib: args.bandwidth_mib,
         verify: args.verify,
+        streams: args.streams,
     };
     let socket = args.socket.api_socket.clone();
     let done = Arc::new(AtomicBool::new(false));
@@ -131,7 +132,12 @@ fn print_report(r: &MigrationReport) {
     println!("migration:   {}", r.migration_id);
     println!("status:      {} (the VM runs on the {:?})", status_word(r), r.vm_running_on);
     println!("reason:      {}", r.reason);
-    println!("destination: {}", r.destination);
+    println!(
+        "destination: {} ({} stream{})",
+        r.destination,
+        r.streams,
+        if r.streams == 1 { "" } else { "s" }
+    );
     println!(
         "time:        {:.1} ms total, setup {:.1} ms, downtime {:.2} ms",
         r.total_ms, r.setup_ms, r.downtime_ms

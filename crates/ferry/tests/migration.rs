@@ -413,6 +413,7 @@ fn authenticated(port: u16, key: &Key, id: &str) -> TcpStream {
         migration_id: id.into(),
         ferry_version: "test".into(),
         nonce: auth::hex(&nonce),
+        stream: 0,
     };
     wire::write_frame(&mut c, Kind::Hello, &wire::to_json(&hello)).expect("hello");
     let f = wire::read_frame(&mut c).expect("challenge");
@@ -517,4 +518,150 @@ fn a_page_outside_guest_memory_aborts_that_migration() {
     assert!(r["reason"].as_str().expect("reason").contains("a page outside guest memory"), "{r}");
     assert_eq!(r["vm_running_on"], "source");
     dst.wait_stderr(T, "waiting for another migration");
+}
+
+#[test]
+fn several_streams_carry_the_pages_and_memory_verifies() {
+    require_kvm();
+    let dir = TempDir::new("mig-streams");
+    let key = write_key(&dir, "key", 12);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let dst_sock = dir.path("dst.sock");
+    let mut dst = receiver(port, &key, Some(&dst_sock), &[]);
+    let (out, r) = migrate(&sock, port, &key, &["--streams", "3", "--verify"]);
+    assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r["streams"], 3, "{r}");
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["passes"][0]["pages"], 65536, "pass 1 sends every page, whatever stream: {r}");
+    let id = r["migration_id"].as_str().expect("id").to_string();
+    let last_src = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("source passes");
+    assert!(src.wait(T).success(), "source exit: {}", src.stderr());
+    dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last_src + 1));
+    assert!(src.stderr().contains(&format!("migration {id}: 3 streams open")), "{}", src.stderr());
+    let dst_log = dst.stderr();
+    assert!(dst_log.contains(&format!("migration {id}: 3 streams open")), "{dst_log}");
+    assert!(dst_log.contains("received: ") && dst_log.contains("on the first stream"), "{dst_log}");
+    // The first stream alone carried less than the whole first pass.
+    let first: u64 = dst_log
+        .lines()
+        .find(|l| l.contains(&format!("migration {id}: pass 1 received: ")))
+        .and_then(|l| l.split("received: ").nth(1)?.split(' ').next()?.parse().ok())
+        .expect("pass 1 line");
+    assert!(first < 65536, "{dst_log}");
+    assert_eq!(info(&dst_sock)["state"], "running");
+    // Bad stream counts are refused before anything connects.
+    let bad =
+        run_to_end(&migrate_args(&dst_sock, &format!("tcp:127.0.0.1:{port}"), &key, &["--streams", "9"]), T);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--streams"), "{bad:?}");
+    assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
+}
+
+/// What [`stream_proxy`] does with the source's connections after the first.
+#[derive(Clone, Copy)]
+enum ExtraStreams {
+    /// Before each, open two connections of its own that do not join: garbage, and a
+    /// Hello for another migration's stream 1.
+    StrayFirst,
+    /// Forward this many bytes of each (source to destination), then cut it.
+    CutAfter(usize),
+}
+
+/// Forwards every connection to `to`; the first as it is, the others as `mode` says.
+fn stream_proxy(to: u16, mode: ExtraStreams) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for (i, a) in l.incoming().enumerate() {
+            let Ok(mut a) = a else { break };
+            if i > 0 {
+                if let ExtraStreams::StrayFirst = mode {
+                    let mut junk = TcpStream::connect(("127.0.0.1", to)).expect("connect");
+                    let _ = junk.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                    let mut other = TcpStream::connect(("127.0.0.1", to)).expect("connect");
+                    let hello = wire::Hello {
+                        protocol_version: wire::PROTOCOL_VERSION,
+                        migration_id: "m-someone-else".into(),
+                        ferry_version: "test".into(),
+                        nonce: auth::hex(&[7u8; auth::NONCE_LEN]),
+                        stream: 1,
+                    };
+                    let _ = wire::write_frame(&mut other, Kind::Hello, &wire::to_json(&hello));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            let Ok(mut b) = TcpStream::connect(("127.0.0.1", to)) else { break };
+            let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+                let _ = a2.shutdown(Shutdown::Both);
+            });
+            let limit = match mode {
+                ExtraStreams::CutAfter(n) if i > 0 => n,
+                _ => usize::MAX,
+            };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut moved = 0usize;
+                while moved < limit {
+                    let n = match a.read(&mut buf[..(limit - moved).min(64 << 10)]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    moved += n;
+                }
+                let _ = a.shutdown(Shutdown::Both);
+                let _ = b.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn connections_that_do_not_join_as_streams_are_dropped() {
+    require_kvm();
+    let dir = TempDir::new("mig-stray");
+    let key = write_key(&dir, "key", 13);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let proxy = stream_proxy(port, ExtraStreams::StrayFirst);
+    let (out, r) = migrate(&sock, proxy, &key, &["--streams", "2", "--verify"]);
+    assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r["streams"], 2);
+    let last_src = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("source passes");
+    assert!(src.wait(T).success());
+    dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last_src + 1));
+    let log = dst.stderr();
+    assert!(log.contains("did not join as a stream: it names migration \"m-someone-else\""), "{log}");
+    assert!(log.contains("did not join as a stream: the peer sent something that is not"), "{log}");
+    assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
+}
+
+#[test]
+fn a_stream_cut_in_the_middle_of_a_pass_keeps_the_vm_on_the_source() {
+    require_kvm();
+    let dir = TempDir::new("mig-cut-stream");
+    let key = write_key(&dir, "key", 14);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let proxy = stream_proxy(port, ExtraStreams::CutAfter(2 << 20));
+    let (out, r) = migrate(&sock, proxy, &key, &["--streams", "2"]);
+    assert!(!out.status.success());
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["vm_running_on"], "source");
+    still_runs(&mut src, &sock);
+    dst.wait_stderr(T, "nothing runs here; waiting for another migration");
+    assert!(dst.child.try_wait().expect("wait").is_none(), "the receiver exited");
+    // And the receiver takes the next migration, over several streams, in full.
+    let (out, r) = migrate(&sock, port, &key, &["--streams", "2", "--verify"]);
+    assert!(out.status.success(), "{r}");
+    assert!(src.wait(T).success());
+    dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > 2));
+    assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
 }

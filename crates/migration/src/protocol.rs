@@ -261,6 +261,20 @@ pub struct Hello {
     /// Hex nonce for the receiver to prove the key with.
     #[serde(default)]
     pub nonce: String,
+    /// Which stream of the migration this connection is: 0 for the first (control and
+    /// pages), 1.. for the extra page streams that join after `Accept`.
+    #[serde(default)]
+    pub stream: u32,
+}
+
+/// The identity an extra stream proves the key over: the migration id and the stream
+/// number, so that no stream's proof can be replayed as another's.
+pub fn stream_id(migration_id: &str, stream: u32) -> String {
+    if stream == 0 {
+        migration_id.to_string()
+    } else {
+        format!("{migration_id}#{stream}")
+    }
 }
 
 /// `Challenge`: the receiver's nonce for the sender to prove the key with, and the
@@ -754,6 +768,7 @@ mod tests {
             migration_id: "m-1".into(),
             ferry_version: "0.1.0".into(),
             nonce: "00".into(),
+            stream: 0,
         };
         write_frame(&mut buf, Kind::Hello, &to_json(&hello)).expect("write");
         write_frame(&mut buf, Kind::PassEnd, b"{}").expect("write");

@@ -11,6 +11,7 @@
 //! state, restores, and returns a [`Vmm`] whose vCPUs start only once it holds the VM's
 //! lock.
 
+mod pass;
 mod place;
 pub mod receive;
 pub mod send;
@@ -64,6 +65,13 @@ pub struct MigrationConfig {
     pub home_is_default: bool,
     /// Both sides hash guest memory at the switchover.
     pub verify: bool,
+    /// TCP streams carrying pre-copy pages (the first one also carries everything else).
+    #[serde(default = "one_stream")]
+    pub streams: u32,
+}
+
+fn one_stream() -> u32 {
+    1
 }
 
 /// Errors of a migration, on either side.
@@ -135,6 +143,12 @@ pub enum Error {
     /// The process was asked to stop.
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
+    /// The source's extra streams did not all join.
+    #[error("the source's extra streams did not join: {0}")]
+    Streams(String),
+    /// A stream stopped because another one failed (never reported: the other's error is).
+    #[error("stopped because another stream failed")]
+    StreamStopped,
     /// Building the VM on the destination failed.
     #[error(transparent)]
     Build(Box<crate::Error>),
@@ -400,6 +414,12 @@ impl Vmm {
                 reply,
             ));
         }
+        if !(1..=ferry_api::MAX_STREAMS).contains(&req.streams) {
+            return Err((
+                ApiError::bad_request(format!("streams must be 1 to {}", ferry_api::MAX_STREAMS)),
+                reply,
+            ));
+        }
         let id = new_migration_id();
         let status: Status = Arc::new(Mutex::new(MigrationInfo {
             migration_id: id.clone(),
@@ -434,6 +454,7 @@ impl Vmm {
             home: self.home.dir().to_owned(),
             home_is_default: self.home_is_default,
             verify: req.verify,
+            streams: req.streams,
         };
         let source = send::Source {
             id: id.clone(),

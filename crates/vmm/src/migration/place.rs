@@ -10,9 +10,15 @@
 //! A zero marker costs nothing for a page that never held data (it still reads as zeros);
 //! a page that held data is cleared. Every run is checked against guest memory before a
 //! byte of it is read.
+//!
+//! With several streams, one placer serves them all from their threads: within a pass a
+//! page comes once, on one stream, and passes do not overlap (the source waits for every
+//! stream's `PassAck`), so no two threads touch the same page; the record of written
+//! pages is atomic because neighbouring pages share its words.
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_migration::protocol::{self as wire, Run, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -27,24 +33,23 @@ pub struct Placer<'a> {
     mem: &'a GuestMemory,
     /// Pages that hold data we placed: a zero marker for one of them must clear it; any
     /// other page still reads as zeros and may cost no host RAM.
-    written: Vec<u64>,
+    written: Vec<AtomicU64>,
 }
 
 impl<'a> Placer<'a> {
     /// A placer for `mem`.
     pub fn new(mem: &'a GuestMemory) -> Self {
         let top = mem.iter().map(|r| r.last_addr().0 + 1).max().unwrap_or(0);
-        let written = vec![0u64; (top / PAGE_SIZE as u64).div_ceil(64) as usize];
+        let written = (0..(top / PAGE_SIZE as u64).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Self { mem, written }
     }
 
     /// The page at `addr` is all zeros.
-    pub fn zero(&mut self, addr: u64) -> Result<(), wire::Error> {
+    pub fn zero(&self, addr: u64) -> Result<(), wire::Error> {
         let (word, bit) = self.bit(addr)?;
-        if self.written[word] & bit != 0 {
+        if self.written[word].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
             let zero = [0u8; PAGE_SIZE];
             self.mem.write_slice(&zero, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
-            self.written[word] &= !bit;
         } else if !self.mem.address_in_range(GuestAddress(addr)) {
             return Err(OUTSIDE);
         }
@@ -52,12 +57,13 @@ impl<'a> Placer<'a> {
     }
 
     /// Reads the data of `pages` pages from `addr` on from `sock` into guest memory.
-    pub fn receive(&mut self, addr: u64, pages: usize, sock: &TcpStream) -> Result<(), wire::Error> {
+    pub fn receive(&self, addr: u64, pages: usize, sock: &TcpStream) -> Result<(), wire::Error> {
         let host = self.host_range(addr, pages)?;
         // SAFETY: `host_range` checked that `host .. host + pages * PAGE_SIZE` lies inside
         // one mapped region of guest memory, which lives as long as `self.mem`. Nothing else
-        // uses guest memory while pages arrive (no vCPU runs, nothing restores or hashes),
-        // and the kernel writes into it as into any buffer.
+        // uses these pages while they arrive (no vCPU runs, nothing restores or hashes, and
+        // no other stream carries them in this pass; see the module documentation), and
+        // the kernel writes into them as into any buffer.
         unsafe { recv_exact(sock, host, pages * PAGE_SIZE) }?;
         self.mark(addr, pages)
     }
@@ -65,7 +71,7 @@ impl<'a> Placer<'a> {
     /// Places a run whose data is in memory (the receiver reads from the socket with
     /// [`Placer::receive`]).
     #[cfg(test)]
-    pub fn place(&mut self, run: wire::PageRun<'_>) -> Result<(), wire::Error> {
+    pub fn place(&self, run: wire::PageRun<'_>) -> Result<(), wire::Error> {
         match run {
             wire::PageRun::Zero(addr) => self.zero(addr),
             wire::PageRun::Data { addr, data } => {
@@ -78,7 +84,7 @@ impl<'a> Placer<'a> {
     }
 
     /// Places one run of a batch whose data follows on `sock`.
-    pub fn place_run(&mut self, run: Run, sock: &TcpStream) -> Result<(), wire::Error> {
+    pub fn place_run(&self, run: Run, sock: &TcpStream) -> Result<(), wire::Error> {
         match run {
             Run::Zero(addr) => self.zero(addr),
             Run::Data { addr, pages } => self.receive(addr, pages, sock),
@@ -106,10 +112,10 @@ impl<'a> Placer<'a> {
         Ok((word, 1 << (pfn % 64)))
     }
 
-    fn mark(&mut self, addr: u64, pages: usize) -> Result<(), wire::Error> {
+    fn mark(&self, addr: u64, pages: usize) -> Result<(), wire::Error> {
         for p in 0..pages as u64 {
             let (word, bit) = self.bit(addr + p * PAGE_SIZE as u64)?;
-            self.written[word] |= bit;
+            self.written[word].fetch_or(bit, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -165,7 +171,7 @@ mod tests {
     fn places_runs_and_zero_markers() {
         let mem = crate::memory::create(16 << 20).expect("memory");
         let top = 16u64 << 20;
-        let mut p = Placer::new(&mem);
+        let p = Placer::new(&mem);
         let run: Vec<u8> = [page(1), page(2), page(3)].concat();
         p.place(PageRun::Data { addr: 0x10_0000, data: &run }).expect("new run");
         let run: Vec<u8> = [page(4), page(5), page(6)].concat();
@@ -200,7 +206,7 @@ mod tests {
             s.write_all(&page(9)[..100]).expect("write");
         });
         let (sock, _) = l.accept().expect("accept");
-        let mut p = Placer::new(&mem);
+        let p = Placer::new(&mem);
         assert!(p.receive((16 << 20) - 0x1000, 2, &sock).is_err());
         p.receive(0x40_0000, 600, &sock).expect("run");
         p.place_run(Run::Zero(0x40_1000), &sock).expect("zero over a received page");

@@ -18,13 +18,14 @@
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_arch::layout;
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::protocol::{
-    self as wire, parse_json, to_json, write_frame, Accept, Challenge, ChallengeResponse, Commit, Hello,
-    Kind, PageEntries, PassEnd, RestoreResult, PROTOCOL_VERSION,
+    self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge, ChallengeResponse,
+    Commit, Hello, Kind, PageEntries, PassEnd, RestoreResult, PROTOCOL_VERSION,
 };
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -45,6 +46,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the source to release the VM's lock after its commit.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long the source's extra streams have to connect and prove the key after `Accept`.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one joining connection has for each of its Hello and its proof (a real source
+/// sends them at once; a silent stray connection holds the joining up for this long).
+const JOIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to try for the lock when the connection broke after RESTORE_OK.
 const LOST_LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -101,7 +107,7 @@ impl Vmm {
                     tracing::info!("signal {sig} received: no longer waiting for a migration");
                     return Err(crate::Error::Migration(Box::new(Error::Interrupted(sig))));
                 }
-                Wait::Ready | Wait::Timeout => {}
+                Wait::Ready | Wait::Timeout | Wait::HangUp => {}
             }
             let (stream, peer) = match listener.accept() {
                 Ok(c) => c,
@@ -112,7 +118,7 @@ impl Vmm {
             };
             tracing::info!("incoming migration connection from {peer}");
             let started = Instant::now();
-            match incoming(stream, &config, &key, &faults, &signals) {
+            match incoming(stream, &listener, &config, &key, &faults, &signals) {
                 Ok(vmm) => {
                     tracing::info!(
                         "migration {}: received in {:.1} ms",
@@ -141,22 +147,36 @@ enum Wait {
     Ready,
     Signal(i32),
     Timeout,
+    /// The connection being watched was closed by its peer.
+    HangUp,
 }
 
 /// Waits until `fd` is readable or a stop signal arrives on `signals`.
 fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
+    wait_readable_watching(fd, signals, timeout, None)
+}
+
+/// [`wait_readable`], and also returns [`Wait::HangUp`] when the peer of `watch` closes it.
+fn wait_readable_watching(
+    fd: RawFd,
+    signals: RawFd,
+    timeout: Option<Duration>,
+    watch: Option<RawFd>,
+) -> Wait {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let mut fds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: signals, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: watch.unwrap_or(-1), events: libc::POLLRDHUP, revents: 0 },
         ];
         let ms = match deadline {
             None => -1,
             Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
         };
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call (a
+        // negative fd is ignored by poll).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -167,6 +187,9 @@ fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
             if let Some(sig) = read_signal(signals) {
                 return Wait::Signal(sig);
             }
+        }
+        if fds[2].revents != 0 {
+            return Wait::HangUp;
         }
         if fds[0].revents != 0 {
             return Wait::Ready;
@@ -180,6 +203,7 @@ fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
 /// One incoming migration, from the first byte to a restored VM holding its lock.
 fn incoming(
     stream: TcpStream,
+    listener: &TcpListener,
     config: &ReceiveConfig,
     key: &Key,
     faults: &Faults,
@@ -192,7 +216,7 @@ fn incoming(
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     rx.stream = Some(stream);
-    match rx.run(config, key, faults) {
+    match rx.run(listener, config, key, faults) {
         Ok(vmm) => Ok(vmm),
         Err(error) => {
             // Tell the source why, unless the connection is what failed or it aborted.
@@ -265,7 +289,13 @@ impl Receiver {
         Ok(parse_json(got, &self.payload, want, name)?)
     }
 
-    fn run(&mut self, config: &ReceiveConfig, key: &Key, faults: &Faults) -> Result<Vmm, Error> {
+    fn run(
+        &mut self,
+        listener: &TcpListener,
+        config: &ReceiveConfig,
+        key: &Key,
+        faults: &Faults,
+    ) -> Result<Vmm, Error> {
         // Handshake: version, id, mutual proof of the key.
         let hello: Hello = self.expect(Kind::Hello, "Hello")?;
         if !valid_id(&hello.migration_id) {
@@ -275,6 +305,12 @@ impl Receiver {
         let id = hello.migration_id.clone();
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(Error::Version(hello.protocol_version, PROTOCOL_VERSION));
+        }
+        if hello.stream != 0 {
+            return Err(Error::Check(format!(
+                "the connection wants to join stream {} of a migration that is not in progress here",
+                hello.stream
+            )));
         }
         tracing::info!("migration {id}: source runs Ferry {}", hello.ferry_version);
         let their_nonce = auth::unhex(&hello.nonce)
@@ -316,7 +352,8 @@ impl Receiver {
         );
 
         // Memory, pass after pass, then the state.
-        let snap = self.receive_memory(&mem)?;
+        let extra = self.join_streams(listener, key, &id, cfg.streams)?;
+        let snap = self.receive_memory(&mem, &extra)?;
         let restore = |why: String| Error::RestoreFailed(why);
         let snap_virtio: Vec<crate::virtio::Backend> =
             snap.virtio.iter().map(|v| v.backend.clone()).collect();
@@ -366,6 +403,69 @@ impl Receiver {
         self.activate(vmm, &home_dir)
     }
 
+    /// Accepts the source's extra streams 1..`streams` on `listener`. A connection that
+    /// does not prove the key for one of them (a stray client, a wrong key, a stream that
+    /// joined already) is dropped and the wait goes on, up to [`JOIN_TIMEOUT`].
+    fn join_streams(
+        &mut self,
+        listener: &TcpListener,
+        key: &Key,
+        id: &str,
+        streams: u32,
+    ) -> Result<Vec<TcpStream>, Error> {
+        let mut joined: Vec<Option<TcpStream>> = (1..streams).map(|_| None).collect();
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        while joined.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let n = joined.iter().filter(|s| s.is_some()).count();
+                return Err(Error::Streams(format!(
+                    "{n} of {} joined within {} s",
+                    streams - 1,
+                    JOIN_TIMEOUT.as_secs()
+                )));
+            }
+            // The source gives up (closes the first stream) if a stream cannot join on its side.
+            let control = self.stream()?.as_raw_fd();
+            match wait_readable_watching(listener.as_raw_fd(), self.signals, Some(left), Some(control)) {
+                Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
+                Wait::Timeout => continue,
+                Wait::HangUp => {
+                    // Its reason, if it sent one, is the next frame.
+                    let got = self.next()?;
+                    parse_json::<Accept>(got, &self.payload, Kind::Accept, "nothing while streams join")?;
+                    return Err(Error::Streams("the source closed the connection".into()));
+                }
+                Wait::Ready => {}
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("migration {id}: cannot accept a connection: {e}");
+                    continue;
+                }
+            };
+            match join_stream(stream, key, id, streams) {
+                Ok((k, stream)) => match joined.get_mut(k as usize - 1) {
+                    Some(slot @ None) => {
+                        tracing::debug!("migration {id}: stream {k} joined from {peer}");
+                        *slot = Some(stream);
+                    }
+                    _ => tracing::warn!(
+                        "migration {id}: stream {k} joined twice; dropped the second from {peer}"
+                    ),
+                },
+                Err(why) => {
+                    tracing::warn!("migration {id}: dropped a connection from {peer} that did not join as a stream: {why}")
+                }
+            }
+        }
+        if streams > 1 {
+            tracing::info!("migration {id}: {streams} streams open");
+        }
+        Ok(joined.into_iter().flatten().collect())
+    }
+
     fn refuse_restore<T>(&mut self, e: Error) -> Result<T, Error> {
         let reason = error_chain(&e);
         let reason = reason.strip_prefix("the destination could not restore the VM: ").unwrap_or(&reason);
@@ -388,14 +488,58 @@ impl Receiver {
         Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
     }
 
-    /// Receives page batches and pass ends until the state arrives.
-    fn receive_memory(&mut self, mem: &GuestMemory) -> Result<VmSnapshot, Error> {
+    /// Receives page batches and pass ends until the state arrives: on the first stream
+    /// here, on each extra stream in a thread of its own.
+    fn receive_memory(&mut self, mem: &GuestMemory, extra: &[TcpStream]) -> Result<VmSnapshot, Error> {
+        let placer = Placer::new(mem);
+        let done = AtomicBool::new(false);
         let id = self.id().to_owned();
-        let mut placer = Placer::new(mem);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = extra
+                .iter()
+                .enumerate()
+                .map(|(i, stream)| {
+                    let (placer, done, id) = (&placer, &done, id.as_str());
+                    std::thread::Builder::new()
+                        .name("migration-stream".into())
+                        .spawn_scoped(s, move || receive_stream(id, i as u32 + 1, stream, placer, done))
+                })
+                .collect();
+            let first = self.receive_first_stream(&placer, extra.len() + 1);
+            // The state is in (or this failed): the extra streams have nothing more to say.
+            done.store(true, Ordering::SeqCst);
+            for stream in extra {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+            let mut failed = None;
+            for t in threads {
+                let r = match t {
+                    Ok(t) => t.join().unwrap_or_else(|_| {
+                        Err(Error::Vmm("receive pages (a stream thread panicked)".into()))
+                    }),
+                    Err(e) => Err(Error::Vmm(format!("start a stream thread: {e}"))),
+                };
+                if let Err(e) = r {
+                    failed.get_or_insert(e);
+                }
+            }
+            match (first, failed) {
+                (Ok(snap), None) => Ok(snap),
+                // A stream's own error is the cause when the first stream only saw the
+                // connection go (the source's Abort, when it sent one, says more).
+                (Ok(_), Some(e)) => Err(e),
+                (Err(Error::Protocol(wire::Error::Io(_))), Some(se)) => Err(se),
+                (Err(e), _) => Err(e),
+            }
+        })
+    }
+
+    /// The first stream's part of [`Receiver::receive_memory`]: pages, pass ends, the state.
+    fn receive_first_stream(&mut self, placer: &Placer<'_>, streams: usize) -> Result<VmSnapshot, Error> {
         let mut entries = PageEntries::default();
         let mut pages_in_pass = 0u64;
         let mut pass_started = Instant::now();
-        tracing::debug!("migration {id}: receiving memory");
+        tracing::debug!("migration {}: receiving memory on {streams} stream(s)", self.id());
         loop {
             let h = self.next_header()?;
             if h.kind == Kind::Pages {
@@ -417,11 +561,12 @@ impl Receiver {
                     }
                     self.send(Kind::PassAck, &wire::PassAck { pass: end.pass, pages: end.pages })?;
                     tracing::info!(
-                        "migration {}: pass {} received: {} pages in {:.1} ms",
+                        "migration {}: pass {} received: {} pages in {:.1} ms{}",
                         self.id(),
                         end.pass,
                         end.pages,
-                        pass_started.elapsed().as_secs_f64() * 1e3
+                        pass_started.elapsed().as_secs_f64() * 1e3,
+                        if streams > 1 { " on the first stream" } else { "" }
                     );
                     pages_in_pass = 0;
                     pass_started = Instant::now();
@@ -455,7 +600,7 @@ impl Receiver {
                 commit_ns = crate::monotonic_ns();
                 self.take_over_if_free(&mut vmm, &note, "the source sent no commit")?;
             }
-            Wait::Ready => match self.next() {
+            Wait::Ready | Wait::HangUp => match self.next() {
                 Ok(Kind::Commit) => {
                     commit_ns = crate::monotonic_ns();
                     let _: Commit = parse_json(Kind::Commit, &self.payload, Kind::Commit, "Commit")?;
@@ -512,6 +657,113 @@ impl Receiver {
     }
 }
 
+/// One joining connection: its Hello must name migration `id` and a stream 1..`streams`,
+/// then both sides prove the key over that stream's identity. Returns the stream number.
+fn join_stream(stream: TcpStream, key: &Key, id: &str, streams: u32) -> Result<(u32, TcpStream), String> {
+    let e = |e: wire::Error| error_chain(&e);
+    stream.set_nodelay(true).map_err(|x| e(x.into()))?;
+    super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
+    stream.set_read_timeout(Some(JOIN_HANDSHAKE_TIMEOUT)).map_err(|x| e(x.into()))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|x| e(x.into()))?;
+    let mut payload = Vec::new();
+    let got = read_frame_into(&mut &stream, &mut payload).map_err(e)?;
+    let hello: Hello = parse_json(got, &payload, Kind::Hello, "Hello").map_err(e)?;
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(format!("it speaks protocol version {}", hello.protocol_version));
+    }
+    if hello.migration_id != id {
+        return Err(format!("it names migration {:?}, not this one", hello.migration_id));
+    }
+    let k = hello.stream;
+    if k == 0 || k >= streams {
+        return Err(format!("it names stream {k}; this migration has streams 1 to {}", streams - 1));
+    }
+    let name = wire::stream_id(id, k);
+    let their_nonce = auth::unhex(&hello.nonce)
+        .filter(|n| n.len() == auth::NONCE_LEN)
+        .ok_or_else(|| "it sent no valid nonce".to_string())?;
+    let my_nonce = auth::nonce().map_err(|x| error_chain(&x))?;
+    let challenge =
+        Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
+    write_frame(&mut &stream, Kind::Challenge, &to_json(&challenge)).map_err(e)?;
+    let got = read_frame_into(&mut &stream, &mut payload).map_err(e)?;
+    let response: ChallengeResponse =
+        parse_json(got, &payload, Kind::ChallengeResponse, "ChallengeResponse").map_err(e)?;
+    if !key.check(Role::Sender, &name, &my_nonce, &response.proof) {
+        return Err("it does not know the migration key".into());
+    }
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|x| e(x.into()))?;
+    Ok((k, stream))
+}
+
+/// Receives one extra stream's pages until the source closes it (or `done` is set and
+/// the stream shut down). A failure is answered with an Abort on that stream.
+fn receive_stream(
+    id: &str,
+    k: u32,
+    stream: &TcpStream,
+    placer: &Placer<'_>,
+    done: &AtomicBool,
+) -> Result<(), Error> {
+    let r = receive_stream_pages(id, k, stream, placer, done);
+    if let Err(e) = &r {
+        if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
+            let _ =
+                write_frame(&mut &*stream, Kind::Abort, &to_json(&wire::Abort { reason: error_chain(e) }));
+        }
+        tracing::warn!("migration {id}: stream {k} failed: {}", error_chain(e));
+    }
+    r
+}
+
+fn receive_stream_pages(
+    id: &str,
+    k: u32,
+    stream: &TcpStream,
+    placer: &Placer<'_>,
+    done: &AtomicBool,
+) -> Result<(), Error> {
+    let mut entries = PageEntries::default();
+    let mut payload = Vec::new();
+    let mut pages_in_pass = 0u64;
+    loop {
+        let h = match wire::read_header(&mut &*stream) {
+            Ok(h) => h,
+            // Closed between frames, and not in the middle of a pass: this stream is done.
+            Err(wire::Error::Io(e))
+                if pages_in_pass == 0
+                    && (done.load(Ordering::SeqCst) || e.kind() == std::io::ErrorKind::UnexpectedEof) =>
+            {
+                return Ok(());
+            }
+            Err(wire::Error::Io(e)) if pages_in_pass > 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::Streams(format!("stream {k} closed in the middle of a pass")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if h.kind == Kind::Pages {
+            h.read_page_entries(&mut &*stream, &mut entries)?;
+            for run in entries.runs() {
+                placer.place_run(run, stream)?;
+            }
+            pages_in_pass += entries.len() as u64;
+            continue;
+        }
+        h.read_payload(&mut &*stream, &mut payload)?;
+        let end: PassEnd = parse_json(h.kind, &payload, Kind::PassEnd, "Pages or PassEnd")?;
+        if end.pages != pages_in_pass {
+            return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
+        }
+        write_frame(
+            &mut &*stream,
+            Kind::PassAck,
+            &to_json(&wire::PassAck { pass: end.pass, pages: end.pages }),
+        )?;
+        tracing::debug!("migration {id}: pass {} received: {} pages on stream {k}", end.pass, end.pages);
+        pages_in_pass = 0;
+    }
+}
+
 impl Vmm {
     /// On a destination: tells the source the vCPUs run. Called once they do. Returns the
     /// migration's id if the VM has just migrated in.
@@ -561,6 +813,9 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
             "memory layout {:?} is not this Ferry's for {} bytes",
             c.memory_regions, d.memory
         ));
+    }
+    if !(1..=ferry_api::MAX_STREAMS).contains(&c.streams) {
+        return Err(format!("{} streams; this Ferry takes 1 to {}", c.streams, ferry_api::MAX_STREAMS));
     }
     if c.virtio.len() > crate::virtio::MAX_DEVICES {
         return Err(format!(

@@ -16,7 +16,7 @@
 //! for this migration.
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,10 +26,10 @@ use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::convergence::{self, Decision, Limits, PassMeasure};
 use ferry_migration::protocol::{
     self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
-    ChallengeResponse, Commit, Hello, Kind, PageBatch, PassEnd, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
+    ChallengeResponse, Commit, Hello, Kind, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
-use super::splice::{page_is_zero, PageWriter};
+use super::pass;
 use super::Reclaimed;
 use super::{error_chain, memory_crcs, update, verify_chunk, Call, Error, MigrationConfig, Status, VmmPort};
 use crate::dirty::{DirtyLog, DirtyRegion};
@@ -74,6 +74,8 @@ struct Tally {
 struct Run<'a> {
     src: &'a Source,
     stream: Option<TcpStream>,
+    /// The extra page streams (stream 1 onwards), open during pre-copy.
+    extra: Vec<TcpStream>,
     phase: MigrationPhase,
     started: Instant,
     tally: Tally,
@@ -90,6 +92,7 @@ impl Source {
         let mut run = Run {
             src: &self,
             stream: None,
+            extra: Vec::new(),
             phase: MigrationPhase::Setup,
             started: Instant::now(),
             tally: Tally::default(),
@@ -170,18 +173,9 @@ impl Run<'_> {
 
     /// After a failed write: the peer may have said why before closing.
     fn peer_reason(&mut self, e: Error) -> Error {
-        if !matches!(e, Error::Protocol(wire::Error::Io(_))) {
-            return e;
-        }
-        let Some(stream) = &mut self.stream else { return e };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut payload = Vec::new();
-        match read_frame_into(stream, &mut payload) {
-            Ok(Kind::Abort) => match parse_json::<Hello>(Kind::Abort, &payload, Kind::Hello, "") {
-                Err(peer) => Error::Protocol(peer),
-                Ok(_) => e,
-            },
-            _ => e,
+        match &self.stream {
+            Some(stream) => pass::peer_reason(stream, e),
+            None => e,
         }
     }
 
@@ -209,17 +203,14 @@ impl Run<'_> {
         for a in &addrs {
             match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
                 Ok(s) => {
-                    stream = Some(s);
+                    stream = Some((s, *a));
                     break;
                 }
                 Err(e) => last = e,
             }
         }
-        let stream = stream.ok_or(Error::Connect { addr: src.addr.clone(), source: last })?;
-        let io = |e| Error::Protocol(wire::Error::Io(e));
-        stream.set_nodelay(true).map_err(io)?;
-        super::size_socket_buffer(&stream, libc::SO_SNDBUFFORCE);
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        let (stream, peer) = stream.ok_or(Error::Connect { addr: src.addr.clone(), source: last })?;
+        configure(&stream)?;
         self.stream = Some(stream);
         tracing::info!("migration {}: connected to {}", src.id, src.addr);
 
@@ -229,6 +220,7 @@ impl Run<'_> {
             migration_id: src.id.clone(),
             ferry_version: env!("CARGO_PKG_VERSION").into(),
             nonce: auth::hex(&my_nonce),
+            stream: 0,
         };
         self.send(Kind::Hello, &hello)?;
         let challenge: Challenge = self.recv(Kind::Challenge, "Challenge", IO_TIMEOUT)?;
@@ -249,6 +241,13 @@ impl Run<'_> {
                     src.id,
                     a.ferry_version
                 );
+                for k in 1..src.config.streams {
+                    let s = self.join_stream(peer, k)?;
+                    self.extra.push(s);
+                }
+                if src.config.streams > 1 {
+                    tracing::info!("migration {}: {} streams open", src.id, src.config.streams);
+                }
                 Ok(())
             }
             Err(Error::Protocol(wire::Error::PeerAborted(reason))) => {
@@ -262,87 +261,79 @@ impl Run<'_> {
         }
     }
 
-    /// Sends `pages` (guest-physical address, known to be zero without reading it);
-    /// returns (pages, zero pages, bytes).
-    fn send_pages(
-        &mut self,
-        pages: &mut dyn Iterator<Item = (u64, bool)>,
-        total: u64,
-        pass: u32,
-    ) -> Result<(u64, u64, u64), Error> {
-        let mem = self.src.memory.clone();
-        let mut batch = PageBatch::new();
-        let mut out = PageWriter::new(&mem).map_err(wire::Error::Io)?;
-        let (mut sent, mut zero, mut bytes) = (0u64, 0u64, 0u64);
-        let pass_start = Instant::now();
-        let cap = self.src.req.bandwidth_mib.saturating_mul(1 << 20);
-        let mut last_status = Instant::now();
-        loop {
-            let next = pages.next();
-            match next {
-                Some((addr, true)) => batch.push_zero(addr).map_err(Error::Protocol)?,
-                Some((addr, false)) => match page_is_zero(&mem, addr, PAGE_SIZE) {
-                    None => return Err(Error::Memory { addr }),
-                    Some(true) => batch.push_zero(addr).map_err(Error::Protocol)?,
-                    Some(false) => {
-                        batch.push_data(addr).map_err(Error::Protocol)?;
-                        if !out.push(addr, PAGE_SIZE) {
-                            return Err(Error::Memory { addr });
-                        }
-                    }
-                },
-                None => {}
-            }
-            if batch.is_full() || (next.is_none() && !batch.is_empty()) {
-                self.check_cancel()?;
-                zero += batch.zero_pages();
-                sent += batch.len() as u64;
-                let data_len = batch.data_len();
-                let head = batch.finish();
-                let n = (head.len() + data_len) as u64;
-                out.send(self.stream(), head).map_err(wire::Error::Io)?;
-                batch.clear();
-                bytes += n;
-                self.tally.bytes += n;
-                if cap > 0 {
-                    // Sleep until the pass is back under the cap.
-                    let due = Duration::from_secs_f64(bytes as f64 / cap as f64);
-                    if let Some(wait) = due.checked_sub(pass_start.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-                if last_status.elapsed() >= Duration::from_millis(50) {
-                    last_status = Instant::now();
-                    let secs = pass_start.elapsed().as_secs_f64().max(1e-9);
-                    let elapsed = self.started.elapsed().as_millis() as u64;
-                    let transferred = self.tally.bytes;
-                    update(&self.src.status, |s| {
-                        s.pass = pass;
-                        s.pages_left = total.saturating_sub(sent);
-                        s.rate_mb_s = bytes as f64 / secs / 1e6;
-                        s.bytes_transferred = transferred;
-                        s.elapsed_ms = elapsed;
-                    });
-                }
-            }
-            if next.is_none() {
-                break;
-            }
+    /// Opens extra stream `k` to the destination and proves the key over it (the
+    /// destination proves it first, as on the first stream).
+    fn join_stream(&mut self, peer: SocketAddr, k: u32) -> Result<TcpStream, Error> {
+        let src = self.src;
+        let stream = TcpStream::connect_timeout(&peer, CONNECT_TIMEOUT)
+            .map_err(|source| Error::Connect { addr: src.addr.clone(), source })?;
+        configure(&stream)?;
+        let name = wire::stream_id(&src.id, k);
+        let my_nonce = auth::nonce()?;
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            migration_id: src.id.clone(),
+            ferry_version: env!("CARGO_PKG_VERSION").into(),
+            nonce: auth::hex(&my_nonce),
+            stream: k,
+        };
+        write_frame(&mut &stream, Kind::Hello, &to_json(&hello))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+        let mut payload = Vec::new();
+        let got = read_frame_into(&mut &stream, &mut payload)?;
+        let challenge: Challenge = parse_json(got, &payload, Kind::Challenge, "Challenge")?;
+        if !src.key.check(Role::Receiver, &name, &my_nonce, &challenge.proof) {
+            return Err(Error::Auth(format!("the destination does not know the migration key (stream {k})")));
         }
-        self.send(Kind::PassEnd, &PassEnd { pass, pages: sent })?;
-        Ok((sent, zero, bytes))
+        let their_nonce = auth::unhex(&challenge.nonce)
+            .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
+        let proof = src.key.prove(Role::Sender, &name, &their_nonce);
+        write_frame(&mut &stream, Kind::ChallengeResponse, &to_json(&ChallengeResponse { proof }))?;
+        Ok(stream)
     }
 
-    /// Waits for the destination's `PassAck` of `pass`.
-    fn pass_ack(&mut self, pass: u32, pages: u64) -> Result<(), Error> {
-        let ack: wire::PassAck = self.recv(Kind::PassAck, "PassAck", IO_TIMEOUT)?;
-        if ack != (wire::PassAck { pass, pages }) {
-            return Err(Error::Protocol(wire::Error::Unexpected {
-                got: Kind::PassAck,
-                expected: "the PassAck of the pass just sent",
-            }));
+    /// Sends one pass of `pages` (guest-physical address, known to be zero without reading
+    /// it) over every open stream; returns (pages, zero pages, bytes).
+    fn send_pages(
+        &mut self,
+        pages: &mut (dyn Iterator<Item = (u64, bool)> + Send),
+        total: u64,
+        pass: u32,
+        wait_ack: bool,
+    ) -> Result<(u64, u64, u64), Error> {
+        let src = self.src;
+        let control = self.stream.as_ref().ok_or(Error::Vmm("send pages (not connected)".into()))?;
+        let streams: Vec<&TcpStream> = std::iter::once(control).chain(self.extra.iter()).collect();
+        let p = pass::Pass {
+            id: &src.id,
+            number: pass,
+            mem: &src.memory,
+            cancel: &src.cancel,
+            cap: src.req.bandwidth_mib.saturating_mul(1 << 20),
+            wait_ack,
+        };
+        let (started, before) = (self.started, self.tally.bytes);
+        let pass_start = Instant::now();
+        let mut progress = |sent: u64, bytes: u64| {
+            let secs = pass_start.elapsed().as_secs_f64().max(1e-9);
+            update(&src.status, |s| {
+                s.pass = pass;
+                s.pages_left = total.saturating_sub(sent);
+                s.rate_mb_s = bytes as f64 / secs / 1e6;
+                s.bytes_transferred = before + bytes;
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+            });
+        };
+        let sent = p.send(&streams, pages, &mut progress)?;
+        self.tally.bytes += sent.bytes;
+        Ok((sent.pages, sent.zero, sent.bytes))
+    }
+
+    /// Closes the extra streams once pre-copy is over (the stop-and-copy uses the first).
+    fn close_extra_streams(&mut self) {
+        for s in self.extra.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        Ok(())
     }
 
     fn record_pass(
@@ -392,16 +383,15 @@ impl Run<'_> {
                             (start + i * PAGE_SIZE as u64, zero)
                         })
                     });
-                    self.send_pages(&mut all, total, pass)?
+                    self.send_pages(&mut all, total, pass, true)?
                 }
                 Some(dirty) => {
                     let n = dirty.iter().map(DirtyRegion::count).sum();
                     let mut it = dirty.iter().flat_map(|r| r.pages()).map(|a| (a, false));
-                    self.send_pages(&mut it, n, pass)?
+                    self.send_pages(&mut it, n, pass, true)?
                 }
             };
-            // Timed to the destination's acknowledgement: what arrived, not what was buffered.
-            self.pass_ack(pass, sent.0)?;
+            // Timed to the destination's acknowledgements: what arrived, not what was buffered.
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let dirty = self.src.dirty.take()?;
             let dirtied: u64 = dirty.iter().map(DirtyRegion::count).sum();
@@ -445,6 +435,7 @@ impl Run<'_> {
 
     fn stop_and_copy(&mut self) -> Result<(), Error> {
         self.check_cancel()?;
+        self.close_extra_streams();
         self.enter(MigrationPhase::StopAndCopy);
         let paused_at = Instant::now();
         self.paused = true;
@@ -464,7 +455,7 @@ impl Run<'_> {
         let pass = self.tally.passes.len() as u32 + 1;
         let t = Instant::now();
         let mut it = dirty.iter().flat_map(|r| r.pages()).map(|a| (a, false));
-        let sent = self.send_pages(&mut it, n, pass)?;
+        let sent = self.send_pages(&mut it, n, pass, false)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         self.record_pass(pass, sent, ms, 0, true);
         let payload =
@@ -492,7 +483,7 @@ impl Run<'_> {
         // without waiting for it.
         if let Some(last) = self.tally.passes.last() {
             let (pass, pages) = (last.pass, last.pages);
-            self.pass_ack(pass, pages)?;
+            pass::wait_ack(self.stream(), pass, pages)?;
         }
         let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", RESTORE_TIMEOUT)?;
         if !result.ok {
@@ -568,6 +559,7 @@ impl Run<'_> {
             zero_pages: t.zero_pages,
             throughput_mb_s: throughput,
             verified: t.verified && status == MigrationPhase::Completed,
+            streams: self.src.config.streams,
             passes: t.passes.clone(),
         }
     }
@@ -649,6 +641,15 @@ impl Run<'_> {
             self.logging = false;
         }
     }
+}
+
+/// Socket options of every stream: no Nagle delay, big buffers, a write timeout.
+fn configure(stream: &TcpStream) -> Result<(), Error> {
+    let io = |e| Error::Protocol(wire::Error::Io(e));
+    stream.set_nodelay(true).map_err(io)?;
+    super::size_socket_buffer(stream, libc::SO_SNDBUFFORCE);
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    Ok(())
 }
 
 /// ORs `extra` into `into` (same regions).

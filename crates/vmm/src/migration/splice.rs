@@ -67,8 +67,9 @@ impl<'m> PageWriter<'m> {
 
     /// Writes `head` and then every queued byte of guest memory to `sock`, and empties the
     /// queue. Blocks as writes to `sock` do (its write timeout applies).
-    pub fn send(&mut self, sock: &mut TcpStream, head: &[u8]) -> std::io::Result<()> {
-        sock.write_all(head)?;
+    pub fn send(&mut self, sock: &TcpStream, head: &[u8]) -> std::io::Result<()> {
+        let mut writer = sock;
+        writer.write_all(head)?;
         let mut iov: Vec<libc::iovec> = self
             .queued
             .iter()
@@ -187,7 +188,7 @@ mod tests {
             s.read_to_end(&mut all).expect("read");
             all
         });
-        let mut sock = TcpStream::connect(addr).expect("connect");
+        let sock = TcpStream::connect(addr).expect("connect");
         let mut w = PageWriter::new(&mem).expect("pipe");
         // 1024 pages (4 MiB, more than a pipe holds), then one more after a gap.
         for i in 0..1024u64 {
@@ -196,8 +197,8 @@ mod tests {
         assert!(w.push(0x90_0000, 4096));
         assert_eq!(w.queued.len(), 2);
         assert!(!w.push(64 << 20, 4096));
-        w.send(&mut sock, b"head").expect("send");
-        w.send(&mut sock, b"tail").expect("send nothing queued");
+        w.send(&sock, b"head").expect("send");
+        w.send(&sock, b"tail").expect("send nothing queued");
         drop(sock);
         let all = reader.join().expect("reader");
         assert_eq!(all.len(), 4 + 1025 * 4096 + 4);

@@ -1,0 +1,257 @@
+//! One pass of pages from the source, over one or more streams.
+//!
+//! Each stream has a thread (the first stream's is the migration thread itself). The
+//! threads take batches of up to [`MAX_PAGES_PER_FRAME`] pages from the pass's page list in
+//! turn, so a stream that runs faster sends more; each sends its batches straight from
+//! guest memory ([`PageWriter`]), then its own `PassEnd`, and waits for that stream's
+//! `PassAck`. The pass is over when every stream has its answer: only then does the next
+//! pass start, so a page sent again in pass N+1 can never overtake its pass-N copy on
+//! another stream.
+//!
+//! A failure on any stream stops the others at their next batch; the first error is the
+//! pass's.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_migration::protocol::{
+    self as wire, parse_json, read_frame_into, to_json, write_frame, Kind, PageBatch, PassAck, PassEnd,
+    MAX_PAGES_PER_FRAME, PAGE_SIZE,
+};
+
+use super::splice::{page_is_zero, PageWriter};
+use super::Error;
+use crate::memory::GuestMemory;
+
+/// How long a stream waits for its `PassAck`.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the first stream reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+
+/// What a pass needs to know.
+#[derive(Debug)]
+pub(crate) struct Pass<'a> {
+    /// The migration id, for the log.
+    pub id: &'a str,
+    /// Pass number.
+    pub number: u32,
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// Set when an operator cancels the migration.
+    pub cancel: &'a AtomicBool,
+    /// Bandwidth cap over all streams, bytes/s; 0 for none.
+    pub cap: u64,
+    /// Wait for each stream's `PassAck` (the stop-and-copy pass collects its answer later).
+    pub wait_ack: bool,
+}
+
+/// What a pass sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// Pages, zero markers included.
+    pub pages: u64,
+    /// Zero markers.
+    pub zero: u64,
+    /// Bytes on the wire, frame headers included.
+    pub bytes: u64,
+}
+
+/// State the streams of one pass share.
+struct Shared<'p> {
+    pages: Mutex<&'p mut (dyn Iterator<Item = (u64, bool)> + Send)>,
+    stop: AtomicBool,
+    pages_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    started: Instant,
+}
+
+impl Pass<'_> {
+    /// Sends `pages` (guest-physical address, and whether it is known to be zero without
+    /// reading it) over `streams`; `progress` hears (pages, bytes) sent so far now and then.
+    pub fn send(
+        &self,
+        streams: &[&TcpStream],
+        pages: &mut (dyn Iterator<Item = (u64, bool)> + Send),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Sent, Error> {
+        let shared = Shared {
+            pages: Mutex::new(pages),
+            stop: AtomicBool::new(false),
+            pages_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            started: Instant::now(),
+        };
+        let Some((first, rest)) = streams.split_first() else {
+            return Err(Error::Vmm("send a pass: no stream".into()));
+        };
+        let results: Vec<Result<Sent, Error>> = std::thread::scope(|s| {
+            let others: Vec<_> = rest
+                .iter()
+                .map(|stream| {
+                    let shared = &shared;
+                    std::thread::Builder::new()
+                        .name("migration-stream".into())
+                        .spawn_scoped(s, move || self.stream(stream, shared, None))
+                })
+                .collect();
+            let mut all = vec![self.stream(first, &shared, Some(progress))];
+            for h in others {
+                all.push(match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::Vmm("send pages (a stream thread panicked)".into()))),
+                    Err(e) => {
+                        shared.stop.store(true, Ordering::SeqCst);
+                        Err(Error::Vmm(format!("start a stream thread: {e}")))
+                    }
+                });
+            }
+            all
+        });
+        let mut total = Sent::default();
+        let mut first_error = None;
+        for r in results {
+            match r {
+                Ok(s) => {
+                    total.pages += s.pages;
+                    total.zero += s.zero;
+                    total.bytes += s.bytes;
+                }
+                Err(Error::StreamStopped) => {}
+                Err(e) if first_error.is_some() => {
+                    tracing::debug!(
+                        "migration {}: pass {}: another stream failed too: {}",
+                        self.id,
+                        self.number,
+                        super::error_chain(&e)
+                    );
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None if shared.stop.load(Ordering::SeqCst) => Err(Error::Vmm("send a pass (stopped)".into())),
+            None => Ok(total),
+        }
+    }
+
+    /// One stream's share of the pass.
+    fn stream(
+        &self,
+        stream: &TcpStream,
+        shared: &Shared<'_>,
+        progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<Sent, Error> {
+        let r = self.stream_inner(stream, shared, progress);
+        if r.is_err() {
+            shared.stop.store(true, Ordering::SeqCst);
+        }
+        r.map_err(|e| peer_reason(stream, e))
+    }
+
+    fn stream_inner(
+        &self,
+        stream: &TcpStream,
+        shared: &Shared<'_>,
+        mut progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<Sent, Error> {
+        let mut out = PageWriter::new(self.mem).map_err(wire::Error::Io)?;
+        let mut batch = PageBatch::new();
+        let mut take: Vec<(u64, bool)> = Vec::with_capacity(MAX_PAGES_PER_FRAME);
+        let mut mine = Sent::default();
+        let mut last_progress = Instant::now();
+        loop {
+            take.clear();
+            {
+                let mut pages = shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+                let pages: &mut (dyn Iterator<Item = (u64, bool)> + Send) = &mut **pages;
+                take.extend(pages.take(MAX_PAGES_PER_FRAME));
+            }
+            if take.is_empty() {
+                break;
+            }
+            if shared.stop.load(Ordering::SeqCst) {
+                return Err(Error::StreamStopped);
+            }
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(Error::Cancelled);
+            }
+            for &(addr, known_zero) in &take {
+                let zero =
+                    known_zero || page_is_zero(self.mem, addr, PAGE_SIZE).ok_or(Error::Memory { addr })?;
+                if zero {
+                    batch.push_zero(addr)?;
+                } else {
+                    batch.push_data(addr)?;
+                    if !out.push(addr, PAGE_SIZE) {
+                        return Err(Error::Memory { addr });
+                    }
+                }
+            }
+            mine.pages += batch.len() as u64;
+            mine.zero += batch.zero_pages();
+            let data_len = batch.data_len();
+            let head = batch.finish();
+            let n = (head.len() + data_len) as u64;
+            out.send(stream, head).map_err(wire::Error::Io)?;
+            batch.clear();
+            mine.bytes += n;
+            let pages = shared.pages_sent.fetch_add(take.len() as u64, Ordering::Relaxed) + take.len() as u64;
+            let bytes = shared.bytes_sent.fetch_add(n, Ordering::Relaxed) + n;
+            if self.cap > 0 {
+                // Sleep until the pass, all streams together, is back under the cap.
+                let due = Duration::from_secs_f64(bytes as f64 / self.cap as f64);
+                if let Some(wait) = due.checked_sub(shared.started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            if let Some(report) = progress.as_mut() {
+                if last_progress.elapsed() >= PROGRESS_EVERY {
+                    last_progress = Instant::now();
+                    report(pages, bytes);
+                }
+            }
+        }
+        let end = to_json(&PassEnd { pass: self.number, pages: mine.pages });
+        write_frame(&mut &*stream, Kind::PassEnd, &end)?;
+        mine.bytes += (wire::HEADER_LEN + end.len()) as u64;
+        if self.wait_ack {
+            wait_ack(stream, self.number, mine.pages)?;
+        }
+        Ok(mine)
+    }
+}
+
+/// Waits on `stream` for the `PassAck` of `pass` with `pages` pages.
+pub(crate) fn wait_ack(stream: &TcpStream, pass: u32, pages: u64) -> Result<(), Error> {
+    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(wire::Error::Io)?;
+    let mut payload = Vec::new();
+    let got = read_frame_into(&mut &*stream, &mut payload)?;
+    let ack: PassAck = parse_json(got, &payload, Kind::PassAck, "PassAck")?;
+    if ack != (PassAck { pass, pages }) {
+        return Err(Error::Protocol(wire::Error::Unexpected {
+            got: Kind::PassAck,
+            expected: "the PassAck of the pass just sent",
+        }));
+    }
+    Ok(())
+}
+
+/// After a failed write on `stream`: the peer may have said why before closing.
+pub(crate) fn peer_reason(stream: &TcpStream, e: Error) -> Error {
+    if !matches!(e, Error::Protocol(wire::Error::Io(_))) {
+        return e;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut payload = Vec::new();
+    match read_frame_into(&mut &*stream, &mut payload) {
+        Ok(Kind::Abort) => match parse_json::<PassEnd>(Kind::Abort, &payload, Kind::PassEnd, "") {
+            Err(peer) => Error::Protocol(peer),
+            Ok(_) => e,
+        },
+        _ => e,
+    }
+}
