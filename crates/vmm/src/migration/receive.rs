@@ -313,19 +313,7 @@ impl Receiver {
             )));
         }
         tracing::info!("migration {id}: source runs Ferry {}", hello.ferry_version);
-        let their_nonce = auth::unhex(&hello.nonce)
-            .filter(|n| n.len() == auth::NONCE_LEN)
-            .ok_or_else(|| Error::Auth("authentication failed: the source sent no valid nonce".into()))?;
-        let my_nonce = auth::nonce()?;
-        let challenge =
-            Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &id, &their_nonce) };
-        self.send(Kind::Challenge, &challenge)?;
-        let response: ChallengeResponse = self.expect(Kind::ChallengeResponse, "ChallengeResponse")?;
-        if !key.check(Role::Sender, &id, &my_nonce, &response.proof) {
-            return Err(Error::Auth(
-                "authentication failed: the source does not know the migration key".into(),
-            ));
-        }
+        answer_hello(self.stream()?, key, &hello)?;
         tracing::info!("migration {id}: source authenticated");
 
         // Pre-migration checks, then the reservation.
@@ -657,6 +645,27 @@ impl Receiver {
     }
 }
 
+/// Answers the Hello of a stream: this side's proof of the key over the sender's nonce,
+/// then the check of the sender's proof over ours (both bound to the stream's identity).
+fn answer_hello(stream: &TcpStream, key: &Key, hello: &Hello) -> Result<(), Error> {
+    let name = wire::stream_id(&hello.migration_id, hello.stream);
+    let their_nonce = auth::unhex(&hello.nonce)
+        .filter(|n| n.len() == auth::NONCE_LEN)
+        .ok_or_else(|| Error::Auth("authentication failed: the source sent no valid nonce".into()))?;
+    let my_nonce = auth::nonce()?;
+    let challenge =
+        Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
+    write_frame(&mut &*stream, Kind::Challenge, &to_json(&challenge))?;
+    let mut payload = Vec::new();
+    let got = read_frame_into(&mut &*stream, &mut payload)?;
+    let response: ChallengeResponse =
+        parse_json(got, &payload, Kind::ChallengeResponse, "ChallengeResponse")?;
+    if !key.check(Role::Sender, &name, &my_nonce, &response.proof) {
+        return Err(Error::Auth("authentication failed: the source does not know the migration key".into()));
+    }
+    Ok(())
+}
+
 /// One joining connection: its Hello must name migration `id` and a stream 1..`streams`,
 /// then both sides prove the key over that stream's identity. Returns the stream number.
 fn join_stream(stream: TcpStream, key: &Key, id: &str, streams: u32) -> Result<(u32, TcpStream), String> {
@@ -678,20 +687,7 @@ fn join_stream(stream: TcpStream, key: &Key, id: &str, streams: u32) -> Result<(
     if k == 0 || k >= streams {
         return Err(format!("it names stream {k}; this migration has streams 1 to {}", streams - 1));
     }
-    let name = wire::stream_id(id, k);
-    let their_nonce = auth::unhex(&hello.nonce)
-        .filter(|n| n.len() == auth::NONCE_LEN)
-        .ok_or_else(|| "it sent no valid nonce".to_string())?;
-    let my_nonce = auth::nonce().map_err(|x| error_chain(&x))?;
-    let challenge =
-        Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
-    write_frame(&mut &stream, Kind::Challenge, &to_json(&challenge)).map_err(e)?;
-    let got = read_frame_into(&mut &stream, &mut payload).map_err(e)?;
-    let response: ChallengeResponse =
-        parse_json(got, &payload, Kind::ChallengeResponse, "ChallengeResponse").map_err(e)?;
-    if !key.check(Role::Sender, &name, &my_nonce, &response.proof) {
-        return Err("it does not know the migration key".into());
-    }
+    answer_hello(&stream, key, &hello).map_err(|x| error_chain(&x))?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|x| e(x.into()))?;
     Ok((k, stream))
 }
@@ -705,19 +701,21 @@ fn receive_stream(
     placer: &Placer<'_>,
     done: &AtomicBool,
 ) -> Result<(), Error> {
-    let r = receive_stream_pages(id, k, stream, placer, done);
-    if let Err(e) = &r {
-        if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
-            let _ =
-                write_frame(&mut &*stream, Kind::Abort, &to_json(&wire::Abort { reason: error_chain(e) }));
+    let r = receive_stream_pages(k, stream, placer, done);
+    match &r {
+        Ok(()) => tracing::debug!("migration {id}: stream {k} closed"),
+        Err(e) => {
+            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
+                let abort = to_json(&wire::Abort { reason: error_chain(e) });
+                let _ = write_frame(&mut &*stream, Kind::Abort, &abort);
+            }
+            tracing::warn!("migration {id}: stream {k} failed: {}", error_chain(e));
         }
-        tracing::warn!("migration {id}: stream {k} failed: {}", error_chain(e));
     }
     r
 }
 
 fn receive_stream_pages(
-    id: &str,
     k: u32,
     stream: &TcpStream,
     placer: &Placer<'_>,
@@ -759,7 +757,6 @@ fn receive_stream_pages(
             Kind::PassAck,
             &to_json(&wire::PassAck { pass: end.pass, pages: end.pages }),
         )?;
-        tracing::debug!("migration {id}: pass {} received: {} pages on stream {k}", end.pass, end.pages);
         pages_in_pass = 0;
     }
 }

@@ -214,25 +214,7 @@ impl Run<'_> {
         self.stream = Some(stream);
         tracing::info!("migration {}: connected to {}", src.id, src.addr);
 
-        let my_nonce = auth::nonce()?;
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            migration_id: src.id.clone(),
-            ferry_version: env!("CARGO_PKG_VERSION").into(),
-            nonce: auth::hex(&my_nonce),
-            stream: 0,
-        };
-        self.send(Kind::Hello, &hello)?;
-        let challenge: Challenge = self.recv(Kind::Challenge, "Challenge", IO_TIMEOUT)?;
-        if !src.key.check(Role::Receiver, &src.id, &my_nonce, &challenge.proof) {
-            let reason = "the destination does not know the migration key";
-            let _ = self.send(Kind::Abort, &wire::Abort { reason: "authentication failed".into() });
-            return Err(Error::Auth(reason.into()));
-        }
-        let their_nonce = auth::unhex(&challenge.nonce)
-            .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
-        let proof = src.key.prove(Role::Sender, &src.id, &their_nonce);
-        self.send(Kind::ChallengeResponse, &ChallengeResponse { proof })?;
+        self.tally.bytes += hello(self.stream(), &src.key, &src.id, 0)?;
         self.send(Kind::Config, &src.config)?;
         match self.recv::<Accept>(Kind::Accept, "Accept", IO_TIMEOUT) {
             Ok(a) => {
@@ -268,27 +250,7 @@ impl Run<'_> {
         let stream = TcpStream::connect_timeout(&peer, CONNECT_TIMEOUT)
             .map_err(|source| Error::Connect { addr: src.addr.clone(), source })?;
         configure(&stream)?;
-        let name = wire::stream_id(&src.id, k);
-        let my_nonce = auth::nonce()?;
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            migration_id: src.id.clone(),
-            ferry_version: env!("CARGO_PKG_VERSION").into(),
-            nonce: auth::hex(&my_nonce),
-            stream: k,
-        };
-        write_frame(&mut &stream, Kind::Hello, &to_json(&hello))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
-        let mut payload = Vec::new();
-        let got = read_frame_into(&mut &stream, &mut payload)?;
-        let challenge: Challenge = parse_json(got, &payload, Kind::Challenge, "Challenge")?;
-        if !src.key.check(Role::Receiver, &name, &my_nonce, &challenge.proof) {
-            return Err(Error::Auth(format!("the destination does not know the migration key (stream {k})")));
-        }
-        let their_nonce = auth::unhex(&challenge.nonce)
-            .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
-        let proof = src.key.prove(Role::Sender, &name, &their_nonce);
-        write_frame(&mut &stream, Kind::ChallengeResponse, &to_json(&ChallengeResponse { proof }))?;
+        self.tally.bytes += hello(&stream, &src.key, &src.id, k)?;
         Ok(stream)
     }
 
@@ -641,6 +603,41 @@ impl Run<'_> {
             self.logging = false;
         }
     }
+}
+
+/// Opens stream `k` of migration `id`: Hello, the destination's proof of the key (checked
+/// before anything else is sent), this side's proof. Returns the bytes written.
+fn hello(stream: &TcpStream, key: &Key, id: &str, k: u32) -> Result<u64, Error> {
+    let name = wire::stream_id(id, k);
+    let my_nonce = auth::nonce()?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        migration_id: id.to_string(),
+        ferry_version: env!("CARGO_PKG_VERSION").into(),
+        nonce: auth::hex(&my_nonce),
+        stream: k,
+    };
+    let mut written = 0u64;
+    let mut send = |kind: Kind, payload: Vec<u8>| -> Result<(), Error> {
+        write_frame(&mut &*stream, kind, &payload)?;
+        written += (wire::HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    };
+    send(Kind::Hello, to_json(&hello))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+    let mut payload = Vec::new();
+    let got = read_frame_into(&mut &*stream, &mut payload)?;
+    let challenge: Challenge = parse_json(got, &payload, Kind::Challenge, "Challenge")?;
+    if !key.check(Role::Receiver, &name, &my_nonce, &challenge.proof) {
+        let _ = send(Kind::Abort, to_json(&wire::Abort { reason: "authentication failed".into() }));
+        let which = if k == 0 { String::new() } else { format!(" (stream {k})") };
+        return Err(Error::Auth(format!("the destination does not know the migration key{which}")));
+    }
+    let their_nonce = auth::unhex(&challenge.nonce)
+        .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
+    let proof = key.prove(Role::Sender, &name, &their_nonce);
+    send(Kind::ChallengeResponse, to_json(&ChallengeResponse { proof }))?;
+    Ok(written)
 }
 
 /// Socket options of every stream: no Nagle delay, big buffers, a write timeout.
