@@ -565,6 +565,8 @@ enum ExtraStreams {
     StrayFirst,
     /// Forward this many bytes of each (source to destination), then cut it.
     CutAfter(usize),
+    /// Replace the first page batch on each with one page far outside guest memory.
+    BadPage,
 }
 
 /// Forwards every connection to `to`; the first as it is, the others as `mode` says.
@@ -596,6 +598,26 @@ fn stream_proxy(to: u16, mode: ExtraStreams) -> u16 {
                 let _ = std::io::copy(&mut b2, &mut a2);
                 let _ = a2.shutdown(Shutdown::Both);
             });
+            if let (ExtraStreams::BadPage, true) = (mode, i > 0) {
+                std::thread::spawn(move || {
+                    let mut rewritten = false;
+                    while let Ok(f) = wire::read_frame(&mut a) {
+                        let mut payload = f.payload;
+                        if f.kind == Kind::Pages && !rewritten {
+                            let page = vec![0x5a; wire::PAGE_SIZE];
+                            wire::encode_pages([(1u64 << 40, &page[..])].into_iter(), &mut payload)
+                                .expect("encode");
+                            rewritten = true;
+                        }
+                        if wire::write_frame(&mut b, f.kind, &payload).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = a.shutdown(Shutdown::Both);
+                    let _ = b.shutdown(Shutdown::Both);
+                });
+                continue;
+            }
             let limit = match mode {
                 ExtraStreams::CutAfter(n) if i > 0 => n,
                 _ => usize::MAX,
@@ -664,4 +686,27 @@ fn a_stream_cut_in_the_middle_of_a_pass_keeps_the_vm_on_the_source() {
     assert!(src.wait(T).success());
     dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > 2));
     assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
+}
+
+#[test]
+fn a_bad_page_batch_on_an_extra_stream_aborts_the_migration_at_once() {
+    require_kvm();
+    let dir = TempDir::new("mig-bad-stream");
+    let key = write_key(&dir, "key", 15);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let proxy = stream_proxy(port, ExtraStreams::BadPage);
+    let started = Instant::now();
+    let (out, r) = migrate(&sock, proxy, &key, &["--streams", "3"]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    assert_eq!(r["vm_running_on"], "source", "{r}");
+    assert!(r["reason"].as_str().expect("reason").contains("a page outside guest memory"), "{r}");
+    // Neither side waited for a timeout (30 s) to notice.
+    assert!(took < Duration::from_secs(20), "the failure took {took:?}: {r}");
+    still_runs(&mut src, &sock);
+    let log = dst.wait_stderr(T, "nothing runs here; waiting for another migration");
+    assert!(log.contains("a page outside guest memory; nothing runs here"), "{log}");
+    assert!(dst.child.try_wait().expect("wait").is_none(), "the receiver exited");
 }

@@ -43,7 +43,8 @@ pub struct PassMeasure {
     pub pass: u32,
     /// Pages it sent.
     pub pages: u64,
-    /// Bytes it put on the wire.
+    /// Bytes it put on the wire: on the stream that will carry the stop-and-copy, when
+    /// the pass used several (the estimate of the downtime needs that stream's rate).
     pub bytes: u64,
     /// How long it took, ms.
     pub ms: f64,

@@ -56,15 +56,32 @@ pub(crate) struct Sent {
     pub zero: u64,
     /// Bytes on the wire, frame headers included.
     pub bytes: u64,
+    /// Of those, the first stream's: the one the stop-and-copy will have to itself, so its
+    /// rate, not all streams', is what predicts the downtime.
+    pub first_bytes: u64,
 }
 
 /// State the streams of one pass share.
 struct Shared<'p> {
     pages: Mutex<&'p mut (dyn Iterator<Item = (u64, bool)> + Send)>,
+    /// The extra streams, shut down when any stream fails so that none waits out a timeout.
+    extra: &'p [&'p TcpStream],
     stop: AtomicBool,
     pages_sent: AtomicU64,
     bytes_sent: AtomicU64,
     started: Instant,
+}
+
+impl Shared<'_> {
+    /// Stops every stream: the others at their next batch, and those blocked on an extra
+    /// stream at once (the first stream stays open for the Abort and the peer's reason).
+    fn fail(&self) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            for s in self.extra {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 impl Pass<'_> {
@@ -76,15 +93,16 @@ impl Pass<'_> {
         pages: &mut (dyn Iterator<Item = (u64, bool)> + Send),
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Sent, Error> {
+        let Some((first, rest)) = streams.split_first() else {
+            return Err(Error::Vmm("send a pass: no stream".into()));
+        };
         let shared = Shared {
             pages: Mutex::new(pages),
+            extra: rest,
             stop: AtomicBool::new(false),
             pages_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             started: Instant::now(),
-        };
-        let Some((first, rest)) = streams.split_first() else {
-            return Err(Error::Vmm("send a pass: no stream".into()));
         };
         let results: Vec<Result<Sent, Error>> = std::thread::scope(|s| {
             let others: Vec<_> = rest
@@ -96,25 +114,28 @@ impl Pass<'_> {
                         .spawn_scoped(s, move || self.stream(stream, shared, None))
                 })
                 .collect();
+            if others.iter().any(Result::is_err) {
+                shared.fail();
+            }
             let mut all = vec![self.stream(first, &shared, Some(progress))];
             for h in others {
                 all.push(match h {
                     Ok(h) => h
                         .join()
                         .unwrap_or_else(|_| Err(Error::Vmm("send pages (a stream thread panicked)".into()))),
-                    Err(e) => {
-                        shared.stop.store(true, Ordering::SeqCst);
-                        Err(Error::Vmm(format!("start a stream thread: {e}")))
-                    }
+                    Err(e) => Err(Error::Vmm(format!("start a stream thread: {e}"))),
                 });
             }
             all
         });
         let mut total = Sent::default();
         let mut first_error = None;
-        for r in results {
+        for (i, r) in results.into_iter().enumerate() {
             match r {
                 Ok(s) => {
+                    if i == 0 {
+                        total.first_bytes = s.bytes;
+                    }
                     total.pages += s.pages;
                     total.zero += s.zero;
                     total.bytes += s.bytes;
@@ -147,7 +168,7 @@ impl Pass<'_> {
     ) -> Result<Sent, Error> {
         let r = self.stream_inner(stream, shared, progress);
         if r.is_err() {
-            shared.stop.store(true, Ordering::SeqCst);
+            shared.fail();
         }
         r.map_err(|e| peer_reason(stream, e))
     }

@@ -63,7 +63,11 @@ impl<'a> Placer<'a> {
         // one mapped region of guest memory, which lives as long as `self.mem`. Nothing else
         // uses these pages while they arrive (no vCPU runs, nothing restores or hashes, and
         // no other stream carries them in this pass; see the module documentation), and
-        // the kernel writes into them as into any buffer.
+        // the kernel writes into them as into any buffer. (That last point rests on the
+        // source, which is authenticated: frames carry no pass number, so a faulty source
+        // that sent one page on two streams at once would have two receives race into it.
+        // The page's bytes would be wrong, as they could be from any faulty source; no
+        // memory outside guest RAM is at stake.)
         unsafe { recv_exact(sock, host, pages * PAGE_SIZE) }?;
         self.mark(addr, pages)
     }

@@ -482,17 +482,22 @@ impl Receiver {
         let placer = Placer::new(mem);
         let done = AtomicBool::new(false);
         let id = self.id().to_owned();
+        // A stream that fails wakes the first stream's reader through this handle.
+        let wake = self.stream()?.try_clone().map_err(wire::Error::Io)?;
         std::thread::scope(|s| {
             let threads: Vec<_> = extra
                 .iter()
                 .enumerate()
                 .map(|(i, stream)| {
-                    let (placer, done, id) = (&placer, &done, id.as_str());
+                    let (placer, done, id, wake) = (&placer, &done, id.as_str(), &wake);
                     std::thread::Builder::new()
                         .name("migration-stream".into())
-                        .spawn_scoped(s, move || receive_stream(id, i as u32 + 1, stream, placer, done))
+                        .spawn_scoped(s, move || receive_stream(id, i as u32 + 1, stream, wake, placer, done))
                 })
                 .collect();
+            if threads.iter().any(Result::is_err) {
+                let _ = wake.shutdown(std::net::Shutdown::Read);
+            }
             let first = self.receive_first_stream(&placer, extra.len() + 1);
             // The state is in (or this failed): the extra streams have nothing more to say.
             done.store(true, Ordering::SeqCst);
@@ -693,11 +698,14 @@ fn join_stream(stream: TcpStream, key: &Key, id: &str, streams: u32) -> Result<(
 }
 
 /// Receives one extra stream's pages until the source closes it (or `done` is set and
-/// the stream shut down). A failure is answered with an Abort on that stream.
+/// the stream shut down). A failure is answered with an Abort on that stream, which is then
+/// closed (so the source's writes fail at once), and ends the first stream's reading too
+/// (so the whole migration stops and says why on the first stream).
 fn receive_stream(
     id: &str,
     k: u32,
     stream: &TcpStream,
+    first: &TcpStream,
     placer: &Placer<'_>,
     done: &AtomicBool,
 ) -> Result<(), Error> {
@@ -708,6 +716,10 @@ fn receive_stream(
             if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
                 let abort = to_json(&wire::Abort { reason: error_chain(e) });
                 let _ = write_frame(&mut &*stream, Kind::Abort, &abort);
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            if !done.load(Ordering::SeqCst) {
+                let _ = first.shutdown(std::net::Shutdown::Read);
             }
             tracing::warn!("migration {id}: stream {k} failed: {}", error_chain(e));
         }

@@ -255,14 +255,14 @@ impl Run<'_> {
     }
 
     /// Sends one pass of `pages` (guest-physical address, known to be zero without reading
-    /// it) over every open stream; returns (pages, zero pages, bytes).
+    /// it) over every open stream.
     fn send_pages(
         &mut self,
         pages: &mut (dyn Iterator<Item = (u64, bool)> + Send),
         total: u64,
         pass: u32,
         wait_ack: bool,
-    ) -> Result<(u64, u64, u64), Error> {
+    ) -> Result<pass::Sent, Error> {
         let src = self.src;
         let control = self.stream.as_ref().ok_or(Error::Vmm("send pages (not connected)".into()))?;
         let streams: Vec<&TcpStream> = std::iter::once(control).chain(self.extra.iter()).collect();
@@ -288,7 +288,7 @@ impl Run<'_> {
         };
         let sent = p.send(&streams, pages, &mut progress)?;
         self.tally.bytes += sent.bytes;
-        Ok((sent.pages, sent.zero, sent.bytes))
+        Ok(sent)
     }
 
     /// Closes the extra streams once pre-copy is over (the stop-and-copy uses the first).
@@ -298,15 +298,8 @@ impl Run<'_> {
         }
     }
 
-    fn record_pass(
-        &mut self,
-        pass: u32,
-        sent: (u64, u64, u64),
-        ms: f64,
-        dirtied: u64,
-        stop: bool,
-    ) -> PassMeasure {
-        let (pages, zero, bytes) = sent;
+    fn record_pass(&mut self, pass: u32, sent: pass::Sent, ms: f64, dirtied: u64, stop: bool) -> PassMeasure {
+        let pass::Sent { pages, zero, bytes, first_bytes } = sent;
         self.tally.pages_sent += pages - zero;
         self.tally.zero_pages += zero;
         self.tally.passes.push(PassReport {
@@ -318,7 +311,9 @@ impl Run<'_> {
             dirtied,
             stop_and_copy: stop,
         });
-        PassMeasure { pass, pages, bytes, ms, dirtied }
+        // The bandwidth that predicts the downtime is the first stream's: the stop-and-copy
+        // has only that one.
+        PassMeasure { pass, pages, bytes: first_bytes, ms, dirtied }
     }
 
     fn precopy(&mut self) -> Result<(), Error> {
@@ -372,9 +367,9 @@ impl Run<'_> {
                  pages dirtied meanwhile",
                 self.id(),
                 m.pages,
-                m.bytes,
+                sent.bytes,
                 ms,
-                if ms > 0.0 { m.bytes as f64 / ms / 1e3 } else { 0.0 },
+                if ms > 0.0 { sent.bytes as f64 / ms / 1e3 } else { 0.0 },
             );
             match decision {
                 Decision::Continue => tracing::info!("{line}"),
@@ -431,7 +426,7 @@ impl Run<'_> {
         tracing::info!(
             "migration {}: stop-and-copy: sent {} pages and {} bytes of state in {:.2} ms after the pause",
             self.id(),
-            sent.0,
+            sent.pages,
             payload.len(),
             paused_at.elapsed().as_secs_f64() * 1e3
         );
