@@ -126,7 +126,13 @@ impl Qmp {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;
         let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
-        let greeting = qmp.read_message().context("no QMP greeting")?;
+        // An incoming migration's events can come before the greeting: skip them.
+        let greeting = loop {
+            let m = qmp.read_message().context("no QMP greeting")?;
+            if m.get("event").is_none() {
+                break m;
+            }
+        };
         anyhow::ensure!(greeting.get("QMP").is_some(), "unexpected QMP greeting: {greeting}");
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
