@@ -356,10 +356,14 @@ impl Run<'_> {
             measures.push(m);
             let bw = convergence::bandwidth(&measures);
             let expected = convergence::expected_downtime_ms(dirtied, bw);
+            let (transferred, elapsed) = (self.tally.bytes, self.started.elapsed().as_millis() as u64);
             update(&self.src.status, |s| {
+                s.pass = pass;
                 s.pages_left = 0;
                 s.pages_dirty = dirtied;
                 s.expected_downtime_ms = expected;
+                s.bytes_transferred = transferred;
+                s.elapsed_ms = elapsed;
             });
             let decision = convergence::decide(&measures, self.started.elapsed(), &limits);
             let line = format!(
