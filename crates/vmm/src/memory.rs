@@ -1,7 +1,8 @@
 //! Guest memory: anonymous, lazily populated mappings laid out by [`ferry_arch::layout`].
 //!
 //! Memory is `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`: creating a 2 GiB guest costs
-//! address space, not RAM; a page is populated when the guest or the VMM first touches it.
+//! address space, not RAM; a page is populated when the guest or the VMM first touches it
+//! (2 MiB at a time where the host gives transparent huge pages).
 //! Every region carries an [`AtomicBitmap`] of the pages the VMM itself has written
 //! through `vm-memory` (loading the kernel and initrd now; device DMA later), so that a
 //! migration's dirty set can be the union of KVM's dirty log and the VMM's own writes.
