@@ -59,8 +59,9 @@ Wait for one incoming live migration and run the VM it brings, in this process.
 The source (`ferry migrate`) must prove it knows the key in --auth-key-file, and this side
 proves the same to it, before anything else is accepted. Then this VMM checks it can run the
 VM (memory, vCPUs, CPU features, MSRs, devices) and refuses it with the reason if not;
-reserves memory and vCPUs; receives memory pass after pass and finally the CPU and device
-state; restores it and answers RESTORE_OK. The vCPUs start only after the source has stopped
+reserves memory and vCPUs; receives memory pass after pass (over as many TCP streams as the
+source asks for with --streams, each opened to this same address and proving the key again)
+and finally the CPU and device state; restores it and answers RESTORE_OK. The vCPUs start only after the source has stopped
 for good and this VMM holds the VM's lock (the lock file in the VM's home directory, on
 storage both hosts share), so the VM never runs on both sides.
 
