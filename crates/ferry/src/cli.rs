@@ -97,7 +97,8 @@ Exit status: 0 only if the VM now runs on the destination.
 Examples:
   ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file /etc/ferry/migration.key
   ferry migrate --api-socket vm.sock --to tcp:127.0.0.1:7001 --auth-key-file key \\
-      --downtime-ms 50 --bandwidth-mib 500 --verify --json";
+      --downtime-ms 50 --bandwidth-mib 500 --verify --json
+  ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file key --streams 4";
 
 const CANCEL_ABOUT: &str = "\
 Cancel the migration in progress of the VM behind --api-socket. The source stops sending,
