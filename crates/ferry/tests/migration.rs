@@ -488,28 +488,13 @@ fn a_page_outside_guest_memory_aborts_that_migration() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = l.local_addr().expect("addr").port();
         std::thread::spawn(move || {
-            let (mut a, _) = l.accept().expect("accept");
-            let mut b = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let (a, _) = l.accept().expect("accept");
+            let b = TcpStream::connect(("127.0.0.1", port)).expect("connect");
             let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut b2, &mut a2);
             });
-            let mut rewritten = false;
-            while let Ok(f) = wire::read_frame(&mut a) {
-                let mut payload = f.payload;
-                if f.kind == Kind::Pages && !rewritten {
-                    let mut out = Vec::new();
-                    let page = vec![0x5a; wire::PAGE_SIZE];
-                    wire::encode_pages([(1u64 << 40, &page[..])].into_iter(), &mut out).expect("encode");
-                    payload = out;
-                    rewritten = true;
-                }
-                if wire::write_frame(&mut b, f.kind, &payload).is_err() {
-                    break;
-                }
-            }
-            let _ = b.shutdown(Shutdown::Both);
-            let _ = a.shutdown(Shutdown::Both);
+            forward_with_a_bad_first_batch(a, b);
         });
         p
     };
@@ -557,6 +542,25 @@ fn several_streams_carry_the_pages_and_memory_verifies() {
     assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
 }
 
+/// Forwards frames from `a` to `b`, replacing the first page batch with one page far
+/// outside any guest's memory; closes both when either side ends.
+fn forward_with_a_bad_first_batch(mut a: TcpStream, mut b: TcpStream) {
+    let mut rewritten = false;
+    while let Ok(f) = wire::read_frame(&mut a) {
+        let mut payload = f.payload;
+        if f.kind == Kind::Pages && !rewritten {
+            let page = vec![0x5a; wire::PAGE_SIZE];
+            wire::encode_pages([(1u64 << 40, &page[..])].into_iter(), &mut payload).expect("encode");
+            rewritten = true;
+        }
+        if wire::write_frame(&mut b, f.kind, &payload).is_err() {
+            break;
+        }
+    }
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
 /// What [`stream_proxy`] does with the source's connections after the first.
 #[derive(Clone, Copy)]
 enum ExtraStreams {
@@ -599,23 +603,7 @@ fn stream_proxy(to: u16, mode: ExtraStreams) -> u16 {
                 let _ = a2.shutdown(Shutdown::Both);
             });
             if let (ExtraStreams::BadPage, true) = (mode, i > 0) {
-                std::thread::spawn(move || {
-                    let mut rewritten = false;
-                    while let Ok(f) = wire::read_frame(&mut a) {
-                        let mut payload = f.payload;
-                        if f.kind == Kind::Pages && !rewritten {
-                            let page = vec![0x5a; wire::PAGE_SIZE];
-                            wire::encode_pages([(1u64 << 40, &page[..])].into_iter(), &mut payload)
-                                .expect("encode");
-                            rewritten = true;
-                        }
-                        if wire::write_frame(&mut b, f.kind, &payload).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = a.shutdown(Shutdown::Both);
-                    let _ = b.shutdown(Shutdown::Both);
-                });
+                std::thread::spawn(move || forward_with_a_bad_first_batch(a, b));
                 continue;
             }
             let limit = match mode {
