@@ -536,23 +536,13 @@ impl Receiver {
         loop {
             let h = self.next_header()?;
             if h.kind == Kind::Pages {
-                // Entries first, checked; then each run's data straight into guest memory.
-                let stream = self.stream()?;
-                h.read_page_entries(stream, &mut entries)?;
-                let stream = &*stream;
-                for run in entries.runs() {
-                    placer.place_run(run, stream)?;
-                }
-                pages_in_pass += entries.len() as u64;
+                pages_in_pass += receive_batch(h, self.stream()?, &mut entries, placer)?;
                 continue;
             }
             match self.read_payload(h)? {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
-                    if end.pages != pages_in_pass {
-                        return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
-                    }
-                    self.send(Kind::PassAck, &wire::PassAck { pass: end.pass, pages: end.pages })?;
+                    acknowledge_pass(self.stream()?, &end, pages_in_pass)?;
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms{}",
                         self.id(),
@@ -752,25 +742,40 @@ fn receive_stream_pages(
             Err(e) => return Err(e.into()),
         };
         if h.kind == Kind::Pages {
-            h.read_page_entries(&mut &*stream, &mut entries)?;
-            for run in entries.runs() {
-                placer.place_run(run, stream)?;
-            }
-            pages_in_pass += entries.len() as u64;
+            pages_in_pass += receive_batch(h, stream, &mut entries, placer)?;
             continue;
         }
         h.read_payload(&mut &*stream, &mut payload)?;
         let end: PassEnd = parse_json(h.kind, &payload, Kind::PassEnd, "Pages or PassEnd")?;
-        if end.pages != pages_in_pass {
-            return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
-        }
-        write_frame(
-            &mut &*stream,
-            Kind::PassAck,
-            &to_json(&wire::PassAck { pass: end.pass, pages: end.pages }),
-        )?;
+        acknowledge_pass(stream, &end, pages_in_pass)?;
         pages_in_pass = 0;
     }
+}
+
+/// Reads the `Pages` frame whose header is `h` from `stream`: its entries first, checked,
+/// then each run's data straight into guest memory. Returns the pages in it.
+fn receive_batch(
+    h: wire::Header,
+    stream: &TcpStream,
+    entries: &mut PageEntries,
+    placer: &Placer<'_>,
+) -> Result<u64, Error> {
+    h.read_page_entries(&mut &*stream, entries)?;
+    for run in entries.runs() {
+        placer.place_run(run, stream)?;
+    }
+    Ok(entries.len() as u64)
+}
+
+/// Checks a stream's `PassEnd` against the pages that came in the pass and answers it
+/// with `PassAck`.
+fn acknowledge_pass(stream: &TcpStream, end: &PassEnd, pages_in_pass: u64) -> Result<(), Error> {
+    if end.pages != pages_in_pass {
+        return Err(Error::Protocol(wire::Error::BadPages("pass page count mismatch")));
+    }
+    let ack = to_json(&wire::PassAck { pass: end.pass, pages: end.pages });
+    write_frame(&mut &*stream, Kind::PassAck, &ack)?;
+    Ok(())
 }
 
 impl Vmm {
