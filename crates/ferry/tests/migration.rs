@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
 use common::{
-    finish, free_port, info, migrate, migrate_args, migrate_bg, pass_number, receiver, require_kvm, run_to_end, s,
-    source, still_runs, wait_precopy, write_key, write_random_file, TempDir, Vm, T,
+    finish, free_port, info, migrate, migrate_args, migrate_bg, pass_number, receiver, require_kvm,
+    run_to_end, s, source, still_runs, wait_precopy, write_key, write_random_file, TempDir, Vm, T,
 };
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::protocol::{self as wire, Kind};
@@ -142,7 +142,8 @@ fn connection_cut_during_stop_and_copy_resumes_the_source() {
     let port = free_port();
     let mut dst = receiver(port, &key, None, &[]);
     // Both connections cut when the sender's State frame (the stop-and-copy) goes by.
-    let proxy = FaultProxy::start(port, Some((Trigger::first(Dir::ToDst, Kind::State, When::Before), Action::Cut)));
+    let proxy =
+        FaultProxy::start(port, Some((Trigger::first(Dir::ToDst, Kind::State, When::Before), Action::Cut)));
     let (out, r) = migrate(&sock, proxy.port, &key, &[]);
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed", "{r}");

@@ -58,8 +58,8 @@ impl Ends<'_> {
 pub fn parse(text: &str) -> Result<Vec<Event>, String> {
     let mut v = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let j: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("runs.log line {}: not JSON ({e}): {line}", i + 1))?;
+        let j: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| format!("runs.log line {}: not JSON ({e}): {line}", i + 1))?;
         let bad = |what: &str| format!("runs.log line {}: {what}: {line}", i + 1);
         if j["v"] != 1 {
             return Err(bad("v is not 1"));
@@ -70,7 +70,12 @@ pub fn parse(text: &str) -> Result<Vec<Event>, String> {
             _ => return Err(bad("event is neither run nor stop")),
         };
         let num = |k: &str| j[k].as_u64().ok_or_else(|| bad(&format!("no numeric {k}")));
-        v.push(Event { pid: num("pid")? as u32, run, generation: num("generation")?, ns: num("monotonic_ns")? });
+        v.push(Event {
+            pid: num("pid")? as u32,
+            run,
+            generation: num("generation")?,
+            ns: num("monotonic_ns")?,
+        });
     }
     Ok(v)
 }
@@ -139,19 +144,27 @@ pub fn proc_state(pid: u32) -> Option<char> {
 }
 
 /// Stops `pid` (SIGSTOP), waits until /proc shows it stopped (T), reads CLOCK_MONOTONIC,
-/// then kills it (SIGKILL). Returns the frozen time: nothing of it ran after that.
-pub fn freeze_then_kill(pid: u32) -> u64 {
-    // SAFETY: signalling a process this test started.
+/// then kills it (SIGKILL). Returns the frozen time (nothing of it ran after that), or
+/// None if it had already ended on its own (then it was not killed).
+pub fn freeze_then_kill(pid: u32) -> Option<u64> {
+    // SAFETY: signalling a process this test started (and has not reaped yet).
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while proc_state(pid) != Some('T') {
-        assert!(std::time::Instant::now() < deadline, "pid {pid} never showed state T after SIGSTOP");
+    loop {
+        match proc_state(pid) {
+            Some('T') => break,
+            None | Some('Z') | Some('X') => return None,
+            Some(other) => assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still shows state {other} 10 s after SIGSTOP"
+            ),
+        }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let at = monotonic_ns();
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    at
+    Some(at)
 }
 
 /// Checks `home/runs.log`: non-empty, parseable, no overlap, generations increasing.
