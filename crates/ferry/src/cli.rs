@@ -321,6 +321,13 @@ pub struct RestoreArgs {
     /// a restore on another host). Default: the same tap name.
     #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]
     pub tap_map: Vec<(String, String)>,
+
+    /// Restore even though the VM ran on after this checkpoint was taken (its home's
+    /// generation is newer). This turns the VM back to the checkpoint: use it only when the
+    /// VM's disks match the checkpoint too (restored from the same moment), or the guest
+    /// will see older memory against newer disks. Without it such a restore is refused.
+    #[arg(long)]
+    pub revert: bool,
 }
 
 /// The API socket of the VM to act on.
