@@ -312,6 +312,9 @@ impl Vmm {
         if self.home_is_default && !handed_on && self.home.is_held() {
             self.home.remove();
         }
+        // A VMM that ends on its own lets go cleanly: the record says it did not die holding
+        // the lock.
+        self.home.release();
         outcome
     }
 
