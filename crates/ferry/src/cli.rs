@@ -51,6 +51,34 @@ pub enum Command {
     /// Cancel a VM's migration in progress; the VM keeps running where it is.
     #[command(long_about = CANCEL_ABOUT)]
     MigrateCancel(SocketArgs),
+    /// Show a VM home: which VM it is, its generation, and who holds its lock.
+    #[command(long_about = HOME_ABOUT)]
+    Home(HomeArgs),
+}
+
+const HOME_ABOUT: &str = "\
+Show a VM home: which VM it is, its generation, and who holds its lock (host, process,
+since when, the migration that brought the VM there), without taking the lock.
+
+A VM's home directory is the arbiter of where it runs: only the process holding the lock
+on its vm.lock file may run the VM, and only from its newest state. Whoever starts or
+resumes the VM raises its generation (vm.generation) first; a checkpoint or a migration's
+state may run only while its generation is still the current one. runs.log records every
+start and stop of the VM's vCPUs, from every process that ran it.
+
+Example:
+  ferry home /var/lib/ferry/vms/web1
+  ferry home /var/lib/ferry/vms/web1 --json";
+
+/// Arguments of `ferry home`.
+#[derive(Debug, Args)]
+pub struct HomeArgs {
+    /// The VM's home directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const RECEIVE_ABOUT: &str = "\
@@ -321,6 +349,13 @@ pub struct RestoreArgs {
     /// a restore on another host). Default: the same tap name.
     #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]
     pub tap_map: Vec<(String, String)>,
+
+    /// Restore even though the VM ran on after this checkpoint was taken (its home's
+    /// generation is newer). This turns the VM back to the checkpoint: use it only when the
+    /// VM's disks match the checkpoint too (restored from the same moment), or the guest
+    /// will see older memory against newer disks. Without it such a restore is refused.
+    #[arg(long)]
+    pub revert: bool,
 }
 
 /// The API socket of the VM to act on.

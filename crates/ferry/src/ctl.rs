@@ -7,7 +7,7 @@ use anyhow::bail;
 use ferry_api::client::send;
 use ferry_api::{Request, Response, SnapshotRequest};
 
-use crate::cli::{InfoArgs, SnapshotArgs, SocketArgs};
+use crate::cli::{HomeArgs, InfoArgs, SnapshotArgs, SocketArgs};
 
 const QUICK: Duration = Duration::from_secs(30);
 /// A snapshot writes all of guest memory.
@@ -96,6 +96,40 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
             "VM:         {}",
             if report.stopped { "suspended (its VMM has exited)" } else { "running as before" }
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry home DIR`: the home's identity, generation and lock holder.
+pub fn home(args: HomeArgs) -> anyhow::Result<ExitCode> {
+    let status = ferry_vmm::home::status(&args.dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("home:       {}", status.home.display());
+    match &status.generation {
+        Some(g) => {
+            println!("vm:         {}", g.vm_uuid);
+            println!("generation: {}", g.generation);
+        }
+        None => println!("vm:         none (not a VM home yet)"),
+    }
+    let since = |ms: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        format!("{:.1} s ago", now.saturating_sub(ms) as f64 / 1e3)
+    };
+    match (&status.lock, status.locked) {
+        (Some(l), true) => println!("lock:       held by {l}, since {}", since(l.since_unix_ms)),
+        (Some(l), false) if l.held => {
+            println!("lock:       free; the last holder ({l}) ended without releasing it (it died)")
+        }
+        (Some(l), false) => println!("lock:       free; released by its last holder ({l})"),
+        (None, true) => println!("lock:       held (holder unknown)"),
+        (None, false) => println!("lock:       free"),
     }
     Ok(ExitCode::SUCCESS)
 }

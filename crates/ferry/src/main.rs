@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         cli::Command::Receive(args) => run::receive(args, started_ns),
         cli::Command::Migrate(args) => migrate::migrate(args),
         cli::Command::MigrateCancel(args) => migrate::cancel(args),
+        cli::Command::Home(args) => ctl::home(args),
     };
     match result {
         Ok(code) => code,

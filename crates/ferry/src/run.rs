@@ -46,6 +46,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         started_ns,
         api_socket: args.api_socket,
         home: args.home,
+        state_dir: state_dir(),
         disks: args.disks,
         nets: args.nets,
     };
@@ -59,8 +60,10 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         serial: args.serial,
         api_socket: args.api_socket,
         home: args.home,
+        state_dir: state_dir(),
         started_ns,
         tap_map: args.tap_map,
+        revert: args.revert,
     };
     let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;
     finish(vmm.run()?)
@@ -85,6 +88,13 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {}", args.listen))),
     };
     finish(vmm.run()?)
+}
+
+/// Where default VM homes go: `$FERRY_STATE_DIR`, or /var/lib/ferry.
+fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("FERRY_STATE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ferry_vmm::home::DEFAULT_STATE_DIR.into())
 }
 
 fn finish(outcome: RunOutcome) -> anyhow::Result<ExitCode> {

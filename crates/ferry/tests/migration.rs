@@ -64,8 +64,12 @@ fn there_and_back_with_verification_and_the_guest_never_notices() {
     assert!(dst_log.contains(&format!("migration {id}: restored (RESTORE_OK)")), "{dst_log}");
     assert!(dst_log.contains(&format!("migration {id}: memory verified")), "{dst_log}");
     // The lock moved: the destination names itself and this migration in it.
-    let lock = std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock file");
-    assert!(lock.contains(&format!("(migration {id})")), "{lock}");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock file"))
+            .expect("lock record");
+    assert_eq!(lock["migration_id"], id.as_str(), "{lock}");
+    assert_eq!(lock["pid"], dst.child.id(), "{lock}");
+    assert_eq!(lock["held"], true, "{lock}");
     assert_eq!(info(&dst_sock)["home"], s(&dir.path("home")));
 
     // And back: the destination is a full VMM that can migrate on.
@@ -173,8 +177,11 @@ fn restore_failure_on_the_destination_rolls_back() {
     still_runs(&mut src, &sock);
     dst.wait_stderr(T, "waiting for another migration");
     // The lock never left the source.
-    let lock = std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock");
-    assert!(!lock.contains("migration"), "{lock}");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock"))
+            .expect("lock record");
+    assert_eq!(lock["migration_id"], serde_json::Value::Null, "{lock}");
+    assert_eq!(lock["pid"], src.child.id(), "{lock}");
 }
 
 #[test]

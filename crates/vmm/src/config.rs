@@ -118,8 +118,10 @@ pub struct VmConfig {
     pub started_ns: u64,
     /// Serve the API on this unix socket.
     pub api_socket: Option<PathBuf>,
-    /// The VM's home directory (its lock); `None` makes one under the state root.
+    /// The VM's home directory (its lock); `None` makes one under `state_dir`.
     pub home: Option<PathBuf>,
+    /// Where default homes go (`<state_dir>/vms/<id>`).
+    pub state_dir: PathBuf,
     /// Disk images, one virtio-blk device each, in order.
     pub disks: Vec<crate::disk::DiskConfig>,
     /// NICs on tap devices, one virtio-net device each, after the disks.

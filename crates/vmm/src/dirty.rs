@@ -148,6 +148,7 @@ mod tests {
             started_ns: 0,
             api_socket: None,
             home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
+            state_dir: std::env::temp_dir(),
             disks: Vec::new(),
             nets: Vec::new(),
         })
@@ -155,7 +156,7 @@ mod tests {
         let log = vmm.dirty_log();
         log.start().expect("start");
         let mut vmm = vmm;
-        vmm.resume_vcpus();
+        vmm.resume_vcpus().expect("resume");
         std::thread::sleep(std::time::Duration::from_millis(1500));
         vmm.pause_vcpus().expect("pause");
         // A VMM write (as a device would do) at 40 MiB, far from the guest's working set.

@@ -159,6 +159,20 @@ pub enum Error {
     /// The VMM does not hold the VM's lock, so it must not run the VM.
     #[error("VM home {0} is not locked by this VMM: refusing to start the vCPUs")]
     NotLocked(PathBuf),
+    /// The state this VMM holds is older than the VM's current generation: the VM ran on
+    /// past it, so running it would bring back a stale VM.
+    #[error(
+        "refusing to run a stale copy of the VM in {home}: its state is of generation {state}, but the VM \
+         has run on since (generation {current:?})"
+    )]
+    Stale {
+        /// The VM's home.
+        home: PathBuf,
+        /// The generation of the state held here.
+        state: u64,
+        /// The home's current generation.
+        current: Option<u64>,
+    },
 }
 
 fn efd(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -238,14 +252,30 @@ pub struct Vmm {
     last_migration: Option<ferry_api::MigrationInfo>,
     /// On a migration destination: the connection to tell the source the VM runs.
     activation: Option<migration::Activation>,
+    /// The generation of the state this VMM was built from (a checkpoint or a migration's
+    /// State): it may run only while that is still the home's generation. `None` for a VM
+    /// booted afresh, or restored with `--revert`.
+    state_generation: Option<u64>,
+    /// Whether `runs.log` shows the vCPUs running (a `run` without its `stop`).
+    run_recorded: bool,
+    /// The migration that brought the VM here, for the run records.
+    migrated_in: Option<String>,
 }
 
-/// Locks `requested` or a new default home; returns it and whether it is a default one.
-fn lock_home(requested: Option<&std::path::Path>) -> Result<(home::VmHome, bool), Error> {
-    match requested {
-        Some(dir) => Ok((home::VmHome::lock(dir)?, false)),
-        None => Ok((home::VmHome::lock(&home::default_home(&new_vm_id()))?, true)),
-    }
+/// Locks `requested` or a new default home under `state_dir`; returns it and whether it is
+/// a default one. For a VM booted from its definition (`boot`), a home without identity
+/// gets one; a restore gives it the checkpoint's instead.
+fn lock_home(
+    requested: Option<&std::path::Path>,
+    state_dir: &std::path::Path,
+    boot: bool,
+) -> Result<(home::VmHome, bool), Error> {
+    let (dir, is_default) = match requested {
+        Some(dir) => (dir.to_owned(), false),
+        None => (home::default_home(state_dir, &new_vm_id()), true),
+    };
+    let home = if boot { home::VmHome::lock_for_boot(&dir)? } else { home::VmHome::lock(&dir)? };
+    Ok((home, is_default))
 }
 
 /// Starts one thread per vCPU; the threads wait in `Created` until [`Vmm::run`] lets them
@@ -333,7 +363,7 @@ impl Vmm {
         let host = open_host()?;
         config.validate(host.max_vcpus)?;
         // The VM runs in one VMM only: take its home's lock before anything else.
-        let (home, home_is_default) = lock_home(config.home.as_deref())?;
+        let (home, home_is_default) = lock_home(config.home.as_deref(), &config.state_dir, true)?;
         // Checked above: 1..=255.
         let vcpu_count = config.vcpus as u8;
 
@@ -454,6 +484,9 @@ impl Vmm {
             migration: None,
             last_migration: None,
             activation: None,
+            state_generation: None,
+            run_recorded: false,
+            migrated_in: None,
         })
     }
 

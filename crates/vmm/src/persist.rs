@@ -64,6 +64,13 @@ pub struct VmSnapshot {
     /// devices stage, which read as an empty list).
     #[serde(default)]
     pub virtio: Vec<crate::virtio::VirtioState>,
+    /// The VM's UUID (from its home; absent in checkpoints of Ferry before generations).
+    #[serde(default)]
+    pub vm_uuid: Option<String>,
+    /// The VM's generation when the state was taken: the state may run only while that is
+    /// still the home's generation (absent before generations).
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 /// Why a snapshot failed. The VM is left as it was.
@@ -122,6 +129,58 @@ pub enum RestoreError {
     /// KVM refused a saved state.
     #[error("cannot restore the vCPU and device state")]
     State(#[from] ferry_arch::state::Error),
+    /// The VM ran on past the checkpoint.
+    #[error(
+        "the checkpoint is of generation {checkpoint}, but the VM in {home} has run on since (generation \
+         {current}): restoring it would bring back an older VM; if that is what you want, and the VM's \
+         disks match the checkpoint, restore with --revert"
+    )]
+    Stale {
+        /// The home.
+        home: PathBuf,
+        /// The checkpoint's generation.
+        checkpoint: u64,
+        /// The home's.
+        current: u64,
+    },
+    /// The home's generation is older than the checkpoint's: it is not the home the
+    /// checkpoint was taken in (a copy, or a backup put back).
+    #[error(
+        "the VM home {home} is at generation {current}, older than the checkpoint's {checkpoint}: it is not the \
+         home this checkpoint was taken in; restore with --revert to use it anyway"
+    )]
+    HomeBehind {
+        /// The home.
+        home: PathBuf,
+        /// The checkpoint's generation.
+        checkpoint: u64,
+        /// The home's.
+        current: u64,
+    },
+    /// The checkpoint has no generation (an older Ferry wrote it) and the home has one.
+    #[error(
+        "the checkpoint was written by a Ferry without generations, and the VM in {home} is at generation \
+         {current}: Ferry cannot tell whether the VM ran on since; restore with --revert if it did not"
+    )]
+    Unversioned {
+        /// The home.
+        home: PathBuf,
+        /// The home's generation.
+        current: u64,
+    },
+    /// The home belongs to another VM.
+    #[error("the VM home {home} belongs to VM {home_vm}, not to the checkpoint's VM {checkpoint_vm}")]
+    OtherVm {
+        /// The home.
+        home: PathBuf,
+        /// Its VM.
+        home_vm: String,
+        /// The checkpoint's VM.
+        checkpoint_vm: String,
+    },
+    /// The home's identity or generation cannot be read or written.
+    #[error(transparent)]
+    Home(#[from] crate::home::Error),
 }
 
 /// What `ferry restore` needs.
@@ -135,10 +194,15 @@ pub struct RestoreConfig {
     pub api_socket: Option<PathBuf>,
     /// The VM's home; `None` means the one the checkpoint names, or a new default one.
     pub home: Option<PathBuf>,
+    /// Where default homes go.
+    pub state_dir: PathBuf,
     /// `CLOCK_MONOTONIC` ns at process start.
     pub started_ns: u64,
     /// Taps to use instead of the checkpoint's: `(name then, name now)`.
     pub tap_map: Vec<(String, String)>,
+    /// Restore even if the VM ran on past the checkpoint (the operator vouches that the
+    /// disks match it).
+    pub revert: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -186,15 +250,49 @@ impl Vmm {
             v.wait_for(RunState::Paused, PAUSE_TIMEOUT)?;
         }
         self.state = VmRunState::Paused;
+        self.record_stop();
         Ok(())
     }
 
-    /// Lets every vCPU run again.
-    pub(crate) fn resume_vcpus(&mut self) {
+    /// Lets every vCPU run again, after raising the VM's generation (durably, under its
+    /// lock): from now on no state taken before this moment may run. If the generation
+    /// cannot be raised the VM stays paused.
+    pub(crate) fn resume_vcpus(&mut self) -> Result<(), Error> {
+        self.start_generation()?;
         for v in &self.vcpus {
             v.request(VcpuRequest::Run);
         }
         self.state = VmRunState::Running;
+        Ok(())
+    }
+
+    /// Before any vCPU runs: the lock must be held, the state this VMM holds must still be
+    /// the newest, and the generation is raised and the start recorded.
+    pub(crate) fn start_generation(&mut self) -> Result<u64, Error> {
+        if !self.home.is_held() {
+            return Err(Error::NotLocked(self.home.dir().to_owned()));
+        }
+        if let Some(state) = self.state_generation {
+            let current = self.home.generation();
+            if current != Some(state) {
+                return Err(Error::Stale { home: self.home.dir().to_owned(), state, current });
+            }
+        }
+        let generation = self.home.raise_generation()?;
+        // The state this VMM held is now older than the VM: only this VMM's own, running
+        // on, may go further.
+        self.state_generation = None;
+        self.home.record_run(crate::home::RunEvent::Run, self.migrated_in.as_deref());
+        self.run_recorded = true;
+        Ok(generation)
+    }
+
+    /// Records in the home that the vCPUs have stopped (once per start).
+    pub(crate) fn record_stop(&mut self) {
+        if self.run_recorded {
+            self.home.record_run(crate::home::RunEvent::Stop, self.migrated_in.as_deref());
+            self.run_recorded = false;
+        }
     }
 
     /// Captures the whole VM's state. The vCPUs must be paused.
@@ -217,6 +315,8 @@ impl Vmm {
             serial,
             home: Some(self.home.dir().to_owned()),
             virtio: self.devices.virtio.save(),
+            vm_uuid: self.home.vm_uuid().map(str::to_owned),
+            generation: self.home.generation(),
         })
     }
 
@@ -229,14 +329,24 @@ impl Vmm {
         let was_running = self.state == VmRunState::Running;
         if was_running {
             if let Err(e) = self.pause_vcpus() {
-                self.resume_vcpus();
+                if let Err(r) = self.resume_vcpus() {
+                    tracing::error!(
+                        "the VM cannot resume and stays paused: {}",
+                        crate::migration::error_chain(&r)
+                    );
+                }
                 return Err(e.into());
             }
         }
         let paused_at = Instant::now();
         let result = self.write_checkpoint(&dir);
         if (result.is_err() || !request.stop) && was_running {
-            self.resume_vcpus();
+            if let Err(e) = self.resume_vcpus() {
+                tracing::error!(
+                    "after the snapshot the VM cannot resume and stays paused: {}",
+                    crate::migration::error_chain(&e)
+                );
+            }
         }
         let paused_ms = if was_running { paused_at.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
         match result {
@@ -294,7 +404,13 @@ impl Vmm {
         let snap: VmSnapshot = read_state_file(dir).map_err(RestoreError::from)?;
         let host = open_host()?;
         check_consistent(&snap, host.max_vcpus)?;
-        let (home, home_is_default) = crate::lock_home(config.home.as_deref().or(snap.home.as_deref()))?;
+        let target = config.home.as_deref().or(snap.home.as_deref());
+        let (mut home, home_is_default) = crate::lock_home(target, &config.state_dir, false)?;
+        let same_home = match (target, &snap.home) {
+            (Some(t), Some(h)) => same_dir(t, h),
+            _ => false,
+        };
+        let state_generation = adopt_checkpoint(&mut home, &snap, same_home, config.revert)?;
 
         // CPU features, before anything is created.
         for (i, v) in snap.vcpus.iter().enumerate() {
@@ -328,6 +444,7 @@ impl Vmm {
             signals,
             opened,
             backends,
+            state_generation,
         })
     }
 
@@ -383,7 +500,67 @@ impl Vmm {
             migration: None,
             last_migration: None,
             activation: None,
+            state_generation: p.state_generation,
+            run_recorded: false,
+            migrated_in: None,
         })
+    }
+}
+
+/// Whether two paths name the same directory (or, if either does not exist, the same path).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Applies the generation rule to a checkpoint about to be restored into `home` (locked):
+/// returns the generation the restored VM may run at (`None`: any, after `--revert`).
+///
+/// - A home without identity (new, or the checkpoint's own whose files went) takes the
+///   checkpoint's identity if it is the checkpoint's own home, else a new one (a clone).
+/// - Otherwise the checkpoint must be of the home's VM and of its current generation: an
+///   older one means the VM ran on past it, which only `--revert` accepts.
+fn adopt_checkpoint(
+    home: &mut crate::home::VmHome,
+    snap: &VmSnapshot,
+    same_home: bool,
+    revert: bool,
+) -> Result<Option<u64>, RestoreError> {
+    let Some(record) = home.record().cloned() else {
+        let uuid = snap.vm_uuid.clone().filter(|_| same_home).unwrap_or_else(crate::home::new_uuid);
+        let generation = snap.generation.unwrap_or(0);
+        home.init_identity(uuid, generation)?;
+        return Ok(Some(generation));
+    };
+    if let Some(vm) = &snap.vm_uuid {
+        if *vm != record.vm_uuid {
+            return Err(RestoreError::OtherVm {
+                home: home.dir().to_owned(),
+                home_vm: record.vm_uuid,
+                checkpoint_vm: vm.clone(),
+            });
+        }
+    }
+    let current = record.generation;
+    match snap.generation {
+        Some(g) if g == current => Ok(Some(g)),
+        _ if revert => {
+            tracing::warn!(
+                "restoring a checkpoint of generation {:?} over generation {current} of {} (--revert)",
+                snap.generation,
+                home.dir().display()
+            );
+            Ok(None)
+        }
+        Some(checkpoint) if checkpoint < current => {
+            Err(RestoreError::Stale { home: home.dir().to_owned(), checkpoint, current })
+        }
+        Some(checkpoint) => {
+            Err(RestoreError::HomeBehind { home: home.dir().to_owned(), checkpoint, current })
+        }
+        None => Err(RestoreError::Unversioned { home: home.dir().to_owned(), current }),
     }
 }
 
@@ -405,6 +582,8 @@ pub(crate) struct Parts {
     pub opened: crate::virtio::Opened,
     /// `snap.virtio`'s backends as they are named on this host (taps may differ).
     pub backends: Vec<crate::virtio::Backend>,
+    /// The generation the restored VM may run at (see [`Vmm::start_generation`]).
+    pub state_generation: Option<u64>,
 }
 
 /// Checks the parts of a state that must agree with each other.

@@ -124,9 +124,13 @@ impl Vmm {
             .signals
             .take()
             .ok_or_else(|| Error::EventLoop(std::io::Error::other("the VM has already been run")))?;
-        // The invariant that keeps a VM from running twice: no vCPU starts without the lock.
-        if !self.home.is_held() {
-            return Err(Error::NotLocked(self.home.dir().to_owned()));
+        // The invariant that keeps a VM from running twice, or from an old state: no vCPU
+        // starts without the lock, nor from a state older than the VM's generation, and the
+        // generation is raised (durably) before any does.
+        self.migrated_in = self.activation.as_ref().map(|a| a.id.clone());
+        if let Err(e) = self.start_generation() {
+            self.shutdown();
+            return Err(e);
         }
         let epoll = Epoll::new().map_err(Error::EventLoop)?;
         let add = |fd: RawFd, token: u64| {
@@ -306,11 +310,11 @@ impl Vmm {
             Ok(RunOutcome::Suspended) | Ok(RunOutcome::Migrated) | Err(Error::MigrationLost(_))
         );
         if self.home_is_default && !handed_on && self.home.is_held() {
-            let dir = self.home.dir().to_owned();
-            self.home.release();
-            let _ = std::fs::remove_file(dir.join(crate::home::LOCK_FILE));
-            let _ = std::fs::remove_dir(&dir);
+            self.home.remove();
         }
+        // A VMM that ends on its own lets go cleanly: the record says it did not die holding
+        // the lock.
+        self.home.release();
         outcome
     }
 
@@ -322,10 +326,15 @@ impl Vmm {
         reply: std::sync::mpsc::Sender<Result<Response, ApiError>>,
     ) -> Option<Result<RunOutcome, Error>> {
         if let Some(id) = self.migrating() {
-            if matches!(request, ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(_)) {
+            if matches!(request, ApiRequest::Snapshot(_)) {
                 let _ = reply.send(Err(ApiError::conflict(format!(
                     "migration {id} is in progress; cancel it first (ferry migrate-cancel)"
                 ))));
+                return None;
+            }
+            if matches!(request, ApiRequest::Pause | ApiRequest::Resume) {
+                // Refused, or carried out after the migration has rolled back.
+                self.defer_until_rolled_back(request, reply);
                 return None;
             }
         }
@@ -341,7 +350,9 @@ impl Vmm {
                             Ok(Response::Done)
                         }
                         Err(e) => {
-                            self.resume_vcpus();
+                            if let Err(r) = self.resume_vcpus() {
+                                tracing::error!("the VM cannot resume and stays paused: {}", error_chain(&r));
+                            }
                             Err(ApiError::internal(format!("cannot pause the VM: {e}")))
                         }
                     }
@@ -351,9 +362,16 @@ impl Vmm {
                 if self.state == VmRunState::Running {
                     Err(ApiError::conflict("the VM is not paused"))
                 } else {
-                    self.resume_vcpus();
-                    tracing::info!("VM resumed");
-                    Ok(Response::Done)
+                    match self.resume_vcpus() {
+                        Ok(()) => {
+                            tracing::info!("VM resumed");
+                            Ok(Response::Done)
+                        }
+                        Err(e) => Err(ApiError::internal(format!(
+                            "cannot resume the VM; it stays paused: {}",
+                            error_chain(&e)
+                        ))),
+                    }
                 }
             }
             ApiRequest::Snapshot(req) => match self.snapshot(&req) {
@@ -462,6 +480,7 @@ impl Vmm {
         for v in self.vcpus.drain(..) {
             v.stop();
         }
+        self.record_stop();
         tracing::debug!("vCPUs stopped in {} us", (monotonic_ns() - started) / 1000);
     }
 }

@@ -61,6 +61,10 @@ pub struct MigrationConfig {
     pub virtio: Vec<crate::virtio::Backend>,
     /// The VM's home directory (on storage both hosts share); its lock moves with the VM.
     pub home: PathBuf,
+    /// The identity of the VM's lock: the destination refuses the VM unless the home it
+    /// would lock is this one (not a copy, not another VM's). Absent from older sources.
+    #[serde(default)]
+    pub lock: Option<crate::home::LockIdentity>,
     /// Whether Ferry made the home (then whoever runs the VM last removes it).
     pub home_is_default: bool,
     /// Both sides hash guest memory at the switchover.
@@ -139,6 +143,17 @@ pub enum Error {
     Memory {
         /// Guest-physical address.
         addr: u64,
+    },
+    /// The state received is older than the VM's generation: the VM ran on past it.
+    #[error(
+        "the state received is of generation {state}, but the VM has run on since (generation {current:?}): \
+         this copy is stale and must not run"
+    )]
+    Stale {
+        /// The state's generation.
+        state: u64,
+        /// The home's.
+        current: Option<u64>,
     },
     /// The process was asked to stop.
     #[error("interrupted by signal {0}")]
@@ -306,8 +321,9 @@ pub(crate) enum Call {
     Commit(Sender<Result<(), String>>),
     /// The destination did not confirm activation: take the lock back, then the disks'.
     Reclaim(Sender<Reclaimed>),
-    /// Let the vCPUs run again (rollback).
-    Resume(Sender<()>),
+    /// Raise the generation and let the vCPUs run again (rollback); the error says why
+    /// they cannot.
+    Resume(Sender<Result<(), String>>),
     /// The migration has ended.
     Finished(Box<MigrationReport>),
 }
@@ -315,8 +331,20 @@ pub(crate) enum Call {
 /// What taking the VM back after a commit found.
 #[derive(Debug)]
 pub(crate) enum Reclaimed {
-    /// The VM's lock is this VMM's again (and its disks'); what the lock file said before.
-    Lock(String),
+    /// The VM's lock (and its disks') is this VMM's again and the generation is still the
+    /// one of the state sent: nobody ran the VM since, so it may resume here.
+    Ours,
+    /// The lock was free but the generation moved on: the destination ran the VM (and has
+    /// since died or let go). The state here is stale and must never run; the lock is
+    /// released again. The lock record as found.
+    RanOn {
+        /// The home's generation.
+        current: Option<u64>,
+        /// The state's.
+        state: Option<u64>,
+        /// Who held the lock last.
+        last_holder: Option<crate::home::LockRecord>,
+    },
     /// Someone holds the VM's lock: why it cannot be taken.
     Held(String),
     /// The VM's lock is back, but a disk's is held by someone else: the VM must not run.
@@ -360,6 +388,14 @@ pub(crate) struct Outgoing {
     status: Status,
     cancel: Arc<AtomicBool>,
     committed: bool,
+    /// The generation of the state sent in the stop-and-copy (set once saved).
+    state_generation: Option<u64>,
+    /// Whether the state has been saved and is being sent: a pause or resume request now
+    /// cancels the migration first (see [`Vmm::defer_until_rolled_back`]).
+    state_taken: bool,
+    /// Pause and resume requests that arrived after the state was taken: carried out once
+    /// the migration has rolled back.
+    deferred: Vec<(ferry_api::Request, Sender<Result<Response, ApiError>>)>,
     reply: Sender<Result<Response, ApiError>>,
     inbox: Receiver<Call>,
     /// Registered with the run loop's epoll.
@@ -452,6 +488,15 @@ impl Vmm {
             devices: DEVICES.iter().map(|d| d.to_string()).chain(self.devices.virtio.names()).collect(),
             virtio: self.devices.virtio.backends(),
             home: self.home.dir().to_owned(),
+            lock: match crate::home::lock_identity(self.home.dir()) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    return Err((
+                        ApiError::internal(format!("cannot name the VM's lock: {}", error_chain(&e))),
+                        reply,
+                    ))
+                }
+            },
             home_is_default: self.home_is_default,
             verify: req.verify,
             streams: req.streams,
@@ -472,7 +517,18 @@ impl Vmm {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
         }
         tracing::info!("migration {id}: started");
-        self.migration = Some(Outgoing { id, status, cancel, committed: false, reply, inbox, wake });
+        self.migration = Some(Outgoing {
+            id,
+            status,
+            cancel,
+            committed: false,
+            state_generation: None,
+            state_taken: false,
+            deferred: Vec::new(),
+            reply,
+            inbox,
+            wake,
+        });
         Ok(())
     }
 
@@ -521,7 +577,10 @@ impl Vmm {
                         Ok(()) => {
                             let paused = t.elapsed();
                             let r = self.save_state().map(Box::new).map_err(|e| error_chain(&e));
-                            if let Some(m) = &self.migration {
+                            let generation = self.home.generation();
+                            if let Some(m) = &mut self.migration {
+                                m.state_generation = generation;
+                                m.state_taken = true;
                                 tracing::info!(
                                     "migration {}: vCPUs paused in {:.3} ms; state saved in {:.3} ms",
                                     m.id,
@@ -555,23 +614,20 @@ impl Vmm {
                     let _ = tx.send(Ok(()));
                 }
                 Call::Reclaim(tx) => {
-                    let r = match self.home.acquire(None) {
-                        Err(e) => Reclaimed::Held(error_chain(&e)),
-                        Ok(previous) => match self.devices.virtio.lock_disks() {
-                            Ok(()) => Reclaimed::Lock(previous),
-                            Err(e) => Reclaimed::DiskHeld(error_chain(&e)),
-                        },
-                    };
+                    let state = self.migration.as_ref().and_then(|m| m.state_generation);
+                    let r = self.reclaim(state);
                     if let Some(m) = &mut self.migration {
                         m.committed = false;
                     }
                     let _ = tx.send(r);
                 }
                 Call::Resume(tx) => {
-                    if self.state == VmRunState::Paused {
-                        self.resume_vcpus();
-                    }
-                    let _ = tx.send(());
+                    let r = if self.state == VmRunState::Paused {
+                        self.resume_vcpus().map_err(|e| error_chain(&e))
+                    } else {
+                        Ok(())
+                    };
+                    let _ = tx.send(r);
                 }
                 Call::Finished(report) => {
                     let Some(m) = self.migration.take() else { continue };
@@ -583,14 +639,116 @@ impl Vmm {
                     let reason = report.reason.clone();
                     let _ = m.reply.send(Ok(Response::Migration(*report)));
                     match location {
-                        VmLocation::Destination => return Next::Migrated,
-                        VmLocation::Nowhere => return Next::Lost(reason),
-                        VmLocation::Source => {}
+                        VmLocation::Destination | VmLocation::Nowhere => {
+                            for (_, reply) in m.deferred {
+                                let _ = reply.send(Err(ApiError::conflict(format!(
+                                    "migration {} ended with the VM no longer here: {reason}",
+                                    m.id
+                                ))));
+                            }
+                            return if location == VmLocation::Destination {
+                                Next::Migrated
+                            } else {
+                                Next::Lost(reason)
+                            };
+                        }
+                        VmLocation::Source => {
+                            // The rollback resumed the VM; now what was asked meanwhile.
+                            for (request, reply) in m.deferred {
+                                self.handle_deferred(request, reply);
+                            }
+                        }
                     }
                 }
             }
         }
         Next::Continue
+    }
+
+    /// After a commit whose activation was not confirmed: takes the VM's lock and its
+    /// disks' back if nobody ran the VM past `state` (the generation of the state sent).
+    fn reclaim(&mut self, state: Option<u64>) -> Reclaimed {
+        let last_holder = match self.home.acquire(None) {
+            Err(e) => return Reclaimed::Held(error_chain(&e)),
+            Ok(previous) => previous,
+        };
+        let current = self.home.generation();
+        if current != state {
+            // The destination raised the generation: it ran the VM. Never resume this copy.
+            self.home.release();
+            return Reclaimed::RanOn { current, state, last_holder };
+        }
+        match self.devices.virtio.lock_disks() {
+            Ok(()) => Reclaimed::Ours,
+            Err(e) => Reclaimed::DiskHeld(error_chain(&e)),
+        }
+    }
+
+    /// A pause or resume that arrives while a migration is in progress. Before the state is
+    /// taken it is refused (cancel the migration first); once the state has been taken (the
+    /// stop-and-copy or later, before the commit) it cancels the migration, and is carried
+    /// out once the VM has rolled back, so that nothing resumes the VM behind the
+    /// migration's back; after the commit it is refused.
+    pub(crate) fn defer_until_rolled_back(
+        &mut self,
+        request: ferry_api::Request,
+        reply: Sender<Result<Response, ApiError>>,
+    ) {
+        let Some(m) = &mut self.migration else {
+            return self.handle_deferred(request, reply);
+        };
+        if m.committed {
+            let _ = reply.send(Err(ApiError::conflict(format!(
+                "migration {} has committed: the VM is moving to the destination",
+                m.id
+            ))));
+            return;
+        }
+        if !m.state_taken {
+            let _ = reply.send(Err(ApiError::conflict(format!(
+                "migration {} is in progress; cancel it first (ferry migrate-cancel)",
+                m.id
+            ))));
+            return;
+        }
+        tracing::info!(
+            "migration {}: a {} request cancels the migration; carried out once the VM has rolled back",
+            m.id,
+            match request {
+                ferry_api::Request::Pause => "pause",
+                _ => "resume",
+            }
+        );
+        if let Err(e) = self.cancel_migration() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(m) = &mut self.migration {
+            m.deferred.push((request, reply));
+        }
+    }
+
+    /// Carries out a pause or resume deferred by [`Vmm::defer_until_rolled_back`].
+    fn handle_deferred(&mut self, request: ferry_api::Request, reply: Sender<Result<Response, ApiError>>) {
+        let answer = match request {
+            ferry_api::Request::Pause if self.state == VmRunState::Paused => Ok(Response::Done),
+            ferry_api::Request::Pause => match self.pause_vcpus() {
+                Ok(()) => {
+                    tracing::info!("VM paused");
+                    Ok(Response::Done)
+                }
+                Err(e) => Err(ApiError::internal(format!("cannot pause the VM: {e}"))),
+            },
+            _ if self.state == VmRunState::Running => Ok(Response::Done),
+            _ => match self.resume_vcpus() {
+                Ok(()) => Ok(Response::Done),
+                Err(e) => Err(ApiError::internal(format!(
+                    "cannot resume the VM; it stays paused: {}",
+                    error_chain(&e)
+                ))),
+            },
+        };
+        let _ = reply.send(answer);
     }
 
     /// Ends an outgoing migration because the VM itself is ending (power-off, signal).

@@ -325,6 +325,9 @@ impl Receiver {
             }
         }
         check_config(&cfg, &host).map_err(Error::Check)?;
+        // Both sides must lock the same VM, not only the same kind of VM.
+        let home_dir = config.home.clone().unwrap_or_else(|| cfg.home.clone());
+        check_lock(&cfg, &home_dir, config.home.is_some()).map_err(Error::Check)?;
         // The disks and taps exist and can be opened here (the disks' locks come at the
         // switchover).
         let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
@@ -342,6 +345,10 @@ impl Receiver {
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(listener, key, &id, cfg.streams)?;
         let snap = self.receive_memory(&mem, &extra)?;
+        // From here on this side holds the VM's whole state. If the connection breaks now the
+        // source may have died, and this may be the only copy: the lock (free only if the
+        // source let the VM go or died) and the generation decide, not the connection.
+        let mut orphaned: Option<String> = None;
         let restore = |why: String| Error::RestoreFailed(why);
         let snap_virtio: Vec<crate::virtio::Backend> =
             snap.virtio.iter().map(|v| v.backend.clone()).collect();
@@ -357,17 +364,24 @@ impl Receiver {
         if cfg.verify {
             // Hashed here while the source hashes its side: the two run at the same time.
             let mine = memory_crcs(&mem, verify_chunk(cfg.description.memory));
-            let v: wire::Verify = self.expect(Kind::Verify, "Verify")?;
-            if let Err(why) = compare_memory(&mine, cfg.description.memory, &v) {
-                return self.refuse_restore(Error::Verify(why));
+            match self.expect::<wire::Verify>(Kind::Verify, "Verify") {
+                Ok(v) => {
+                    if let Err(why) = compare_memory(&mine, cfg.description.memory, &v) {
+                        return self.refuse_restore(Error::Verify(why));
+                    }
+                    tracing::info!("migration {id}: memory verified ({} chunks agree)", v.crcs.len());
+                }
+                Err(Error::Protocol(wire::Error::Io(e))) => {
+                    orphaned = Some(format!("the connection broke before the memory checksums came ({e})"));
+                }
+                Err(e) => return Err(e),
             }
-            tracing::info!("migration {id}: memory verified ({} chunks agree)", v.crcs.len());
         }
         if faults.restore_fail {
             return self.refuse_restore(restore("fault injected (FERRY_FAULT_INJECT=restore-fail)".into()));
         }
-        let home_dir = config.home.clone().unwrap_or_else(|| cfg.home.clone());
         let signals = self.dup_signals()?;
+        let state_generation = snap.generation;
         let vmm = match Vmm::from_snapshot(Parts {
             host,
             memory: mem,
@@ -382,13 +396,23 @@ impl Receiver {
             signals,
             opened,
             backends,
+            state_generation,
         }) {
             Ok(v) => v,
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
         };
-        self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() })?;
-        tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit");
-        self.activate(vmm, &home_dir)
+        if orphaned.is_none() {
+            match self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() }) {
+                Ok(()) => {
+                    tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit")
+                }
+                Err(Error::Protocol(wire::Error::Io(e))) => {
+                    orphaned = Some(format!("the connection broke before RESTORE_OK could be sent ({e})"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.activate(vmm, &home_dir, orphaned)
     }
 
     /// Accepts the source's extra streams 1..`streams` on `listener`. A connection that
@@ -570,12 +594,29 @@ impl Receiver {
         }
     }
 
-    /// After RESTORE_OK: the commit, the lock, then the VM is this VMM's.
-    fn activate(&mut self, mut vmm: Vmm, home_dir: &std::path::Path) -> Result<Vmm, Error> {
+    /// After RESTORE_OK: the commit, the lock, then the VM is this VMM's. `orphaned` says
+    /// why the connection is gone already (then only the lock and generation decide).
+    fn activate(
+        &mut self,
+        mut vmm: Vmm,
+        home_dir: &std::path::Path,
+        orphaned: Option<String>,
+    ) -> Result<Vmm, Error> {
         let id = self.id().to_string();
-        let note = format!("migration {id}");
-        let stream_fd = self.stream()?.as_raw_fd();
+        let note = id.clone();
         let commit_ns;
+        if let Some(why) = orphaned {
+            tracing::warn!("migration {id}: {why}; this side holds the VM's whole state");
+            commit_ns = crate::monotonic_ns();
+            self.take_over_if_free(&mut vmm, &note, &why)?;
+            tracing::info!(
+                "migration {id}: holding the VM's lock on {}; starting the vCPUs",
+                home_dir.display()
+            );
+            vmm.activation = self.stream.take().map(|stream| Activation { stream, id, commit_ns });
+            return Ok(vmm);
+        }
+        let stream_fd = self.stream()?.as_raw_fd();
         match wait_readable(stream_fd, self.signals, Some(COMMIT_TIMEOUT)) {
             Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
             Wait::Timeout => {
@@ -590,6 +631,7 @@ impl Receiver {
                     vmm.home.acquire_within(Some(&note), LOCK_WAIT).map_err(|e| {
                         Error::Vmm(format!("take the VM's lock after the commit: {}", error_chain(&e)))
                     })?;
+                    Self::check_newest(&mut vmm)?;
                     Self::lock_disks(&mut vmm)?;
                 }
                 Ok(other) => {
@@ -610,6 +652,20 @@ impl Receiver {
         Ok(vmm)
     }
 
+    /// With the VM's lock held: the state received must still be the VM's newest (nobody
+    /// started or resumed the VM since it was taken). If it is not, the lock is released
+    /// cleanly and this copy is dropped: it must never run.
+    fn check_newest(vmm: &mut Vmm) -> Result<(), Error> {
+        let (state, current) = (vmm.state_generation, vmm.home.generation());
+        if let Some(state) = state {
+            if current != Some(state) {
+                vmm.home.release();
+                return Err(Error::Stale { state, current });
+            }
+        }
+        Ok(())
+    }
+
     /// With the VM's lock held: the disks' locks. If one is held elsewhere the VM's lock is
     /// released again (cleanly, so the source sees it was never used) and this side fails:
     /// the source takes the VM back.
@@ -626,8 +682,10 @@ impl Receiver {
     fn take_over_if_free(&mut self, vmm: &mut Vmm, note: &str, why: &str) -> Result<(), Error> {
         match vmm.home.acquire_within(Some(note), LOST_LOCK_WAIT) {
             Ok(_) => {
+                Self::check_newest(vmm)?;
                 tracing::warn!(
-                    "migration {}: {why}, but the VM's lock is free: the source has let the VM go; taking it over",
+                    "migration {}: {why}, but the VM's lock is free and the state here is the VM's newest: \
+                     the source has let the VM go; taking it over",
                     self.id()
                 );
                 Self::lock_disks(vmm)
@@ -800,6 +858,31 @@ impl Vmm {
             }
         }
         id
+    }
+}
+
+/// The home this side would lock must be the source's: the same VM, the same lock (not a
+/// copy of the home, not another VM's).
+fn check_lock(c: &MigrationConfig, home: &std::path::Path, overridden: bool) -> Result<(), String> {
+    match &c.lock {
+        Some(expected) => {
+            let here = crate::home::lock_identity(home)
+                .map_err(|e| format!("the VM's home cannot be used here: {}", error_chain(&e)))?;
+            if here != *expected {
+                return Err(format!(
+                    "the home here ({here}) is not the source's VM lock ({expected}): the VM would run under \
+                     two locks; give the destination the source's home on shared storage"
+                ));
+            }
+            Ok(())
+        }
+        None if overridden && home != c.home => Err(format!(
+            "the source names no lock identity (an older Ferry), so the destination must use the source's home \
+             {}, not {}",
+            c.home.display(),
+            home.display()
+        )),
+        None => Ok(()),
     }
 }
 

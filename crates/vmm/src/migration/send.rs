@@ -538,22 +538,24 @@ impl Run<'_> {
             let _ = self.stream().flush();
         }
         if self.phase == MigrationPhase::Committed {
-            // The lock decides. If the destination took it for this migration, the VM is
-            // its (even if it has died since): never resume here.
+            // The lock and the generation decide. If the destination ran the VM (it raised
+            // the generation), the state here is stale: never resume it, even if the
+            // destination has died since.
             match self.src.port.ask(Call::Reclaim) {
-                Some(Reclaimed::Lock(previous))
-                    if previous.contains(&format!("(migration {})", self.id())) =>
-                {
+                Some(Reclaimed::Ours) => {
+                    reason.push_str("; the destination never took the VM over, so the source took it back");
+                }
+                Some(Reclaimed::RanOn { current, state, last_holder }) => {
+                    let holder = last_holder.map(|h| format!(" ({h})")).unwrap_or_default();
                     let why = format!(
-                        "{reason}; the destination took the VM over ({previous}) and then failed: the VM \
-                         runs nowhere"
+                        "{reason}; the destination ran the VM{holder} (generation {} after the {} sent) and then \
+                         failed: the VM runs nowhere; start it again from its home or its last checkpoint",
+                        current.map(|g| g.to_string()).unwrap_or_else(|| "unknown".into()),
+                        state.map(|g| g.to_string()).unwrap_or_else(|| "unknown".into()),
                     );
                     tracing::error!("migration {}: {why}", self.id());
                     self.stop_logging();
                     return (MigrationPhase::Lost, VmLocation::Nowhere, why);
-                }
-                Some(Reclaimed::Lock(_)) => {
-                    reason.push_str("; the destination never took the VM's lock, so the source took it back");
                 }
                 Some(Reclaimed::DiskHeld(why)) => {
                     let why = format!("{reason}; the source took the VM's lock back but not its disks ({why}): the VM runs nowhere");
@@ -586,8 +588,14 @@ impl Run<'_> {
         }
         self.stop_logging();
         if self.paused {
-            let _ = self.src.port.ask(Call::Resume);
-            self.paused = false;
+            match self.src.port.ask(Call::Resume) {
+                Some(Ok(())) => self.paused = false,
+                Some(Err(why)) => {
+                    reason.push_str(&format!("; the VM stays paused on the source: {why}"));
+                    tracing::error!("migration {}: the VM cannot resume on the source: {why}", self.id());
+                }
+                None => reason.push_str("; the VMM is ending"),
+            }
         }
         tracing::info!("migration {}: the VM runs on the source", self.id());
         let status = if cancelled { MigrationPhase::Cancelled } else { MigrationPhase::Failed };
