@@ -427,6 +427,7 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     // The fault.
     let mut frozen = Vec::new();
     let mut ckpt = None;
+    let mut cancel_took = None;
     if c.at.is_some() && matches!(action, Action::Hold | Action::Notify) {
         assert!(proxy.wait_fired(T), "{name}: the trigger frame never went by; source: {}", src.stderr());
         if let Some(d) = delay {
@@ -445,12 +446,20 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
             }
             Fault::Cut => proxy.cut(),
             Fault::Cancel => {
+                // The held frame stays held: the source is blocked on its peer, and the
+                // cancel alone must end the migration.
+                let asked = Instant::now();
                 let out = run_to_end(&["migrate-cancel", "--api-socket", s(&src_sock)], T);
                 assert!(
                     out.status.success(),
                     "{name}: migrate-cancel failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
+                assert!(
+                    wait_timeout(&mut mig, SETTLE).is_some(),
+                    "{name}: the cancelled migration never ended"
+                );
+                cancel_took = Some(asked.elapsed());
             }
             Fault::StopSrc | Fault::StopDst => {
                 let pid = if c.fault == Fault::StopSrc { src_pid } else { dst_pid };
@@ -465,6 +474,18 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     let mig_out = mig_out.unwrap_or_else(|| panic!("{name}: ferry migrate did not end within {SETTLE:?}"));
     let report: Option<serde_json::Value> = serde_json::from_slice(&mig_out.stdout).ok();
     let rep = |k: &str| report.as_ref().map(|r| r[k].clone()).unwrap_or_default();
+    if let Some(took) = cancel_took {
+        assert_eq!(rep("status"), "cancelled", "{name}: the report after a cancel: {report:?}");
+        // The contract: a cancel ends the migration within 1 s in every phase before the
+        // commit (the stall bound came with it; without it a blocked wait outlasts a cancel).
+        // 1.5 s: the contract's second plus the command's own polling.
+        if stall_timeout_supported() {
+            assert!(
+                took < Duration::from_millis(1500),
+                "{name}: the cancel took {took:?} to end the migration"
+            );
+        }
+    }
     if matches!(c.fault, Fault::TermAfterRollback | Fault::SuspendAfterRollback) {
         assert_eq!(rep("vm_running_on"), "source", "{name}: the source should have rolled back: {report:?}");
         // The resumed source writes on for two checks, then stops or is suspended while the
