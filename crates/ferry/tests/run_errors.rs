@@ -290,3 +290,29 @@ fn a_guest_that_rejects_its_options_fails_the_run() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_console_reader_that_goes_away_is_reported_once() {
+    use std::io::BufRead;
+    require_kvm();
+    let mut child = ferry()
+        .args(["run", "--guest", "memstress", "--memory", "64M", "--cmdline", "wss=1M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Read one console line, then close the pipe (as `| head -1` does).
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("a console line");
+    drop(out);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = child.wait_with_output().expect("wait");
+    assert!(done.status.success(), "{:?}", done.status);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(stderr.matches("reader went away").count(), 1, "{stderr}");
+    assert!(!stderr.contains("write failed"), "{stderr}");
+}
