@@ -129,14 +129,12 @@ pub fn router(handler: Arc<dyn Handler>) -> Router {
 
 /// Endpoints that take no body refuse one, rather than act on a request they may have
 /// misread (`{}` and empty are accepted).
-fn no_body(body: &Bytes) -> Result<(), HttpResponse> {
+fn no_body(body: &Bytes) -> Result<(), ApiError> {
     let text = body.trim_ascii();
     if text.is_empty() || text == b"{}" {
         return Ok(());
     }
-    Err(error_response(ApiError::bad_request(
-        "this endpoint takes no request body (or an empty JSON object)",
-    )))
+    Err(ApiError::bad_request("this endpoint takes no request body (or an empty JSON object)"))
 }
 
 async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
@@ -161,15 +159,15 @@ async fn info(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
 }
 
 async fn pause(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
-    if let Err(r) = no_body(&body) {
-        return r;
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
     }
     call(h, Request::Pause).await
 }
 
 async fn resume(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
-    if let Err(r) = no_body(&body) {
-        return r;
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
     }
     call(h, Request::Resume).await
 }
@@ -199,8 +197,8 @@ async fn migrate(
 }
 
 async fn migrate_cancel(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
-    if let Err(r) = no_body(&body) {
-        return r;
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
     }
     call(h, Request::MigrateCancel).await
 }
