@@ -316,3 +316,14 @@ fn a_console_reader_that_goes_away_is_reported_once() {
     assert_eq!(stderr.matches("reader went away").count(), 1, "{stderr}");
     assert!(!stderr.contains("write failed"), "{stderr}");
 }
+
+#[test]
+fn run_without_a_kernel_names_both_ways_and_its_own_help() {
+    for args in [vec!["run"], vec!["--log-level", "info", "run"]] {
+        let out = ferry().args(&args).stdin(Stdio::null()).output().expect("ferry");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_one_line_error(&out, "--guest <NAME>");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--kernel <PATH>") && stderr.contains("see 'ferry run --help'"), "{stderr}");
+    }
+}
