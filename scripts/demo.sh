@@ -71,11 +71,17 @@ b_last=$(last_pass "$work/b.console")
 wait_pass_after "$work/c.console" "$b_last" 30
 $ferry info --api-socket "$work/c.sock"
 
-say "4. the guest's view"
+say "4. the guest's view (its console on A, B and C around each move)"
 if grep -h CORRUPTION "$work"/*.console >&2; then
   echo "demo: FAILED: the guest found a page with the wrong stamp" >&2
   exit 1
 fi
+for v in a b c; do
+  echo "--- console on VMM ${v^^}:" >&2
+  grep "memstress: pass" "$work/$v.console" | sed -n '1p;$p' >&2
+done
+
+say "5. the hosts' view (each migration's log lines on its source)"
 grep -h "migration .*: pre-copy pass\|downtime" "$work/a.log" "$work/b.log" >&2
 kill -TERM "$(pgrep -f -- "--api-socket $work/c.sock")"
 echo "demo: memstress ran passes 1-$a_last on A, $((a_last + 1))-$b_last on B, then on C up to pass $(last_pass "$work/c.console"); every page kept its stamp (no CORRUPTION)." >&2

@@ -23,6 +23,9 @@ scripts/setup.sh
 # The Linux boot check's kernel (cached in target/linux).
 FERRY_TEST_VMLINUX=$(scripts/fetch-linux.sh target/linux)
 export FERRY_TEST_VMLINUX
+# The previous release, for the rolling-upgrade test (built once, cached in target/previous).
+FERRY_PREVIOUS_BIN=$(scripts/previous-release.sh)
+export FERRY_PREVIOUS_BIN
 
 # KVM guests here run by instruction emulation on 2 cores: two tests at a time keeps
 # each guest's pace close to what it has alone.

@@ -6,6 +6,7 @@ use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -122,7 +123,18 @@ pub fn router(handler: Arc<dyn Handler>) -> Router {
         .route("/vm/migrate", put(migrate))
         .route("/vm/migrate/cancel", put(migrate_cancel))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(handler)
+}
+
+/// Endpoints that take no body refuse one, rather than act on a request they may have
+/// misread (`{}` and empty are accepted).
+fn no_body(body: &Bytes) -> Result<(), ApiError> {
+    let text = body.trim_ascii();
+    if text.is_empty() || text == b"{}" {
+        return Ok(());
+    }
+    Err(ApiError::bad_request("this endpoint takes no request body (or an empty JSON object)"))
 }
 
 async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
@@ -146,11 +158,17 @@ async fn info(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
     call(h, Request::Info).await
 }
 
-async fn pause(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+async fn pause(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
+    }
     call(h, Request::Pause).await
 }
 
-async fn resume(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+async fn resume(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
+    }
     call(h, Request::Resume).await
 }
 
@@ -159,6 +177,10 @@ async fn snapshot(
     body: Result<Json<SnapshotRequest>, JsonRejection>,
 ) -> HttpResponse {
     match body {
+        Ok(Json(req)) if req.to.is_relative() => error_response(ApiError::bad_request(format!(
+            "bad snapshot request: \"to\" must be an absolute path ({} is relative to nothing the VMM knows)",
+            req.to.display()
+        ))),
         Ok(Json(req)) => call(h, Request::Snapshot(req)).await,
         Err(e) => error_response(ApiError::bad_request(format!("bad snapshot request: {}", e.body_text()))),
     }
@@ -174,8 +196,20 @@ async fn migrate(
     }
 }
 
-async fn migrate_cancel(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+async fn migrate_cancel(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
+    if let Err(e) = no_body(&body) {
+        return error_response(e);
+    }
     call(h, Request::MigrateCancel).await
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    error_response(ApiError {
+        status: 405,
+        message:
+            "method not allowed for this endpoint; see docs/api.md (GET /vm; PUT for every other endpoint)"
+                .into(),
+    })
 }
 
 async fn not_found() -> HttpResponse {

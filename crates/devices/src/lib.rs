@@ -7,10 +7,13 @@
 //! - [`i8042::I8042`]: the keyboard controller's reset line, which Ferry treats as the guest
 //!   powering off (as Firecracker does);
 //! - [`boot_timer::BootTimer`]: the POST code port 0x80; its first write marks the guest's
-//!   first instruction, for boot-time measurements.
+//!   first instruction, for boot-time measurements;
+//! - [`exit_status::ExitStatus`]: port 0xf4, where a guest that fails writes a non-zero
+//!   status before it powers off.
 
 pub mod boot_timer;
 pub mod bus;
+pub mod exit_status;
 pub mod i8042;
 pub mod serial;
 

@@ -73,6 +73,13 @@ pub enum SerialOutput {
 }
 
 impl SerialOutput {
+    /// The console's reader went away (`ferry run | head`): the guest goes on, and its
+    /// console output goes nowhere from now on, said once.
+    fn reader_gone(&mut self) {
+        tracing::warn!("the serial console's reader went away; console output is dropped from now on");
+        *self = SerialOutput::Sink;
+    }
+
     /// Opens (creating or truncating) `path` for the console.
     pub fn file(path: &Path) -> Result<Self, Error> {
         File::create(path)
@@ -83,18 +90,34 @@ impl SerialOutput {
 
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             SerialOutput::Stdout => io::stdout().write(buf),
             SerialOutput::File(f) => f.write(buf),
             SerialOutput::Sink => Ok(buf.len()),
+        };
+        match r {
+            // The console's reader went away (`ferry run | head`): the guest goes on, and
+            // its console output goes nowhere from now on, said once.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.reader_gone();
+                Ok(buf.len())
+            }
+            r => r,
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
+        let r = match self {
             SerialOutput::Stdout => io::stdout().flush(),
             SerialOutput::File(f) => f.flush(),
             SerialOutput::Sink => Ok(()),
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.reader_gone();
+                Ok(())
+            }
+            r => r,
         }
     }
 }
@@ -163,12 +186,14 @@ impl From<&SerialState> for vm_superio::serial::SerialState {
 #[derive(Debug)]
 pub struct Serial {
     uart: Uart<EventFdTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+    /// Console writes that failed: the first is logged, the rest only counted.
+    write_errors: u64,
 }
 
 impl Serial {
     /// A UART writing to `out` and raising its interrupt on `irq_evt`.
     pub fn new(irq_evt: EventFd, out: SerialOutput) -> Self {
-        Self { uart: Uart::new(EventFdTrigger::new(irq_evt), out) }
+        Self { uart: Uart::new(EventFdTrigger::new(irq_evt), out), write_errors: 0 }
     }
 
     /// Saves the UART's registers and receive FIFO.
@@ -181,7 +206,7 @@ impl Serial {
         let uart =
             Uart::from_state(&state.into(), EventFdTrigger::new(irq_evt), vm_superio::serial::NoEvents, out)
                 .map_err(|_| Error::BadState)?;
-        Ok(Self { uart })
+        Ok(Self { uart, write_errors: 0 })
     }
 
     /// Feeds bytes typed on the console to the guest. Returns how many fit in the FIFO.
@@ -207,8 +232,11 @@ impl BusDevice for Serial {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, b) {
-                // Losing console output must not stop the guest.
-                tracing::warn!("serial console write failed: {e}");
+                // Losing console output must not stop the guest, nor flood the log.
+                self.write_errors += 1;
+                if self.write_errors == 1 {
+                    tracing::warn!("serial console write failed: {e}; further failures are not logged");
+                }
             }
         }
     }

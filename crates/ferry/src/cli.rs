@@ -267,9 +267,10 @@ Examples:
 
 /// Arguments of `ferry run`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "guest"])))]
 pub struct RunArgs {
     /// ELF kernel with a PVH entry note to boot.
-    #[arg(long, value_name = "PATH", conflicts_with = "guest", required_unless_present = "guest")]
+    #[arg(long, value_name = "PATH", conflicts_with = "guest")]
     pub kernel: Option<PathBuf>,
 
     /// Bundled test guest to boot instead of a kernel file (see `ferry guests`).

@@ -19,7 +19,21 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            eprintln!("ferry: error: {} (see 'ferry --help')", one_line(&e.to_string()));
+            // Point at the help of the command that was meant, if one was named.
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            // The first word that is not an option nor the value of --log-level.
+            let command = args
+                .iter()
+                .enumerate()
+                .find(|(i, a)| !a.starts_with('-') && (*i == 0 || args[i - 1] != "--log-level"))
+                .map(|(_, a)| a.clone());
+            let help = match command {
+                Some(c) if <cli::Cli as clap::CommandFactory>::command().find_subcommand(&c).is_some() => {
+                    format!("ferry {c} --help")
+                }
+                _ => "ferry --help".to_string(),
+            };
+            eprintln!("ferry: error: {} (see '{help}')", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };

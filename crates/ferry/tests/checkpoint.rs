@@ -418,18 +418,29 @@ fn wrong_api_requests_get_4xx_and_the_vm_survives() {
             "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"to\":\"/tmp/a\",\"bogus\":true}",
             400,
         ),
+        (
+            "PUT /vm/snapshot HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"to\":\"relative\"}",
+            400,
+        ),
+        (
+            "PUT /vm/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 7\r\n\r\ngarbage",
+            400,
+        ),
+        ("DELETE /vm/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
         ("this is not http\r\n\r\n", 400),
     ];
     for (req, want) in cases {
         let (status, body) = raw_http(&sock, req);
         assert_eq!(status, want, "for {req:?}: {body}");
-        if want != 405 && !req.starts_with("this") {
+        if !req.starts_with("this") {
             let v: serde_json::Value =
                 serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON error body for {req:?}: {body}"));
             assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
         }
     }
+    // None of them paused the VM or wrote anything.
     assert_eq!(info(&sock)["state"], "running");
+    assert!(!Path::new("relative").exists());
     assert!(vm.signal_and_wait(libc::SIGTERM, Duration::from_secs(5)).success());
 }
 

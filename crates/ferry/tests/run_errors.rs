@@ -197,3 +197,133 @@ fn help_teaches() {
         assert!(help.contains(needle), "`ferry run --help` lacks {needle:?}:\n{help}");
     }
 }
+
+/// Runs `ferry` with its own state root; returns the output and what is left under it.
+fn run_in_state_root(args: &[&str]) -> (std::process::Output, Vec<String>) {
+    let root = TempDir::new("state-root");
+    let out = ferry()
+        .env("FERRY_STATE_DIR", &root.0)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn ferry");
+    let mut left = Vec::new();
+    let mut stack = vec![root.0.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            left.push(p.strip_prefix(&root.0).expect("inside").display().to_string());
+        }
+    }
+    left.retain(|p| p != "vms");
+    (out, left)
+}
+
+#[test]
+fn a_vm_that_cannot_start_leaves_no_home_behind() {
+    require_kvm();
+    let dir = TempDir::new("no-home-left");
+    let not_elf = dir.path("not-elf");
+    std::fs::write(&not_elf, b"hello").expect("write");
+    let bad_ckpt = dir.path("ckpt");
+    std::fs::create_dir_all(&bad_ckpt).expect("mkdir");
+    std::fs::write(bad_ckpt.join("state.ferry"), b"garbage").expect("write");
+    let new_home = dir.path("new-home");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--guest", "memstress", "--memory", "0"], "below the minimum"),
+        (vec!["run", "--guest", "memstress", "--memory", "100T"], "exceeds this host"),
+        (vec!["run", "--kernel", not_elf.to_str().expect("utf8")], "not an ELF image"),
+        (
+            vec![
+                "restore",
+                "--from",
+                bad_ckpt.to_str().expect("utf8"),
+                "--home",
+                new_home.to_str().expect("utf8"),
+            ],
+            "not a Ferry checkpoint",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (out, left) = run_in_state_root(&args);
+        assert_one_line_error(&out, needle);
+        assert!(left.is_empty(), "{args:?} left {left:?} under the state root");
+        assert!(!new_home.exists(), "{args:?} left the home it made");
+    }
+}
+
+#[test]
+fn a_guest_that_rejects_its_options_fails_the_run() {
+    require_kvm();
+    // memstress cannot place a 1 GiB working set in 256 MiB: it says so and powers off
+    // with a failure status, and `ferry run` exits 1 (not 0, as for a clean power-off).
+    let (out, left) = run_in_state_root(&[
+        "run",
+        "--guest",
+        "memstress",
+        "--memory",
+        "256M",
+        "--cmdline",
+        "wss=1G",
+        "--log-level",
+        "error",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.contains("does not fit in guest RAM"), "{console}");
+    assert_one_line_error(&out, "the guest stopped with failure status 1");
+    assert!(left.is_empty(), "left {left:?}");
+    // A guest that finishes its work powers off cleanly: exit 0.
+    let (out, _) = run_in_state_root(&[
+        "run",
+        "--guest",
+        "memstress",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "wss=1M passes=2",
+        "--log-level",
+        "error",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_console_reader_that_goes_away_is_reported_once() {
+    use std::io::BufRead;
+    require_kvm();
+    let mut child = ferry()
+        .args(["run", "--guest", "memstress", "--memory", "64M", "--cmdline", "wss=1M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Read one console line, then close the pipe (as `| head -1` does).
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("a console line");
+    drop(out);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = child.wait_with_output().expect("wait");
+    assert!(done.status.success(), "{:?}", done.status);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(stderr.matches("reader went away").count(), 1, "{stderr}");
+    assert!(!stderr.contains("write failed"), "{stderr}");
+}
+
+#[test]
+fn run_without_a_kernel_names_both_ways_and_its_own_help() {
+    for args in [vec!["run"], vec!["--log-level", "info", "run"]] {
+        let out = ferry().args(&args).stdin(Stdio::null()).output().expect("ferry");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_one_line_error(&out, "--guest <NAME>");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--kernel <PATH>") && stderr.contains("see 'ferry run --help'"), "{stderr}");
+    }
+}

@@ -92,7 +92,7 @@ static __attribute__((noreturn)) void fail2(const char *what, const char *why)
     puts(what);
     puts(why);
     putc('\n');
-    poweroff();
+    poweroff_failed();
 }
 
 static __attribute__((noreturn)) void fail(const char *what) { fail2(what, ""); }
@@ -628,7 +628,7 @@ void guest_main(const struct hvm_start_info *si)
             puts(" record slots but now has room for ");
             put_dec(slots);
             putc('\n');
-            poweroff();
+            poweroff_failed();
         }
         slots = disk_slots;
         if (disk_seed != seed) {

@@ -113,7 +113,7 @@ void guest_main(const struct hvm_start_info *si)
         puts("memstress: error: wss ");
         put_dec(wss);
         puts(" does not fit in guest RAM\n");
-        poweroff();
+        poweroff_failed();
     }
     u64 npages = wss / PAGE;
     u64 khz = tsc_khz();

@@ -79,7 +79,7 @@ static __attribute__((noreturn)) void fail3(const char *a, const char *b, const 
     puts(b);
     puts(c);
     putc('\n');
-    poweroff();
+    poweroff_failed();
 }
 
 static __attribute__((noreturn)) void fail2(const char *a, const char *b) { fail3(a, b, ""); }

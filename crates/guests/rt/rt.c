@@ -61,6 +61,13 @@ void poweroff(void)
     halt_forever();
 }
 
+void poweroff_failed(void)
+{
+    /* The VMM's exit status port (0xf4): the run ends as a failure, not a clean power-off. */
+    outb(0xf4, 1);
+    poweroff();
+}
+
 u64 tsc_khz(void)
 {
     u32 a, b, c, d;
@@ -195,7 +202,7 @@ const char *start_cmdline(const struct hvm_start_info *si, const char *const *kn
     if (si->magic != HVM_START_MAGIC) {
         puts(guest);
         puts(": error: no PVH start info\n");
-        poweroff();
+        poweroff_failed();
     }
     if (si->cmdline_paddr)
         cmdline = (const char *)si->cmdline_paddr;

@@ -59,6 +59,8 @@ void put_hex(u64 v, int digits);    /* "0x" + at least `digits` digits */
 
 /* Stops: power off through the i8042 reset line, or halt for ever. */
 __attribute__((noreturn)) void poweroff(void);
+/* Powers off after writing a failure status to port 0xf4: the VMM exits non-zero. */
+__attribute__((noreturn)) void poweroff_failed(void);
 __attribute__((noreturn)) void halt_forever(void);
 
 /* TSC frequency in kHz from CPUID 0x40000010, or 0 if the VMM does not publish it. */

@@ -342,9 +342,19 @@ impl VmHome {
         if self.lock.is_none() {
             return Err(Error::NotHeld(self.dir.clone()));
         }
-        // Read again: what is on disk is the truth, whatever this VMM remembers.
-        let current =
-            read_generation(&self.dir)?.ok_or_else(|| Error::NotAHome { path: self.dir.clone() })?;
+        // Read again: what is on disk is the truth, whatever this VMM remembers. A home from
+        // a Ferry before generations (a VM migrated in from the previous release) gets its
+        // identity now, under the lock.
+        let current = match read_generation(&self.dir)? {
+            Some(r) => r,
+            None => {
+                tracing::info!(
+                    "VM home {} had no generation (an older Ferry's): starting one",
+                    self.dir.display()
+                );
+                GenerationRecord { v: RECORD_VERSION, vm_uuid: new_uuid(), generation: 0 }
+            }
+        };
         let next = GenerationRecord { generation: current.generation + 1, ..current };
         write_generation(&self.dir, &next)?;
         self.record = Some(next.clone());

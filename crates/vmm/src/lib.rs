@@ -141,6 +141,9 @@ pub enum Error {
     /// The guest failed.
     #[error(transparent)]
     Guest(#[from] GuestFault),
+    /// The guest stopped and reported a failure on its exit status port.
+    #[error("the guest stopped with failure status {0} (its console says why)")]
+    GuestFailed(u8),
     /// The run loop failed.
     #[error("the VMM's event loop failed")]
     EventLoop(#[source] std::io::Error),
@@ -209,6 +212,8 @@ struct Devices {
     virtio: VirtioDevices,
     reset_evt: EventFd,
     boot_timer: FirstWrite,
+    /// What the guest wrote to its exit status port before powering off.
+    exit_status: ferry_devices::exit_status::Status,
 }
 
 impl std::fmt::Debug for Devices {
@@ -262,6 +267,39 @@ pub struct Vmm {
     migrated_in: Option<String>,
 }
 
+/// A home locked for a VM being built. If the build fails, a home this VMM made (the
+/// default one, or a directory that did not exist) is removed again, so that a VM that
+/// could not start leaves nothing behind.
+pub(crate) struct Claim {
+    home: home::VmHome,
+    made: bool,
+}
+
+impl Claim {
+    /// A home this VMM did not make: never removed.
+    pub(crate) fn existing(home: home::VmHome) -> Self {
+        Self { home, made: false }
+    }
+
+    /// The build succeeded: the home is the VM's.
+    pub(crate) fn into_home(mut self) -> home::VmHome {
+        self.made = false;
+        std::mem::replace(&mut self.home, home::VmHome::unlocked(std::path::Path::new("")))
+    }
+
+    fn home_mut(&mut self) -> &mut home::VmHome {
+        &mut self.home
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.made {
+            self.home.remove();
+        }
+    }
+}
+
 /// Locks `requested` or a new default home under `state_dir`; returns it and whether it is
 /// a default one. For a VM booted from its definition (`boot`), a home without identity
 /// gets one; a restore gives it the checkpoint's instead.
@@ -269,13 +307,14 @@ fn lock_home(
     requested: Option<&std::path::Path>,
     state_dir: &std::path::Path,
     boot: bool,
-) -> Result<(home::VmHome, bool), Error> {
+) -> Result<(Claim, bool), Error> {
     let (dir, is_default) = match requested {
         Some(dir) => (dir.to_owned(), false),
         None => (home::default_home(state_dir, &new_vm_id()), true),
     };
+    let made = !dir.exists();
     let home = if boot { home::VmHome::lock_for_boot(&dir)? } else { home::VmHome::lock(&dir)? };
-    Ok((home, is_default))
+    Ok((Claim { home, made }, is_default))
 }
 
 /// Starts one thread per vCPU; the threads wait in `Created` until [`Vmm::run`] lets them
@@ -350,9 +389,23 @@ fn create_devices(
     pio.insert(serial::COM1_PORT.into(), serial::PORT_COUNT.into(), serial.clone())?;
     pio.insert(0x60, 5, i8042)?;
     pio.insert(0x80, 1, Arc::new(Mutex::new(BootTimer::new(boot_timer.clone()))))?;
+    let exit_status = ferry_devices::exit_status::Status::default();
+    pio.insert(
+        ferry_devices::exit_status::PORT.into(),
+        1,
+        Arc::new(Mutex::new(ferry_devices::exit_status::ExitStatus::new(exit_status.clone()))),
+    )?;
     let mut mmio = Bus::new();
     virtio.attach(&mut mmio)?;
-    Ok(Devices { serial, pio: Arc::new(pio), mmio: Arc::new(mmio), virtio, reset_evt, boot_timer })
+    Ok(Devices {
+        serial,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        virtio,
+        reset_evt,
+        boot_timer,
+        exit_status,
+    })
 }
 
 impl Vmm {
@@ -363,7 +416,7 @@ impl Vmm {
         let host = open_host()?;
         config.validate(host.max_vcpus)?;
         // The VM runs in one VMM only: take its home's lock before anything else.
-        let (home, home_is_default) = lock_home(config.home.as_deref(), &config.state_dir, true)?;
+        let (claim, home_is_default) = lock_home(config.home.as_deref(), &config.state_dir, true)?;
         // Checked above: 1..=255.
         let vcpu_count = config.vcpus as u8;
 
@@ -479,7 +532,7 @@ impl Vmm {
             started: Instant::now(),
             started_ns: config.started_ns,
             restored_from: None,
-            home,
+            home: claim.into_home(),
             home_is_default,
             migration: None,
             last_migration: None,

@@ -405,12 +405,12 @@ impl Vmm {
         let host = open_host()?;
         check_consistent(&snap, host.max_vcpus)?;
         let target = config.home.as_deref().or(snap.home.as_deref());
-        let (mut home, home_is_default) = crate::lock_home(target, &config.state_dir, false)?;
+        let (mut claim, home_is_default) = crate::lock_home(target, &config.state_dir, false)?;
         let same_home = match (target, &snap.home) {
             (Some(t), Some(h)) => same_dir(t, h),
             _ => false,
         };
-        let state_generation = adopt_checkpoint(&mut home, &snap, same_home, config.revert)?;
+        let state_generation = adopt_checkpoint(claim.home_mut(), &snap, same_home, config.revert)?;
 
         // CPU features, before anything is created.
         for (i, v) in snap.vcpus.iter().enumerate() {
@@ -437,7 +437,7 @@ impl Vmm {
             snap,
             serial: config.serial,
             api_socket: config.api_socket,
-            home,
+            home: claim,
             home_is_default,
             started_ns: config.started_ns,
             restored_from: Some(dir.clone()),
@@ -495,7 +495,7 @@ impl Vmm {
             started: Instant::now(),
             started_ns: p.started_ns,
             restored_from: p.restored_from,
-            home,
+            home: home.into_home(),
             home_is_default,
             migration: None,
             last_migration: None,
@@ -572,7 +572,7 @@ pub(crate) struct Parts {
     pub snap: VmSnapshot,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
-    pub home: crate::home::VmHome,
+    pub home: crate::Claim,
     pub home_is_default: bool,
     pub started_ns: u64,
     pub restored_from: Option<PathBuf>,

@@ -231,8 +231,17 @@ impl Vmm {
                     }
                     TOKEN_RESET => {
                         let _ = self.devices.reset_evt.read();
-                        tracing::info!("the guest powered off (i8042 reset)");
-                        stop = Some(Ok(RunOutcome::PowerOff));
+                        let status = *self.devices.exit_status.lock().unwrap_or_else(|p| p.into_inner());
+                        match status {
+                            Some(code) if code != 0 => {
+                                tracing::info!("the guest powered off after reporting failure status {code}");
+                                stop = Some(Err(Error::GuestFailed(code)));
+                            }
+                            _ => {
+                                tracing::info!("the guest powered off (i8042 reset)");
+                                stop = Some(Ok(RunOutcome::PowerOff));
+                            }
+                        }
                     }
                     TOKEN_SIGNAL => {
                         if let Some(sig) = read_signal(signals.as_raw_fd()) {

@@ -389,7 +389,7 @@ impl Receiver {
             snap,
             serial: config.serial.clone(),
             api_socket: config.api_socket.clone(),
-            home: VmHome::unlocked(&home_dir),
+            home: crate::Claim::existing(VmHome::unlocked(&home_dir)),
             home_is_default: cfg.home_is_default,
             started_ns: config.started_ns,
             restored_from: None,
