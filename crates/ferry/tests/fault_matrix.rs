@@ -79,11 +79,14 @@ struct Cell {
     guest: Guest,
     /// Race cells: repeated with a random delay of 0..=ms between the trigger and the fault.
     random_ms: Option<u64>,
+    /// `ferry migrate --streams N`: extra connections pass through the proxy too.
+    streams: u32,
 }
 
 impl Cell {
     fn name(&self) -> String {
         let g = if self.guest == Guest::Blk { " [blkstress]" } else { "" };
+        let g = if self.streams > 1 { format!("{g} [{} streams]", self.streams) } else { g.to_string() };
         let r = self.random_ms.map(|ms| format!(" (+0..{ms} ms)")).unwrap_or_default();
         format!("{} x {:?}{g}{r}", self.phase, self.fault)
     }
@@ -129,7 +132,7 @@ fn announce() -> Option<Trigger> {
 }
 
 fn cell(phase: &'static str, at: Option<Trigger>, fault: Fault, expect: Outcome) -> Cell {
-    Cell { phase, fault, at, expect, guest: Guest::Mem, random_ms: None }
+    Cell { phase, fault, at, expect, guest: Guest::Mem, random_ms: None, streams: 1 }
 }
 
 /// Every meaningful cell. A fault whose row is missing for a phase either cannot happen
@@ -227,7 +230,7 @@ fn matrix() -> Vec<Cell> {
         ("state sent", state_sent(), KillSrc, Destination),
         ("activation", activation(), KillDst, NoneRestartable),
     ] {
-        v.push(Cell { phase, fault, at, expect, guest: Guest::Blk, random_ms: None });
+        v.push(Cell { phase, fault, at, expect, guest: Guest::Blk, random_ms: None, streams: 1 });
     }
     // Races of milliseconds.
     for (phase, at, fault, expect, ms) in [
@@ -235,7 +238,16 @@ fn matrix() -> Vec<Cell> {
         ("around commit", restore(), Cut, Either, 100),
         ("around commit", restore(), KillDst, SourceOrNone, 100),
     ] {
-        v.push(Cell { phase, fault, at, expect, guest: Guest::Mem, random_ms: Some(ms) });
+        v.push(Cell { phase, fault, at, expect, guest: Guest::Mem, random_ms: Some(ms), streams: 1 });
+    }
+    // Pre-copy over two streams: the extra connection goes through the proxy and is cut
+    // (or dies) with the first.
+    for (phase, at, fault, expect) in [
+        ("pass 1", pass1(), Cut, Source),
+        ("pass 1", pass1(), KillDst, Source),
+        ("pass >= 2", later_pass(), KillSrc, NoneRestartable),
+    ] {
+        v.push(Cell { phase, fault, at, expect, guest: Guest::Mem, random_ms: None, streams: 2 });
     }
     v
 }
@@ -328,6 +340,13 @@ fn allowed(expect: Outcome, seen: Seen) -> bool {
     )
 }
 
+/// The VM's state from `ferry info`, or None if its VMM does not answer.
+fn vm_state(sock: &Path) -> Option<String> {
+    let out = run_to_end(&["info", "--api-socket", s(sock), "--json"], T);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    j["state"].as_str().map(String::from)
+}
+
 fn alive(child: &mut Child) -> bool {
     matches!(child.try_wait(), Ok(None))
 }
@@ -418,7 +437,8 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         _ => Action::Hold,
     };
     let proxy = FaultProxy::start(port, c.at.map(|t| (t, action)));
-    let mut extra = vec![];
+    let streams = c.streams.to_string();
+    let mut extra = vec!["--streams", &streams];
     if stall_timeout_supported() {
         extra.extend(["--stall-timeout-s", "2"]);
     }
@@ -528,8 +548,11 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let src_runs = alive(&mut src.child) && info(&src_sock)["state"] == "running";
-    let dst_runs = alive(&mut dst.child) && dst.seen.iter().any(|l| progress(c.guest, l).is_some());
+    let killed_src = frozen.iter().any(|f| f.0 == src_pid);
+    let src_runs = !killed_src && alive(&mut src.child) && vm_state(&src_sock).as_deref() == Some("running");
+    let killed_dst = frozen.iter().any(|f| f.0 == dst_pid);
+    let dst_runs =
+        !killed_dst && alive(&mut dst.child) && dst.seen.iter().any(|l| progress(c.guest, l).is_some());
     let seen = match (src_runs, dst_runs) {
         (true, true) => panic!(
             "{name}: the VM runs on both sides\nsource:\n{}\ndestination:\n{}",
@@ -576,6 +599,20 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
             assert!(st.success(), "{name}: destination exit {st:?}: {}", dst.stderr());
         }
         Seen::Nowhere => {}
+    }
+    // A source that handed the VM over ends by itself; a destination that gave the
+    // migration up (and was not killed) listens again.
+    let killed = |pid: u32| frozen.iter().any(|f| f.0 == pid);
+    if seen == Seen::Destination && !killed(src_pid) {
+        let st = src.wait(T);
+        assert!(st.success(), "{name}: the source's exit after the handover: {st:?}: {}", src.stderr());
+    }
+    if seen != Seen::Destination && !killed(dst_pid) {
+        assert!(
+            alive(&mut dst.child),
+            "{name}: the receiver exited instead of listening again: {}",
+            dst.stderr()
+        );
     }
     // Whatever is left ends: a receiver still listening, a source that was not running.
     for vm in [&mut src, &mut dst] {
@@ -703,7 +740,7 @@ fn run_family(pick: impl Fn(&Cell) -> bool) {
 }
 
 fn det(c: &Cell, f: fn(Fault) -> bool) -> bool {
-    c.random_ms.is_none() && c.guest == Guest::Mem && f(c.fault)
+    c.random_ms.is_none() && c.guest == Guest::Mem && c.streams == 1 && f(c.fault)
 }
 
 #[test]
@@ -781,6 +818,11 @@ fn stop_or_suspend_the_source_after_a_rollback() {
 #[test]
 fn blkstress_old_memory_against_a_newer_disk() {
     run_family(|c| c.guest == Guest::Blk);
+}
+
+#[test]
+fn two_streams() {
+    run_family(|c| c.streams > 1);
 }
 
 #[test]
