@@ -25,11 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_migration::auth::{self, Key, Role};
-use ferry_migration::protocol::{
-    self as wire, parse_json, to_json, write_frame, Challenge, ChallengeResponse, Hello, Kind,
-    PROTOCOL_VERSION,
-};
+use ferry_migration::auth::{self, Key};
+use ferry_migration::handshake;
+use ferry_migration::protocol::{self as wire, to_json, write_frame, Hello, Kind};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{error_chain, Error};
@@ -418,44 +416,15 @@ fn authenticate(
     stream.set_nodelay(true).map_err(io)?;
     let mut rw = Deadline { stream, at: deadline };
     let mut payload = Vec::new();
-    let got = wire::read_handshake_frame(&mut rw, &mut payload)?;
-    let h: Hello = parse_json(got, &payload, Kind::Hello, "Hello")?;
-    if !super::receive::valid_id(&h.migration_id) {
-        return Err(Error::Check("the migration id must be 1-64 letters, digits, '-' or '_'".into()));
-    }
-    let h = hello.insert(h);
-    if h.protocol_version != PROTOCOL_VERSION {
-        return Err(Error::Version(h.protocol_version, PROTOCOL_VERSION));
-    }
+    let h = hello.insert(handshake::read_hello(&mut rw, &mut payload)?);
+    handshake::check_hello(h)?;
     if h.stream == 0 {
         tracing::info!("migration {}: source runs Ferry {}", h.migration_id, h.ferry_version);
     } else {
         desk.may_join(&h.migration_id, h.stream)?;
     }
-    answer_hello(&mut rw, key, h, &mut payload)
-}
-
-/// Answers the Hello of a stream: this side's proof of the key over the sender's nonce,
-/// then the check of the sender's proof over ours (both bound to the stream's identity).
-fn answer_hello<S: Read + Write>(
-    stream: &mut S,
-    key: &Key,
-    hello: &Hello,
-    payload: &mut Vec<u8>,
-) -> Result<(), Error> {
-    let name = wire::stream_id(&hello.migration_id, hello.stream);
-    let their_nonce = auth::unhex(&hello.nonce)
-        .filter(|n| n.len() == auth::NONCE_LEN)
-        .ok_or_else(|| Error::Auth("authentication failed: the source sent no valid nonce".into()))?;
     let my_nonce = auth::nonce()?;
-    let challenge =
-        Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
-    write_frame(stream, Kind::Challenge, &to_json(&challenge))?;
-    let got = wire::read_handshake_frame(stream, payload)?;
-    let response: ChallengeResponse = parse_json(got, payload, Kind::ChallengeResponse, "ChallengeResponse")?;
-    if !key.check(Role::Sender, &name, &my_nonce, &response.proof) {
-        return Err(Error::Auth("authentication failed: the source does not know the migration key".into()));
-    }
+    handshake::challenge(&mut rw, key, h, &my_nonce, &mut payload)?;
     Ok(())
 }
 
@@ -560,7 +529,7 @@ mod tests {
 
     fn hello(id: &str, stream: u32) -> Hello {
         Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: wire::PROTOCOL_VERSION,
             migration_id: id.into(),
             ferry_version: "test".into(),
             nonce: auth::hex(&[1u8; auth::NONCE_LEN]),

@@ -102,6 +102,9 @@ pub enum Error {
     /// The wire protocol failed (connection lost, malformed message, peer abort).
     #[error(transparent)]
     Protocol(#[from] ferry_migration::protocol::Error),
+    /// A connection's handshake failed (before it was authenticated).
+    #[error(transparent)]
+    Handshake(#[from] ferry_migration::handshake::Error),
     /// The auth key cannot be used.
     #[error(transparent)]
     Key(#[from] ferry_migration::auth::Error),

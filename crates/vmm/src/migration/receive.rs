@@ -756,10 +756,6 @@ impl Vmm {
     }
 }
 
-pub(super) fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// The pre-migration checks: can this host run this VM?
 fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
     let d = &c.description;
