@@ -331,7 +331,14 @@ fn random_bytes_are_dropped_and_the_receiver_stays_sane() {
     let f = wire::read_frame(&mut c).expect("abort");
     assert_eq!(f.kind, Kind::Abort);
     dst.wait_stderr(T, "migration m-after-random: failed: the peer sent a malformed Config message");
+    // SIGTERM ends the receiver at once, even with connections in their handshake.
+    let mut pending: Vec<TcpStream> = (0..5).map(|_| connect(port)).collect();
+    let started = Instant::now();
     assert!(dst.signal_and_wait(libc::SIGTERM, T).success(), "{}", dst.stderr());
+    assert!(started.elapsed() < DEADLINE, "the receiver took {:?} to stop", started.elapsed());
+    for c in &mut pending {
+        assert!(closed_within(c, Duration::from_secs(2)), "a pending connection outlived the receiver");
+    }
     let log = dst.stderr();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("dropped before authentication"), "{log}");
