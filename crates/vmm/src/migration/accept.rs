@@ -161,10 +161,10 @@ impl Desk {
                 no(format!("it names migration {id:?}, not the one in progress"))
             }
             (Phase::Busy(_), Some(streams)) if k < streams => Ok(()),
-            (Phase::Busy(_), Some(streams)) => {
+            (Phase::Busy(_), Some(streams)) if streams > 1 => {
                 no(format!("it names stream {k}; this migration has streams 1 to {}", streams - 1))
             }
-            (Phase::Busy(_), None) => no(format!("migration {id} takes no extra stream now")),
+            (Phase::Busy(_), _) => no(format!("migration {id} takes no extra stream now")),
             _ => no(format!("it names migration {id:?}, which is not in progress here")),
         }
     }

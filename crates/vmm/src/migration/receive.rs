@@ -327,6 +327,8 @@ impl Receiver {
             .map_err(|e| Error::Check(error_chain(&e)))?;
         let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
+        // The source opens its extra streams as soon as it reads Accept: take them from now on.
+        desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
         tracing::info!(
             "migration {id}: checks passed; reserved {} MiB and {} vCPUs for {}",
@@ -388,12 +390,11 @@ impl Receiver {
     }
 
     /// Takes the source's extra streams 1..`streams` from `desk`, where the acceptor leaves
-    /// those that proved the key for this migration; a connection that does not (a stray
-    /// client, a wrong key, another migration's id) never gets here. Waits up to
-    /// [`JOIN_TIMEOUT`].
+    /// those that proved the key for this migration (from [`Desk::start_joining`], before
+    /// Accept); a connection that does not (a stray client, a wrong key, another migration's
+    /// id) never gets here. Waits up to [`JOIN_TIMEOUT`].
     fn join_streams(&mut self, desk: &Desk, id: &str, streams: u32) -> Result<Vec<TcpStream>, Error> {
         let mut joined: Vec<Option<TcpStream>> = (1..streams).map(|_| None).collect();
-        desk.start_joining(streams);
         let r = self.wait_for_streams(desk, id, &mut joined);
         desk.stop_joining();
         r?;
