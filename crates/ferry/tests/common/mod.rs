@@ -292,3 +292,36 @@ pub fn initrd_sum(path: &Path) -> u64 {
     }
     sum
 }
+
+/// A TCP port on loopback that nothing listens on (as of now).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Writes a 32-byte migration key of `byte`s into `dir`.
+pub fn write_key(dir: &TempDir, name: &str, byte: u8) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::write(&p, [byte; 32]).expect("key");
+    p
+}
+
+/// `ferry receive` on `127.0.0.1:port` with its console on stdout; waits until it listens.
+pub fn start_receiver(port: u16, key: &Path) -> Vm {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let key = key.to_str().expect("utf8 path");
+    let vm = Vm::spawn(ferry().args(["receive", "--listen", &listen, "--auth-key-file", key]));
+    vm.wait_stderr(Duration::from_secs(60), "waiting for an incoming migration");
+    vm
+}
+
+/// A process's peak resident memory (`VmHWM` in `/proc/PID/status`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib << 10
+}
