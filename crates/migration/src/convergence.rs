@@ -65,12 +65,16 @@ pub enum Decision {
 
 /// Passes shorter than this are too short to measure bandwidth with.
 const MIN_MEASURE_MS: f64 = 5.0;
+/// Passes that carried less than this (on the measured stream) say nothing about the link:
+/// with several streams, a small pass's batches can all go to the other streams, leaving
+/// the first one its PassEnd alone, timed over the whole pass.
+const MIN_MEASURE_BYTES: u64 = 64 << 10;
 
 /// Bandwidth estimate in bytes per millisecond: the last measurable pass's (one long enough
-/// to time), or, if none is, the best of the rest.
+/// to time, that carried enough to time), or, if none is, the best of the rest.
 pub fn bandwidth(passes: &[PassMeasure]) -> f64 {
     let rate = |p: &PassMeasure| if p.ms > 0.0 { p.bytes as f64 / p.ms } else { 0.0 };
-    match passes.iter().rev().find(|p| p.ms >= MIN_MEASURE_MS && p.bytes > 0) {
+    match passes.iter().rev().find(|p| p.ms >= MIN_MEASURE_MS && p.bytes >= MIN_MEASURE_BYTES) {
         Some(p) => rate(p),
         None => passes.iter().map(rate).fold(0.0, f64::max),
     }
@@ -204,5 +208,14 @@ mod tests {
         let p = [pass(1, 250_000, 1000.0, 100), pass(2, 100, 0.1, 10)];
         assert!((bandwidth(&p) - 250_000.0 * WIRE_BYTES_PER_PAGE as f64 / 1000.0).abs() < 1.0);
         assert_eq!(expected_downtime_ms(5, 0.0), f64::INFINITY);
+    }
+
+    /// A pass whose measured stream carried only its PassEnd (the other streams took every
+    /// batch) is long enough to time but says nothing about the link.
+    #[test]
+    fn bandwidth_ignores_passes_that_carried_almost_nothing() {
+        let first = PassMeasure { pass: 1, pages: 65_536, bytes: 14 << 20, ms: 100.0, dirtied: 900 };
+        let nothing = PassMeasure { pass: 2, pages: 900, bytes: 40, ms: 10.0, dirtied: 130 };
+        assert!((bandwidth(&[first, nothing]) - (14 << 20) as f64 / 100.0).abs() < 1.0);
     }
 }

@@ -1,11 +1,13 @@
 //! Ferry's live migration: the parts that need no VM.
 //!
 //! [`protocol`] is the wire format: small fixed frame headers, per-kind payload bounds,
-//! nothing taken on trust from the peer. [`auth`] proves both ends share a key.
+//! nothing taken on trust from the peer. [`auth`] proves both ends share a key;
+//! [`handshake`] is the receiver's side of the proof, before the peer is trusted.
 //! [`convergence`] decides after each pre-copy pass whether to go on, stop and copy, or give
 //! up. The sender and receiver state machines, which drive a VM, live in `ferry-vmm`
 //! (`ferry_vmm::migration`); `docs/migration.md` describes the whole protocol.
 
 pub mod auth;
 pub mod convergence;
+pub mod handshake;
 pub mod protocol;

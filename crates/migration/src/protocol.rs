@@ -582,6 +582,26 @@ pub fn read_frame_into<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind
     Ok(h.kind)
 }
 
+/// The largest payload a frame may have before the peer is authenticated.
+pub const HANDSHAKE_MAX_PAYLOAD: u32 = 4 << 10;
+
+/// Reads one frame of a handshake into `payload`: `Hello`, `ChallengeResponse`, or an
+/// `Abort` (a sender that rejects the receiver's proof says so), none larger than
+/// [`HANDSHAKE_MAX_PAYLOAD`]. A header announcing another kind or a larger payload is an
+/// error before any of the payload is read, so an unauthenticated peer never makes the
+/// reader allocate more than that.
+pub fn read_handshake_frame<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, Error> {
+    let h = read_header(r)?;
+    if !matches!(h.kind, Kind::Hello | Kind::ChallengeResponse | Kind::Abort) {
+        return Err(Error::Unexpected { got: h.kind, expected: "Hello or ChallengeResponse (a handshake)" });
+    }
+    if h.len > HANDSHAKE_MAX_PAYLOAD {
+        return Err(Error::TooLarge { kind: h.kind, len: h.len, max: HANDSHAKE_MAX_PAYLOAD });
+    }
+    h.read_payload(r, payload)?;
+    Ok(h.kind)
+}
+
 fn check_header(header: &[u8; HEADER_LEN]) -> Result<Header, Error> {
     if &header[..4] != MAGIC {
         return Err(Error::BadMagic);
@@ -814,6 +834,39 @@ mod tests {
         assert!(matches!(read_frame(&mut &b[..]), Err(Error::BadChecksum(Kind::Hello))));
         assert!(matches!(read_frame(&mut &good[..good.len() - 1]), Err(Error::Io(_))));
         assert!(write_frame(&mut Vec::new(), Kind::Hello, &vec![0u8; 5000]).is_err());
+    }
+
+    /// Before authentication only small handshake frames are read: another kind, or a
+    /// length over the handshake bound, fails on the header with nothing allocated.
+    #[test]
+    fn handshake_frames_are_small_and_few() {
+        let mut payload = Vec::new();
+        let mut hello = Vec::new();
+        write_frame(&mut hello, Kind::Hello, b"{}").expect("write");
+        assert_eq!(read_handshake_frame(&mut &hello[..], &mut payload).expect("hello"), Kind::Hello);
+        let mut abort = Vec::new();
+        write_frame(&mut abort, Kind::Abort, &to_json(&Abort { reason: "no".into() })).expect("write");
+        assert_eq!(read_handshake_frame(&mut &abort[..], &mut payload).expect("abort"), Kind::Abort);
+        // A State header claiming 60 MiB, with nothing behind it: refused from the header.
+        let mut state = Vec::new();
+        state.extend_from_slice(MAGIC);
+        state.extend_from_slice(&(Kind::State as u16).to_le_bytes());
+        state.extend_from_slice(&[0, 0]);
+        state.extend_from_slice(&(60u32 << 20).to_le_bytes());
+        state.extend_from_slice(&[0; 4]);
+        let mut payload = Vec::new();
+        let e = read_handshake_frame(&mut &state[..], &mut payload).expect_err("state");
+        assert!(matches!(e, Error::Unexpected { got: Kind::State, .. }), "{e:?}");
+        assert_eq!(payload.capacity(), 0);
+        // An Abort may be 64 KiB after the handshake, not during it.
+        let mut big = Vec::new();
+        write_frame(&mut big, Kind::Abort, &vec![b'x'; 5000]).expect("write");
+        let e = read_handshake_frame(&mut &big[..], &mut payload).expect_err("big abort");
+        assert!(matches!(e, Error::TooLarge { max: HANDSHAKE_MAX_PAYLOAD, .. }), "{e:?}");
+        assert_eq!(payload.capacity(), 0);
+        let mut config = Vec::new();
+        write_frame(&mut config, Kind::Config, b"{}").expect("write");
+        assert!(read_handshake_frame(&mut &config[..], &mut payload).is_err());
     }
 
     /// A batch's head followed by its data is one valid frame; zero pages are markers only.

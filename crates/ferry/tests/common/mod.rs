@@ -430,3 +430,19 @@ pub fn still_runs(vm: &mut Vm, sock: &Path) {
     vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
     assert_eq!(info(sock)["state"], "running");
 }
+
+/// `ferry receive` on `127.0.0.1:port` with its console on stdout; waits until it listens.
+pub fn start_receiver(port: u16, key: &Path) -> Vm {
+    receiver(port, key, None, &[])
+}
+
+/// A process's peak resident memory (`VmHWM` in `/proc/PID/status`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib << 10
+}

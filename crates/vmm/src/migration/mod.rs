@@ -11,6 +11,7 @@
 //! state, restores, and returns a [`Vmm`] whose vCPUs start only once it holds the VM's
 //! lock.
 
+mod accept;
 mod pass;
 mod place;
 pub mod receive;
@@ -105,6 +106,9 @@ pub enum Error {
     /// The wire protocol failed (connection lost, malformed message, peer abort).
     #[error(transparent)]
     Protocol(#[from] ferry_migration::protocol::Error),
+    /// A connection's handshake failed (before it was authenticated).
+    #[error(transparent)]
+    Handshake(#[from] ferry_migration::handshake::Error),
     /// The auth key cannot be used.
     #[error(transparent)]
     Key(#[from] ferry_migration::auth::Error),
@@ -161,6 +165,12 @@ pub enum Error {
     /// The source's extra streams did not all join.
     #[error("the source's extra streams did not join: {0}")]
     Streams(String),
+    /// A connection's Hello names no stream the receiver waits for.
+    #[error("the connection did not join as a stream: {0}")]
+    NotJoined(String),
+    /// A first stream arrived while the receiver has a migration in progress (this one).
+    #[error("the receiver is busy with migration {0}")]
+    Busy(String),
     /// A stream stopped because another one failed (never reported: the other's error is).
     #[error("stopped because another stream failed")]
     StreamStopped,

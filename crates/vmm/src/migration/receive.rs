@@ -11,6 +11,8 @@
 //! ```
 //!
 //! Nothing runs before the lock is held: [`Vmm::run`] refuses to start vCPUs without it.
+//! Connections are accepted and authenticated by [`super::accept`], concurrently and each
+//! within one deadline; a migration starts here with an authenticated first stream.
 //! A failed incoming migration (bad key, malformed message, a check that fails, the source
 //! rolling back) is logged and the receiver waits for the next one; SIGTERM or SIGINT end
 //! it, aborting a migration in progress before its commit.
@@ -19,16 +21,17 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_arch::layout;
-use ferry_migration::auth::{self, Key, Role};
+use ferry_migration::auth::Key;
 use ferry_migration::protocol::{
-    self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Challenge, ChallengeResponse,
-    Commit, Hello, Kind, PageEntries, PassEnd, RestoreResult, PROTOCOL_VERSION,
+    self as wire, parse_json, to_json, write_frame, Accept, Commit, Kind, PageEntries, PassEnd, RestoreResult,
 };
 use kvm_bindings::kvm_cpuid_entry2;
 
+use super::accept::{Acceptor, Authenticated, Desk};
 use super::place::Placer;
 use super::{
     error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
@@ -48,9 +51,6 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long the source's extra streams have to connect and prove the key after `Accept`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one joining connection has for each of its Hello and its proof (a real source
-/// sends them at once; a silent stray connection holds the joining up for this long).
-const JOIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to try for the lock when the connection broke after RESTORE_OK.
 const LOST_LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -101,25 +101,29 @@ impl Vmm {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
         tracing::info!("waiting for an incoming migration on tcp:{local}");
         let faults = Faults::from_env();
+        let desk = Arc::new(Desk::new().map_err(|e| crate::Error::Migration(Box::new(e)))?);
+        // Closing the desk drops whatever waits there; the acceptor, dropped on return, stops
+        // accepting and drops the connections still being authenticated.
+        let _acceptor =
+            Acceptor::start(listener, key, desk.clone()).map_err(|e| crate::Error::Migration(Box::new(e)))?;
+        let stop = |e: Error| {
+            desk.close();
+            crate::Error::Migration(Box::new(e))
+        };
         loop {
-            match wait_readable(listener.as_raw_fd(), signals.as_raw_fd(), None) {
-                Wait::Signal(sig) => {
-                    tracing::info!("signal {sig} received: no longer waiting for a migration");
-                    return Err(crate::Error::Migration(Box::new(Error::Interrupted(sig))));
-                }
-                Wait::Ready | Wait::Timeout | Wait::HangUp => {}
-            }
-            let (stream, peer) = match listener.accept() {
+            let conn = match next_migration(&desk, signals.as_raw_fd()) {
                 Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("cannot accept a connection: {e}");
-                    continue;
+                Err(sig) => {
+                    tracing::info!("signal {sig} received: no longer waiting for a migration");
+                    return Err(stop(Error::Interrupted(sig)));
                 }
             };
-            tracing::info!("incoming migration connection from {peer}");
+            let peer = conn.peer;
+            tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(stream, &listener, &config, &key, &faults, &signals) {
+            match incoming(conn, &desk, &config, &faults, &signals) {
                 Ok(vmm) => {
+                    desk.close();
                     tracing::info!(
                         "migration {}: received in {:.1} ms",
                         vmm.activation.as_ref().map(|a| a.id.as_str()).unwrap_or("?"),
@@ -132,13 +136,27 @@ impl Vmm {
                     let msg = error_chain(&error);
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
-                        return Err(crate::Error::Migration(Box::new(error)));
+                        return Err(stop(error));
                     }
+                    // Everything of that migration is gone: the next one may come.
+                    desk.idle();
                     tracing::warn!(
                         "migration {id}: failed: {msg}; nothing runs here; waiting for another migration"
                     );
                 }
             }
+        }
+    }
+}
+
+/// Waits for the authenticated first stream of a migration, or a stop signal.
+fn next_migration(desk: &Desk, signals: RawFd) -> Result<Authenticated, i32> {
+    loop {
+        if let Some(conn) = desk.take_first() {
+            return Ok(conn);
+        }
+        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, None) {
+            return Err(sig);
         }
     }
 }
@@ -200,23 +218,24 @@ fn wait_readable_watching(
     }
 }
 
-/// One incoming migration, from the first byte to a restored VM holding its lock.
+/// One incoming migration, from its authenticated first stream to a restored VM holding
+/// its lock.
 fn incoming(
-    stream: TcpStream,
-    listener: &TcpListener,
+    conn: Authenticated,
+    desk: &Desk,
     config: &ReceiveConfig,
-    key: &Key,
     faults: &Faults,
     signals: &OwnedFd,
 ) -> Result<Vmm, Failed> {
-    let mut rx = Receiver { id: None, stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
-    let io = |e| Failed { id: None, error: Error::Protocol(wire::Error::Io(e)) };
-    stream.set_nodelay(true).map_err(io)?;
+    let id = Some(conn.hello.migration_id.clone());
+    let mut rx = Receiver { id: id.clone(), stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
+    let io = |e| Failed { id: id.clone(), error: Error::Protocol(wire::Error::Io(e)) };
+    let stream = conn.stream;
     super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     rx.stream = Some(stream);
-    match rx.run(listener, config, key, faults) {
+    match rx.run(desk, config, faults) {
         Ok(vmm) => Ok(vmm),
         Err(error) => {
             // Tell the source why, unless the connection is what failed or it aborted.
@@ -289,32 +308,9 @@ impl Receiver {
         Ok(parse_json(got, &self.payload, want, name)?)
     }
 
-    fn run(
-        &mut self,
-        listener: &TcpListener,
-        config: &ReceiveConfig,
-        key: &Key,
-        faults: &Faults,
-    ) -> Result<Vmm, Error> {
-        // Handshake: version, id, mutual proof of the key.
-        let hello: Hello = self.expect(Kind::Hello, "Hello")?;
-        if !valid_id(&hello.migration_id) {
-            return Err(Error::Check("the migration id must be 1-64 letters, digits, '-' or '_'".into()));
-        }
-        self.id = Some(hello.migration_id.clone());
-        let id = hello.migration_id.clone();
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(Error::Version(hello.protocol_version, PROTOCOL_VERSION));
-        }
-        if hello.stream != 0 {
-            return Err(Error::Check(format!(
-                "the connection wants to join stream {} of a migration that is not in progress here",
-                hello.stream
-            )));
-        }
-        tracing::info!("migration {id}: source runs Ferry {}", hello.ferry_version);
-        answer_hello(self.stream()?, key, &hello)?;
-        tracing::info!("migration {id}: source authenticated");
+    /// The migration whose first stream has been authenticated (see [`super::accept`]).
+    fn run(&mut self, desk: &Desk, config: &ReceiveConfig, faults: &Faults) -> Result<Vmm, Error> {
+        let id = self.id().to_string();
 
         // Pre-migration checks, then the reservation.
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
@@ -334,6 +330,8 @@ impl Receiver {
             .map_err(|e| Error::Check(error_chain(&e)))?;
         let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
+        // The source opens its extra streams as soon as it reads Accept: take them from now on.
+        desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
         tracing::info!(
             "migration {id}: checks passed; reserved {} MiB and {} vCPUs for {}",
@@ -343,7 +341,7 @@ impl Receiver {
         );
 
         // Memory, pass after pass, then the state.
-        let extra = self.join_streams(listener, key, &id, cfg.streams)?;
+        let extra = self.join_streams(desk, &id, cfg.streams)?;
         let snap = self.receive_memory(&mem, &extra)?;
         // From here on this side holds the VM's whole state. If the connection breaks now the
         // source may have died, and this may be the only copy: the lock (free only if the
@@ -415,67 +413,70 @@ impl Receiver {
         self.activate(vmm, &home_dir, orphaned)
     }
 
-    /// Accepts the source's extra streams 1..`streams` on `listener`. A connection that
-    /// does not prove the key for one of them (a stray client, a wrong key, a stream that
-    /// joined already) is dropped and the wait goes on, up to [`JOIN_TIMEOUT`].
-    fn join_streams(
-        &mut self,
-        listener: &TcpListener,
-        key: &Key,
-        id: &str,
-        streams: u32,
-    ) -> Result<Vec<TcpStream>, Error> {
+    /// Takes the source's extra streams 1..`streams` from `desk`, where the acceptor leaves
+    /// those that proved the key for this migration (from [`Desk::start_joining`], before
+    /// Accept); a connection that does not (a stray client, a wrong key, another migration's
+    /// id) never gets here. Waits up to [`JOIN_TIMEOUT`].
+    fn join_streams(&mut self, desk: &Desk, id: &str, streams: u32) -> Result<Vec<TcpStream>, Error> {
         let mut joined: Vec<Option<TcpStream>> = (1..streams).map(|_| None).collect();
+        let r = self.wait_for_streams(desk, id, &mut joined);
+        desk.stop_joining();
+        r?;
+        if streams > 1 {
+            tracing::info!("migration {id}: {streams} streams open");
+        }
+        Ok(joined.into_iter().flatten().collect())
+    }
+
+    fn wait_for_streams(
+        &mut self,
+        desk: &Desk,
+        id: &str,
+        joined: &mut [Option<TcpStream>],
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + JOIN_TIMEOUT;
-        while joined.iter().any(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let n = joined.iter().filter(|s| s.is_some()).count();
-                return Err(Error::Streams(format!(
-                    "{n} of {} joined within {} s",
-                    streams - 1,
-                    JOIN_TIMEOUT.as_secs()
-                )));
-            }
-            // The source gives up (closes the first stream) if a stream cannot join on its side.
-            let control = self.stream()?.as_raw_fd();
-            match wait_readable_watching(listener.as_raw_fd(), self.signals, Some(left), Some(control)) {
-                Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
-                Wait::Timeout => continue,
-                Wait::HangUp => {
-                    // Its reason, if it sent one, is the next frame.
-                    let got = self.next()?;
-                    parse_json::<Accept>(got, &self.payload, Kind::Accept, "nothing while streams join")?;
-                    return Err(Error::Streams("the source closed the connection".into()));
-                }
-                Wait::Ready => {}
-            }
-            let (stream, peer) = match listener.accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("migration {id}: cannot accept a connection: {e}");
-                    continue;
-                }
-            };
-            match join_stream(stream, key, id, streams) {
-                Ok((k, stream)) => match joined.get_mut(k as usize - 1) {
+        loop {
+            for conn in desk.take_joined() {
+                let (k, peer) = (conn.hello.stream, conn.peer);
+                match joined.get_mut((k as usize).wrapping_sub(1)) {
                     Some(slot @ None) => {
+                        let stream = conn.stream;
+                        super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
+                        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+                        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
                         tracing::debug!("migration {id}: stream {k} joined from {peer}");
                         *slot = Some(stream);
                     }
                     _ => tracing::warn!(
                         "migration {id}: stream {k} joined twice; dropped the second from {peer}"
                     ),
-                },
-                Err(why) => {
-                    tracing::warn!("migration {id}: dropped a connection from {peer} that did not join as a stream: {why}")
                 }
             }
+            if joined.iter().all(Option::is_some) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let n = joined.iter().filter(|s| s.is_some()).count();
+                return Err(Error::Streams(format!(
+                    "{n} of {} joined within {} s",
+                    joined.len(),
+                    JOIN_TIMEOUT.as_secs()
+                )));
+            }
+            // The source gives up (closes the first stream) if a stream cannot join on its side.
+            let control = self.stream()?.as_raw_fd();
+            match wait_readable_watching(desk.ready_fd(), self.signals, Some(left), Some(control)) {
+                Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
+                Wait::HangUp => {
+                    // Its reason, if it sent one, is the next frame.
+                    let got = self.next()?;
+                    parse_json::<Accept>(got, &self.payload, Kind::Accept, "nothing while streams join")?;
+                    return Err(Error::Streams("the source closed the connection".into()));
+                }
+                Wait::Timeout | Wait::Ready => {}
+            }
         }
-        if streams > 1 {
-            tracing::info!("migration {id}: {streams} streams open");
-        }
-        Ok(joined.into_iter().flatten().collect())
     }
 
     fn refuse_restore<T>(&mut self, e: Error) -> Result<T, Error> {
@@ -698,53 +699,6 @@ impl Receiver {
     }
 }
 
-/// Answers the Hello of a stream: this side's proof of the key over the sender's nonce,
-/// then the check of the sender's proof over ours (both bound to the stream's identity).
-fn answer_hello(stream: &TcpStream, key: &Key, hello: &Hello) -> Result<(), Error> {
-    let name = wire::stream_id(&hello.migration_id, hello.stream);
-    let their_nonce = auth::unhex(&hello.nonce)
-        .filter(|n| n.len() == auth::NONCE_LEN)
-        .ok_or_else(|| Error::Auth("authentication failed: the source sent no valid nonce".into()))?;
-    let my_nonce = auth::nonce()?;
-    let challenge =
-        Challenge { nonce: auth::hex(&my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
-    write_frame(&mut &*stream, Kind::Challenge, &to_json(&challenge))?;
-    let mut payload = Vec::new();
-    let got = read_frame_into(&mut &*stream, &mut payload)?;
-    let response: ChallengeResponse =
-        parse_json(got, &payload, Kind::ChallengeResponse, "ChallengeResponse")?;
-    if !key.check(Role::Sender, &name, &my_nonce, &response.proof) {
-        return Err(Error::Auth("authentication failed: the source does not know the migration key".into()));
-    }
-    Ok(())
-}
-
-/// One joining connection: its Hello must name migration `id` and a stream 1..`streams`,
-/// then both sides prove the key over that stream's identity. Returns the stream number.
-fn join_stream(stream: TcpStream, key: &Key, id: &str, streams: u32) -> Result<(u32, TcpStream), String> {
-    let e = |e: wire::Error| error_chain(&e);
-    stream.set_nodelay(true).map_err(|x| e(x.into()))?;
-    super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
-    stream.set_read_timeout(Some(JOIN_HANDSHAKE_TIMEOUT)).map_err(|x| e(x.into()))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|x| e(x.into()))?;
-    let mut payload = Vec::new();
-    let got = read_frame_into(&mut &stream, &mut payload).map_err(e)?;
-    let hello: Hello = parse_json(got, &payload, Kind::Hello, "Hello").map_err(e)?;
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(format!("it speaks protocol version {}", hello.protocol_version));
-    }
-    if hello.migration_id != id {
-        return Err(format!("it names migration {:?}, not this one", hello.migration_id));
-    }
-    let k = hello.stream;
-    if k == 0 || k >= streams {
-        return Err(format!("it names stream {k}; this migration has streams 1 to {}", streams - 1));
-    }
-    answer_hello(&stream, key, &hello).map_err(|x| error_chain(&x))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|x| e(x.into()))?;
-    Ok((k, stream))
-}
-
 /// Receives one extra stream's pages until the source closes it (or `done` is set and
 /// the stream shut down). A failure is answered with an Abort on that stream, which is then
 /// closed (so the source's writes fail at once), and ends the first stream's reading too
@@ -884,10 +838,6 @@ fn check_lock(c: &MigrationConfig, home: &std::path::Path, overridden: bool) -> 
         )),
         None => Ok(()),
     }
-}
-
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The pre-migration checks: can this host run this VM?
