@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
 use common::overlap;
 use common::{
-    ferry, free_port, info, migrate_bg, pass_number, receiver, require_kvm, run_to_end, s, wait_timeout,
-    write_key, TempDir, Vm, T,
+    ferry, free_port, migrate_bg, pass_number, receiver, require_kvm, run_to_end, s, wait_timeout, write_key,
+    TempDir, Vm, T,
 };
 use ferry_migration::protocol::Kind;
 
@@ -594,7 +594,8 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         }
         Seen::Destination => {
             wait_progress(&mut dst, c.guest, src_last + two_checks(c.guest));
-            assert_eq!(info(&dst_sock)["state"], "running", "{name}: the destination's VM state");
+            let state = vm_state(&dst_sock);
+            assert_eq!(state.as_deref(), Some("running"), "{name}: the destination's VM state");
             let st = dst.signal_and_wait(libc::SIGTERM, T);
             assert!(st.success(), "{name}: destination exit {st:?}: {}", dst.stderr());
         }
@@ -624,6 +625,10 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     assert!(lock_free(&home), "{name}: the VM's lock is still held with every VMM gone");
 
     // Nowhere: the VM starts again from its home (or its checkpoint) and passes its checks.
+    let mut ran = vec![src_pid];
+    if seen == Seen::Destination {
+        ran.push(dst_pid);
+    }
     if seen == Seen::Nowhere {
         let sock = dir.path("again.sock");
         let mut again = match &ckpt {
@@ -641,6 +646,7 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
             from
         };
         wait_progress(&mut again, c.guest, from + two_checks(c.guest));
+        ran.push(again.child.id());
         let st = again.signal_and_wait(libc::SIGTERM, T);
         assert!(st.success(), "{name}: the restarted VM's exit {st:?}: {}", again.stderr());
         assert!(!alive(&mut again.child));
@@ -651,6 +657,14 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     let summary =
         overlap::check_home(&home, &frozen).unwrap_or_else(|e| panic!("{name}: overlap checker: {e}"));
     assert!(summary.events > 0, "{name}: runs.log is empty");
+    // Every VMM that ran the VM recorded it (a log that misses one cannot show an overlap).
+    for pid in ran {
+        assert!(
+            summary.intervals.iter().any(|i| i.pid == pid),
+            "{name}: pid {pid} ran the VM but has no run in runs.log: {:?}",
+            summary.intervals
+        );
+    }
 
     // Nothing left behind.
     drop(proxy);
