@@ -29,6 +29,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         bandwidth_mib: args.bandwidth_mib,
         verify: args.verify,
         streams: args.streams,
+        stall_timeout_s: args.stall_timeout_s,
     };
     let socket = args.socket.api_socket.clone();
     let done = Arc::new(AtomicBool::new(false));
