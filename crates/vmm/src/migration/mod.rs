@@ -11,6 +11,7 @@
 //! state, restores, and returns a [`Vmm`] whose vCPUs start only once it holds the VM's
 //! lock.
 
+mod link;
 mod pass;
 mod place;
 pub mod receive;
@@ -68,10 +69,36 @@ pub struct MigrationConfig {
     /// TCP streams carrying pre-copy pages (the first one also carries everything else).
     #[serde(default = "one_stream")]
     pub streams: u32,
+    /// The stall bound, ms: the destination's waits on the source after authentication
+    /// (a read that gets nothing, the wait for Commit) fail after this long. Older sources
+    /// do not send it.
+    #[serde(default = "default_stall_ms")]
+    pub stall_timeout_ms: u64,
 }
 
 fn one_stream() -> u32 {
     1
+}
+
+fn default_stall_ms() -> u64 {
+    ferry_api::DEFAULT_STALL_TIMEOUT_S * 1000
+}
+
+impl MigrationConfig {
+    /// The stall bound, held to what a source may ask for (the value comes from the wire).
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        let (min, max) =
+            (*ferry_api::STALL_TIMEOUT_S.start() * 1000, *ferry_api::STALL_TIMEOUT_S.end() * 1000);
+        std::time::Duration::from_millis(self.stall_timeout_ms.clamp(min, max))
+    }
+
+    /// How long the source waits for RestoreResult: the stall bound, plus, with `verify`,
+    /// 1 s per GiB of guest memory (the destination hashes all of it first; the source's
+    /// own hashing of the same size overlaps with it before the source starts waiting).
+    pub fn restore_wait(&self) -> std::time::Duration {
+        let hashing = if self.verify { self.description.memory.div_ceil(1 << 30) } else { 0 };
+        self.stall_timeout() + std::time::Duration::from_secs(hashing)
+    }
 }
 
 /// Errors of a migration, on either side.
@@ -116,6 +143,9 @@ pub enum Error {
     /// The pre-migration checks failed here (destination side).
     #[error("pre-migration check failed: {0}")]
     Check(String),
+    /// The peer made no progress for the stall bound.
+    #[error(transparent)]
+    Stalled(#[from] link::Stalled),
     /// Pre-copy did not converge, or a limit was reached.
     #[error("{0}")]
     GaveUp(String),
@@ -303,13 +333,22 @@ pub(crate) enum Call {
     /// Pause the vCPUs and save the VM's state (the stop-and-copy).
     StopAndSave(Sender<Result<Box<VmSnapshot>, String>>),
     /// Commit: refuse if cancelled; else stop for good and release the VM's lock.
-    Commit(Sender<Result<(), String>>),
+    Commit(Sender<CommitAnswer>),
     /// The destination did not confirm activation: take the lock back, then the disks'.
     Reclaim(Sender<Reclaimed>),
     /// Let the vCPUs run again (rollback).
     Resume(Sender<()>),
     /// The migration has ended.
     Finished(Box<MigrationReport>),
+}
+
+/// The VMM thread's answer to [`Call::Commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitAnswer {
+    /// Committed: the lock is released, the source never runs the guest again.
+    Committed,
+    /// A cancel came first: nothing was released.
+    Cancelled,
 }
 
 /// What taking the VM back after a commit found.
@@ -359,6 +398,8 @@ pub(crate) struct Outgoing {
     id: String,
     status: Status,
     cancel: Arc<AtomicBool>,
+    /// The migration's sockets: a cancel shuts them down so that no wait outlasts it.
+    sockets: link::Sockets,
     committed: bool,
     reply: Sender<Result<Response, ApiError>>,
     inbox: Receiver<Call>,
@@ -420,6 +461,17 @@ impl Vmm {
                 reply,
             ));
         }
+        if !ferry_api::STALL_TIMEOUT_S.contains(&req.stall_timeout_s) {
+            return Err((
+                ApiError::bad_request(format!(
+                    "stall_timeout_s must be {} to {} seconds, not {}",
+                    ferry_api::STALL_TIMEOUT_S.start(),
+                    ferry_api::STALL_TIMEOUT_S.end(),
+                    req.stall_timeout_s
+                )),
+                reply,
+            ));
+        }
         let id = new_migration_id();
         let status: Status = Arc::new(Mutex::new(MigrationInfo {
             migration_id: id.clone(),
@@ -455,7 +507,9 @@ impl Vmm {
             home_is_default: self.home_is_default,
             verify: req.verify,
             streams: req.streams,
+            stall_timeout_ms: req.stall_timeout_s * 1000,
         };
+        let sockets = link::Sockets::default();
         let source = send::Source {
             id: id.clone(),
             addr,
@@ -467,12 +521,13 @@ impl Vmm {
             port: VmmPort { calls: tx, wake: wake.clone() },
             status: status.clone(),
             cancel: cancel.clone(),
+            sockets: sockets.clone(),
         };
         if let Err(e) = std::thread::Builder::new().name("migration".into()).spawn(move || source.run()) {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
         }
         tracing::info!("migration {id}: started");
-        self.migration = Some(Outgoing { id, status, cancel, committed: false, reply, inbox, wake });
+        self.migration = Some(Outgoing { id, status, cancel, sockets, committed: false, reply, inbox, wake });
         Ok(())
     }
 
@@ -486,8 +541,10 @@ impl Vmm {
                 m.id
             ))),
             Some(m) => {
+                // The flag first: the migration thread decides from it when its waits end.
                 m.cancel.store(true, Ordering::SeqCst);
-                tracing::info!("migration {}: cancel requested", m.id);
+                m.sockets.shut_down();
+                tracing::info!("migration {}: cancel requested; its connections are shut down", m.id);
                 Ok(())
             }
         }
@@ -538,7 +595,7 @@ impl Vmm {
                 Call::Commit(tx) => {
                     let Some(m) = &mut self.migration else { continue };
                     if m.cancel.load(Ordering::SeqCst) {
-                        let _ = tx.send(Err("cancelled by the operator".into()));
+                        let _ = tx.send(CommitAnswer::Cancelled);
                         continue;
                     }
                     m.committed = true;
@@ -552,7 +609,7 @@ impl Vmm {
                         m.id,
                         self.home.dir().display()
                     );
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(CommitAnswer::Committed);
                 }
                 Call::Reclaim(tx) => {
                     let r = match self.home.acquire(None) {
@@ -597,6 +654,9 @@ impl Vmm {
     pub(crate) fn abandon_migration(&mut self) {
         if let Some(m) = self.migration.take() {
             m.cancel.store(true, Ordering::SeqCst);
+            if !m.committed {
+                m.sockets.shut_down();
+            }
             let _ = m.reply.send(Err(ApiError::conflict(format!(
                 "migration {}: the VM stopped on the source before the migration ended",
                 m.id

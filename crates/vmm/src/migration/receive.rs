@@ -40,10 +40,12 @@ use crate::persist::{check_consistent, Parts, RegionState, VmSnapshot};
 use crate::run::read_signal;
 use crate::{open_host, vm, Host, SerialConfig, Vmm};
 
-/// How long any single read or write may block before the migration is given up.
+/// How long any single read or write may block before the migration is given up, until
+/// the source's Config names its stall bound (`MigrationConfig::stall_timeout`), which
+/// bounds every later wait: a read that gets nothing, the wait for Commit after RESTORE_OK
+/// (so a lost answer is found within the bound), and the wait for Verify (the bound plus
+/// 1 s per GiB, as the source's wait for RestoreResult: the source hashes meanwhile).
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the source has to commit after RESTORE_OK.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the source to release the VM's lock after its commit.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long the source's extra streams have to connect and prove the key after `Accept`.
@@ -318,6 +320,8 @@ impl Receiver {
 
         // Pre-migration checks, then the reservation.
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
+        let stall = cfg.stall_timeout();
+        self.bound_waits(stall)?;
         let mut host = open_host()?;
         for name in &faults.hide_cpu_features {
             if ferry_arch::cpuid::clear_feature(&mut host.supported, name) {
@@ -341,6 +345,10 @@ impl Receiver {
 
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(listener, key, &id, cfg.streams)?;
+        for s in &extra {
+            s.set_read_timeout(Some(stall)).map_err(wire::Error::Io)?;
+            s.set_write_timeout(Some(stall)).map_err(wire::Error::Io)?;
+        }
         let snap = self.receive_memory(&mem, &extra)?;
         let restore = |why: String| Error::RestoreFailed(why);
         let snap_virtio: Vec<crate::virtio::Backend> =
@@ -357,7 +365,9 @@ impl Receiver {
         if cfg.verify {
             // Hashed here while the source hashes its side: the two run at the same time.
             let mine = memory_crcs(&mem, verify_chunk(cfg.description.memory));
+            self.bound_waits(cfg.restore_wait())?;
             let v: wire::Verify = self.expect(Kind::Verify, "Verify")?;
+            self.bound_waits(stall)?;
             if let Err(why) = compare_memory(&mine, cfg.description.memory, &v) {
                 return self.refuse_restore(Error::Verify(why));
             }
@@ -388,7 +398,15 @@ impl Receiver {
         };
         self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() })?;
         tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit");
-        self.activate(vmm, &home_dir)
+        self.activate(vmm, &home_dir, stall)
+    }
+
+    /// Every later read or write on the first stream fails after `bound` without progress.
+    fn bound_waits(&mut self, bound: Duration) -> Result<(), Error> {
+        let s = self.stream()?;
+        s.set_read_timeout(Some(bound)).map_err(wire::Error::Io)?;
+        s.set_write_timeout(Some(bound)).map_err(wire::Error::Io)?;
+        Ok(())
     }
 
     /// Accepts the source's extra streams 1..`streams` on `listener`. A connection that
@@ -571,15 +589,19 @@ impl Receiver {
     }
 
     /// After RESTORE_OK: the commit, the lock, then the VM is this VMM's.
-    fn activate(&mut self, mut vmm: Vmm, home_dir: &std::path::Path) -> Result<Vmm, Error> {
+    /// Waits at most `stall` for the Commit.
+    fn activate(&mut self, mut vmm: Vmm, home_dir: &std::path::Path, stall: Duration) -> Result<Vmm, Error> {
         let id = self.id().to_string();
         let note = format!("migration {id}");
         let stream_fd = self.stream()?.as_raw_fd();
         let commit_ns;
-        match wait_readable(stream_fd, self.signals, Some(COMMIT_TIMEOUT)) {
+        match wait_readable(stream_fd, self.signals, Some(stall)) {
             Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
             Wait::Timeout => {
-                tracing::warn!("migration {id}: no commit from the source in {} s", COMMIT_TIMEOUT.as_secs());
+                tracing::warn!(
+                    "migration {id}: no commit from the source in {:.1} s (its stall bound)",
+                    stall.as_secs_f64()
+                );
                 commit_ns = crate::monotonic_ns();
                 self.take_over_if_free(&mut vmm, &note, "the source sent no commit")?;
             }
@@ -727,6 +749,12 @@ fn receive_stream_pages(
     let mut payload = Vec::new();
     let mut pages_in_pass = 0u64;
     loop {
+        if pages_in_pass == 0 {
+            // Between passes this stream idles while the others finish theirs: no stall
+            // bound here (the first stream's reader has it, and its failure shuts this one
+            // down); within a pass, the socket's timeout is the bound.
+            let _ = wait_readable(stream.as_raw_fd(), -1, None);
+        }
         let h = match wire::read_header(&mut &*stream) {
             Ok(h) => h,
             // Closed between frames, and not in the middle of a pass: this stream is done.

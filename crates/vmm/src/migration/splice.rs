@@ -66,10 +66,24 @@ impl<'m> PageWriter<'m> {
     }
 
     /// Writes `head` and then every queued byte of guest memory to `sock`, and empties the
-    /// queue. Blocks as writes to `sock` do (its write timeout applies).
-    pub fn send(&mut self, sock: &TcpStream, head: &[u8]) -> std::io::Result<()> {
+    /// queue. A write or splice that fails (a blocking one returns when the socket's send
+    /// timeout passes, `splice` included) is handed to `blocked`, which says whether to try
+    /// again (`Ok`) or gives the error to fail with.
+    pub fn send(
+        &mut self,
+        sock: &TcpStream,
+        head: &[u8],
+        blocked: &mut dyn FnMut(std::io::Error) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let mut writer = sock;
-        writer.write_all(head)?;
+        let mut head = head;
+        while !head.is_empty() {
+            match writer.write(head) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => head = &head[n..],
+                Err(e) => blocked(e)?,
+            }
+        }
         let mut iov: Vec<libc::iovec> = self
             .queued
             .iter()
@@ -127,12 +141,7 @@ impl<'m> PageWriter<'m> {
                 match n {
                     n if n > 0 => moved -= n as usize,
                     0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    _ => {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() != std::io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                    }
+                    _ => blocked(std::io::Error::last_os_error())?,
                 }
             }
         }
@@ -197,8 +206,10 @@ mod tests {
         assert!(w.push(0x90_0000, 4096));
         assert_eq!(w.queued.len(), 2);
         assert!(!w.push(64 << 20, 4096));
-        w.send(&sock, b"head").expect("send");
-        w.send(&sock, b"tail").expect("send nothing queued");
+        let mut fail =
+            |e: std::io::Error| if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+        w.send(&sock, b"head", &mut fail).expect("send");
+        w.send(&sock, b"tail", &mut fail).expect("send nothing queued");
         drop(sock);
         let all = reader.join().expect("reader");
         assert_eq!(all.len(), 4 + 1025 * 4096 + 4);
