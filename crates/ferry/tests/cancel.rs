@@ -277,3 +277,29 @@ fn a_lost_commit_keeps_the_source_paused_no_longer_than_the_stall_bound() {
         other => panic!("the VM runs {other}: {r}"),
     }
 }
+
+#[test]
+fn a_stall_bound_out_of_range_is_refused_before_anything_starts() {
+    require_kvm();
+    let dir = TempDir::new("stall-range");
+    let key = write_key(&dir, "key", 27);
+    let (mut src, sock) = source(&dir, SMALL);
+    for bad in ["0", "601"] {
+        let out = run_to_end(
+            &["migrate", "--api-socket", s(&sock), "--to", "tcp:127.0.0.1:1", "--auth-key-file", s(&key)]
+                .into_iter()
+                .chain(["--stall-timeout-s", bad])
+                .collect::<Vec<_>>(),
+            T,
+        );
+        common::assert_one_line_error(&out, "--stall-timeout-s");
+    }
+    // The API checks it too.
+    let mut req = ferry_api::MigrateRequest::new("tcp:127.0.0.1:1", key.clone());
+    req.stall_timeout_s = 601;
+    let e = ferry_api::client::send(&sock, &ferry_api::Request::Migrate(req), T).expect_err("refused");
+    let e = format!("{e:#}");
+    assert!(e.contains("stall_timeout_s must be 1 to 600 seconds, not 601"), "{e}");
+    still_runs(&mut src, &sock);
+    assert!(info(&sock)["migration"].is_null(), "no migration may have started");
+}

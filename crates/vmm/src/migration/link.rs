@@ -7,11 +7,12 @@
 //!   ([`connect`] polls in slices and looks at the cancel flag).
 //! - **Stall bound**: writes go through [`Out`], with the socket's send timeout set to a
 //!   short [`SLICE`]. A write that cannot go on returns after a slice and [`Progress`] looks
-//!   at how many bytes the peer has acknowledged: if that number has not moved for the
-//!   stall bound while bytes were waiting, the write fails with [`Stalled`]. Counting
-//!   acknowledged bytes, not written ones, matters: a peer that stopped reading still lets
-//!   the socket buffers (8 MiB each way) absorb seconds of a capped pass before any write
-//!   blocks. Reads of answers go through [`In`] (receive timeout [`SLICE`] too): they fail
+//!   at how far the peer's application has read (the right edge of the window it
+//!   advertises): if that has not moved for the stall bound while bytes were waiting, the
+//!   write fails with [`Stalled`]. Neither written nor acknowledged bytes would do: a peer
+//!   that stopped reading still lets the socket buffers (8 MiB each way, the peer's kernel
+//!   acknowledging into its own) absorb seconds of a capped pass before any write blocks,
+//!   so a pass also checks before each batch. Reads of answers go through [`In`] (receive timeout [`SLICE`] too): they fail
 //!   when neither a byte of the answer came nor one of this side's was acknowledged for
 //!   their bound.
 
@@ -189,39 +190,51 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// Bytes the peer has acknowledged on `fd`, and whether any written byte still waits for
-/// its acknowledgement.
-fn acked(fd: RawFd) -> io::Result<(u64, bool)> {
-    // SAFETY: tcp_info is plain data for which all zeros is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+/// Offsets in the kernel's `struct tcp_info` (`linux/tcp.h`; the structure only grows).
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_SND_WND: usize = 228;
+
+/// How far the peer lets this side send on `fd`: the bytes it acknowledged plus the receive
+/// window it advertises (the right edge of the window; Linux 6.2 and later report the
+/// window, earlier ones only the acknowledged bytes). The edge moves only when the peer's
+/// application reads: a stopped process's kernel still acknowledges what fits into its
+/// receive buffer, but each of those acknowledgements shrinks the window by as much. Also
+/// whether any written byte still waits for its acknowledgement.
+fn window_edge(fd: RawFd) -> io::Result<(u64, bool)> {
+    #[repr(C, align(8))]
+    struct Info([u8; 256]);
+    let mut info = Info([0; 256]);
+    let mut len = std::mem::size_of::<Info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, and sets `len` to how many.
     let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.0.as_mut_ptr().cast(), &mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    let field = |at: usize, n: usize| -> u64 {
+        let mut b = [0u8; 8];
+        if at + n <= len as usize {
+            b[..n].copy_from_slice(&info.0[at..at + n]);
+        }
+        u64::from_ne_bytes(b)
+    };
+    let edge = field(TCPI_BYTES_ACKED, 8) + field(TCPI_SND_WND, 4);
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int into `outq`.
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((info.tcpi_bytes_acked, outq > 0))
+    Ok((edge, outq > 0))
 }
 
-/// Watches one socket for the peer's progress: the bytes it acknowledges.
+/// Watches one socket for the peer's progress: the right edge of its receive window
+/// ([`window_edge`]).
 #[derive(Debug)]
 pub(crate) struct Progress {
     fd: RawFd,
     bound: Duration,
-    acked: u64,
+    edge: u64,
     since: Instant,
 }
 
@@ -229,7 +242,7 @@ impl Progress {
     /// Starts watching `s` with stall bound `bound`.
     pub fn new(s: &TcpStream, bound: Duration) -> Self {
         let fd = s.as_raw_fd();
-        Self { fd, bound, acked: acked(fd).map(|(a, _)| a).unwrap_or(0), since: Instant::now() }
+        Self { fd, bound, edge: window_edge(fd).map(|(e, _)| e).unwrap_or(0), since: Instant::now() }
     }
 
     /// The peer did something (sent a byte): the stall clock starts again.
@@ -237,13 +250,14 @@ impl Progress {
         self.since = Instant::now();
     }
 
-    /// Fails with [`Stalled`] if the peer has acknowledged nothing for the stall bound. A
-    /// writer (`idle_ok`) is not stalled while nothing of its waits for acknowledgement; a
-    /// reader waiting for an answer is, once the bound passes without a byte either way.
+    /// Fails with [`Stalled`] if the peer has taken nothing (its window's right edge has
+    /// not moved) for the stall bound. A writer (`idle_ok`) is not stalled while nothing of
+    /// its waits for acknowledgement; a reader waiting for an answer is, once the bound
+    /// passes without a byte either way.
     pub fn check(&mut self, waiting: &str, idle_ok: bool) -> io::Result<()> {
-        let (acked, waits) = acked(self.fd)?;
-        if acked != self.acked || (idle_ok && !waits) {
-            self.acked = acked;
+        let (edge, waits) = window_edge(self.fd)?;
+        if edge != self.edge || (idle_ok && !waits) {
+            self.edge = edge;
             self.since = Instant::now();
             return Ok(());
         }
@@ -308,8 +322,8 @@ impl Write for Out<'_> {
 }
 
 /// A socket's read side for an answer under a bound: it fails when no byte has come and
-/// none of this side's has been acknowledged for that long (so a long queue of this side's
-/// data still draining at a slow peer is not a stall). The socket's receive timeout must be
+/// the peer has read none of this side's for that long (so a long queue of this side's
+/// data still draining into a slow peer is not a stall). The socket's receive timeout must be
 /// [`SLICE`].
 pub(crate) struct In<'a> {
     stream: &'a TcpStream,

@@ -664,3 +664,46 @@ impl Vmm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A Config from a source without the stall bound (older Ferry), as JSON.
+    fn older_config(memory: u64, verify: bool) -> serde_json::Value {
+        serde_json::json!({
+            "description": { "memory": memory, "vcpus": 1, "kernel": "k", "cmdline": "" },
+            "memory_regions": [],
+            "cpuid": [],
+            "msrs": [],
+            "devices": [],
+            "home": "/tmp/h",
+            "home_is_default": false,
+            "verify": verify,
+        })
+    }
+
+    #[test]
+    fn an_older_source_means_the_default_stall_bound() {
+        let c: MigrationConfig = serde_json::from_value(older_config(1 << 30, false)).expect("parse");
+        assert_eq!(c.stall_timeout_ms, 10_000);
+        assert_eq!(c.stall_timeout(), Duration::from_secs(10));
+        assert_eq!(c.restore_wait(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_stall_bound_from_the_wire_is_held_to_its_range_and_verify_adds_a_second_per_gib() {
+        let mut v = older_config(5 << 30, true);
+        v["stall_timeout_ms"] = 0.into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.stall_timeout(), Duration::from_secs(1));
+        v["stall_timeout_ms"] = u64::MAX.into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.stall_timeout(), Duration::from_secs(600));
+        v["stall_timeout_ms"] = 2500.into();
+        let c: MigrationConfig = serde_json::from_value(v).expect("parse");
+        assert_eq!(c.restore_wait(), Duration::from_millis(2500 + 5000));
+    }
+}
