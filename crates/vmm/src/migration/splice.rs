@@ -222,6 +222,39 @@ mod tests {
         assert_eq!(&all[all.len() - 4..], b"tail");
     }
 
+    /// `splice` to a socket honours the socket's send timeout: with a peer that never
+    /// reads, the send returns to `blocked` (which the stall bound relies on) instead of
+    /// blocking for good.
+    #[test]
+    fn a_blocked_splice_returns_at_the_send_timeout() {
+        let mem = crate::memory::create(64 << 20).expect("memory");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (_peer, _) = l.accept().expect("accept");
+        sock.set_write_timeout(Some(std::time::Duration::from_millis(100))).expect("timeout");
+        let mut w = PageWriter::new(&mem).expect("pipe");
+        let mut timeouts = 0;
+        let t = std::time::Instant::now();
+        let e = loop {
+            // 64 MiB a round, far more than both socket buffers hold.
+            for i in 0..(64u64 << 20) / 4096 {
+                assert!(w.push(i * 4096, 4096));
+            }
+            let mut blocked = |e: std::io::Error| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    timeouts += 1;
+                }
+                Err(e)
+            };
+            if let Err(e) = w.send(&sock, b"head", &mut blocked) {
+                break e;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "the sends never blocked");
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        assert_eq!(timeouts, 1);
+    }
+
     #[test]
     fn zero_pages() {
         let mem = crate::memory::create(16 << 20).expect("memory");
