@@ -4,7 +4,7 @@
 //! - **Cancel**: each socket the migration thread opens is registered in [`Sockets`], which
 //!   the VMM thread shares; a cancel shuts all of them down there, so a read, write or
 //!   splice blocked in the kernel returns at once. Connecting is interruptible on its own
-//!   ([`connect`] polls in slices and looks at the cancel flag).
+//!   ([`connect`] polls in 50 ms slices and looks at the cancel flag).
 //! - **Stall bound**: writes go through [`Out`], with the socket's send timeout set to a
 //!   short [`SLICE`]. A write that cannot go on returns after a slice and [`Progress`] looks
 //!   at how far the peer's application has read (the right edge of the window it
@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a write blocks before the stall and cancel checks run; also the poll slice of
-/// [`connect`].
+/// How long a read or write blocks before the stall and cancel checks run.
 pub(crate) const SLICE: Duration = Duration::from_millis(200);
+/// How often [`connect`] looks at the cancel flag (nothing else can wake it).
+const CONNECT_SLICE: Duration = Duration::from_millis(50);
 
 /// The peer made no progress for the stall bound: carried inside an [`io::Error`] of kind
 /// `TimedOut` from the write or read that waited, and turned into
@@ -92,7 +93,8 @@ impl Sockets {
     }
 }
 
-/// Connects to `addr` within `timeout`, giving up within a [`SLICE`] of `cancel` being set.
+/// Connects to `addr` within `timeout`, giving up within [`CONNECT_SLICE`] of `cancel`
+/// being set.
 pub(crate) fn connect(addr: &SocketAddr, timeout: Duration, cancel: &AtomicBool) -> io::Result<TcpStream> {
     let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: socket() has no memory preconditions; the result is checked.
@@ -121,7 +123,7 @@ pub(crate) fn connect(addr: &SocketAddr, timeout: Duration, cancel: &AtomicBool)
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"));
             }
             let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-            let ms = left.min(SLICE).as_millis().max(1) as libc::c_int;
+            let ms = left.min(CONNECT_SLICE).as_millis().max(1) as libc::c_int;
             // SAFETY: one valid pollfd for the duration of the call.
             let n = unsafe { libc::poll(&mut p, 1, ms) };
             if n < 0 {
