@@ -93,6 +93,12 @@ impl Sockets {
     }
 }
 
+/// The I/O error of a wait a cancel ended. Not of kind `Interrupted`, which `write_all`
+/// and `read_exact` retry.
+fn cancelled() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "the migration was cancelled")
+}
+
 /// Connects to `addr` within `timeout`, giving up within [`CONNECT_SLICE`] of `cancel`
 /// being set.
 pub(crate) fn connect(addr: &SocketAddr, timeout: Duration, cancel: &AtomicBool) -> io::Result<TcpStream> {
@@ -116,7 +122,7 @@ pub(crate) fn connect(addr: &SocketAddr, timeout: Duration, cancel: &AtomicBool)
         let deadline = Instant::now() + timeout;
         loop {
             if cancel.load(Ordering::SeqCst) {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled while connecting"));
+                return Err(cancelled());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -282,7 +288,7 @@ impl Progress {
             io::ErrorKind::Interrupted => Ok(()),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 if cancel.load(Ordering::SeqCst) {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                    return Err(cancelled());
                 }
                 self.check(waiting, idle_ok)
             }
@@ -399,6 +405,31 @@ mod tests {
         assert!(st.to_string().contains("while the source was sending test data"), "{st}");
     }
 
+    /// The cancel flag alone (no shutdown) ends a blocked write within a slice or two.
+    #[test]
+    fn a_cancel_ends_a_blocked_write() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (_peer, _) = l.accept().expect("accept");
+        s.set_write_timeout(Some(SLICE)).expect("timeout");
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.store(true, Ordering::SeqCst);
+        });
+        let t = Instant::now();
+        let mut out = Out::new(&s, Duration::from_secs(60), &cancel, "sending test data");
+        let chunk = vec![7u8; 1 << 20];
+        let e = loop {
+            if let Err(e) = out.write_all(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
     /// A peer that never answers: the read fails after its bound, naming what it waited for.
     #[test]
     fn a_peer_that_does_not_answer_stalls_the_reader() {
@@ -450,7 +481,7 @@ mod tests {
         let addr: SocketAddr = "192.0.2.1:9".parse().expect("addr");
         let cancel = AtomicBool::new(true);
         let t = Instant::now();
-        // Interrupted, or refused at once where the host has no route at all.
+        // Cancelled, or refused at once where the host has no route at all.
         assert!(connect(&addr, Duration::from_secs(5), &cancel).is_err(), "connected to TEST-NET-1");
         assert!(t.elapsed() < Duration::from_secs(1));
     }
