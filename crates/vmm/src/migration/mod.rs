@@ -281,6 +281,12 @@ impl Faults {
 /// A chunk whose pages were never populated reads as zeros and is not read (reading it
 /// would only map the zero page over and over).
 pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
+    memory_crcs_unless(mem, chunk, &AtomicBool::new(false)).unwrap_or_default()
+}
+
+/// [`memory_crcs`], given up (`None`) as soon as `stop` is set: hashing a big guest takes
+/// seconds, and a cancel must not wait for it.
+pub(crate) fn memory_crcs_unless(mem: &GuestMemory, chunk: u64, stop: &AtomicBool) -> Option<Vec<u32>> {
     let untouched = crate::memory::never_touched(mem);
     let page = ferry_arch::layout::PAGE_SIZE;
     let mut out = Vec::new();
@@ -290,6 +296,9 @@ pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
         let map = untouched.get(i).and_then(Option::as_ref);
         let mut off = 0u64;
         while off < r.len() {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
             let n = chunk.min(r.len() - off) as usize;
             let (first, pages) = ((off / page) as usize, n / page as usize);
             let never = map.is_some_and(|m| {
@@ -319,7 +328,7 @@ pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
             off += n as u64;
         }
     }
-    out
+    Some(out)
 }
 
 /// Chunk size for [`memory_crcs`]: 2 MiB, more for huge guests so the list stays small.

@@ -32,8 +32,8 @@ use super::link::{self, In, Out, Sockets};
 use super::pass;
 use super::Reclaimed;
 use super::{
-    error_chain, memory_crcs, update, verify_chunk, Call, CommitAnswer, Error, MigrationConfig, Status,
-    VmmPort,
+    error_chain, memory_crcs_unless, update, verify_chunk, Call, CommitAnswer, Error, MigrationConfig,
+    Status, VmmPort,
 };
 use crate::dirty::{DirtyLog, DirtyRegion};
 use crate::memory::GuestMemory;
@@ -452,7 +452,8 @@ impl Run<'_> {
         self.send_raw(Kind::State, &payload)?;
         if self.src.config.verify {
             let chunk = verify_chunk(self.src.config.description.memory);
-            let crcs = memory_crcs(&self.src.memory, chunk);
+            let crcs =
+                memory_crcs_unless(&self.src.memory, chunk, &self.src.cancel).ok_or(Error::Cancelled)?;
             self.send(Kind::Verify, &wire::Verify { chunk_bytes: chunk, crcs })?;
         }
         tracing::info!(
