@@ -74,6 +74,10 @@ pub struct MigrationConfig {
     /// do not send it.
     #[serde(default = "default_stall_ms")]
     pub stall_timeout_ms: u64,
+    /// The source's bandwidth cap over all streams, bytes/s (0: none; older sources do not
+    /// send it). The destination sizes its receive buffers from it ([`Self::receive_buffer`]).
+    #[serde(default)]
+    pub bandwidth_cap: u64,
 }
 
 fn one_stream() -> u32 {
@@ -90,6 +94,20 @@ impl MigrationConfig {
         let (min, max) =
             (*ferry_api::STALL_TIMEOUT_S.start() * 1000, *ferry_api::STALL_TIMEOUT_S.end() * 1000);
         std::time::Duration::from_millis(self.stall_timeout_ms.clamp(min, max))
+    }
+
+    /// The receive buffer a destination gives each stream of a capped migration: an eighth
+    /// of the stall bound's worth of the cap (256 KiB to [`SOCKET_BUFFER`]); `None` when
+    /// uncapped (the default buffer). The source cannot tell bytes the destination's kernel
+    /// took into its buffer from bytes its process read, so a stopped destination is found
+    /// only once that buffer is full: at the cap, a full-size buffer would take seconds to
+    /// fill (16 MiB at 4 MiB/s), this one a fraction of the bound.
+    pub fn receive_buffer(&self) -> Option<usize> {
+        if self.bandwidth_cap == 0 {
+            return None;
+        }
+        let bytes = self.bandwidth_cap.saturating_mul(self.stall_timeout().as_millis() as u64) / 8000;
+        Some(bytes.clamp(256 << 10, SOCKET_BUFFER as u64) as usize)
     }
 
     /// How long the source waits for RestoreResult: the stall bound, plus, with `verify`,
@@ -210,13 +228,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// loopback here than the kernel's autotuned buffers).
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
+/// On a destination: gives `sock` the receive buffer `config` asks for, if any
+/// ([`MigrationConfig::receive_buffer`]).
+fn size_receive_buffer(sock: &TcpStream, config: &MigrationConfig) {
+    if let Some(size) = config.receive_buffer() {
+        set_socket_buffer(sock, libc::SO_RCVBUFFORCE, size as libc::c_int);
+    }
+}
+
 /// Gives a migration socket [`SOCKET_BUFFER`]-sized buffers in direction `opt`
 /// (`SO_SNDBUFFORCE` or `SO_RCVBUFFORCE`, which need `CAP_NET_ADMIN`). Without the
 /// privilege the kernel's autotuning stays in charge: a plain `SO_SNDBUF` would cap the
 /// buffer at `wmem_max` and switch autotuning off.
 fn size_socket_buffer(sock: &TcpStream, opt: libc::c_int) {
+    set_socket_buffer(sock, opt, SOCKET_BUFFER);
+}
+
+/// [`size_socket_buffer`] with `size` bytes.
+fn set_socket_buffer(sock: &TcpStream, opt: libc::c_int, size: libc::c_int) {
     use std::os::fd::AsRawFd;
-    let size = SOCKET_BUFFER;
     // SAFETY: setsockopt on a socket this process owns, with a valid pointer to an int and
     // its size; failure leaves the socket as it was.
     let rc = unsafe {
@@ -517,6 +547,7 @@ impl Vmm {
             verify: req.verify,
             streams: req.streams,
             stall_timeout_ms: req.stall_timeout_s * 1000,
+            bandwidth_cap: req.bandwidth_mib.saturating_mul(1 << 20),
         };
         let sockets = link::Sockets::default();
         let source = send::Source {
@@ -714,5 +745,23 @@ mod tests {
         v["stall_timeout_ms"] = 2500.into();
         let c: MigrationConfig = serde_json::from_value(v).expect("parse");
         assert_eq!(c.restore_wait(), Duration::from_millis(2500 + 5000));
+    }
+
+    #[test]
+    fn a_capped_migration_gets_receive_buffers_a_fraction_of_the_bound_long() {
+        let mut v = older_config(1 << 30, false);
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.bandwidth_cap, 0);
+        assert_eq!(c.receive_buffer(), None);
+        v["stall_timeout_ms"] = 2000.into();
+        v["bandwidth_cap"] = (4u64 << 20).into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(1 << 20));
+        v["bandwidth_cap"] = (1u64 << 20).into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(256 << 10));
+        v["bandwidth_cap"] = u64::MAX.into();
+        let c: MigrationConfig = serde_json::from_value(v).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(8 << 20));
     }
 }

@@ -322,6 +322,7 @@ impl Receiver {
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
         let stall = cfg.stall_timeout();
         self.bound_waits(stall)?;
+        super::size_receive_buffer(self.stream()?, &cfg);
         let mut host = open_host()?;
         for name in &faults.hide_cpu_features {
             if ferry_arch::cpuid::clear_feature(&mut host.supported, name) {
@@ -346,6 +347,7 @@ impl Receiver {
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(listener, key, &id, cfg.streams)?;
         for s in &extra {
+            super::size_receive_buffer(s, &cfg);
             s.set_read_timeout(Some(stall)).map_err(wire::Error::Io)?;
             s.set_write_timeout(Some(stall)).map_err(wire::Error::Io)?;
         }
