@@ -193,14 +193,29 @@ fn cancel_while_blocked_writing_to_a_destination_that_stopped_reading() {
     let (mut src, sock) = slow_source_with(&dir, SMALL);
     let port = free_port();
     let dst = receiver(port, &key, None, &[]);
+    // The destination's buffer (4 MiB at this cap and bound) and the source's fill within
+    // seconds; the stall bound would end the migration only 8 s after.
     let mut args = SLOW.to_vec();
-    args.extend_from_slice(&["--stall-timeout-s", "60"]);
+    args.extend_from_slice(&["--stall-timeout-s", "8"]);
     let child = migrate_bg(&sock, port, &key, &args);
     wait_precopy(&sock);
     signal(&dst, libc::SIGSTOP);
-    // Long enough for the socket buffers to fill and the source to block in a write.
-    std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(info(&sock)["migration"]["phase"], "pre-copy");
+    // Blocked in a write: the bytes sent stop growing for longer than the cap's sleeps
+    // between batches (0.5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut last, mut since) = (0u64, Instant::now());
+    loop {
+        let m = &info(&sock)["migration"];
+        assert_eq!(m["phase"], "pre-copy", "{m}");
+        let sent = m["bytes_transferred"].as_u64().expect("bytes");
+        if sent != last {
+            (last, since) = (sent, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never blocked: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (r, took) = cancel_and_finish(&sock, child);
     signal(&dst, libc::SIGKILL);
     assert_cancelled(&r, took, &mut src, &sock);
@@ -231,13 +246,13 @@ fn a_destination_stopped_in_pass_1_fails_the_migration_at_the_stall_bound() {
     assert!(reason.contains("made no progress for 2 s") && reason.contains("stall timeout"), "{r}");
     assert!(r["passes"].as_array().expect("passes").is_empty(), "pass 1 never ended: {r}");
     // The bound counts from when the destination stops taking data. A stopped process's
-    // kernel still takes what fits into its receive buffer (the receiver forces 8 MiB,
-    // which the kernel doubles: about 20 MiB with overhead, 5 s at 4 MiB/s), and the source
-    // cannot tell those bytes from read ones. So: at least the bound, at most the bound
-    // plus that buffer's worth plus a little (without the bound: never, within 40 s).
-    let fill = Duration::from_secs(5);
+    // kernel still takes what fits into its receive buffer, which the source cannot tell
+    // from bytes read; for a capped migration the destination sizes that buffer to an
+    // eighth of the bound's worth of the cap (1 MiB here, about 0.6 s to fill). So: at
+    // least the bound, at most the bound plus that plus a little (without the bound: never,
+    // within 40 s; with full-size buffers: 6.5 s).
     assert!(took >= Duration::from_secs(2), "failed before the bound, after {took:?}: {r}");
-    assert!(took < Duration::from_secs(2) + fill + Duration::from_millis(1500), "found after {took:?}: {r}");
+    assert!(took < Duration::from_secs(4), "found after {took:?}: {r}");
     still_runs(&mut src, &sock);
 }
 
