@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod mig;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -291,28 +293,6 @@ pub fn initrd_sum(path: &Path) -> u64 {
         k += 1;
     }
     sum
-}
-
-/// A TCP port on loopback that nothing listens on (as of now).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Writes a 32-byte migration key of `byte`s into `dir`.
-pub fn write_key(dir: &TempDir, name: &str, byte: u8) -> PathBuf {
-    let p = dir.path(name);
-    std::fs::write(&p, [byte; 32]).expect("key");
-    p
-}
-
-/// `ferry receive` on `127.0.0.1:port` with its console on stdout; waits until it listens.
-pub fn start_receiver(port: u16, key: &Path) -> Vm {
-    let listen = format!("tcp:127.0.0.1:{port}");
-    let key = key.to_str().expect("utf8 path");
-    let vm = Vm::spawn(ferry().args(["receive", "--listen", &listen, "--auth-key-file", key]));
-    vm.wait_stderr(Duration::from_secs(60), "waiting for an incoming migration");
-    vm
 }
 
 /// A process's peak resident memory (`VmHWM` in `/proc/PID/status`), in bytes.
