@@ -135,8 +135,11 @@ fn cancel_while_the_source_waits_for_restore_result() {
     // The destination saw the connection close, could not take the lock the source still
     // holds, and dropped its copy.
     dst.wait_stderr(T, "nothing runs here; waiting for another migration");
-    let lock = std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock");
-    assert!(!lock.contains("migration"), "the lock never left the source: {lock}");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock"))
+            .expect("lock record");
+    assert_eq!(lock["migration_id"], serde_json::Value::Null, "the lock never left the source: {lock}");
+    assert_eq!(lock["pid"], src.child.id(), "the lock never left the source: {lock}");
 }
 
 #[test]
