@@ -15,8 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mig::{
-    finish, free_port, info, migrate, migrate_bg, receiver, s, slow_source_with, source, still_runs,
-    wait_precopy, write_key, SLOW, T,
+    finish, free_port, info, migrate, migrate_bg, receiver, s, slow_source, slow_source_with, source,
+    still_runs, wait_precopy, write_key, SLOW, T,
 };
 use common::{pass_number, require_kvm, run_to_end, TempDir, Vm};
 use ferry_migration::protocol::{self as wire, Kind};
@@ -320,4 +320,67 @@ fn a_stall_bound_out_of_range_is_refused_before_anything_starts() {
     assert!(e.contains("stall_timeout_s must be 1 to 600 seconds, not 601"), "{e}");
     still_runs(&mut src, &sock);
     assert!(info(&sock)["migration"].is_null(), "no migration may have started");
+}
+
+#[test]
+fn pause_or_resume_after_the_state_was_taken_cancels_the_migration_first() {
+    require_kvm();
+    for request in ["resume", "pause"] {
+        let dir = TempDir::new("cancel-by-api");
+        let key = write_key(&dir, "key", 24);
+        let (mut src, sock) = source(&dir, SMALL);
+        let port = free_port();
+        let _dst = receiver(port, &key, None, &[]);
+        let (proxy, held) = holding_proxy(port, Hold::RestoreResult);
+        let child = migrate_bg(&sock, proxy, &key, &[]);
+        held.recv_timeout(T).expect("the destination never answered RESTORE_OK");
+        assert_eq!(info(&sock)["state"], "paused");
+        let generation_before = home_generation(&dir);
+        // The request is answered once the migration has rolled back.
+        let t = Instant::now();
+        let out = run_to_end(&[request, "--api-socket", s(&sock)], T);
+        assert!(out.status.success(), "{request}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(t.elapsed() < CANCEL_WITHIN, "{request} took {:?}", t.elapsed());
+        let (_, r) = finish(child);
+        assert_eq!(r["status"], "cancelled", "{request}: {r}");
+        assert_eq!(r["vm_running_on"], "source", "{request}: {r}");
+        // The rollback resumed the VM under a new generation; a pause then paused it.
+        assert!(home_generation(&dir) > generation_before, "{request}");
+        match request {
+            "resume" => still_runs(&mut src, &sock),
+            _ => {
+                assert_eq!(info(&sock)["state"], "paused");
+                let out = run_to_end(&["resume", "--api-socket", s(&sock)], T);
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                still_runs(&mut src, &sock);
+            }
+        }
+    }
+}
+
+#[test]
+fn pause_before_the_state_is_taken_is_refused() {
+    require_kvm();
+    let dir = TempDir::new("pause-precopy");
+    let key = write_key(&dir, "key", 25);
+    let (mut src, sock) = slow_source(&dir);
+    let port = free_port();
+    let _dst = receiver(port, &key, None, &[]);
+    let child = migrate_bg(&sock, port, &key, SLOW);
+    wait_precopy(&sock);
+    let out = run_to_end(&["pause", "--api-socket", s(&sock)], T);
+    common::assert_one_line_error(&out, "is in progress; cancel it first");
+    assert_eq!(info(&sock)["migration"]["phase"], "pre-copy");
+    let (r, _) = cancel_and_finish(&sock, child);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    still_runs(&mut src, &sock);
+}
+
+/// The VM's generation, from its home.
+fn home_generation(dir: &TempDir) -> u64 {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path("home").join("vm.generation")).expect("generation"),
+    )
+    .expect("JSON");
+    g["generation"].as_u64().expect("generation")
 }
