@@ -110,10 +110,25 @@ pub struct MigrateRequest {
     /// [`MAX_STREAMS`] (default 1).
     #[serde(default = "default_streams")]
     pub streams: u32,
+    /// The stall bound, seconds ([`STALL_TIMEOUT_S`], default
+    /// [`DEFAULT_STALL_TIMEOUT_S`]): any wait on the destination (a write it does not take,
+    /// an answer it does not send) that lasts longer fails the migration.
+    #[serde(default = "default_stall_timeout_s")]
+    pub stall_timeout_s: u64,
 }
 
 /// Most streams one migration may use.
 pub const MAX_STREAMS: u32 = 8;
+
+/// The stall bounds a migration may ask for, seconds.
+pub const STALL_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=600;
+
+/// The stall bound when a request names none, seconds.
+pub const DEFAULT_STALL_TIMEOUT_S: u64 = 10;
+
+fn default_stall_timeout_s() -> u64 {
+    DEFAULT_STALL_TIMEOUT_S
+}
 
 fn default_streams() -> u32 {
     1
@@ -141,6 +156,7 @@ impl MigrateRequest {
             bandwidth_mib: 0,
             verify: false,
             streams: default_streams(),
+            stall_timeout_s: DEFAULT_STALL_TIMEOUT_S,
         }
     }
 }

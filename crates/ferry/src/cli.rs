@@ -118,7 +118,9 @@ answers; the source commits (stops for good, releases the VM's lock); the destin
 the lock and starts the vCPUs.
 
 Until the commit, any failure (destination refused or died, connection lost, restore
-failed, verification mismatch, cancel, timeout, no convergence) resumes the VM here. Progress
+failed, verification mismatch, cancel, timeout, no convergence, a destination that stalls
+for --stall-timeout-s) resumes the VM here. `ferry migrate-cancel` ends the migration within
+a second in any phase before the commit, even while the destination does not answer. Progress
 goes to stderr; the report goes to stdout (--json: the documented JSON, see docs/migration.md).
 Exit status: 0 only if the VM now runs on the destination.
 
@@ -126,14 +128,17 @@ Examples:
   ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file /etc/ferry/migration.key
   ferry migrate --api-socket vm.sock --to tcp:127.0.0.1:7001 --auth-key-file key \\
       --downtime-ms 50 --bandwidth-mib 500 --verify --json
-  ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file key --streams 4";
+  ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file key --streams 4
+  ferry migrate --api-socket vm.sock --to tcp:10.0.0.2:7000 --auth-key-file key --stall-timeout-s 3";
 
 const CANCEL_ABOUT: &str = "\
-Cancel the migration in progress of the VM behind --api-socket. The source stops sending,
-tells the destination, and the VM keeps running on the source (it resumes if it was in the
-stop-and-copy). A migration that has committed (the source has already stopped for good and
-handed the VM's lock over) can no longer be cancelled; the command then fails and says so.
-`ferry migrate` ends with status `cancelled`.";
+Cancel the migration in progress of the VM behind --api-socket. The source shuts its
+connections to the destination down at once (whatever it was waiting for: connecting, a
+write the destination does not take, an answer), the destination sees them close and drops
+what it received, and the VM keeps running on the source (it resumes if it was paused for
+the stop-and-copy); `ferry migrate` ends within a second with status `cancelled`. A
+migration that has committed (the source has already stopped for good and handed the VM's
+lock over) can no longer be cancelled; the command then fails and says so.";
 
 /// Arguments of `ferry receive`.
 #[derive(Debug, Args)]
@@ -208,6 +213,15 @@ pub struct MigrateArgs {
     /// threads take CPU time from the guest's vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub streams: u32,
+
+    /// Fail the migration (the VM stays on, or resumes on, the source) when the destination
+    /// makes no progress for S seconds (1 to 600) in any wait: a write it does not take (no
+    /// byte acknowledged), an answer it does not send (Challenge, Accept, PassAck,
+    /// RestoreResult, Activated). The destination uses the same bound for its own waits
+    /// once the source has authenticated. RestoreResult gets 1 s more per GiB of guest memory
+    /// with --verify (the destination hashes it all first).
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub stall_timeout_s: u64,
 
     /// Print the report as JSON.
     #[arg(long)]

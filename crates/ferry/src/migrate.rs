@@ -29,6 +29,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         bandwidth_mib: args.bandwidth_mib,
         verify: args.verify,
         streams: args.streams,
+        stall_timeout_s: args.stall_timeout_s,
     };
     let socket = args.socket.api_socket.clone();
     let done = Arc::new(AtomicBool::new(false));
@@ -40,6 +41,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let answer = send(&socket, &Request::Migrate(request), wait);
     done.store(true, Ordering::SeqCst);
     if let Some(p) = progress {
+        // Woken at once: the report must not wait for the next progress tick.
+        p.thread().unpark();
         let _ = p.join();
     }
     let Response::Migration(report) = answer? else {
@@ -85,7 +88,7 @@ fn show_progress(socket: &std::path::Path, done: &AtomicBool) {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     while !done.load(Ordering::SeqCst) {
-        std::thread::sleep(PROGRESS_EVERY);
+        std::thread::park_timeout(PROGRESS_EVERY);
         if done.load(Ordering::SeqCst) {
             break;
         }

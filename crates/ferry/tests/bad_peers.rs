@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mig::{free_port, receiver, write_key};
 use common::{
-    ferry, free_port, pass_number, peak_rss, require_kvm, run_to_end, start_receiver, wait_timeout,
-    write_key, write_random_file, TempDir, Vm,
+    ferry, pass_number, peak_rss, require_kvm, run_to_end, wait_timeout, write_random_file, TempDir, Vm,
 };
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::protocol::{self as wire, Kind};
@@ -193,7 +193,7 @@ fn a_peer_sending_a_byte_a_second_is_dropped_at_the_deadline_and_a_migration_goe
     let key = write_key(&dir, "key", 0x41);
     let (mut src, sock) = slow_source(&dir, "src");
     let port = free_port();
-    let mut dst = start_receiver(port, &key);
+    let mut dst = receiver(port, &key, None, &[]);
 
     // One byte of a Hello's header a second; the receiver cuts it off at its deadline.
     let mut slow = connect(port);
@@ -230,7 +230,7 @@ fn two_hundred_silent_connections_do_not_keep_a_migration_out() {
     let key = write_key(&dir, "key", 0x42);
     let (mut src, sock) = small_source(&dir, "src", &[]);
     let port = free_port();
-    let mut dst = start_receiver(port, &key);
+    let mut dst = receiver(port, &key, None, &[]);
     // More than any listen backlog; they stay open and say nothing.
     let silent: Vec<TcpStream> = (0..200).map(|_| connect(port)).collect();
     migration_completes(&mut src, &sock, &mut dst, port, &key, &[]);
@@ -246,7 +246,7 @@ fn more_than_sixteen_half_handshakes_drop_the_oldest_and_a_migration_goes_throug
     let key = write_key(&dir, "key", 0x43);
     let (mut src, sock) = small_source(&dir, "src", &[]);
     let port = free_port();
-    let mut dst = start_receiver(port, &key);
+    let mut dst = receiver(port, &key, None, &[]);
     let mut half: Vec<TcpStream> = (0..20).map(|i| half_handshake(port, &format!("m-half-{i}"))).collect();
     // The four oldest went to make room; the sixteen newest are still waiting.
     for (i, c) in half.iter_mut().enumerate().take(4) {
@@ -272,7 +272,7 @@ fn a_first_frame_claiming_sixty_mib_is_dropped_without_allocating() {
     let key_path = write_key(&dir, "key", 0x44);
     let key = Key::from_bytes(vec![0x44; 32]).expect("key");
     let port = free_port();
-    let dst = start_receiver(port, &key_path);
+    let dst = receiver(port, &key_path, None, &[]);
     let pid = dst.child.id();
     // Idle, after a first handshake (so what a connection costs anyway is in).
     drop(authenticated(port, &key, "m-warm-up"));
@@ -306,7 +306,7 @@ fn random_bytes_are_dropped_and_the_receiver_stays_sane() {
     let key_path = write_key(&dir, "key", 0x45);
     let key = Key::from_bytes(vec![0x45; 32]).expect("key");
     let port = free_port();
-    let mut dst = start_receiver(port, &key_path);
+    let mut dst = receiver(port, &key_path, None, &[]);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         x ^= x << 13;
@@ -351,7 +351,7 @@ fn malformed_truncated_and_oversized_messages_leave_the_receiver_sane() {
     let key_path = write_key(&dir, "key", 0x30);
     let key = Key::from_bytes(vec![0x30; 32]).expect("key");
     let port = free_port();
-    let mut dst = start_receiver(port, &key_path);
+    let mut dst = receiver(port, &key_path, None, &[]);
 
     // Not a frame at all.
     poke(port, b"GET / HTTP/1.1\r\n\r\n");
@@ -390,7 +390,7 @@ fn a_second_migration_while_one_is_in_progress_is_told_the_receiver_is_busy() {
     let (mut first, first_sock) = slow_source(&dir, "first");
     let (mut second, second_sock) = small_source(&dir, "second", &[]);
     let port = free_port();
-    let mut dst = start_receiver(port, &key);
+    let mut dst = receiver(port, &key, None, &[]);
 
     let args = migrate_args(&first_sock, port, &key, SLOW);
     let child = ferry()

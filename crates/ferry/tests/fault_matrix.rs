@@ -27,11 +27,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
+use common::mig::{free_port, migrate_bg, receiver, s, write_key, T};
 use common::overlap;
-use common::{
-    ferry, free_port, migrate_bg, pass_number, receiver, require_kvm, run_to_end, s, wait_timeout, write_key,
-    TempDir, Vm, T,
-};
+use common::{ferry, pass_number, require_kvm, run_to_end, wait_timeout, TempDir, Vm};
 use ferry_migration::protocol::Kind;
 
 /// How long anything in a cell may take to settle (a pre-fix receiver waits 30 s for a commit).

@@ -7,24 +7,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
-use common::{
-    finish, free_port, info, migrate, migrate_args, migrate_bg, pass_number, receiver, require_kvm,
-    run_to_end, s, source, still_runs, wait_precopy, write_key, write_random_file, TempDir, Vm, T,
+use common::mig::{
+    finish, free_port, info, migrate, migrate_args, migrate_bg, receiver, s, slow_source, source, still_runs,
+    wait_precopy, write_key, SLOW, T,
 };
+use common::{pass_number, require_kvm, run_to_end, TempDir};
 use ferry_migration::auth;
 use ferry_migration::protocol::{self as wire, Kind};
-
-/// A source big enough, and a cap low enough, that pre-copy lasts several seconds.
-fn slow_source(dir: &TempDir) -> (Vm, PathBuf) {
-    let initrd = dir.path("initrd.img");
-    write_random_file(&initrd, 32 << 20, 7);
-    source(dir, &["--initrd", s(&initrd)])
-}
-const SLOW: &[&str] = &["--bandwidth-mib", "4"];
 
 #[test]
 fn there_and_back_with_verification_and_the_guest_never_notices() {

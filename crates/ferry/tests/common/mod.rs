@@ -4,10 +4,10 @@
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod mig;
 pub mod overlap;
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -299,141 +299,6 @@ pub fn initrd_sum(path: &Path) -> u64 {
         k += 1;
     }
     sum
-}
-
-// Live-migration helpers shared by migration.rs and fault_matrix.rs.
-
-/// The default wait for anything in a test.
-pub const T: Duration = Duration::from_secs(60);
-
-/// A port nothing listens on (at the moment of asking).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A path as a command-line argument.
-pub fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
-/// A 32-byte migration key file of `byte`s.
-pub fn write_key(dir: &TempDir, name: &str, byte: u8) -> PathBuf {
-    let p = dir.path(name);
-    std::fs::write(&p, [byte; 32]).expect("key");
-    p
-}
-
-/// A memstress VM with an API socket and its home in `dir` (256 MiB, wss=8M unless `extra`
-/// says otherwise); waits until it runs its passes.
-pub fn source(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
-    let sock = dir.path("src.sock");
-    let home = dir.path("home");
-    let mut args = vec!["--guest", "memstress", "--api-socket", s(&sock), "--home", s(&home)];
-    args.extend_from_slice(extra);
-    if !extra.contains(&"--memory") {
-        args.extend_from_slice(&["--memory", "256M"]);
-    }
-    if !extra.contains(&"--cmdline") {
-        args.extend_from_slice(&["--cmdline", "wss=8M"]);
-    }
-    let mut vm = Vm::start(&args);
-    vm.wait_prefix(T, "memstress: ready");
-    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
-    (vm, sock)
-}
-
-/// `ferry receive` with its console on stdout; waits until it listens.
-pub fn receiver(port: u16, key: &Path, sock: Option<&Path>, env: &[(&str, &str)]) -> Vm {
-    let listen = format!("tcp:127.0.0.1:{port}");
-    let mut cmd = ferry();
-    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(key)]);
-    if let Some(sock) = sock {
-        cmd.args(["--api-socket", s(sock)]);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let vm = Vm::spawn(&mut cmd);
-    vm.wait_stderr(T, "waiting for an incoming migration");
-    vm
-}
-
-/// The arguments of `ferry migrate --json` to `port_arg`.
-pub fn migrate_args<'a>(sock: &'a Path, port_arg: &'a str, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v =
-        vec!["migrate", "--api-socket", s(sock), "--to", port_arg, "--auth-key-file", s(key), "--json"];
-    v.extend_from_slice(extra);
-    v
-}
-
-/// Runs `ferry migrate` to the end; returns its output and JSON report.
-pub fn migrate(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
-    let to = format!("tcp:127.0.0.1:{port}");
-    let out = run_to_end(&migrate_args(sock, &to, key, extra), T);
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "migrate printed no JSON report ({e}): stdout {} stderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out, report)
-}
-
-/// Starts `ferry migrate` in the background.
-pub fn migrate_bg(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> Child {
-    let to = format!("tcp:127.0.0.1:{port}");
-    ferry()
-        .args(migrate_args(sock, &to, key, extra))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migrate")
-}
-
-/// Waits for a background `ferry migrate`; returns its output and JSON report.
-pub fn finish(mut child: Child) -> (Output, serde_json::Value) {
-    wait_timeout(&mut child, T).expect("migrate did not end");
-    let out = child.wait_with_output().expect("output");
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
-    });
-    (out, report)
-}
-
-/// `ferry info --json` of the VM behind `sock`.
-pub fn info(sock: &Path) -> serde_json::Value {
-    let out = run_to_end(&["info", "--api-socket", s(sock), "--json"], T);
-    assert!(out.status.success(), "info failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("info JSON")
-}
-
-/// Waits until the source's migration is in pre-copy and has sent something.
-pub fn wait_precopy(sock: &Path) -> serde_json::Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let i = info(sock);
-        let m = &i["migration"];
-        if m["phase"] == "pre-copy" && m["bytes_transferred"].as_u64().unwrap_or(0) > 0 {
-            return i;
-        }
-        assert!(Instant::now() < deadline, "migration never reached pre-copy: {i}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The VM still runs here: new passes after `after`, no corruption, state running.
-pub fn still_runs(vm: &mut Vm, sock: &Path) {
-    let last = vm.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
-    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
-    assert_eq!(info(sock)["state"], "running");
-}
-
-/// `ferry receive` on `127.0.0.1:port` with its console on stdout; waits until it listens.
-pub fn start_receiver(port: u16, key: &Path) -> Vm {
-    receiver(port, key, None, &[])
 }
 
 /// A process's peak resident memory (`VmHWM` in `/proc/PID/status`), in bytes.

@@ -12,6 +12,7 @@
 //! lock.
 
 mod accept;
+mod link;
 mod pass;
 mod place;
 pub mod receive;
@@ -73,10 +74,54 @@ pub struct MigrationConfig {
     /// TCP streams carrying pre-copy pages (the first one also carries everything else).
     #[serde(default = "one_stream")]
     pub streams: u32,
+    /// The stall bound, ms: the destination's waits on the source after authentication
+    /// (a read that gets nothing, the wait for Commit) fail after this long. Older sources
+    /// do not send it.
+    #[serde(default = "default_stall_ms")]
+    pub stall_timeout_ms: u64,
+    /// The source's bandwidth cap over all streams, bytes/s (0: none; older sources do not
+    /// send it). The destination sizes its receive buffers from it ([`Self::receive_buffer`]).
+    #[serde(default)]
+    pub bandwidth_cap: u64,
 }
 
 fn one_stream() -> u32 {
     1
+}
+
+fn default_stall_ms() -> u64 {
+    ferry_api::DEFAULT_STALL_TIMEOUT_S * 1000
+}
+
+impl MigrationConfig {
+    /// The stall bound, held to what a source may ask for (the value comes from the wire).
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        let (min, max) =
+            (*ferry_api::STALL_TIMEOUT_S.start() * 1000, *ferry_api::STALL_TIMEOUT_S.end() * 1000);
+        std::time::Duration::from_millis(self.stall_timeout_ms.clamp(min, max))
+    }
+
+    /// The receive buffer a destination gives each stream of a capped migration: an eighth
+    /// of the stall bound's worth of the cap (256 KiB to [`SOCKET_BUFFER`]); `None` when
+    /// uncapped (the default buffer). The source cannot tell bytes the destination's kernel
+    /// took into its buffer from bytes its process read, so a stopped destination is found
+    /// only once that buffer is full: at the cap, a full-size buffer would take seconds to
+    /// fill (16 MiB at 4 MiB/s), this one a fraction of the bound.
+    pub fn receive_buffer(&self) -> Option<usize> {
+        if self.bandwidth_cap == 0 {
+            return None;
+        }
+        let bytes = self.bandwidth_cap.saturating_mul(self.stall_timeout().as_millis() as u64) / 8000;
+        Some(bytes.clamp(256 << 10, SOCKET_BUFFER as u64) as usize)
+    }
+
+    /// How long the source waits for RestoreResult: the stall bound, plus, with `verify`,
+    /// 1 s per GiB of guest memory (the destination hashes all of it first; the source's
+    /// own hashing of the same size overlaps with it before the source starts waiting).
+    pub fn restore_wait(&self) -> std::time::Duration {
+        let hashing = if self.verify { self.description.memory.div_ceil(1 << 30) } else { 0 };
+        self.stall_timeout() + std::time::Duration::from_secs(hashing)
+    }
 }
 
 /// Errors of a migration, on either side.
@@ -124,6 +169,9 @@ pub enum Error {
     /// The pre-migration checks failed here (destination side).
     #[error("pre-migration check failed: {0}")]
     Check(String),
+    /// The peer made no progress for the stall bound.
+    #[error(transparent)]
+    Stalled(#[from] link::Stalled),
     /// Pre-copy did not converge, or a limit was reached.
     #[error("{0}")]
     GaveUp(String),
@@ -205,13 +253,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// loopback here than the kernel's autotuned buffers).
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
+/// On a destination: gives `sock` the receive buffer `config` asks for, if any
+/// ([`MigrationConfig::receive_buffer`]).
+fn size_receive_buffer(sock: &TcpStream, config: &MigrationConfig) {
+    if let Some(size) = config.receive_buffer() {
+        set_socket_buffer(sock, libc::SO_RCVBUFFORCE, size as libc::c_int);
+    }
+}
+
 /// Gives a migration socket [`SOCKET_BUFFER`]-sized buffers in direction `opt`
 /// (`SO_SNDBUFFORCE` or `SO_RCVBUFFORCE`, which need `CAP_NET_ADMIN`). Without the
 /// privilege the kernel's autotuning stays in charge: a plain `SO_SNDBUF` would cap the
 /// buffer at `wmem_max` and switch autotuning off.
 fn size_socket_buffer(sock: &TcpStream, opt: libc::c_int) {
+    set_socket_buffer(sock, opt, SOCKET_BUFFER);
+}
+
+/// [`size_socket_buffer`] with `size` bytes.
+fn set_socket_buffer(sock: &TcpStream, opt: libc::c_int, size: libc::c_int) {
     use std::os::fd::AsRawFd;
-    let size = SOCKET_BUFFER;
     // SAFETY: setsockopt on a socket this process owns, with a valid pointer to an int and
     // its size; failure leaves the socket as it was.
     let rc = unsafe {
@@ -276,6 +336,12 @@ impl Faults {
 /// A chunk whose pages were never populated reads as zeros and is not read (reading it
 /// would only map the zero page over and over).
 pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
+    memory_crcs_unless(mem, chunk, &AtomicBool::new(false)).unwrap_or_default()
+}
+
+/// [`memory_crcs`], given up (`None`) as soon as `stop` is set: hashing a big guest takes
+/// seconds, and a cancel must not wait for it.
+pub(crate) fn memory_crcs_unless(mem: &GuestMemory, chunk: u64, stop: &AtomicBool) -> Option<Vec<u32>> {
     let untouched = crate::memory::never_touched(mem);
     let page = ferry_arch::layout::PAGE_SIZE;
     let mut out = Vec::new();
@@ -285,6 +351,9 @@ pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
         let map = untouched.get(i).and_then(Option::as_ref);
         let mut off = 0u64;
         while off < r.len() {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
             let n = chunk.min(r.len() - off) as usize;
             let (first, pages) = ((off / page) as usize, n / page as usize);
             let never = map.is_some_and(|m| {
@@ -314,7 +383,7 @@ pub fn memory_crcs(mem: &GuestMemory, chunk: u64) -> Vec<u32> {
             off += n as u64;
         }
     }
-    out
+    Some(out)
 }
 
 /// Chunk size for [`memory_crcs`]: 2 MiB, more for huge guests so the list stays small.
@@ -328,7 +397,7 @@ pub(crate) enum Call {
     /// Pause the vCPUs and save the VM's state (the stop-and-copy).
     StopAndSave(Sender<Result<Box<VmSnapshot>, String>>),
     /// Commit: refuse if cancelled; else stop for good and release the VM's lock.
-    Commit(Sender<Result<(), String>>),
+    Commit(Sender<CommitAnswer>),
     /// The destination did not confirm activation: take the lock back, then the disks'.
     Reclaim(Sender<Reclaimed>),
     /// Raise the generation and let the vCPUs run again (rollback); the error says why
@@ -336,6 +405,15 @@ pub(crate) enum Call {
     Resume(Sender<Result<(), String>>),
     /// The migration has ended.
     Finished(Box<MigrationReport>),
+}
+
+/// The VMM thread's answer to [`Call::Commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitAnswer {
+    /// Committed: the lock is released, the source never runs the guest again.
+    Committed,
+    /// A cancel came first: nothing was released.
+    Cancelled,
 }
 
 /// What taking the VM back after a commit found.
@@ -397,6 +475,8 @@ pub(crate) struct Outgoing {
     id: String,
     status: Status,
     cancel: Arc<AtomicBool>,
+    /// The migration's sockets: a cancel shuts them down so that no wait outlasts it.
+    sockets: link::Sockets,
     committed: bool,
     /// The generation of the state sent in the stop-and-copy (set once saved).
     state_generation: Option<u64>,
@@ -466,6 +546,17 @@ impl Vmm {
                 reply,
             ));
         }
+        if !ferry_api::STALL_TIMEOUT_S.contains(&req.stall_timeout_s) {
+            return Err((
+                ApiError::bad_request(format!(
+                    "stall_timeout_s must be {} to {} seconds, not {}",
+                    ferry_api::STALL_TIMEOUT_S.start(),
+                    ferry_api::STALL_TIMEOUT_S.end(),
+                    req.stall_timeout_s
+                )),
+                reply,
+            ));
+        }
         let id = new_migration_id();
         let status: Status = Arc::new(Mutex::new(MigrationInfo {
             migration_id: id.clone(),
@@ -510,7 +601,10 @@ impl Vmm {
             home_is_default: self.home_is_default,
             verify: req.verify,
             streams: req.streams,
+            stall_timeout_ms: req.stall_timeout_s * 1000,
+            bandwidth_cap: req.bandwidth_mib.saturating_mul(1 << 20),
         };
+        let sockets = link::Sockets::default();
         let source = send::Source {
             id: id.clone(),
             addr,
@@ -522,6 +616,7 @@ impl Vmm {
             port: VmmPort { calls: tx, wake: wake.clone() },
             status: status.clone(),
             cancel: cancel.clone(),
+            sockets: sockets.clone(),
         };
         if let Err(e) = std::thread::Builder::new().name("migration".into()).spawn(move || source.run()) {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
@@ -531,6 +626,7 @@ impl Vmm {
             id,
             status,
             cancel,
+            sockets,
             committed: false,
             state_generation: None,
             state_taken: false,
@@ -552,8 +648,10 @@ impl Vmm {
                 m.id
             ))),
             Some(m) => {
+                // The flag first: the migration thread decides from it when its waits end.
                 m.cancel.store(true, Ordering::SeqCst);
-                tracing::info!("migration {}: cancel requested", m.id);
+                m.sockets.shut_down();
+                tracing::info!("migration {}: cancel requested; its connections are shut down", m.id);
                 Ok(())
             }
         }
@@ -607,7 +705,7 @@ impl Vmm {
                 Call::Commit(tx) => {
                     let Some(m) = &mut self.migration else { continue };
                     if m.cancel.load(Ordering::SeqCst) {
-                        let _ = tx.send(Err("cancelled by the operator".into()));
+                        let _ = tx.send(CommitAnswer::Cancelled);
                         continue;
                     }
                     m.committed = true;
@@ -621,7 +719,7 @@ impl Vmm {
                         m.id,
                         self.home.dir().display()
                     );
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(CommitAnswer::Committed);
                 }
                 Call::Reclaim(tx) => {
                     let state = self.migration.as_ref().and_then(|m| m.state_generation);
@@ -765,10 +863,74 @@ impl Vmm {
     pub(crate) fn abandon_migration(&mut self) {
         if let Some(m) = self.migration.take() {
             m.cancel.store(true, Ordering::SeqCst);
+            if !m.committed {
+                m.sockets.shut_down();
+            }
             let _ = m.reply.send(Err(ApiError::conflict(format!(
                 "migration {}: the VM stopped on the source before the migration ended",
                 m.id
             ))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A Config from a source without the stall bound (older Ferry), as JSON.
+    fn older_config(memory: u64, verify: bool) -> serde_json::Value {
+        serde_json::json!({
+            "description": { "memory": memory, "vcpus": 1, "kernel": "k", "cmdline": "" },
+            "memory_regions": [],
+            "cpuid": [],
+            "msrs": [],
+            "devices": [],
+            "home": "/tmp/h",
+            "home_is_default": false,
+            "verify": verify,
+        })
+    }
+
+    #[test]
+    fn an_older_source_means_the_default_stall_bound() {
+        let c: MigrationConfig = serde_json::from_value(older_config(1 << 30, false)).expect("parse");
+        assert_eq!(c.stall_timeout_ms, 10_000);
+        assert_eq!(c.stall_timeout(), Duration::from_secs(10));
+        assert_eq!(c.restore_wait(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_stall_bound_from_the_wire_is_held_to_its_range_and_verify_adds_a_second_per_gib() {
+        let mut v = older_config(5 << 30, true);
+        v["stall_timeout_ms"] = 0.into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.stall_timeout(), Duration::from_secs(1));
+        v["stall_timeout_ms"] = u64::MAX.into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.stall_timeout(), Duration::from_secs(600));
+        v["stall_timeout_ms"] = 2500.into();
+        let c: MigrationConfig = serde_json::from_value(v).expect("parse");
+        assert_eq!(c.restore_wait(), Duration::from_millis(2500 + 5000));
+    }
+
+    #[test]
+    fn a_capped_migration_gets_receive_buffers_a_fraction_of_the_bound_long() {
+        let mut v = older_config(1 << 30, false);
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.bandwidth_cap, 0);
+        assert_eq!(c.receive_buffer(), None);
+        v["stall_timeout_ms"] = 2000.into();
+        v["bandwidth_cap"] = (4u64 << 20).into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(1 << 20));
+        v["bandwidth_cap"] = (1u64 << 20).into();
+        let c: MigrationConfig = serde_json::from_value(v.clone()).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(256 << 10));
+        v["bandwidth_cap"] = u64::MAX.into();
+        let c: MigrationConfig = serde_json::from_value(v).expect("parse");
+        assert_eq!(c.receive_buffer(), Some(8 << 20));
     }
 }

@@ -21,12 +21,11 @@ use ferry_migration::protocol::{
     MAX_PAGES_PER_FRAME, PAGE_SIZE,
 };
 
+use super::link::{In, Out, Progress, SLICE};
 use super::splice::{page_is_zero, PageWriter};
 use super::Error;
 use crate::memory::GuestMemory;
 
-/// How long a stream waits for its `PassAck`.
-const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the first stream reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
@@ -45,6 +44,8 @@ pub(crate) struct Pass<'a> {
     pub cap: u64,
     /// Wait for each stream's `PassAck` (the stop-and-copy pass collects its answer later).
     pub wait_ack: bool,
+    /// The stall bound: a stream whose peer acknowledges nothing for this long fails.
+    pub stall: Duration,
 }
 
 /// What a pass sent.
@@ -170,7 +171,7 @@ impl Pass<'_> {
         if r.is_err() {
             shared.fail();
         }
-        r.map_err(|e| peer_reason(stream, e))
+        r.map_err(|e| peer_reason(stream, super::link::typed(e)))
     }
 
     fn stream_inner(
@@ -184,6 +185,10 @@ impl Pass<'_> {
         let mut take: Vec<(u64, bool)> = Vec::with_capacity(MAX_PAGES_PER_FRAME);
         let mut mine = Sent::default();
         let mut last_progress = Instant::now();
+        // The peer's progress, checked before each batch too: with a bandwidth cap the
+        // socket buffers take seconds of batches before any write blocks.
+        let waiting = format!("sending pass {}", self.number);
+        let mut watch = Progress::new(stream, self.stall);
         loop {
             take.clear();
             {
@@ -200,6 +205,7 @@ impl Pass<'_> {
             if self.cancel.load(Ordering::SeqCst) {
                 return Err(Error::Cancelled);
             }
+            watch.check(&waiting, true).map_err(wire::Error::Io)?;
             for &(addr, known_zero) in &take {
                 let zero =
                     known_zero || page_is_zero(self.mem, addr, PAGE_SIZE).ok_or(Error::Memory { addr })?;
@@ -217,7 +223,8 @@ impl Pass<'_> {
             let data_len = batch.data_len();
             let head = batch.finish();
             let n = (head.len() + data_len) as u64;
-            out.send(stream, head).map_err(wire::Error::Io)?;
+            let mut blocked = |e| watch.blocked(e, &waiting, self.cancel, true);
+            out.send(stream, head, &mut blocked).map_err(wire::Error::Io)?;
             batch.clear();
             mine.bytes += n;
             let pages = shared.pages_sent.fetch_add(take.len() as u64, Ordering::Relaxed) + take.len() as u64;
@@ -225,8 +232,12 @@ impl Pass<'_> {
             if self.cap > 0 {
                 // Sleep until the pass, all streams together, is back under the cap.
                 let due = Duration::from_secs_f64(bytes as f64 / self.cap as f64);
-                if let Some(wait) = due.checked_sub(shared.started.elapsed()) {
-                    std::thread::sleep(wait);
+                // In slices, so that a cancel is not kept waiting.
+                while let Some(wait) = due.checked_sub(shared.started.elapsed()) {
+                    if self.cancel.load(Ordering::SeqCst) {
+                        return Err(Error::Cancelled);
+                    }
+                    std::thread::sleep(wait.min(SLICE));
                 }
             }
             if let Some(report) = progress.as_mut() {
@@ -237,20 +248,28 @@ impl Pass<'_> {
             }
         }
         let end = to_json(&PassEnd { pass: self.number, pages: mine.pages });
-        write_frame(&mut &*stream, Kind::PassEnd, &end)?;
+        write_frame(&mut Out::new(stream, self.stall, self.cancel, &waiting), Kind::PassEnd, &end)?;
         mine.bytes += (wire::HEADER_LEN + end.len()) as u64;
         if self.wait_ack {
-            wait_ack(stream, self.number, mine.pages)?;
+            wait_ack(stream, self.number, mine.pages, self.stall, self.cancel)?;
         }
         Ok(mine)
     }
 }
 
-/// Waits on `stream` for the `PassAck` of `pass` with `pages` pages.
-pub(crate) fn wait_ack(stream: &TcpStream, pass: u32, pages: u64) -> Result<(), Error> {
-    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(wire::Error::Io)?;
+/// Waits on `stream` for the `PassAck` of `pass` with `pages` pages, failing after `stall`
+/// without progress (the pass's bytes still being acknowledged counts as progress).
+pub(crate) fn wait_ack(
+    stream: &TcpStream,
+    pass: u32,
+    pages: u64,
+    stall: Duration,
+    cancel: &AtomicBool,
+) -> Result<(), Error> {
     let mut payload = Vec::new();
-    let got = read_frame_into(&mut &*stream, &mut payload)?;
+    let waiting = format!("waiting for the PassAck of pass {pass}");
+    let got = read_frame_into(&mut In::new(stream, stall, cancel, &waiting), &mut payload)
+        .map_err(|e| super::link::typed(e.into()))?;
     let ack: PassAck = parse_json(got, &payload, Kind::PassAck, "PassAck")?;
     if ack != (PassAck { pass, pages }) {
         return Err(Error::Protocol(wire::Error::Unexpected {

@@ -43,10 +43,12 @@ use crate::persist::{check_consistent, Parts, RegionState, VmSnapshot};
 use crate::run::read_signal;
 use crate::{open_host, vm, Host, SerialConfig, Vmm};
 
-/// How long any single read or write may block before the migration is given up.
+/// How long any single read or write may block before the migration is given up, until
+/// the source's Config names its stall bound (`MigrationConfig::stall_timeout`), which
+/// bounds every later wait: a read that gets nothing, the wait for Commit after RESTORE_OK
+/// (so a lost answer is found within the bound), and the wait for Verify (the bound plus
+/// 1 s per GiB, as the source's wait for RestoreResult: the source hashes meanwhile).
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the source has to commit after RESTORE_OK.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the source to release the VM's lock after its commit.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long the source's extra streams have to connect and prove the key after `Accept`.
@@ -314,6 +316,9 @@ impl Receiver {
 
         // Pre-migration checks, then the reservation.
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
+        let stall = cfg.stall_timeout();
+        self.bound_waits(stall)?;
+        super::size_receive_buffer(self.stream()?, &cfg);
         let mut host = open_host()?;
         for name in &faults.hide_cpu_features {
             if ferry_arch::cpuid::clear_feature(&mut host.supported, name) {
@@ -342,6 +347,11 @@ impl Receiver {
 
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(desk, &id, cfg.streams)?;
+        for s in &extra {
+            super::size_receive_buffer(s, &cfg);
+            s.set_read_timeout(Some(stall)).map_err(wire::Error::Io)?;
+            s.set_write_timeout(Some(stall)).map_err(wire::Error::Io)?;
+        }
         let snap = self.receive_memory(&mem, &extra)?;
         // From here on this side holds the VM's whole state. If the connection breaks now the
         // source may have died, and this may be the only copy: the lock (free only if the
@@ -362,7 +372,10 @@ impl Receiver {
         if cfg.verify {
             // Hashed here while the source hashes its side: the two run at the same time.
             let mine = memory_crcs(&mem, verify_chunk(cfg.description.memory));
-            match self.expect::<wire::Verify>(Kind::Verify, "Verify") {
+            self.bound_waits(cfg.restore_wait())?;
+            let verify = self.expect::<wire::Verify>(Kind::Verify, "Verify");
+            self.bound_waits(stall)?;
+            match verify {
                 Ok(v) => {
                     if let Err(why) = compare_memory(&mine, cfg.description.memory, &v) {
                         return self.refuse_restore(Error::Verify(why));
@@ -410,7 +423,15 @@ impl Receiver {
                 Err(e) => return Err(e),
             }
         }
-        self.activate(vmm, &home_dir, orphaned)
+        self.activate(vmm, &home_dir, orphaned, stall)
+    }
+
+    /// Every later read or write on the first stream fails after `bound` without progress.
+    fn bound_waits(&mut self, bound: Duration) -> Result<(), Error> {
+        let s = self.stream()?;
+        s.set_read_timeout(Some(bound)).map_err(wire::Error::Io)?;
+        s.set_write_timeout(Some(bound)).map_err(wire::Error::Io)?;
+        Ok(())
     }
 
     /// Takes the source's extra streams 1..`streams` from `desk`, where the acceptor leaves
@@ -597,11 +618,13 @@ impl Receiver {
 
     /// After RESTORE_OK: the commit, the lock, then the VM is this VMM's. `orphaned` says
     /// why the connection is gone already (then only the lock and generation decide).
+    /// Waits at most `stall` for the Commit.
     fn activate(
         &mut self,
         mut vmm: Vmm,
         home_dir: &std::path::Path,
         orphaned: Option<String>,
+        stall: Duration,
     ) -> Result<Vmm, Error> {
         let id = self.id().to_string();
         let note = id.clone();
@@ -618,10 +641,13 @@ impl Receiver {
             return Ok(vmm);
         }
         let stream_fd = self.stream()?.as_raw_fd();
-        match wait_readable(stream_fd, self.signals, Some(COMMIT_TIMEOUT)) {
+        match wait_readable(stream_fd, self.signals, Some(stall)) {
             Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
             Wait::Timeout => {
-                tracing::warn!("migration {id}: no commit from the source in {} s", COMMIT_TIMEOUT.as_secs());
+                tracing::warn!(
+                    "migration {id}: no commit from the source in {:.1} s (its stall bound)",
+                    stall.as_secs_f64()
+                );
                 commit_ns = crate::monotonic_ns();
                 self.take_over_if_free(&mut vmm, &note, "the source sent no commit")?;
             }
@@ -739,6 +765,12 @@ fn receive_stream_pages(
     let mut payload = Vec::new();
     let mut pages_in_pass = 0u64;
     loop {
+        if pages_in_pass == 0 {
+            // Between passes this stream idles while the others finish theirs: no stall
+            // bound here (the first stream's reader has it, and its failure shuts this one
+            // down); within a pass, the socket's timeout is the bound.
+            let _ = wait_readable(stream.as_raw_fd(), -1, None);
+        }
         let h = match wire::read_header(&mut &*stream) {
             Ok(h) => h,
             // Closed between frames, and not in the middle of a pass: this stream is done.

@@ -15,7 +15,6 @@
 //! source takes the lock back, and resumes the VM only if the destination never held it
 //! for this migration.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,20 +28,22 @@ use ferry_migration::protocol::{
     ChallengeResponse, Commit, Hello, Kind, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
+use super::link::{self, In, Out, Sockets};
 use super::pass;
 use super::Reclaimed;
-use super::{error_chain, memory_crcs, update, verify_chunk, Call, Error, MigrationConfig, Status, VmmPort};
+use super::{
+    error_chain, memory_crcs_unless, update, verify_chunk, Call, CommitAnswer, Error, MigrationConfig,
+    Status, VmmPort,
+};
 use crate::dirty::{DirtyLog, DirtyRegion};
 use crate::memory::GuestMemory;
 
 /// How long to wait for the destination to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long any single read or write may block (a stalled peer fails the migration).
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the destination has to restore (verification hashes all memory).
-const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the destination has to take the lock and start the vCPUs after the commit.
-const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+// Every other wait on the destination is bounded by the migration's stall bound
+// (`MigrationConfig::stall_timeout`; `link` says how): a write it takes nothing of, a
+// PassAck, Accept, Challenge or Activated, and RestoreResult
+// (`MigrationConfig::restore_wait`: the bound, plus 1 s per GiB with --verify).
 
 /// Everything the migration thread needs.
 pub(crate) struct Source {
@@ -56,6 +57,8 @@ pub(crate) struct Source {
     pub port: VmmPort,
     pub status: Status,
     pub cancel: Arc<AtomicBool>,
+    /// Every socket opened is registered here, for a cancel to shut it down.
+    pub sockets: Sockets,
 }
 
 /// Counters kept while the migration runs, for the report.
@@ -101,7 +104,7 @@ impl Source {
             paused_at: None,
             last_dirty: None,
         };
-        let result = run.migrate();
+        let result = run.migrate().map_err(|e| run.classify(e));
         let report = run.finish(result);
         self.port.finish(report);
     }
@@ -139,6 +142,21 @@ impl Run<'_> {
         }
     }
 
+    /// The stall bound.
+    fn stall(&self) -> Duration {
+        self.src.config.stall_timeout()
+    }
+
+    /// What an error ends the migration as: a cancel shuts the sockets down, so whatever
+    /// failed after it is the cancel (decided by the flag, never by the error's text); a
+    /// stall inside an I/O error is a stall.
+    fn classify(&self, e: Error) -> Error {
+        if self.src.cancel.load(Ordering::SeqCst) && self.phase != MigrationPhase::Committed {
+            return Error::Cancelled;
+        }
+        link::typed(e)
+    }
+
     fn check_cancel(&self) -> Result<(), Error> {
         if self.src.cancel.load(Ordering::SeqCst) {
             Err(Error::Cancelled)
@@ -153,7 +171,10 @@ impl Run<'_> {
     }
 
     fn send_raw(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
-        write_frame(self.stream(), kind, payload)?;
+        let (stall, cancel) = (self.stall(), &*self.src.cancel);
+        let stream = self.stream.as_ref().ok_or(Error::Vmm("send (not connected)".into()))?;
+        let waiting = format!("sending {kind:?}");
+        write_frame(&mut Out::new(stream, stall, cancel, &waiting), kind, payload)?;
         self.tally.bytes += (wire::HEADER_LEN + payload.len()) as u64;
         Ok(())
     }
@@ -164,15 +185,18 @@ impl Run<'_> {
         expected: &'static str,
         timeout: Duration,
     ) -> Result<T, Error> {
-        let stream = self.stream();
-        stream.set_read_timeout(Some(timeout)).map_err(wire::Error::Io)?;
+        let cancel = &*self.src.cancel;
+        let stream = self.stream.as_ref().ok_or(Error::Vmm("receive (not connected)".into()))?;
         let mut payload = Vec::new();
-        let got = read_frame_into(stream, &mut payload)?;
+        let waiting = format!("waiting for {expected}");
+        let got = read_frame_into(&mut In::new(stream, timeout, cancel, &waiting), &mut payload)
+            .map_err(|e| link::typed(e.into()))?;
         Ok(parse_json(got, &payload, want, expected)?)
     }
 
     /// After a failed write: the peer may have said why before closing.
     fn peer_reason(&mut self, e: Error) -> Error {
+        let e = link::typed(e);
         match &self.stream {
             Some(stream) => pass::peer_reason(stream, e),
             None => e,
@@ -201,7 +225,7 @@ impl Run<'_> {
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
         let mut stream = None;
         for a in &addrs {
-            match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
+            match link::connect(a, CONNECT_TIMEOUT, &src.cancel) {
                 Ok(s) => {
                     stream = Some((s, *a));
                     break;
@@ -210,13 +234,15 @@ impl Run<'_> {
             }
         }
         let (stream, peer) = stream.ok_or(Error::Connect { addr: src.addr.clone(), source: last })?;
+        src.sockets.register(&stream).map_err(wire::Error::Io)?;
         configure(&stream)?;
         self.stream = Some(stream);
         tracing::info!("migration {}: connected to {}", src.id, src.addr);
 
-        self.tally.bytes += hello(self.stream(), &src.key, &src.id, 0)?;
+        let stall = self.stall();
+        self.tally.bytes += hello(self.stream(), &src.key, &src.id, 0, stall, &src.cancel)?;
         self.send(Kind::Config, &src.config)?;
-        match self.recv::<Accept>(Kind::Accept, "Accept", IO_TIMEOUT) {
+        match self.recv::<Accept>(Kind::Accept, "Accept", self.stall()) {
             Ok(a) => {
                 tracing::info!(
                     "migration {}: destination (Ferry {}) accepted the VM after its checks",
@@ -247,10 +273,11 @@ impl Run<'_> {
     /// destination proves it first, as on the first stream).
     fn join_stream(&mut self, peer: SocketAddr, k: u32) -> Result<TcpStream, Error> {
         let src = self.src;
-        let stream = TcpStream::connect_timeout(&peer, CONNECT_TIMEOUT)
+        let stream = link::connect(&peer, CONNECT_TIMEOUT, &src.cancel)
             .map_err(|source| Error::Connect { addr: src.addr.clone(), source })?;
+        src.sockets.register(&stream).map_err(wire::Error::Io)?;
         configure(&stream)?;
-        self.tally.bytes += hello(&stream, &src.key, &src.id, k)?;
+        self.tally.bytes += hello(&stream, &src.key, &src.id, k, self.stall(), &src.cancel)?;
         Ok(stream)
     }
 
@@ -273,6 +300,7 @@ impl Run<'_> {
             cancel: &src.cancel,
             cap: src.req.bandwidth_mib.saturating_mul(1 << 20),
             wait_ack,
+            stall: self.stall(),
         };
         let (started, before) = (self.started, self.tally.bytes);
         let pass_start = Instant::now();
@@ -424,7 +452,8 @@ impl Run<'_> {
         self.send_raw(Kind::State, &payload)?;
         if self.src.config.verify {
             let chunk = verify_chunk(self.src.config.description.memory);
-            let crcs = memory_crcs(&self.src.memory, chunk);
+            let crcs =
+                memory_crcs_unless(&self.src.memory, chunk, &self.src.cancel).ok_or(Error::Cancelled)?;
             self.send(Kind::Verify, &wire::Verify { chunk_bytes: chunk, crcs })?;
         }
         tracing::info!(
@@ -444,9 +473,11 @@ impl Run<'_> {
         // without waiting for it.
         if let Some(last) = self.tally.passes.last() {
             let (pass, pages) = (last.pass, last.pages);
-            pass::wait_ack(self.stream(), pass, pages)?;
+            let (stall, cancel) = (self.stall(), &*self.src.cancel);
+            pass::wait_ack(self.stream(), pass, pages, stall, cancel)?;
         }
-        let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", RESTORE_TIMEOUT)?;
+        let wait = self.src.config.restore_wait();
+        let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", wait)?;
         if !result.ok {
             return Err(if result.reason.starts_with("memory verification failed") {
                 Error::Verify(result.reason)
@@ -457,14 +488,14 @@ impl Run<'_> {
         self.tally.verified = self.src.config.verify;
         tracing::info!("migration {}: destination restored the VM (RESTORE_OK)", self.id());
         // The commit point: decided on the VMM thread, where a cancel is decided too.
-        self.src
-            .port
-            .ask(Call::Commit)
-            .ok_or_else(|| Error::Vmm("answer (the VMM is shutting down)".into()))?
-            .map_err(|e| if e.contains("cancelled") { Error::Cancelled } else { Error::Vmm(e) })?;
+        match self.src.port.ask(Call::Commit) {
+            None => return Err(Error::Vmm("answer (the VMM is shutting down)".into())),
+            Some(CommitAnswer::Cancelled) => return Err(Error::Cancelled),
+            Some(CommitAnswer::Committed) => {}
+        }
         self.enter(MigrationPhase::Committed);
         self.send(Kind::Commit, &Commit {})?;
-        let activated: Activated = self.recv(Kind::Activated, "Activated", ACTIVATION_TIMEOUT)?;
+        let activated: Activated = self.recv(Kind::Activated, "Activated", self.stall())?;
         let paused_for = self.paused_at.map(|t| t.elapsed().as_secs_f64() * 1e3).unwrap_or(0.0);
         self.tally.downtime_ms = paused_for;
         tracing::info!(
@@ -533,9 +564,9 @@ impl Run<'_> {
         // Tell the destination, unless it is the one that ended it.
         if self.stream.is_some() && !matches!(e, Error::Protocol(_)) {
             let abort = wire::Abort { reason: reason.clone() };
-            let _ = self.stream().set_write_timeout(Some(Duration::from_secs(1)));
+            // Best effort, briefly: a stalled peer may not take it.
+            let _ = self.stream().set_write_timeout(Some(link::SLICE));
             let _ = write_frame(self.stream(), Kind::Abort, &to_json(&abort));
-            let _ = self.stream().flush();
         }
         if self.phase == MigrationPhase::Committed {
             // The lock and the generation decide. If the destination ran the VM (it raised
@@ -614,7 +645,14 @@ impl Run<'_> {
 
 /// Opens stream `k` of migration `id`: Hello, the destination's proof of the key (checked
 /// before anything else is sent), this side's proof. Returns the bytes written.
-fn hello(stream: &TcpStream, key: &Key, id: &str, k: u32) -> Result<u64, Error> {
+fn hello(
+    stream: &TcpStream,
+    key: &Key,
+    id: &str,
+    k: u32,
+    stall: Duration,
+    cancel: &AtomicBool,
+) -> Result<u64, Error> {
     let name = wire::stream_id(id, k);
     let my_nonce = auth::nonce()?;
     let hello = Hello {
@@ -626,14 +664,15 @@ fn hello(stream: &TcpStream, key: &Key, id: &str, k: u32) -> Result<u64, Error> 
     };
     let mut written = 0u64;
     let mut send = |kind: Kind, payload: Vec<u8>| -> Result<(), Error> {
-        write_frame(&mut &*stream, kind, &payload)?;
+        let waiting = format!("sending {kind:?}");
+        write_frame(&mut Out::new(stream, stall, cancel, &waiting), kind, &payload)?;
         written += (wire::HEADER_LEN + payload.len()) as u64;
         Ok(())
     };
     send(Kind::Hello, to_json(&hello))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
     let mut payload = Vec::new();
-    let got = read_frame_into(&mut &*stream, &mut payload)?;
+    let got = read_frame_into(&mut In::new(stream, stall, cancel, "waiting for Challenge"), &mut payload)
+        .map_err(|e| link::typed(e.into()))?;
     let challenge: Challenge = parse_json(got, &payload, Kind::Challenge, "Challenge")?;
     if !key.check(Role::Receiver, &name, &my_nonce, &challenge.proof) {
         let _ = send(Kind::Abort, to_json(&wire::Abort { reason: "authentication failed".into() }));
@@ -647,12 +686,14 @@ fn hello(stream: &TcpStream, key: &Key, id: &str, k: u32) -> Result<u64, Error> 
     Ok(written)
 }
 
-/// Socket options of every stream: no Nagle delay, big buffers, a write timeout.
+/// Socket options of every stream: no Nagle delay, big buffers, reads and writes that
+/// return every [`link::SLICE`] for the stall and cancel checks (`link::In`, `link::Out`).
 fn configure(stream: &TcpStream) -> Result<(), Error> {
     let io = |e| Error::Protocol(wire::Error::Io(e));
     stream.set_nodelay(true).map_err(io)?;
     super::size_socket_buffer(stream, libc::SO_SNDBUFFORCE);
-    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(link::SLICE)).map_err(io)?;
+    stream.set_read_timeout(Some(link::SLICE)).map_err(io)?;
     Ok(())
 }
 

@@ -66,10 +66,24 @@ impl<'m> PageWriter<'m> {
     }
 
     /// Writes `head` and then every queued byte of guest memory to `sock`, and empties the
-    /// queue. Blocks as writes to `sock` do (its write timeout applies).
-    pub fn send(&mut self, sock: &TcpStream, head: &[u8]) -> std::io::Result<()> {
+    /// queue. A write or splice that fails (a blocking one returns when the socket's send
+    /// timeout passes, `splice` included) is handed to `blocked`, which says whether to try
+    /// again (`Ok`) or gives the error to fail with.
+    pub fn send(
+        &mut self,
+        sock: &TcpStream,
+        head: &[u8],
+        blocked: &mut dyn FnMut(std::io::Error) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let mut writer = sock;
-        writer.write_all(head)?;
+        let mut head = head;
+        while !head.is_empty() {
+            match writer.write(head) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => head = &head[n..],
+                Err(e) => blocked(e)?,
+            }
+        }
         let mut iov: Vec<libc::iovec> = self
             .queued
             .iter()
@@ -127,12 +141,7 @@ impl<'m> PageWriter<'m> {
                 match n {
                     n if n > 0 => moved -= n as usize,
                     0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    _ => {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() != std::io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                    }
+                    _ => blocked(std::io::Error::last_os_error())?,
                 }
             }
         }
@@ -197,8 +206,10 @@ mod tests {
         assert!(w.push(0x90_0000, 4096));
         assert_eq!(w.queued.len(), 2);
         assert!(!w.push(64 << 20, 4096));
-        w.send(&sock, b"head").expect("send");
-        w.send(&sock, b"tail").expect("send nothing queued");
+        let mut fail =
+            |e: std::io::Error| if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+        w.send(&sock, b"head", &mut fail).expect("send");
+        w.send(&sock, b"tail", &mut fail).expect("send nothing queued");
         drop(sock);
         let all = reader.join().expect("reader");
         assert_eq!(all.len(), 4 + 1025 * 4096 + 4);
@@ -209,6 +220,39 @@ mod tests {
         }
         assert!(all[4 + 1024 * 4096..4 + 1025 * 4096].iter().all(|&b| b == 0));
         assert_eq!(&all[all.len() - 4..], b"tail");
+    }
+
+    /// `splice` to a socket honours the socket's send timeout: with a peer that never
+    /// reads, the send returns to `blocked` (which the stall bound relies on) instead of
+    /// blocking for good.
+    #[test]
+    fn a_blocked_splice_returns_at_the_send_timeout() {
+        let mem = crate::memory::create(64 << 20).expect("memory");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (_peer, _) = l.accept().expect("accept");
+        sock.set_write_timeout(Some(std::time::Duration::from_millis(100))).expect("timeout");
+        let mut w = PageWriter::new(&mem).expect("pipe");
+        let mut timeouts = 0;
+        let t = std::time::Instant::now();
+        let e = loop {
+            // 64 MiB a round, far more than both socket buffers hold.
+            for i in 0..(64u64 << 20) / 4096 {
+                assert!(w.push(i * 4096, 4096));
+            }
+            let mut blocked = |e: std::io::Error| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    timeouts += 1;
+                }
+                Err(e)
+            };
+            if let Err(e) = w.send(&sock, b"head", &mut blocked) {
+                break e;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "the sends never blocked");
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        assert_eq!(timeouts, 1);
     }
 
     #[test]

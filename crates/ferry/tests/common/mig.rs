@@ -1,0 +1,144 @@
+//! Helpers for the migration tests (`migration.rs`, `cancel.rs`): a memstress source with an
+//! API socket, a `ferry receive`, `ferry migrate` in the foreground or background, and the
+//! checks that the VM still runs where it should.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ferry, pass_number, run_to_end, wait_timeout, write_random_file, TempDir, Vm};
+
+pub const T: Duration = Duration::from_secs(60);
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+pub fn write_key(dir: &TempDir, name: &str, byte: u8) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::write(&p, [byte; 32]).expect("key");
+    p
+}
+
+/// A memstress VM with an API socket; waits until it runs its passes.
+pub fn source(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
+    let sock = dir.path("src.sock");
+    let home = dir.path("home");
+    let mut args = vec!["--guest", "memstress", "--api-socket", s(&sock), "--home", s(&home)];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--memory") {
+        args.extend_from_slice(&["--memory", "256M"]);
+    }
+    if !extra.contains(&"--cmdline") {
+        args.extend_from_slice(&["--cmdline", "wss=8M"]);
+    }
+    let mut vm = Vm::start(&args);
+    vm.wait_prefix(T, "memstress: ready");
+    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
+    (vm, sock)
+}
+
+/// `ferry receive` with its console on stdout; waits until it listens.
+pub fn receiver(port: u16, key: &Path, sock: Option<&Path>, env: &[(&str, &str)]) -> Vm {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut cmd = ferry();
+    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(key)]);
+    if let Some(sock) = sock {
+        cmd.args(["--api-socket", s(sock)]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let vm = Vm::spawn(&mut cmd);
+    vm.wait_stderr(T, "waiting for an incoming migration");
+    vm
+}
+
+pub fn migrate_args<'a>(sock: &'a Path, port_arg: &'a str, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v =
+        vec!["migrate", "--api-socket", s(sock), "--to", port_arg, "--auth-key-file", s(key), "--json"];
+    v.extend_from_slice(extra);
+    v
+}
+
+pub fn migrate(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+    let to = format!("tcp:127.0.0.1:{port}");
+    let out = run_to_end(&migrate_args(sock, &to, key, extra), T);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "migrate printed no JSON report ({e}): stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, report)
+}
+
+/// Starts `ferry migrate` in the background.
+pub fn migrate_bg(sock: &Path, port: u16, key: &Path, extra: &[&str]) -> Child {
+    let to = format!("tcp:127.0.0.1:{port}");
+    ferry()
+        .args(migrate_args(sock, &to, key, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
+pub fn finish(mut child: Child) -> (Output, serde_json::Value) {
+    wait_timeout(&mut child, T).expect("migrate did not end");
+    let out = child.wait_with_output().expect("output");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    (out, report)
+}
+
+pub fn info(sock: &Path) -> serde_json::Value {
+    let out = run_to_end(&["info", "--api-socket", s(sock), "--json"], T);
+    assert!(out.status.success(), "info failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("info JSON")
+}
+
+/// Waits until the source's migration is in pre-copy and has sent something.
+pub fn wait_precopy(sock: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let i = info(sock);
+        let m = &i["migration"];
+        if m["phase"] == "pre-copy" && m["bytes_transferred"].as_u64().unwrap_or(0) > 0 {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "migration never reached pre-copy: {i}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The VM still runs here: new passes after `after`, no corruption, state running.
+pub fn still_runs(vm: &mut Vm, sock: &Path) {
+    let last = vm.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
+    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
+    assert_eq!(info(sock)["state"], "running");
+}
+
+/// A source big enough, and a cap low enough, that pre-copy lasts several seconds.
+pub fn slow_source(dir: &TempDir) -> (Vm, PathBuf) {
+    slow_source_with(dir, &[])
+}
+
+/// [`slow_source`] with more `ferry run` arguments.
+pub fn slow_source_with(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
+    let initrd = dir.path("initrd.img");
+    write_random_file(&initrd, 32 << 20, 7);
+    let mut args = vec!["--initrd", s(&initrd)];
+    args.extend_from_slice(extra);
+    source(dir, &args)
+}
+pub const SLOW: &[&str] = &["--bandwidth-mib", "4"];
