@@ -15,6 +15,9 @@
 //! that runs the VM shows at least two new passes; the lock is free once every VMM ended;
 //! no ferry process, listening port or temporary file is left.
 //!
+//! `FERRY_MATRIX_CELL=TEXT` runs only the cells whose name contains TEXT;
+//! `FERRY_MATRIX_VERBOSE=1` prints both VMMs' logs after each cell.
+//!
 //! Cells that hinge on milliseconds run `FERRY_MATRIX_REPS` (default 20) times with a random
 //! delay between the trigger frame and the fault; the seed is printed (`FERRY_MATRIX_SEED`
 //! replays it).
@@ -651,6 +654,9 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         assert!(lock_free(&home), "{name}: the lock is held after the restarted VM ended");
     }
 
+    if std::env::var_os("FERRY_MATRIX_VERBOSE").is_some() {
+        eprintln!("{name}: source log:\n{}\n{name}: destination log:\n{}", src.stderr(), dst.stderr());
+    }
     // Exactly once, generations rising.
     let summary =
         overlap::check_home(&home, &frozen).unwrap_or_else(|e| panic!("{name}: overlap checker: {e}"));
