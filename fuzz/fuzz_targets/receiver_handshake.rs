@@ -7,37 +7,13 @@
 //! hold more than a handshake frame, and never accept a proof it did not check.
 #![no_main]
 
-use std::io::{Read, Write};
-
 use ferry_migration::auth::{self, Key, NONCE_LEN};
-use ferry_migration::handshake;
+use ferry_migration::handshake::{self, MemoryPeer};
 use ferry_migration::protocol::{self as wire, Kind, HANDSHAKE_MAX_PAYLOAD};
 use libfuzzer_sys::fuzz_target;
 
-/// What the peer sent, and what the receiver wrote back.
-struct Wire<'a> {
-    input: &'a [u8],
-    output: Vec<u8>,
-}
-
-impl Read for Wire<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.input.read(buf)
-    }
-}
-
-impl Write for Wire<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.output.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn run(input: &[u8], key: &Key) {
-    let mut w = Wire { input, output: Vec::new() };
+    let mut w = MemoryPeer { input, output: Vec::new() };
     let mut payload = Vec::new();
     let result = (|| {
         let hello = handshake::read_hello(&mut w, &mut payload)?;

@@ -92,31 +92,36 @@ pub fn challenge<S: Read + Write>(
     Ok(())
 }
 
+/// A connection in memory, as the receiver sees it: what the peer sent (`input`) and what
+/// the receiver wrote back (`output`). For tests and the fuzz target, which drive the
+/// handshake without a socket.
+#[derive(Debug)]
+pub struct MemoryPeer<'a> {
+    /// The bytes the peer sent, consumed as they are read.
+    pub input: &'a [u8],
+    /// What the receiver wrote.
+    pub output: Vec<u8>,
+}
+
+impl Read for MemoryPeer<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for MemoryPeer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A connection as the receiver sees it: what the source sent, what the receiver wrote.
-    struct Wire<'a> {
-        input: &'a [u8],
-        output: Vec<u8>,
-    }
-
-    impl Read for Wire<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-
-    impl Write for Wire<'_> {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.output.write(buf)
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn hello(id: &str, stream: u32) -> Hello {
         Hello {
@@ -144,7 +149,7 @@ mod tests {
             let proof = key.prove(Role::Sender, &name, &mine);
             let mut input = frame(Kind::Hello, &to_json(&h));
             input.extend(frame(Kind::ChallengeResponse, &to_json(&ChallengeResponse { proof })));
-            let mut w = Wire { input: &input, output: Vec::new() };
+            let mut w = MemoryPeer { input: &input, output: Vec::new() };
             let mut payload = Vec::new();
             let got = read_hello(&mut w, &mut payload).expect("hello");
             check_hello(&got).expect("checks");
@@ -176,13 +181,13 @@ mod tests {
         for (k, name) in [(Key::from_bytes(vec![8; 32]).expect("key"), "m-1"), (key.clone(), "m-1#1")] {
             let proof = k.prove(Role::Sender, name, &[5u8; NONCE_LEN]);
             let input = frame(Kind::ChallengeResponse, &to_json(&ChallengeResponse { proof }));
-            let mut w = Wire { input: &input, output: Vec::new() };
+            let mut w = MemoryPeer { input: &input, output: Vec::new() };
             let r = challenge(&mut w, &key, &hello("m-1", 0), &[5u8; NONCE_LEN], &mut payload);
             assert!(matches!(r, Err(Error::BadProof)), "{r:?}");
         }
         // Config where the response belongs: refused from its header.
         let input = frame(Kind::Config, b"{}");
-        let mut w = Wire { input: &input, output: Vec::new() };
+        let mut w = MemoryPeer { input: &input, output: Vec::new() };
         let r = challenge(&mut w, &key, &hello("m-1", 0), &[5u8; NONCE_LEN], &mut payload);
         assert!(matches!(r, Err(Error::Protocol(protocol::Error::Unexpected { got: Kind::Config, .. }))));
     }
