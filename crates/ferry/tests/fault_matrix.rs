@@ -26,7 +26,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
@@ -35,7 +34,7 @@ use common::overlap;
 use common::{ferry, pass_number, require_kvm, run_to_end, wait_timeout, TempDir, Vm};
 use ferry_migration::protocol::Kind;
 
-/// How long anything in a cell may take to settle (a pre-fix receiver waits 30 s for a commit).
+/// How long anything in a cell may take to settle (a receiver waits up to 30 s for a Config).
 const SETTLE: Duration = Duration::from_secs(90);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,23 +252,12 @@ fn matrix() -> Vec<Cell> {
     v
 }
 
-/// Whether main's stall bound is in (`ferry migrate --stall-timeout-s`).
-fn stall_timeout_supported() -> bool {
-    static S: OnceLock<bool> = OnceLock::new();
-    *S.get_or_init(|| {
-        let out = run_to_end(&["migrate", "--help"], T);
-        String::from_utf8_lossy(&out.stdout).contains("--stall-timeout-s")
-    })
-}
+/// `ferry migrate --stall-timeout-s`: how long any wait on the peer may last (the destination
+/// gets it in Config). Short, so that silent and frozen peers make short cells.
+const STALL_S: &str = "2";
 
-/// How long a peer must be frozen to outlast every timeout.
-fn beyond_timeouts() -> Duration {
-    if stall_timeout_supported() {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(35)
-    }
-}
+/// How long a frozen peer stays frozen: well beyond the stall bound.
+const FREEZE: Duration = Duration::from_secs(5);
 
 /// A small xorshift generator: the seed alone replays a run.
 struct Rng(u64);
@@ -439,10 +427,7 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     };
     let proxy = FaultProxy::start(port, c.at.map(|t| (t, action)));
     let streams = c.streams.to_string();
-    let mut extra = vec!["--streams", &streams];
-    if stall_timeout_supported() {
-        extra.extend(["--stall-timeout-s", "2"]);
-    }
+    let extra = ["--streams", &streams, "--stall-timeout-s", STALL_S];
     let mut mig = migrate_bg(&src_sock, proxy.port, &key, &extra);
 
     // The fault.
@@ -485,7 +470,7 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
             Fault::StopSrc | Fault::StopDst => {
                 let pid = if c.fault == Fault::StopSrc { src_pid } else { dst_pid };
                 proxy.release();
-                sigstop_for(pid, beyond_timeouts());
+                sigstop_for(pid, FREEZE);
             }
             _ => unreachable!("{name}: no test-side action for {:?}", c.fault),
         }
@@ -498,14 +483,8 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     if let Some(took) = cancel_took {
         assert_eq!(rep("status"), "cancelled", "{name}: the report after a cancel: {report:?}");
         // The contract: a cancel ends the migration within 1 s in every phase before the
-        // commit (the stall bound came with it; without it a blocked wait outlasts a cancel).
-        // 1.5 s: the contract's second plus the command's own polling.
-        if stall_timeout_supported() {
-            assert!(
-                took < Duration::from_millis(1500),
-                "{name}: the cancel took {took:?} to end the migration"
-            );
-        }
+        // commit. 1.5 s: the contract's second plus the command's own polling.
+        assert!(took < Duration::from_millis(1500), "{name}: the cancel took {took:?} to end the migration");
     }
     if matches!(c.fault, Fault::TermAfterRollback | Fault::SuspendAfterRollback) {
         assert_eq!(rep("vm_running_on"), "source", "{name}: the source should have rolled back: {report:?}");
