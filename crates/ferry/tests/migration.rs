@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
 use common::mig::{
     finish, free_port, info, migrate, migrate_args, migrate_bg, receiver, s, slow_source, source, still_runs,
     wait_precopy, write_key, SLOW, T,
@@ -128,42 +129,6 @@ fn destination_killed_during_precopy() {
     still_runs(&mut src, &sock);
 }
 
-/// Forwards a migration, cutting both connections when the sender's `State` frame (the
-/// stop-and-copy) goes by.
-fn cutting_proxy(to: u16) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        let (mut a, _) = l.accept().expect("accept");
-        let mut b = TcpStream::connect(("127.0.0.1", to)).expect("connect");
-        let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-        });
-        loop {
-            let mut h = [0u8; wire::HEADER_LEN];
-            if a.read_exact(&mut h).is_err() {
-                break;
-            }
-            let kind = u16::from_le_bytes([h[4], h[5]]);
-            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-            let mut p = vec![0u8; len];
-            if a.read_exact(&mut p).is_err() {
-                break;
-            }
-            if kind == Kind::State as u16 {
-                break;
-            }
-            if b.write_all(&h).and_then(|_| b.write_all(&p)).is_err() {
-                break;
-            }
-        }
-        let _ = a.shutdown(Shutdown::Both);
-        let _ = b.shutdown(Shutdown::Both);
-    });
-    port
-}
-
 #[test]
 fn connection_cut_during_stop_and_copy_resumes_the_source() {
     require_kvm();
@@ -172,8 +137,10 @@ fn connection_cut_during_stop_and_copy_resumes_the_source() {
     let (mut src, sock) = source(&dir, &[]);
     let port = free_port();
     let mut dst = receiver(port, &key, None, &[]);
-    let proxy = cutting_proxy(port);
-    let (out, r) = migrate(&sock, proxy, &key, &[]);
+    // Both connections cut when the sender's State frame (the stop-and-copy) goes by.
+    let proxy =
+        FaultProxy::start(port, Some((Trigger::first(Dir::ToDst, Kind::State, When::Before), Action::Cut)));
+    let (out, r) = migrate(&sock, proxy.port, &key, &[]);
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed", "{r}");
     assert_eq!(r["vm_running_on"], "source");

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod mig;
+pub mod overlap;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -119,6 +121,8 @@ pub struct Vm {
     lines: mpsc::Receiver<String>,
     pub seen: Vec<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Names this VMM in panic messages (e.g. a fault-matrix cell and its side).
+    pub ctx: String,
 }
 
 impl Vm {
@@ -156,7 +160,7 @@ impl Vm {
                 s.push('\n');
             }
         });
-        Vm { child, lines: rx, seen: Vec::new(), stderr }
+        Vm { child, lines: rx, seen: Vec::new(), stderr, ctx: String::new() }
     }
 
     /// Waits until the VMM's stderr contains `needle`; returns all of stderr.
@@ -168,7 +172,7 @@ impl Vm {
                 return s;
             }
             if Instant::now() >= deadline {
-                panic!("no {needle:?} on the VMM's stderr within {timeout:?}; stderr:\n{s}");
+                panic!("{}no {needle:?} on the VMM's stderr within {timeout:?}; stderr:\n{s}", self.ctx);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -188,7 +192,7 @@ impl Vm {
             match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    assert!(!line.contains("CORRUPTION"), "guest reported: {line}");
+                    assert!(!line.contains("CORRUPTION"), "{}guest reported: {line}", self.ctx);
                     if pred(&line) {
                         return line;
                     }
@@ -196,7 +200,8 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     panic!(
-                        "console closed before the expected line; console:\n{}\nstderr:\n{}",
+                        "{}console closed before the expected line; console:\n{}\nstderr:\n{}",
+                        self.ctx,
                         self.seen.join("\n"),
                         self.stderr()
                     );
@@ -204,7 +209,8 @@ impl Vm {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "no expected console line within {timeout:?}; console:\n{}\nstderr:\n{}",
+                    "{}no expected console line within {timeout:?}; console:\n{}\nstderr:\n{}",
+                    self.ctx,
                     self.seen.join("\n"),
                     self.stderr()
                 );
@@ -230,7 +236,7 @@ impl Vm {
             Some(s) => s,
             None => {
                 let _ = self.child.kill();
-                panic!("ferry did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+                panic!("{}ferry did not exit within {timeout:?}; stderr:\n{}", self.ctx, self.stderr());
             }
         }
     }
@@ -238,7 +244,7 @@ impl Vm {
     /// Drains the console lines that arrived so far.
     pub fn drain(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
-            assert!(!line.contains("CORRUPTION"), "guest reported: {line}");
+            assert!(!line.contains("CORRUPTION"), "{}guest reported: {line}", self.ctx);
             self.seen.push(line);
         }
     }
