@@ -278,6 +278,7 @@ impl VmHome {
             Err(source) => return Err(Error::Lock { path: dir, source }),
         }
         let previous = read_record(&mut file);
+        remove_stale_temporaries(&dir);
         self.record = match read_generation(&dir) {
             Ok(r) => r,
             Err(e) => {
@@ -537,6 +538,19 @@ pub fn read_generation(dir: &Path) -> Result<Option<GenerationRecord>, Error> {
     Ok(Some(record))
 }
 
+/// Removes the temporary files a holder killed while replacing `vm.generation` left
+/// behind. Only the lock holder writes them, so with the lock held none is in use.
+fn remove_stale_temporaries(dir: &Path) {
+    let prefix = format!(".{GENERATION_FILE}.");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Replaces `dir/vm.generation` atomically and durably: a temporary file written and
 /// synced, renamed over the old one, and the directory synced.
 fn write_generation(dir: &Path, record: &GenerationRecord) -> Result<(), Error> {
@@ -650,6 +664,12 @@ mod tests {
         assert_eq!(b.vm_uuid(), Some(uuid.as_str()));
         let r = read_generation(&dir).expect("read").expect("record");
         assert_eq!((r.vm_uuid, r.generation), (uuid, 2));
+        // A holder killed mid-write leaves a temporary file; the next holder removes it.
+        std::fs::write(dir.join(format!(".{GENERATION_FILE}.999999.tmp")), b"{").expect("write");
+        drop(b);
+        let mut again = VmHome::unlocked(&dir);
+        again.acquire(None).expect("lock");
+        drop(again);
         // No temporary file is left behind.
         let names: Vec<String> = std::fs::read_dir(&dir)
             .expect("list")

@@ -48,7 +48,9 @@ use crate::{open_host, vm, Host, SerialConfig, Vmm};
 /// bounds every later wait: a read that gets nothing, the wait for Commit after RESTORE_OK
 /// (so a lost answer is found within the bound), and the wait for Verify (the bound plus
 /// 1 s per GiB, as the source's wait for RestoreResult: the source hashes meanwhile).
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default stall bound: a source that authenticated and then says nothing is given
+/// up as soon as a source that names no bound would give up on us.
+const IO_TIMEOUT: Duration = Duration::from_secs(ferry_api::DEFAULT_STALL_TIMEOUT_S);
 /// How long to wait for the source to release the VM's lock after its commit.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long the source's extra streams have to connect and prove the key after `Accept`.
@@ -578,9 +580,18 @@ impl Receiver {
         let mut entries = PageEntries::default();
         let mut pages_in_pass = 0u64;
         let mut pass_started = Instant::now();
+        // A PassAck that cannot be written (the source died, or closed its side) does not end
+        // the migration by itself: the source sends the last pass's PassEnd and the State
+        // back to back, so the whole State may be in this socket's buffer already, and then
+        // this side holds the VM's only copy. The next read decides.
+        let mut ack_failed: Option<Error> = None;
         tracing::debug!("migration {}: receiving memory on {streams} stream(s)", self.id());
         loop {
-            let h = self.next_header()?;
+            let h = match (self.next_header(), ack_failed.take()) {
+                (Ok(h), _) => h,
+                (Err(_), Some(ack)) => return Err(ack),
+                (Err(e), None) => return Err(e),
+            };
             if h.kind == Kind::Pages {
                 pages_in_pass += receive_batch(h, self.stream()?, &mut entries, placer)?;
                 continue;
@@ -588,7 +599,19 @@ impl Receiver {
             match self.read_payload(h)? {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
-                    acknowledge_pass(self.stream()?, &end, pages_in_pass)?;
+                    match acknowledge_pass(self.stream()?, &end, pages_in_pass) {
+                        Ok(()) => {}
+                        Err(e @ Error::Protocol(wire::Error::Io(_))) => {
+                            tracing::warn!(
+                                "migration {}: cannot acknowledge pass {}: {}; reading on for the State",
+                                self.id(),
+                                end.pass,
+                                error_chain(&e)
+                            );
+                            ack_failed = Some(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms{}",
                         self.id(),
