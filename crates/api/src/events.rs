@@ -116,7 +116,8 @@ impl Events {
             });
         }
         let skip = (cursor + 1).saturating_sub(first) as usize;
-        out.extend(r.events.iter().skip(skip).take(max.max(1)).cloned());
+        let room = max.saturating_sub(out.len()).max(1);
+        out.extend(r.events.iter().skip(skip).take(room).cloned());
         let cursor = out.last().map(|e| e.seq).unwrap_or(cursor);
         Batch::Events(out, cursor)
     }
