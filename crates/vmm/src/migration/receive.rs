@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_api::events::Events;
+use ferry_api::{EventBody, MigrationPhase, Side};
+
 use ferry_arch::layout;
 use ferry_migration::auth::Key;
 use ferry_migration::protocol::{
@@ -108,6 +111,9 @@ impl Vmm {
         // accepting and drops the connections still being authenticated.
         let _acceptor =
             Acceptor::start(listener, key, desk.clone()).map_err(|e| crate::Error::Migration(Box::new(e)))?;
+        // Every incoming migration's phases and passes, handed to the VM that arrives so
+        // that its `GET /vm/events` shows them.
+        let events = Arc::new(Events::new());
         let stop = |e: Error| {
             desk.close();
             crate::Error::Migration(Box::new(e))
@@ -123,9 +129,10 @@ impl Vmm {
             let peer = conn.peer;
             tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(conn, &desk, &config, &faults, &signals) {
-                Ok(vmm) => {
+            match incoming(conn, &desk, &config, &faults, &signals, &events) {
+                Ok(mut vmm) => {
                     desk.close();
+                    vmm.events = events.clone();
                     tracing::info!(
                         "migration {}: received in {:.1} ms",
                         vmm.activation.as_ref().map(|a| a.id.as_str()).unwrap_or("?"),
@@ -136,6 +143,11 @@ impl Vmm {
                 Err(Failed { id, error }) => {
                     let id = id.unwrap_or_else(|| format!("from {peer}"));
                     let msg = error_chain(&error);
+                    events.push(
+                        &id,
+                        Side::Destination,
+                        EventBody::Phase { phase: MigrationPhase::Failed, reason: Some(msg.clone()) },
+                    );
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
                         return Err(stop(error));
@@ -228,9 +240,17 @@ fn incoming(
     config: &ReceiveConfig,
     faults: &Faults,
     signals: &OwnedFd,
+    events: &Arc<Events>,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
-    let mut rx = Receiver { id: id.clone(), stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
+    let mut rx = Receiver {
+        id: id.clone(),
+        stream: None,
+        signals: signals.as_raw_fd(),
+        payload: Vec::new(),
+        events: events.clone(),
+    };
+    rx.event(EventBody::Phase { phase: MigrationPhase::Setup, reason: None });
     let io = |e| Failed { id: id.clone(), error: Error::Protocol(wire::Error::Io(e)) };
     let stream = conn.stream;
     super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
@@ -254,11 +274,17 @@ struct Receiver {
     stream: Option<TcpStream>,
     signals: RawFd,
     payload: Vec<u8>,
+    /// This side's phases and passes, for `GET /vm/events` once the VM runs here.
+    events: Arc<Events>,
 }
 
 impl Receiver {
     fn id(&self) -> &str {
         self.id.as_deref().unwrap_or("?")
+    }
+
+    fn event(&self, body: EventBody) {
+        self.events.push(self.id(), Side::Destination, body);
     }
 
     fn stream(&mut self) -> Result<&mut TcpStream, Error> {
@@ -338,6 +364,7 @@ impl Receiver {
         // The source opens its extra streams as soon as it reads Accept: take them from now on.
         desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
+        self.event(EventBody::Phase { phase: MigrationPhase::PreCopy, reason: None });
         tracing::info!(
             "migration {id}: checks passed; reserved {} MiB and {} vCPUs for {}",
             cfg.description.memory >> 20,
@@ -589,6 +616,18 @@ impl Receiver {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
                     acknowledge_pass(self.stream()?, &end, pages_in_pass)?;
+                    let ms = pass_started.elapsed().as_secs_f64() * 1e3;
+                    self.event(EventBody::Pass {
+                        pass: end.pass,
+                        pages: end.pages,
+                        bytes: 0,
+                        ms,
+                        dirtied: 0,
+                        rate_mib_s: 0.0,
+                        stop_and_copy: false,
+                        expected_downtime_ms: None,
+                        bytes_transferred: 0,
+                    });
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms{}",
                         self.id(),
@@ -601,6 +640,7 @@ impl Receiver {
                     pass_started = Instant::now();
                 }
                 Kind::State => {
+                    self.event(EventBody::Phase { phase: MigrationPhase::Restoring, reason: None });
                     return serde_json::from_slice(&self.payload)
                         .map_err(|source| Error::Protocol(wire::Error::Json { kind: Kind::State, source }));
                 }
@@ -674,6 +714,7 @@ impl Receiver {
             },
         }
         tracing::info!("migration {id}: holding the VM's lock on {}; starting the vCPUs", home_dir.display());
+        self.event(EventBody::Phase { phase: MigrationPhase::Committed, reason: None });
         let stream = self.stream.take().ok_or(Error::Vmm("keep the connection".into()))?;
         vmm.activation = Some(Activation { stream, id, commit_ns });
         Ok(vmm)
@@ -829,6 +870,15 @@ impl Vmm {
         let id = self.activation.as_ref().map(|a| a.id.clone());
         if let Some(mut a) = self.activation.take() {
             let ns = crate::monotonic_ns().saturating_sub(a.commit_ns);
+            self.events.push(
+                &a.id,
+                Side::Destination,
+                EventBody::Phase {
+                    phase: MigrationPhase::Completed,
+                    reason: Some(format!("the VM runs here; vCPUs started {:.3} ms after the commit", ns as f64 / 1e6)),
+                },
+            );
+            self.write_destination_record(&a.id, ns);
             let msg = to_json(&wire::Activated { activation_ns: ns });
             match write_frame(&mut a.stream, Kind::Activated, &msg) {
                 Ok(()) => tracing::info!(
@@ -844,6 +894,44 @@ impl Vmm {
             }
         }
         id
+    }
+}
+
+/// The destination's view of a migration, `HOME/migrations/<id>.destination.json`.
+#[derive(Debug, serde::Serialize)]
+struct DestinationRecord<'a> {
+    migration_id: &'a str,
+    side: Side,
+    status: MigrationPhase,
+    /// Commit to vCPUs running here, ms.
+    activation_ms: f64,
+    /// This VMM's pid and host.
+    pid: u32,
+    /// Every event this side saw of the migration, in order.
+    events: Vec<ferry_api::Event>,
+}
+
+impl Vmm {
+    /// Writes this side's record of migration `id` into the home (after activation).
+    fn write_destination_record(&self, id: &str, activation_ns: u64) {
+        let mut events = Vec::new();
+        let mut cursor = 0;
+        while let ferry_api::events::Batch::Events(batch, next) = self.events.after(cursor, 256) {
+            events.extend(batch.into_iter().filter(|e| e.migration_id == id));
+            cursor = next;
+        }
+        let record = DestinationRecord {
+            migration_id: id,
+            side: Side::Destination,
+            status: MigrationPhase::Completed,
+            activation_ms: activation_ns as f64 / 1e6,
+            pid: std::process::id(),
+            events,
+        };
+        let name = format!("{id}.destination.json");
+        if let Err(e) = super::write_record(self.home.dir(), &name, &record) {
+            tracing::warn!("migration {id}: cannot write this side's record into the home: {e}");
+        }
     }
 }
 
