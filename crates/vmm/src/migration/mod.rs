@@ -208,6 +208,9 @@ pub enum Error {
         /// The home's.
         current: Option<u64>,
     },
+    /// A receiver waited its whole deadline and no migration started.
+    #[error("no migration started within {0} s (--deadline-s); the receiver gives up, nothing runs here")]
+    Deadline(u64),
     /// The process was asked to stop.
     #[error("interrupted by signal {0}")]
     Interrupted(i32),

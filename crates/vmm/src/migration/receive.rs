@@ -77,6 +77,9 @@ pub struct ReceiveConfig {
     /// Taps to use instead of the source's: `(name on the source, name here)`. A NIC whose
     /// tap is not listed uses a tap of the same name here.
     pub tap_map: Vec<(String, String)>,
+    /// Give up if no migration has started this long after listening began, or after the
+    /// last failed one ([`Error::Deadline`]); `None` waits for ever.
+    pub deadline: Option<Duration>,
 }
 
 /// Why one incoming migration failed, with its id when known.
@@ -119,11 +122,17 @@ impl Vmm {
             crate::Error::Migration(Box::new(e))
         };
         loop {
-            let conn = match next_migration(&desk, signals.as_raw_fd()) {
+            let deadline = config.deadline.map(|d| Instant::now() + d);
+            let conn = match next_migration(&desk, signals.as_raw_fd(), deadline) {
                 Ok(c) => c,
-                Err(sig) => {
+                Err(NoMigration::Signal(sig)) => {
                     tracing::info!("signal {sig} received: no longer waiting for a migration");
                     return Err(stop(Error::Interrupted(sig)));
+                }
+                Err(NoMigration::Deadline) => {
+                    let secs = config.deadline.unwrap_or_default().as_secs();
+                    tracing::error!("no migration started within {secs} s (--deadline-s): giving up");
+                    return Err(stop(Error::Deadline(secs)));
                 }
             };
             let peer = conn.peer;
@@ -163,14 +172,27 @@ impl Vmm {
     }
 }
 
-/// Waits for the authenticated first stream of a migration, or a stop signal.
-fn next_migration(desk: &Desk, signals: RawFd) -> Result<Authenticated, i32> {
+/// Why no migration came.
+enum NoMigration {
+    Signal(i32),
+    Deadline,
+}
+
+/// Waits for the authenticated first stream of a migration, a stop signal, or `deadline`.
+fn next_migration(desk: &Desk, signals: RawFd, deadline: Option<Instant>) -> Result<Authenticated, NoMigration> {
     loop {
         if let Some(conn) = desk.take_first() {
             return Ok(conn);
         }
-        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, None) {
-            return Err(sig);
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(NoMigration::Deadline),
+            },
+            None => None,
+        };
+        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, left) {
+            return Err(NoMigration::Signal(sig));
         }
     }
 }
