@@ -406,3 +406,31 @@ fn bad_requests_are_refused_and_a_cancelled_migration_reports_through_the_api_an
     assert!(src.signal_and_wait(libc::SIGTERM, T).success());
     assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
 }
+
+#[test]
+fn ferry_migrate_says_so_when_the_source_vmm_goes_away() {
+    require_kvm();
+    let dir = TempDir::new("api-gone");
+    let key = write_key(&dir, "key", 25);
+    let (mut src, sock) = slow_source_with(&dir, SMALL);
+    let port = free_port();
+    let mut dst = receiver(port, &key, None, &[]);
+    let child = common::mig::migrate_bg(&sock, port, &key, &["--bandwidth-mib", "4"]);
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, m) = http(&sock, "GET", "/vm/migration", None);
+        if m["phase"] == "pre-copy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never in pre-copy: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.signal_and_wait(libc::SIGKILL, T);
+    let out = child.wait_with_output().expect("migrate output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("the source VMM went away"), "{stderr}");
+    assert!(stderr.contains("last phase was pre-copy"), "{stderr}");
+    assert!(!stderr.contains("malformed"), "{stderr}");
+    assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
+}
