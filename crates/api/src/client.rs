@@ -121,13 +121,15 @@ pub fn events(socket: &Path, since: u64, idle: Option<Duration>) -> Result<Event
     let io = |source| Error::Io { path: socket.to_owned(), source };
     stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    let head = format!("GET /vm/events?since={since} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let head =
+        format!("GET /vm/events?since={since} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).map_err(io)?;
     let mut reader = std::io::BufReader::new(stream);
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
-        let n = std::io::BufRead::read_until(&mut (&mut reader).take(16 << 10), b'\n', &mut line).map_err(io)?;
+        let n =
+            std::io::BufRead::read_until(&mut (&mut reader).take(16 << 10), b'\n', &mut line).map_err(io)?;
         if n == 0 {
             if head.is_empty() {
                 return Err(Error::Closed { path: socket.to_owned() });
@@ -166,7 +168,7 @@ impl EventStream {
     /// The next event; `Ok(None)` once the VMM ended the stream (it is ending). An error of
     /// kind `Closed` or `Io` means the connection broke: reconnect with `since` = the last
     /// `seq` seen.
-    pub fn next(&mut self) -> Result<Option<Event>, Error> {
+    pub fn next_event(&mut self) -> Result<Option<Event>, Error> {
         loop {
             if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.line.drain(..=end).collect();

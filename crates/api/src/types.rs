@@ -240,7 +240,7 @@ pub struct MigrationInfo {
     pub eta_ms: Option<f64>,
     /// The full report, once the migration has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<MigrationReport>,
+    pub report: Option<Box<MigrationReport>>,
 }
 
 /// The version of the VMM API this Ferry serves (`GET /version`). Additive changes (new
@@ -494,6 +494,8 @@ impl Request {
 }
 
 /// A successful answer.
+// One per request, moved once: the size of `Info` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Response {
     /// The VM's description.

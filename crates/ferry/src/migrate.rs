@@ -61,7 +61,7 @@ fn last_seq(socket: &Path) -> u64 {
         Ok(_) => {
             let Ok(mut stream) = events(socket, 0, Some(Duration::from_millis(200))) else { return 0 };
             let mut last = 0;
-            while let Ok(Some(e)) = stream.next() {
+            while let Ok(Some(e)) = stream.next_event() {
                 last = e.seq;
             }
             last
@@ -90,7 +90,7 @@ fn follow(socket: &Path, id: &str, mut since: u64, show: bool) -> anyhow::Result
             }
         };
         loop {
-            match stream.next() {
+            match stream.next_event() {
                 Ok(Some(event)) => {
                     failures = 0;
                     since = event.seq;
@@ -127,7 +127,7 @@ fn follow(socket: &Path, id: &str, mut since: u64, show: bool) -> anyhow::Result
         if let Ok(Response::MigrationStatus(m)) = send(socket, &Request::MigrationStatus, QUICK) {
             if m.migration_id == id {
                 if let Some(report) = m.report {
-                    return Ok(report);
+                    return Ok(*report);
                 }
             }
         }
@@ -192,7 +192,16 @@ fn progress_line(id: &str, body: &EventBody, phase: MigrationPhase) -> Option<St
             "migration {id}: stop-and-copy: {pages} pages, {:.1} MiB in {ms:.1} ms",
             *bytes as f64 / MIB
         )),
-        EventBody::Pass { pass, pages, dirtied, rate_mib_s, expected_downtime_ms, bytes_transferred, ms, .. } => {
+        EventBody::Pass {
+            pass,
+            pages,
+            dirtied,
+            rate_mib_s,
+            expected_downtime_ms,
+            bytes_transferred,
+            ms,
+            ..
+        } => {
             let downtime = match expected_downtime_ms {
                 Some(d) => format!("{d:.1} ms"),
                 None => "\u{2014}".into(),
@@ -228,7 +237,11 @@ fn print_report(r: &MigrationReport, verify: bool) {
         r.total_ms,
         r.setup_ms,
         r.downtime_ms,
-        if verify && r.downtime_ms > 0.0 { " (includes --verify's memory hashing on both sides)" } else { "" }
+        if verify && r.downtime_ms > 0.0 {
+            " (includes --verify's memory hashing on both sides)"
+        } else {
+            ""
+        }
     );
     println!(
         "sent:        {:.1} MiB, {} pages with data, {} zero pages as markers, first pass at {:.0} MiB/s",

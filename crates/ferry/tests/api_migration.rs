@@ -35,7 +35,8 @@ fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Va
     let text = String::from_utf8(raw).expect("utf8 answer");
     let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
-    let json = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).expect("JSON body") };
+    let json =
+        if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).expect("JSON body") };
     (status, json)
 }
 
@@ -57,8 +58,11 @@ impl Events {
     fn open(sock: &Path, since: &str) -> Self {
         let mut stream = UnixStream::connect(sock).expect("connect");
         stream.set_read_timeout(Some(T)).expect("timeout");
-        write!(stream, "GET /vm/events?since={since} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .expect("write");
+        write!(
+            stream,
+            "GET /vm/events?since={since} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
         let mut reader = BufReader::new(stream);
         let mut head = String::new();
         loop {
@@ -197,7 +201,8 @@ fn a_migration_driven_by_http_alone() {
     assert!(e["error"].is_string(), "{e}");
 
     let mut ev = EventLines::open(&sock, 0);
-    let (status, started) = http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(port, &key, Value::Null)));
+    let (status, started) =
+        http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(port, &key, Value::Null)));
     assert_eq!(status, 202, "{started}");
     let id = started["migration_id"].as_str().expect("migration_id").to_string();
     assert!(id.starts_with("m-"), "{id}");
@@ -247,7 +252,8 @@ fn a_migration_driven_by_http_alone() {
     );
     assert!(dst_events.iter().filter(|e| e["kind"] == "pass").count() >= 2, "{dst_events:?}");
     let dst_record: Value = serde_json::from_slice(
-        &std::fs::read(home.join("migrations").join(format!("{id}.destination.json"))).expect("destination record"),
+        &std::fs::read(home.join("migrations").join(format!("{id}.destination.json")))
+            .expect("destination record"),
     )
     .expect("JSON");
     assert_eq!(dst_record["migration_id"], id.as_str());
@@ -317,7 +323,8 @@ fn a_client_that_never_reads_holds_up_nothing() {
     let closed = free_port();
     let mut ids = Vec::new();
     for _ in 0..400 {
-        let (status, started) = http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(closed, &key, Value::Null)));
+        let (status, started) =
+            http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(closed, &key, Value::Null)));
         assert_eq!(status, 202, "{started}");
         let id = started["migration_id"].as_str().expect("id").to_string();
         let m = wait_ended(&sock, &id);
@@ -334,7 +341,8 @@ fn a_client_that_never_reads_holds_up_nothing() {
     // And a real migration completes with the stuck client still connected.
     let port = free_port();
     let mut dst = receiver(port, &key, None, &[]);
-    let (status, started) = http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(port, &key, Value::Null)));
+    let (status, started) =
+        http(&sock, "PUT", "/vm/migrate", Some(&migrate_request(port, &key, Value::Null)));
     assert_eq!(status, 202, "{started}");
     let id = started["migration_id"].as_str().expect("id").to_string();
     let events = follow_to_report(&mut ev, &id);

@@ -678,14 +678,9 @@ impl Vmm {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
         }
         tracing::info!("migration {id}: started");
-        self.events.push(
-            &id,
-            Side::Source,
-            EventBody::Phase { phase: MigrationPhase::Setup, reason: None },
-        );
-        let _ = reply.send(Ok(Response::MigrationStarted(ferry_api::MigrationStarted {
-            migration_id: id.clone(),
-        })));
+        self.events.push(&id, Side::Source, EventBody::Phase { phase: MigrationPhase::Setup, reason: None });
+        let _ = reply
+            .send(Ok(Response::MigrationStarted(ferry_api::MigrationStarted { migration_id: id.clone() })));
         self.migration = Some(Outgoing {
             id,
             status,
@@ -813,7 +808,7 @@ impl Vmm {
                     last.phase = report.status;
                     last.reason = report.reason.clone();
                     last.pages_left = 0;
-                    last.report = Some((*report).clone());
+                    last.report = Some(report.clone());
                     self.last_migration = Some(last);
                     let location = report.vm_running_on;
                     let reason = report.reason.clone();

@@ -179,7 +179,11 @@ enum NoMigration {
 }
 
 /// Waits for the authenticated first stream of a migration, a stop signal, or `deadline`.
-fn next_migration(desk: &Desk, signals: RawFd, deadline: Option<Instant>) -> Result<Authenticated, NoMigration> {
+fn next_migration(
+    desk: &Desk,
+    signals: RawFd,
+    deadline: Option<Instant>,
+) -> Result<Authenticated, NoMigration> {
     loop {
         if let Some(conn) = desk.take_first() {
             return Ok(conn);
@@ -897,7 +901,10 @@ impl Vmm {
                 Side::Destination,
                 EventBody::Phase {
                     phase: MigrationPhase::Completed,
-                    reason: Some(format!("the VM runs here; vCPUs started {:.3} ms after the commit", ns as f64 / 1e6)),
+                    reason: Some(format!(
+                        "the VM runs here; vCPUs started {:.3} ms after the commit",
+                        ns as f64 / 1e6
+                    )),
                 },
             );
             self.write_destination_record(&a.id, ns);
