@@ -57,7 +57,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Writer {
 
 /// The log file of this process in `home`.
 pub fn path(home: &Path) -> PathBuf {
-    home.join("logs").join(format!("vmm-{}-{}.log", ferry_vmm::home::hostname(), std::process::id()))
+    home.join(ferry_vmm::home::LOGS_DIR).join(format!(
+        "vmm-{}-{}.log",
+        ferry_vmm::home::hostname(),
+        std::process::id()
+    ))
 }
 
 /// Opens this process's log file in `home` and writes the early lines into it. A failure is

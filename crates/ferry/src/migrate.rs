@@ -28,12 +28,13 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         stall_timeout_s: args.stall_timeout_s,
     };
     let socket = args.socket.api_socket.clone();
-    // Events from here on: the ring may hold an earlier migration's.
-    let since = last_seq(&socket);
     let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {
         bail!("the VMM answered a migrate request with something else");
     };
-    let report = follow(&socket, &started.migration_id, since, !args.quiet)?;
+    // The ring may hold earlier migrations' events too: they are skipped by id. A stream
+    // silent for longer than the migration's own limit means a VMM that hangs.
+    let idle = Duration::from_secs(args.timeout_s.saturating_add(900));
+    let report = follow(&socket, &started.migration_id, idle, !args.quiet)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -54,31 +55,16 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The last event's sequence number before the migration starts (0 if none or unknown).
-fn last_seq(socket: &Path) -> u64 {
-    match send(socket, &Request::MigrationStatus, QUICK) {
-        // A migration was here before: skip its events by reading to the end once.
-        Ok(_) => {
-            let Ok(mut stream) = events(socket, 0, Some(Duration::from_millis(200))) else { return 0 };
-            let mut last = 0;
-            while let Ok(Some(e)) = stream.next_event() {
-                last = e.seq;
-            }
-            last
-        }
-        Err(_) => 0,
-    }
-}
-
 /// Follows `GET /vm/events` until migration `id` reports, reconnecting (with `since`) when
 /// the connection drops; prints a progress line per phase and pass.
-fn follow(socket: &Path, id: &str, mut since: u64, show: bool) -> anyhow::Result<MigrationReport> {
+fn follow(socket: &Path, id: &str, idle: Duration, show: bool) -> anyhow::Result<MigrationReport> {
+    let mut since = 0;
     let tty = std::io::stderr().is_terminal();
     let mut last_phase = MigrationPhase::Setup;
     let mut printed = false;
     let mut failures = 0;
     loop {
-        let mut stream = match events(socket, since, None) {
+        let mut stream = match events(socket, since, Some(idle)) {
             Ok(s) => s,
             Err(e) => {
                 failures += 1;
@@ -120,6 +106,19 @@ fn follow(socket: &Path, id: &str, mut since: u64, show: bool) -> anyhow::Result
                 }
                 // The VMM ended the stream (it is exiting) without this migration's report.
                 Ok(None) => break,
+                Err(ferry_api::client::Error::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    bail!(
+                        "migration {id}: the source VMM sent nothing for {} s (its last phase was {}); \
+                         it may hang: see `ferry info` and its log",
+                        idle.as_secs(),
+                        phase_word(last_phase)
+                    );
+                }
                 Err(_) => break,
             }
         }
