@@ -442,3 +442,21 @@ fn ferry_migrate_says_so_when_the_source_vmm_goes_away() {
     assert!(!stderr.contains("malformed"), "{stderr}");
     assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
 }
+
+#[test]
+fn a_receiver_never_given_a_migration_gives_up_at_its_deadline() {
+    require_kvm();
+    let dir = TempDir::new("api-deadline");
+    let key = write_key(&dir, "key", 26);
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let out = common::run_to_end(
+        &["receive", "--listen", &listen, "--auth-key-file", s(&key), "--deadline-s", "2"],
+        T,
+    );
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no migration started within 2 s (--deadline-s)"), "{stderr}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "gave up after {took:?}");
+}
