@@ -6,6 +6,7 @@
 //! `docs/api.md`.
 
 pub mod client;
+pub mod events;
 pub mod server;
 pub mod types;
 

@@ -1,26 +1,37 @@
 //! The API server: a thread running a small tokio runtime with an axum router on the
 //! unix socket. Each request is parsed into a [`Request`] and handed to the VMM through a
 //! [`Handler`], called on a blocking thread so the VMM may take its time (a snapshot).
+//! `GET /vm/events` and `GET /version` are answered here without the VMM: the events come
+//! from the ring the handler shares ([`Handler::events`]).
 
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 
-use crate::types::{ApiError, MigrateRequest, Request, Response, SnapshotRequest};
+use crate::events::{Batch, Events};
+use crate::types::{ApiError, MigrateRequest, Request, Response, SnapshotRequest, VersionInfo};
 
 /// The VMM side of the API.
 pub trait Handler: Send + Sync + 'static {
     /// Carries out `request`. May block.
     fn handle(&self, request: Request) -> Result<Response, ApiError>;
+
+    /// The VMM's event ring, for `GET /vm/events` (`None`: the endpoint answers 404).
+    fn events(&self) -> Option<Arc<Events>> {
+        None
+    }
 }
+
+/// Events copied out of the ring per chunk written to an event stream.
+const EVENTS_PER_CHUNK: usize = 64;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +127,10 @@ pub fn spawn(path: &Path, handler: Arc<dyn Handler>) -> Result<ServerHandle, Err
 /// The routes.
 pub fn router(handler: Arc<dyn Handler>) -> Router {
     Router::new()
+        .route("/version", get(version))
         .route("/vm", get(info))
+        .route("/vm/migration", get(migration_status))
+        .route("/vm/events", get(events))
         .route("/vm/pause", put(pause))
         .route("/vm/resume", put(resume))
         .route("/vm/snapshot", put(snapshot))
@@ -142,7 +156,8 @@ async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
     match result {
         Ok(Ok(Response::Info(info))) => Json(info).into_response(),
         Ok(Ok(Response::Snapshot(report))) => Json(report).into_response(),
-        Ok(Ok(Response::Migration(report))) => Json(report).into_response(),
+        Ok(Ok(Response::MigrationStarted(started))) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+        Ok(Ok(Response::MigrationStatus(info))) => Json(info).into_response(),
         Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error_response(e),
         Err(e) => error_response(ApiError::internal(format!("the request handler failed: {e}"))),
@@ -156,6 +171,79 @@ fn error_response(e: ApiError) -> HttpResponse {
 
 async fn info(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
     call(h, Request::Info).await
+}
+
+async fn version() -> HttpResponse {
+    Json(VersionInfo::current()).into_response()
+}
+
+async fn migration_status(State(h): State<Arc<dyn Handler>>) -> HttpResponse {
+    call(h, Request::MigrationStatus).await
+}
+
+/// `?since=SEQ` (absent: 0, every event the ring holds).
+fn parse_since(query: Option<&str>) -> Result<u64, ApiError> {
+    let mut since = 0;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("since", v)) => {
+                since = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "bad events request: since must be a sequence number (0 or more), not {v:?}"
+                    ))
+                })?
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "bad events request: unknown query parameter {pair:?} (only since=SEQ)"
+                )))
+            }
+        }
+    }
+    Ok(since)
+}
+
+/// `GET /vm/events?since=SEQ`: newline-delimited JSON, streamed while the connection is
+/// open. The stream copies events out of the ring only as the connection takes them, so
+/// a client that does not read holds nothing but its cursor; it never slows the VMM.
+async fn events(State(h): State<Arc<dyn Handler>>, uri: Uri) -> HttpResponse {
+    let since = match parse_since(uri.query()) {
+        Ok(s) => s,
+        Err(e) => return error_response(e),
+    };
+    let Some(ring) = h.events() else {
+        return error_response(ApiError::not_found("this VMM keeps no events"));
+    };
+    let watch = ring.subscribe();
+    let stream = futures_util::stream::unfold((ring, watch, since), |(ring, mut watch, cursor)| async move {
+        loop {
+            // Marked seen before looking, so an event pushed in between wakes the wait.
+            watch.borrow_and_update();
+            match ring.after(cursor, EVENTS_PER_CHUNK) {
+                Batch::Events(events, cursor) => {
+                    let mut chunk = Vec::new();
+                    for e in &events {
+                        if serde_json::to_writer(&mut chunk, e).is_ok() {
+                            chunk.push(b'\n');
+                        }
+                    }
+                    let out: Result<Bytes, std::convert::Infallible> = Ok(Bytes::from(chunk));
+                    return Some((out, (ring, watch, cursor)));
+                }
+                Batch::Closed => return None,
+                Batch::Wait => {
+                    if watch.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn pause(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
@@ -207,7 +295,7 @@ async fn method_not_allowed() -> HttpResponse {
     error_response(ApiError {
         status: 405,
         message:
-            "method not allowed for this endpoint; see docs/api.md (GET /vm; PUT for every other endpoint)"
+            "method not allowed for this endpoint; see docs/api.md (GET /version, /vm, /vm/migration, /vm/events; PUT for every other endpoint)"
                 .into(),
     })
 }
@@ -215,7 +303,7 @@ async fn method_not_allowed() -> HttpResponse {
 async fn not_found() -> HttpResponse {
     error_response(ApiError {
         status: 404,
-        message: "no such endpoint; see docs/api.md (GET /vm, PUT /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/migrate/cancel)"
+        message: "no such endpoint; see docs/api.md (GET /version, /vm, /vm/migration, /vm/events; PUT /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/migrate/cancel)"
             .into(),
     })
 }

@@ -224,6 +224,130 @@ pub struct MigrationInfo {
     /// Why it ended, once it has.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Throughput of the running pass, MiB/s (the same measure as `rate_mb_s`).
+    #[serde(default)]
+    pub rate_mib_s: f64,
+    /// Pages the guest dirtied per second in the last pass (0 before the first ends).
+    #[serde(default)]
+    pub dirty_pages_per_s: f64,
+    /// Whether `expected_downtime_ms` is a measurement (false until the first pass ends).
+    #[serde(default)]
+    pub downtime_known: bool,
+    /// A rough estimate of the time left, ms: the rest of this pass at the current rate,
+    /// plus, in pre-copy, the next pass (the dirty pages at the last bandwidth) and the
+    /// expected downtime. `None` until a rate is known or once the migration has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<f64>,
+    /// The full report, once the migration has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Box<MigrationReport>>,
+}
+
+/// The version of the VMM API this Ferry serves (`GET /version`). Additive changes (new
+/// endpoints, new fields with defaults) keep it; anything else raises it, and a client (a
+/// daemon) refuses a VMM whose API version it does not know.
+pub const API_VERSION: u32 = 2;
+
+/// `GET /version`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// [`API_VERSION`] of the VMM.
+    pub api_version: u32,
+    /// The VMM's Ferry release.
+    pub ferry_version: String,
+}
+
+impl VersionInfo {
+    /// This build's.
+    pub fn current() -> Self {
+        Self { api_version: API_VERSION, ferry_version: env!("CARGO_PKG_VERSION").to_string() }
+    }
+}
+
+/// `PUT /vm/migrate`'s answer (202): the migration has started.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationStarted {
+    /// Follow it in `GET /vm/events` and `GET /vm/migration`.
+    pub migration_id: String,
+}
+
+/// Which VMM saw an event.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The VMM sending the VM.
+    Source,
+    /// The VMM receiving it.
+    Destination,
+}
+
+/// One line of `GET /vm/events` (newline-delimited JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// From 1, one more per event of this VMM; `?since=SEQ` resumes after it.
+    pub seq: u64,
+    /// The migration (empty in a `gap`).
+    pub migration_id: String,
+    /// The side that saw it.
+    pub side: Side,
+    /// What happened.
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What an [`Event`] says, by `kind`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum EventBody {
+    /// The migration entered `phase` (an end phase carries the reason).
+    Phase {
+        /// The new phase.
+        phase: MigrationPhase,
+        /// Why it ended, for `completed`, `failed`, `cancelled`, `lost`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A pass ended (the source: acknowledged by the destination; the destination: its
+    /// PassEnd arrived).
+    Pass {
+        /// Pass number, from 1.
+        pass: u32,
+        /// Pages in it.
+        pages: u64,
+        /// Bytes (the source: on the wire; the destination: 0, not counted there).
+        #[serde(default)]
+        bytes: u64,
+        /// Duration, ms.
+        ms: f64,
+        /// Pages dirtied meanwhile (source only).
+        #[serde(default)]
+        dirtied: u64,
+        /// Throughput, MiB/s.
+        #[serde(default)]
+        rate_mib_s: f64,
+        /// The stop-and-copy pass.
+        #[serde(default)]
+        stop_and_copy: bool,
+        /// After a pre-copy pass (source): the downtime a stop-and-copy would cost now, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_downtime_ms: Option<f64>,
+        /// Bytes sent so far in the migration (source).
+        #[serde(default)]
+        bytes_transferred: u64,
+    },
+    /// The migration ended: the full report (source), as `GET /vm/migration`'s `report`.
+    Report {
+        /// The report.
+        report: Box<MigrationReport>,
+    },
+    /// Events `missed_from..=missed_to` are no longer in the ring (the client reconnected
+    /// too late or read too slowly); the stream goes on after them.
+    Gap {
+        /// First missed sequence number.
+        missed_from: u64,
+        /// Last missed.
+        missed_to: u64,
+    },
 }
 
 /// One pre-copy pass in a [`MigrationReport`].
@@ -329,8 +453,10 @@ pub enum Request {
     Resume,
     /// `PUT /vm/snapshot`.
     Snapshot(SnapshotRequest),
-    /// `PUT /vm/migrate`: answers when the migration has ended.
+    /// `PUT /vm/migrate`: answers (202) once the migration has started.
     Migrate(MigrateRequest),
+    /// `GET /vm/migration`: the migration in progress or the last one.
+    MigrationStatus,
     /// `PUT /vm/migrate/cancel`.
     MigrateCancel,
 }
@@ -339,7 +465,7 @@ impl Request {
     /// HTTP method.
     pub fn method(&self) -> &'static str {
         match self {
-            Request::Info => "GET",
+            Request::Info | Request::MigrationStatus => "GET",
             _ => "PUT",
         }
     }
@@ -353,6 +479,7 @@ impl Request {
             Request::Snapshot(_) => "/vm/snapshot",
             Request::Migrate(_) => "/vm/migrate",
             Request::MigrateCancel => "/vm/migrate/cancel",
+            Request::MigrationStatus => "/vm/migration",
         }
     }
 
@@ -367,6 +494,8 @@ impl Request {
 }
 
 /// A successful answer.
+// One per request, moved once: the size of `Info` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Response {
     /// The VM's description.
@@ -375,8 +504,10 @@ pub enum Response {
     Done,
     /// A snapshot's report.
     Snapshot(SnapshotReport),
-    /// A migration's report.
-    Migration(MigrationReport),
+    /// A migration has started (202).
+    MigrationStarted(MigrationStarted),
+    /// The migration in progress or the last one.
+    MigrationStatus(Box<MigrationInfo>),
 }
 
 /// A refused or failed request: HTTP status and a sentence saying why.
@@ -400,6 +531,10 @@ impl ApiError {
     /// 409.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { status: 409, message: message.into() }
+    }
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: 404, message: message.into() }
     }
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {

@@ -169,6 +169,12 @@ pub struct ReceiveArgs {
     /// name, which must exist here (ip tuntap add NAME mode tap).
     #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]
     pub tap_map: Vec<(String, String)>,
+
+    /// Give up (exit non-zero) if no migration has started within this many seconds of
+    /// listening, or of the last failed one; 0 waits for ever. A migration in progress is
+    /// bounded by its stall bound instead.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub deadline_s: u64,
 }
 
 /// Arguments of `ferry migrate`.

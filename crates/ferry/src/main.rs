@@ -2,6 +2,7 @@
 
 mod cli;
 mod ctl;
+mod logfile;
 mod migrate;
 mod run;
 
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
     };
     init_logging(&cli.log_level);
     if !matches!(cli.command, cli::Command::Run(_) | cli::Command::Restore(_) | cli::Command::Receive(_)) {
+        logfile::off();
         // A report piped into `head` ends the command quietly, as with any Unix tool,
         // instead of a panic on a failed print. (VMM processes keep ignoring SIGPIPE:
         // there a closed socket is an error to handle, not a reason to die.)
@@ -78,15 +80,23 @@ fn one_line(message: &str) -> String {
         .join(" ")
 }
 
+/// Logs go to stderr and, for a VMM process, to its file in the VM's home
+/// ([`logfile`]); the file gets no colours and always the time.
 fn init_logging(level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         // A closed stderr (a supervisor that stopped reading) must not panic the VMM.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    let file = tracing_subscriber::fmt::layer()
+        .with_writer(logfile::Writer)
+        .with_ansi(false)
+        .with_target(false)
+        .log_internal_errors(false);
+    let _ = tracing_subscriber::registry().with(filter).with(stderr).with(file).try_init();
 }

@@ -1,21 +1,17 @@
 //! `ferry migrate` and `ferry migrate-cancel`.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use ferry_api::client::send;
-use ferry_api::{
-    MigrateRequest, MigrationInfo, MigrationPhase, MigrationReport, Request, Response, VmLocation,
-};
+use ferry_api::client::{events, send};
+use ferry_api::{EventBody, MigrateRequest, MigrationPhase, MigrationReport, Request, Response, VmLocation};
 
 use crate::cli::{MigrateArgs, SocketArgs};
 
 const QUICK: Duration = Duration::from_secs(30);
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     // The VMM reads the key file: give it a path that does not depend on our directory.
@@ -32,26 +28,17 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         stall_timeout_s: args.stall_timeout_s,
     };
     let socket = args.socket.api_socket.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let progress = (!args.quiet).then(|| {
-        let (socket, done) = (socket.clone(), done.clone());
-        std::thread::spawn(move || show_progress(&socket, &done))
-    });
-    let wait = Duration::from_secs(args.timeout_s.saturating_add(900));
-    let answer = send(&socket, &Request::Migrate(request), wait);
-    done.store(true, Ordering::SeqCst);
-    if let Some(p) = progress {
-        // Woken at once: the report must not wait for the next progress tick.
-        p.thread().unpark();
-        let _ = p.join();
-    }
-    let Response::Migration(report) = answer? else {
+    let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {
         bail!("the VMM answered a migrate request with something else");
     };
+    // The ring may hold earlier migrations' events too: they are skipped by id. A stream
+    // silent for longer than the migration's own limit means a VMM that hangs.
+    let idle = Duration::from_secs(args.timeout_s.saturating_add(900));
+    let report = follow(&socket, &started.migration_id, idle, !args.quiet)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print_report(&report, args.verify);
     }
     if report.vm_running_on == VmLocation::Destination {
         Ok(ExitCode::SUCCESS)
@@ -65,6 +52,118 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             );
         }
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Follows `GET /vm/events` until migration `id` reports, reconnecting (with `since`) when
+/// the connection drops; prints a progress line per phase and pass.
+fn follow(socket: &Path, id: &str, idle: Duration, show: bool) -> anyhow::Result<MigrationReport> {
+    let mut since = 0;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_phase = MigrationPhase::Setup;
+    let mut printed = false;
+    let mut failures = 0;
+    loop {
+        let mut stream = match events(socket, since, Some(idle)) {
+            Ok(s) => s,
+            Err(e) => {
+                failures += 1;
+                if failures > RECONNECTS {
+                    return Err(went_away(socket, id, last_phase, e));
+                }
+                std::thread::sleep(RECONNECT_PAUSE);
+                continue;
+            }
+        };
+        loop {
+            match stream.next_event() {
+                Ok(Some(event)) => {
+                    failures = 0;
+                    since = event.seq;
+                    if event.migration_id != id {
+                        continue;
+                    }
+                    match event.body {
+                        EventBody::Report { report } => {
+                            if show && printed && tty {
+                                eprintln!();
+                            }
+                            return Ok(*report);
+                        }
+                        EventBody::Phase { phase, .. } => last_phase = phase,
+                        _ => {}
+                    }
+                    if show {
+                        if let Some(line) = progress_line(id, &event.body, last_phase) {
+                            if tty {
+                                eprint!("\r\x1b[2K{line}");
+                            } else {
+                                eprintln!("{line}");
+                            }
+                            printed = true;
+                        }
+                    }
+                }
+                // The VMM ended the stream (it is exiting) without this migration's report.
+                Ok(None) => break,
+                Err(ferry_api::client::Error::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    bail!(
+                        "migration {id}: the source VMM sent nothing for {} s (its last phase was {}); \
+                         it may hang: see `ferry info` and its log",
+                        idle.as_secs(),
+                        phase_word(last_phase)
+                    );
+                }
+                Err(_) => break,
+            }
+        }
+        // The report may be there already (a stream cut right after it).
+        if let Ok(Response::MigrationStatus(m)) = send(socket, &Request::MigrationStatus, QUICK) {
+            if m.migration_id == id {
+                if let Some(report) = m.report {
+                    return Ok(*report);
+                }
+            }
+        }
+        failures += 1;
+        if failures > RECONNECTS {
+            return Err(went_away(
+                socket,
+                id,
+                last_phase,
+                ferry_api::client::Error::Closed { path: socket.to_owned() },
+            ));
+        }
+        std::thread::sleep(RECONNECT_PAUSE);
+    }
+}
+
+/// Connection attempts in a row that may fail before the VMM is taken for gone.
+const RECONNECTS: u32 = 10;
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
+
+fn went_away(socket: &Path, id: &str, phase: MigrationPhase, e: ferry_api::client::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "migration {id}: the source VMM went away (connection to {} closed: {e}); its last phase was {}; \
+         if it reported, the outcome is in the VM's home under migrations/{id}.json",
+        socket.display(),
+        phase_word(phase)
+    )
+}
+
+fn phase_word(p: MigrationPhase) -> String {
+    match p {
+        MigrationPhase::Setup => "setup".into(),
+        MigrationPhase::PreCopy => "pre-copy".into(),
+        MigrationPhase::StopAndCopy => "stop-and-copy".into(),
+        MigrationPhase::Restoring => "destination restoring".into(),
+        MigrationPhase::Committed => "committed, waiting for activation".into(),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
@@ -83,55 +182,46 @@ fn status_word(r: &MigrationReport) -> &'static str {
     }
 }
 
-/// Polls `info` and prints a line whenever the migration moves on.
-fn show_progress(socket: &std::path::Path, done: &AtomicBool) {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
-    while !done.load(Ordering::SeqCst) {
-        std::thread::park_timeout(PROGRESS_EVERY);
-        if done.load(Ordering::SeqCst) {
-            break;
+/// One progress line for an event, or none.
+fn progress_line(id: &str, body: &EventBody, phase: MigrationPhase) -> Option<String> {
+    match body {
+        EventBody::Phase { phase, reason: None } => Some(format!("migration {id}: {}", phase_word(*phase))),
+        EventBody::Phase { .. } => None,
+        EventBody::Pass { stop_and_copy: true, pages, bytes, ms, .. } => Some(format!(
+            "migration {id}: stop-and-copy: {pages} pages, {:.1} MiB in {ms:.1} ms",
+            *bytes as f64 / MIB
+        )),
+        EventBody::Pass {
+            pass,
+            pages,
+            dirtied,
+            rate_mib_s,
+            expected_downtime_ms,
+            bytes_transferred,
+            ms,
+            ..
+        } => {
+            let downtime = match expected_downtime_ms {
+                Some(d) => format!("{d:.1} ms"),
+                None => "\u{2014}".into(),
+            };
+            Some(format!(
+                "migration {id}: {} pass {pass}: {pages} pages in {ms:.1} ms, {dirtied} dirty, {rate_mib_s:.0} MiB/s, \
+                 expected downtime {downtime}, {:.1} MiB sent",
+                phase_word(phase),
+                *bytes_transferred as f64 / MIB
+            ))
         }
-        let Ok(Response::Info(info)) = send(socket, &Request::Info, Duration::from_secs(2)) else {
-            continue;
-        };
-        let Some(m) = info.migration else { continue };
-        let line = progress_line(&m);
-        if line != last {
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                eprintln!("{line}");
-            }
-            last = line;
+        EventBody::Gap { missed_from, missed_to } => {
+            Some(format!("migration {id}: (events {missed_from} to {missed_to} missed)"))
         }
-    }
-    if tty && !last.is_empty() {
-        eprintln!();
+        EventBody::Report { .. } => None,
     }
 }
 
-fn progress_line(m: &MigrationInfo) -> String {
-    let phase = match m.phase {
-        MigrationPhase::Setup => "setting up".to_string(),
-        MigrationPhase::PreCopy => format!("pre-copy pass {}", m.pass),
-        MigrationPhase::StopAndCopy => "stop-and-copy".to_string(),
-        MigrationPhase::Restoring => "destination restoring".to_string(),
-        MigrationPhase::Committed => "committed, waiting for activation".to_string(),
-        other => format!("{other:?}").to_lowercase(),
-    };
-    format!(
-        "migration {}: {phase}: {} pages left, {} dirty, {:.0} MB/s, expected downtime {:.1} ms, {} MiB sent",
-        m.migration_id,
-        m.pages_left,
-        m.pages_dirty,
-        m.rate_mb_s,
-        m.expected_downtime_ms,
-        m.bytes_transferred >> 20
-    )
-}
+const MIB: f64 = (1u64 << 20) as f64;
 
-fn print_report(r: &MigrationReport) {
+fn print_report(r: &MigrationReport, verify: bool) {
     println!("migration:   {}", r.migration_id);
     println!("status:      {} (the VM runs on the {:?})", status_word(r), r.vm_running_on);
     println!("reason:      {}", r.reason);
@@ -142,15 +232,22 @@ fn print_report(r: &MigrationReport) {
         if r.streams == 1 { "" } else { "s" }
     );
     println!(
-        "time:        {:.1} ms total, setup {:.1} ms, downtime {:.2} ms",
-        r.total_ms, r.setup_ms, r.downtime_ms
+        "time:        {:.1} ms total, setup {:.1} ms, downtime {:.2} ms{}",
+        r.total_ms,
+        r.setup_ms,
+        r.downtime_ms,
+        if verify && r.downtime_ms > 0.0 {
+            " (includes --verify's memory hashing on both sides)"
+        } else {
+            ""
+        }
     );
     println!(
-        "sent:        {:.1} MiB, {} pages with data, {} zero pages as markers, first pass at {:.0} MB/s",
-        r.bytes_transferred as f64 / (1 << 20) as f64,
+        "sent:        {:.1} MiB, {} pages with data, {} zero pages as markers, first pass at {:.0} MiB/s",
+        r.bytes_transferred as f64 / MIB,
         r.pages_sent,
         r.zero_pages,
-        r.throughput_mb_s
+        r.throughput_mb_s * 1e6 / MIB
     );
     if r.verified {
         println!("verified:    guest memory hashes agree on both sides");

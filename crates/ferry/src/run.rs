@@ -51,6 +51,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         nets: args.nets,
     };
     let vmm = Vmm::build(config).context("cannot start the VM")?;
+    crate::logfile::open(vmm.home());
     finish(vmm.run()?)
 }
 
@@ -66,6 +67,7 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         revert: args.revert,
     };
     let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;
+    crate::logfile::open(vmm.home());
     finish(vmm.run()?)
 }
 
@@ -78,6 +80,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         home: args.home,
         started_ns,
         tap_map: args.tap_map,
+        deadline: (args.deadline_s > 0).then(|| std::time::Duration::from_secs(args.deadline_s)),
     };
     let vmm = match Vmm::receive(config) {
         Ok(v) => v,
@@ -87,6 +90,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {}", args.listen))),
     };
+    crate::logfile::open(vmm.home());
     finish(vmm.run()?)
 }
 

@@ -3,9 +3,10 @@
 //! happens on the VMM thread, in order.
 
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_api::events::Events;
 use ferry_api::server::Handler;
 use ferry_api::{ApiError, Request, Response};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +23,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) struct Bridge {
     calls: Mutex<Sender<Call>>,
     wake: EventFd,
+    events: Arc<Events>,
 }
 
 /// The VMM thread's end.
@@ -32,18 +34,19 @@ pub(crate) struct Inbox {
 }
 
 /// A connected pair.
-pub(crate) fn channel() -> std::io::Result<(Bridge, Inbox)> {
+/// A connected pair; the server streams `events` itself (never through the VMM thread).
+pub(crate) fn channel(events: Arc<Events>) -> std::io::Result<(Bridge, Inbox)> {
     let (tx, rx) = mpsc::channel();
     let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-    Ok((Bridge { calls: Mutex::new(tx), wake: wake.try_clone()? }, Inbox { calls: rx, wake }))
+    Ok((Bridge { calls: Mutex::new(tx), wake: wake.try_clone()?, events }, Inbox { calls: rx, wake }))
 }
 
 impl Handler for Bridge {
+    fn events(&self) -> Option<Arc<Events>> {
+        Some(self.events.clone())
+    }
+
     fn handle(&self, request: Request) -> Result<Response, ApiError> {
-        let request_timeout = match &request {
-            Request::Migrate(m) => Some(Duration::from_secs(m.timeout_s.saturating_add(600))),
-            _ => None,
-        };
         let (tx, rx) = mpsc::channel();
         self.calls
             .lock()
@@ -51,12 +54,8 @@ impl Handler for Bridge {
             .send((request, tx))
             .map_err(|_| ApiError::conflict("the VM is shutting down"))?;
         let _ = self.wake.write(1);
-        // A migration answers when it ends, bounded by its own timeout.
-        let timeout = match &request_timeout {
-            Some(t) => *t,
-            None => REQUEST_TIMEOUT,
-        };
-        match rx.recv_timeout(timeout) {
+        // A migration answers once it has started (202); it is followed in /vm/events.
+        match rx.recv_timeout(REQUEST_TIMEOUT) {
             Ok(answer) => answer,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ApiError::internal("the VMM did not answer in time")),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(ApiError::conflict("the VM is shutting down")),

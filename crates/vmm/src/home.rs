@@ -32,6 +32,8 @@ pub const LOCK_FILE: &str = "vm.lock";
 pub const GENERATION_FILE: &str = "vm.generation";
 /// The run record's name in a home directory.
 pub const RUNS_FILE: &str = "runs.log";
+/// Where VMM processes write their logs in a home (`vmm-<host>-<pid>.log`, by the binary).
+pub const LOGS_DIR: &str = "logs";
 /// A file at the root of a datastore naming it (one line: its id). A home below it is
 /// identified by the datastore's id and its path inside the datastore, so two hosts that
 /// mount the same datastore at different paths agree on it.
@@ -229,14 +231,19 @@ impl VmHome {
         Ok(home)
     }
 
-    /// Removes the home's own files and the directory, if nothing else is in it (a home
-    /// Ferry made for a VM that has ended for good). Needs the lock, which it releases.
+    /// Removes the home's own files (with the VMMs' logs and migration reports) and the
+    /// directory, if nothing else is in it (a home Ferry made for a VM that has ended for
+    /// good). Needs the lock, which it releases.
     pub fn remove(&mut self) {
         if self.lock.is_none() {
             return;
         }
         for name in [GENERATION_FILE, RUNS_FILE, LOCK_FILE] {
             let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        // What the VMMs wrote there: their logs and migration reports.
+        for dir in [LOGS_DIR, crate::migration::REPORTS_DIR] {
+            let _ = std::fs::remove_dir_all(self.dir.join(dir));
         }
         // The lock goes with its file's last description.
         self.lock = None;

@@ -265,6 +265,9 @@ pub struct Vmm {
     run_recorded: bool,
     /// The migration that brought the VM here, for the run records.
     migrated_in: Option<String>,
+    /// Migration events for `GET /vm/events` (both sides; a destination's come from
+    /// [`Vmm::receive`]).
+    events: std::sync::Arc<ferry_api::events::Events>,
 }
 
 /// A home locked for a VM being built. If the build fails, a home this VMM made (the
@@ -540,6 +543,7 @@ impl Vmm {
             state_generation: None,
             run_recorded: false,
             migrated_in: None,
+            events: Default::default(),
         })
     }
 

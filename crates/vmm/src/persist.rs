@@ -503,6 +503,7 @@ impl Vmm {
             state_generation: p.state_generation,
             run_recorded: false,
             migrated_in: None,
+            events: Default::default(),
         })
     }
 }

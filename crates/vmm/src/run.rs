@@ -167,7 +167,7 @@ impl Vmm {
         let mut server = None;
         let mut inbox: Option<Inbox> = None;
         if let Some(path) = self.api_socket.clone() {
-            let (bridge, ib) = api::channel().map_err(Error::EventLoop)?;
+            let (bridge, ib) = api::channel(self.events.clone()).map_err(Error::EventLoop)?;
             add(ib.wake.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
             match ferry_api::server::spawn(&path, std::sync::Arc::new(bridge)) {
                 Ok(s) => {
@@ -308,6 +308,8 @@ impl Vmm {
         };
         self.abandon_migration();
         self.shutdown();
+        // Event streams send what is left (a migration's report) and end.
+        self.events.close();
         if let Some(mut s) = server {
             // Lets a response in flight (a suspend's report) reach its client.
             s.shutdown(std::time::Duration::from_secs(5));
@@ -407,6 +409,10 @@ impl Vmm {
                 }
             },
             ApiRequest::MigrateCancel => self.cancel_migration().map(|()| Response::Done),
+            ApiRequest::MigrationStatus => self
+                .migration_status()
+                .map(|m| Response::MigrationStatus(Box::new(m)))
+                .ok_or_else(|| ApiError::not_found("no migration has been started on this VMM")),
         };
         let _ = reply.send(answer);
         None

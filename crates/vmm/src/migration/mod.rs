@@ -26,7 +26,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use ferry_api::{
-    ApiError, MigrateRequest, MigrationInfo, MigrationPhase, MigrationReport, Response, VmLocation,
+    ApiError, EventBody, MigrateRequest, MigrationInfo, MigrationPhase, MigrationReport, Response, Side,
+    VmLocation,
 };
 use ferry_arch::state::CpuidEntry;
 use serde::{Deserialize, Serialize};
@@ -207,6 +208,9 @@ pub enum Error {
         /// The home's.
         current: Option<u64>,
     },
+    /// A receiver waited its whole deadline and no migration started.
+    #[error("no migration started within {0} s (--deadline-s); the receiver gives up, nothing runs here")]
+    Deadline(u64),
     /// The process was asked to stop.
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
@@ -461,6 +465,52 @@ impl VmmPort {
     }
 }
 
+/// The directory in a VM's home where migrations leave their reports.
+pub const REPORTS_DIR: &str = "migrations";
+
+/// Writes `value` as `HOME/migrations/<name>` atomically (a temporary file, synced, renamed,
+/// the directory synced): a reader sees the whole record or none.
+pub(crate) fn write_record<T: Serialize + ?Sized>(
+    home: &std::path::Path,
+    name: &str,
+    value: &T,
+) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    let dir = home.join(REPORTS_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    let r = write();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map(|()| path)
+}
+
+/// A rough time left, ms (see [`MigrationInfo::eta_ms`]).
+fn eta_ms(m: &MigrationInfo) -> Option<f64> {
+    let page = ferry_migration::protocol::PAGE_SIZE as f64;
+    let bytes_per_ms = m.rate_mib_s * (1 << 20) as f64 / 1e3;
+    match m.phase {
+        MigrationPhase::Setup | MigrationPhase::PreCopy if bytes_per_ms > 0.0 => {
+            let this_pass = m.pages_left as f64 * page / bytes_per_ms;
+            let next = m.pages_dirty as f64 * page / bytes_per_ms;
+            Some(this_pass + next + if m.downtime_known { m.expected_downtime_ms } else { 0.0 })
+        }
+        MigrationPhase::StopAndCopy if bytes_per_ms > 0.0 => Some(m.pages_left as f64 * page / bytes_per_ms),
+        _ => None,
+    }
+}
+
 /// Shared progress, read by `info`.
 pub(crate) type Status = Arc<Mutex<MigrationInfo>>;
 
@@ -486,7 +536,6 @@ pub(crate) struct Outgoing {
     /// Pause and resume requests that arrived after the state was taken: carried out once
     /// the migration has rolled back.
     deferred: Vec<(ferry_api::Request, Sender<Result<Response, ApiError>>)>,
-    reply: Sender<Result<Response, ApiError>>,
     inbox: Receiver<Call>,
     /// Registered with the run loop's epoll.
     pub wake: Arc<EventFd>,
@@ -511,7 +560,8 @@ pub(crate) enum Next {
 }
 
 impl Vmm {
-    /// Starts an outgoing migration; the answer goes to `reply` when it ends.
+    /// Starts an outgoing migration and answers `reply` at once with its id (202); its
+    /// progress goes to the event ring and the status, its report to the home.
     pub(crate) fn start_migration(
         &mut self,
         req: MigrateRequest,
@@ -570,6 +620,11 @@ impl Vmm {
             bytes_transferred: 0,
             elapsed_ms: 0,
             reason: String::new(),
+            rate_mib_s: 0.0,
+            dirty_pages_per_s: 0.0,
+            downtime_known: false,
+            eta_ms: None,
+            report: None,
         }));
         let wake = match EventFd::new(libc::EFD_NONBLOCK) {
             Ok(e) => Arc::new(e),
@@ -617,11 +672,15 @@ impl Vmm {
             status: status.clone(),
             cancel: cancel.clone(),
             sockets: sockets.clone(),
+            events: self.events.clone(),
         };
         if let Err(e) = std::thread::Builder::new().name("migration".into()).spawn(move || source.run()) {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
         }
         tracing::info!("migration {id}: started");
+        self.events.push(&id, Side::Source, EventBody::Phase { phase: MigrationPhase::Setup, reason: None });
+        let _ = reply
+            .send(Ok(Response::MigrationStarted(ferry_api::MigrationStarted { migration_id: id.clone() })));
         self.migration = Some(Outgoing {
             id,
             status,
@@ -631,7 +690,6 @@ impl Vmm {
             state_generation: None,
             state_taken: false,
             deferred: Vec::new(),
-            reply,
             inbox,
             wake,
         });
@@ -663,6 +721,13 @@ impl Vmm {
             Some(m) => Some(m.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             None => self.last_migration.clone(),
         }
+    }
+
+    /// `GET /vm/migration`: [`Vmm::migration_info`] with the estimates filled in.
+    pub(crate) fn migration_status(&self) -> Option<MigrationInfo> {
+        let mut m = self.migration_info()?;
+        m.eta_ms = eta_ms(&m);
+        Some(m)
     }
 
     /// The id of the migration in progress.
@@ -742,10 +807,22 @@ impl Vmm {
                     let mut last = m.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     last.phase = report.status;
                     last.reason = report.reason.clone();
+                    last.pages_left = 0;
+                    last.report = Some(report.clone());
                     self.last_migration = Some(last);
                     let location = report.vm_running_on;
                     let reason = report.reason.clone();
-                    let _ = m.reply.send(Ok(Response::Migration(*report)));
+                    // The home first: a daemon restarted meanwhile learns the outcome there.
+                    let file = format!("{}.json", m.id);
+                    if let Err(e) = write_record(self.home.dir(), &file, &*report) {
+                        tracing::warn!("migration {}: cannot write its report into the home: {e}", m.id);
+                    }
+                    self.events.push(
+                        &m.id,
+                        Side::Source,
+                        EventBody::Phase { phase: report.status, reason: Some(reason.clone()) },
+                    );
+                    self.events.push(&m.id, Side::Source, EventBody::Report { report });
                     match location {
                         VmLocation::Destination | VmLocation::Nowhere => {
                             for (_, reply) in m.deferred {
@@ -866,10 +943,10 @@ impl Vmm {
             if !m.committed {
                 m.sockets.shut_down();
             }
-            let _ = m.reply.send(Err(ApiError::conflict(format!(
-                "migration {}: the VM stopped on the source before the migration ended",
-                m.id
-            ))));
+            let reason = "the VM stopped on the source before the migration ended".to_string();
+            tracing::warn!("migration {}: {reason}", m.id);
+            let phase = if m.committed { MigrationPhase::Lost } else { MigrationPhase::Failed };
+            self.events.push(&m.id, Side::Source, EventBody::Phase { phase, reason: Some(reason) });
         }
     }
 }

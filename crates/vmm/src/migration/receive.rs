@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_api::events::Events;
+use ferry_api::{EventBody, MigrationPhase, Side};
+
 use ferry_arch::layout;
 use ferry_migration::auth::Key;
 use ferry_migration::protocol::{
@@ -76,6 +79,9 @@ pub struct ReceiveConfig {
     /// Taps to use instead of the source's: `(name on the source, name here)`. A NIC whose
     /// tap is not listed uses a tap of the same name here.
     pub tap_map: Vec<(String, String)>,
+    /// Give up if no migration has started this long after listening began, or after the
+    /// last failed one ([`Error::Deadline`]); `None` waits for ever.
+    pub deadline: Option<Duration>,
 }
 
 /// Why one incoming migration failed, with its id when known.
@@ -110,24 +116,34 @@ impl Vmm {
         // accepting and drops the connections still being authenticated.
         let _acceptor =
             Acceptor::start(listener, key, desk.clone()).map_err(|e| crate::Error::Migration(Box::new(e)))?;
+        // Every incoming migration's phases and passes, handed to the VM that arrives so
+        // that its `GET /vm/events` shows them.
+        let events = Arc::new(Events::new());
         let stop = |e: Error| {
             desk.close();
             crate::Error::Migration(Box::new(e))
         };
         loop {
-            let conn = match next_migration(&desk, signals.as_raw_fd()) {
+            let deadline = config.deadline.map(|d| Instant::now() + d);
+            let conn = match next_migration(&desk, signals.as_raw_fd(), deadline) {
                 Ok(c) => c,
-                Err(sig) => {
+                Err(NoMigration::Signal(sig)) => {
                     tracing::info!("signal {sig} received: no longer waiting for a migration");
                     return Err(stop(Error::Interrupted(sig)));
+                }
+                Err(NoMigration::Deadline) => {
+                    let secs = config.deadline.unwrap_or_default().as_secs();
+                    tracing::error!("no migration started within {secs} s (--deadline-s): giving up");
+                    return Err(stop(Error::Deadline(secs)));
                 }
             };
             let peer = conn.peer;
             tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(conn, &desk, &config, &faults, &signals) {
-                Ok(vmm) => {
+            match incoming(conn, &desk, &config, &faults, &signals, &events) {
+                Ok(mut vmm) => {
                     desk.close();
+                    vmm.events = events.clone();
                     tracing::info!(
                         "migration {}: received in {:.1} ms",
                         vmm.activation.as_ref().map(|a| a.id.as_str()).unwrap_or("?"),
@@ -138,6 +154,11 @@ impl Vmm {
                 Err(Failed { id, error }) => {
                     let id = id.unwrap_or_else(|| format!("from {peer}"));
                     let msg = error_chain(&error);
+                    events.push(
+                        &id,
+                        Side::Destination,
+                        EventBody::Phase { phase: MigrationPhase::Failed, reason: Some(msg.clone()) },
+                    );
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
                         return Err(stop(error));
@@ -153,14 +174,31 @@ impl Vmm {
     }
 }
 
-/// Waits for the authenticated first stream of a migration, or a stop signal.
-fn next_migration(desk: &Desk, signals: RawFd) -> Result<Authenticated, i32> {
+/// Why no migration came.
+enum NoMigration {
+    Signal(i32),
+    Deadline,
+}
+
+/// Waits for the authenticated first stream of a migration, a stop signal, or `deadline`.
+fn next_migration(
+    desk: &Desk,
+    signals: RawFd,
+    deadline: Option<Instant>,
+) -> Result<Authenticated, NoMigration> {
     loop {
         if let Some(conn) = desk.take_first() {
             return Ok(conn);
         }
-        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, None) {
-            return Err(sig);
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(NoMigration::Deadline),
+            },
+            None => None,
+        };
+        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, left) {
+            return Err(NoMigration::Signal(sig));
         }
     }
 }
@@ -230,9 +268,17 @@ fn incoming(
     config: &ReceiveConfig,
     faults: &Faults,
     signals: &OwnedFd,
+    events: &Arc<Events>,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
-    let mut rx = Receiver { id: id.clone(), stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
+    let mut rx = Receiver {
+        id: id.clone(),
+        stream: None,
+        signals: signals.as_raw_fd(),
+        payload: Vec::new(),
+        events: events.clone(),
+    };
+    rx.event(EventBody::Phase { phase: MigrationPhase::Setup, reason: None });
     let io = |e| Failed { id: id.clone(), error: Error::Protocol(wire::Error::Io(e)) };
     let stream = conn.stream;
     super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
@@ -256,11 +302,17 @@ struct Receiver {
     stream: Option<TcpStream>,
     signals: RawFd,
     payload: Vec<u8>,
+    /// This side's phases and passes, for `GET /vm/events` once the VM runs here.
+    events: Arc<Events>,
 }
 
 impl Receiver {
     fn id(&self) -> &str {
         self.id.as_deref().unwrap_or("?")
+    }
+
+    fn event(&self, body: EventBody) {
+        self.events.push(self.id(), Side::Destination, body);
     }
 
     fn stream(&mut self) -> Result<&mut TcpStream, Error> {
@@ -340,6 +392,7 @@ impl Receiver {
         // The source opens its extra streams as soon as it reads Accept: take them from now on.
         desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
+        self.event(EventBody::Phase { phase: MigrationPhase::PreCopy, reason: None });
         tracing::info!(
             "migration {id}: checks passed; reserved {} MiB and {} vCPUs for {}",
             cfg.description.memory >> 20,
@@ -612,6 +665,18 @@ impl Receiver {
                         }
                         Err(e) => return Err(e),
                     }
+                    let ms = pass_started.elapsed().as_secs_f64() * 1e3;
+                    self.event(EventBody::Pass {
+                        pass: end.pass,
+                        pages: end.pages,
+                        bytes: 0,
+                        ms,
+                        dirtied: 0,
+                        rate_mib_s: 0.0,
+                        stop_and_copy: false,
+                        expected_downtime_ms: None,
+                        bytes_transferred: 0,
+                    });
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms{}",
                         self.id(),
@@ -624,6 +689,7 @@ impl Receiver {
                     pass_started = Instant::now();
                 }
                 Kind::State => {
+                    self.event(EventBody::Phase { phase: MigrationPhase::Restoring, reason: None });
                     return serde_json::from_slice(&self.payload)
                         .map_err(|source| Error::Protocol(wire::Error::Json { kind: Kind::State, source }));
                 }
@@ -697,6 +763,7 @@ impl Receiver {
             },
         }
         tracing::info!("migration {id}: holding the VM's lock on {}; starting the vCPUs", home_dir.display());
+        self.event(EventBody::Phase { phase: MigrationPhase::Committed, reason: None });
         let stream = self.stream.take().ok_or(Error::Vmm("keep the connection".into()))?;
         vmm.activation = Some(Activation { stream, id, commit_ns });
         Ok(vmm)
@@ -852,6 +919,18 @@ impl Vmm {
         let id = self.activation.as_ref().map(|a| a.id.clone());
         if let Some(mut a) = self.activation.take() {
             let ns = crate::monotonic_ns().saturating_sub(a.commit_ns);
+            self.events.push(
+                &a.id,
+                Side::Destination,
+                EventBody::Phase {
+                    phase: MigrationPhase::Completed,
+                    reason: Some(format!(
+                        "the VM runs here; vCPUs started {:.3} ms after the commit",
+                        ns as f64 / 1e6
+                    )),
+                },
+            );
+            self.write_destination_record(&a.id, ns);
             let msg = to_json(&wire::Activated { activation_ns: ns });
             match write_frame(&mut a.stream, Kind::Activated, &msg) {
                 Ok(()) => tracing::info!(
@@ -867,6 +946,44 @@ impl Vmm {
             }
         }
         id
+    }
+}
+
+/// The destination's view of a migration, `HOME/migrations/<id>.destination.json`.
+#[derive(Debug, serde::Serialize)]
+struct DestinationRecord<'a> {
+    migration_id: &'a str,
+    side: Side,
+    status: MigrationPhase,
+    /// Commit to vCPUs running here, ms.
+    activation_ms: f64,
+    /// This VMM's pid and host.
+    pid: u32,
+    /// Every event this side saw of the migration, in order.
+    events: Vec<ferry_api::Event>,
+}
+
+impl Vmm {
+    /// Writes this side's record of migration `id` into the home (after activation).
+    fn write_destination_record(&self, id: &str, activation_ns: u64) {
+        let mut events = Vec::new();
+        let mut cursor = 0;
+        while let ferry_api::events::Batch::Events(batch, next) = self.events.after(cursor, 256) {
+            events.extend(batch.into_iter().filter(|e| e.migration_id == id));
+            cursor = next;
+        }
+        let record = DestinationRecord {
+            migration_id: id,
+            side: Side::Destination,
+            status: MigrationPhase::Completed,
+            activation_ms: activation_ns as f64 / 1e6,
+            pid: std::process::id(),
+            events,
+        };
+        let name = format!("{id}.destination.json");
+        if let Err(e) = super::write_record(self.home.dir(), &name, &record) {
+            tracing::warn!("migration {id}: cannot write this side's record into the home: {e}");
+        }
     }
 }
 

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::{MigrateRequest, MigrationPhase, MigrationReport, PassReport, VmLocation};
+use ferry_api::events::Events;
+use ferry_api::{EventBody, MigrateRequest, MigrationPhase, MigrationReport, PassReport, Side, VmLocation};
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::convergence::{self, Decision, Limits, PassMeasure};
 use ferry_migration::protocol::{
@@ -59,6 +60,8 @@ pub(crate) struct Source {
     pub cancel: Arc<AtomicBool>,
     /// Every socket opened is registered here, for a cancel to shut it down.
     pub sockets: Sockets,
+    /// Phase changes and passes go here for `GET /vm/events` (never blocks).
+    pub events: Arc<Events>,
 }
 
 /// Counters kept while the migration runs, for the report.
@@ -133,6 +136,10 @@ impl Run<'_> {
         }
         self.phase = next;
         update(&self.src.status, |s| s.phase = next);
+        // The end phases are announced by the VMM thread, with the reason and the report.
+        if !matches!(next, Completed | Failed | Cancelled | Lost) {
+            self.src.events.push(&self.src.id, Side::Source, EventBody::Phase { phase: next, reason: None });
+        }
     }
 
     fn stream(&mut self) -> &mut TcpStream {
@@ -310,6 +317,7 @@ impl Run<'_> {
                 s.pass = pass;
                 s.pages_left = total.saturating_sub(sent);
                 s.rate_mb_s = bytes as f64 / secs / 1e6;
+                s.rate_mib_s = bytes as f64 / secs / (1 << 20) as f64;
                 s.bytes_transferred = before + bytes;
                 s.elapsed_ms = started.elapsed().as_millis() as u64;
             });
@@ -385,14 +393,32 @@ impl Run<'_> {
             let bw = convergence::bandwidth(&measures);
             let expected = convergence::expected_downtime_ms(dirtied, bw);
             let (transferred, elapsed) = (self.tally.bytes, self.started.elapsed().as_millis() as u64);
+            let rate_mib_s = if ms > 0.0 { sent.bytes as f64 / (1 << 20) as f64 / (ms / 1e3) } else { 0.0 };
             update(&self.src.status, |s| {
                 s.pass = pass;
                 s.pages_left = 0;
                 s.pages_dirty = dirtied;
                 s.expected_downtime_ms = expected;
+                s.downtime_known = true;
+                s.dirty_pages_per_s = if ms > 0.0 { dirtied as f64 / (ms / 1e3) } else { 0.0 };
                 s.bytes_transferred = transferred;
                 s.elapsed_ms = elapsed;
             });
+            self.src.events.push(
+                &self.src.id,
+                Side::Source,
+                EventBody::Pass {
+                    pass,
+                    pages: m.pages,
+                    bytes: sent.bytes,
+                    ms,
+                    dirtied,
+                    rate_mib_s,
+                    stop_and_copy: false,
+                    expected_downtime_ms: Some(expected),
+                    bytes_transferred: transferred,
+                },
+            );
             let decision = convergence::decide(&measures, self.started.elapsed(), &limits);
             let line = format!(
                 "migration {}: pre-copy pass {pass}: sent {} pages ({} bytes) in {:.1} ms at {:.0} MB/s; {dirtied} \
@@ -447,6 +473,21 @@ impl Run<'_> {
         let sent = self.send_pages(&mut it, n, pass, false)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         self.record_pass(pass, sent, ms, 0, true);
+        self.src.events.push(
+            &self.src.id,
+            Side::Source,
+            EventBody::Pass {
+                pass,
+                pages: sent.pages,
+                bytes: sent.bytes,
+                ms,
+                dirtied: 0,
+                rate_mib_s: if ms > 0.0 { sent.bytes as f64 / (1 << 20) as f64 / (ms / 1e3) } else { 0.0 },
+                stop_and_copy: true,
+                expected_downtime_ms: None,
+                bytes_transferred: self.tally.bytes,
+            },
+        );
         let payload =
             serde_json::to_vec(&*state).map_err(|e| Error::Vmm(format!("serialise the state: {e}")))?;
         self.send_raw(Kind::State, &payload)?;
