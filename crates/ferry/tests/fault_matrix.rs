@@ -1,4 +1,4 @@
-//! The fault matrix of issue 11 (docs/fault-matrix.md): every meaningful (migration phase,
+//! The fault matrix of issue 11 (docs/migration.md, "The fault matrix"): every meaningful (migration phase,
 //! fault) cell on real KVM, between a source VM and `ferry receive`, through a frame-aware
 //! proxy that fires at one chosen frame. Each cell names the outcome it expects:
 //!
