@@ -58,9 +58,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     } else {
         if !args.json {
             eprintln!(
-                "ferry: error: migration {} {}: {}",
+                "ferry: error: migration {} {} ({}): {}",
                 report.migration_id,
                 status_word(&report),
+                report.reason_code,
                 report.reason
             );
         }
@@ -134,7 +135,7 @@ fn progress_line(m: &MigrationInfo) -> String {
 fn print_report(r: &MigrationReport) {
     println!("migration:   {}", r.migration_id);
     println!("status:      {} (the VM runs on the {:?})", status_word(r), r.vm_running_on);
-    println!("reason:      {}", r.reason);
+    println!("reason:      {} [{}]", r.reason, r.reason_code);
     println!(
         "destination: {} ({} stream{})",
         r.destination,

@@ -101,13 +101,16 @@ pub fn decide(passes: &[PassMeasure], elapsed: Duration, limits: &Limits) -> Dec
     let expected = expected_downtime_ms(dirty, bw);
     let remaining_copy_ms = expected - SWITCHOVER_MS;
     if remaining_copy_ms > MAX_REMAINING_COPY.as_secs_f64() * 1e3 {
-        return Decision::GiveUp(ReasonCode::NoConvergence, format!(
-            "copying the {dirty} dirty pages left would take {:.0} s at {:.0} MB/s, more than the \
+        return Decision::GiveUp(
+            ReasonCode::NoConvergence,
+            format!(
+                "copying the {dirty} dirty pages left would take {:.0} s at {:.0} MB/s, more than the \
              {} s allowed",
-            remaining_copy_ms / 1e3,
-            bw / 1e3,
-            MAX_REMAINING_COPY.as_secs()
-        ));
+                remaining_copy_ms / 1e3,
+                bw / 1e3,
+                MAX_REMAINING_COPY.as_secs()
+            ),
+        );
     }
     let within = expected <= limits.downtime_ms as f64;
     if within {
@@ -132,19 +135,25 @@ pub fn decide(passes: &[PassMeasure], elapsed: Duration, limits: &Limits) -> Dec
         }
     }
     if elapsed >= limits.timeout {
-        return Decision::GiveUp(ReasonCode::Timeout, format!(
-            "timeout of {} s reached with {dirty} pages dirty (expected downtime {expected:.0} ms, \
+        return Decision::GiveUp(
+            ReasonCode::Timeout,
+            format!(
+                "timeout of {} s reached with {dirty} pages dirty (expected downtime {expected:.0} ms, \
              limit {} ms)",
-            limits.timeout.as_secs(),
-            limits.downtime_ms
-        ));
+                limits.timeout.as_secs(),
+                limits.downtime_ms
+            ),
+        );
     }
     if !within && last.pass >= limits.max_iterations {
-        return Decision::GiveUp(ReasonCode::NoConvergence, format!(
-            "did not converge in {} passes: {dirty} pages dirty, expected downtime {expected:.0} ms \
+        return Decision::GiveUp(
+            ReasonCode::NoConvergence,
+            format!(
+                "did not converge in {} passes: {dirty} pages dirty, expected downtime {expected:.0} ms \
              exceeds the {} ms limit (the guest dirties memory faster than it can be copied)",
-            limits.max_iterations, limits.downtime_ms
-        ));
+                limits.max_iterations, limits.downtime_ms
+            ),
+        );
     }
     Decision::Continue
 }
@@ -209,7 +218,10 @@ mod tests {
     fn timeout_gives_up() {
         let limits = Limits { timeout: Duration::from_secs(2), ..LIMITS };
         let p = [pass(1, 60_000, 24_600.0, 60_000)];
-        assert!(matches!(decide(&p, Duration::from_secs(3), &limits), Decision::GiveUp(ReasonCode::Timeout, _)));
+        assert!(matches!(
+            decide(&p, Duration::from_secs(3), &limits),
+            Decision::GiveUp(ReasonCode::Timeout, _)
+        ));
     }
 
     #[test]

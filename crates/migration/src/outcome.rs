@@ -157,7 +157,11 @@ impl ReasonCode {
     /// The code `s` names; [`ReasonCode::Unknown`] for one this release does not know.
     pub fn parse(s: &str) -> Self {
         if let Some((kind, check)) = s.split_once('/') {
-            return if kind == REFUSED { ReasonCode::RefusedByDestination(Check::parse(check)) } else { Self::Unknown };
+            return if kind == REFUSED {
+                ReasonCode::RefusedByDestination(Check::parse(check))
+            } else {
+                Self::Unknown
+            };
         }
         if s == REFUSED {
             return ReasonCode::RefusedByDestination(Check::Unknown);
@@ -219,7 +223,10 @@ mod tests {
     #[test]
     fn codes_are_stable_snake_case() {
         assert_eq!(ReasonCode::AuthFailed.code(), "auth_failed");
-        assert_eq!(ReasonCode::RefusedByDestination(Check::CpuFeatures).code(), "refused_by_destination/cpu_features");
+        assert_eq!(
+            ReasonCode::RefusedByDestination(Check::CpuFeatures).code(),
+            "refused_by_destination/cpu_features"
+        );
         assert_eq!(ReasonCode::RefusedByDestination(Check::LockIdentity).kind(), "refused_by_destination");
         assert_eq!(ReasonCode::Stalled.to_string(), "stalled");
     }

@@ -882,7 +882,8 @@ mod tests {
         write_frame(&mut hello, Kind::Hello, b"{}").expect("write");
         assert_eq!(read_handshake_frame(&mut &hello[..], &mut payload).expect("hello"), Kind::Hello);
         let mut abort = Vec::new();
-        write_frame(&mut abort, Kind::Abort, &to_json(&Abort::new("no", ReasonCode::Unknown))).expect("write");
+        write_frame(&mut abort, Kind::Abort, &to_json(&Abort::new("no", ReasonCode::Unknown)))
+            .expect("write");
         assert_eq!(read_handshake_frame(&mut &abort[..], &mut payload).expect("abort"), Kind::Abort);
         // A State header claiming 60 MiB, with nothing behind it: refused from the header.
         let mut state = Vec::new();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use ferry_arch::layout;
 use ferry_migration::auth::Key;
+use ferry_migration::outcome::{Check, ReasonCode};
 use ferry_migration::protocol::{
     self as wire, parse_json, to_json, write_frame, Accept, Commit, Kind, PageEntries, PassEnd, RestoreResult,
 };
@@ -135,7 +136,7 @@ impl Vmm {
                 }
                 Err(Failed { id, error }) => {
                     let id = id.unwrap_or_else(|| format!("from {peer}"));
-                    let msg = error_chain(&error);
+                    let (msg, code) = (error_chain(&error), error.code());
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
                         return Err(stop(error));
@@ -143,7 +144,7 @@ impl Vmm {
                     // Everything of that migration is gone: the next one may come.
                     desk.idle();
                     tracing::warn!(
-                        "migration {id}: failed: {msg}; nothing runs here; waiting for another migration"
+                        "migration {id}: failed ({code}): {msg}; nothing runs here; waiting for another migration"
                     );
                 }
             }
@@ -230,7 +231,15 @@ fn incoming(
     signals: &OwnedFd,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
-    let mut rx = Receiver { id: id.clone(), stream: None, signals: signals.as_raw_fd(), payload: Vec::new() };
+    let mut rx = Receiver {
+        id: id.clone(),
+        stream: None,
+        signals: signals.as_raw_fd(),
+        payload: Vec::new(),
+        phase: Phase::Listening,
+    };
+    // The acceptor has authenticated the first stream (see `super::accept`).
+    rx.enter(Phase::Handshake);
     let io = |e| Failed { id: id.clone(), error: Error::Protocol(wire::Error::Io(e)) };
     let stream = conn.stream;
     super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
@@ -238,14 +247,59 @@ fn incoming(
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     rx.stream = Some(stream);
     match rx.run(desk, config, faults) {
-        Ok(vmm) => Ok(vmm),
+        Ok(vmm) => {
+            rx.enter(Phase::Running);
+            Ok(vmm)
+        }
         Err(error) => {
+            rx.enter(Phase::Failed);
             // Tell the source why, unless the connection is what failed or it aborted.
-            if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
-                rx.abort(&error_chain(&error));
+            if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
+                rx.abort(&error);
             }
             Err(Failed { id: rx.id.clone(), error })
         }
+    }
+}
+
+/// The destination's lifecycle for one incoming migration (`docs/migration.md`,
+/// "Destination state machine"). Transitions are checked as the source's are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a connection (the acceptor runs the handshakes).
+    Listening,
+    /// The first stream proved the key.
+    Handshake,
+    /// The Config arrived: checking this host can run the VM.
+    Checks,
+    /// Checks passed: memory and the KVM VM exist; Accept is sent.
+    Reserved,
+    /// Pages (and then the state) are arriving.
+    Receiving,
+    /// Devices and vCPUs restored; RESTORE_OK is sent, the vCPUs wait.
+    Restored,
+    /// Waiting for Commit, then taking the VM's lock and its disks'.
+    Activating,
+    /// The VM is this VMM's: its vCPUs start.
+    Running,
+    /// Everything of this migration is dropped; the receiver listens again.
+    Failed,
+}
+
+impl Phase {
+    fn may_enter(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Listening, Handshake)
+                | (Handshake, Checks)
+                | (Checks, Reserved)
+                | (Reserved, Receiving)
+                | (Receiving, Restored)
+                | (Restored, Activating)
+                | (Activating, Running)
+                | (Listening | Handshake | Checks | Reserved | Receiving | Restored | Activating, Failed)
+        )
     }
 }
 
@@ -254,11 +308,24 @@ struct Receiver {
     stream: Option<TcpStream>,
     signals: RawFd,
     payload: Vec<u8>,
+    phase: Phase,
 }
 
 impl Receiver {
     fn id(&self) -> &str {
         self.id.as_deref().unwrap_or("?")
+    }
+
+    /// Moves to `next`, checking the transition is one the state machine has.
+    fn enter(&mut self, next: Phase) {
+        let ok = self.phase.may_enter(next);
+        debug_assert!(ok, "receiver state {:?} -> {next:?}", self.phase);
+        if ok {
+            tracing::debug!("migration {}: {:?} -> {next:?}", self.id(), self.phase);
+        } else {
+            tracing::error!("migration {}: invalid state change {:?} -> {next:?}", self.id(), self.phase);
+        }
+        self.phase = next;
     }
 
     fn stream(&mut self) -> Result<&mut TcpStream, Error> {
@@ -270,10 +337,12 @@ impl Receiver {
         Ok(())
     }
 
-    fn abort(&mut self, reason: &str) {
+    /// Tells the source why this side gives up: the sentence and the code.
+    fn abort(&mut self, e: &Error) {
+        let abort = to_json(&wire::Abort::new(error_chain(e), e.code()));
         if let Ok(s) = self.stream() {
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = write_frame(s, Kind::Abort, &to_json(&wire::Abort { reason: reason.to_string() }));
+            let _ = write_frame(s, Kind::Abort, &abort);
         }
     }
 
@@ -316,6 +385,7 @@ impl Receiver {
 
         // Pre-migration checks, then the reservation.
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
+        self.enter(Phase::Checks);
         let stall = cfg.stall_timeout();
         self.bound_waits(stall)?;
         super::size_receive_buffer(self.stream()?, &cfg);
@@ -325,16 +395,19 @@ impl Receiver {
                 tracing::warn!("migration {id}: fault injected: pretending this CPU lacks {name}");
             }
         }
-        check_config(&cfg, &host).map_err(Error::Check)?;
+        check_config(&cfg, &host).map_err(|(check, why)| Error::Check(check, why))?;
         // Both sides must lock the same VM, not only the same kind of VM.
         let home_dir = config.home.clone().unwrap_or_else(|| cfg.home.clone());
-        check_lock(&cfg, &home_dir, config.home.is_some()).map_err(Error::Check)?;
+        check_lock(&cfg, &home_dir, config.home.is_some())
+            .map_err(|why| Error::Check(Check::LockIdentity, why))?;
         // The disks and taps exist and can be opened here (the disks' locks come at the
         // switchover).
         let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
-            .map_err(|e| Error::Check(error_chain(&e)))?;
-        let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
-        let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
+            .map_err(|e| Error::Check(Check::Disks, error_chain(&e)))?;
+        let mem = memory::create(cfg.description.memory)
+            .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
+        let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(Check::Host, error_chain(&e)))?;
+        self.enter(Phase::Reserved);
         // The source opens its extra streams as soon as it reads Accept: take them from now on.
         desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
@@ -347,6 +420,7 @@ impl Receiver {
 
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(desk, &id, cfg.streams)?;
+        self.enter(Phase::Receiving);
         for s in &extra {
             super::size_receive_buffer(s, &cfg);
             s.set_read_timeout(Some(stall)).map_err(wire::Error::Io)?;
@@ -357,7 +431,7 @@ impl Receiver {
         // source may have died, and this may be the only copy: the lock (free only if the
         // source let the VM go or died) and the generation decide, not the connection.
         let mut orphaned: Option<String> = None;
-        let restore = |why: String| Error::RestoreFailed(why);
+        let restore = |reason: String| Error::RestoreFailed { reason, code: ReasonCode::RestoreFailed };
         let snap_virtio: Vec<crate::virtio::Backend> =
             snap.virtio.iter().map(|v| v.backend.clone()).collect();
         if snap.description != cfg.description
@@ -412,8 +486,12 @@ impl Receiver {
             Ok(v) => v,
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
         };
+        self.enter(Phase::Restored);
         if orphaned.is_none() {
-            match self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() }) {
+            match self.send(
+                Kind::RestoreResult,
+                &RestoreResult { ok: true, reason: String::new(), code: ReasonCode::Unknown },
+            ) {
                 Ok(()) => {
                     tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit")
                 }
@@ -500,10 +578,15 @@ impl Receiver {
         }
     }
 
+    /// Answers RESTORE_FAILED: the reason (for a failed restore without the sentence's
+    /// frame, which the source adds; for a memory mismatch the whole sentence, which older
+    /// sources need to begin with "memory verification failed") and its code.
     fn refuse_restore<T>(&mut self, e: Error) -> Result<T, Error> {
-        let reason = error_chain(&e);
-        let reason = reason.strip_prefix("the destination could not restore the VM: ").unwrap_or(&reason);
-        let _ = self.send(Kind::RestoreResult, &RestoreResult { ok: false, reason: reason.to_string() });
+        let (reason, code) = match &e {
+            Error::RestoreFailed { reason, code } => (reason.clone(), *code),
+            other => (error_chain(other), other.code()),
+        };
+        let _ = self.send(Kind::RestoreResult, &RestoreResult { ok: false, reason, code });
         // Already told: no Abort on top.
         self.stream = None;
         Err(e)
@@ -626,6 +709,7 @@ impl Receiver {
         orphaned: Option<String>,
         stall: Duration,
     ) -> Result<Vmm, Error> {
+        self.enter(Phase::Activating);
         let id = self.id().to_string();
         let note = id.clone();
         let commit_ns;
@@ -656,7 +740,7 @@ impl Receiver {
                     commit_ns = crate::monotonic_ns();
                     let _: Commit = parse_json(Kind::Commit, &self.payload, Kind::Commit, "Commit")?;
                     vmm.home.acquire_within(Some(&note), LOCK_WAIT).map_err(|e| {
-                        Error::Vmm(format!("take the VM's lock after the commit: {}", error_chain(&e)))
+                        Error::Lock(format!("take the VM's lock after the commit: {}", error_chain(&e)))
                     })?;
                     Self::check_newest(&mut vmm)?;
                     Self::lock_disks(&mut vmm)?;
@@ -699,7 +783,7 @@ impl Receiver {
     fn lock_disks(vmm: &mut Vmm) -> Result<(), Error> {
         if let Err(e) = vmm.devices.virtio.lock_disks() {
             vmm.home.release();
-            return Err(Error::Vmm(format!("take the VM's disk locks: {}", error_chain(&e))));
+            return Err(Error::Lock(format!("take the VM's disk locks: {}", error_chain(&e))));
         }
         Ok(())
     }
@@ -717,7 +801,7 @@ impl Receiver {
                 );
                 Self::lock_disks(vmm)
             }
-            Err(e) => Err(Error::Vmm(format!(
+            Err(e) => Err(Error::Lock(format!(
                 "take the VM over: {why} and the source still holds the VM's lock ({})",
                 error_chain(&e)
             ))),
@@ -741,8 +825,8 @@ fn receive_stream(
     match &r {
         Ok(()) => tracing::debug!("migration {id}: stream {k} closed"),
         Err(e) => {
-            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
-                let abort = to_json(&wire::Abort { reason: error_chain(e) });
+            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
+                let abort = to_json(&wire::Abort::new(error_chain(e), e.code()));
                 let _ = write_frame(&mut &*stream, Kind::Abort, &abort);
             }
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -873,34 +957,39 @@ fn check_lock(c: &MigrationConfig, home: &std::path::Path, overridden: bool) -> 
 }
 
 /// The pre-migration checks: can this host run this VM?
-fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
+fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), (Check, String)> {
     let d = &c.description;
     if d.vcpus == 0 || d.vcpus as usize > host.max_vcpus {
-        return Err(format!("the VM has {} vCPUs; this host allows 1 to {}", d.vcpus, host.max_vcpus));
+        return Err((
+            Check::Vcpus,
+            format!("the VM has {} vCPUs; this host allows 1 to {}", d.vcpus, host.max_vcpus),
+        ));
     }
     if c.cpuid.len() != d.vcpus as usize {
-        return Err(format!("{} CPUID tables for {} vCPUs", c.cpuid.len(), d.vcpus));
+        return Err((Check::Vcpus, format!("{} CPUID tables for {} vCPUs", c.cpuid.len(), d.vcpus)));
     }
     memory::check_size(d.memory, memory::host_ram(), vm::phys_bits(&host.supported))
-        .map_err(|e| format!("memory: {}", error_chain(&e)))?;
+        .map_err(|e| (Check::Memory, format!("memory: {}", error_chain(&e))))?;
     let expected: Vec<RegionState> = layout::ram_ranges(d.memory)
         .into_iter()
         .map(|(a, l)| RegionState { guest_addr: a.0, len: l })
         .collect();
     if c.memory_regions != expected {
-        return Err(format!(
-            "memory layout {:?} is not this Ferry's for {} bytes",
-            c.memory_regions, d.memory
+        return Err((
+            Check::Memory,
+            format!("memory layout {:?} is not this Ferry's for {} bytes", c.memory_regions, d.memory),
         ));
     }
     if !(1..=ferry_api::MAX_STREAMS).contains(&c.streams) {
-        return Err(format!("{} streams; this Ferry takes 1 to {}", c.streams, ferry_api::MAX_STREAMS));
+        return Err((
+            Check::Streams,
+            format!("{} streams; this Ferry takes 1 to {}", c.streams, ferry_api::MAX_STREAMS),
+        ));
     }
     if c.virtio.len() > crate::virtio::MAX_DEVICES {
-        return Err(format!(
-            "{} virtio devices; this Ferry supports {}",
-            c.virtio.len(),
-            crate::virtio::MAX_DEVICES
+        return Err((
+            Check::Devices,
+            format!("{} virtio devices; this Ferry supports {}", c.virtio.len(), crate::virtio::MAX_DEVICES),
         ));
     }
     let virtio: Vec<String> = c
@@ -912,24 +1001,27 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
     let unknown: Vec<&String> =
         c.devices.iter().filter(|d| !DEVICES.contains(&d.as_str()) && !virtio.contains(d)).collect();
     if !unknown.is_empty() {
-        return Err(format!("this Ferry has no device like {unknown:?}"));
+        return Err((Check::Devices, format!("this Ferry has no device like {unknown:?}")));
     }
     for (i, table) in c.cpuid.iter().enumerate() {
         let entries: Vec<kvm_cpuid_entry2> = table.iter().map(kvm_cpuid_entry2::from).collect();
         let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
         if !missing.is_empty() {
             let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
-            return Err(format!(
-                "this host's CPU lacks features the VM was given: {} (vCPU {i})",
-                names.join(", ")
+            return Err((
+                Check::CpuFeatures,
+                format!("this host's CPU lacks features the VM was given: {} (vCPU {i})", names.join(", ")),
             ));
         }
     }
-    let list = host.kvm.get_msr_index_list().map_err(|e| format!("cannot list this host's MSRs: {e}"))?;
+    let list = host
+        .kvm
+        .get_msr_index_list()
+        .map_err(|e| (Check::Msrs, format!("cannot list this host's MSRs: {e}")))?;
     let missing: Vec<String> =
         c.msrs.iter().filter(|m| !list.as_slice().contains(m)).map(|m| format!("{m:#x}")).collect();
     if !missing.is_empty() {
-        return Err(format!("this host's KVM cannot restore MSRs {}", missing.join(", ")));
+        return Err((Check::Msrs, format!("this host's KVM cannot restore MSRs {}", missing.join(", "))));
     }
     Ok(())
 }
