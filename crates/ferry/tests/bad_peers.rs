@@ -94,6 +94,7 @@ fn migration_completes(
     let (out, r) = migrate(sock, port, key, extra);
     assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["reason_code"], "completed", "{r}");
     assert_eq!(r["vm_running_on"], "destination", "{r}");
     let last = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("source passes");
     assert!(src.wait(T).success(), "source exit: {}", src.stderr());
@@ -414,6 +415,7 @@ fn a_second_migration_while_one_is_in_progress_is_told_the_receiver_is_busy() {
     assert_eq!(r["vm_running_on"], "source", "{r}");
     let busy = format!("the receiver is busy with migration {id}");
     assert!(r["reason"].as_str().expect("reason").contains(&busy), "{r}");
+    assert_eq!(r["reason_code"], "busy", "{r}");
     let second_id = r["migration_id"].as_str().expect("id").to_string();
     dst.wait_stderr(T, &format!("migration {second_id}: refused: {busy}"));
 
