@@ -347,9 +347,9 @@ pub fn new_migration_id() -> String {
     format!("m-{n}")
 }
 
-/// Faults a test can inject through `FERRY_FAULT_INJECT` (comma-separated), to prove the
-/// recovery paths: `restore-fail` (the destination answers RESTORE_FAILED),
-/// `hide-cpu-feature=NAME` (the destination pretends its CPU lacks NAME, e.g. `avx2`).
+/// Faults a test can inject on a destination, to prove the recovery paths: given in
+/// [`ReceiveConfig::faults`]. The `ferry` binary reads them from `FERRY_FAULT_INJECT`
+/// ([`Faults::parse`]); the library reads no environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     /// Fail the restore on the destination.
@@ -359,19 +359,20 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Reads `FERRY_FAULT_INJECT`.
-    pub fn from_env() -> Self {
+    /// Parses a comma-separated list: `restore-fail` (the destination answers
+    /// RESTORE_FAILED), `hide-cpu-feature=NAME` (it pretends its CPU lacks NAME, e.g.
+    /// `avx2`). Returns the faults and the items it does not know.
+    pub fn parse(list: &str) -> (Self, Vec<String>) {
         let mut f = Faults::default();
-        if let Ok(v) = std::env::var("FERRY_FAULT_INJECT") {
-            for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                match item.split_once('=') {
-                    None if item == "restore-fail" => f.restore_fail = true,
-                    Some(("hide-cpu-feature", name)) => f.hide_cpu_features.push(name.to_string()),
-                    _ => tracing::warn!("FERRY_FAULT_INJECT: unknown fault {item:?} ignored"),
-                }
+        let mut unknown = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                None if item == "restore-fail" => f.restore_fail = true,
+                Some(("hide-cpu-feature", name)) => f.hide_cpu_features.push(name.to_string()),
+                _ => unknown.push(item.to_string()),
             }
         }
-        f
+        (f, unknown)
     }
 }
 
@@ -996,6 +997,15 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(e.code(), code, "{e:?}");
         }
+    }
+
+    #[test]
+    fn faults_parse_from_a_list() {
+        let (f, unknown) = Faults::parse(" restore-fail, hide-cpu-feature=sse2,,bogus ");
+        assert!(f.restore_fail);
+        assert_eq!(f.hide_cpu_features, vec!["sse2".to_string()]);
+        assert_eq!(unknown, vec!["bogus".to_string()]);
+        assert_eq!(Faults::parse(""), (Faults::default(), vec![]));
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! it, aborting a migration in progress before its commit.
 
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ use super::{
 use crate::home::VmHome;
 use crate::memory::{self, GuestMemory};
 use crate::persist::{check_consistent, Parts, RegionState, VmSnapshot};
-use crate::run::read_signal;
+use crate::stop::{RawStop, StopSource};
 use crate::{open_host, vm, Host, SerialConfig, Vmm};
 
 /// How long any single read or write may block before the migration is given up, until
@@ -75,6 +75,9 @@ pub struct ReceiveConfig {
     /// Taps to use instead of the source's: `(name on the source, name here)`. A NIC whose
     /// tap is not listed uses a tap of the same name here.
     pub tap_map: Vec<(String, String)>,
+    /// Faults to inject (tests only; the `ferry` binary reads them from
+    /// `FERRY_FAULT_INJECT`).
+    pub faults: Faults,
 }
 
 /// Why one incoming migration failed, with its id when known.
@@ -85,9 +88,9 @@ struct Failed {
 
 impl Vmm {
     /// Waits for an incoming migration and returns the VM it brought, holding its lock,
-    /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on.
-    pub fn receive(config: ReceiveConfig) -> Result<Vmm, crate::Error> {
-        let signals = crate::run::block_stop_signals()?;
+    /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on; `stop`
+    /// ends the wait (and aborts a migration before its commit), then stops the VM.
+    pub fn receive(config: ReceiveConfig, stop: StopSource) -> Result<Vmm, crate::Error> {
         let key =
             Key::load(&config.auth_key_file).map_err(|e| crate::Error::Migration(Box::new(e.into())))?;
         let addr = parse_address(&config.listen).map_err(|e| crate::Error::Migration(Box::new(e)))?;
@@ -103,28 +106,28 @@ impl Vmm {
         })?;
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
         tracing::info!("waiting for an incoming migration on tcp:{local}");
-        let faults = Faults::from_env();
+        let faults = config.faults.clone();
         let desk = Arc::new(Desk::new().map_err(|e| crate::Error::Migration(Box::new(e)))?);
         // Closing the desk drops whatever waits there; the acceptor, dropped on return, stops
         // accepting and drops the connections still being authenticated.
         let _acceptor =
             Acceptor::start(listener, key, desk.clone()).map_err(|e| crate::Error::Migration(Box::new(e)))?;
-        let stop = |e: Error| {
+        let end = |e: Error| {
             desk.close();
             crate::Error::Migration(Box::new(e))
         };
         loop {
-            let conn = match next_migration(&desk, signals.as_raw_fd()) {
+            let conn = match next_migration(&desk, stop.raw()) {
                 Ok(c) => c,
                 Err(sig) => {
                     tracing::info!("signal {sig} received: no longer waiting for a migration");
-                    return Err(stop(Error::Interrupted(sig)));
+                    return Err(end(Error::Interrupted(sig)));
                 }
             };
             let peer = conn.peer;
             tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(conn, &desk, &config, &faults, &signals) {
+            match incoming(conn, &desk, &config, &faults, &stop) {
                 Ok(vmm) => {
                     desk.close();
                     tracing::info!(
@@ -139,7 +142,7 @@ impl Vmm {
                     let (msg, code) = (error_chain(&error), error.code());
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
-                        return Err(stop(error));
+                        return Err(end(error));
                     }
                     // Everything of that migration is gone: the next one may come.
                     desk.idle();
@@ -153,12 +156,12 @@ impl Vmm {
 }
 
 /// Waits for the authenticated first stream of a migration, or a stop signal.
-fn next_migration(desk: &Desk, signals: RawFd) -> Result<Authenticated, i32> {
+fn next_migration(desk: &Desk, stop: RawStop) -> Result<Authenticated, i32> {
     loop {
         if let Some(conn) = desk.take_first() {
             return Ok(conn);
         }
-        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, None) {
+        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), Some(stop), None) {
             return Err(sig);
         }
     }
@@ -173,14 +176,14 @@ enum Wait {
 }
 
 /// Waits until `fd` is readable or a stop signal arrives on `signals`.
-fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
-    wait_readable_watching(fd, signals, timeout, None)
+fn wait_readable(fd: RawFd, stop: Option<RawStop>, timeout: Option<Duration>) -> Wait {
+    wait_readable_watching(fd, stop, timeout, None)
 }
 
 /// [`wait_readable`], and also returns [`Wait::HangUp`] when the peer of `watch` closes it.
 fn wait_readable_watching(
     fd: RawFd,
-    signals: RawFd,
+    stop: Option<RawStop>,
     timeout: Option<Duration>,
     watch: Option<RawFd>,
 ) -> Wait {
@@ -188,7 +191,7 @@ fn wait_readable_watching(
     loop {
         let mut fds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: signals, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.map_or(-1, |s| s.fd()), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: watch.unwrap_or(-1), events: libc::POLLRDHUP, revents: 0 },
         ];
         let ms = match deadline {
@@ -205,7 +208,7 @@ fn wait_readable_watching(
             return Wait::Ready; // let the read report the error
         }
         if fds[1].revents != 0 {
-            if let Some(sig) = read_signal(signals) {
+            if let Some(sig) = stop.and_then(|s| s.read()) {
                 return Wait::Signal(sig);
             }
         }
@@ -228,13 +231,13 @@ fn incoming(
     desk: &Desk,
     config: &ReceiveConfig,
     faults: &Faults,
-    signals: &OwnedFd,
+    stop: &StopSource,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
     let mut rx = Receiver {
         id: id.clone(),
         stream: None,
-        signals: signals.as_raw_fd(),
+        signals: stop.raw(),
         payload: Vec::new(),
         phase: Phase::Listening,
     };
@@ -306,7 +309,7 @@ impl Phase {
 struct Receiver {
     id: Option<String>,
     stream: Option<TcpStream>,
-    signals: RawFd,
+    signals: RawStop,
     payload: Vec<u8>,
     phase: Phase,
 }
@@ -355,7 +358,7 @@ impl Receiver {
     /// Reads the next frame's header, giving up on a stop signal.
     fn next_header(&mut self) -> Result<wire::Header, Error> {
         // Between frames, and before blocking for one, look for a stop signal.
-        if let Some(sig) = read_signal(self.signals) {
+        if let Some(sig) = self.signals.read() {
             return Err(Error::Interrupted(sig));
         }
         Ok(wire::read_header(self.stream()?)?)
@@ -565,7 +568,7 @@ impl Receiver {
             }
             // The source gives up (closes the first stream) if a stream cannot join on its side.
             let control = self.stream()?.as_raw_fd();
-            match wait_readable_watching(desk.ready_fd(), self.signals, Some(left), Some(control)) {
+            match wait_readable_watching(desk.ready_fd(), Some(self.signals), Some(left), Some(control)) {
                 Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
                 Wait::HangUp => {
                     // Its reason, if it sent one, is the next frame.
@@ -592,17 +595,8 @@ impl Receiver {
         Err(e)
     }
 
-    fn dup_signals(&self) -> Result<OwnedFd, Error> {
-        // SAFETY: dup of a descriptor this process owns; the new one is owned by the result.
-        let fd = unsafe { libc::fcntl(self.signals, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(Error::Vmm(format!(
-                "duplicate the signal descriptor: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    fn dup_signals(&self) -> Result<StopSource, Error> {
+        self.signals.dup().map_err(|e| Error::Vmm(format!("duplicate the stop descriptor: {e}")))
     }
 
     /// Receives page batches and pass ends until the state arrives: on the first stream
@@ -725,7 +719,7 @@ impl Receiver {
             return Ok(vmm);
         }
         let stream_fd = self.stream()?.as_raw_fd();
-        match wait_readable(stream_fd, self.signals, Some(stall)) {
+        match wait_readable(stream_fd, Some(self.signals), Some(stall)) {
             Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
             Wait::Timeout => {
                 tracing::warn!(
@@ -853,7 +847,7 @@ fn receive_stream_pages(
             // Between passes this stream idles while the others finish theirs: no stall
             // bound here (the first stream's reader has it, and its failure shuts this one
             // down); within a pass, the socket's timeout is the bound.
-            let _ = wait_readable(stream.as_raw_fd(), -1, None);
+            let _ = wait_readable(stream.as_raw_fd(), None, None);
         }
         let h = match wire::read_header(&mut &*stream) {
             Ok(h) => h,
