@@ -375,6 +375,9 @@ fn malformed_truncated_and_oversized_messages_leave_the_receiver_sane() {
     wire::write_frame(&mut c, Kind::Config, b"{\"description\":7}").expect("config");
     let f = wire::read_frame(&mut c).expect("abort");
     assert_eq!(f.kind, Kind::Abort);
+    // The Abort says why as a code, beside the sentence.
+    let abort: wire::Abort = f.json(Kind::Abort, "Abort").expect("abort payload");
+    assert_eq!(abort.code, wire::ReasonCode::ProtocolError, "{abort:?}");
     dst.wait_stderr(T, "migration m-test-config: failed: the peer sent a malformed Config message");
 
     // A real migration still goes through afterwards.

@@ -147,7 +147,8 @@ impl Vmm {
                     // Everything of that migration is gone: the next one may come.
                     desk.idle();
                     tracing::warn!(
-                        "migration {id}: failed ({code}): {msg}; nothing runs here; waiting for another migration"
+                        "migration {id}: failed: {msg}; nothing runs here; waiting for another migration \
+                         (code {code})"
                     );
                 }
             }

@@ -425,7 +425,7 @@ impl Run<'_> {
                     return Ok(());
                 }
                 Decision::GiveUp(code, reason) => {
-                    tracing::info!("{line}; giving up ({code}): {reason}");
+                    tracing::info!("{line}; giving up: {reason} (code {code})");
                     return Err(Error::GaveUp(code, reason));
                 }
             }
@@ -581,7 +581,7 @@ impl Run<'_> {
         let code = e.code();
         let cancelled = matches!(e, Error::Cancelled);
         let ended = |status, location, reason, code| Ended { status, location, reason, code };
-        tracing::warn!("migration {}: failed in {:?} ({code}): {reason}", self.id(), self.phase);
+        tracing::warn!("migration {}: failed in {:?}: {reason} (code {code})", self.id(), self.phase);
         // Tell the destination, unless it is the one that ended it.
         if self.stream.is_some() && !matches!(e, Error::Protocol(_)) {
             let abort = wire::Abort::new(reason.clone(), code);
