@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use ferry_migration::outcome::{Check, ReasonCode};
+
 /// Whether the guest's vCPUs run.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -241,6 +243,9 @@ pub struct MigrationInfo {
     /// The full report, once the migration has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<Box<MigrationReport>>,
+    /// How it ended, as a code, once it has (see [`MigrationReport::reason_code`]).
+    #[serde(default, skip_serializing_if = "ReasonCode::is_unknown")]
+    pub reason_code: ReasonCode,
 }
 
 /// The version of the VMM API this Ferry serves (`GET /version`). Additive changes (new
@@ -380,6 +385,11 @@ pub struct MigrationReport {
     pub vm_running_on: VmLocation,
     /// Why pre-copy stopped (completed) or why the migration failed.
     pub reason: String,
+    /// How it ended, as a stable code (`completed`, `cancelled`, `auth_failed`,
+    /// `refused_by_destination/cpu_features`, ...; docs/migration.md has the table):
+    /// programs decide by this, never by `reason`. `unknown` in reports of older Ferrys.
+    #[serde(default)]
+    pub reason_code: ReasonCode,
     /// The destination address.
     pub destination: String,
     /// Guest memory size, bytes.

@@ -45,9 +45,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     } else {
         if !args.json {
             eprintln!(
-                "ferry: error: migration {} {}: {}",
+                "ferry: error: migration {} {} ({}): {}",
                 report.migration_id,
                 status_word(&report),
+                report.reason_code,
                 report.reason
             );
         }
@@ -224,7 +225,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 fn print_report(r: &MigrationReport, verify: bool) {
     println!("migration:   {}", r.migration_id);
     println!("status:      {} (the VM runs on the {:?})", status_word(r), r.vm_running_on);
-    println!("reason:      {}", r.reason);
+    println!("reason:      {} [{}]", r.reason, r.reason_code);
     println!(
         "destination: {} ({} stream{})",
         r.destination,

@@ -3,12 +3,13 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use ferry_vmm::migration::{Error as MigrationError, ReceiveConfig};
-use ferry_vmm::{KernelSource, RestoreConfig, RunOutcome, VmConfig, Vmm};
+use ferry_vmm::migration::{Error as MigrationError, Faults, ReceiveConfig};
+use ferry_vmm::{KernelSource, RestoreConfig, RunOutcome, StopSource, VmConfig, Vmm};
 
 use crate::cli::{GuestsArgs, ReceiveArgs, RestoreArgs, RunArgs};
 
 pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let stop = block_stop_signals()?;
     let kernel = match (&args.kernel, &args.guest) {
         (Some(path), None) => KernelSource::File(path.clone()),
         (None, Some(name)) => match ferry_guests::find(name) {
@@ -50,12 +51,13 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         disks: args.disks,
         nets: args.nets,
     };
-    let vmm = Vmm::build(config).context("cannot start the VM")?;
+    let vmm = Vmm::build(config, stop).context("cannot start the VM")?;
     crate::logfile::open(vmm.home());
     finish(vmm.run()?)
 }
 
 pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let stop = block_stop_signals()?;
     let config = RestoreConfig {
         from: args.from.clone(),
         serial: args.serial,
@@ -66,12 +68,14 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         tap_map: args.tap_map,
         revert: args.revert,
     };
-    let vmm = Vmm::restore(config).with_context(|| format!("cannot restore from {}", args.from.display()))?;
+    let vmm =
+        Vmm::restore(config, stop).with_context(|| format!("cannot restore from {}", args.from.display()))?;
     crate::logfile::open(vmm.home());
     finish(vmm.run()?)
 }
 
 pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
+    let stop = block_stop_signals()?;
     let config = ReceiveConfig {
         listen: args.listen.clone(),
         auth_key_file: args.auth_key_file,
@@ -81,8 +85,9 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         started_ns,
         tap_map: args.tap_map,
         deadline: (args.deadline_s > 0).then(|| std::time::Duration::from_secs(args.deadline_s)),
+        faults: faults_from_env(),
     };
-    let vmm = match Vmm::receive(config) {
+    let vmm = match Vmm::receive(config, stop) {
         Ok(v) => v,
         // Stopped while waiting: nothing was received, nothing runs; not an error.
         Err(ferry_vmm::Error::Migration(e)) if matches!(*e, MigrationError::Interrupted(_)) => {
@@ -92,6 +97,45 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
     };
     crate::logfile::open(vmm.home());
     finish(vmm.run()?)
+}
+
+/// Blocks SIGTERM and SIGINT in this thread, and so in every thread it starts after (call
+/// it before any exists), and returns a signalfd for them: the VMM reads them there and
+/// stops the VM in order instead of the process dying half-way through a vCPU exit.
+fn block_stop_signals() -> anyhow::Result<StopSource> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc)).context("cannot block SIGTERM and SIGINT");
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create a signalfd");
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(StopSource::signalfd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+}
+
+/// The faults a test asks a destination to inject: `FERRY_FAULT_INJECT` (see
+/// docs/migration.md). The library reads no environment; this binary does.
+fn faults_from_env() -> Faults {
+    let Some(list) = std::env::var_os("FERRY_FAULT_INJECT") else {
+        return Faults::default();
+    };
+    let (faults, unknown) = Faults::parse(&list.to_string_lossy());
+    for item in unknown {
+        tracing::warn!("FERRY_FAULT_INJECT: unknown fault {item:?} ignored");
+    }
+    faults
 }
 
 /// Where default VM homes go: `$FERRY_STATE_DIR`, or /var/lib/ferry.

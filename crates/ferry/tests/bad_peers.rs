@@ -94,6 +94,7 @@ fn migration_completes(
     let (out, r) = migrate(sock, port, key, extra);
     assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["reason_code"], "completed", "{r}");
     assert_eq!(r["vm_running_on"], "destination", "{r}");
     let last = src.seen.iter().rev().find_map(|l| pass_number(l)).expect("source passes");
     assert!(src.wait(T).success(), "source exit: {}", src.stderr());
@@ -374,6 +375,9 @@ fn malformed_truncated_and_oversized_messages_leave_the_receiver_sane() {
     wire::write_frame(&mut c, Kind::Config, b"{\"description\":7}").expect("config");
     let f = wire::read_frame(&mut c).expect("abort");
     assert_eq!(f.kind, Kind::Abort);
+    // The Abort says why as a code, beside the sentence.
+    let abort: wire::Abort = f.json(Kind::Abort, "Abort").expect("abort payload");
+    assert_eq!(abort.code, wire::ReasonCode::ProtocolError, "{abort:?}");
     dst.wait_stderr(T, "migration m-test-config: failed: the peer sent a malformed Config message");
 
     // A real migration still goes through afterwards.
@@ -414,6 +418,7 @@ fn a_second_migration_while_one_is_in_progress_is_told_the_receiver_is_busy() {
     assert_eq!(r["vm_running_on"], "source", "{r}");
     let busy = format!("the receiver is busy with migration {id}");
     assert!(r["reason"].as_str().expect("reason").contains(&busy), "{r}");
+    assert_eq!(r["reason_code"], "busy", "{r}");
     let second_id = r["migration_id"].as_str().expect("id").to_string();
     dst.wait_stderr(T, &format!("migration {second_id}: refused: {busy}"));
 

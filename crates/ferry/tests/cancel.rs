@@ -102,6 +102,7 @@ fn cancel_and_finish(sock: &Path, child: Child) -> (serde_json::Value, Duration)
 /// on the source, unharmed.
 fn assert_cancelled(r: &serde_json::Value, took: Duration, src: &mut Vm, sock: &Path) {
     assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["reason_code"], "cancelled", "{r}");
     assert_eq!(r["vm_running_on"], "source", "{r}");
     assert!(took < CANCEL_WITHIN, "the cancel took {took:?}: {r}");
     still_runs(src, sock);
@@ -247,6 +248,7 @@ fn a_destination_stopped_in_pass_1_fails_the_migration_at_the_stall_bound() {
     assert_eq!(r["vm_running_on"], "source", "{r}");
     let reason = r["reason"].as_str().expect("reason");
     assert!(reason.contains("made no progress for 2 s") && reason.contains("stall timeout"), "{r}");
+    assert_eq!(r["reason_code"], "stalled", "{r}");
     assert!(r["passes"].as_array().expect("passes").is_empty(), "pass 1 never ended: {r}");
     // The bound counts from when the destination stops taking data. A stopped process's
     // kernel still takes what fits into its receive buffer, which the source cannot tell
@@ -282,10 +284,13 @@ fn a_lost_commit_keeps_the_source_paused_no_longer_than_the_stall_bound() {
     // with its memory intact.
     match r["vm_running_on"].as_str().expect("location") {
         "source" => {
+            // The source heard nothing for the bound, took the lock back and resumed.
+            assert!(matches!(r["reason_code"].as_str(), Some("stalled" | "connection_lost")), "{r}");
             still_runs(&mut src, &sock);
             dst.wait_stderr(T, "nothing runs here; waiting for another migration");
         }
         "destination" => {
+            assert_eq!(r["reason_code"], "completed", "{r}");
             assert!(src.wait(T).success(), "source exit: {}", src.stderr());
             let last = src.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
             dst.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last + 1));

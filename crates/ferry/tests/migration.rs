@@ -31,6 +31,7 @@ fn there_and_back_with_verification_and_the_guest_never_notices() {
     let (out, r) = migrate(&src_sock, port, &key, &["--verify"]);
     assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["reason_code"], "completed", "{r}");
     assert_eq!(r["vm_running_on"], "destination");
     assert_eq!(r["verified"], true);
     let passes = r["passes"].as_array().expect("passes");
@@ -99,10 +100,12 @@ fn cancel_during_precopy_keeps_the_vm_on_the_source() {
     let (out, r) = finish(child);
     assert!(!out.status.success());
     assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["reason_code"], "cancelled", "{r}");
     assert_eq!(r["vm_running_on"], "source");
     assert_eq!(r["migration_id"], i["migration"]["migration_id"]);
     still_runs(&mut src, &sock);
     assert_eq!(info(&sock)["migration"]["phase"], "cancelled");
+    assert_eq!(info(&sock)["migration"]["reason_code"], "cancelled");
     // Nothing more to cancel.
     let c = run_to_end(&["migrate-cancel", "--api-socket", s(&sock)], T);
     assert!(String::from_utf8_lossy(&c.stderr).contains("no migration is in progress"));
@@ -125,6 +128,7 @@ fn destination_killed_during_precopy() {
     let (out, r) = finish(child);
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["reason_code"], "connection_lost", "{r}");
     assert_eq!(r["vm_running_on"], "source");
     still_runs(&mut src, &sock);
 }
@@ -143,6 +147,7 @@ fn connection_cut_during_stop_and_copy_resumes_the_source() {
     let (out, r) = migrate(&sock, proxy.port, &key, &[]);
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["reason_code"], "connection_lost", "{r}");
     assert_eq!(r["vm_running_on"], "source");
     // It got as far as the stop-and-copy pass.
     assert!(r["passes"].as_array().expect("passes").iter().any(|p| p["stop_and_copy"] == true), "{r}");
@@ -166,8 +171,16 @@ fn restore_failure_on_the_destination_rolls_back() {
         r["reason"].as_str().expect("reason").contains("could not restore the VM: fault injected"),
         "{r}"
     );
+    assert_eq!(r["reason_code"], "restore_failed", "{r}");
     still_runs(&mut src, &sock);
     dst.wait_stderr(T, "waiting for another migration");
+    // The text report names the code beside the sentence.
+    let to = format!("tcp:127.0.0.1:{port}");
+    let text = run_to_end(&["migrate", "--api-socket", s(&sock), "--to", &to, "--auth-key-file", s(&key)], T);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(!text.status.success());
+    assert!(stdout.contains("reason:") && stdout.contains("[restore_failed]"), "{stdout}");
+    still_runs(&mut src, &sock);
     // The lock never left the source.
     let lock: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path("home").join("vm.lock")).expect("lock"))
@@ -191,6 +204,7 @@ fn destination_lacking_a_cpu_feature_refuses_before_memory_moves() {
         reason.contains("refused the VM") && reason.contains("lacks features") && reason.contains("sse2"),
         "{r}"
     );
+    assert_eq!(r["reason_code"], "refused_by_destination/cpu_features", "{r}");
     assert_eq!(r["passes"].as_array().expect("passes").len(), 0, "no memory may move: {r}");
     still_runs(&mut src, &sock);
 }
@@ -205,6 +219,7 @@ fn wrong_key_is_rejected_and_nothing_is_restored() {
     let (out, r) = migrate(&sock, port, &write_key(&dir, "src-key", 8), &[]);
     assert!(!out.status.success());
     assert!(r["reason"].as_str().expect("reason").contains("authentication failed"), "{r}");
+    assert_eq!(r["reason_code"], "auth_failed", "{r}");
     assert!(r["bytes_transferred"].as_u64().expect("bytes") < 4096, "{r}");
     still_runs(&mut src, &sock);
     let log = dst.wait_stderr(T, "waiting for another migration");
@@ -223,6 +238,7 @@ fn nothing_listening_and_bad_requests() {
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed");
     assert!(r["reason"].as_str().expect("reason").contains("cannot connect to 127.0.0.1"), "{r}");
+    assert_eq!(r["reason_code"], "unreachable", "{r}");
     // Refused before anything starts, each with one line.
     for (args, needle) in [
         (vec!["--to", "127.0.0.1:7000"], "bad migration address"),
@@ -271,6 +287,7 @@ fn a_page_outside_guest_memory_aborts_that_migration() {
     let (out, r) = migrate(&sock, proxy, &key_path, &[]);
     assert!(!out.status.success());
     assert!(r["reason"].as_str().expect("reason").contains("a page outside guest memory"), "{r}");
+    assert_eq!(r["reason_code"], "protocol_error", "{r}");
     assert_eq!(r["vm_running_on"], "source");
     dst.wait_stderr(T, "waiting for another migration");
 }
@@ -434,6 +451,7 @@ fn a_stream_cut_in_the_middle_of_a_pass_keeps_the_vm_on_the_source() {
     let (out, r) = migrate(&sock, proxy, &key, &["--streams", "2"]);
     assert!(!out.status.success());
     assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["reason_code"], "connection_lost", "{r}");
     assert_eq!(r["vm_running_on"], "source");
     still_runs(&mut src, &sock);
     dst.wait_stderr(T, "nothing runs here; waiting for another migration");
@@ -461,6 +479,7 @@ fn a_bad_page_batch_on_an_extra_stream_aborts_the_migration_at_once() {
     assert!(!out.status.success());
     assert_eq!(r["vm_running_on"], "source", "{r}");
     assert!(r["reason"].as_str().expect("reason").contains("a page outside guest memory"), "{r}");
+    assert_eq!(r["reason_code"], "protocol_error", "{r}");
     // Neither side waited for a timeout (30 s) to notice.
     assert!(took < Duration::from_secs(20), "the failure took {took:?}: {r}");
     still_runs(&mut src, &sock);

@@ -61,6 +61,7 @@ fn a_destination_home_that_is_not_the_sources_lock_is_refused() {
         assert_eq!(r["vm_running_on"], "source", "{r}");
         let reason = r["reason"].as_str().expect("reason");
         assert!(reason.contains("the destination refused the VM") && reason.contains(why), "{r}");
+        assert_eq!(r["reason_code"], "refused_by_destination/lock_identity", "{r}");
         // Refused in the checks: not a page moved.
         assert_eq!(r["pages_sent"], 0, "{r}");
         still_runs(&mut src, &sock);

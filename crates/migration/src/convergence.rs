@@ -16,6 +16,8 @@
 
 use std::time::Duration;
 
+use crate::outcome::ReasonCode;
+
 /// Bytes one page costs on the wire (address + data).
 pub const WIRE_BYTES_PER_PAGE: u64 = 8 + 4096;
 /// Copying what is left may not take longer than this (vSphere gives up at 100 s).
@@ -59,8 +61,9 @@ pub enum Decision {
     Continue,
     /// Pause and copy the rest; the reason says why now.
     StopAndCopy(String),
-    /// Stop migrating; the VM stays on the source. The reason is reported.
-    GiveUp(String),
+    /// Stop migrating; the VM stays on the source. The code (`no_convergence` or
+    /// `timeout`) and the reason are reported.
+    GiveUp(crate::outcome::ReasonCode, String),
 }
 
 /// Passes shorter than this are too short to measure bandwidth with.
@@ -98,13 +101,16 @@ pub fn decide(passes: &[PassMeasure], elapsed: Duration, limits: &Limits) -> Dec
     let expected = expected_downtime_ms(dirty, bw);
     let remaining_copy_ms = expected - SWITCHOVER_MS;
     if remaining_copy_ms > MAX_REMAINING_COPY.as_secs_f64() * 1e3 {
-        return Decision::GiveUp(format!(
-            "copying the {dirty} dirty pages left would take {:.0} s at {:.0} MB/s, more than the \
+        return Decision::GiveUp(
+            ReasonCode::NoConvergence,
+            format!(
+                "copying the {dirty} dirty pages left would take {:.0} s at {:.0} MB/s, more than the \
              {} s allowed",
-            remaining_copy_ms / 1e3,
-            bw / 1e3,
-            MAX_REMAINING_COPY.as_secs()
-        ));
+                remaining_copy_ms / 1e3,
+                bw / 1e3,
+                MAX_REMAINING_COPY.as_secs()
+            ),
+        );
     }
     let within = expected <= limits.downtime_ms as f64;
     if within {
@@ -129,19 +135,25 @@ pub fn decide(passes: &[PassMeasure], elapsed: Duration, limits: &Limits) -> Dec
         }
     }
     if elapsed >= limits.timeout {
-        return Decision::GiveUp(format!(
-            "timeout of {} s reached with {dirty} pages dirty (expected downtime {expected:.0} ms, \
+        return Decision::GiveUp(
+            ReasonCode::Timeout,
+            format!(
+                "timeout of {} s reached with {dirty} pages dirty (expected downtime {expected:.0} ms, \
              limit {} ms)",
-            limits.timeout.as_secs(),
-            limits.downtime_ms
-        ));
+                limits.timeout.as_secs(),
+                limits.downtime_ms
+            ),
+        );
     }
     if !within && last.pass >= limits.max_iterations {
-        return Decision::GiveUp(format!(
-            "did not converge in {} passes: {dirty} pages dirty, expected downtime {expected:.0} ms \
+        return Decision::GiveUp(
+            ReasonCode::NoConvergence,
+            format!(
+                "did not converge in {} passes: {dirty} pages dirty, expected downtime {expected:.0} ms \
              exceeds the {} ms limit (the guest dirties memory faster than it can be copied)",
-            limits.max_iterations, limits.downtime_ms
-        ));
+                limits.max_iterations, limits.downtime_ms
+            ),
+        );
     }
     Decision::Continue
 }
@@ -181,7 +193,10 @@ mod tests {
         assert_eq!(decide(&p, Duration::from_secs(25), &LIMITS), Decision::Continue);
         let p: Vec<_> = (1..=30).map(|i| pass(i, 60_000, 24_600.0, 60_000)).collect();
         match decide(&p, Duration::from_secs(100), &LIMITS) {
-            Decision::GiveUp(r) => assert!(r.contains("did not converge in 30 passes"), "{r}"),
+            Decision::GiveUp(c, r) => {
+                assert_eq!(c, ReasonCode::NoConvergence);
+                assert!(r.contains("did not converge in 30 passes"), "{r}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -191,7 +206,10 @@ mod tests {
         // 1 MB/s and 100,000 pages: ~410 s.
         let p = [pass(1, 1000, 4104.0, 100_000)];
         match decide(&p, Duration::from_secs(5), &LIMITS) {
-            Decision::GiveUp(r) => assert!(r.contains("more than the 100 s allowed"), "{r}"),
+            Decision::GiveUp(c, r) => {
+                assert_eq!(c, ReasonCode::NoConvergence);
+                assert!(r.contains("more than the 100 s allowed"), "{r}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -200,7 +218,10 @@ mod tests {
     fn timeout_gives_up() {
         let limits = Limits { timeout: Duration::from_secs(2), ..LIMITS };
         let p = [pass(1, 60_000, 24_600.0, 60_000)];
-        assert!(matches!(decide(&p, Duration::from_secs(3), &limits), Decision::GiveUp(_)));
+        assert!(matches!(
+            decide(&p, Duration::from_secs(3), &limits),
+            Decision::GiveUp(ReasonCode::Timeout, _)
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 use std::io::{Read, Write};
 
 use crate::auth::{self, Key, Role, NONCE_LEN};
+use crate::outcome::ReasonCode;
 use crate::protocol::{
     self, parse_json, read_handshake_frame, stream_id, to_json, write_frame, Challenge, ChallengeResponse,
     Hello, Kind, PROTOCOL_VERSION,
@@ -39,6 +40,18 @@ pub enum Error {
     /// The source's proof is wrong: it does not know the key.
     #[error("authentication failed: the source does not know the migration key")]
     BadProof,
+}
+
+impl Error {
+    /// How this ends the connection's migration.
+    pub fn code(&self) -> ReasonCode {
+        match self {
+            Error::Protocol(e) => e.code(),
+            Error::BadId => ReasonCode::ProtocolError,
+            Error::Version(..) => ReasonCode::VersionMismatch,
+            Error::BadNonce | Error::BadProof => ReasonCode::AuthFailed,
+        }
+    }
 }
 
 /// Whether `id` can name a migration (it appears in logs and lock files).

@@ -3,6 +3,7 @@
 //! [`protocol`] is the wire format: small fixed frame headers, per-kind payload bounds,
 //! nothing taken on trust from the peer. [`auth`] proves both ends share a key;
 //! [`handshake`] is the receiver's side of the proof, before the peer is trusted.
+//! [`outcome`] is how a migration ended, as a code on the wire and in reports.
 //! [`convergence`] decides after each pre-copy pass whether to go on, stop and copy, or give
 //! up. The sender and receiver state machines, which drive a VM, live in `ferry-vmm`
 //! (`ferry_vmm::migration`); `docs/migration.md` describes the whole protocol.
@@ -10,4 +11,5 @@
 pub mod auth;
 pub mod convergence;
 pub mod handshake;
+pub mod outcome;
 pub mod protocol;

@@ -27,6 +27,8 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::outcome::{Check, ReasonCode};
+
 /// Frame magic.
 pub const MAGIC: &[u8; 4] = b"FMIG";
 /// Protocol version this Ferry speaks.
@@ -85,9 +87,15 @@ pub enum Error {
     /// Binary page batch malformed.
     #[error("the peer sent a malformed page batch: {0}")]
     BadPages(&'static str),
-    /// The peer aborted the migration.
-    #[error("the peer aborted the migration: {0}")]
-    PeerAborted(String),
+    /// The peer aborted the migration: its reason, and its code ([`ReasonCode::Unknown`]
+    /// from an older peer).
+    #[error("the peer aborted the migration: {reason}")]
+    PeerAborted {
+        /// The peer's sentence.
+        reason: String,
+        /// The peer's code.
+        code: ReasonCode,
+    },
     /// A message that has no place at this point of the protocol.
     #[error("the peer sent {got:?} where {expected} was expected")]
     Unexpected {
@@ -222,6 +230,17 @@ pub fn to_json<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising plain structs of strings and numbers cannot fail.
     serde_json::to_vec(msg).unwrap_or_default()
 }
+impl Error {
+    /// How this ends a migration: the connection's loss, the peer's own code (`unknown`
+    /// from an older peer), or a broken protocol.
+    pub fn code(&self) -> ReasonCode {
+        match self {
+            Error::Io(_) => ReasonCode::ConnectionLost,
+            Error::PeerAborted { code, .. } => *code,
+            _ => ReasonCode::ProtocolError,
+        }
+    }
+}
 
 impl Frame {
     /// Parses the payload of a control message of kind `kind`.
@@ -241,7 +260,7 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(
     if got == Kind::Abort && want != Kind::Abort {
         let abort: Abort =
             serde_json::from_slice(payload).map_err(|source| Error::Json { kind: Kind::Abort, source })?;
-        return Err(Error::PeerAborted(abort.reason));
+        return Err(Error::PeerAborted { reason: abort.reason, code: abort.code });
     }
     if got != want {
         return Err(Error::Unexpected { got, expected });
@@ -331,7 +350,7 @@ pub struct Verify {
     pub crcs: Vec<u32>,
 }
 
-/// `RestoreResult`: RESTORE_OK (`ok`) or RESTORE_FAILED with the reason.
+/// `RestoreResult`: RESTORE_OK (`ok`) or RESTORE_FAILED with the reason and its code.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RestoreResult {
     /// Whether the destination restored the VM (its vCPUs wait for the commit).
@@ -339,6 +358,10 @@ pub struct RestoreResult {
     /// Why not.
     #[serde(default)]
     pub reason: String,
+    /// Why not, as a code (`restore_failed`, `verify_mismatch`, ...). Older destinations
+    /// send none: a failed RestoreResult without a code is `restore_failed`.
+    #[serde(default, skip_serializing_if = "ReasonCode::is_unknown")]
+    pub code: ReasonCode,
 }
 
 /// `Commit`: the source has stopped for good and released the VM's lock.
@@ -356,8 +379,19 @@ pub struct Activated {
 /// `Abort`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Abort {
-    /// Why.
+    /// Why, in a sentence for people.
     pub reason: String,
+    /// Why, as a code for programs. Older peers send none ([`ReasonCode::Unknown`]): the
+    /// reader derives what it can from where the Abort came, never from `reason`.
+    #[serde(default, skip_serializing_if = "ReasonCode::is_unknown")]
+    pub code: ReasonCode,
+}
+
+impl Abort {
+    /// An Abort with `reason` and `code`.
+    pub fn new(reason: impl Into<String>, code: ReasonCode) -> Self {
+        Self { reason: reason.into(), code }
+    }
 }
 
 /// Encodes a page batch: `entries` are (address, page bytes); zero pages become markers.
@@ -806,10 +840,13 @@ mod tests {
     #[test]
     fn abort_carries_the_reason() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, Kind::Abort, &to_json(&Abort { reason: "no".into() })).expect("write");
+        write_frame(&mut buf, Kind::Abort, &to_json(&Abort::new("no", ReasonCode::Busy))).expect("write");
         let f = read_frame(&mut &buf[..]).expect("read");
         let e = f.json::<Hello>(Kind::Hello, "Hello").expect_err("abort");
-        assert!(matches!(&e, Error::PeerAborted(r) if r == "no"), "{e:?}");
+        assert!(
+            matches!(&e, Error::PeerAborted { reason, code: ReasonCode::Busy } if reason == "no"),
+            "{e:?}"
+        );
         assert_eq!(e.to_string(), "the peer aborted the migration: no");
     }
 
@@ -845,7 +882,8 @@ mod tests {
         write_frame(&mut hello, Kind::Hello, b"{}").expect("write");
         assert_eq!(read_handshake_frame(&mut &hello[..], &mut payload).expect("hello"), Kind::Hello);
         let mut abort = Vec::new();
-        write_frame(&mut abort, Kind::Abort, &to_json(&Abort { reason: "no".into() })).expect("write");
+        write_frame(&mut abort, Kind::Abort, &to_json(&Abort::new("no", ReasonCode::Unknown)))
+            .expect("write");
         assert_eq!(read_handshake_frame(&mut &abort[..], &mut payload).expect("abort"), Kind::Abort);
         // A State header claiming 60 MiB, with nothing behind it: refused from the header.
         let mut state = Vec::new();
@@ -1129,5 +1167,33 @@ mod tests {
                 r = r.get(entries.data_len()..).unwrap_or_default();
             }
         }
+    }
+
+    #[test]
+    fn abort_and_restore_result_carry_a_code_and_read_without_one() {
+        // From this release: the code travels beside the sentence.
+        let a = Abort::new("the receiver is busy with migration m-1", ReasonCode::Busy);
+        let json = String::from_utf8(to_json(&a)).expect("utf8");
+        assert!(json.contains(r#""code":"busy""#), "{json}");
+        assert_eq!(serde_json::from_str::<Abort>(&json).expect("parse"), a);
+        let r = RestoreResult {
+            ok: false,
+            reason: "x".into(),
+            code: ReasonCode::RefusedByDestination(Check::CpuFeatures),
+        };
+        let json = String::from_utf8(to_json(&r)).expect("utf8");
+        assert!(json.contains(r#""code":"refused_by_destination/cpu_features""#), "{json}");
+        assert_eq!(serde_json::from_str::<RestoreResult>(&json).expect("parse"), r);
+        // From the previous release (protocol 2 without codes): no code is `unknown`.
+        let old: Abort = serde_json::from_str(r#"{"reason":"authentication failed"}"#).expect("parse");
+        assert_eq!(old.code, ReasonCode::Unknown);
+        let old: RestoreResult = serde_json::from_str(r#"{"ok":false,"reason":"no"}"#).expect("parse");
+        assert_eq!(old.code, ReasonCode::Unknown);
+        // To the previous release: its structs ignore the extra field; an ok answer has none.
+        let ok = to_json(&RestoreResult { ok: true, reason: String::new(), code: ReasonCode::Unknown });
+        assert_eq!(ok, br#"{"ok":true,"reason":""}"#);
+        // An Abort in place of an answer carries its code into the error.
+        let e = parse_json::<Accept>(Kind::Abort, &to_json(&a), Kind::Accept, "Accept").expect_err("abort");
+        assert!(matches!(e, Error::PeerAborted { code: ReasonCode::Busy, .. }), "{e:?}");
     }
 }

@@ -72,15 +72,18 @@ impl KernelSource {
     }
 }
 
-/// Where the serial console goes.
+/// Where the serial console goes. Only [`SerialConfig::Stdio`] lets the VMM use the
+/// process's standard input and output: the `ferry` binary's choice (`--serial stdio`, its
+/// default) to give them to the VM; a program embedding the library keeps them with
+/// `File` or `Null` (the default).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum SerialConfig {
-    /// Ferry's standard output (and input from its standard input).
-    #[default]
+    /// The process's standard output, and input forwarded from its standard input.
     Stdio,
     /// A file, created or truncated.
     File(PathBuf),
     /// Discarded.
+    #[default]
     Null,
 }
 

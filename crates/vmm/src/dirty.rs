@@ -138,20 +138,23 @@ mod tests {
     #[test]
     fn union_of_kvm_log_and_vmm_writes() {
         let guest = ferry_test_guest();
-        let vmm = Vmm::build(VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-            kernel: KernelSource::Embedded { name: "test".into(), elf: guest },
-            cmdline: "wss=1M".into(),
-            initrd: None,
-            serial: SerialConfig::Null,
-            started_ns: 0,
-            api_socket: None,
-            home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
-            state_dir: std::env::temp_dir(),
-            disks: Vec::new(),
-            nets: Vec::new(),
-        })
+        let vmm = Vmm::build(
+            VmConfig {
+                memory: 64 << 20,
+                vcpus: 1,
+                kernel: KernelSource::Embedded { name: "test".into(), elf: guest },
+                cmdline: "wss=1M".into(),
+                initrd: None,
+                serial: SerialConfig::Null,
+                started_ns: 0,
+                api_socket: None,
+                home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
+                state_dir: std::env::temp_dir(),
+                disks: Vec::new(),
+                nets: Vec::new(),
+            },
+            crate::StopSource::new().expect("stop source").0,
+        )
         .expect("build");
         let log = vmm.dirty_log();
         log.start().expect("start");

@@ -6,6 +6,11 @@
 //! [`Vmm::restore`] builds the same from a checkpoint ([`persist`]). [`Vmm::run`] then runs
 //! the guest until it powers off, fails, is suspended, or the process is asked to stop,
 //! serving the API socket meanwhile ([`api`]).
+//!
+//! The library leaves the process to its caller: it reads no environment variable, never
+//! changes the signal mask (a [`StopSource`] says when to stop: the `ferry` binary's
+//! signalfd for SIGTERM/SIGINT, or a [`StopHandle`] a program keeps), and reads stdin only
+//! when told to ([`SerialConfig::Stdio`]).
 
 pub mod api;
 pub mod config;
@@ -15,6 +20,7 @@ pub mod home;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+pub mod stop;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -41,6 +47,7 @@ pub use config::{KernelSource, SerialConfig, VmConfig};
 pub use ferry_devices::boot_timer::monotonic_ns;
 pub use persist::RestoreConfig;
 pub use run::RunOutcome;
+pub use stop::{StopHandle, StopSource};
 pub use vcpu::{GuestFault, StopReason};
 
 use crate::disk::Disk;
@@ -236,7 +243,7 @@ pub struct Vmm {
     memory: GuestMemory,
     devices: Devices,
     exit: Arc<ExitNotifier>,
-    signals: Option<std::os::fd::OwnedFd>,
+    signals: Option<stop::StopSource>,
     description: Description,
     serial_config: SerialConfig,
     api_socket: Option<PathBuf>,
@@ -412,10 +419,9 @@ fn create_devices(
 }
 
 impl Vmm {
-    /// Builds the VM described by `config`. Nothing runs until [`Vmm::run`].
-    pub fn build(config: VmConfig) -> Result<Self, Error> {
-        // Before any thread exists, so every vCPU thread inherits the mask.
-        let signals = run::block_stop_signals()?;
+    /// Builds the VM described by `config`. Nothing runs until [`Vmm::run`], which stops
+    /// when `stop` fires (see [`stop`]: the library never touches the signal mask).
+    pub fn build(config: VmConfig, stop: StopSource) -> Result<Self, Error> {
         let host = open_host()?;
         config.validate(host.max_vcpus)?;
         // The VM runs in one VMM only: take its home's lock before anything else.
@@ -525,7 +531,7 @@ impl Vmm {
             memory: mem,
             devices,
             exit,
-            signals: Some(signals),
+            signals: Some(stop),
             description,
             serial_config: config.serial,
             api_socket: config.api_socket,

@@ -25,7 +25,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::{ExitNotifier, Request as VcpuRequest, RunState, VcpuContext};
-use crate::{create_devices, efd, open_host, vm, Description, Error, SerialConfig, VmRunState, Vmm};
+use crate::{
+    create_devices, efd, open_host, vm, Description, Error, SerialConfig, StopSource, VmRunState, Vmm,
+};
 
 /// How long pausing may take before it is an error.
 const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -393,8 +395,8 @@ impl Vmm {
     }
 
     /// Builds a VM from the checkpoint in `config.from`. Its vCPUs start with [`Vmm::run`].
-    pub fn restore(config: RestoreConfig) -> Result<Self, Error> {
-        let signals = crate::run::block_stop_signals()?;
+    /// Stops when `stop` fires, as [`Vmm::build`].
+    pub fn restore(config: RestoreConfig, stop: StopSource) -> Result<Self, Error> {
         let dir = &config.from;
         match std::fs::metadata(dir) {
             Err(_) => return Err(RestoreError::NoDirectory(dir.clone()).into()),
@@ -441,7 +443,7 @@ impl Vmm {
             home_is_default,
             started_ns: config.started_ns,
             restored_from: Some(dir.clone()),
-            signals,
+            signals: stop,
             opened,
             backends,
             state_generation,
@@ -577,7 +579,7 @@ pub(crate) struct Parts {
     pub home_is_default: bool,
     pub started_ns: u64,
     pub restored_from: Option<PathBuf>,
-    pub signals: std::os::fd::OwnedFd,
+    pub signals: crate::stop::StopSource,
     /// What backs `snap.virtio`, opened by the caller (disks locked for a restore; not yet
     /// for a migration destination, which locks them at the switchover).
     pub opened: crate::virtio::Opened,

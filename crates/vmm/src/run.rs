@@ -1,7 +1,7 @@
 //! The VMM thread's event loop: waits for the guest to stop, for a signal, or for console
 //! input, and tears the VM down in order.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -80,40 +80,6 @@ impl NicPoll {
             Self::set(epoll, self.tap, self.token() + 1, &mut self.tap_on, false);
         }
     }
-}
-
-/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it spawns after) so
-/// they are read from a signalfd instead of killing the process mid-way.
-pub(crate) fn block_stop_signals() -> Result<OwnedFd, Error> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-    }
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(Error::EventLoop(std::io::Error::from_raw_os_error(rc)));
-    }
-    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::EventLoop(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub(crate) fn read_signal(fd: RawFd) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reading at most `size` bytes into `info`, which is that large.
-    let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-    (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
 impl Vmm {
@@ -244,7 +210,7 @@ impl Vmm {
                         }
                     }
                     TOKEN_SIGNAL => {
-                        if let Some(sig) = read_signal(signals.as_raw_fd()) {
+                        if let Some(sig) = signals.read() {
                             tracing::info!("signal {sig} received: stopping the VM");
                             stop = Some(Ok(RunOutcome::Signalled(sig)));
                         }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::auth::{self, Key};
 use ferry_migration::handshake;
+use ferry_migration::outcome::ReasonCode;
 use ferry_migration::protocol::{self as wire, to_json, write_frame, Hello, Kind};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -375,15 +376,15 @@ fn serve(
                 } else {
                     tracing::warn!("migration {id}: dropped a connection from {peer}: {msg}");
                 }
-                refuse(&conn.stream, &msg);
+                refuse(&conn.stream, &msg, why.code());
             }
         }
         Err(e) => {
             let msg = error_chain(&e);
             // Tell the peer why, unless the connection is what failed or it aborted.
-            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
+            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
                 let at = deadline.min(Instant::now() + Duration::from_secs(1));
-                let abort = to_json(&wire::Abort { reason: msg.clone() });
+                let abort = to_json(&wire::Abort::new(msg.clone(), e.code()));
                 let _ = write_frame(&mut Deadline { stream: &stream, at }, Kind::Abort, &abort);
             }
             match &hello {
@@ -431,10 +432,10 @@ fn authenticate(
 /// Tells an authenticated source why its connection has no place here: an Abort, then
 /// what it sends meanwhile (its Config) is read and thrown away until it closes, so that
 /// closing here does not reset the connection before it has read the Abort.
-fn refuse(stream: &TcpStream, reason: &str) {
+fn refuse(stream: &TcpStream, reason: &str, code: ReasonCode) {
     let at = Instant::now() + REFUSE_WINDOW;
     let mut rw = Deadline { stream, at };
-    let abort = to_json(&wire::Abort { reason: reason.to_string() });
+    let abort = to_json(&wire::Abort::new(reason, code));
     if write_frame(&mut rw, Kind::Abort, &abort).is_err() {
         return;
     }

@@ -30,6 +30,7 @@ use ferry_api::{
     VmLocation,
 };
 use ferry_arch::state::CpuidEntry;
+use ferry_migration::outcome::{Check, ReasonCode};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -164,27 +165,42 @@ pub enum Error {
     /// The peers speak different protocol versions.
     #[error("the peer speaks migration protocol version {0}; this Ferry speaks version {1}")]
     Version(u32, u32),
-    /// The destination refused the VM in its pre-migration checks.
-    #[error("the destination refused the VM: {0}")]
-    Refused(String),
-    /// The pre-migration checks failed here (destination side).
-    #[error("pre-migration check failed: {0}")]
-    Check(String),
+    /// The destination refused the VM (its checks, or it is busy): its reason and code.
+    #[error("the destination refused the VM: {reason}")]
+    Refused {
+        /// The destination's sentence.
+        reason: String,
+        /// The destination's code.
+        code: ReasonCode,
+    },
+    /// A pre-migration check failed here (destination side): which one, and why.
+    #[error("pre-migration check failed: {1}")]
+    Check(Check, String),
     /// The peer made no progress for the stall bound.
     #[error(transparent)]
     Stalled(#[from] link::Stalled),
-    /// Pre-copy did not converge, or a limit was reached.
-    #[error("{0}")]
-    GaveUp(String),
+    /// Pre-copy did not converge (`no_convergence`), or the time limit was reached
+    /// (`timeout`).
+    #[error("{1}")]
+    GaveUp(ReasonCode, String),
     /// An operator cancelled the migration.
     #[error("cancelled by the operator")]
     Cancelled,
     /// The VMM could not do its part (pause, save, commit).
     #[error("the VMM could not {0}")]
     Vmm(String),
-    /// The destination could not restore the VM.
-    #[error("the destination could not restore the VM: {0}")]
-    RestoreFailed(String),
+    /// A lock (the VM's or a disk's) is held by someone else (destination side).
+    #[error("the VMM could not {0}")]
+    Lock(String),
+    /// The destination could not restore the VM: its reason and code (`restore_failed`,
+    /// or `verify_mismatch` when the memory checksums differ).
+    #[error("the destination could not restore the VM: {reason}")]
+    RestoreFailed {
+        /// The destination's sentence.
+        reason: String,
+        /// Its code.
+        code: ReasonCode,
+    },
     /// The guest memory hashes of both sides differ.
     #[error("memory verification failed: {0}")]
     Verify(String),
@@ -229,6 +245,34 @@ pub enum Error {
     /// Building the VM on the destination failed.
     #[error(transparent)]
     Build(Box<crate::Error>),
+}
+
+impl Error {
+    /// How this error ends a migration, as a code: decided by the error's type and the
+    /// codes peers send, never by its text.
+    pub fn code(&self) -> ReasonCode {
+        match self {
+            Error::BadAddress(_) | Error::Listen { .. } => ReasonCode::VmmError,
+            Error::Connect { .. } => ReasonCode::Unreachable,
+            Error::Protocol(e) => e.code(),
+            Error::Handshake(e) => e.code(),
+            Error::Key(_) | Error::Auth(_) => ReasonCode::AuthFailed,
+            Error::Version(..) => ReasonCode::VersionMismatch,
+            Error::Refused { code, .. } | Error::RestoreFailed { code, .. } | Error::GaveUp(code, _) => *code,
+            Error::Check(check, _) => ReasonCode::RefusedByDestination(*check),
+            Error::Stalled(_) => ReasonCode::Stalled,
+            Error::Cancelled => ReasonCode::Cancelled,
+            Error::Vmm(_) | Error::Dirty(_) | Error::Memory { .. } | Error::Build(_) => ReasonCode::VmmError,
+            Error::Lock(_) => ReasonCode::LockConflict,
+            Error::Verify(_) => ReasonCode::VerifyMismatch,
+            Error::Stale { .. } => ReasonCode::StaleState,
+            Error::Interrupted(_) => ReasonCode::Interrupted,
+            Error::Deadline(_) => ReasonCode::Timeout,
+            Error::Streams(_) | Error::StreamStopped => ReasonCode::ConnectionLost,
+            Error::NotJoined(_) => ReasonCode::ProtocolError,
+            Error::Busy(_) => ReasonCode::Busy,
+        }
+    }
 }
 
 impl From<crate::Error> for Error {
@@ -308,9 +352,9 @@ pub fn new_migration_id() -> String {
     format!("m-{n}")
 }
 
-/// Faults a test can inject through `FERRY_FAULT_INJECT` (comma-separated), to prove the
-/// recovery paths: `restore-fail` (the destination answers RESTORE_FAILED),
-/// `hide-cpu-feature=NAME` (the destination pretends its CPU lacks NAME, e.g. `avx2`).
+/// Faults a test can inject on a destination, to prove the recovery paths: given in
+/// [`ReceiveConfig::faults`]. The `ferry` binary reads them from `FERRY_FAULT_INJECT`
+/// ([`Faults::parse`]); the library reads no environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     /// Fail the restore on the destination.
@@ -320,19 +364,20 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Reads `FERRY_FAULT_INJECT`.
-    pub fn from_env() -> Self {
+    /// Parses a comma-separated list: `restore-fail` (the destination answers
+    /// RESTORE_FAILED), `hide-cpu-feature=NAME` (it pretends its CPU lacks NAME, e.g.
+    /// `avx2`). Returns the faults and the items it does not know.
+    pub fn parse(list: &str) -> (Self, Vec<String>) {
         let mut f = Faults::default();
-        if let Ok(v) = std::env::var("FERRY_FAULT_INJECT") {
-            for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                match item.split_once('=') {
-                    None if item == "restore-fail" => f.restore_fail = true,
-                    Some(("hide-cpu-feature", name)) => f.hide_cpu_features.push(name.to_string()),
-                    _ => tracing::warn!("FERRY_FAULT_INJECT: unknown fault {item:?} ignored"),
-                }
+        let mut unknown = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                None if item == "restore-fail" => f.restore_fail = true,
+                Some(("hide-cpu-feature", name)) => f.hide_cpu_features.push(name.to_string()),
+                _ => unknown.push(item.to_string()),
             }
         }
-        f
+        (f, unknown)
     }
 }
 
@@ -625,6 +670,7 @@ impl Vmm {
             downtime_known: false,
             eta_ms: None,
             report: None,
+            reason_code: ferry_api::ReasonCode::Unknown,
         }));
         let wake = match EventFd::new(libc::EFD_NONBLOCK) {
             Ok(e) => Arc::new(e),
@@ -969,6 +1015,75 @@ mod tests {
             "home_is_default": false,
             "verify": verify,
         })
+    }
+
+    #[test]
+    fn every_failure_has_a_code_from_its_type_and_the_peer_code_not_its_text() {
+        use ferry_migration::handshake;
+        use ferry_migration::protocol::Error as Wire;
+        let io = || std::io::Error::other("x");
+        let cases: Vec<(Error, ReasonCode)> = vec![
+            (Error::Cancelled, ReasonCode::Cancelled),
+            (Error::Auth("authentication".into()), ReasonCode::AuthFailed),
+            (Error::Handshake(handshake::Error::BadProof), ReasonCode::AuthFailed),
+            (Error::Handshake(handshake::Error::Version(1, 2)), ReasonCode::VersionMismatch),
+            (Error::Version(1, 2), ReasonCode::VersionMismatch),
+            (Error::Connect { addr: "a".into(), source: io() }, ReasonCode::Unreachable),
+            (Error::Protocol(Wire::Io(io())), ReasonCode::ConnectionLost),
+            (Error::Protocol(Wire::BadMagic), ReasonCode::ProtocolError),
+            // A peer's Abort carries its code; its text decides nothing.
+            (
+                Error::Protocol(Wire::PeerAborted {
+                    reason: "authentication".into(),
+                    code: ReasonCode::Busy,
+                }),
+                ReasonCode::Busy,
+            ),
+            (
+                Error::Protocol(Wire::PeerAborted { reason: "memory".into(), code: ReasonCode::Unknown }),
+                ReasonCode::Unknown,
+            ),
+            (
+                Error::Refused {
+                    reason: "authentication failed".into(),
+                    code: ReasonCode::RefusedByDestination(Check::CpuFeatures),
+                },
+                ReasonCode::RefusedByDestination(Check::CpuFeatures),
+            ),
+            (
+                Error::Check(Check::LockIdentity, "x".into()),
+                ReasonCode::RefusedByDestination(Check::LockIdentity),
+            ),
+            (Error::Stalled(link::Stalled::new("x", std::time::Duration::from_secs(1))), ReasonCode::Stalled),
+            (Error::GaveUp(ReasonCode::Timeout, "x".into()), ReasonCode::Timeout),
+            (Error::GaveUp(ReasonCode::NoConvergence, "x".into()), ReasonCode::NoConvergence),
+            (Error::Vmm("x".into()), ReasonCode::VmmError),
+            (Error::Lock("x".into()), ReasonCode::LockConflict),
+            (
+                Error::RestoreFailed {
+                    reason: "memory verification failed".into(),
+                    code: ReasonCode::RestoreFailed,
+                },
+                ReasonCode::RestoreFailed,
+            ),
+            (Error::Verify("x".into()), ReasonCode::VerifyMismatch),
+            (Error::Stale { state: 1, current: Some(2) }, ReasonCode::StaleState),
+            (Error::Interrupted(15), ReasonCode::Interrupted),
+            (Error::Streams("x".into()), ReasonCode::ConnectionLost),
+            (Error::Busy("m-1".into()), ReasonCode::Busy),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn faults_parse_from_a_list() {
+        let (f, unknown) = Faults::parse(" restore-fail, hide-cpu-feature=sse2,,bogus ");
+        assert!(f.restore_fail);
+        assert_eq!(f.hide_cpu_features, vec!["sse2".to_string()]);
+        assert_eq!(unknown, vec!["bogus".to_string()]);
+        assert_eq!(Faults::parse(""), (Faults::default(), vec![]));
     }
 
     #[test]

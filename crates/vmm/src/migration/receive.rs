@@ -18,7 +18,7 @@
 //! it, aborting a migration in progress before its commit.
 
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use ferry_api::{EventBody, MigrationPhase, Side};
 
 use ferry_arch::layout;
 use ferry_migration::auth::Key;
+use ferry_migration::outcome::{Check, ReasonCode};
 use ferry_migration::protocol::{
     self as wire, parse_json, to_json, write_frame, Accept, Commit, Kind, PageEntries, PassEnd, RestoreResult,
 };
@@ -43,7 +44,7 @@ use super::{
 use crate::home::VmHome;
 use crate::memory::{self, GuestMemory};
 use crate::persist::{check_consistent, Parts, RegionState, VmSnapshot};
-use crate::run::read_signal;
+use crate::stop::{RawStop, StopSource};
 use crate::{open_host, vm, Host, SerialConfig, Vmm};
 
 /// How long any single read or write may block before the migration is given up, until
@@ -82,6 +83,9 @@ pub struct ReceiveConfig {
     /// Give up if no migration has started this long after listening began, or after the
     /// last failed one ([`Error::Deadline`]); `None` waits for ever.
     pub deadline: Option<Duration>,
+    /// Faults to inject (tests only; the `ferry` binary reads them from
+    /// `FERRY_FAULT_INJECT`).
+    pub faults: Faults,
 }
 
 /// Why one incoming migration failed, with its id when known.
@@ -92,9 +96,9 @@ struct Failed {
 
 impl Vmm {
     /// Waits for an incoming migration and returns the VM it brought, holding its lock,
-    /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on.
-    pub fn receive(config: ReceiveConfig) -> Result<Vmm, crate::Error> {
-        let signals = crate::run::block_stop_signals()?;
+    /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on; `stop`
+    /// ends the wait (and aborts a migration before its commit), then stops the VM.
+    pub fn receive(config: ReceiveConfig, stop: StopSource) -> Result<Vmm, crate::Error> {
         let key =
             Key::load(&config.auth_key_file).map_err(|e| crate::Error::Migration(Box::new(e.into())))?;
         let addr = parse_address(&config.listen).map_err(|e| crate::Error::Migration(Box::new(e)))?;
@@ -110,7 +114,7 @@ impl Vmm {
         })?;
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
         tracing::info!("waiting for an incoming migration on tcp:{local}");
-        let faults = Faults::from_env();
+        let faults = config.faults.clone();
         let desk = Arc::new(Desk::new().map_err(|e| crate::Error::Migration(Box::new(e)))?);
         // Closing the desk drops whatever waits there; the acceptor, dropped on return, stops
         // accepting and drops the connections still being authenticated.
@@ -119,28 +123,28 @@ impl Vmm {
         // Every incoming migration's phases and passes, handed to the VM that arrives so
         // that its `GET /vm/events` shows them.
         let events = Arc::new(Events::new());
-        let stop = |e: Error| {
+        let end = |e: Error| {
             desk.close();
             crate::Error::Migration(Box::new(e))
         };
         loop {
             let deadline = config.deadline.map(|d| Instant::now() + d);
-            let conn = match next_migration(&desk, signals.as_raw_fd(), deadline) {
+            let conn = match next_migration(&desk, stop.raw(), deadline) {
                 Ok(c) => c,
                 Err(NoMigration::Signal(sig)) => {
                     tracing::info!("signal {sig} received: no longer waiting for a migration");
-                    return Err(stop(Error::Interrupted(sig)));
+                    return Err(end(Error::Interrupted(sig)));
                 }
                 Err(NoMigration::Deadline) => {
                     let secs = config.deadline.unwrap_or_default().as_secs();
                     tracing::error!("no migration started within {secs} s (--deadline-s): giving up");
-                    return Err(stop(Error::Deadline(secs)));
+                    return Err(end(Error::Deadline(secs)));
                 }
             };
             let peer = conn.peer;
             tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(conn, &desk, &config, &faults, &signals, &events) {
+            match incoming(conn, &desk, &config, &faults, &stop, &events) {
                 Ok(mut vmm) => {
                     desk.close();
                     vmm.events = events.clone();
@@ -153,7 +157,7 @@ impl Vmm {
                 }
                 Err(Failed { id, error }) => {
                     let id = id.unwrap_or_else(|| format!("from {peer}"));
-                    let msg = error_chain(&error);
+                    let (msg, code) = (error_chain(&error), error.code());
                     events.push(
                         &id,
                         Side::Destination,
@@ -161,12 +165,13 @@ impl Vmm {
                     );
                     if let Error::Interrupted(_) = error {
                         tracing::info!("migration {id}: {msg}");
-                        return Err(stop(error));
+                        return Err(end(error));
                     }
                     // Everything of that migration is gone: the next one may come.
                     desk.idle();
                     tracing::warn!(
-                        "migration {id}: failed: {msg}; nothing runs here; waiting for another migration"
+                        "migration {id}: failed: {msg}; nothing runs here; waiting for another migration \
+                         (code {code})"
                     );
                 }
             }
@@ -183,7 +188,7 @@ enum NoMigration {
 /// Waits for the authenticated first stream of a migration, a stop signal, or `deadline`.
 fn next_migration(
     desk: &Desk,
-    signals: RawFd,
+    stop: RawStop,
     deadline: Option<Instant>,
 ) -> Result<Authenticated, NoMigration> {
     loop {
@@ -197,7 +202,7 @@ fn next_migration(
             },
             None => None,
         };
-        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), signals, left) {
+        if let Wait::Signal(sig) = wait_readable(desk.ready_fd(), Some(stop), left) {
             return Err(NoMigration::Signal(sig));
         }
     }
@@ -212,14 +217,14 @@ enum Wait {
 }
 
 /// Waits until `fd` is readable or a stop signal arrives on `signals`.
-fn wait_readable(fd: RawFd, signals: RawFd, timeout: Option<Duration>) -> Wait {
-    wait_readable_watching(fd, signals, timeout, None)
+fn wait_readable(fd: RawFd, stop: Option<RawStop>, timeout: Option<Duration>) -> Wait {
+    wait_readable_watching(fd, stop, timeout, None)
 }
 
 /// [`wait_readable`], and also returns [`Wait::HangUp`] when the peer of `watch` closes it.
 fn wait_readable_watching(
     fd: RawFd,
-    signals: RawFd,
+    stop: Option<RawStop>,
     timeout: Option<Duration>,
     watch: Option<RawFd>,
 ) -> Wait {
@@ -227,7 +232,7 @@ fn wait_readable_watching(
     loop {
         let mut fds = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: signals, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.map_or(-1, |s| s.fd()), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: watch.unwrap_or(-1), events: libc::POLLRDHUP, revents: 0 },
         ];
         let ms = match deadline {
@@ -244,7 +249,7 @@ fn wait_readable_watching(
             return Wait::Ready; // let the read report the error
         }
         if fds[1].revents != 0 {
-            if let Some(sig) = read_signal(signals) {
+            if let Some(sig) = stop.and_then(|s| s.read()) {
                 return Wait::Signal(sig);
             }
         }
@@ -267,18 +272,21 @@ fn incoming(
     desk: &Desk,
     config: &ReceiveConfig,
     faults: &Faults,
-    signals: &OwnedFd,
+    stop: &StopSource,
     events: &Arc<Events>,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
     let mut rx = Receiver {
         id: id.clone(),
         stream: None,
-        signals: signals.as_raw_fd(),
+        signals: stop.raw(),
         payload: Vec::new(),
         events: events.clone(),
+        phase: Phase::Listening,
     };
     rx.event(EventBody::Phase { phase: MigrationPhase::Setup, reason: None });
+    // The acceptor has authenticated the first stream (see `super::accept`).
+    rx.enter(Phase::Handshake);
     let io = |e| Failed { id: id.clone(), error: Error::Protocol(wire::Error::Io(e)) };
     let stream = conn.stream;
     super::size_socket_buffer(&stream, libc::SO_RCVBUFFORCE);
@@ -286,24 +294,70 @@ fn incoming(
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     rx.stream = Some(stream);
     match rx.run(desk, config, faults) {
-        Ok(vmm) => Ok(vmm),
+        Ok(vmm) => {
+            rx.enter(Phase::Running);
+            Ok(vmm)
+        }
         Err(error) => {
+            rx.enter(Phase::Failed);
             // Tell the source why, unless the connection is what failed or it aborted.
-            if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
-                rx.abort(&error_chain(&error));
+            if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
+                rx.abort(&error);
             }
             Err(Failed { id: rx.id.clone(), error })
         }
     }
 }
 
+/// The destination's lifecycle for one incoming migration (`docs/migration.md`,
+/// "Destination state machine"). Transitions are checked as the source's are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a connection (the acceptor runs the handshakes).
+    Listening,
+    /// The first stream proved the key.
+    Handshake,
+    /// The Config arrived: checking this host can run the VM.
+    Checks,
+    /// Checks passed: memory and the KVM VM exist; Accept is sent.
+    Reserved,
+    /// Pages (and then the state) are arriving.
+    Receiving,
+    /// Devices and vCPUs restored; RESTORE_OK is sent, the vCPUs wait.
+    Restored,
+    /// Waiting for Commit, then taking the VM's lock and its disks'.
+    Activating,
+    /// The VM is this VMM's: its vCPUs start.
+    Running,
+    /// Everything of this migration is dropped; the receiver listens again.
+    Failed,
+}
+
+impl Phase {
+    fn may_enter(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Listening, Handshake)
+                | (Handshake, Checks)
+                | (Checks, Reserved)
+                | (Reserved, Receiving)
+                | (Receiving, Restored)
+                | (Restored, Activating)
+                | (Activating, Running)
+                | (Listening | Handshake | Checks | Reserved | Receiving | Restored | Activating, Failed)
+        )
+    }
+}
+
 struct Receiver {
     id: Option<String>,
     stream: Option<TcpStream>,
-    signals: RawFd,
+    signals: RawStop,
     payload: Vec<u8>,
     /// This side's phases and passes, for `GET /vm/events` once the VM runs here.
     events: Arc<Events>,
+    phase: Phase,
 }
 
 impl Receiver {
@@ -315,6 +369,18 @@ impl Receiver {
         self.events.push(self.id(), Side::Destination, body);
     }
 
+    /// Moves to `next`, checking the transition is one the state machine has.
+    fn enter(&mut self, next: Phase) {
+        let ok = self.phase.may_enter(next);
+        debug_assert!(ok, "receiver state {:?} -> {next:?}", self.phase);
+        if ok {
+            tracing::debug!("migration {}: {:?} -> {next:?}", self.id(), self.phase);
+        } else {
+            tracing::error!("migration {}: invalid state change {:?} -> {next:?}", self.id(), self.phase);
+        }
+        self.phase = next;
+    }
+
     fn stream(&mut self) -> Result<&mut TcpStream, Error> {
         self.stream.as_mut().ok_or(Error::Protocol(wire::Error::Io(std::io::ErrorKind::NotConnected.into())))
     }
@@ -324,10 +390,12 @@ impl Receiver {
         Ok(())
     }
 
-    fn abort(&mut self, reason: &str) {
+    /// Tells the source why this side gives up: the sentence and the code.
+    fn abort(&mut self, e: &Error) {
+        let abort = to_json(&wire::Abort::new(error_chain(e), e.code()));
         if let Ok(s) = self.stream() {
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = write_frame(s, Kind::Abort, &to_json(&wire::Abort { reason: reason.to_string() }));
+            let _ = write_frame(s, Kind::Abort, &abort);
         }
     }
 
@@ -340,7 +408,7 @@ impl Receiver {
     /// Reads the next frame's header, giving up on a stop signal.
     fn next_header(&mut self) -> Result<wire::Header, Error> {
         // Between frames, and before blocking for one, look for a stop signal.
-        if let Some(sig) = read_signal(self.signals) {
+        if let Some(sig) = self.signals.read() {
             return Err(Error::Interrupted(sig));
         }
         Ok(wire::read_header(self.stream()?)?)
@@ -370,6 +438,7 @@ impl Receiver {
 
         // Pre-migration checks, then the reservation.
         let cfg: MigrationConfig = self.expect(Kind::Config, "Config")?;
+        self.enter(Phase::Checks);
         let stall = cfg.stall_timeout();
         self.bound_waits(stall)?;
         super::size_receive_buffer(self.stream()?, &cfg);
@@ -379,16 +448,19 @@ impl Receiver {
                 tracing::warn!("migration {id}: fault injected: pretending this CPU lacks {name}");
             }
         }
-        check_config(&cfg, &host).map_err(Error::Check)?;
+        check_config(&cfg, &host).map_err(|(check, why)| Error::Check(check, why))?;
         // Both sides must lock the same VM, not only the same kind of VM.
         let home_dir = config.home.clone().unwrap_or_else(|| cfg.home.clone());
-        check_lock(&cfg, &home_dir, config.home.is_some()).map_err(Error::Check)?;
+        check_lock(&cfg, &home_dir, config.home.is_some())
+            .map_err(|why| Error::Check(Check::LockIdentity, why))?;
         // The disks and taps exist and can be opened here (the disks' locks come at the
         // switchover).
         let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
-            .map_err(|e| Error::Check(error_chain(&e)))?;
-        let mem = memory::create(cfg.description.memory).map_err(|e| Error::Check(error_chain(&e)))?;
-        let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(error_chain(&e)))?;
+            .map_err(|e| Error::Check(Check::Disks, error_chain(&e)))?;
+        let mem = memory::create(cfg.description.memory)
+            .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
+        let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(Check::Host, error_chain(&e)))?;
+        self.enter(Phase::Reserved);
         // The source opens its extra streams as soon as it reads Accept: take them from now on.
         desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
@@ -402,6 +474,7 @@ impl Receiver {
 
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(desk, &id, cfg.streams)?;
+        self.enter(Phase::Receiving);
         for s in &extra {
             super::size_receive_buffer(s, &cfg);
             s.set_read_timeout(Some(stall)).map_err(wire::Error::Io)?;
@@ -412,7 +485,7 @@ impl Receiver {
         // source may have died, and this may be the only copy: the lock (free only if the
         // source let the VM go or died) and the generation decide, not the connection.
         let mut orphaned: Option<String> = None;
-        let restore = |why: String| Error::RestoreFailed(why);
+        let restore = |reason: String| Error::RestoreFailed { reason, code: ReasonCode::RestoreFailed };
         let snap_virtio: Vec<crate::virtio::Backend> =
             snap.virtio.iter().map(|v| v.backend.clone()).collect();
         if snap.description != cfg.description
@@ -467,8 +540,12 @@ impl Receiver {
             Ok(v) => v,
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
         };
+        self.enter(Phase::Restored);
         if orphaned.is_none() {
-            match self.send(Kind::RestoreResult, &RestoreResult { ok: true, reason: String::new() }) {
+            match self.send(
+                Kind::RestoreResult,
+                &RestoreResult { ok: true, reason: String::new(), code: ReasonCode::Unknown },
+            ) {
                 Ok(()) => {
                     tracing::info!("migration {id}: restored (RESTORE_OK); waiting for the source to commit")
                 }
@@ -542,7 +619,7 @@ impl Receiver {
             }
             // The source gives up (closes the first stream) if a stream cannot join on its side.
             let control = self.stream()?.as_raw_fd();
-            match wait_readable_watching(desk.ready_fd(), self.signals, Some(left), Some(control)) {
+            match wait_readable_watching(desk.ready_fd(), Some(self.signals), Some(left), Some(control)) {
                 Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
                 Wait::HangUp => {
                     // Its reason, if it sent one, is the next frame.
@@ -555,26 +632,22 @@ impl Receiver {
         }
     }
 
+    /// Answers RESTORE_FAILED: the reason (for a failed restore without the sentence's
+    /// frame, which the source adds; for a memory mismatch the whole sentence, which older
+    /// sources need to begin with "memory verification failed") and its code.
     fn refuse_restore<T>(&mut self, e: Error) -> Result<T, Error> {
-        let reason = error_chain(&e);
-        let reason = reason.strip_prefix("the destination could not restore the VM: ").unwrap_or(&reason);
-        let _ = self.send(Kind::RestoreResult, &RestoreResult { ok: false, reason: reason.to_string() });
+        let (reason, code) = match &e {
+            Error::RestoreFailed { reason, code } => (reason.clone(), *code),
+            other => (error_chain(other), other.code()),
+        };
+        let _ = self.send(Kind::RestoreResult, &RestoreResult { ok: false, reason, code });
         // Already told: no Abort on top.
         self.stream = None;
         Err(e)
     }
 
-    fn dup_signals(&self) -> Result<OwnedFd, Error> {
-        // SAFETY: dup of a descriptor this process owns; the new one is owned by the result.
-        let fd = unsafe { libc::fcntl(self.signals, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(Error::Vmm(format!(
-                "duplicate the signal descriptor: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    fn dup_signals(&self) -> Result<StopSource, Error> {
+        self.signals.dup().map_err(|e| Error::Vmm(format!("duplicate the stop descriptor: {e}")))
     }
 
     /// Receives page batches and pass ends until the state arrives: on the first stream
@@ -715,6 +788,7 @@ impl Receiver {
         orphaned: Option<String>,
         stall: Duration,
     ) -> Result<Vmm, Error> {
+        self.enter(Phase::Activating);
         let id = self.id().to_string();
         let note = id.clone();
         let commit_ns;
@@ -730,7 +804,7 @@ impl Receiver {
             return Ok(vmm);
         }
         let stream_fd = self.stream()?.as_raw_fd();
-        match wait_readable(stream_fd, self.signals, Some(stall)) {
+        match wait_readable(stream_fd, Some(self.signals), Some(stall)) {
             Wait::Signal(sig) => return Err(Error::Interrupted(sig)),
             Wait::Timeout => {
                 tracing::warn!(
@@ -745,7 +819,7 @@ impl Receiver {
                     commit_ns = crate::monotonic_ns();
                     let _: Commit = parse_json(Kind::Commit, &self.payload, Kind::Commit, "Commit")?;
                     vmm.home.acquire_within(Some(&note), LOCK_WAIT).map_err(|e| {
-                        Error::Vmm(format!("take the VM's lock after the commit: {}", error_chain(&e)))
+                        Error::Lock(format!("take the VM's lock after the commit: {}", error_chain(&e)))
                     })?;
                     Self::check_newest(&mut vmm)?;
                     Self::lock_disks(&mut vmm)?;
@@ -789,7 +863,7 @@ impl Receiver {
     fn lock_disks(vmm: &mut Vmm) -> Result<(), Error> {
         if let Err(e) = vmm.devices.virtio.lock_disks() {
             vmm.home.release();
-            return Err(Error::Vmm(format!("take the VM's disk locks: {}", error_chain(&e))));
+            return Err(Error::Lock(format!("take the VM's disk locks: {}", error_chain(&e))));
         }
         Ok(())
     }
@@ -807,7 +881,7 @@ impl Receiver {
                 );
                 Self::lock_disks(vmm)
             }
-            Err(e) => Err(Error::Vmm(format!(
+            Err(e) => Err(Error::Lock(format!(
                 "take the VM over: {why} and the source still holds the VM's lock ({})",
                 error_chain(&e)
             ))),
@@ -831,8 +905,8 @@ fn receive_stream(
     match &r {
         Ok(()) => tracing::debug!("migration {id}: stream {k} closed"),
         Err(e) => {
-            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted(_))) {
-                let abort = to_json(&wire::Abort { reason: error_chain(e) });
+            if !matches!(e, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
+                let abort = to_json(&wire::Abort::new(error_chain(e), e.code()));
                 let _ = write_frame(&mut &*stream, Kind::Abort, &abort);
             }
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -859,7 +933,7 @@ fn receive_stream_pages(
             // Between passes this stream idles while the others finish theirs: no stall
             // bound here (the first stream's reader has it, and its failure shuts this one
             // down); within a pass, the socket's timeout is the bound.
-            let _ = wait_readable(stream.as_raw_fd(), -1, None);
+            let _ = wait_readable(stream.as_raw_fd(), None, None);
         }
         let h = match wire::read_header(&mut &*stream) {
             Ok(h) => h,
@@ -1013,34 +1087,39 @@ fn check_lock(c: &MigrationConfig, home: &std::path::Path, overridden: bool) -> 
 }
 
 /// The pre-migration checks: can this host run this VM?
-fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
+fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), (Check, String)> {
     let d = &c.description;
     if d.vcpus == 0 || d.vcpus as usize > host.max_vcpus {
-        return Err(format!("the VM has {} vCPUs; this host allows 1 to {}", d.vcpus, host.max_vcpus));
+        return Err((
+            Check::Vcpus,
+            format!("the VM has {} vCPUs; this host allows 1 to {}", d.vcpus, host.max_vcpus),
+        ));
     }
     if c.cpuid.len() != d.vcpus as usize {
-        return Err(format!("{} CPUID tables for {} vCPUs", c.cpuid.len(), d.vcpus));
+        return Err((Check::Vcpus, format!("{} CPUID tables for {} vCPUs", c.cpuid.len(), d.vcpus)));
     }
     memory::check_size(d.memory, memory::host_ram(), vm::phys_bits(&host.supported))
-        .map_err(|e| format!("memory: {}", error_chain(&e)))?;
+        .map_err(|e| (Check::Memory, format!("memory: {}", error_chain(&e))))?;
     let expected: Vec<RegionState> = layout::ram_ranges(d.memory)
         .into_iter()
         .map(|(a, l)| RegionState { guest_addr: a.0, len: l })
         .collect();
     if c.memory_regions != expected {
-        return Err(format!(
-            "memory layout {:?} is not this Ferry's for {} bytes",
-            c.memory_regions, d.memory
+        return Err((
+            Check::Memory,
+            format!("memory layout {:?} is not this Ferry's for {} bytes", c.memory_regions, d.memory),
         ));
     }
     if !(1..=ferry_api::MAX_STREAMS).contains(&c.streams) {
-        return Err(format!("{} streams; this Ferry takes 1 to {}", c.streams, ferry_api::MAX_STREAMS));
+        return Err((
+            Check::Streams,
+            format!("{} streams; this Ferry takes 1 to {}", c.streams, ferry_api::MAX_STREAMS),
+        ));
     }
     if c.virtio.len() > crate::virtio::MAX_DEVICES {
-        return Err(format!(
-            "{} virtio devices; this Ferry supports {}",
-            c.virtio.len(),
-            crate::virtio::MAX_DEVICES
+        return Err((
+            Check::Devices,
+            format!("{} virtio devices; this Ferry supports {}", c.virtio.len(), crate::virtio::MAX_DEVICES),
         ));
     }
     let virtio: Vec<String> = c
@@ -1052,24 +1131,27 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), String> {
     let unknown: Vec<&String> =
         c.devices.iter().filter(|d| !DEVICES.contains(&d.as_str()) && !virtio.contains(d)).collect();
     if !unknown.is_empty() {
-        return Err(format!("this Ferry has no device like {unknown:?}"));
+        return Err((Check::Devices, format!("this Ferry has no device like {unknown:?}")));
     }
     for (i, table) in c.cpuid.iter().enumerate() {
         let entries: Vec<kvm_cpuid_entry2> = table.iter().map(kvm_cpuid_entry2::from).collect();
         let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
         if !missing.is_empty() {
             let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
-            return Err(format!(
-                "this host's CPU lacks features the VM was given: {} (vCPU {i})",
-                names.join(", ")
+            return Err((
+                Check::CpuFeatures,
+                format!("this host's CPU lacks features the VM was given: {} (vCPU {i})", names.join(", ")),
             ));
         }
     }
-    let list = host.kvm.get_msr_index_list().map_err(|e| format!("cannot list this host's MSRs: {e}"))?;
+    let list = host
+        .kvm
+        .get_msr_index_list()
+        .map_err(|e| (Check::Msrs, format!("cannot list this host's MSRs: {e}")))?;
     let missing: Vec<String> =
         c.msrs.iter().filter(|m| !list.as_slice().contains(m)).map(|m| format!("{m:#x}")).collect();
     if !missing.is_empty() {
-        return Err(format!("this host's KVM cannot restore MSRs {}", missing.join(", ")));
+        return Err((Check::Msrs, format!("this host's KVM cannot restore MSRs {}", missing.join(", "))));
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ use ferry_api::events::Events;
 use ferry_api::{EventBody, MigrateRequest, MigrationPhase, MigrationReport, PassReport, Side, VmLocation};
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::convergence::{self, Decision, Limits, PassMeasure};
+use ferry_migration::outcome::{Check, ReasonCode};
 use ferry_migration::protocol::{
     self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
     ChallengeResponse, Commit, Hello, Kind, RestoreResult, PAGE_SIZE, PROTOCOL_VERSION,
@@ -75,6 +76,14 @@ struct Tally {
     downtime_ms: f64,
     verified: bool,
     stop_reason: String,
+}
+
+/// How a migration ended, for its report.
+struct Ended {
+    status: MigrationPhase,
+    location: VmLocation,
+    reason: String,
+    code: ReasonCode,
 }
 
 struct Run<'a> {
@@ -265,13 +274,17 @@ impl Run<'_> {
                 }
                 Ok(())
             }
-            Err(Error::Protocol(wire::Error::PeerAborted(reason))) => {
-                if reason.contains("authentication") {
+            // An Abort in answer to the Config: its code says why; an older destination
+            // sends none, and an Abort here is then a refusal of unknown cause.
+            Err(Error::Protocol(wire::Error::PeerAborted { reason, code })) => match code {
+                ReasonCode::AuthFailed => {
                     Err(Error::Auth(format!("the destination rejected this source's key: {reason}")))
-                } else {
-                    Err(Error::Refused(reason))
                 }
-            }
+                code => Err(Error::Refused {
+                    reason,
+                    code: code.or(ReasonCode::RefusedByDestination(Check::Unknown)),
+                }),
+            },
             Err(e) => Err(e),
         }
     }
@@ -437,9 +450,9 @@ impl Run<'_> {
                     self.last_dirty = Some(dirty);
                     return Ok(());
                 }
-                Decision::GiveUp(reason) => {
-                    tracing::info!("{line}; giving up: {reason}");
-                    return Err(Error::GaveUp(reason));
+                Decision::GiveUp(code, reason) => {
+                    tracing::info!("{line}; giving up: {reason} (code {code})");
+                    return Err(Error::GaveUp(code, reason));
                 }
             }
             self.check_cancel()?;
@@ -520,11 +533,9 @@ impl Run<'_> {
         let wait = self.src.config.restore_wait();
         let result: RestoreResult = self.recv(Kind::RestoreResult, "RestoreResult", wait)?;
         if !result.ok {
-            return Err(if result.reason.starts_with("memory verification failed") {
-                Error::Verify(result.reason)
-            } else {
-                Error::RestoreFailed(result.reason)
-            });
+            // An older destination sends no code: a failed restore, whatever its text says.
+            let code = result.code.or(ReasonCode::RestoreFailed);
+            return Err(Error::RestoreFailed { reason: result.reason, code });
         }
         self.tally.verified = self.src.config.verify;
         tracing::info!("migration {}: destination restored the VM (RESTORE_OK)", self.id());
@@ -557,10 +568,16 @@ impl Run<'_> {
 
     /// Turns the result into the report, rolling back first if needed.
     fn finish(&mut self, result: Result<(), Error>) -> MigrationReport {
-        let (status, location, reason) = match result {
-            Ok(()) => (MigrationPhase::Completed, VmLocation::Destination, self.tally.stop_reason.clone()),
+        let Ended { status, location, reason, code } = match result {
+            Ok(()) => Ended {
+                status: MigrationPhase::Completed,
+                location: VmLocation::Destination,
+                reason: self.tally.stop_reason.clone(),
+                code: ReasonCode::Completed,
+            },
             Err(e) => self.roll_back(e),
         };
+        tracing::info!("migration {}: ended {code} ({status:?}, the VM runs on {location:?})", self.id());
         if status != MigrationPhase::Completed {
             self.enter(status);
         }
@@ -575,6 +592,7 @@ impl Run<'_> {
         update(&self.src.status, |s| {
             s.elapsed_ms = total_ms as u64;
             s.reason = reason.clone();
+            s.reason_code = code;
         });
         let t = &self.tally;
         MigrationReport {
@@ -582,6 +600,7 @@ impl Run<'_> {
             status,
             vm_running_on: location,
             reason,
+            reason_code: code,
             destination: self.src.req.to.clone(),
             memory_bytes: self.src.config.description.memory,
             total_ms,
@@ -598,13 +617,15 @@ impl Run<'_> {
     }
 
     /// After a failure: make the VM run here again unless the destination has it.
-    fn roll_back(&mut self, e: Error) -> (MigrationPhase, VmLocation, String) {
+    fn roll_back(&mut self, e: Error) -> Ended {
         let mut reason = error_chain(&e);
+        let code = e.code();
         let cancelled = matches!(e, Error::Cancelled);
-        tracing::warn!("migration {}: failed in {:?}: {reason}", self.id(), self.phase);
+        let ended = |status, location, reason, code| Ended { status, location, reason, code };
+        tracing::warn!("migration {}: failed in {:?}: {reason} (code {code})", self.id(), self.phase);
         // Tell the destination, unless it is the one that ended it.
         if self.stream.is_some() && !matches!(e, Error::Protocol(_)) {
-            let abort = wire::Abort { reason: reason.clone() };
+            let abort = wire::Abort::new(reason.clone(), code);
             // Best effort, briefly: a stalled peer may not take it.
             let _ = self.stream().set_write_timeout(Some(link::SLICE));
             let _ = write_frame(self.stream(), Kind::Abort, &to_json(&abort));
@@ -627,13 +648,18 @@ impl Run<'_> {
                     );
                     tracing::error!("migration {}: {why}", self.id());
                     self.stop_logging();
-                    return (MigrationPhase::Lost, VmLocation::Nowhere, why);
+                    return ended(
+                        MigrationPhase::Lost,
+                        VmLocation::Nowhere,
+                        why,
+                        ReasonCode::DestinationDied,
+                    );
                 }
                 Some(Reclaimed::DiskHeld(why)) => {
                     let why = format!("{reason}; the source took the VM's lock back but not its disks ({why}): the VM runs nowhere");
                     tracing::error!("migration {}: {why}", self.id());
                     self.stop_logging();
-                    return (MigrationPhase::Lost, VmLocation::Nowhere, why);
+                    return ended(MigrationPhase::Lost, VmLocation::Nowhere, why, ReasonCode::LockConflict);
                 }
                 Some(Reclaimed::Held(held)) => {
                     // The destination holds the lock: it has the VM.
@@ -643,17 +669,19 @@ impl Run<'_> {
                         self.id()
                     );
                     self.stop_logging();
-                    return (
+                    return ended(
                         MigrationPhase::Completed,
                         VmLocation::Destination,
                         format!("{reason}; the destination holds the VM's lock, so it runs there"),
+                        ReasonCode::Completed,
                     );
                 }
                 None => {
-                    return (
+                    return ended(
                         MigrationPhase::Lost,
                         VmLocation::Nowhere,
                         format!("{reason}; the VMM is ending"),
+                        ReasonCode::Lost,
                     );
                 }
             }
@@ -671,7 +699,7 @@ impl Run<'_> {
         }
         tracing::info!("migration {}: the VM runs on the source", self.id());
         let status = if cancelled { MigrationPhase::Cancelled } else { MigrationPhase::Failed };
-        (status, VmLocation::Source, reason)
+        ended(status, VmLocation::Source, reason, code)
     }
 
     fn stop_logging(&mut self) {
@@ -716,7 +744,8 @@ fn hello(
         .map_err(|e| link::typed(e.into()))?;
     let challenge: Challenge = parse_json(got, &payload, Kind::Challenge, "Challenge")?;
     if !key.check(Role::Receiver, &name, &my_nonce, &challenge.proof) {
-        let _ = send(Kind::Abort, to_json(&wire::Abort { reason: "authentication failed".into() }));
+        let abort = wire::Abort::new("authentication failed", ReasonCode::AuthFailed);
+        let _ = send(Kind::Abort, to_json(&abort));
         let which = if k == 0 { String::new() } else { format!(" (stream {k})") };
         return Err(Error::Auth(format!("the destination does not know the migration key{which}")));
     }
