@@ -95,12 +95,20 @@ fn cancel_during_precopy_keeps_the_vm_on_the_source() {
     let pause = run_to_end(&["pause", "--api-socket", s(&sock)], T);
     assert!(String::from_utf8_lossy(&pause.stderr).contains("is in progress"), "{pause:?}");
 
+    // What progress showed before the cancel is at most what the report counts.
+    let shown = info(&sock)["migration"]["bytes_transferred"].as_u64().expect("bytes so far");
+    assert!(shown > 0);
     let c = run_to_end(&["migrate-cancel", "--api-socket", s(&sock)], T);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let (out, r) = finish(child);
     assert!(!out.status.success());
     assert_eq!(r["status"], "cancelled", "{r}");
     assert_eq!(r["reason_code"], "cancelled", "{r}");
+    assert!(
+        r["bytes_transferred"].as_u64().expect("bytes") >= shown,
+        "the report undercounts: {shown} shown, {r}"
+    );
+    assert!(r["pages_sent"].as_u64().expect("pages") > 0, "{r}");
     assert_eq!(r["vm_running_on"], "source");
     assert_eq!(r["migration_id"], i["migration"]["migration_id"]);
     still_runs(&mut src, &sock);

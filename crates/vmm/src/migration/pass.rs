@@ -46,6 +46,21 @@ pub(crate) struct Pass<'a> {
     pub wait_ack: bool,
     /// The stall bound: a stream whose peer acknowledges nothing for this long fails.
     pub stall: Duration,
+    /// What the pass has put on the wire so far (kept when it fails).
+    pub counted: &'a Counted,
+}
+
+/// What a pass has put on the wire so far, all streams together, batch by batch: kept
+/// when the pass fails, so that the report of a failed or cancelled migration counts what
+/// was sent before it ended.
+#[derive(Debug, Default)]
+pub(crate) struct Counted {
+    /// Pages, zero markers included.
+    pub pages: AtomicU64,
+    /// Zero markers.
+    pub zero: AtomicU64,
+    /// Bytes on the wire.
+    pub bytes: AtomicU64,
 }
 
 /// What a pass sent.
@@ -218,8 +233,9 @@ impl Pass<'_> {
                     }
                 }
             }
-            mine.pages += batch.len() as u64;
-            mine.zero += batch.zero_pages();
+            let (batch_pages, batch_zero) = (batch.len() as u64, batch.zero_pages());
+            mine.pages += batch_pages;
+            mine.zero += batch_zero;
             let data_len = batch.data_len();
             let head = batch.finish();
             let n = (head.len() + data_len) as u64;
@@ -227,6 +243,9 @@ impl Pass<'_> {
             out.send(stream, head, &mut blocked).map_err(wire::Error::Io)?;
             batch.clear();
             mine.bytes += n;
+            self.counted.pages.fetch_add(batch_pages, Ordering::Relaxed);
+            self.counted.zero.fetch_add(batch_zero, Ordering::Relaxed);
+            self.counted.bytes.fetch_add(n, Ordering::Relaxed);
             let pages = shared.pages_sent.fetch_add(take.len() as u64, Ordering::Relaxed) + take.len() as u64;
             let bytes = shared.bytes_sent.fetch_add(n, Ordering::Relaxed) + n;
             if self.cap > 0 {

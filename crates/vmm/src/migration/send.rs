@@ -313,6 +313,7 @@ impl Run<'_> {
         let src = self.src;
         let control = self.stream.as_ref().ok_or(Error::Vmm("send pages (not connected)".into()))?;
         let streams: Vec<&TcpStream> = std::iter::once(control).chain(self.extra.iter()).collect();
+        let counted = pass::Counted::default();
         let p = pass::Pass {
             id: &src.id,
             number: pass,
@@ -321,6 +322,7 @@ impl Run<'_> {
             cap: src.req.bandwidth_mib.saturating_mul(1 << 20),
             wait_ack,
             stall: self.stall(),
+            counted: &counted,
         };
         let (started, before) = (self.started, self.tally.bytes);
         let pass_start = Instant::now();
@@ -335,9 +337,21 @@ impl Run<'_> {
                 s.elapsed_ms = started.elapsed().as_millis() as u64;
             });
         };
-        let sent = p.send(&streams, pages, &mut progress)?;
-        self.tally.bytes += sent.bytes;
-        Ok(sent)
+        match p.send(&streams, pages, &mut progress) {
+            Ok(sent) => {
+                self.tally.bytes += sent.bytes;
+                Ok(sent)
+            }
+            Err(e) => {
+                // The pass did not end, but what it sent counts in the report.
+                let (pages, zero) =
+                    (counted.pages.load(Ordering::Relaxed), counted.zero.load(Ordering::Relaxed));
+                self.tally.bytes += counted.bytes.load(Ordering::Relaxed);
+                self.tally.pages_sent += pages - zero;
+                self.tally.zero_pages += zero;
+                Err(e)
+            }
+        }
     }
 
     /// Closes the extra streams once pre-copy is over (the stop-and-copy uses the first).
