@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         ferry_version: "fuzz".into(),
         nonce: auth::hex(&[7u8; NONCE_LEN]),
         stream: data.first().map_or(0, |b| u32::from(b & 3)),
+        ..Default::default()
     };
     let mut conversation = Vec::new();
     if wire::write_frame(&mut conversation, Kind::Hello, &wire::to_json(&hello)).is_ok() {

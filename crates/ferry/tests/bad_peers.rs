@@ -132,6 +132,7 @@ fn hello(id: &str, nonce: &[u8]) -> wire::Hello {
         ferry_version: "test".into(),
         nonce: auth::hex(nonce),
         stream: 0,
+        ..Default::default()
     }
 }
 

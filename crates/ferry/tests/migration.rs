@@ -53,6 +53,12 @@ fn there_and_back_with_verification_and_the_guest_never_notices() {
     let src_log = src.stderr();
     assert!(src_log.contains(&format!("migration {id}: pre-copy pass 1: sent 65536 pages (")), "{src_log}");
     assert!(src_log.contains("pages dirtied meanwhile; last pass: "), "{src_log}");
+    assert!(
+        src_log.contains(&format!(
+            "migration {id}: features agreed with the destination: [\"generation\", \"reason_codes\", \"stall_bound\"]"
+        )),
+        "{src_log}"
+    );
     let dst_log = dst.stderr();
     assert!(dst_log.contains(&format!("migration {id}: restored (RESTORE_OK)")), "{dst_log}");
     assert!(dst_log.contains(&format!("migration {id}: memory verified")), "{dst_log}");
@@ -386,6 +392,7 @@ fn stream_proxy(to: u16, mode: ExtraStreams) -> u16 {
                         ferry_version: "test".into(),
                         nonce: auth::hex(&[7u8; auth::NONCE_LEN]),
                         stream: 1,
+                        ..Default::default()
                     };
                     let _ = wire::write_frame(&mut other, Kind::Hello, &wire::to_json(&hello));
                     std::thread::sleep(Duration::from_millis(200));

@@ -127,5 +127,10 @@ fn previous_release_to_this_one_and_back() {
     let (mut c, to_c) = receive(&old, &dir, &key, &c_sock);
     migrate(&new, &dir, &b_sock, &to_c, &key);
     goes_on(&mut b, &mut c);
+    // The previous release accepts none of this build's optional features: the source says
+    // that such a destination cannot refuse a stale copy.
+    let b_log = b.stderr();
+    assert!(b_log.contains("features agreed with the destination: []"), "{b_log}");
+    assert!(b_log.contains("does not check the VM's generation"), "{b_log}");
     assert!(c.signal_and_wait(libc::SIGTERM, T).success());
 }

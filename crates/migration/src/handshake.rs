@@ -18,8 +18,8 @@ use std::io::{Read, Write};
 use crate::auth::{self, Key, Role, NONCE_LEN};
 use crate::outcome::ReasonCode;
 use crate::protocol::{
-    self, parse_json, read_handshake_frame, stream_id, to_json, write_frame, Challenge, ChallengeResponse,
-    Hello, Kind, PROTOCOL_VERSION,
+    self, accept_features, parse_json, read_handshake_frame, stream_id, to_json, write_frame, Challenge,
+    ChallengeResponse, Hello, Kind, StreamRole, PROTOCOL_VERSION,
 };
 
 /// Why a handshake failed.
@@ -40,6 +40,9 @@ pub enum Error {
     /// The source's proof is wrong: it does not know the key.
     #[error("authentication failed: the source does not know the migration key")]
     BadProof,
+    /// The connection wants to carry something this Ferry does not know.
+    #[error("the connection names a stream role this Ferry does not know (a newer source?)")]
+    Role,
 }
 
 impl Error {
@@ -50,6 +53,7 @@ impl Error {
             Error::BadId => ReasonCode::ProtocolError,
             Error::Version(..) => ReasonCode::VersionMismatch,
             Error::BadNonce | Error::BadProof => ReasonCode::AuthFailed,
+            Error::Role => ReasonCode::ProtocolError,
         }
     }
 }
@@ -76,6 +80,9 @@ pub fn check_hello(hello: &Hello) -> Result<(), Error> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(Error::Version(hello.protocol_version, PROTOCOL_VERSION));
     }
+    if hello.role != StreamRole::Pages {
+        return Err(Error::Role);
+    }
     match auth::unhex(&hello.nonce) {
         Some(n) if n.len() == NONCE_LEN => Ok(()),
         _ => Err(Error::BadNonce),
@@ -95,7 +102,11 @@ pub fn challenge<S: Read + Write>(
 ) -> Result<(), Error> {
     let name = stream_id(&hello.migration_id, hello.stream);
     let their_nonce = auth::unhex(&hello.nonce).filter(|n| n.len() == NONCE_LEN).ok_or(Error::BadNonce)?;
-    let c = Challenge { nonce: auth::hex(my_nonce), proof: key.prove(Role::Receiver, &name, &their_nonce) };
+    let c = Challenge {
+        nonce: auth::hex(my_nonce),
+        proof: key.prove(Role::Receiver, &name, &their_nonce),
+        features: accept_features(&hello.features),
+    };
     write_frame(s, Kind::Challenge, &to_json(&c))?;
     let got = read_handshake_frame(s, payload)?;
     let response: ChallengeResponse = parse_json(got, payload, Kind::ChallengeResponse, "ChallengeResponse")?;
@@ -143,6 +154,7 @@ mod tests {
             ferry_version: "test".into(),
             nonce: auth::hex(&[7u8; NONCE_LEN]),
             stream,
+            ..Default::default()
         }
     }
 
@@ -150,6 +162,26 @@ mod tests {
         let mut v = Vec::new();
         write_frame(&mut v, kind, payload).expect("frame");
         v
+    }
+
+    #[test]
+    fn an_unknown_role_is_refused_and_features_are_answered() {
+        let mut h = hello("m-1", 0);
+        h.role = StreamRole::Unknown;
+        assert!(matches!(check_hello(&h), Err(Error::Role)));
+        assert_eq!(Error::Role.code(), ReasonCode::ProtocolError);
+        // The Challenge carries the features the receiver accepts.
+        let key = Key::from_bytes(vec![9; 32]).expect("key");
+        let mut h = hello("m-1", 0);
+        h.features = vec!["generation".into(), "teleport".into()];
+        let mut p = MemoryPeer { input: &[], output: Vec::new() };
+        let mut payload = Vec::new();
+        // No ChallengeResponse follows: the Challenge is written, then the read fails.
+        assert!(challenge(&mut p, &key, &h, &[1; NONCE_LEN], &mut payload).is_err());
+        let mut out = &p.output[..];
+        let frame = protocol::read_frame(&mut out).expect("the Challenge");
+        let c: Challenge = frame.json(Kind::Challenge, "Challenge").expect("JSON");
+        assert_eq!(c.features, vec!["generation".to_string()]);
     }
 
     #[test]

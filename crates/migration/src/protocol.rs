@@ -269,7 +269,7 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(
 }
 
 /// `Hello`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {
     /// The sender's protocol version.
     pub protocol_version: u32,
@@ -284,6 +284,41 @@ pub struct Hello {
     /// pages), 1.. for the extra page streams that join after `Accept`.
     #[serde(default)]
     pub stream: u32,
+    /// What this connection carries (absent from the previous release: pages).
+    #[serde(default)]
+    pub role: StreamRole,
+    /// Optional features the sender can use ([`FEATURES`]); the receiver answers with
+    /// those it accepts in its [`Challenge`]. A new kind of encoding or stream is a feature
+    /// negotiated here, not a new protocol version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// What a migration connection carries. The role is named in every Hello, so that new
+/// kinds of streams (disk blocks, post-copy page requests) join a migration as a
+/// negotiated role, not a new protocol.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamRole {
+    /// Guest memory pages (and, on stream 0, the control messages and the state).
+    #[default]
+    Pages,
+    /// A role this Ferry does not know (a newer peer's): refused.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The optional features this Ferry offers and accepts in a Hello:
+/// - `generation`: the destination runs the State only while it is the VM's newest
+///   generation (docs/migration.md, "The arbiter"); a source warns when the destination
+///   does not accept it (an older Ferry that cannot refuse a stale copy);
+/// - `reason_codes`: Abort and RestoreResult carry a reason code;
+/// - `stall_bound`: the destination bounds its waits by the source's stall bound.
+pub const FEATURES: &[&str] = &["generation", "reason_codes", "stall_bound"];
+
+/// The features of `offered` that this Ferry also has, in [`FEATURES`]' order.
+pub fn accept_features(offered: &[String]) -> Vec<String> {
+    FEATURES.iter().filter(|f| offered.iter().any(|o| o == *f)).map(|f| f.to_string()).collect()
 }
 
 /// The identity an extra stream proves the key over: the migration id and the stream
@@ -304,6 +339,10 @@ pub struct Challenge {
     pub nonce: String,
     /// Hex HMAC proving the receiver knows the key.
     pub proof: String,
+    /// The features of the Hello that the receiver accepts (absent from the previous
+    /// release: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// `ChallengeResponse`: the sender's proof over the receiver's nonce.
@@ -815,6 +854,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn roles_and_features_are_negotiated_and_the_previous_release_still_parses() {
+        // The previous release's Hello and Challenge: no role, no features.
+        let old: Hello = serde_json::from_str(
+            r#"{"protocol_version":2,"migration_id":"m-1","ferry_version":"0.1.0","nonce":"00","stream":0}"#,
+        )
+        .expect("old Hello");
+        assert_eq!((old.role, old.features.len()), (StreamRole::Pages, 0));
+        let old: Challenge = serde_json::from_str(r#"{"nonce":"00","proof":"11"}"#).expect("old Challenge");
+        assert!(old.features.is_empty());
+        // A newer peer's role is refused by name, not misread.
+        let newer: Hello = serde_json::from_str(
+            r#"{"protocol_version":2,"migration_id":"m-1","ferry_version":"9","nonce":"00","role":"disk_blocks"}"#,
+        )
+        .expect("newer Hello");
+        assert_eq!(newer.role, StreamRole::Unknown);
+        // The receiver accepts what it knows of what is offered, in its own order.
+        let offered = vec!["zstd".to_string(), "stall_bound".to_string(), "generation".to_string()];
+        assert_eq!(accept_features(&offered), vec!["generation".to_string(), "stall_bound".to_string()]);
+        assert!(accept_features(&[]).is_empty());
+        // This build's Hello offers everything it has, and an empty list is not sent at all.
+        let h = Hello { features: FEATURES.iter().map(|f| f.to_string()).collect(), ..Default::default() };
+        assert!(String::from_utf8(to_json(&h)).expect("utf8").contains("\"generation\""));
+        assert!(!String::from_utf8(to_json(&Hello::default())).expect("utf8").contains("features"));
+    }
+
+    #[test]
     fn frames_round_trip() {
         let mut buf = Vec::new();
         let hello = Hello {
@@ -823,6 +888,7 @@ mod tests {
             ferry_version: "0.1.0".into(),
             nonce: "00".into(),
             stream: 0,
+            ..Default::default()
         };
         write_frame(&mut buf, Kind::Hello, &to_json(&hello)).expect("write");
         write_frame(&mut buf, Kind::PassEnd, b"{}").expect("write");

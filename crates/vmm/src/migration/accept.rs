@@ -535,6 +535,7 @@ mod tests {
             ferry_version: "test".into(),
             nonce: auth::hex(&[1u8; auth::NONCE_LEN]),
             stream,
+            ..Default::default()
         }
     }
 

@@ -744,6 +744,8 @@ fn hello(
         ferry_version: env!("CARGO_PKG_VERSION").into(),
         nonce: auth::hex(&my_nonce),
         stream: k,
+        role: wire::StreamRole::Pages,
+        features: wire::FEATURES.iter().map(|f| f.to_string()).collect(),
     };
     let mut written = 0u64;
     let mut send = |kind: Kind, payload: Vec<u8>| -> Result<(), Error> {
@@ -767,6 +769,15 @@ fn hello(
         .ok_or_else(|| Error::Auth("the destination sent a bad nonce".into()))?;
     let proof = key.prove(Role::Sender, &name, &their_nonce);
     send(Kind::ChallengeResponse, to_json(&ChallengeResponse { proof }))?;
+    if k == 0 {
+        tracing::info!("migration {id}: features agreed with the destination: {:?}", challenge.features);
+        if !challenge.features.iter().any(|f| f == "generation") {
+            tracing::warn!(
+                "migration {id}: the destination does not check the VM's generation (an older Ferry): it cannot \
+                 refuse a stale copy of the VM after a lost commit; upgrade it"
+            );
+        }
+    }
     Ok(written)
 }
 
