@@ -14,7 +14,9 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::mig::{finish, free_port, migrate_bg, s, slow_source_with, source, still_runs, write_key, SLOW, T};
+use common::mig::{
+    finish, free_port, migrate_bg, s, slow_source_with, source, still_runs, write_key, SLOW, T,
+};
 use common::{ferry, require_kvm, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -188,7 +190,7 @@ fn listen_fd_and_auth_key_fd_from_a_parent() {
     let dsock = dir.path("dst.sock");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (mut rd, mut wr) = pipe();
+    let (rd, mut wr) = pipe();
     wr.write_all(&[0x77; 32]).expect("write key");
     drop(wr);
     let (lfd, kfd) = (listener.as_raw_fd(), rd.as_raw_fd());
@@ -260,8 +262,12 @@ fn bad_input_is_refused() {
 
     // A key of the wrong length, too short and too long, and not hex.
     for k in [hex(&[1; 15]), hex(&[1; 4097]), "zz".repeat(16)] {
-        let (status, e) =
-            http(&dsock, "PUT", "/vm/receive", Some(&json!({"listen": "tcp:127.0.0.1:0", "auth_key_hex": k})));
+        let (status, e) = http(
+            &dsock,
+            "PUT",
+            "/vm/receive",
+            Some(&json!({"listen": "tcp:127.0.0.1:0", "auth_key_hex": k})),
+        );
         assert_eq!(status, 400, "{e}");
     }
     // Neither or both listen sources; a bad address.

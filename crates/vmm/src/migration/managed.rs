@@ -84,7 +84,8 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `v` and `len` are valid for writes of an int and its length.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -259,7 +260,7 @@ impl Status {
     /// Counts pages placed: `data` of them carried data.
     pub fn placed(&self, pages: u64, data: u64) {
         self.pages.fetch_add(pages, Ordering::Relaxed);
-        self.bytes.fetch_add(data * ferry_arch::layout::PAGE_SIZE as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(data * ferry_arch::layout::PAGE_SIZE, Ordering::Relaxed);
     }
 
     /// Cancels the migration in progress, before its commit.

@@ -36,8 +36,8 @@ use ferry_migration::protocol::{
 use kvm_bindings::kvm_cpuid_entry2;
 
 use super::accept::{Acceptor, Authenticated, Desk};
-use super::place::Placer;
 use super::managed;
+use super::place::Placer;
 use super::{
     error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
     DEVICES,
@@ -123,7 +123,8 @@ impl Vmm {
     /// ends the wait (and aborts a migration before its commit), then stops the VM.
     pub fn receive(config: ReceiveConfig, stop: StopSource) -> Result<Vmm, crate::Error> {
         let mig = |e: Error| crate::Error::Migration(Box::new(e));
-        let setup = |e: managed::Error| mig(Error::Vmm(format!("set up the receiving side: {}", error_chain(&e))));
+        let setup =
+            |e: managed::Error| mig(Error::Vmm(format!("set up the receiving side: {}", error_chain(&e))));
         // Fail early on a host that cannot run VMs at all.
         drop(open_host()?);
         let given = match &config.listen {
@@ -151,9 +152,8 @@ impl Vmm {
             }
         };
         let status = Arc::new(
-            managed::Status::new(given.as_ref().map(|(l, _)| managed::local_name(l))).map_err(|e| {
-                mig(Error::Vmm(format!("create an eventfd: {e}")))
-            })?,
+            managed::Status::new(given.as_ref().map(|(l, _)| managed::local_name(l)))
+                .map_err(|e| mig(Error::Vmm(format!("create an eventfd: {e}"))))?,
         );
         // Every incoming migration's phases and passes, handed to the VM that arrives so
         // that its `GET /vm/events` shows them.
