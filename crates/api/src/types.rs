@@ -33,9 +33,10 @@ pub enum ReceivePhase {
     Checking,
     /// Memory pages are arriving.
     ReceivingMemory,
-    /// The state arrived; devices and vCPUs are restored; waiting for the commit.
+    /// The state arrived: checking it, restoring devices and vCPUs.
     Restoring,
-    /// Committed: taking the VM's lock; the vCPUs start next (cancelling is too late).
+    /// Restored (RESTORE_OK sent): the source commits, this side takes the VM's lock and
+    /// the vCPUs start next. Cancelling is too late: the source may have committed.
     Activating,
 }
 

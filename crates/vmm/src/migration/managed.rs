@@ -268,7 +268,7 @@ impl Status {
         let i = self.lock();
         match (i.phase, &i.id) {
             (ReceivePhase::Activating, Some(id)) => Err(ApiError::conflict(format!(
-                "migration {id} has committed: the VM is being activated here and can no longer be cancelled"
+                "migration {id} is past its last cancellable moment (restored here, the source may have committed): the VM is being activated here"
             ))),
             (_, Some(id)) => {
                 self.cancelled.store(true, Ordering::SeqCst);

@@ -662,6 +662,11 @@ impl Receiver {
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
         };
         self.enter(Phase::Restored);
+        // The last moment a cancel through the API can win: once RESTORE_OK is out the
+        // source may commit, and then only the lock decides. From here a cancel is refused.
+        if !self.status.enter(ferry_api::ReceivePhase::Activating) {
+            return self.refuse_restore(Error::Cancelled);
+        }
         if orphaned.is_none() {
             match self.send(
                 Kind::RestoreResult,
@@ -910,10 +915,6 @@ impl Receiver {
         orphaned: Option<String>,
         stall: Duration,
     ) -> Result<Vmm, Error> {
-        // Past this point a cancel is refused; one that came first wins.
-        if !self.status.enter(ferry_api::ReceivePhase::Activating) {
-            return Err(Error::Cancelled);
-        }
         self.enter(Phase::Activating);
         let id = self.id().to_string();
         let note = id.clone();
