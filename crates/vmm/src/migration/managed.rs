@@ -354,3 +354,85 @@ impl Handler for Receiving {
         Some(self.events.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_listening_tcp_socket_is_taken() {
+        let file = std::fs::File::open("/proc/self/status").expect("file");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let unix = std::os::unix::net::UnixListener::bind(
+            std::env::temp_dir().join(format!("ferry-managed-{}.sock", std::process::id())),
+        )
+        .expect("unix");
+        let tcp = socket2_free_connected();
+        for fd in [file.as_raw_fd(), udp.as_raw_fd(), unix.as_raw_fd(), tcp.as_raw_fd(), -1, 100_000] {
+            assert!(matches!(listener_from_fd(fd), Err(Error::NotListening { .. })), "fd {fd}");
+        }
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("ferry-managed-{}.sock", std::process::id())),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = l.as_raw_fd();
+        std::mem::forget(l);
+        let taken = listener_from_fd(fd).expect("a listening socket is taken");
+        assert!(local_name(&taken).starts_with("tcp:127.0.0.1:"));
+    }
+
+    /// A connected (not listening) TCP socket.
+    fn socket2_free_connected() -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        TcpStream::connect(l.local_addr().expect("addr")).expect("connect")
+    }
+
+    #[test]
+    fn receive_requests_need_one_of_each_and_a_key_of_the_right_length() {
+        let req = |listen: Option<&str>, fd: Option<i32>, hex: Option<String>| ReceiveRequest {
+            listen: listen.map(Into::into),
+            listen_fd: fd,
+            auth_key_hex: hex,
+            auth_key_file: None,
+        };
+        let good = Some("ab".repeat(16));
+        assert!(matches!(setup(&req(None, None, good.clone())), Err(Error::Request(_))));
+        assert!(matches!(
+            setup(&req(Some("tcp:127.0.0.1:0"), Some(3), good.clone())),
+            Err(Error::Request(_))
+        ));
+        assert!(matches!(setup(&req(Some("tcp:127.0.0.1:0"), None, None)), Err(Error::Request(_))));
+        assert!(matches!(
+            setup(&req(Some("tcp:127.0.0.1:0"), None, Some("ab".repeat(15)))),
+            Err(Error::KeyLength(15))
+        ));
+        assert!(matches!(
+            setup(&req(Some("tcp:127.0.0.1:0"), None, Some("xyz".into()))),
+            Err(Error::KeyNotHex)
+        ));
+        assert!(matches!(setup(&req(Some("127.0.0.1:0"), None, good.clone())), Err(Error::Address(_))));
+        let (l, _) = setup(&req(Some("tcp:127.0.0.1:0"), None, good)).expect("good request");
+        assert_ne!(l.local_addr().expect("addr").port(), 0);
+    }
+
+    #[test]
+    fn a_second_configuration_and_a_cancel_with_nothing_in_progress_are_refused() {
+        let status = Status::new(None).expect("status");
+        let req = ReceiveRequest {
+            listen: Some("tcp:127.0.0.1:0".into()),
+            auth_key_hex: Some("cd".repeat(32)),
+            ..Default::default()
+        };
+        assert_eq!(status.cancel().expect_err("nothing to cancel").status, 409);
+        let started = status.configure(&req).expect("first");
+        assert!(started.listen.starts_with("tcp:127.0.0.1:"));
+        assert_eq!(status.configure(&req).expect_err("second").status, 409);
+        assert!(status.take_configured().is_some());
+        status.begin("m-1", None);
+        assert!(status.enter(ReceivePhase::ReceivingMemory));
+        assert!(status.cancel().is_ok());
+        assert!(!status.enter(ReceivePhase::Activating), "a cancel that came first wins");
+        assert!(status.end());
+        assert_eq!(status.info().receiving.expect("receiving").phase, ReceivePhase::Waiting);
+    }
+}
