@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::types::{
-    ApiError, Event, MigrationInfo, MigrationStarted, Request, Response, SnapshotReport, VmInfo,
+    ApiError, Event, MigrationInfo, MigrationStarted, ReceiveStarted, Request, Response, SnapshotReport,
+    VmInfo,
 };
 
 /// The largest response accepted.
@@ -93,6 +94,9 @@ pub fn send(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         }
         Request::MigrationStatus => {
             Response::MigrationStatus(Box::new(serde_json::from_slice::<MigrationInfo>(body).map_err(bad)?))
+        }
+        Request::Receive(_) => {
+            Response::ReceiveStarted(serde_json::from_slice::<ReceiveStarted>(body).map_err(bad)?)
         }
         Request::Pause | Request::Resume | Request::MigrateCancel => Response::Done,
     })

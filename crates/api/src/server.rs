@@ -17,7 +17,9 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 
 use crate::events::{Batch, Events};
-use crate::types::{ApiError, MigrateRequest, Request, Response, SnapshotRequest, VersionInfo};
+use crate::types::{
+    ApiError, MigrateRequest, ReceiveRequest, Request, Response, SnapshotRequest, VersionInfo,
+};
 
 /// The VMM side of the API.
 pub trait Handler: Send + Sync + 'static {
@@ -27,6 +29,45 @@ pub trait Handler: Send + Sync + 'static {
     /// The VMM's event ring, for `GET /vm/events` (`None`: the endpoint answers 404).
     fn events(&self) -> Option<Arc<Events>> {
         None
+    }
+}
+
+/// A handler that passes every request to a target that can be replaced while the server
+/// runs: a receiving VMM serves its socket from its first moment with one handler, then
+/// hands the same socket to the VM that arrived, with no moment where connections fail.
+pub struct Delegate {
+    target: std::sync::RwLock<Arc<dyn Handler>>,
+}
+
+impl Delegate {
+    /// Delegates to `target` until [`Delegate::set`].
+    pub fn new(target: Arc<dyn Handler>) -> Self {
+        Self { target: std::sync::RwLock::new(target) }
+    }
+
+    /// From now on, requests go to `target` (those in flight finish with the old one).
+    pub fn set(&self, target: Arc<dyn Handler>) {
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    fn current(&self) -> Arc<dyn Handler> {
+        self.target.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl std::fmt::Debug for Delegate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delegate").finish_non_exhaustive()
+    }
+}
+
+impl Handler for Delegate {
+    fn handle(&self, request: Request) -> Result<Response, ApiError> {
+        self.current().handle(request)
+    }
+
+    fn events(&self) -> Option<Arc<Events>> {
+        self.current().events()
     }
 }
 
@@ -136,6 +177,7 @@ pub fn router(handler: Arc<dyn Handler>) -> Router {
         .route("/vm/snapshot", put(snapshot))
         .route("/vm/migrate", put(migrate))
         .route("/vm/migrate/cancel", put(migrate_cancel))
+        .route("/vm/receive", put(receive))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(handler)
@@ -158,6 +200,7 @@ async fn call(handler: Arc<dyn Handler>, request: Request) -> HttpResponse {
         Ok(Ok(Response::Snapshot(report))) => Json(report).into_response(),
         Ok(Ok(Response::MigrationStarted(started))) => (StatusCode::ACCEPTED, Json(started)).into_response(),
         Ok(Ok(Response::MigrationStatus(info))) => Json(info).into_response(),
+        Ok(Ok(Response::ReceiveStarted(started))) => (StatusCode::ACCEPTED, Json(started)).into_response(),
         Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error_response(e),
         Err(e) => error_response(ApiError::internal(format!("the request handler failed: {e}"))),
@@ -284,6 +327,16 @@ async fn migrate(
     }
 }
 
+async fn receive(
+    State(h): State<Arc<dyn Handler>>,
+    body: Result<Json<ReceiveRequest>, JsonRejection>,
+) -> HttpResponse {
+    match body {
+        Ok(Json(req)) => call(h, Request::Receive(req)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("bad receive request: {}", e.body_text()))),
+    }
+}
+
 async fn migrate_cancel(State(h): State<Arc<dyn Handler>>, body: Bytes) -> HttpResponse {
     if let Err(e) = no_body(&body) {
         return error_response(e);
@@ -303,7 +356,7 @@ async fn method_not_allowed() -> HttpResponse {
 async fn not_found() -> HttpResponse {
     error_response(ApiError {
         status: 404,
-        message: "no such endpoint; see docs/api.md (GET /version, /vm, /vm/migration, /vm/events; PUT /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/migrate/cancel)"
+        message: "no such endpoint; see docs/api.md (GET /version, /vm, /vm/migration, /vm/events; PUT /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/migrate/cancel, /vm/receive)"
             .into(),
     })
 }

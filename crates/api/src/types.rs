@@ -14,6 +14,76 @@ pub enum RunState {
     Running,
     /// vCPUs are stopped; the VM can be resumed.
     Paused,
+    /// A `ferry receive` waiting for, or in the middle of, an incoming migration: no VM
+    /// runs here yet ([`VmInfo::receiving`] says how far it is).
+    Receiving,
+}
+
+/// Where a receiving VMM is in an incoming migration (`GET /vm` while `receiving`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceivePhase {
+    /// Started empty: waiting for `PUT /vm/receive` to say where to listen and the key.
+    Unconfigured,
+    /// Listening; no migration in progress.
+    Waiting,
+    /// A connection proved the key; the handshake goes on.
+    Authenticating,
+    /// The source's Config arrived: checking this host can run the VM, reserving it.
+    Checking,
+    /// Memory pages are arriving.
+    ReceivingMemory,
+    /// The state arrived: checking it, restoring devices and vCPUs.
+    Restoring,
+    /// Restored (RESTORE_OK sent): the source commits, this side takes the VM's lock and
+    /// the vCPUs start next. Cancelling is too late: the source may have committed.
+    Activating,
+}
+
+/// `GET /vm` on a receiving VMM: the incoming migration so far.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReceivingInfo {
+    /// Where the incoming migration is.
+    pub phase: ReceivePhase,
+    /// The address this VMM listens on (`tcp:HOST:PORT`), once it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// The migration in progress, once its first stream proved the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+    /// Pages placed so far by the migration in progress (data and zero pages).
+    #[serde(default)]
+    pub pages: u64,
+    /// Bytes of page data received so far by the migration in progress.
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// `PUT /vm/receive`: on a `ferry receive` started with `--api-socket` alone, listen for
+/// one incoming migration. Exactly one of `listen` and `listen_fd`, and exactly one of
+/// `auth_key_hex` and `auth_key_file`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveRequest {
+    /// `tcp:HOST:PORT` to bind and listen on (port 0: any free port; the answer names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// A listening TCP socket this VMM process already holds (inherited from its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_fd: Option<i32>,
+    /// The key shared with the source, hex-encoded (16 to 4096 bytes once decoded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key_hex: Option<String>,
+    /// A file holding the key shared with the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key_file: Option<PathBuf>,
+}
+
+/// The answer to `PUT /vm/receive` (202): where this VMM listens.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReceiveStarted {
+    /// `tcp:HOST:PORT` actually bound.
+    pub listen: String,
 }
 
 /// `GET /vm`: what the VM is.
@@ -43,6 +113,9 @@ pub struct VmInfo {
     /// The virtio devices, in window order.
     #[serde(default)]
     pub devices: Vec<DeviceInfo>,
+    /// While `state` is `receiving`: the incoming migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiving: Option<ReceivingInfo>,
 }
 
 /// One virtio device in [`VmInfo`].
@@ -469,6 +542,8 @@ pub enum Request {
     MigrationStatus,
     /// `PUT /vm/migrate/cancel`.
     MigrateCancel,
+    /// `PUT /vm/receive`: answers (202) once listening.
+    Receive(ReceiveRequest),
 }
 
 impl Request {
@@ -490,6 +565,7 @@ impl Request {
             Request::Migrate(_) => "/vm/migrate",
             Request::MigrateCancel => "/vm/migrate/cancel",
             Request::MigrationStatus => "/vm/migration",
+            Request::Receive(_) => "/vm/receive",
         }
     }
 
@@ -498,6 +574,7 @@ impl Request {
         match self {
             Request::Snapshot(s) => serde_json::to_vec(s).ok(),
             Request::Migrate(m) => serde_json::to_vec(m).ok(),
+            Request::Receive(r) => serde_json::to_vec(r).ok(),
             _ => None,
         }
     }
@@ -518,6 +595,8 @@ pub enum Response {
     MigrationStarted(MigrationStarted),
     /// The migration in progress or the last one.
     MigrationStatus(Box<MigrationInfo>),
+    /// A receiving VMM listens (202).
+    ReceiveStarted(ReceiveStarted),
 }
 
 /// A refused or failed request: HTTP status and a sentence saying why.

@@ -99,10 +99,20 @@ SIGINT stop waiting (exit 0), aborting a migration in progress before its commit
 VM runs, this process behaves like `ferry run`: SIGTERM stops the VM, --api-socket serves
 the API (and the VM can migrate on from here).
 
+With --api-socket the API is served from the start: GET /vm shows state `receiving` and
+the phase (waiting, authenticating, checking, receiving_memory with pages and bytes so far,
+restoring, activating), PUT /vm/migrate/cancel cancels the incoming migration before its
+commit (the source keeps the VM; this side waits for another), and once the VM runs the
+same socket serves its API. A program can start `ferry receive --api-socket S` alone and
+then say where to listen and the key with PUT /vm/receive (see docs/api.md), or hand over
+a listening socket (--listen-fd) and the key through a pipe (--auth-key-fd).
+
 Examples:
   ferry receive --listen tcp:0.0.0.0:7000 --auth-key-file /etc/ferry/migration.key
   ferry receive --listen tcp:127.0.0.1:7001 --auth-key-file key --api-socket vm-b.sock \\
-      --serial file:console-b.log";
+      --serial file:console-b.log
+  ferry receive --api-socket vm-b.sock     # then: PUT /vm/receive
+  ferry receive --listen-fd 3 --auth-key-fd 4 --api-socket vm-b.sock";
 
 const MIGRATE_ABOUT: &str = "\
 Live-migrate the VM behind --api-socket to a `ferry receive` listening at --to, while the guest
@@ -142,21 +152,37 @@ lock over) can no longer be cancelled; the command then fails and says so.";
 
 /// Arguments of `ferry receive`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("listen_src").args(["listen", "listen_fd"]).multiple(false)))]
+#[command(group(clap::ArgGroup::new("key_src").args(["auth_key_file", "auth_key_fd"]).multiple(false)))]
 pub struct ReceiveArgs {
-    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:7000).
-    #[arg(long, value_name = "tcp:HOST:PORT")]
-    pub listen: String,
+    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:7000). Without --listen or
+    /// --listen-fd, --api-socket is required and `PUT /vm/receive` says where.
+    #[arg(long, value_name = "tcp:HOST:PORT", requires = "key_src",
+          required_unless_present_any = ["listen_fd", "api_socket"])]
+    pub listen: Option<String>,
+
+    /// Listen on this inherited descriptor: a bound, listening TCP socket (a daemon binds it
+    /// and hands it over; it is checked with SO_ACCEPTCONN before use).
+    #[arg(long, value_name = "FD", requires = "key_src")]
+    pub listen_fd: Option<i32>,
 
     /// File holding the key shared with the source (16 to 4096 bytes; make one with
     /// `head -c 32 /dev/urandom > FILE`).
-    #[arg(long, value_name = "FILE")]
-    pub auth_key_file: PathBuf,
+    #[arg(long, value_name = "FILE", requires = "listen_src")]
+    pub auth_key_file: Option<PathBuf>,
+
+    /// Read the key shared with the source from this inherited descriptor (a pipe) to its
+    /// end; nothing is written to disk.
+    #[arg(long, value_name = "FD", requires = "listen_src")]
+    pub auth_key_fd: Option<i32>,
 
     /// Where the VM's serial console goes once it runs here: stdio, file:PATH or null.
     #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialConfig,
 
-    /// Serve the VM's API on this unix socket once it runs here.
+    /// Serve the API on this unix socket from the start: `GET /vm` shows `receiving` and
+    /// its phase, `PUT /vm/migrate/cancel` cancels the incoming migration before its
+    /// commit, and once the VM runs the same socket serves the VM's API.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 

@@ -22,6 +22,17 @@ pub fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     } else {
         let state = serde_json::to_value(info.state)?;
         println!("state:    {}", state.as_str().unwrap_or("?"));
+        if let Some(r) = &info.receiving {
+            let phase = serde_json::to_value(r.phase)?;
+            println!("phase:    {}", phase.as_str().unwrap_or("?"));
+            if let Some(l) = &r.listen {
+                println!("listen:   {l}");
+            }
+            if let Some(id) = &r.migration_id {
+                println!("incoming: {id}, {} pages, {:.1} MiB", r.pages, r.bytes as f64 / (1 << 20) as f64);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("kernel:   {}", info.kernel);
         println!("memory:   {} MiB", info.memory_bytes >> 20);
         println!("vcpus:    {}", info.vcpus);

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use ferry_vmm::migration::{Error as MigrationError, Faults, ReceiveConfig};
+use ferry_vmm::migration::{AuthKey, Error as MigrationError, Faults, Listen, ReceiveConfig};
 use ferry_vmm::{KernelSource, RestoreConfig, RunOutcome, StopSource, VmConfig, Vmm};
 
 use crate::cli::{GuestsArgs, ReceiveArgs, RestoreArgs, RunArgs};
@@ -76,9 +76,24 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
 
 pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
     let stop = block_stop_signals()?;
+    let listen = match (&args.listen, args.listen_fd) {
+        (Some(a), _) => Listen::Address(a.clone()),
+        (None, Some(fd)) => Listen::Fd(fd),
+        (None, None) => Listen::Api,
+    };
+    let auth_key = match (args.auth_key_file, args.auth_key_fd) {
+        (Some(f), _) => AuthKey::File(f),
+        (None, Some(fd)) => AuthKey::Fd(fd),
+        (None, None) => AuthKey::Api,
+    };
+    let place = match &listen {
+        Listen::Address(a) => a.clone(),
+        Listen::Fd(fd) => format!("descriptor {fd}"),
+        Listen::Api => "the address PUT /vm/receive names".into(),
+    };
     let config = ReceiveConfig {
-        listen: args.listen.clone(),
-        auth_key_file: args.auth_key_file,
+        listen,
+        auth_key,
         serial: args.serial,
         api_socket: args.api_socket,
         home: args.home,
@@ -93,7 +108,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         Err(ferry_vmm::Error::Migration(e)) if matches!(*e, MigrationError::Interrupted(_)) => {
             return Ok(ExitCode::SUCCESS)
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {}", args.listen))),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {place}"))),
     };
     crate::logfile::open(vmm.home());
     finish(vmm.run()?)

@@ -275,6 +275,9 @@ pub struct Vmm {
     /// Migration events for `GET /vm/events` (both sides; a destination's come from
     /// [`Vmm::receive`]).
     events: std::sync::Arc<ferry_api::events::Events>,
+    /// On a migration destination with an API socket: the server that has served it since
+    /// `ferry receive` started, and the handler to point at this VM ([`Vmm::run`]).
+    api_server: Option<(ferry_api::server::ServerHandle, std::sync::Arc<ferry_api::server::Delegate>)>,
 }
 
 /// A home locked for a VM being built. If the build fails, a home this VMM made (the
@@ -550,6 +553,7 @@ impl Vmm {
             run_recorded: false,
             migrated_in: None,
             events: Default::default(),
+            api_server: None,
         })
     }
 

@@ -506,6 +506,7 @@ impl Vmm {
             run_recorded: false,
             migrated_in: None,
             events: Default::default(),
+            api_server: None,
         })
     }
 }

@@ -135,7 +135,15 @@ impl Vmm {
         if let Some(path) = self.api_socket.clone() {
             let (bridge, ib) = api::channel(self.events.clone()).map_err(Error::EventLoop)?;
             add(ib.wake.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
-            match ferry_api::server::spawn(&path, std::sync::Arc::new(bridge)) {
+            // A receiving VMM has served the socket since it started: hand it to the VM.
+            let spawned = match self.api_server.take() {
+                Some((handle, delegate)) => {
+                    delegate.set(std::sync::Arc::new(bridge));
+                    Ok(handle)
+                }
+                None => ferry_api::server::spawn(&path, std::sync::Arc::new(bridge)),
+            };
+            match spawned {
                 Ok(s) => {
                     server = Some(s);
                     inbox = Some(ib);
@@ -375,6 +383,9 @@ impl Vmm {
                 }
             },
             ApiRequest::MigrateCancel => self.cancel_migration().map(|()| Response::Done),
+            ApiRequest::Receive(_) => {
+                Err(ApiError::conflict("a VM runs here: this VMM receives no more migrations"))
+            }
             ApiRequest::MigrationStatus => self
                 .migration_status()
                 .map(|m| Response::MigrationStatus(Box::new(m)))
@@ -435,6 +446,7 @@ impl Vmm {
             home: Some(self.home.dir().to_owned()),
             migration: self.migration_info(),
             devices: self.devices.virtio.info(),
+            receiving: None,
         }
     }
 

@@ -13,6 +13,7 @@
 
 mod accept;
 mod link;
+pub mod managed;
 mod pass;
 mod place;
 pub mod receive;
@@ -39,7 +40,7 @@ use crate::memory::GuestMemory;
 use crate::persist::{RegionState, VmSnapshot};
 use crate::{Description, VmRunState, Vmm};
 
-pub use receive::ReceiveConfig;
+pub use receive::{AuthKey, Listen, ReceiveConfig};
 
 /// The devices a Ferry VM has, as named in the pre-migration checks. A destination refuses
 /// a VM with a device it does not know.

@@ -34,6 +34,8 @@ pub struct Placer<'a> {
     /// Pages that hold data we placed: a zero marker for one of them must clear it; any
     /// other page still reads as zeros and may cost no host RAM.
     written: Vec<AtomicU64>,
+    /// Counts what is placed, for a receiving VMM's `GET /vm`.
+    progress: Option<&'a super::managed::Status>,
 }
 
 impl<'a> Placer<'a> {
@@ -41,7 +43,7 @@ impl<'a> Placer<'a> {
     pub fn new(mem: &'a GuestMemory) -> Self {
         let top = mem.iter().map(|r| r.last_addr().0 + 1).max().unwrap_or(0);
         let written = (0..(top / PAGE_SIZE as u64).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Self { mem, written }
+        Self { mem, written, progress: None }
     }
 
     /// The page at `addr` is all zeros.
@@ -87,12 +89,27 @@ impl<'a> Placer<'a> {
         }
     }
 
+    /// Counts what is placed in `progress` too.
+    pub fn with_progress(self, progress: &'a super::managed::Status) -> Self {
+        Self { progress: Some(progress), ..self }
+    }
+
     /// Places one run of a batch whose data follows on `sock`.
     pub fn place_run(&self, run: Run, sock: &TcpStream) -> Result<(), wire::Error> {
-        match run {
-            Run::Zero(addr) => self.zero(addr),
-            Run::Data { addr, pages } => self.receive(addr, pages, sock),
+        let (pages, data) = match run {
+            Run::Zero(addr) => {
+                self.zero(addr)?;
+                (1, 0)
+            }
+            Run::Data { addr, pages } => {
+                self.receive(addr, pages, sock)?;
+                (pages as u64, pages as u64)
+            }
+        };
+        if let Some(p) = self.progress {
+            p.placed(pages, data);
         }
+        Ok(())
     }
 
     /// The host address of `pages` pages from `addr`, all inside one region of guest memory.

@@ -36,6 +36,7 @@ use ferry_migration::protocol::{
 use kvm_bindings::kvm_cpuid_entry2;
 
 use super::accept::{Acceptor, Authenticated, Desk};
+use super::managed;
 use super::place::Placer;
 use super::{
     error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
@@ -65,10 +66,10 @@ const LOST_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// What `ferry receive` needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceiveConfig {
-    /// `tcp:HOST:PORT` to listen on.
-    pub listen: String,
-    /// The shared key file.
-    pub auth_key_file: PathBuf,
+    /// Where to listen. [`Listen::Api`] waits for `PUT /vm/receive` (needs `api_socket`).
+    pub listen: Listen,
+    /// The shared key (ignored with [`Listen::Api`]: the request brings it).
+    pub auth_key: AuthKey,
     /// The serial console of the VM once it runs here.
     pub serial: SerialConfig,
     /// Serve the VM's API here once it runs.
@@ -88,6 +89,28 @@ pub struct ReceiveConfig {
     pub faults: Faults,
 }
 
+/// Where a receiving VMM listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Bind `tcp:HOST:PORT`.
+    Address(String),
+    /// An inherited listening TCP socket (checked before use).
+    Fd(RawFd),
+    /// Started empty: `PUT /vm/receive` on the API socket says where, and the key.
+    Api,
+}
+
+/// Where the key shared with the source comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthKey {
+    /// A file.
+    File(PathBuf),
+    /// A descriptor (a pipe) read to its end, then closed.
+    Fd(RawFd),
+    /// `PUT /vm/receive` brings it.
+    Api,
+}
+
 /// Why one incoming migration failed, with its id when known.
 struct Failed {
     id: Option<String>,
@@ -99,30 +122,69 @@ impl Vmm {
     /// ready to [`Vmm::run`]. Failed attempts are logged and the wait goes on; `stop`
     /// ends the wait (and aborts a migration before its commit), then stops the VM.
     pub fn receive(config: ReceiveConfig, stop: StopSource) -> Result<Vmm, crate::Error> {
-        let key =
-            Key::load(&config.auth_key_file).map_err(|e| crate::Error::Migration(Box::new(e.into())))?;
-        let addr = parse_address(&config.listen).map_err(|e| crate::Error::Migration(Box::new(e)))?;
-        // Fail early on a host that cannot run VMs at all, or an API socket in use.
+        let mig = |e: Error| crate::Error::Migration(Box::new(e));
+        let setup =
+            |e: managed::Error| mig(Error::Vmm(format!("set up the receiving side: {}", error_chain(&e))));
+        // Fail early on a host that cannot run VMs at all.
         drop(open_host()?);
-        if let Some(sock) = &config.api_socket {
-            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-                return Err(ferry_api::server::Error::InUse(sock.clone()).into());
+        let given = match &config.listen {
+            Listen::Address(a) => {
+                parse_address(a).map_err(mig)?;
+                Some(managed::bind(a).map_err(setup)?)
             }
-        }
-        let listener = TcpListener::bind(&addr).map_err(|source| {
-            crate::Error::Migration(Box::new(Error::Listen { addr: addr.clone(), source }))
-        })?;
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
-        tracing::info!("waiting for an incoming migration on tcp:{local}");
+            Listen::Fd(fd) => Some(managed::listener_from_fd(*fd).map_err(setup)?),
+            Listen::Api if config.api_socket.is_none() => {
+                return Err(mig(Error::Vmm(
+                    "receive without a listen address: that needs an API socket to be told one".into(),
+                )))
+            }
+            Listen::Api => None,
+        };
+        let given = match given {
+            None => None,
+            Some(l) => {
+                let key = match &config.auth_key {
+                    AuthKey::File(f) => Key::load(f).map_err(|e| mig(e.into()))?,
+                    AuthKey::Fd(fd) => managed::key_from_fd(*fd).map_err(setup)?,
+                    AuthKey::Api => return Err(mig(Error::Vmm("receive without a key".into()))),
+                };
+                Some((l, key))
+            }
+        };
+        let status = Arc::new(
+            managed::Status::new(given.as_ref().map(|(l, _)| managed::local_name(l)))
+                .map_err(|e| mig(Error::Vmm(format!("create an eventfd: {e}"))))?,
+        );
+        // Every incoming migration's phases and passes, handed to the VM that arrives so
+        // that its `GET /vm/events` shows them.
+        let events = Arc::new(Events::new());
+        // The API serves from now on; the VM that arrives takes the same server over.
+        let server = match &config.api_socket {
+            Some(path) => {
+                let handler = managed::Receiving { status: status.clone(), events: events.clone() };
+                let delegate = Arc::new(ferry_api::server::Delegate::new(Arc::new(handler)));
+                let handle = ferry_api::server::spawn(path, delegate.clone())?;
+                tracing::info!(socket = %path.display(), "API listening (receiving)");
+                Some((handle, delegate))
+            }
+            None => None,
+        };
+        let (listener, key) = match given {
+            Some(g) => g,
+            None => {
+                tracing::info!("waiting for PUT /vm/receive on the API socket");
+                wait_configured(&status, &stop, config.deadline)?
+            }
+        };
+        let local = managed::local_name(&listener);
+        tracing::info!("waiting for an incoming migration on {local}");
         let faults = config.faults.clone();
         let desk = Arc::new(Desk::new().map_err(|e| crate::Error::Migration(Box::new(e)))?);
         // Closing the desk drops whatever waits there; the acceptor, dropped on return, stops
         // accepting and drops the connections still being authenticated.
         let _acceptor =
             Acceptor::start(listener, key, desk.clone()).map_err(|e| crate::Error::Migration(Box::new(e)))?;
-        // Every incoming migration's phases and passes, handed to the VM that arrives so
-        // that its `GET /vm/events` shows them.
-        let events = Arc::new(Events::new());
+        let mut server = server;
         let end = |e: Error| {
             desk.close();
             crate::Error::Migration(Box::new(e))
@@ -144,10 +206,11 @@ impl Vmm {
             let peer = conn.peer;
             tracing::info!("migration {}: incoming from {peer}", conn.hello.migration_id);
             let started = Instant::now();
-            match incoming(conn, &desk, &config, &faults, &stop, &events) {
+            match incoming(conn, &desk, &config, &faults, &stop, &events, &status) {
                 Ok(mut vmm) => {
                     desk.close();
                     vmm.events = events.clone();
+                    vmm.api_server = server.take();
                     tracing::info!(
                         "migration {}: received in {:.1} ms",
                         vmm.activation.as_ref().map(|a| a.id.as_str()).unwrap_or("?"),
@@ -156,6 +219,7 @@ impl Vmm {
                     return Ok(vmm);
                 }
                 Err(Failed { id, error }) => {
+                    let cancelled = status.end();
                     let id = id.unwrap_or_else(|| format!("from {peer}"));
                     let (msg, code) = (error_chain(&error), error.code());
                     events.push(
@@ -169,12 +233,47 @@ impl Vmm {
                     }
                     // Everything of that migration is gone: the next one may come.
                     desk.idle();
+                    if cancelled {
+                        tracing::info!(
+                            "migration {id}: cancelled through the API; nothing runs here; waiting for another migration"
+                        );
+                        continue;
+                    }
                     tracing::warn!(
                         "migration {id}: failed: {msg}; nothing runs here; waiting for another migration \
                          (code {code})"
                     );
                 }
             }
+        }
+    }
+}
+
+/// Waits for `PUT /vm/receive` (see [`managed`]), a stop signal, or `deadline`.
+fn wait_configured(
+    status: &managed::Status,
+    stop: &StopSource,
+    deadline: Option<Duration>,
+) -> Result<(TcpListener, Key), crate::Error> {
+    let deadline_at = deadline.map(|d| Instant::now() + d);
+    loop {
+        if let Some(c) = status.take_configured() {
+            return Ok(c);
+        }
+        let left = match deadline_at {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => {
+                    let secs = deadline.unwrap_or_default().as_secs();
+                    tracing::error!("not told where to receive within {secs} s (--deadline-s): giving up");
+                    return Err(crate::Error::Migration(Box::new(Error::Deadline(secs))));
+                }
+            },
+            None => None,
+        };
+        if let Wait::Signal(sig) = wait_readable(status.wake.as_raw_fd(), Some(stop.raw()), left) {
+            tracing::info!("signal {sig} received: no longer waiting to be told where to receive");
+            return Err(crate::Error::Migration(Box::new(Error::Interrupted(sig))));
         }
     }
 }
@@ -274,9 +373,12 @@ fn incoming(
     faults: &Faults,
     stop: &StopSource,
     events: &Arc<Events>,
+    status: &Arc<managed::Status>,
 ) -> Result<Vmm, Failed> {
     let id = Some(conn.hello.migration_id.clone());
+    status.begin(&conn.hello.migration_id, Some(&conn.stream));
     let mut rx = Receiver {
+        status: status.clone(),
         id: id.clone(),
         stream: None,
         signals: stop.raw(),
@@ -300,6 +402,8 @@ fn incoming(
         }
         Err(error) => {
             rx.enter(Phase::Failed);
+            // A cancel through the API shut the streams' reading side: say so to the source.
+            let error = if status.is_cancelled() { Error::Cancelled } else { error };
             // Tell the source why, unless the connection is what failed or it aborted.
             if !matches!(error, Error::Protocol(wire::Error::Io(_) | wire::Error::PeerAborted { .. })) {
                 rx.abort(&error);
@@ -351,6 +455,8 @@ impl Phase {
 }
 
 struct Receiver {
+    /// What the API shows while the migration goes on.
+    status: Arc<managed::Status>,
     id: Option<String>,
     stream: Option<TcpStream>,
     signals: RawStop,
@@ -379,6 +485,18 @@ impl Receiver {
             tracing::error!("migration {}: invalid state change {:?} -> {next:?}", self.id(), self.phase);
         }
         self.phase = next;
+        use ferry_api::ReceivePhase as P;
+        let shown = match next {
+            Phase::Listening | Phase::Running | Phase::Failed => None,
+            Phase::Handshake => Some(P::Authenticating),
+            Phase::Checks | Phase::Reserved => Some(P::Checking),
+            Phase::Receiving => Some(P::ReceivingMemory),
+            Phase::Restored => Some(P::Restoring),
+            Phase::Activating => Some(P::Activating),
+        };
+        if let Some(p) = shown {
+            self.status.enter(p);
+        }
     }
 
     fn stream(&mut self) -> Result<&mut TcpStream, Error> {
@@ -474,6 +592,9 @@ impl Receiver {
 
         // Memory, pass after pass, then the state.
         let extra = self.join_streams(desk, &id, cfg.streams)?;
+        for s in &extra {
+            self.status.add_stream(s);
+        }
         self.enter(Phase::Receiving);
         for s in &extra {
             super::size_receive_buffer(s, &cfg);
@@ -541,6 +662,11 @@ impl Receiver {
             Err(e) => return self.refuse_restore(restore(error_chain(&e))),
         };
         self.enter(Phase::Restored);
+        // The last moment a cancel through the API can win: once RESTORE_OK is out the
+        // source may commit, and then only the lock decides. From here a cancel is refused.
+        if !self.status.enter(ferry_api::ReceivePhase::Activating) {
+            return self.refuse_restore(Error::Cancelled);
+        }
         if orphaned.is_none() {
             match self.send(
                 Kind::RestoreResult,
@@ -653,7 +779,8 @@ impl Receiver {
     /// Receives page batches and pass ends until the state arrives: on the first stream
     /// here, on each extra stream in a thread of its own.
     fn receive_memory(&mut self, mem: &GuestMemory, extra: &[TcpStream]) -> Result<VmSnapshot, Error> {
-        let placer = Placer::new(mem);
+        let progress = self.status.clone();
+        let placer = Placer::new(mem).with_progress(&progress);
         let done = AtomicBool::new(false);
         let id = self.id().to_owned();
         // A stream that fails wakes the first stream's reader through this handle.
