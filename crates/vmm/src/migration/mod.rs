@@ -525,12 +525,24 @@ pub(crate) fn write_record<T: Serialize + ?Sized>(
     let dir = home.join(REPORTS_DIR);
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
+    let mut json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    // An unnamed file linked in once complete: a VMM killed while writing leaves nothing
+    // behind (the kernel frees the inode). Where the file system cannot (O_TMPFILE is not
+    // on NFS), a named temporary file renamed over.
+    match write_unnamed(&dir, &path, &json) {
+        Ok(()) => return Ok(path),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) => {}
+        Err(e) => return Err(e),
+    }
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&json)?;
-        f.write_all(b"\n")?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&dir)?.sync_all()
@@ -540,6 +552,31 @@ pub(crate) fn write_record<T: Serialize + ?Sized>(
         let _ = std::fs::remove_file(&tmp);
     }
     r.map(|()| path)
+}
+
+/// Writes `data` into an unnamed file in `dir` (O_TMPFILE), syncs it, and links it in as
+/// `path` (replacing an older one), then syncs `dir`.
+fn write_unnamed(dir: &std::path::Path, path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).custom_flags(libc::O_TMPFILE).mode(0o644).open(dir)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    let from =
+        std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(std::io::Error::other)?;
+    let to = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let _ = std::fs::remove_file(path);
+    // SAFETY: both are valid NUL-terminated paths that live across the call; linkat does
+    // not keep them.
+    let rc = unsafe {
+        libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A rough time left, ms (see [`MigrationInfo::eta_ms`]).
@@ -1016,6 +1053,24 @@ mod tests {
             "home_is_default": false,
             "verify": verify,
         })
+    }
+
+    #[test]
+    fn records_are_written_whole_and_leave_no_temporary_file() {
+        let home = std::env::temp_dir().join(format!("ferry-record-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        let path = write_record(&home, "m-1.json", &serde_json::json!({"n": 1})).expect("write");
+        let path2 = write_record(&home, "m-1.json", &serde_json::json!({"n": 2})).expect("replace");
+        assert_eq!(path, path2);
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("JSON");
+        assert_eq!(v["n"], 2);
+        let names: Vec<String> = std::fs::read_dir(home.join(REPORTS_DIR))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["m-1.json".to_string()]);
+        std::fs::remove_dir_all(&home).expect("cleanup");
     }
 
     #[test]
