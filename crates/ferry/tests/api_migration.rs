@@ -56,18 +56,25 @@ struct Events {
 
 impl Events {
     fn open(sock: &Path, since: &str) -> Self {
-        let mut stream = UnixStream::connect(sock).expect("connect");
-        stream.set_read_timeout(Some(T)).expect("timeout");
+        Self::try_open(sock, since).expect("the VMM serves its event stream")
+    }
+
+    /// Subscribes; `None` if the VMM does not serve its socket (any more).
+    fn try_open(sock: &Path, since: &str) -> Option<Self> {
+        let mut stream = UnixStream::connect(sock).ok()?;
+        stream.set_read_timeout(Some(T)).ok()?;
         write!(
             stream,
             "GET /vm/events?since={since} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
-        .expect("write");
+        .ok()?;
         let mut reader = BufReader::new(stream);
         let mut head = String::new();
         loop {
             let mut line = String::new();
-            assert!(reader.read_line(&mut line).expect("headers") > 0, "closed in the headers: {head}");
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
             head.push_str(&line);
             if line == "\r\n" {
                 break;
@@ -77,7 +84,7 @@ impl Events {
         let lower = head.to_ascii_lowercase();
         assert!(lower.contains("transfer-encoding: chunked"), "{head}");
         assert!(lower.contains("application/x-ndjson"), "{head}");
-        Events { reader }
+        Some(Events { reader })
     }
 }
 
@@ -90,6 +97,11 @@ struct EventLines {
 impl EventLines {
     fn open(sock: &Path, since: u64) -> Self {
         EventLines { events: Events::open(sock, &since.to_string()), queue: Default::default() }
+    }
+
+    /// [`EventLines::open`], or `None` if the VMM no longer serves its socket (it ended).
+    fn try_open(sock: &Path, since: u64) -> Option<Self> {
+        Some(EventLines { events: Events::try_open(sock, &since.to_string())?, queue: Default::default() })
     }
 
     fn next(&mut self) -> Option<Value> {
@@ -286,10 +298,26 @@ fn an_event_client_that_reconnects_with_since_misses_nothing_and_sees_nothing_tw
     let mut seqs = Vec::new();
     let mut last = 0u64;
     let deadline = Instant::now() + T;
+    let vmm_gone = |seqs: &[u64]| {
+        // The source VMM ends once the VM runs on the destination: a client that reconnects
+        // after that finds the outcome in the home (as a daemon restarted meanwhile does).
+        let report = dir.path("home").join("migrations").join(format!("{id}.json"));
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_else(|e| {
+            panic!("the source VMM went away with no report in its home ({e}); events seen: {seqs:?}")
+        }))
+        .expect("report JSON");
+        assert_eq!(r["status"], "completed", "{r}");
+    };
     loop {
         assert!(Instant::now() < deadline, "no report: {seqs:?}");
-        let mut ev = EventLines::open(&sock, last);
-        let Some(e) = ev.next() else { panic!("the stream ended before the report: {seqs:?}") };
+        let Some(mut ev) = EventLines::try_open(&sock, last) else {
+            vmm_gone(&seqs);
+            break;
+        };
+        let Some(e) = ev.next() else {
+            vmm_gone(&seqs);
+            break;
+        };
         drop(ev);
         assert_ne!(e["kind"], "gap", "{e}");
         let seq = e["seq"].as_u64().expect("seq");
