@@ -138,6 +138,7 @@ mod tests {
     #[test]
     fn union_of_kvm_log_and_vmm_writes() {
         let guest = ferry_test_guest();
+        let home = std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()));
         let vmm = Vmm::build(
             VmConfig {
                 memory: 64 << 20,
@@ -148,7 +149,7 @@ mod tests {
                 serial: SerialConfig::Null,
                 started_ns: 0,
                 api_socket: None,
-                home: Some(std::env::temp_dir().join(format!("ferry-dirty-test-{}", std::process::id()))),
+                home: Some(home.clone()),
                 state_dir: std::env::temp_dir(),
                 disks: Vec::new(),
                 nets: Vec::new(),
@@ -179,6 +180,8 @@ mod tests {
         let again = log.take().expect("dirty");
         assert_eq!(again.iter().map(DirtyRegion::count).sum::<u64>(), 0);
         log.stop().expect("stop");
+        drop(vmm);
+        std::fs::remove_dir_all(&home).expect("remove the test's VM home");
     }
 
     /// The memstress image, built by the guests crate (a dev-dependency).
