@@ -11,34 +11,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::mig::{free_port, receiver, s, slow_source_with, source, still_runs, write_key, T};
+use common::mig::{
+    free_port, http, receiver, s, slow_source_with, source, still_runs, wait_socket, write_key, T,
+};
 use common::{require_kvm, TempDir};
 use serde_json::Value;
 
 /// Small VMs: these tests are about the API, not about moving memory.
 const SMALL: &[&str] = &["--memory", "128M", "--cmdline", "wss=4M"];
-
-/// One HTTP/1.1 request on the API socket; the status and the body as JSON (Null if none).
-fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
-    stream.set_read_timeout(Some(T)).expect("timeout");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read answer");
-    let text = String::from_utf8(raw).expect("utf8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
-    let json =
-        if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).expect("JSON body") };
-    (status, json)
-}
 
 fn migrate_request(port: u16, key: &Path, extra: Value) -> Value {
     let mut v = serde_json::json!({"to": format!("tcp:127.0.0.1:{port}"), "auth_key_file": s(key)});
@@ -159,14 +139,6 @@ fn report_file(home: &Path, id: &str) -> Value {
     let path = home.join("migrations").join(format!("{id}.json"));
     serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .expect("report JSON")
-}
-
-fn wait_socket(sock: &Path) {
-    let deadline = Instant::now() + T;
-    while UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "{} never answered", sock.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -487,4 +459,84 @@ fn a_receiver_never_given_a_migration_gives_up_at_its_deadline() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no migration started within 2 s (--deadline-s)"), "{stderr}");
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "gave up after {took:?}");
+}
+
+#[test]
+fn both_sides_followed_live_through_their_event_streams_with_http_alone() {
+    require_kvm();
+    let dir = TempDir::new("api-both");
+    let key = write_key(&dir, "key", 0x5a);
+    let (mut src, sock) = slow_source_with(&dir, SMALL);
+    // The destination starts empty and is told where to listen and the key over its API.
+    let dsock = dir.path("dst.sock");
+    let mut dst = common::Vm::spawn(common::ferry().args([
+        "receive",
+        "--api-socket",
+        s(&dsock),
+        "--deadline-s",
+        "120",
+    ]));
+    wait_socket(&dsock);
+    let hex: String = [0x5au8; 32].iter().map(|b| format!("{b:02x}")).collect();
+    let (status, v) = http(
+        &dsock,
+        "PUT",
+        "/vm/receive",
+        Some(&serde_json::json!({"listen": "tcp:127.0.0.1:0", "auth_key_hex": hex})),
+    );
+    assert_eq!(status, 202, "{v}");
+    let port: u16 = v["listen"]
+        .as_str()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no listening address in {v}"));
+
+    // Both event streams are open before the migration starts.
+    let mut dev = EventLines::open(&dsock, 0);
+    let mut sev = EventLines::open(&sock, 0);
+    let req = migrate_request(port, &key, serde_json::json!({"bandwidth_mib": 8, "downtime_ms": 2000}));
+    let (status, started) = http(&sock, "PUT", "/vm/migrate", Some(&req));
+    assert_eq!(status, 202, "{started}");
+    let id = started["migration_id"].as_str().expect("id").to_string();
+
+    // The destination's side, live: its stream spans the receiving VMM and the VM it became
+    // (one socket); should it end at the hand-over, it resumes after the last event seen.
+    let mut dst_events: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + T;
+    'dst: loop {
+        while let Some(e) = dev.next() {
+            let done = e["kind"] == "phase" && e["phase"] == "completed";
+            dst_events.push(e);
+            if done {
+                break 'dst;
+            }
+        }
+        assert!(Instant::now() < deadline, "the destination never completed: {dst_events:?}");
+        let last = dst_events.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+        dev = EventLines::open(&dsock, last);
+    }
+    assert!(dst_events.iter().all(|e| e["migration_id"] == id.as_str() && e["side"] == "destination"));
+    assert_eq!(
+        phases(&dst_events, "destination"),
+        ["setup", "pre-copy", "restoring", "committed", "completed"],
+        "{dst_events:?}"
+    );
+    assert!(dst_events.iter().any(|e| e["kind"] == "pass"), "{dst_events:?}");
+    let seqs: Vec<u64> = dst_events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no gaps, no duplicates: {seqs:?}");
+
+    // The source's side, to its report.
+    let events = follow_to_report(&mut sev, &id);
+    assert_eq!(
+        phases(&events, "source"),
+        ["setup", "pre-copy", "stop-and-copy", "restoring", "committed", "completed"],
+        "{events:?}"
+    );
+    assert_eq!(events.last().expect("report")["report"]["status"], "completed");
+    assert!(src.wait(T).success(), "{}", src.stderr());
+    // The VM runs on the destination, on the API socket it received on.
+    let (status, v) = http(&dsock, "GET", "/vm", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
+    still_runs(&mut dst, &dsock);
+    assert!(dst.signal_and_wait(libc::SIGTERM, T).success());
 }

@@ -7,43 +7,21 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::mig::{
-    finish, free_port, migrate_bg, s, slow_source_with, source, still_runs, write_key, SLOW, T,
+    finish, free_port, http, migrate_bg, s, slow_source_with, source, still_runs, wait_socket, write_key,
+    SLOW, T,
 };
 use common::{ferry, require_kvm, TempDir, Vm};
 use serde_json::{json, Value};
 
 /// Small VMs: these tests are about the receiving side's API, not about moving memory.
 const SMALL: &[&str] = &["--memory", "128M", "--cmdline", "wss=4M"];
-
-/// One HTTP/1.1 request on the API socket; the status and the body as JSON (Null if none).
-fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
-    stream.set_read_timeout(Some(T)).expect("timeout");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read answer");
-    let text = String::from_utf8(raw).expect("utf8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
-    let json =
-        if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).expect("JSON body") };
-    (status, json)
-}
 
 fn get_vm(sock: &Path) -> Value {
     let (status, v) = http(sock, "GET", "/vm", None);
@@ -65,14 +43,6 @@ fn empty_receiver(sock: &Path) -> Vm {
     let vm = Vm::spawn(ferry().args(["receive", "--api-socket", s(sock), "--deadline-s", "120"]));
     wait_socket(sock);
     vm
-}
-
-fn wait_socket(sock: &Path) {
-    let deadline = Instant::now() + T;
-    while UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "the API socket never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the receiver's `GET /vm` satisfies `pred`; returns that answer.

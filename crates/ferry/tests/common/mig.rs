@@ -2,7 +2,9 @@
 //! API socket, a `ferry receive`, `ferry migrate` in the foreground or background, and the
 //! checks that the VM still runs where it should.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -142,3 +144,43 @@ pub fn slow_source_with(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
     source(dir, &args)
 }
 pub const SLOW: &[&str] = &["--bandwidth-mib", "4"];
+
+/// One HTTP/1.1 request on a VMM's API socket; the status and the body as JSON (Null if
+/// none).
+pub fn http(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
+    stream.set_read_timeout(Some(T)).expect("timeout");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read answer");
+    let text = String::from_utf8(raw).expect("utf8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let json = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).expect("JSON body")
+    };
+    (status, json)
+}
+
+/// Waits until something answers on the API socket `sock`.
+pub fn wait_socket(sock: &Path) {
+    let deadline = Instant::now() + T;
+    while UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "{} never answered", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
