@@ -1131,7 +1131,6 @@ impl Vmm {
                     )),
                 },
             );
-            self.write_destination_record(&a.id, ns);
             let msg = to_json(&wire::Activated { activation_ns: ns });
             match write_frame(&mut a.stream, Kind::Activated, &msg) {
                 Ok(()) => tracing::info!(
@@ -1145,6 +1144,9 @@ impl Vmm {
                     error_chain(&e)
                 ),
             }
+            // After Activated: the source's pause lasts until it hears it, and the record's
+            // syncs are not part of the switchover.
+            self.write_destination_record(&a.id, ns);
         }
         id
     }
