@@ -195,11 +195,7 @@ pub struct MigrateRequest {
 /// Most streams one migration may use.
 pub const MAX_STREAMS: u32 = 8;
 
-/// The stall bounds a migration may ask for, seconds.
-pub const STALL_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=600;
-
-/// The stall bound when a request names none, seconds.
-pub const DEFAULT_STALL_TIMEOUT_S: u64 = 10;
+pub use ferry_migration::schema::{DEFAULT_STALL_TIMEOUT_S, STALL_TIMEOUT_S};
 
 fn default_stall_timeout_s() -> u64 {
     DEFAULT_STALL_TIMEOUT_S

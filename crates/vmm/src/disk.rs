@@ -1,4 +1,5 @@
-//! Disk images: `--disk path=FILE[,readonly=on]`, opened and locked.
+//! Disk images: `--disk path=FILE[,readonly=on]` ([`DiskConfig`], part of the migration
+//! schema), opened and locked.
 //!
 //! A VM's writable disk lives on storage that other hosts may reach too; only one VMM may
 //! write it. Each writable image is held under an exclusive OFD lock (`F_OFD_SETLK`,
@@ -11,9 +12,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
 
 /// Sector size the guest sees.
 pub const SECTOR_SIZE: u64 = 512;
@@ -21,14 +19,6 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Errors parsing `--disk` or opening an image.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The option's text is malformed.
-    #[error("--disk {text:?}: {why} (expected path=FILE[,readonly=on|off])")]
-    Parse {
-        /// The option's text.
-        text: String,
-        /// What is wrong.
-        why: String,
-    },
     /// No such file.
     #[error("disk {} does not exist", path.display())]
     Missing {
@@ -78,42 +68,7 @@ pub enum Error {
     },
 }
 
-/// One `--disk` option.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
-    /// The raw image.
-    pub path: PathBuf,
-    /// The guest may only read it.
-    pub readonly: bool,
-}
-
-impl FromStr for DiskConfig {
-    type Err = Error;
-
-    fn from_str(text: &str) -> Result<Self, Error> {
-        let bad = |why: &str| Error::Parse { text: text.to_owned(), why: why.to_owned() };
-        let (mut path, mut readonly) = (None, None);
-        for part in text.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(|| bad(&format!("{part:?} is not KEY=VALUE")))?;
-            match k {
-                "path" if path.is_some() => return Err(bad("path given twice")),
-                "path" if v.is_empty() => return Err(bad("empty path")),
-                "path" => path = Some(PathBuf::from(v)),
-                "readonly" if readonly.is_some() => return Err(bad("readonly given twice")),
-                "readonly" => {
-                    readonly = Some(match v {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        _ => return Err(bad(&format!("readonly={v:?}: use on or off"))),
-                    })
-                }
-                _ => return Err(bad(&format!("unknown key {k:?}"))),
-            }
-        }
-        let path = path.ok_or_else(|| bad("no path=FILE"))?;
-        Ok(Self { path, readonly: readonly.unwrap_or(false) })
-    }
-}
+pub use ferry_migration::schema::{DiskConfig, DiskParseError};
 
 /// An open disk image, normally holding its lock.
 #[derive(Debug)]

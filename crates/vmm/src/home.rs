@@ -142,25 +142,7 @@ impl std::fmt::Display for LockRecord {
     }
 }
 
-/// What names a VM's lock across hosts: a migration's two sides must name the same one.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockIdentity {
-    /// The VM's UUID (from `vm.generation`).
-    pub vm_uuid: String,
-    /// The datastore's id, if the home is on one (see [`DATASTORE_FILE`]).
-    pub datastore: Option<String>,
-    /// The home's path inside its datastore, or its canonical absolute path.
-    pub path: PathBuf,
-}
-
-impl std::fmt::Display for LockIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.datastore {
-            Some(d) => write!(f, "VM {} at {} on datastore {d}", self.vm_uuid, self.path.display()),
-            None => write!(f, "VM {} at {}", self.vm_uuid, self.path.display()),
-        }
-    }
-}
+pub use ferry_migration::schema::LockIdentity;
 
 /// One line of `runs.log`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -189,18 +189,7 @@ fn efd(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::EventFd { what, source }
 }
 
-/// What a VM is, as reported by `info` and recorded in its checkpoints.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Description {
-    /// Guest memory in bytes.
-    pub memory: u64,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// The kernel or bundled guest it booted.
-    pub kernel: String,
-    /// The kernel command line.
-    pub cmdline: String,
-}
+pub use ferry_migration::schema::Description;
 
 /// Whether the guest runs (the VMM's view; each vCPU thread has its own state machine).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,62 +18,17 @@ use ferry_api::{SnapshotReport, SnapshotRequest};
 use ferry_arch::layout;
 use ferry_arch::state::{VcpuState, VmState};
 use ferry_checkpoint::{memory as memfile, read_state_file, write_state_file, MEMORY_FILE, STATE_FILE};
-use ferry_devices::serial::SerialState;
 use kvm_bindings::kvm_cpuid_entry2;
-use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::{ExitNotifier, Request as VcpuRequest, RunState, VcpuContext};
-use crate::{
-    create_devices, efd, open_host, vm, Description, Error, SerialConfig, StopSource, VmRunState, Vmm,
-};
+use crate::{create_devices, efd, open_host, vm, Error, SerialConfig, StopSource, VmRunState, Vmm};
 
 /// How long pausing may take before it is an error.
 const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// One guest RAM region as stored in the memory file (back to back, in this order).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RegionState {
-    /// Guest-physical start.
-    pub guest_addr: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// The whole VM's state, as stored in `state.ferry` (and, later, sent in a migration).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmSnapshot {
-    /// The Ferry version that wrote it.
-    pub ferry_version: String,
-    /// When, in milliseconds since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// What the VM is.
-    pub description: Description,
-    /// Guest RAM layout, in memory-file order.
-    pub memory_regions: Vec<RegionState>,
-    /// PIC, IOAPIC, PIT, kvmclock.
-    pub vm: VmState,
-    /// Every vCPU, in index order.
-    pub vcpus: Vec<VcpuState>,
-    /// The serial console.
-    pub serial: SerialState,
-    /// The VM's home directory when it was checkpointed (a restore locks it again unless
-    /// told otherwise).
-    #[serde(default)]
-    pub home: Option<PathBuf>,
-    /// The virtio devices, in window order (none in checkpoints of Ferry before 0.1's
-    /// devices stage, which read as an empty list).
-    #[serde(default)]
-    pub virtio: Vec<crate::virtio::VirtioState>,
-    /// The VM's UUID (from its home; absent in checkpoints of Ferry before generations).
-    #[serde(default)]
-    pub vm_uuid: Option<String>,
-    /// The VM's generation when the state was taken: the state may run only while that is
-    /// still the home's generation (absent before generations).
-    #[serde(default)]
-    pub generation: Option<u64>,
-}
+pub use ferry_migration::schema::{RegionState, VmSnapshot};
 
 /// Why a snapshot failed. The VM is left as it was.
 #[derive(Debug, thiserror::Error)]

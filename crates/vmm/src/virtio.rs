@@ -20,12 +20,11 @@ use ferry_devices::Bus;
 use ferry_net::{NetConfig, Tap};
 use ferry_virtio::device::Poll;
 use ferry_virtio::net::NetHandle;
-use ferry_virtio::{Block, MmioTransport, MmioTransportState, Net};
+use ferry_virtio::{Block, MmioTransport, Net};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::disk::{Disk, DiskConfig};
+use crate::disk::Disk;
 use crate::memory::GuestMemory;
 
 /// First virtio-mmio window (inside the 32-bit MMIO hole).
@@ -119,25 +118,7 @@ pub enum Error {
     },
 }
 
-/// What backs a virtio device.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// virtio-blk on a raw image.
-    Disk(DiskConfig),
-    /// virtio-net on a tap device.
-    Net(NetConfig),
-}
-
-impl Backend {
-    /// The name used in the migration's device list, e.g. `virtio-blk@0xd0000000`.
-    pub fn device_name(&self, base: u64) -> String {
-        match self {
-            Backend::Disk(_) => format!("virtio-blk@{base:#x}"),
-            Backend::Net(_) => format!("virtio-net@{base:#x}"),
-        }
-    }
-}
+pub use ferry_migration::schema::{Backend, VirtioState};
 
 /// What backs each device, opened: disks (locked or not, as the caller chose) and taps.
 #[derive(Debug, Default)]
@@ -191,19 +172,6 @@ pub fn open_backends(
         }
     }
     Ok((Opened { disks: disks.into_iter(), taps: taps.into_iter() }, here))
-}
-
-/// One device in a checkpoint or migration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VirtioState {
-    /// What backs it.
-    pub backend: Backend,
-    /// Its MMIO window.
-    pub base: u64,
-    /// Its IOAPIC pin.
-    pub gsi: u32,
-    /// The transport and queues.
-    pub transport: MmioTransportState,
 }
 
 struct Entry {

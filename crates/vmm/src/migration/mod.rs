@@ -30,102 +30,18 @@ use ferry_api::{
     ApiError, EventBody, MigrateRequest, MigrationInfo, MigrationPhase, MigrationReport, Response, Side,
     VmLocation,
 };
-use ferry_arch::state::CpuidEntry;
 use ferry_migration::outcome::{Check, ReasonCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 use crate::persist::{RegionState, VmSnapshot};
-use crate::{Description, VmRunState, Vmm};
+use crate::{VmRunState, Vmm};
 
 pub use receive::{AuthKey, Listen, ReceiveConfig};
 
-/// The devices a Ferry VM has, as named in the pre-migration checks. A destination refuses
-/// a VM with a device it does not know.
-pub const DEVICES: &[&str] = &["serial-16550@0x3f8", "i8042@0x60", "boot-timer@0x80"];
-
-/// The `Config` message: what the destination checks before any memory moves, and what it
-/// reserves the VM from.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MigrationConfig {
-    /// Memory size, vCPUs, kernel, command line.
-    pub description: Description,
-    /// Guest RAM layout.
-    pub memory_regions: Vec<RegionState>,
-    /// The CPUID table each vCPU was given.
-    pub cpuid: Vec<Vec<CpuidEntry>>,
-    /// The MSRs the source saves per vCPU.
-    pub msrs: Vec<u32>,
-    /// Device names ([`DEVICES`], then one per virtio device).
-    pub devices: Vec<String>,
-    /// What backs each virtio device (the destination opens every disk before any memory
-    /// moves).
-    #[serde(default)]
-    pub virtio: Vec<crate::virtio::Backend>,
-    /// The VM's home directory (on storage both hosts share); its lock moves with the VM.
-    pub home: PathBuf,
-    /// The identity of the VM's lock: the destination refuses the VM unless the home it
-    /// would lock is this one (not a copy, not another VM's). Absent from older sources.
-    #[serde(default)]
-    pub lock: Option<crate::home::LockIdentity>,
-    /// Whether Ferry made the home (then whoever runs the VM last removes it).
-    pub home_is_default: bool,
-    /// Both sides hash guest memory at the switchover.
-    pub verify: bool,
-    /// TCP streams carrying pre-copy pages (the first one also carries everything else).
-    #[serde(default = "one_stream")]
-    pub streams: u32,
-    /// The stall bound, ms: the destination's waits on the source after authentication
-    /// (a read that gets nothing, the wait for Commit) fail after this long. Older sources
-    /// do not send it.
-    #[serde(default = "default_stall_ms")]
-    pub stall_timeout_ms: u64,
-    /// The source's bandwidth cap over all streams, bytes/s (0: none; older sources do not
-    /// send it). The destination sizes its receive buffers from it ([`Self::receive_buffer`]).
-    #[serde(default)]
-    pub bandwidth_cap: u64,
-}
-
-fn one_stream() -> u32 {
-    1
-}
-
-fn default_stall_ms() -> u64 {
-    ferry_api::DEFAULT_STALL_TIMEOUT_S * 1000
-}
-
-impl MigrationConfig {
-    /// The stall bound, held to what a source may ask for (the value comes from the wire).
-    pub fn stall_timeout(&self) -> std::time::Duration {
-        let (min, max) =
-            (*ferry_api::STALL_TIMEOUT_S.start() * 1000, *ferry_api::STALL_TIMEOUT_S.end() * 1000);
-        std::time::Duration::from_millis(self.stall_timeout_ms.clamp(min, max))
-    }
-
-    /// The receive buffer a destination gives each stream of a capped migration: an eighth
-    /// of the stall bound's worth of the cap (256 KiB to [`SOCKET_BUFFER`]); `None` when
-    /// uncapped (the default buffer). The source cannot tell bytes the destination's kernel
-    /// took into its buffer from bytes its process read, so a stopped destination is found
-    /// only once that buffer is full: at the cap, a full-size buffer would take seconds to
-    /// fill (16 MiB at 4 MiB/s), this one a fraction of the bound.
-    pub fn receive_buffer(&self) -> Option<usize> {
-        if self.bandwidth_cap == 0 {
-            return None;
-        }
-        let bytes = self.bandwidth_cap.saturating_mul(self.stall_timeout().as_millis() as u64) / 8000;
-        Some(bytes.clamp(256 << 10, SOCKET_BUFFER as u64) as usize)
-    }
-
-    /// How long the source waits for RestoreResult: the stall bound, plus, with `verify`,
-    /// 1 s per GiB of guest memory (the destination hashes all of it first; the source's
-    /// own hashing of the same size overlaps with it before the source starts waiting).
-    pub fn restore_wait(&self) -> std::time::Duration {
-        let hashing = if self.verify { self.description.memory.div_ceil(1 << 30) } else { 0 };
-        self.stall_timeout() + std::time::Duration::from_secs(hashing)
-    }
-}
+pub use ferry_migration::schema::{MigrationConfig, DEVICES};
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +216,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Socket buffer size asked for on both ends: room for a few page batches in flight, so
 /// that sender and receiver wake each other less often (about 10% more throughput on
 /// loopback here than the kernel's autotuned buffers).
-const SOCKET_BUFFER: libc::c_int = 8 << 20;
+const SOCKET_BUFFER: libc::c_int = ferry_migration::schema::SOCKET_BUFFER as libc::c_int;
 
 /// On a destination: gives `sock` the receive buffer `config` asks for, if any
 /// ([`MigrationConfig::receive_buffer`]).
