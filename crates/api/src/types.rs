@@ -190,6 +190,19 @@ pub struct MigrateRequest {
     /// an answer it does not send) that lasts longer fails the migration.
     #[serde(default = "default_stall_timeout_s")]
     pub stall_timeout_s: u64,
+    /// What to do when pre-copy stalls (default `auto-converge`; `raise-downtime`,
+    /// `give-up`): docs/migration.md, "Convergence".
+    #[serde(default)]
+    pub policy: Policy,
+    /// The most `raise-downtime` may raise the downtime limit to, ms (default 1000).
+    #[serde(default = "default_max_downtime_ms")]
+    pub max_downtime_ms: u64,
+}
+
+pub use ferry_migration::convergence::Policy;
+
+fn default_max_downtime_ms() -> u64 {
+    1000
 }
 
 /// Most streams one migration may use.
@@ -228,6 +241,8 @@ impl MigrateRequest {
             verify: false,
             streams: default_streams(),
             stall_timeout_s: DEFAULT_STALL_TIMEOUT_S,
+            policy: Policy::default(),
+            max_downtime_ms: default_max_downtime_ms(),
         }
     }
 }
@@ -315,6 +330,9 @@ pub struct MigrationInfo {
     /// How it ended, as a code, once it has (see [`MigrationReport::reason_code`]).
     #[serde(default, skip_serializing_if = "ReasonCode::is_unknown")]
     pub reason_code: ReasonCode,
+    /// The vCPU throttle now, percent (auto-converge; 0 when the guest runs at full speed).
+    #[serde(default)]
+    pub throttle_percent: u8,
 }
 
 /// The version of the VMM API this Ferry serves (`GET /version`). Additive changes (new
@@ -408,6 +426,9 @@ pub enum EventBody {
         /// Bytes sent so far in the migration (source).
         #[serde(default)]
         bytes_transferred: u64,
+        /// The vCPU throttle from the next pass on, percent (source; auto-converge).
+        #[serde(default)]
+        throttle_percent: u8,
     },
     /// The migration ended: the full report (source), as `GET /vm/migration`'s `report`.
     Report {
@@ -441,6 +462,14 @@ pub struct PassReport {
     pub dirtied: u64,
     /// Whether the vCPUs were paused (the stop-and-copy pass).
     pub stop_and_copy: bool,
+    /// The vCPU throttle while this pass ran, percent (auto-converge; 0 in reports of
+    /// older Ferrys).
+    #[serde(default)]
+    pub throttle_percent: u8,
+    /// The downtime limit this pass was judged against, ms (raised by `raise-downtime`;
+    /// 0 in reports of older Ferrys).
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
 }
 
 /// What a migration did: `ferry migrate`'s report (`--json` prints it as is).
@@ -485,6 +514,23 @@ pub struct MigrationReport {
     pub streams: u32,
     /// Each pass, the stop-and-copy last.
     pub passes: Vec<PassReport>,
+    /// The convergence policy the migration ran under (absent in reports of older Ferrys).
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// What the policy did, one entry per step (empty when pre-copy never stalled).
+    #[serde(default)]
+    pub policy_steps: Vec<PolicyStep>,
+}
+
+/// One step a convergence policy took.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyStep {
+    /// The pass after which it stepped in.
+    pub after_pass: u32,
+    /// The vCPU throttle from then on, percent.
+    pub throttle_percent: u8,
+    /// The downtime limit from then on, ms.
+    pub downtime_limit_ms: u64,
 }
 
 /// `PUT /vm/snapshot`: write a checkpoint.

@@ -255,6 +255,19 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub stall_timeout_s: u64,
 
+    /// What to do when pre-copy stalls (three passes, or one after a step, without the dirty
+    /// set shrinking while the expected downtime stays above the limit): `auto-converge`
+    /// throttles the vCPUs by 20%, then 10% more per stalled pass up to 99%, for the rest
+    /// of the migration only; `raise-downtime` raises --downtime-ms in four steps up to
+    /// --max-downtime-ms; `give-up` stops at once (the VM stays on the source). Each gives
+    /// up when it has no step left.
+    #[arg(long, value_name = "POLICY", default_value = "auto-converge")]
+    pub policy: ferry_api::Policy,
+
+    /// The most `--policy raise-downtime` may raise the downtime limit to, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_downtime_ms: u64,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -26,6 +26,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         verify: args.verify,
         streams: args.streams,
         stall_timeout_s: args.stall_timeout_s,
+        policy: args.policy,
+        max_downtime_ms: args.max_downtime_ms,
     };
     let socket = args.socket.api_socket.clone();
     let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {
@@ -200,15 +202,20 @@ fn progress_line(id: &str, body: &EventBody, phase: MigrationPhase) -> Option<St
             expected_downtime_ms,
             bytes_transferred,
             ms,
+            throttle_percent,
             ..
         } => {
             let downtime = match expected_downtime_ms {
                 Some(d) => format!("{d:.1} ms"),
                 None => "\u{2014}".into(),
             };
+            let throttle = match throttle_percent {
+                0 => String::new(),
+                t => format!(", vCPUs throttled {t}% from the next pass"),
+            };
             Some(format!(
                 "migration {id}: {} pass {pass}: {pages} pages in {ms:.1} ms, {dirtied} dirty, {rate_mib_s:.0} MiB/s, \
-                 expected downtime {downtime}, {:.1} MiB sent",
+                 expected downtime {downtime}, {:.1} MiB sent{throttle}",
                 phase_word(phase),
                 *bytes_transferred as f64 / MIB
             ))
@@ -253,16 +260,34 @@ fn print_report(r: &MigrationReport, verify: bool) {
     if r.verified {
         println!("verified:    guest memory hashes agree on both sides");
     }
+    if let Some(policy) = r.policy {
+        match (r.policy_steps.first(), r.policy_steps.last()) {
+            (Some(first), Some(last)) => println!(
+                "policy:      {policy}: stepped in {} time{} from pass {} (last: vCPUs throttled {}%, downtime limit {} ms)",
+                r.policy_steps.len(),
+                if r.policy_steps.len() == 1 { "" } else { "s" },
+                first.after_pass,
+                last.throttle_percent,
+                last.downtime_limit_ms
+            ),
+            _ => println!("policy:      {policy} (pre-copy never stalled)"),
+        }
+    }
     for p in &r.passes {
         println!(
-            "  pass {:>2}{}: {:>7} pages ({:>6} zero) {:>9.1} MiB in {:>8.1} ms; {} dirtied meanwhile",
+            "  pass {:>2}{}: {:>7} pages ({:>6} zero) {:>9.1} MiB in {:>8.1} ms; {} dirtied meanwhile{}",
             p.pass,
             if p.stop_and_copy { " (stop-and-copy)" } else { "" },
             p.pages,
             p.zero_pages,
             p.bytes as f64 / (1 << 20) as f64,
             p.ms,
-            p.dirtied
+            p.dirtied,
+            if p.throttle_percent > 0 {
+                format!("; vCPUs throttled {}%", p.throttle_percent)
+            } else {
+                String::new()
+            }
         );
     }
 }

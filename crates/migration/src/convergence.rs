@@ -13,8 +13,17 @@
 //!   than [`MAX_REMAINING_COPY`] (vSphere's rule), after `max_iterations` passes without
 //!   reaching the limit, or when the migration has run longer than its timeout;
 //! - otherwise **another pass**.
+//!
+//! A guest that dirties memory as fast as the link copies it makes the passes stop
+//! shrinking while the expected downtime stays above the limit: pre-copy has **stalled**
+//! ([`stalled`]: three passes, or one pass after a policy stepped in, without the dirty set
+//! falling below 90% of the smallest before it). What follows is the operator's [`Policy`]:
+//! throttle the vCPUs in steps (auto-converge), raise the downtime limit in steps up to a
+//! maximum, or give up at once. [`Convergence`] keeps that state across passes.
 
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::outcome::ReasonCode;
 
@@ -36,6 +45,232 @@ pub struct Limits {
     pub max_iterations: u32,
     /// Longest the whole migration may take before giving up.
     pub timeout: Duration,
+}
+
+/// What to do when pre-copy stalls (the guest dirties memory as fast as it is copied).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Slow the vCPUs down in steps ([`THROTTLE_INITIAL`]%, then [`THROTTLE_STEP`]% more
+    /// per stalled pass, up to [`THROTTLE_MAX`]%) until the dirty set shrinks; give up if it
+    /// still stalls at the maximum. The guest runs slower during the migration only.
+    #[default]
+    AutoConverge,
+    /// Raise the downtime limit in [`DOWNTIME_STEPS`] equal steps up to the request's
+    /// maximum; give up if it still stalls there.
+    RaiseDowntime,
+    /// Give up at once (the VM stays on the source, at full speed).
+    GiveUp,
+}
+
+impl Policy {
+    /// The name used in requests and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::AutoConverge => "auto-converge",
+            Policy::RaiseDowntime => "raise-downtime",
+            Policy::GiveUp => "give-up",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto-converge" => Ok(Policy::AutoConverge),
+            "raise-downtime" => Ok(Policy::RaiseDowntime),
+            "give-up" => Ok(Policy::GiveUp),
+            _ => {
+                Err(format!("unknown convergence policy {s:?}: use auto-converge, raise-downtime or give-up"))
+            }
+        }
+    }
+}
+
+/// First throttle auto-converge applies, percent of each vCPU's time taken away.
+pub const THROTTLE_INITIAL: u8 = 20;
+/// Added at each further stalled pass, percent.
+pub const THROTTLE_STEP: u8 = 10;
+/// The most auto-converge takes, percent.
+pub const THROTTLE_MAX: u8 = 99;
+/// Steps from the downtime limit to its maximum under [`Policy::RaiseDowntime`].
+pub const DOWNTIME_STEPS: u64 = 4;
+/// A pass "shrank" the dirty set when it left less than this share of the smallest set of
+/// the passes before it in the window.
+pub const STALL_SHRINK: f64 = 0.9;
+/// Passes that must fail to shrink before pre-copy counts as stalled (pass 1 included:
+/// it is the first measure of the dirty rate).
+pub const STALL_PASSES: usize = 3;
+
+/// Whether pre-copy stalled over `window` (the passes since the start, or since a policy
+/// last stepped in, that one included): with at least `need` passes, the last one left a
+/// dirty set no smaller than [`STALL_SHRINK`] of the smallest before it.
+pub fn stalled(window: &[PassMeasure], need: usize) -> bool {
+    let need = need.max(2);
+    if window.len() < need {
+        return false;
+    }
+    let (last, before) = window.split_last().expect("at least two passes");
+    let best = before.iter().map(|p| p.dirtied).min().unwrap_or(u64::MAX);
+    last.dirtied as f64 >= best as f64 * STALL_SHRINK
+}
+
+/// What a policy did after a pass, for the sender to carry out and the report to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Throttle the vCPUs to this percent (of each one's time taken away).
+    Throttle(u8),
+    /// The downtime limit is now this, ms.
+    DowntimeLimit(u64),
+}
+
+/// The convergence state of one migration: its passes, the current throttle and downtime
+/// limit, and what the policy did.
+#[derive(Clone, Debug)]
+pub struct Convergence {
+    limits: Limits,
+    policy: Policy,
+    max_downtime_ms: u64,
+    passes: Vec<PassMeasure>,
+    /// Index in `passes` of the pass after which the policy last stepped in.
+    window_start: usize,
+    acted: bool,
+    throttle: u8,
+    downtime_ms: u64,
+    actions: Vec<(u32, Action)>,
+}
+
+impl Convergence {
+    /// A migration's convergence under `policy`; `max_downtime_ms` bounds
+    /// [`Policy::RaiseDowntime`] (it is raised to `limits.downtime_ms` if lower).
+    pub fn new(limits: Limits, policy: Policy, max_downtime_ms: u64) -> Self {
+        Self {
+            limits,
+            policy,
+            max_downtime_ms: max_downtime_ms.max(limits.downtime_ms),
+            passes: Vec::new(),
+            window_start: 0,
+            acted: false,
+            throttle: 0,
+            downtime_ms: limits.downtime_ms,
+            actions: Vec::new(),
+        }
+    }
+
+    /// The vCPU throttle now, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle
+    }
+
+    /// The downtime limit now, ms.
+    pub fn downtime_limit_ms(&self) -> u64 {
+        self.downtime_ms
+    }
+
+    /// The passes so far.
+    pub fn passes(&self) -> &[PassMeasure] {
+        &self.passes
+    }
+
+    /// What the policy did, with the pass after which it did it.
+    pub fn actions(&self) -> &[(u32, Action)] {
+        &self.actions
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Records pass `m`, `elapsed` into the migration, and decides what follows. When the
+    /// decision is to go on and the policy stepped in, the action says how (the sender
+    /// throttles the vCPUs before the next pass).
+    pub fn after_pass(&mut self, m: PassMeasure, elapsed: Duration) -> (Decision, Option<Action>) {
+        self.passes.push(m);
+        let limits = Limits { downtime_ms: self.downtime_ms, ..self.limits };
+        let decision = decide(&self.passes, elapsed, &limits);
+        // The policy may step in only where pre-copy would go on anyway: a stop-and-copy is
+        // within the limit, and a give-up (pass budget, timeout, a remainder that takes over
+        // 100 s) is not the policy's to overrule.
+        let stuck = decision == Decision::Continue;
+        if !stuck {
+            return (decision, None);
+        }
+        let need = if self.acted { 2 } else { STALL_PASSES };
+        if !stalled(&self.passes[self.window_start..], need) {
+            return (decision, None);
+        }
+        let dirty = m.dirtied;
+        let expected = expected_downtime_ms(dirty, bandwidth(&self.passes));
+        let window: Vec<String> =
+            self.passes[self.window_start..].iter().map(|p| p.dirtied.to_string()).collect();
+        let why = format!(
+            "pre-copy stalled: passes {}-{} left {} dirty pages; expected downtime {expected:.0} ms \
+             exceeds the {} ms limit",
+            self.passes[self.window_start].pass,
+            m.pass,
+            window.join(", "),
+            self.downtime_ms
+        );
+        let action = match self.policy {
+            Policy::GiveUp => None,
+            Policy::AutoConverge if self.throttle < THROTTLE_MAX => {
+                let next = if self.throttle == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    self.throttle.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX)
+                };
+                self.throttle = next;
+                Some(Action::Throttle(next))
+            }
+            Policy::RaiseDowntime if self.downtime_ms < self.max_downtime_ms => {
+                let step = (self.max_downtime_ms - self.limits.downtime_ms).div_ceil(DOWNTIME_STEPS).max(1);
+                self.downtime_ms = (self.downtime_ms + step).min(self.max_downtime_ms);
+                Some(Action::DowntimeLimit(self.downtime_ms))
+            }
+            Policy::AutoConverge => {
+                return (
+                    Decision::GiveUp(
+                        ReasonCode::NoConvergence,
+                        format!("{why}, with the vCPUs throttled by {THROTTLE_MAX}%"),
+                    ),
+                    None,
+                )
+            }
+            Policy::RaiseDowntime => {
+                return (
+                    Decision::GiveUp(
+                        ReasonCode::NoConvergence,
+                        format!("{why}, its maximum (raise-downtime)"),
+                    ),
+                    None,
+                )
+            }
+        };
+        let Some(action) = action else {
+            return (Decision::GiveUp(ReasonCode::NoConvergence, format!("{why} (policy give-up)")), None);
+        };
+        self.acted = true;
+        self.window_start = self.passes.len() - 1;
+        self.actions.push((m.pass, action));
+        // With a raised limit the same pass may now be within it.
+        if let Action::DowntimeLimit(ms) = action {
+            let limits = Limits { downtime_ms: ms, ..self.limits };
+            let again = decide(&self.passes, elapsed, &limits);
+            if matches!(again, Decision::StopAndCopy(_)) {
+                return (again, Some(action));
+            }
+        }
+        (Decision::Continue, Some(action))
+    }
 }
 
 /// What one finished pass measured.
@@ -238,5 +473,106 @@ mod tests {
         let first = PassMeasure { pass: 1, pages: 65_536, bytes: 14 << 20, ms: 100.0, dirtied: 900 };
         let nothing = PassMeasure { pass: 2, pages: 900, bytes: 40, ms: 10.0, dirtied: 130 };
         assert!((bandwidth(&[first, nothing]) - (14 << 20) as f64 / 100.0).abs() < 1.0);
+    }
+
+    fn run(
+        policy: Policy,
+        dirty: impl Fn(u32, u8, u64) -> u64,
+        max_downtime: u64,
+    ) -> (Decision, Convergence) {
+        // 100 MB/s; pass 1 sends 65,536 pages.
+        let mut c = Convergence::new(LIMITS, policy, max_downtime);
+        let mut pages = 65_536;
+        for n in 1..=40 {
+            let d = dirty(n, c.throttle(), c.downtime_limit_ms());
+            let m = pass(n, pages, pages as f64 * WIRE_BYTES_PER_PAGE as f64 / 100_000.0, d);
+            let (decision, _) = c.after_pass(m, Duration::from_secs(u64::from(n)));
+            if decision != Decision::Continue {
+                return (decision, c);
+            }
+            pages = d;
+        }
+        panic!("no decision in 40 passes");
+    }
+
+    #[test]
+    fn a_stall_is_found_in_three_passes_and_give_up_acts_at_once() {
+        // 20,000 pages dirty every pass: ~820 ms of copying against a 300 ms limit.
+        let (d, c) = run(Policy::GiveUp, |_, _, _| 20_000, 0);
+        match d {
+            Decision::GiveUp(ReasonCode::NoConvergence, r) => assert!(r.contains("stalled"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.passes().len(), STALL_PASSES);
+        assert!(c.actions().is_empty());
+    }
+
+    #[test]
+    fn a_shrinking_dirty_set_is_not_a_stall() {
+        let (d, c) = run(Policy::GiveUp, |n, _, _| 40_000 >> n, 0);
+        assert!(matches!(d, Decision::StopAndCopy(_)), "{d:?}");
+        assert!(c.actions().is_empty());
+    }
+
+    #[test]
+    fn auto_converge_throttles_in_steps_until_the_dirty_set_shrinks() {
+        // The guest dirties in proportion to the time it keeps: 20,000 pages a pass at full
+        // speed; at a 60% throttle it leaves few enough to stop and copy.
+        let (d, c) = run(
+            Policy::AutoConverge,
+            |_, t, _| if t >= 60 { 500 } else { 20_000 * u64::from(100 - t) / 100 },
+            0,
+        );
+        assert!(matches!(d, Decision::StopAndCopy(_)), "{d:?}");
+        let steps: Vec<u8> = c
+            .actions()
+            .iter()
+            .map(|(_, a)| match a {
+                Action::Throttle(t) => *t,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(steps, [20, 30, 40, 50, 60]);
+        assert_eq!(c.actions()[0].0, 3, "first step after the third pass");
+    }
+
+    #[test]
+    fn auto_converge_gives_up_at_the_maximum_throttle() {
+        let (d, c) = run(Policy::AutoConverge, |_, _, _| 20_000, 0);
+        match d {
+            Decision::GiveUp(ReasonCode::NoConvergence, r) => assert!(r.contains("throttled by 99%"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.throttle(), THROTTLE_MAX);
+        assert_eq!(c.actions().last().map(|a| a.1), Some(Action::Throttle(99)));
+    }
+
+    #[test]
+    fn raise_downtime_raises_the_limit_up_to_its_maximum() {
+        // 20,000 pages at 100 MB/s is ~820 ms: reachable with a 1,000 ms maximum.
+        let (d, c) = run(Policy::RaiseDowntime, |_, _, _| 20_000, 1000);
+        assert!(matches!(d, Decision::StopAndCopy(_)), "{d:?}");
+        let limits: Vec<u64> = c
+            .actions()
+            .iter()
+            .map(|(_, a)| match a {
+                Action::DowntimeLimit(ms) => *ms,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(limits, [475, 650, 825]);
+        assert_eq!(c.downtime_limit_ms(), 825);
+        // Out of reach: give up at the maximum.
+        let (d, _) = run(Policy::RaiseDowntime, |_, _, _| 60_000, 1000);
+        assert!(matches!(d, Decision::GiveUp(ReasonCode::NoConvergence, _)), "{d:?}");
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [Policy::AutoConverge, Policy::RaiseDowntime, Policy::GiveUp] {
+            assert_eq!(p.as_str().parse::<Policy>(), Ok(p));
+            assert_eq!(serde_json::to_string(&p).expect("json"), format!("\"{p}\""));
+        }
+        assert!("fast".parse::<Policy>().is_err());
     }
 }

@@ -261,6 +261,8 @@ pub struct Vmm {
     run_recorded: bool,
     /// The migration that brought the VM here, for the run records.
     migrated_in: Option<String>,
+    /// The vCPU throttle (auto-converge while a migration runs; 0 otherwise).
+    throttle: Arc<vcpu::Throttle>,
     /// Migration events for `GET /vm/events` (both sides; a destination's come from
     /// [`Vmm::receive`]).
     events: std::sync::Arc<ferry_api::events::Events>,
@@ -483,11 +485,13 @@ impl Vmm {
 
         // vCPUs.
         let mask = FeatureMask::default();
+        let throttle = Arc::new(crate::vcpu::Throttle::default());
         let ctx = VcpuContext {
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             memory: mem.clone(),
             exit: exit.clone(),
+            throttle: throttle.clone(),
         };
         let mut fds: Vec<VcpuFd> = Vec::with_capacity(usize::from(vcpu_count));
         let mut tables = Vec::with_capacity(usize::from(vcpu_count));
@@ -543,6 +547,7 @@ impl Vmm {
             migrated_in: None,
             events: Default::default(),
             api_server: None,
+            throttle,
         })
     }
 

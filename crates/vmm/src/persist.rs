@@ -416,11 +416,13 @@ impl Vmm {
         let exit = Arc::new(ExitNotifier::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(efd("the VM exit eventfd"))?,
         ));
+        let throttle = Arc::new(crate::vcpu::Throttle::default());
         let ctx = VcpuContext {
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             memory: mem.clone(),
             exit: exit.clone(),
+            throttle: throttle.clone(),
         };
 
         let mut fds = Vec::with_capacity(snap.vcpus.len());
@@ -462,6 +464,7 @@ impl Vmm {
             migrated_in: None,
             events: Default::default(),
             api_server: None,
+            throttle,
         })
     }
 }

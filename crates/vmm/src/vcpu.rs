@@ -8,11 +8,17 @@
 //! thread: `Running -> Paused -> Running`, and any state `-> Stopped`. A request kicks
 //! the thread out of `KVM_RUN` with a signal whose handler sets `kvm_run.immediate_exit`,
 //! so a kick that lands just before the thread enters the kernel is not lost.
+//!
+//! A [`Throttle`] (auto-converge during a migration) takes a share of each vCPU's time
+//! away: a throttled thread arms a one-shot timer that sends it the kick signal after
+//! [`THROTTLE_SLICE`] in the guest, then sleeps `slice * p / (100 - p)` outside `KVM_RUN`
+//! (a pause or stop request ends the sleep at once).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -209,6 +215,79 @@ pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// How long a throttled vCPU runs between its sleeps.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// The share of every vCPU's time taken away, percent (0: none; at most 99). One per VM,
+/// shared by its vCPU threads; a migration's auto-converge sets it and clears it when the
+/// migration ends however it ends.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    percent: AtomicU8,
+}
+
+impl Throttle {
+    /// Sets the throttle, held to 0-99%.
+    pub fn set(&self, percent: u8) {
+        self.percent.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    /// The throttle now.
+    pub fn get(&self) -> u8 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    /// How long a vCPU sleeps after each slice at `percent`.
+    pub fn sleep_for(percent: u8) -> Duration {
+        let p = u32::from(percent.min(99));
+        THROTTLE_SLICE * p / (100 - p)
+    }
+}
+
+/// A POSIX timer that sends this thread the kick signal once, `THROTTLE_SLICE` after it is
+/// armed: what takes a throttled vCPU out of the guest when its slice is up.
+struct SliceTimer(libc::timer_t);
+
+impl SliceTimer {
+    /// A timer aimed at the calling thread.
+    fn for_this_thread() -> Result<Self, std::io::Error> {
+        /// `SIGEV_THREAD_ID` (Linux): deliver to the thread `sigev_notify_thread_id`.
+        const SIGEV_THREAD_ID: libc::c_int = 4;
+        // SAFETY: an all-zero sigevent is a valid value of this plain C struct.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = SIGEV_THREAD_ID;
+        sev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `sev` and `id` are valid for the call; the kernel fills `id`.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(id))
+    }
+
+    /// Fires once after `after` (zero disarms it).
+    fn arm(&self, after: Duration) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: the timer id is live (deleted only on drop) and `spec` is valid.
+        unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) };
+    }
+}
+
+impl Drop for SliceTimer {
+    fn drop(&mut self) {
+        // SAFETY: the id came from timer_create and is deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
 fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
@@ -229,6 +308,8 @@ pub struct VcpuContext {
     pub memory: GuestMemory,
     /// Where to report that the VM stopped.
     pub exit: Arc<ExitNotifier>,
+    /// The VM's vCPU throttle.
+    pub throttle: Arc<Throttle>,
 }
 
 /// Errors starting or controlling vCPU threads.
@@ -396,6 +477,9 @@ fn vcpu_thread(index: u8, fd: Arc<Mutex<VcpuFd>>, ctx: VcpuContext, control: Arc
         &mut fd.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+    // The slice timer, made the first time the VM is throttled.
+    let mut timer: Option<SliceTimer> = None;
+    let mut slice_started: Option<Instant> = None;
 
     loop {
         // Obey the request before (re-)entering the guest.
@@ -428,10 +512,42 @@ fn vcpu_thread(index: u8, fd: Arc<Mutex<VcpuFd>>, ctx: VcpuContext, control: Arc
             }
         }
 
+        let throttle = ctx.throttle.get();
+        match (throttle, slice_started) {
+            (0, Some(_)) => {
+                if let Some(t) = &timer {
+                    t.arm(Duration::ZERO);
+                }
+                slice_started = None;
+            }
+            (1.., None) => {
+                if timer.is_none() {
+                    match SliceTimer::for_this_thread() {
+                        Ok(t) => timer = Some(t),
+                        Err(e) => tracing::warn!("vCPU {index}: cannot throttle (no slice timer: {e})"),
+                    }
+                }
+                if let Some(t) = &timer {
+                    t.arm(THROTTLE_SLICE);
+                    slice_started = Some(Instant::now());
+                }
+            }
+            _ => {}
+        }
+
         let result = {
             let mut fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             run_once(index, &mut fd, &ctx)
         };
+        if let (1.., Some(started)) = (throttle, slice_started) {
+            if started.elapsed() >= THROTTLE_SLICE {
+                throttle_sleep(&control, Throttle::sleep_for(throttle));
+                if let Some(t) = &timer {
+                    t.arm(THROTTLE_SLICE);
+                }
+                slice_started = Some(Instant::now());
+            }
+        }
         match result {
             Ok(()) => {}
             Err(reason) => {
@@ -443,6 +559,19 @@ fn vcpu_thread(index: u8, fd: Arc<Mutex<VcpuFd>>, ctx: VcpuContext, control: Arc
                 }
             }
         }
+    }
+}
+
+/// Sleeps `time` outside the guest, or less if the VMM asks for anything but `Run`.
+fn throttle_sleep(control: &Control, time: Duration) {
+    let deadline = Instant::now() + time;
+    let mut c = control.lock();
+    while c.request == Request::Run {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        c = control.changed.wait_timeout(c, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
     }
 }
 
@@ -533,6 +662,18 @@ fn bytes_at_rip(fd: &VcpuFd, mem: &GuestMemory) -> (u64, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_sleeps_its_share_of_each_slice() {
+        assert_eq!(Throttle::sleep_for(0), Duration::ZERO);
+        assert_eq!(Throttle::sleep_for(20), Duration::from_micros(2500));
+        assert_eq!(Throttle::sleep_for(50), THROTTLE_SLICE);
+        assert_eq!(Throttle::sleep_for(99), THROTTLE_SLICE * 99);
+        assert_eq!(Throttle::sleep_for(200), THROTTLE_SLICE * 99, "held to 99%");
+        let t = Throttle::default();
+        t.set(150);
+        assert_eq!(t.get(), 99);
+    }
 
     #[test]
     fn state_machine_transitions() {

@@ -625,6 +625,7 @@ impl Vmm {
             eta_ms: None,
             report: None,
             reason_code: ferry_api::ReasonCode::Unknown,
+            throttle_percent: 0,
         }));
         let wake = match EventFd::new(libc::EFD_NONBLOCK) {
             Ok(e) => Arc::new(e),
@@ -673,6 +674,7 @@ impl Vmm {
             cancel: cancel.clone(),
             sockets: sockets.clone(),
             events: self.events.clone(),
+            throttle: self.throttle.clone(),
         };
         if let Err(e) = std::thread::Builder::new().name("migration".into()).spawn(move || source.run()) {
             return Err((ApiError::internal(format!("cannot start the migration thread: {e}")), reply));
@@ -795,6 +797,8 @@ impl Vmm {
                     let _ = tx.send(r);
                 }
                 Call::Resume(tx) => {
+                    // The guest resumes at full speed: auto-converge ends with the migration.
+                    self.throttle.set(0);
                     let r = if self.state == VmRunState::Paused {
                         self.resume_vcpus().map_err(|e| error_chain(&e))
                     } else {
@@ -803,6 +807,7 @@ impl Vmm {
                     let _ = tx.send(r);
                 }
                 Call::Finished(report) => {
+                    self.throttle.set(0);
                     let Some(m) = self.migration.take() else { continue };
                     let mut last = m.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     last.phase = report.status;

@@ -876,6 +876,7 @@ impl Receiver {
                         stop_and_copy: false,
                         expected_downtime_ms: None,
                         bytes_transferred: 0,
+                        throttle_percent: 0,
                     });
                     tracing::info!(
                         "migration {}: pass {} received: {} pages in {:.1} ms{}",

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ferry_api::events::Events;
 use ferry_api::{EventBody, MigrateRequest, MigrationPhase, MigrationReport, PassReport, Side, VmLocation};
 use ferry_migration::auth::{self, Key, Role};
-use ferry_migration::convergence::{self, Decision, Limits, PassMeasure};
+use ferry_migration::convergence::{self, Action, Convergence, Decision, Limits, PassMeasure};
 use ferry_migration::outcome::{Check, ReasonCode};
 use ferry_migration::protocol::{
     self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
@@ -63,6 +63,8 @@ pub(crate) struct Source {
     pub sockets: Sockets,
     /// Phase changes and passes go here for `GET /vm/events` (never blocks).
     pub events: Arc<Events>,
+    /// The VM's vCPU throttle, for auto-converge (cleared when the migration ends).
+    pub throttle: Arc<crate::vcpu::Throttle>,
 }
 
 /// Counters kept while the migration runs, for the report.
@@ -76,6 +78,10 @@ struct Tally {
     downtime_ms: f64,
     verified: bool,
     stop_reason: String,
+    /// The throttle and downtime limit the next pass runs under.
+    throttle: u8,
+    downtime_limit_ms: u64,
+    policy_steps: Vec<ferry_api::PolicyStep>,
 }
 
 /// How a migration ended, for its report.
@@ -373,6 +379,9 @@ impl Run<'_> {
             ms,
             dirtied,
             stop_and_copy: stop,
+            // The stop-and-copy runs with the vCPUs paused, whatever the throttle.
+            throttle_percent: if stop { 0 } else { self.tally.throttle },
+            downtime_limit_ms: self.tally.downtime_limit_ms,
         });
         // The bandwidth that predicts the downtime is the first stream's: the stop-and-copy
         // has only that one.
@@ -385,10 +394,11 @@ impl Run<'_> {
             max_iterations: self.src.req.max_iterations,
             timeout: Duration::from_secs(self.src.req.timeout_s),
         };
+        let mut convergence = Convergence::new(limits, self.src.req.policy, self.src.req.max_downtime_ms);
+        self.tally.downtime_limit_ms = limits.downtime_ms;
         let regions: Vec<(u64, u64)> =
             self.src.config.memory_regions.iter().map(|r| (r.guest_addr, r.len)).collect();
         let total: u64 = regions.iter().map(|(_, l)| l / PAGE_SIZE as u64).sum();
-        let mut measures = Vec::new();
         let mut pending: Option<Vec<DirtyRegion>> = None;
         for pass in 1u32.. {
             let t = Instant::now();
@@ -416,9 +426,13 @@ impl Run<'_> {
             let dirty = self.src.dirty.take()?;
             let dirtied: u64 = dirty.iter().map(DirtyRegion::count).sum();
             let m = self.record_pass(pass, sent, ms, dirtied, false);
-            measures.push(m);
-            let bw = convergence::bandwidth(&measures);
+            let (decision, action) = convergence.after_pass(m, self.started.elapsed());
+            if let Some(action) = action {
+                self.policy_step(pass, action, &convergence);
+            }
+            let bw = convergence::bandwidth(convergence.passes());
             let expected = convergence::expected_downtime_ms(dirtied, bw);
+            let throttle = convergence.throttle();
             let (transferred, elapsed) = (self.tally.bytes, self.started.elapsed().as_millis() as u64);
             let rate_mib_s = if ms > 0.0 { sent.bytes as f64 / (1 << 20) as f64 / (ms / 1e3) } else { 0.0 };
             update(&self.src.status, |s| {
@@ -430,6 +444,7 @@ impl Run<'_> {
                 s.dirty_pages_per_s = if ms > 0.0 { dirtied as f64 / (ms / 1e3) } else { 0.0 };
                 s.bytes_transferred = transferred;
                 s.elapsed_ms = elapsed;
+                s.throttle_percent = throttle;
             });
             self.src.events.push(
                 &self.src.id,
@@ -444,9 +459,9 @@ impl Run<'_> {
                     stop_and_copy: false,
                     expected_downtime_ms: Some(expected),
                     bytes_transferred: transferred,
+                    throttle_percent: throttle,
                 },
             );
-            let decision = convergence::decide(&measures, self.started.elapsed(), &limits);
             let line = format!(
                 "migration {}: pre-copy pass {pass}: sent {} pages ({} bytes) in {:.1} ms at {:.0} MB/s; {dirtied} \
                  pages dirtied meanwhile",
@@ -473,6 +488,31 @@ impl Run<'_> {
             pending = Some(dirty);
         }
         Ok(())
+    }
+
+    /// Carries out what the convergence policy decided after `pass`.
+    fn policy_step(&mut self, pass: u32, action: Action, c: &Convergence) {
+        match action {
+            Action::Throttle(p) => {
+                self.src.throttle.set(p);
+                tracing::info!(
+                    "migration {}: pre-copy stalled after pass {pass}: auto-converge throttles the vCPUs by {p}%",
+                    self.id()
+                );
+            }
+            Action::DowntimeLimit(ms) => tracing::info!(
+                "migration {}: pre-copy stalled after pass {pass}: the downtime limit is raised to {ms} ms (at most {} ms)",
+                self.id(),
+                self.src.req.max_downtime_ms.max(self.src.req.downtime_ms)
+            ),
+        }
+        self.tally.throttle = c.throttle();
+        self.tally.downtime_limit_ms = c.downtime_limit_ms();
+        self.tally.policy_steps.push(ferry_api::PolicyStep {
+            after_pass: pass,
+            throttle_percent: c.throttle(),
+            downtime_limit_ms: c.downtime_limit_ms(),
+        });
     }
 
     fn stop_and_copy(&mut self) -> Result<(), Error> {
@@ -513,6 +553,7 @@ impl Run<'_> {
                 stop_and_copy: true,
                 expected_downtime_ms: None,
                 bytes_transferred: self.tally.bytes,
+                throttle_percent: 0,
             },
         );
         let payload =
@@ -582,6 +623,8 @@ impl Run<'_> {
 
     /// Turns the result into the report, rolling back first if needed.
     fn finish(&mut self, result: Result<(), Error>) -> MigrationReport {
+        // However it ended, the guest runs at full speed again (here, after a rollback).
+        self.src.throttle.set(0);
         let Ended { status, location, reason, code } = match result {
             Ok(()) => Ended {
                 status: MigrationPhase::Completed,
@@ -607,6 +650,7 @@ impl Run<'_> {
             s.elapsed_ms = total_ms as u64;
             s.reason = reason.clone();
             s.reason_code = code;
+            s.throttle_percent = 0;
         });
         let t = &self.tally;
         MigrationReport {
@@ -627,6 +671,8 @@ impl Run<'_> {
             verified: t.verified && status == MigrationPhase::Completed,
             streams: self.src.config.streams,
             passes: t.passes.clone(),
+            policy: Some(self.src.req.policy),
+            policy_steps: t.policy_steps.clone(),
         }
     }
 
