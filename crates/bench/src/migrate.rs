@@ -2,8 +2,17 @@
 //! `ferry` processes over loopback, several runs, and measures one plain TCP stream on
 //! loopback in the same run as the throughput reference. When `qemu-system-x86_64` is on
 //! PATH, the same invocation also migrates the same guest ELF with the same initrd file
-//! between two QEMUs (microvm, KVM; see `qemu.rs`), one QEMU run after each Ferry run, and reports
-//! QEMU's figures and the Ferry/QEMU ratios next to Ferry's.
+//! between two QEMUs (microvm, KVM; see `qemu.rs`) and reports QEMU's figures and the
+//! Ferry/QEMU ratios next to Ferry's.
+//!
+//! Fairness: on a machine that is itself a VM, memory freed seconds ago costs several times
+//! more to touch again than memory freed a moment ago, and a migration's destination touches
+//! all of its memory. So the runs go in pairs in ABBA order (Ferry then QEMU, then QEMU then
+//! Ferry, ...), each after the same idle time, and each run first times the touching of a
+//! small fresh probe region: the run is `cold` or `warm` by that probe, and the report
+//! compares each kind with its own. Every pair's ratio is printed, not only the medians.
+//! Beside time and downtime, it reports what the guest felt: memstress passes per second on
+//! the source while the migration ran.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -42,6 +51,67 @@ pub struct MigrateArgs {
     /// `ferry migrate --streams N`.
     #[arg(long, default_value_t = 1)]
     streams: u32,
+    /// Idle time before every run (both Ferry's and QEMU's), seconds.
+    #[arg(long, default_value_t = 2.0)]
+    idle_s: f64,
+    /// Cap the migration's bandwidth on both sides, MiB/s (0: none; 120 is about 1 Gbit/s).
+    #[arg(long, default_value_t = 0)]
+    bandwidth_mib: u64,
+    /// `ferry migrate --policy` (auto-converge, raise-downtime, give-up).
+    #[arg(long, default_value = "auto-converge")]
+    policy: String,
+    /// QEMU migration capabilities to turn on, comma-separated (e.g.
+    /// `xbzrle,auto-converge`, `multifd`); empty for plain pre-copy.
+    #[arg(long, default_value = "", value_delimiter = ',')]
+    qemu_caps: Vec<String>,
+    /// A run is `cold` when touching the fresh probe region costs at least this much per
+    /// 4 KiB page, ns.
+    #[arg(long, default_value_t = 1000.0)]
+    cold_ns_per_page: f64,
+}
+
+/// Pages in the probe region touched before each run (16 MiB).
+const PROBE_PAGES: usize = 4096;
+
+/// ns per 4 KiB page to fault in and write a fresh, never-touched anonymous region (small
+/// pages): how warm the machine's free memory is right now.
+fn probe_ns_per_page() -> anyhow::Result<f64> {
+    let len = PROBE_PAGES * 4096;
+    let region = FreshMemory::new(len, false)?;
+    let t = Instant::now();
+    for i in 0..PROBE_PAGES {
+        // SAFETY: the offset is inside the private mapping `region` owns.
+        unsafe { std::ptr::write_volatile(region.0.cast::<u8>().add(i * 4096), 1) };
+    }
+    Ok(t.elapsed().as_nanos() as f64 / PROBE_PAGES as f64)
+}
+
+/// memstress passes a console file shows so far.
+pub fn guest_passes(console: &Path) -> f64 {
+    std::fs::read_to_string(console).map(|s| s.matches("memstress: pass ").count() as f64).unwrap_or(0.0)
+}
+
+/// One run of either side, as the pairs compare them.
+#[derive(Debug, Clone, Serialize)]
+struct RunFigures {
+    total_ms: f64,
+    downtime_ms: f64,
+    passes: f64,
+    guest_passes_per_s: f64,
+    probe_ns_per_page: f64,
+    cold: bool,
+}
+
+/// One ABBA pair.
+#[derive(Debug, Serialize)]
+struct Pair {
+    /// Which ran first.
+    first: &'static str,
+    ferry: RunFigures,
+    qemu: RunFigures,
+    total_ratio: f64,
+    downtime_ratio: f64,
+    guest_progress_ratio: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,6 +133,13 @@ struct Report {
     pass1_vs_fresh: f64,
     /// The same migration with QEMU; `null` when `qemu-system-x86_64` is not on PATH.
     qemu: Option<QemuReport>,
+    /// The guest's progress during Ferry's migrations, memstress passes per second.
+    guest_passes_per_s: Summary,
+    /// Each run's probe, ns per page, and how many runs were cold.
+    probe_ns_per_page: Summary,
+    cold_runs: usize,
+    bandwidth_mib: u64,
+    policy: String,
 }
 
 /// QEMU's figures for the same guest, and Ferry's medians over QEMU's.
@@ -81,6 +158,19 @@ struct QemuReport {
     downtime_ratio: f64,
     /// Whether Ferry's median total is under half of QEMU's.
     total_under_half: bool,
+    /// The capabilities QEMU ran with.
+    caps: Vec<String>,
+    /// QEMU's guest progress during its migrations, memstress passes per second.
+    guest_passes_per_s: Summary,
+    /// Each pair, in the order run.
+    pairs: Vec<Pair>,
+    /// Medians of the pairs' ratios (Ferry over QEMU).
+    pair_total_ratio: f64,
+    pair_downtime_ratio: f64,
+    /// The same over the pairs where both runs were of the same kind (both cold, or both
+    /// warm); `null` when there is none.
+    pair_total_ratio_cold: Option<f64>,
+    pair_total_ratio_warm: Option<f64>,
 }
 
 /// Writes the guest ELF for QEMU into `dir`; returns its path.
@@ -139,7 +229,7 @@ fn tcp_into_fresh_memory(mib: usize) -> anyhow::Result<f64> {
             Ok(())
         });
         let (mut r, _) = l.accept()?;
-        let fresh = FreshMemory::new(len)?;
+        let fresh = FreshMemory::new(len, true)?;
         let t = Instant::now();
         // SAFETY: `fresh` is a private anonymous mapping of `len` bytes that nothing else
         // uses and that outlives the slice.
@@ -152,11 +242,11 @@ fn tcp_into_fresh_memory(mib: usize) -> anyhow::Result<f64> {
     Ok(rates[1])
 }
 
-/// A fresh anonymous mapping advised for huge pages, unmapped on drop.
+/// A fresh anonymous mapping (advised for huge pages or against them), unmapped on drop.
 struct FreshMemory(*mut libc::c_void, usize);
 
 impl FreshMemory {
-    fn new(len: usize) -> anyhow::Result<Self> {
+    fn new(len: usize, huge: bool) -> anyhow::Result<Self> {
         // SAFETY: a new private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
@@ -169,8 +259,9 @@ impl FreshMemory {
             )
         };
         anyhow::ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        let advice = if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
         // SAFETY: advice on the mapping just made; failure (no THP) changes nothing.
-        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(p, len, advice) };
         Ok(Self(p, len))
     }
 }
@@ -264,6 +355,8 @@ fn one_run(
         wait_file_line(&src_console, "memstress: pass 2", Duration::from_secs(120))?;
         wait_file_line(&dst_log, "waiting for an incoming migration", Duration::from_secs(10))?;
         let sampler = VcpuSampler::start(src_pid);
+        let passes_before = guest_passes(&src_console);
+        let started = Instant::now();
         let out = Command::new(ferry)
             .args(["migrate", "--api-socket", &s(&src_sock), "--to", &format!("tcp:127.0.0.1:{port}")])
             .args([
@@ -273,14 +366,21 @@ fn one_run(
                 &args.downtime_ms.to_string(),
                 "--streams",
                 &args.streams.to_string(),
+                "--bandwidth-mib",
+                &args.bandwidth_mib.to_string(),
+                "--policy",
+                &args.policy,
                 "--json",
                 "--quiet",
             ])
             .output()?;
+        let took = started.elapsed().as_secs_f64();
+        let guest = guest_passes(&src_console) - passes_before;
         let vcpu_share = sampler.stop();
         let mut report: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("no report: {}", String::from_utf8_lossy(&out.stderr)))?;
         report["bench_vcpu_share"] = serde_json::json!(vcpu_share);
+        report["bench_guest_passes_per_s"] = serde_json::json!(if took > 0.0 { guest / took } else { 0.0 });
         if report["status"] != "completed" {
             bail!("migration did not complete: {report}");
         }
@@ -295,6 +395,7 @@ fn one_run(
 
 pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(args.idle_s >= 0.0 && args.idle_s <= 600.0, "--idle-s must be 0 to 600");
     let dir: PathBuf = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.img");
@@ -303,7 +404,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     std::fs::write(&key, [0x42u8; 32])?;
     let result = all_runs(ferry, &dir, args, &initrd, &key, json);
     let _ = std::fs::remove_dir_all(&dir);
-    let (reports, qemu_bin, qemu_runs) = result?;
+    let (ferry_runs, qemu_bin, qemu_runs) = result?;
+    let reports: Vec<&serde_json::Value> = ferry_runs.iter().map(|(r, _)| r).collect();
     let tcp = tcp_stream(Duration::from_secs(1))?;
     let fresh = tcp_into_fresh_memory(args.initrd_mib as usize)?;
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
@@ -312,6 +414,7 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
     let pass1 = Summary::of(&f("throughput_mb_s"));
     let vcpu = Summary::of(&f("bench_vcpu_share").iter().map(|v| v * 100.0).collect::<Vec<_>>());
+    let figures: Vec<&RunFigures> = ferry_runs.iter().map(|(_, f)| f).collect();
     let mut report = Report {
         runs: args.runs,
         total_ms: Summary::of(&f("total_ms")),
@@ -326,72 +429,124 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         streams: args.streams,
         tcp_stream_mb_s: tcp,
         qemu: None,
+        guest_passes_per_s: Summary::of(&f("bench_guest_passes_per_s")),
+        probe_ns_per_page: Summary::of(&figures.iter().map(|f| f.probe_ns_per_page).collect::<Vec<_>>()),
+        cold_runs: figures.iter().filter(|f| f.cold).count(),
+        bandwidth_mib: args.bandwidth_mib,
+        policy: args.policy.clone(),
     };
-    report.qemu = qemu_bin.zip(qemu_runs).map(|(q, runs)| qemu_report(&q, &runs, &report));
+    report.qemu = qemu_bin.zip(qemu_runs).map(|(q, runs)| qemu_report(&q, args, &runs, &ferry_runs, &report));
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let p = |name: &str, s: &Summary, unit: &str| {
-            println!(
-                "{name:<24} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
-                s.median, s.min, s.max, s.runs
-            )
-        };
-        println!(
-            "migration of memstress ({} memory, {} MiB initrd, wss={}, {} stream{}):",
-            args.memory,
-            args.initrd_mib,
-            args.wss,
-            args.streams,
-            if args.streams == 1 { "" } else { "s" }
-        );
-        p("total", &report.total_ms, "ms");
-        p("downtime", &report.downtime_ms, "ms");
-        p("sent", &report.bytes_mib, "MiB");
-        p("passes", &report.passes, "");
-        p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
-        p("vCPU kept of a core", &report.vcpu_share_pct, "%");
-        println!(
-            "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
-            "one TCP stream",
-            tcp,
-            report.pass1_vs_tcp * 100.0
-        );
-        println!(
-            "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
-            "one stream, fresh memory",
-            fresh,
-            report.pass1_vs_fresh * 100.0
-        );
-        match &report.qemu {
-            None if args.without_qemu => println!("QEMU side by side: skipped (--without-qemu)"),
-            None => println!(
-                "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
-                qemu::BINARY
-            ),
-            Some(q) => {
-                println!("QEMU side by side, same ELF and initrd ({}):", q.version);
-                p("QEMU total", &q.total_ms, "ms");
-                p("QEMU downtime", &q.downtime_ms, "ms");
-                p("QEMU setup", &q.setup_ms, "ms");
-                p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
-                p("QEMU passes (syncs)", &q.passes, "");
-                println!(
-                    "Ferry/QEMU: total {:.2}x (Ferry under half of QEMU: {}), downtime {:.2}x",
-                    q.total_ratio,
-                    if q.total_under_half { "yes" } else { "no" },
-                    q.downtime_ratio
-                );
-            }
-        }
+        print_report(args, &report);
     }
     Ok(())
 }
 
-type Runs = (Vec<serde_json::Value>, Option<PathBuf>, Option<Vec<qemu::Run>>);
+fn print_report(args: &MigrateArgs, report: &Report) {
+    let p = |name: &str, s: &Summary, unit: &str| {
+        println!(
+            "{name:<24} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
+            s.median, s.min, s.max, s.runs
+        )
+    };
+    println!(
+        "migration of memstress ({} memory, {} MiB initrd, wss={}, {} stream{}, {}, policy {}):",
+        args.memory,
+        args.initrd_mib,
+        args.wss,
+        args.streams,
+        if args.streams == 1 { "" } else { "s" },
+        if args.bandwidth_mib == 0 {
+            "no bandwidth cap".to_string()
+        } else {
+            format!("{} MiB/s cap", args.bandwidth_mib)
+        },
+        args.policy
+    );
+    p("total", &report.total_ms, "ms");
+    p("downtime", &report.downtime_ms, "ms");
+    p("sent", &report.bytes_mib, "MiB");
+    p("passes", &report.passes, "");
+    p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
+    p("vCPU kept of a core", &report.vcpu_share_pct, "%");
+    p("guest progress", &report.guest_passes_per_s, "passes/s");
+    p("probe (fresh memory)", &report.probe_ns_per_page, "ns/page");
+    println!("{:<24} {} of {} Ferry runs", "cold runs", report.cold_runs, report.runs);
+    println!(
+        "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+        "one TCP stream",
+        report.tcp_stream_mb_s,
+        report.pass1_vs_tcp * 100.0
+    );
+    println!(
+        "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+        "one stream, fresh memory",
+        report.tcp_into_fresh_memory_mb_s,
+        report.pass1_vs_fresh * 100.0
+    );
+    match &report.qemu {
+        None if args.without_qemu => println!("QEMU side by side: skipped (--without-qemu)"),
+        None => println!(
+            "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
+            qemu::BINARY
+        ),
+        Some(q) => {
+            let caps = if q.caps.is_empty() { "plain pre-copy".to_string() } else { q.caps.join(",") };
+            println!("QEMU side by side, same ELF and initrd ({}; {caps}):", q.version);
+            p("QEMU total", &q.total_ms, "ms");
+            p("QEMU downtime", &q.downtime_ms, "ms");
+            p("QEMU setup", &q.setup_ms, "ms");
+            p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
+            p("QEMU passes (syncs)", &q.passes, "");
+            p("QEMU guest progress", &q.guest_passes_per_s, "passes/s");
+            println!("ABBA pairs (Ferry/QEMU; probe ns/page, c = cold, w = warm):");
+            for (i, pair) in q.pairs.iter().enumerate() {
+                let kind = |f: &RunFigures| if f.cold { 'c' } else { 'w' };
+                println!(
+                    "  pair {} ({} first): total {:>7.0}/{:<7.0} ms = {:.2}x  downtime {:>7.2}/{:<7.2} ms = {:.2}x  \
+                     guest {:.2}x  probe {:.0}{}/{:.0}{}",
+                    i + 1,
+                    pair.first,
+                    pair.ferry.total_ms,
+                    pair.qemu.total_ms,
+                    pair.total_ratio,
+                    pair.ferry.downtime_ms,
+                    pair.qemu.downtime_ms,
+                    pair.downtime_ratio,
+                    pair.guest_progress_ratio,
+                    pair.ferry.probe_ns_per_page,
+                    kind(&pair.ferry),
+                    pair.qemu.probe_ns_per_page,
+                    kind(&pair.qemu)
+                );
+            }
+            let opt = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "no such pair".into());
+            println!(
+                "Ferry/QEMU, median of pairs: total {:.2}x (under half: {}), downtime {:.2}x; \
+                 pairs both cold: {}, both warm: {}",
+                q.pair_total_ratio,
+                if q.total_under_half { "yes" } else { "no" },
+                q.pair_downtime_ratio,
+                opt(q.pair_total_ratio_cold),
+                opt(q.pair_total_ratio_warm)
+            );
+        }
+    }
+}
 
-/// Ferry's runs, each followed by QEMU's run of the same guest when QEMU is installed
-/// (interleaved, so that a change in the machine's load affects both sides alike).
+type Runs = (Vec<(serde_json::Value, RunFigures)>, Option<PathBuf>, Option<Vec<(qemu::Run, RunFigures)>>);
+
+/// Sleeps the idle time, then probes how warm free memory is.
+fn settle(args: &MigrateArgs) -> anyhow::Result<(f64, bool)> {
+    std::thread::sleep(Duration::from_secs_f64(args.idle_s));
+    let probe = probe_ns_per_page()?;
+    Ok((probe, probe >= args.cold_ns_per_page))
+}
+
+/// Ferry's runs and, when QEMU is installed, QEMU's, in ABBA pairs: pair 1 runs Ferry first,
+/// pair 2 QEMU first, and so on; every run after the same idle time and a probe.
 fn all_runs(
     ferry: &Path,
     dir: &Path,
@@ -412,51 +567,129 @@ fn all_runs(
     let mut reports = Vec::new();
     let mut qemu_runs = Vec::new();
     for i in 0..args.runs {
-        let r = one_run(ferry, dir, args, initrd, key).with_context(|| format!("run {}", i + 1))?;
-        if !json {
-            eprintln!(
-                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
-                i + 1,
-                r["total_ms"].as_f64().unwrap_or(0.0),
-                r["downtime_ms"].as_f64().unwrap_or(0.0),
-                r["passes"].as_array().map(Vec::len).unwrap_or(0)
-            );
-        }
-        reports.push(r);
-        if let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) {
-            let s =
-                qemu::Setup { elf, initrd, memory: *memory, wss: &args.wss, downtime_ms: args.downtime_ms };
-            let r = qemu::one_run(q, dir, &s).with_context(|| format!("QEMU run {}", i + 1))?;
-            if !json {
-                eprintln!(
-                    "qemu run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
-                    i + 1,
-                    r.total_ms,
-                    r.downtime_ms,
-                    r.passes
-                );
+        let qemu_first = i % 2 == 1 && qemu_bin.is_some();
+        for side in if qemu_first { ["qemu", "ferry"] } else { ["ferry", "qemu"] } {
+            if side == "ferry" {
+                let (probe, cold) = settle(args)?;
+                let r = one_run(ferry, dir, args, initrd, key).with_context(|| format!("run {}", i + 1))?;
+                let fig = RunFigures {
+                    total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
+                    downtime_ms: r["downtime_ms"].as_f64().unwrap_or(0.0),
+                    passes: r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64,
+                    guest_passes_per_s: r["bench_guest_passes_per_s"].as_f64().unwrap_or(0.0),
+                    probe_ns_per_page: probe,
+                    cold,
+                };
+                if !json {
+                    eprintln!(
+                        "run {}: total {:.0} ms, downtime {:.2} ms, {} passes, guest {:.1} passes/s, probe {probe:.0} ns/page ({})",
+                        i + 1,
+                        fig.total_ms,
+                        fig.downtime_ms,
+                        fig.passes,
+                        fig.guest_passes_per_s,
+                        if cold { "cold" } else { "warm" }
+                    );
+                }
+                reports.push((r, fig));
+            } else if let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) {
+                let (probe, cold) = settle(args)?;
+                let s = qemu::Setup {
+                    elf,
+                    initrd,
+                    memory: *memory,
+                    wss: &args.wss,
+                    downtime_ms: args.downtime_ms,
+                    bandwidth_mib: args.bandwidth_mib,
+                    caps: &args.qemu_caps,
+                };
+                let r = qemu::one_run(q, dir, &s).with_context(|| format!("QEMU run {}", i + 1))?;
+                let fig = RunFigures {
+                    total_ms: r.total_ms,
+                    downtime_ms: r.downtime_ms,
+                    passes: r.passes,
+                    guest_passes_per_s: r.guest_passes_per_s,
+                    probe_ns_per_page: probe,
+                    cold,
+                };
+                if !json {
+                    eprintln!(
+                        "qemu run {}: total {:.0} ms, downtime {:.2} ms, {} passes, guest {:.1} passes/s, throttle {:.0}%, probe {probe:.0} ns/page ({})",
+                        i + 1,
+                        r.total_ms,
+                        r.downtime_ms,
+                        r.passes,
+                        r.guest_passes_per_s,
+                        r.throttle_pct,
+                        if cold { "cold" } else { "warm" }
+                    );
+                }
+                qemu_runs.push((r, fig));
             }
-            qemu_runs.push(r);
         }
     }
     let qemu_runs = qemu_bin.as_ref().map(|_| qemu_runs);
     Ok((reports, qemu_bin, qemu_runs))
 }
 
-fn qemu_report(qemu: &Path, runs: &[qemu::Run], ferry: &Report) -> QemuReport {
-    let f = |g: fn(&qemu::Run) -> f64| -> Summary { Summary::of(&runs.iter().map(g).collect::<Vec<_>>()) };
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+fn median_of(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| Summary::of(v).median)
+}
+
+fn qemu_report(
+    qemu: &Path,
+    args: &MigrateArgs,
+    runs: &[(qemu::Run, RunFigures)],
+    ferry_runs: &[(serde_json::Value, RunFigures)],
+    ferry: &Report,
+) -> QemuReport {
+    let f = |g: fn(&qemu::Run) -> f64| -> Summary {
+        Summary::of(&runs.iter().map(|(r, _)| g(r)).collect::<Vec<_>>())
+    };
     let total_ms = f(|r| r.total_ms);
     let downtime_ms = f(|r| r.downtime_ms);
-    let total_ratio = ferry.total_ms.median / total_ms.median;
+    let pairs: Vec<Pair> = ferry_runs
+        .iter()
+        .zip(runs)
+        .enumerate()
+        .map(|(i, ((_, a), (_, b)))| Pair {
+            first: if i % 2 == 1 { "qemu" } else { "ferry" },
+            total_ratio: ratio(a.total_ms, b.total_ms),
+            downtime_ratio: ratio(a.downtime_ms, b.downtime_ms),
+            guest_progress_ratio: ratio(a.guest_passes_per_s, b.guest_passes_per_s),
+            ferry: a.clone(),
+            qemu: b.clone(),
+        })
+        .collect();
+    let ratios = |keep: fn(&Pair) -> bool| -> Vec<f64> {
+        pairs.iter().filter(|p| keep(p)).map(|p| p.total_ratio).collect()
+    };
+    let pair_total_ratio = median_of(&ratios(|_| true)).unwrap_or(f64::NAN);
     QemuReport {
         version: qemu::version(qemu).unwrap_or_else(|e| format!("unknown version ({e:#})")),
         setup_ms: f(|r| r.setup_ms),
         bytes_mib: f(|r| r.bytes / (1u64 << 20) as f64),
         passes: f(|r| r.passes),
-        total_ratio,
+        total_ratio: ferry.total_ms.median / total_ms.median,
         downtime_ratio: ferry.downtime_ms.median / downtime_ms.median,
-        total_under_half: total_ratio < 0.5,
+        total_under_half: pair_total_ratio < 0.5,
         total_ms,
         downtime_ms,
+        caps: args.qemu_caps.iter().filter(|c| !c.is_empty()).cloned().collect(),
+        guest_passes_per_s: f(|r| r.guest_passes_per_s),
+        pair_total_ratio,
+        pair_downtime_ratio: median_of(&pairs.iter().map(|p| p.downtime_ratio).collect::<Vec<_>>())
+            .unwrap_or(f64::NAN),
+        pair_total_ratio_cold: median_of(&ratios(|p| p.ferry.cold && p.qemu.cold)),
+        pair_total_ratio_warm: median_of(&ratios(|p| !p.ferry.cold && !p.qemu.cold)),
+        pairs,
     }
 }

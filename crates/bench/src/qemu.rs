@@ -54,6 +54,11 @@ pub struct Setup<'a> {
     pub wss: &'a str,
     /// `downtime-limit`, ms.
     pub downtime_ms: u64,
+    /// Bandwidth cap, MiB/s (0: none).
+    pub bandwidth_mib: u64,
+    /// Migration capabilities turned on on both sides (`xbzrle`, `auto-converge`,
+    /// `multifd`, ...); none for plain pre-copy.
+    pub caps: &'a [String],
 }
 
 /// One migration's figures, from the source's `query-migrate`.
@@ -69,6 +74,10 @@ pub struct Run {
     pub bytes: f64,
     /// `ram.dirty-sync-count`: dirty-bitmap syncs, one per pass over memory.
     pub passes: f64,
+    /// The guest's progress during the migration, memstress passes per second on the source.
+    pub guest_passes_per_s: f64,
+    /// `cpu-throttle-percentage` at the end (auto-converge), %.
+    pub throttle_pct: f64,
 }
 
 /// A QEMU process, killed (and reaped) when dropped, so every error path cleans up.
@@ -245,10 +254,20 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             "destination is not waiting for a migration: {status}"
         );
         wait_console(&src_console, "memstress: pass 2", &mut src).context("source guest")?;
+        let caps: Vec<&String> = setup.caps.iter().filter(|c| !c.is_empty()).collect();
+        if !caps.is_empty() {
+            let caps: Vec<Value> = caps.iter().map(|c| json!({"capability": c, "state": true})).collect();
+            for qmp in [&mut src_qmp, &mut dst_qmp] {
+                qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))?;
+            }
+        }
+        let bandwidth = if setup.bandwidth_mib == 0 { NO_BANDWIDTH_CAP } else { setup.bandwidth_mib << 20 };
         src_qmp.execute(
             "migrate-set-parameters",
-            Some(json!({ "downtime-limit": setup.downtime_ms, "max-bandwidth": NO_BANDWIDTH_CAP })),
+            Some(json!({ "downtime-limit": setup.downtime_ms, "max-bandwidth": bandwidth })),
         )?;
+        let passes_before = crate::migrate::guest_passes(&src_console);
+        let started = Instant::now();
         src_qmp.execute("migrate", Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })))?;
         let deadline = Instant::now() + TIMEOUT;
         let info = loop {
@@ -269,6 +288,8 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let guest_passes = crate::migrate::guest_passes(&src_console) - passes_before;
+        let took = started.elapsed().as_secs_f64();
         // The destination resumes the guest by itself once the migration is in.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -291,6 +312,8 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             setup_ms: field(&info, "/setup-time")?,
             bytes: field(&info, "/ram/transferred")?,
             passes: field(&info, "/ram/dirty-sync-count")?,
+            guest_passes_per_s: if took > 0.0 { guest_passes / took } else { 0.0 },
+            throttle_pct: info.pointer("/cpu-throttle-percentage").and_then(Value::as_f64).unwrap_or(0.0),
         })
     })();
     drop(src);
