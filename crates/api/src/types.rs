@@ -197,6 +197,18 @@ pub struct MigrateRequest {
     /// The most `raise-downtime` may raise the downtime limit to, ms (default 1000).
     #[serde(default = "default_max_downtime_ms")]
     pub max_downtime_ms: u64,
+    /// The source's cache of sent pages for delta encoding, MiB (default 64, at most
+    /// [`MAX_DELTA_CACHE_MIB`]; 0 turns delta encoding off). Used when the destination has
+    /// the `delta` feature.
+    #[serde(default = "default_delta_cache_mib")]
+    pub delta_cache_mib: u64,
+}
+
+/// The largest delta cache a migration may ask for, MiB.
+pub const MAX_DELTA_CACHE_MIB: u64 = 4096;
+
+fn default_delta_cache_mib() -> u64 {
+    64
 }
 
 pub use ferry_migration::convergence::Policy;
@@ -243,6 +255,7 @@ impl MigrateRequest {
             stall_timeout_s: DEFAULT_STALL_TIMEOUT_S,
             policy: Policy::default(),
             max_downtime_ms: default_max_downtime_ms(),
+            delta_cache_mib: default_delta_cache_mib(),
         }
     }
 }
@@ -520,6 +533,15 @@ pub struct MigrationReport {
     /// What the policy did, one entry per step (empty when pre-copy never stalled).
     #[serde(default)]
     pub policy_steps: Vec<PolicyStep>,
+    /// The delta cache, MiB (0: delta encoding was off, or the destination lacks it).
+    #[serde(default)]
+    pub delta_cache_mib: u64,
+    /// Pages sent as deltas against the destination's copy.
+    #[serde(default)]
+    pub delta_pages: u64,
+    /// Bytes of those deltas (4096 bytes each would have gone whole).
+    #[serde(default)]
+    pub delta_bytes: u64,
 }
 
 /// One step a convergence policy took.

@@ -264,6 +264,13 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "POLICY", default_value = "auto-converge")]
     pub policy: ferry_api::Policy,
 
+    /// Cache of sent pages on the source for delta encoding, in MiB (0 to 4096; 0 turns it
+    /// off). From the second pass on, a page the cache holds goes as the difference from the
+    /// copy the destination has when that is under half a page. Used only when the
+    /// destination supports it.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    pub delta_cache_mib: u64,
+
     /// The most `--policy raise-downtime` may raise the downtime limit to, in ms.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_downtime_ms: u64,

@@ -28,6 +28,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         stall_timeout_s: args.stall_timeout_s,
         policy: args.policy,
         max_downtime_ms: args.max_downtime_ms,
+        delta_cache_mib: args.delta_cache_mib,
     };
     let socket = args.socket.api_socket.clone();
     let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {
@@ -259,6 +260,15 @@ fn print_report(r: &MigrationReport, verify: bool) {
     );
     if r.verified {
         println!("verified:    guest memory hashes agree on both sides");
+    }
+    if r.delta_cache_mib > 0 {
+        println!(
+            "delta:       {} pages sent as deltas ({:.1} KiB instead of {:.1} MiB; {} MiB cache)",
+            r.delta_pages,
+            r.delta_bytes as f64 / 1024.0,
+            (r.delta_pages * 4096) as f64 / MIB,
+            r.delta_cache_mib
+        );
     }
     if let Some(policy) = r.policy {
         match (r.policy_steps.first(), r.policy_steps.last()) {

@@ -209,7 +209,7 @@ impl Convergence {
             return (decision, None);
         }
         let dirty = m.dirtied;
-        let expected = expected_downtime_ms(dirty, bandwidth(&self.passes));
+        let expected = expected_downtime(&self.passes, dirty);
         let window: Vec<String> =
             self.passes[self.window_start..].iter().map(|p| p.dirtied.to_string()).collect();
         let why = format!(
@@ -287,6 +287,28 @@ pub struct PassMeasure {
     pub ms: f64,
     /// Pages the guest dirtied while it ran (what the next pass must send).
     pub dirtied: u64,
+    /// Bytes it put on the wire over all streams: with `bytes`' rate, what a page costs
+    /// ([`page_cost`]; delta encoding makes re-sent pages much cheaper than 4 KiB).
+    pub wire_bytes: u64,
+}
+
+/// Bytes one more page is expected to cost on the wire: what the last pass after the first
+/// paid per page (pass 1 goes mostly as zero markers and says nothing about re-sent pages),
+/// between 16 bytes and [`WIRE_BYTES_PER_PAGE`]; a whole page before there is such a pass.
+pub fn page_cost(passes: &[PassMeasure]) -> f64 {
+    match passes.iter().rev().find(|p| p.pass > 1 && p.pages >= TINY_DIRTY_PAGES) {
+        Some(p) => (p.wire_bytes as f64 / p.pages as f64).clamp(16.0, WIRE_BYTES_PER_PAGE as f64),
+        None => WIRE_BYTES_PER_PAGE as f64,
+    }
+}
+
+/// The downtime a stop-and-copy of `dirty` pages would cost after `passes`, ms.
+pub fn expected_downtime(passes: &[PassMeasure], dirty: u64) -> f64 {
+    let bw = bandwidth(passes);
+    if bw <= 0.0 {
+        return f64::INFINITY;
+    }
+    dirty as f64 * page_cost(passes) / bw + SWITCHOVER_MS
 }
 
 /// The decision.
@@ -333,7 +355,7 @@ pub fn decide(passes: &[PassMeasure], elapsed: Duration, limits: &Limits) -> Dec
     };
     let bw = bandwidth(passes);
     let dirty = last.dirtied;
-    let expected = expected_downtime_ms(dirty, bw);
+    let expected = expected_downtime(passes, dirty);
     let remaining_copy_ms = expected - SWITCHOVER_MS;
     if remaining_copy_ms > MAX_REMAINING_COPY.as_secs_f64() * 1e3 {
         return Decision::GiveUp(
@@ -400,7 +422,14 @@ mod tests {
     const LIMITS: Limits = Limits { downtime_ms: 300, max_iterations: 30, timeout: Duration::from_secs(600) };
 
     fn pass(pass: u32, pages: u64, ms: f64, dirtied: u64) -> PassMeasure {
-        PassMeasure { pass, pages, bytes: pages * WIRE_BYTES_PER_PAGE, ms, dirtied }
+        PassMeasure {
+            pass,
+            pages,
+            bytes: pages * WIRE_BYTES_PER_PAGE,
+            ms,
+            dirtied,
+            wire_bytes: pages * WIRE_BYTES_PER_PAGE,
+        }
     }
 
     #[test]
@@ -470,8 +499,15 @@ mod tests {
     /// batch) is long enough to time but says nothing about the link.
     #[test]
     fn bandwidth_ignores_passes_that_carried_almost_nothing() {
-        let first = PassMeasure { pass: 1, pages: 65_536, bytes: 14 << 20, ms: 100.0, dirtied: 900 };
-        let nothing = PassMeasure { pass: 2, pages: 900, bytes: 40, ms: 10.0, dirtied: 130 };
+        let first = PassMeasure {
+            pass: 1,
+            pages: 65_536,
+            bytes: 14 << 20,
+            ms: 100.0,
+            dirtied: 900,
+            wire_bytes: 14 << 20,
+        };
+        let nothing = PassMeasure { pass: 2, pages: 900, bytes: 40, ms: 10.0, dirtied: 130, wire_bytes: 40 };
         assert!((bandwidth(&[first, nothing]) - (14 << 20) as f64 / 100.0).abs() < 1.0);
     }
 
@@ -574,5 +610,20 @@ mod tests {
             assert_eq!(serde_json::to_string(&p).expect("json"), format!("\"{p}\""));
         }
         assert!("fast".parse::<Policy>().is_err());
+    }
+
+    /// Re-sent pages that went as small deltas make the next stop-and-copy cheap: the
+    /// estimate follows what the last pass paid per page, not 4 KiB.
+    #[test]
+    fn the_downtime_estimate_follows_the_cost_of_a_re_sent_page() {
+        // 2 MB/s; pass 2 sent 257 whole pages, pass 3 the same pages as 40-byte deltas.
+        let p1 = pass(1, 16_384, 600.0, 257);
+        let p2 = pass(2, 257, 527.0, 257);
+        let p3 =
+            PassMeasure { pass: 3, pages: 257, bytes: 10_280, ms: 10.0, dirtied: 257, wire_bytes: 10_280 };
+        assert!(expected_downtime(&[p1, p2], 257) > 500.0);
+        let e = expected_downtime(&[p1, p2, p3], 257);
+        assert!(e < 10.0, "{e}");
+        assert!(matches!(decide(&[p1, p2, p3], Duration::from_secs(2), &LIMITS), Decision::StopAndCopy(_)));
     }
 }

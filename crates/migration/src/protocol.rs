@@ -75,6 +75,9 @@ pub enum Error {
     /// Checksum mismatch.
     #[error("a {0:?} message arrived corrupted (checksum mismatch)")]
     BadChecksum(Kind),
+    /// A `DeltaPages` frame is malformed, or a delta does not apply.
+    #[error("bad DeltaPages frame")]
+    Delta(#[from] crate::delta::DeltaError),
     /// JSON payload does not parse.
     #[error("the peer sent a malformed {kind:?} message")]
     Json {
@@ -138,6 +141,9 @@ pub enum Kind {
     Activated = 13,
     /// Receiver -> sender: every page of a pass is in guest memory.
     PassAck = 14,
+    /// Sender -> receiver: pages of a later pass, whole or as deltas against the copy the
+    /// receiver holds (the `delta` feature; [`crate::delta`]).
+    DeltaPages = 15,
 }
 
 impl Kind {
@@ -158,6 +164,7 @@ impl Kind {
             12 => Commit,
             13 => Activated,
             14 => PassAck,
+            15 => DeltaPages,
             _ => return None,
         })
     }
@@ -166,6 +173,7 @@ impl Kind {
     pub fn max_payload(self) -> u32 {
         match self {
             Kind::Pages => (4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE)) as u32,
+            Kind::DeltaPages => (4 + MAX_PAGES_PER_FRAME * (crate::delta::ENTRY_HEAD + PAGE_SIZE)) as u32,
             Kind::State => 64 << 20,
             Kind::Config | Kind::Verify => 1 << 20,
             Kind::Abort | Kind::RestoreResult => 64 << 10,
@@ -313,8 +321,9 @@ pub enum StreamRole {
 ///   generation (docs/migration.md, "The arbiter"); a source warns when the destination
 ///   does not accept it (an older Ferry that cannot refuse a stale copy);
 /// - `reason_codes`: Abort and RestoreResult carry a reason code;
-/// - `stall_bound`: the destination bounds its waits by the source's stall bound.
-pub const FEATURES: &[&str] = &["generation", "reason_codes", "stall_bound"];
+/// - `stall_bound`: the destination bounds its waits by the source's stall bound;
+/// - `delta`: pages of later passes may come in `DeltaPages` frames ([`crate::delta`]).
+pub const FEATURES: &[&str] = &["generation", "reason_codes", "stall_bound", "delta"];
 
 /// The features of `offered` that this Ferry also has, in [`FEATURES`]' order.
 pub fn accept_features(offered: &[String]) -> Vec<String> {

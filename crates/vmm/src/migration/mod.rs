@@ -583,6 +583,15 @@ impl Vmm {
             Ok(k) => k,
             Err(e) => return Err((ApiError::bad_request(error_chain(&e)), reply)),
         };
+        if req.delta_cache_mib > ferry_api::MAX_DELTA_CACHE_MIB {
+            return Err((
+                ApiError::bad_request(format!(
+                    "delta_cache_mib must be at most {} (0 turns delta encoding off)",
+                    ferry_api::MAX_DELTA_CACHE_MIB
+                )),
+                reply,
+            ));
+        }
         if req.downtime_ms == 0 || req.max_iterations == 0 || req.timeout_s == 0 {
             return Err((
                 ApiError::bad_request("downtime_ms, max_iterations and timeout_s must be at least 1"),

@@ -21,6 +21,8 @@ use ferry_migration::protocol::{
     MAX_PAGES_PER_FRAME, PAGE_SIZE,
 };
 
+use ferry_migration::delta::{DeltaBatch, SentCache};
+
 use super::link::{In, Out, Progress, SLICE};
 use super::splice::{page_is_zero, PageWriter};
 use super::Error;
@@ -48,6 +50,8 @@ pub(crate) struct Pass<'a> {
     pub stall: Duration,
     /// What the pass has put on the wire so far (kept when it fails).
     pub counted: &'a Counted,
+    /// The delta cache: pages go in `DeltaPages` frames, as deltas where it holds them.
+    pub delta: Option<&'a Mutex<SentCache>>,
 }
 
 /// What a pass has put on the wire so far, all streams together, batch by batch: kept
@@ -197,6 +201,8 @@ impl Pass<'_> {
     ) -> Result<Sent, Error> {
         let mut out = PageWriter::new(self.mem).map_err(wire::Error::Io)?;
         let mut batch = PageBatch::new();
+        let mut delta_batch = DeltaBatch::new();
+        let mut copy = Box::new([0u8; PAGE_SIZE]);
         let mut take: Vec<(u64, bool)> = Vec::with_capacity(MAX_PAGES_PER_FRAME);
         let mut mine = Sent::default();
         let mut last_progress = Instant::now();
@@ -221,27 +227,37 @@ impl Pass<'_> {
                 return Err(Error::Cancelled);
             }
             watch.check(&waiting, true).map_err(wire::Error::Io)?;
-            for &(addr, known_zero) in &take {
-                let zero =
-                    known_zero || page_is_zero(self.mem, addr, PAGE_SIZE).ok_or(Error::Memory { addr })?;
-                if zero {
-                    batch.push_zero(addr)?;
-                } else {
-                    batch.push_data(addr)?;
-                    if !out.push(addr, PAGE_SIZE) {
-                        return Err(Error::Memory { addr });
-                    }
+            let (batch_pages, batch_zero, n) = match self.delta {
+                Some(cache) => {
+                    let (zero, n) =
+                        self.send_delta_batch(stream, &take, cache, &mut delta_batch, &mut copy)?;
+                    (take.len() as u64, zero, n)
                 }
-            }
-            let (batch_pages, batch_zero) = (batch.len() as u64, batch.zero_pages());
+                None => {
+                    for &(addr, known_zero) in &take {
+                        let zero = known_zero
+                            || page_is_zero(self.mem, addr, PAGE_SIZE).ok_or(Error::Memory { addr })?;
+                        if zero {
+                            batch.push_zero(addr)?;
+                        } else {
+                            batch.push_data(addr)?;
+                            if !out.push(addr, PAGE_SIZE) {
+                                return Err(Error::Memory { addr });
+                            }
+                        }
+                    }
+                    let (batch_pages, batch_zero) = (batch.len() as u64, batch.zero_pages());
+                    let data_len = batch.data_len();
+                    let head = batch.finish();
+                    let n = (head.len() + data_len) as u64;
+                    let mut blocked = |e| watch.blocked(e, &waiting, self.cancel, true);
+                    out.send(stream, head, &mut blocked).map_err(wire::Error::Io)?;
+                    batch.clear();
+                    (batch_pages, batch_zero, n)
+                }
+            };
             mine.pages += batch_pages;
             mine.zero += batch_zero;
-            let data_len = batch.data_len();
-            let head = batch.finish();
-            let n = (head.len() + data_len) as u64;
-            let mut blocked = |e| watch.blocked(e, &waiting, self.cancel, true);
-            out.send(stream, head, &mut blocked).map_err(wire::Error::Io)?;
-            batch.clear();
             mine.bytes += n;
             self.counted.pages.fetch_add(batch_pages, Ordering::Relaxed);
             self.counted.zero.fetch_add(batch_zero, Ordering::Relaxed);
@@ -273,6 +289,42 @@ impl Pass<'_> {
             wait_ack(stream, self.number, mine.pages, self.stall, self.cancel)?;
         }
         Ok(mine)
+    }
+}
+
+impl Pass<'_> {
+    /// Sends `take` as one `DeltaPages` frame: each page copied out of guest memory first
+    /// (the cache must hold exactly what goes on the wire), then a delta against the cached
+    /// copy where it is small, else the page whole. Returns the zero pages and the bytes.
+    fn send_delta_batch(
+        &self,
+        stream: &TcpStream,
+        take: &[(u64, bool)],
+        cache: &Mutex<SentCache>,
+        batch: &mut DeltaBatch,
+        copy: &mut [u8; PAGE_SIZE],
+    ) -> Result<(u64, u64), Error> {
+        use vm_memory::{Bytes, GuestAddress};
+        batch.clear();
+        let mut zero = 0;
+        {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            for &(addr, known_zero) in take {
+                if known_zero {
+                    copy.fill(0);
+                } else {
+                    self.mem.read_slice(copy, GuestAddress(addr)).map_err(|_| Error::Memory { addr })?;
+                }
+                if copy.iter().all(|&b| b == 0) {
+                    zero += 1;
+                }
+                cache.add(batch, addr, copy);
+            }
+        }
+        let payload = batch.payload();
+        let waiting = format!("sending pass {}", self.number);
+        write_frame(&mut Out::new(stream, self.stall, self.cancel, &waiting), Kind::DeltaPages, payload)?;
+        Ok((zero, (wire::HEADER_LEN + payload.len()) as u64))
     }
 }
 

@@ -20,6 +20,7 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ferry_migration::delta::{DeltaError, Entry};
 use ferry_migration::protocol::{self as wire, Run, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -87,6 +88,41 @@ impl<'a> Placer<'a> {
                 self.mark(addr, pages)
             }
         }
+    }
+
+    /// Places the pages of a `DeltaPages` frame (payload checked against its checksum):
+    /// zero markers, whole pages, and deltas, each applied only if the page here is the one
+    /// it was made against (its CRC-32). Returns the pages in it.
+    pub fn place_deltas(&self, payload: &[u8]) -> Result<u64, wire::Error> {
+        let entries = ferry_migration::delta::parse(payload)?;
+        let mut data = 0u64;
+        for e in &entries {
+            match *e {
+                Entry::Zero(addr) => self.zero(addr)?,
+                Entry::Full(addr, page) => {
+                    self.host_range(addr, 1)?;
+                    self.mem.write_slice(page, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
+                    self.mark(addr, 1)?;
+                    data += 1;
+                }
+                Entry::Delta { addr, base_crc, delta } => {
+                    self.host_range(addr, 1)?;
+                    let mut page = [0u8; PAGE_SIZE];
+                    self.mem.read_slice(&mut page, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
+                    if crc32fast::hash(&page) != base_crc {
+                        return Err(DeltaError::BaseMismatch.into());
+                    }
+                    ferry_migration::delta::apply(&mut page, delta)?;
+                    self.mem.write_slice(&page, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
+                    self.mark(addr, 1)?;
+                    data += 1;
+                }
+            }
+        }
+        if let Some(p) = self.progress {
+            p.placed(entries.len() as u64, data);
+        }
+        Ok(entries.len() as u64)
     }
 
     /// Counts what is placed in `progress` too.
@@ -211,6 +247,40 @@ mod tests {
         assert_eq!(read(&mem, 0x10_4000), page(6));
         assert_eq!(read(&mem, 0x20_0000), page(0));
         assert_eq!(read(&mem, top - 0x1000), page(0));
+    }
+
+    /// Delta frames as the source's cache makes them apply page by page; a delta against a
+    /// page that is not its base (a replayed frame, a cache that does not mirror this side)
+    /// is refused and leaves the page as it was.
+    #[test]
+    fn places_delta_frames_and_refuses_a_delta_against_another_page() {
+        use ferry_migration::delta::{DeltaBatch, SentCache};
+        let mem = crate::memory::create(16 << 20).expect("memory");
+        let p = Placer::new(&mem);
+        let mut cache = SentCache::new(1 << 20);
+        let mut batch = DeltaBatch::new();
+        let mut a = [7u8; PAGE_SIZE];
+        cache.add(&mut batch, 0x10_0000, &a);
+        cache.add(&mut batch, 0x10_1000, &[0; PAGE_SIZE]);
+        assert_eq!(p.place_deltas(batch.payload()).expect("whole pages"), 2);
+        a[5] = 1;
+        batch.clear();
+        cache.add(&mut batch, 0x10_0000, &a);
+        let replay = batch.payload().to_vec();
+        assert_eq!(p.place_deltas(&replay).expect("delta"), 1);
+        assert_eq!(read(&mem, 0x10_0000), a.to_vec());
+        assert_eq!(cache.delta_pages, 1);
+        // The same delta again: its base is gone.
+        let err = p.place_deltas(&replay).expect_err("replayed delta");
+        assert!(
+            matches!(err, wire::Error::Delta(ferry_migration::delta::DeltaError::BaseMismatch)),
+            "{err:?}"
+        );
+        assert_eq!(read(&mem, 0x10_0000), a.to_vec());
+        // A delta outside guest memory.
+        let mut far = DeltaBatch::new();
+        far.push(Entry::Delta { addr: 1 << 40, base_crc: 0, delta: &[] });
+        assert!(p.place_deltas(far.payload()).is_err());
     }
 
     /// Runs read from a socket land where they belong; a run outside memory is refused

@@ -849,6 +849,11 @@ impl Receiver {
                 pages_in_pass += receive_batch(h, self.stream()?, &mut entries, placer)?;
                 continue;
             }
+            if h.kind == Kind::DeltaPages {
+                self.read_payload(h)?;
+                pages_in_pass += placer.place_deltas(&self.payload)?;
+                continue;
+            }
             match self.read_payload(h)? {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
@@ -1082,6 +1087,10 @@ fn receive_stream_pages(
             continue;
         }
         h.read_payload(&mut &*stream, &mut payload)?;
+        if h.kind == Kind::DeltaPages {
+            pages_in_pass += placer.place_deltas(&payload)?;
+            continue;
+        }
         let end: PassEnd = parse_json(h.kind, &payload, Kind::PassEnd, "Pages or PassEnd")?;
         acknowledge_pass(stream, &end, pages_in_pass)?;
         pages_in_pass = 0;

@@ -24,6 +24,7 @@ use ferry_api::events::Events;
 use ferry_api::{EventBody, MigrateRequest, MigrationPhase, MigrationReport, PassReport, Side, VmLocation};
 use ferry_migration::auth::{self, Key, Role};
 use ferry_migration::convergence::{self, Action, Convergence, Decision, Limits, PassMeasure};
+use ferry_migration::delta::SentCache;
 use ferry_migration::outcome::{Check, ReasonCode};
 use ferry_migration::protocol::{
     self as wire, parse_json, read_frame_into, to_json, write_frame, Accept, Activated, Challenge,
@@ -105,6 +106,9 @@ struct Run<'a> {
     paused_at: Option<Instant>,
     /// The dirty set taken after the last pre-copy pass: sent with the stop-and-copy.
     last_dirty: Option<Vec<DirtyRegion>>,
+    /// Pages as the destination holds them, when both sides have the `delta` feature and
+    /// the request gives it a cache: passes after the first send deltas against it.
+    delta: Option<std::sync::Mutex<SentCache>>,
 }
 
 impl Source {
@@ -121,6 +125,7 @@ impl Source {
             paused: false,
             paused_at: None,
             last_dirty: None,
+            delta: None,
         };
         let result = run.migrate().map_err(|e| run.classify(e));
         let report = run.finish(result);
@@ -262,7 +267,11 @@ impl Run<'_> {
         tracing::info!("migration {}: connected to {}", src.id, src.addr);
 
         let stall = self.stall();
-        self.tally.bytes += hello(self.stream(), &src.key, &src.id, 0, stall, &src.cancel)?;
+        let (written, features) = hello(self.stream(), &src.key, &src.id, 0, stall, &src.cancel)?;
+        self.tally.bytes += written;
+        if features.iter().any(|f| f == "delta") && src.req.delta_cache_mib > 0 {
+            self.delta = Some(std::sync::Mutex::new(SentCache::new(src.req.delta_cache_mib << 20)));
+        }
         self.send(Kind::Config, &src.config)?;
         match self.recv::<Accept>(Kind::Accept, "Accept", self.stall()) {
             Ok(a) => {
@@ -303,7 +312,7 @@ impl Run<'_> {
             .map_err(|source| Error::Connect { addr: src.addr.clone(), source })?;
         src.sockets.register(&stream).map_err(wire::Error::Io)?;
         configure(&stream)?;
-        self.tally.bytes += hello(&stream, &src.key, &src.id, k, self.stall(), &src.cancel)?;
+        self.tally.bytes += hello(&stream, &src.key, &src.id, k, self.stall(), &src.cancel)?.0;
         Ok(stream)
     }
 
@@ -329,6 +338,8 @@ impl Run<'_> {
             wait_ack,
             stall: self.stall(),
             counted: &counted,
+            // Pass 1 goes from guest memory unread (zero-copy); later ones through the cache.
+            delta: if pass > 1 { self.delta.as_ref() } else { None },
         };
         let (started, before) = (self.started, self.tally.bytes);
         let pass_start = Instant::now();
@@ -385,7 +396,7 @@ impl Run<'_> {
         });
         // The bandwidth that predicts the downtime is the first stream's: the stop-and-copy
         // has only that one.
-        PassMeasure { pass, pages, bytes: first_bytes, ms, dirtied }
+        PassMeasure { pass, pages, bytes: first_bytes, ms, dirtied, wire_bytes: bytes }
     }
 
     fn precopy(&mut self) -> Result<(), Error> {
@@ -430,8 +441,7 @@ impl Run<'_> {
             if let Some(action) = action {
                 self.policy_step(pass, action, &convergence);
             }
-            let bw = convergence::bandwidth(convergence.passes());
-            let expected = convergence::expected_downtime_ms(dirtied, bw);
+            let expected = convergence::expected_downtime(convergence.passes(), dirtied);
             let throttle = convergence.throttle();
             let (transferred, elapsed) = (self.tally.bytes, self.started.elapsed().as_millis() as u64);
             let rate_mib_s = if ms > 0.0 { sent.bytes as f64 / (1 << 20) as f64 / (ms / 1e3) } else { 0.0 };
@@ -652,6 +662,13 @@ impl Run<'_> {
             s.reason_code = code;
             s.throttle_percent = 0;
         });
+        let (delta_pages, delta_bytes) = match &self.delta {
+            Some(c) => {
+                let c = c.lock().unwrap_or_else(|p| p.into_inner());
+                (c.delta_pages, c.delta_bytes)
+            }
+            None => (0, 0),
+        };
         let t = &self.tally;
         MigrationReport {
             migration_id: self.src.id.clone(),
@@ -673,6 +690,9 @@ impl Run<'_> {
             passes: t.passes.clone(),
             policy: Some(self.src.req.policy),
             policy_steps: t.policy_steps.clone(),
+            delta_cache_mib: if self.delta.is_some() { self.src.req.delta_cache_mib } else { 0 },
+            delta_pages,
+            delta_bytes,
         }
     }
 
@@ -773,7 +793,8 @@ impl Run<'_> {
 }
 
 /// Opens stream `k` of migration `id`: Hello, the destination's proof of the key (checked
-/// before anything else is sent), this side's proof. Returns the bytes written.
+/// before anything else is sent), this side's proof. Returns the bytes written and the
+/// features the destination accepted.
 fn hello(
     stream: &TcpStream,
     key: &Key,
@@ -781,7 +802,7 @@ fn hello(
     k: u32,
     stall: Duration,
     cancel: &AtomicBool,
-) -> Result<u64, Error> {
+) -> Result<(u64, Vec<String>), Error> {
     let name = wire::stream_id(id, k);
     let my_nonce = auth::nonce()?;
     let hello = Hello {
@@ -824,7 +845,7 @@ fn hello(
             );
         }
     }
-    Ok(written)
+    Ok((written, challenge.features))
 }
 
 /// Socket options of every stream: no Nagle delay, big buffers, reads and writes that
