@@ -52,6 +52,16 @@ static GUESTS: &[Guest] = &[
                        virtio-net among virtio_mmio.device=SIZE@BASE:IRQ (Linux's format)",
         elf: include_bytes!(concat!(env!("OUT_DIR"), "/netecho.elf")),
     },
+    Guest {
+        name: "dirtier",
+        summary: "rewrites one 8-byte stamp in every page of its working set from ring 3, at \
+                  native speed, checking each page's previous stamp first, so any lost or stale \
+                  page shows as a CORRUPTION line (and a failed power-off); prints its rate, \
+                  rounds and the longest pause it felt once a second",
+        cmdline_help: "wss=SIZE (working set, default 128M), rate=N (pages/s, 0 = as fast as it \
+                       can), seconds=N (power off after about N seconds, 0 = never)",
+        elf: include_bytes!(concat!(env!("OUT_DIR"), "/dirtier.elf")),
+    },
 ];
 
 /// Every bundled guest.
@@ -89,6 +99,7 @@ mod tests {
         assert!(find("memstress").is_some());
         assert!(find("blkstress").is_some());
         assert!(find("netecho").is_some());
+        assert!(find("dirtier").is_some());
         assert!(find("nope").is_none());
     }
 }
