@@ -3,7 +3,8 @@
  * any lost or stale page.
  *
  * Command line: wss=SIZE (working set, default 128M), rate=N (pages per second, 0 = as fast
- * as it can), seconds=N (power off after about N seconds, 0 = never).
+ * as it can), seconds=N (power off after about N seconds, 0 = never), report_ms=N (the
+ * progress line's interval, default 1000).
  *
  * Ring 0 (emulated on this project's hosts, about 2 million instructions/s) only places the
  * working set, sets up ring 3 (rt/ring3.h) and prints; the loop runs in ring 3, natively.
@@ -13,7 +14,7 @@
  *   dirtier: CORRUPTION page=<i> round=<r> expected=0x<x> found=0x<y> (<what it is>)
  * and the guest powers off as a failure (the VMM exits 1).
  *
- * Once a second (by the TSC) it prints
+ * Every report_ms (by the TSC) it prints
  *   dirtier: rate=<pages/s> pages/s rounds=<n> max_gap_us=<us> ok
  * rate: pages stamped per second over the last report interval; rounds: rounds completed
  * since boot; max_gap_us: the longest time in that interval between two consecutive TSC
@@ -33,7 +34,7 @@
 #define K_MUL 0x9e3779b97f4a7c15ull
 #define K_XOR 0x5bd1e9955bd1e995ull
 
-static const char *const known[] = {"wss", "rate", "seconds", 0};
+static const char *const known[] = {"wss", "rate", "seconds", "report_ms", 0};
 
 struct params {
     u64 base;
@@ -41,6 +42,7 @@ struct params {
     u64 tsc_per_sec;
     u64 rate;
     u64 seconds;
+    u64 report_ms;
 };
 
 static struct params params;
@@ -135,15 +137,14 @@ static void run(void *arg)
     const struct params *p = arg;
     const u64 npages = p->npages, tps = p->tsc_per_sec;
     const u64 tsc_per_chunk = p->rate ? tps * CHUNK / p->rate : 0;
-    u64 last = rdtsc();
-    u64 interval_start = last, interval_pages = 0, max_gap = 0, reports = 0;
-    u64 next_at = last;
+    const u64 tsc_per_report = tps / 1000 * p->report_ms;
+    u64 last, interval_start, interval_pages = 0, max_gap = 0, next_at, started;
     {
         struct line l = {.len = 0};
         line_str(&l, "dirtier: running in ring 3");
         line_put(&l);
     }
-    last = interval_start = next_at = rdtsc();
+    started = last = interval_start = next_at = rdtsc();
     for (u64 r = 1;; r++) {
         volatile u64 *pg = (volatile u64 *)p->base;
         for (u64 i = 0; i < npages; i += CHUNK) {
@@ -173,11 +174,10 @@ static void run(void *arg)
                 if (now - next_at > tps)
                     next_at = now;
             }
-            if (now - interval_start >= tps) {
+            if (now - interval_start >= tsc_per_report) {
                 /* Rounds completed: the one in progress is not. */
                 report(interval_pages, now - interval_start, r - 1, max_gap, tps);
-                reports++;
-                if (p->seconds && reports >= p->seconds) {
+                if (p->seconds && now - started >= p->seconds * tps) {
                     struct line l = {.len = 0};
                     line_str(&l, "dirtier: done");
                     line_put(&l);
@@ -199,6 +199,7 @@ void guest_main(const struct hvm_start_info *si)
     u64 wss = cmdline_option(cmdline, "wss", 128 * MIB, "dirtier");
     u64 rate = cmdline_option(cmdline, "rate", 0, "dirtier");
     u64 seconds = cmdline_option(cmdline, "seconds", 0, "dirtier");
+    u64 report_ms = cmdline_option(cmdline, "report_ms", 1000, "dirtier");
 
     u64 rd_lo = 0, rd_hi = 0;
     if (si->nr_modules >= 1 && si->modlist_paddr) {
@@ -226,6 +227,7 @@ void guest_main(const struct hvm_start_info *si)
     params.tsc_per_sec = khz * 1000;
     params.rate = rate;
     params.seconds = seconds;
+    params.report_ms = report_ms ? report_ms : 1000;
 
     puts("dirtier: wss=");
     put_dec(wss);

@@ -57,9 +57,10 @@ static GUESTS: &[Guest] = &[
         summary: "rewrites one 8-byte stamp in every page of its working set from ring 3, at \
                   native speed, checking each page's previous stamp first, so any lost or stale \
                   page shows as a CORRUPTION line (and a failed power-off); prints its rate, \
-                  rounds and the longest pause it felt once a second",
+                  rounds and the longest pause it felt every second (report_ms)",
         cmdline_help: "wss=SIZE (working set, default 128M), rate=N (pages/s, 0 = as fast as it \
-                       can), seconds=N (power off after about N seconds, 0 = never)",
+                       can), seconds=N (power off after about N seconds, 0 = never), report_ms=N (progress \
+                       line interval, default 1000)",
         elf: include_bytes!(concat!(env!("OUT_DIR"), "/dirtier.elf")),
     },
 ];
