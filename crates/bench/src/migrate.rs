@@ -4,6 +4,12 @@
 //! PATH, the same invocation also migrates the same guest ELF with the same initrd file
 //! between two QEMUs (microvm, KVM; see `qemu.rs`), one QEMU run after each Ferry run, and reports
 //! QEMU's figures and the Ferry/QEMU ratios next to Ferry's.
+//!
+//! `--guest dirtier` is the fast-dirtying scenario: the dirtier guest (1 GiB, no initrd,
+//! wss=128M) rewrites one stamp per page of its working set from ring 3 at native speed;
+//! QEMU runs plain and with XBZRLE and auto-converge after each Ferry run; and each side
+//! reports what the guest felt: its pages/s before and during the migration and its longest
+//! pause (`guestline.rs`). Figures only, nothing asserted.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,6 +21,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::checkpoint::{wait_file_line, write_random};
+use crate::guestline::{self, Felt};
 use crate::qemu;
 use crate::stats::Summary;
 
@@ -27,12 +34,16 @@ pub struct MigrateArgs {
     /// Guest memory.
     #[arg(long, default_value = "1G")]
     memory: String,
-    /// Initrd size in MiB (random content).
+    /// Initrd size in MiB (random content; memstress only).
     #[arg(long, default_value_t = 512)]
     initrd_mib: u64,
-    /// memstress working set.
-    #[arg(long, default_value = "64M")]
-    wss: String,
+    /// The guest: memstress (dirties slowly: ring 0 is emulated on these hosts) or dirtier
+    /// (rewrites its working set at native speed from ring 3).
+    #[arg(long, default_value = "memstress", value_parser = ["memstress", "dirtier"])]
+    guest: String,
+    /// The guest's working set (default: 64M for memstress, 128M for dirtier).
+    #[arg(long)]
+    wss: Option<String>,
     /// Downtime limit given to `ferry migrate`, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
@@ -44,8 +55,60 @@ pub struct MigrateArgs {
     streams: u32,
 }
 
+impl MigrateArgs {
+    fn dirtier(&self) -> bool {
+        self.guest == "dirtier"
+    }
+
+    fn wss(&self) -> &str {
+        self.wss.as_deref().unwrap_or(if self.dirtier() { "128M" } else { "64M" })
+    }
+
+    /// The guest's command line.
+    fn cmdline(&self) -> String {
+        if self.dirtier() {
+            format!("wss={} report_ms={}", self.wss(), guestline::REPORT_MS)
+        } else {
+            format!("wss={}", self.wss())
+        }
+    }
+
+    /// Console text that says the workload runs: the migration starts after it.
+    fn ready(&self) -> &'static str {
+        if self.dirtier() {
+            "dirtier: rate="
+        } else {
+            "memstress: pass 2"
+        }
+    }
+}
+
+/// Medians of what dirtier felt over the runs.
+#[derive(Debug, Serialize)]
+struct FeltSummary {
+    rate_before: Summary,
+    rate_during: Summary,
+    max_gap_ms: Summary,
+}
+
+impl FeltSummary {
+    fn of(felt: &[Felt]) -> Option<Self> {
+        if felt.is_empty() {
+            return None;
+        }
+        let f = |g: fn(&Felt) -> f64| Summary::of(&felt.iter().map(g).collect::<Vec<_>>());
+        Some(Self {
+            rate_before: f(|x| x.rate_before),
+            rate_during: f(|x| x.rate_during),
+            max_gap_ms: f(|x| x.max_gap_ms),
+        })
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
+    /// memstress or dirtier.
+    guest: String,
     runs: usize,
     total_ms: Summary,
     downtime_ms: Summary,
@@ -61,8 +124,12 @@ struct Report {
     /// One TCP stream from populated memory into fresh memory (what pass 1 must do).
     tcp_into_fresh_memory_mb_s: f64,
     pass1_vs_fresh: f64,
+    /// What dirtier felt (pages/s before and during the migration, longest pause).
+    guest_felt: Option<FeltSummary>,
     /// The same migration with QEMU; `null` when `qemu-system-x86_64` is not on PATH.
     qemu: Option<QemuReport>,
+    /// With dirtier: QEMU with XBZRLE and auto-converge.
+    qemu_xbzrle_auto_converge: Option<QemuReport>,
 }
 
 /// QEMU's figures for the same guest, and Ferry's medians over QEMU's.
@@ -81,12 +148,16 @@ struct QemuReport {
     downtime_ratio: f64,
     /// Whether Ferry's median total is under half of QEMU's.
     total_under_half: bool,
+    /// `cpu-throttle-percentage` at the end (auto-converge), %.
+    throttle_pct: Summary,
+    /// What dirtier felt.
+    guest_felt: Option<FeltSummary>,
 }
 
 /// Writes the guest ELF for QEMU into `dir`; returns its path.
-fn qemu_elf(dir: &Path) -> anyhow::Result<PathBuf> {
-    let guest = ferry_guests::find("memstress").context("no bundled memstress guest")?;
-    let elf = dir.join("memstress.elf");
+fn qemu_elf(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let guest = ferry_guests::find(name).with_context(|| format!("no bundled {name} guest"))?;
+    let elf = dir.join(format!("{name}.elf"));
     std::fs::write(&elf, guest.elf).with_context(|| format!("cannot write {}", elf.display()))?;
     Ok(elf)
 }
@@ -241,11 +312,16 @@ fn one_run(
 ) -> anyhow::Result<serde_json::Value> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let (src_sock, src_console) = (dir.join("src.sock"), dir.join("src.console"));
-    let dst_log = dir.join("dst.log");
+    let (dst_log, dst_console) = (dir.join("dst.log"), dir.join("dst.console"));
     let _ = std::fs::remove_file(&src_console);
-    let mut src = Command::new(ferry)
-        .args(["run", "--guest", "memstress", "--memory", &args.memory, "--initrd", &s(initrd)])
-        .args(["--cmdline", &format!("wss={}", args.wss), "--api-socket", &s(&src_sock)])
+    let _ = std::fs::remove_file(&dst_console);
+    let mut cmd = Command::new(ferry);
+    cmd.args(["run", "--guest", &args.guest, "--memory", &args.memory]);
+    if !args.dirtier() {
+        cmd.args(["--initrd", &s(initrd)]);
+    }
+    let mut src = cmd
+        .args(["--cmdline", &args.cmdline(), "--api-socket", &s(&src_sock)])
         .args(["--home", &s(&dir.join("home")), "--serial", &format!("file:{}", s(&src_console))])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -254,15 +330,19 @@ fn one_run(
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut dst = Command::new(ferry)
         .args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}"), "--auth-key-file", &s(key)])
-        .args(["--serial", "null"])
+        .args(["--serial", &if args.dirtier() { format!("file:{}", s(&dst_console)) } else { "null".into() }])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&dst_log)?)
         .spawn()?;
     let src_pid = src.id();
     let result = (|| {
-        wait_file_line(&src_console, "memstress: pass 2", Duration::from_secs(120))?;
+        wait_file_line(&src_console, args.ready(), Duration::from_secs(120))?;
+        if args.dirtier() {
+            guestline::wait_warm(&src_console, Duration::from_secs(60))?;
+        }
         wait_file_line(&dst_log, "waiting for an incoming migration", Duration::from_secs(10))?;
+        let before = guestline::lines(&src_console);
         let sampler = VcpuSampler::start(src_pid);
         let out = Command::new(ferry)
             .args(["migrate", "--api-socket", &s(&src_sock), "--to", &format!("tcp:127.0.0.1:{port}")])
@@ -284,6 +364,20 @@ fn one_run(
         if report["status"] != "completed" {
             bail!("migration did not complete: {report}");
         }
+        if args.dirtier() {
+            let during = guestline::lines(&src_console).get(before.len()..).unwrap_or_default().to_vec();
+            let first = guestline::wait_line(&dst_console, 0, Duration::from_secs(10));
+            report["bench_guest_felt"] = serde_json::to_value(guestline::felt(&before, &during, first))?;
+            let text = std::fs::read_to_string(&src_console).unwrap_or_default();
+            report["bench_tsc_khz"] = serde_json::json!(tsc_khz(&text));
+            if let Some(l) = std::fs::read_to_string(&dst_console)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("CORRUPTION"))
+            {
+                bail!("dirtier on the destination: {l}");
+            }
+        }
         Ok(report)
     })();
     let _ = src.kill();
@@ -298,12 +392,15 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     let dir: PathBuf = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.img");
-    write_random(&initrd, args.initrd_mib)?;
+    if !args.dirtier() {
+        write_random(&initrd, args.initrd_mib)?;
+    }
     let key = dir.join("key");
     std::fs::write(&key, [0x42u8; 32])?;
     let result = all_runs(ferry, &dir, args, &initrd, &key, json);
     let _ = std::fs::remove_dir_all(&dir);
-    let (reports, qemu_bin, qemu_runs) = result?;
+    let runs = result?;
+    let reports = &runs.ferry;
     let tcp = tcp_stream(Duration::from_secs(1))?;
     let fresh = tcp_into_fresh_memory(args.initrd_mib as usize)?;
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
@@ -312,7 +409,10 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
     let pass1 = Summary::of(&f("throughput_mb_s"));
     let vcpu = Summary::of(&f("bench_vcpu_share").iter().map(|v| v * 100.0).collect::<Vec<_>>());
+    let felt: Vec<Felt> =
+        reports.iter().filter_map(|r| serde_json::from_value(r["bench_guest_felt"].clone()).ok()).collect();
     let mut report = Report {
+        guest: args.guest.clone(),
         runs: args.runs,
         total_ms: Summary::of(&f("total_ms")),
         downtime_ms: Summary::of(&f("downtime_ms")),
@@ -325,40 +425,55 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         vcpu_share_pct: vcpu,
         streams: args.streams,
         tcp_stream_mb_s: tcp,
+        guest_felt: FeltSummary::of(&felt),
         qemu: None,
+        qemu_xbzrle_auto_converge: None,
     };
-    report.qemu = qemu_bin.zip(qemu_runs).map(|(q, runs)| qemu_report(&q, &runs, &report));
+    if let Some(q) = &runs.qemu_bin {
+        report.qemu = qemu_report(q, &runs.qemu, &report);
+        report.qemu_xbzrle_auto_converge = qemu_report(q, &runs.qemu_xbzrle, &report);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let p = |name: &str, s: &Summary, unit: &str| {
             println!(
-                "{name:<24} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
+                "{name:<27} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
                 s.median, s.min, s.max, s.runs
             )
         };
+        let initrd =
+            if args.dirtier() { "no initrd".to_string() } else { format!("{} MiB initrd", args.initrd_mib) };
         println!(
-            "migration of memstress ({} memory, {} MiB initrd, wss={}, {} stream{}):",
+            "migration of {} ({} memory, {initrd}, wss={}, {} stream{}):",
+            args.guest,
             args.memory,
-            args.initrd_mib,
-            args.wss,
+            args.wss(),
             args.streams,
             if args.streams == 1 { "" } else { "s" }
         );
+        let felt = |who: &str, f: &Option<FeltSummary>| {
+            if let Some(f) = f {
+                p(&format!("{who}guest pages/s before"), &f.rate_before, "");
+                p(&format!("{who}guest pages/s during"), &f.rate_during, "");
+                p(&format!("{who}guest longest pause"), &f.max_gap_ms, "ms");
+            }
+        };
         p("total", &report.total_ms, "ms");
         p("downtime", &report.downtime_ms, "ms");
         p("sent", &report.bytes_mib, "MiB");
         p("passes", &report.passes, "");
         p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
         p("vCPU kept of a core", &report.vcpu_share_pct, "%");
+        felt("", &report.guest_felt);
         println!(
-            "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+            "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
             "one TCP stream",
             tcp,
             report.pass1_vs_tcp * 100.0
         );
         println!(
-            "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+            "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
             "one stream, fresh memory",
             fresh,
             report.pass1_vs_fresh * 100.0
@@ -376,6 +491,7 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
                 p("QEMU setup", &q.setup_ms, "ms");
                 p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
                 p("QEMU passes (syncs)", &q.passes, "");
+                felt("QEMU ", &q.guest_felt);
                 println!(
                     "Ferry/QEMU: total {:.2}x (Ferry under half of QEMU: {}), downtime {:.2}x",
                     q.total_ratio,
@@ -384,14 +500,43 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
                 );
             }
         }
+        if let Some(q) = &report.qemu_xbzrle_auto_converge {
+            println!("QEMU with XBZRLE and auto-converge:");
+            p("QEMU+ total", &q.total_ms, "ms");
+            p("QEMU+ downtime", &q.downtime_ms, "ms");
+            p("QEMU+ sent (RAM)", &q.bytes_mib, "MiB");
+            p("QEMU+ passes (syncs)", &q.passes, "");
+            p("QEMU+ throttle at end", &q.throttle_pct, "%");
+            felt("QEMU+ ", &q.guest_felt);
+            println!(
+                "Ferry/QEMU+: total {:.2}x (Ferry under half: {}), downtime {:.2}x",
+                q.total_ratio,
+                if q.total_under_half { "yes" } else { "no" },
+                q.downtime_ratio
+            );
+        }
     }
     Ok(())
 }
 
-type Runs = (Vec<serde_json::Value>, Option<PathBuf>, Option<Vec<qemu::Run>>);
+/// The guest's TSC frequency from dirtier's first console line (`... tsc_khz=N`).
+fn tsc_khz(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("dirtier: wss=")?.split_once(" tsc_khz=")?.1.trim().parse().ok())
+}
+
+/// Ferry's reports, and QEMU's runs (plain; with XBZRLE and auto-converge) when QEMU runs.
+struct Runs {
+    ferry: Vec<serde_json::Value>,
+    qemu_bin: Option<PathBuf>,
+    qemu: Vec<qemu::Run>,
+    qemu_xbzrle: Vec<qemu::Run>,
+}
 
 /// Ferry's runs, each followed by QEMU's run of the same guest when QEMU is installed
-/// (interleaved, so that a change in the machine's load affects both sides alike).
+/// (interleaved, so that a change in the machine's load affects both sides alike); with
+/// dirtier also QEMU with XBZRLE and auto-converge.
 fn all_runs(
     ferry: &Path,
     dir: &Path,
@@ -403,52 +548,84 @@ fn all_runs(
     let qemu_bin = if args.without_qemu { None } else { qemu::find() };
     let setup = match &qemu_bin {
         Some(_) => {
-            let elf = qemu_elf(dir)?;
+            let elf = qemu_elf(dir, &args.guest)?;
             let memory = ferry_vmm::config::parse_size(&args.memory)?;
             Some((elf, memory))
         }
         None => None,
     };
-    let mut reports = Vec::new();
-    let mut qemu_runs = Vec::new();
+    let cmdline = args.cmdline();
+    let mut runs =
+        Runs { ferry: Vec::new(), qemu_bin: qemu_bin.clone(), qemu: Vec::new(), qemu_xbzrle: Vec::new() };
+    let felt = |r: &Option<Felt>| match r {
+        Some(f) => format!(
+            "; guest {:.0} pages/s before, {:.0} during, longest pause {:.1} ms",
+            f.rate_before, f.rate_during, f.max_gap_ms
+        ),
+        None => String::new(),
+    };
     for i in 0..args.runs {
         let r = one_run(ferry, dir, args, initrd, key).with_context(|| format!("run {}", i + 1))?;
         if !json {
+            let f: Option<Felt> = serde_json::from_value(r["bench_guest_felt"].clone()).ok();
             eprintln!(
-                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
+                "run {}: total {:.0} ms, downtime {:.2} ms, {} passes{}",
                 i + 1,
                 r["total_ms"].as_f64().unwrap_or(0.0),
                 r["downtime_ms"].as_f64().unwrap_or(0.0),
-                r["passes"].as_array().map(Vec::len).unwrap_or(0)
+                r["passes"].as_array().map(Vec::len).unwrap_or(0),
+                felt(&f)
             );
         }
-        reports.push(r);
-        if let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) {
-            let s =
-                qemu::Setup { elf, initrd, memory: *memory, wss: &args.wss, downtime_ms: args.downtime_ms };
-            let r = qemu::one_run(q, dir, &s).with_context(|| format!("QEMU run {}", i + 1))?;
+        let tsc_hz = r["bench_tsc_khz"].as_u64().map(|k| k * 1000);
+        runs.ferry.push(r);
+        let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) else { continue };
+        let variants: &[bool] = if args.dirtier() { &[false, true] } else { &[false] };
+        for &xbzrle in variants {
+            let s = qemu::Setup {
+                elf,
+                initrd: (!args.dirtier()).then_some(initrd),
+                memory: *memory,
+                append: &cmdline,
+                ready: args.ready(),
+                tsc_hz,
+                xbzrle_auto_converge: xbzrle,
+                dirtier: args.dirtier(),
+                downtime_ms: args.downtime_ms,
+            };
+            let name = if xbzrle { "QEMU (xbzrle, auto-converge)" } else { "QEMU" };
+            let r = qemu::one_run(q, dir, &s).with_context(|| format!("{name} run {}", i + 1))?;
             if !json {
                 eprintln!(
-                    "qemu run {}: total {:.0} ms, downtime {:.2} ms, {} passes",
+                    "{name} run {}: total {:.0} ms, downtime {:.2} ms, {} passes, throttle {:.0}%{}",
                     i + 1,
                     r.total_ms,
                     r.downtime_ms,
-                    r.passes
+                    r.passes,
+                    r.throttle_pct,
+                    felt(&r.guest)
                 );
             }
-            qemu_runs.push(r);
+            if xbzrle {
+                runs.qemu_xbzrle.push(r);
+            } else {
+                runs.qemu.push(r);
+            }
         }
     }
-    let qemu_runs = qemu_bin.as_ref().map(|_| qemu_runs);
-    Ok((reports, qemu_bin, qemu_runs))
+    Ok(runs)
 }
 
-fn qemu_report(qemu: &Path, runs: &[qemu::Run], ferry: &Report) -> QemuReport {
+fn qemu_report(qemu: &Path, runs: &[qemu::Run], ferry: &Report) -> Option<QemuReport> {
+    if runs.is_empty() {
+        return None;
+    }
     let f = |g: fn(&qemu::Run) -> f64| -> Summary { Summary::of(&runs.iter().map(g).collect::<Vec<_>>()) };
     let total_ms = f(|r| r.total_ms);
     let downtime_ms = f(|r| r.downtime_ms);
     let total_ratio = ferry.total_ms.median / total_ms.median;
-    QemuReport {
+    let felt: Vec<Felt> = runs.iter().filter_map(|r| r.guest.clone()).collect();
+    Some(QemuReport {
         version: qemu::version(qemu).unwrap_or_else(|e| format!("unknown version ({e:#})")),
         setup_ms: f(|r| r.setup_ms),
         bytes_mib: f(|r| r.bytes / (1u64 << 20) as f64),
@@ -456,7 +633,9 @@ fn qemu_report(qemu: &Path, runs: &[qemu::Run], ferry: &Report) -> QemuReport {
         total_ratio,
         downtime_ratio: ferry.downtime_ms.median / downtime_ms.median,
         total_under_half: total_ratio < 0.5,
+        throttle_pct: f(|r| r.throttle_pct),
+        guest_felt: FeltSummary::of(&felt),
         total_ms,
         downtime_ms,
-    }
+    })
 }

@@ -1,6 +1,7 @@
-//! QEMU side by side: live-migrates the same memstress ELF with the same initrd between two
-//! `qemu-system-x86_64` processes (microvm, KVM) over loopback, driven through QMP, so the
-//! migration benchmark can print QEMU's figures next to Ferry's from the same invocation.
+//! QEMU side by side: live-migrates the same guest ELF (memstress with the same initrd, or
+//! dirtier) between two `qemu-system-x86_64` processes (microvm, KVM) over loopback, driven
+//! through QMP, plain or with XBZRLE and auto-converge, so the migration benchmark can print
+//! QEMU's figures next to Ferry's from the same invocation.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+
+use crate::guestline::{self, Felt};
 
 /// The QEMU binary the benchmark runs.
 pub const BINARY: &str = "qemu-system-x86_64";
@@ -46,15 +49,29 @@ pub fn version(qemu: &Path) -> anyhow::Result<String> {
 pub struct Setup<'a> {
     /// The guest ELF (PVH), booted with `-kernel`.
     pub elf: &'a Path,
-    /// The initrd file.
-    pub initrd: &'a Path,
+    /// The initrd file, if any.
+    pub initrd: Option<&'a Path>,
     /// Guest memory in bytes.
     pub memory: u64,
-    /// memstress working set, e.g. "64M".
-    pub wss: &'a str,
+    /// The guest's command line, e.g. "wss=64M".
+    pub append: &'a str,
+    /// Console text that says the guest's workload runs (migration starts after it).
+    pub ready: &'a str,
+    /// The guest's TSC frequency, Hz: given to QEMU so that it publishes it in CPUID
+    /// 0x40000010 as Ferry does (dirtier needs it).
+    pub tsc_hz: Option<u64>,
+    /// Turn on QEMU's XBZRLE (delta encoding of re-sent pages) and auto-converge
+    /// (vCPU throttling) on both sides.
+    pub xbzrle_auto_converge: bool,
+    /// The guest is dirtier: read what it felt from its progress lines.
+    pub dirtier: bool,
     /// `downtime-limit`, ms.
     pub downtime_ms: u64,
 }
+
+/// XBZRLE's page cache, bytes (QEMU's default is 64 MiB): room for dirtier's default
+/// working set.
+const XBZRLE_CACHE: u64 = 256 << 20;
 
 /// One migration's figures, from the source's `query-migrate`.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +86,10 @@ pub struct Run {
     pub bytes: f64,
     /// `ram.dirty-sync-count`: dirty-bitmap syncs, one per pass over memory.
     pub passes: f64,
+    /// `cpu-throttle-percentage` when the migration completed (auto-converge), %.
+    pub throttle_pct: f64,
+    /// What dirtier felt (with `Setup::dirtier`).
+    pub guest: Option<Felt>,
 }
 
 /// A QEMU process, killed (and reaped) when dropped, so every error path cleans up.
@@ -186,13 +207,18 @@ fn spawn(
         let _ = std::fs::remove_file(p);
     }
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+    let cpu = match setup.tsc_hz {
+        Some(hz) => format!("host,-arch-capabilities,tsc-frequency={hz}"),
+        None => "host,-arch-capabilities".to_string(),
+    };
+    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", &cpu])
         .args(["-m", &format!("{}M", setup.memory >> 20)])
         .arg("-kernel")
-        .arg(setup.elf)
-        .arg("-initrd")
-        .arg(setup.initrd)
-        .args(["-append", &format!("wss={}", setup.wss)])
+        .arg(setup.elf);
+    if let Some(initrd) = setup.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.args(["-append", setup.append])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-serial", &format!("file:{}", console.display())])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", sock.display())]);
@@ -230,8 +256,8 @@ fn field(info: &Value, pointer: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("query-migrate has no {pointer}: {info}"))
 }
 
-/// One migration: starts source and destination, waits for memstress's second pass on the
-/// source, migrates, and checks the destination runs. Both QEMUs are killed on return.
+/// One migration: starts source and destination, waits until the guest's workload runs on
+/// the source, migrates, and checks the destination runs. Both QEMUs are killed on return.
 pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let (mut src, src_console, src_sock) = spawn(qemu, setup, dir, "src", None)?;
@@ -244,11 +270,24 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             status["status"] == "inmigrate",
             "destination is not waiting for a migration: {status}"
         );
-        wait_console(&src_console, "memstress: pass 2", &mut src).context("source guest")?;
+        wait_console(&src_console, setup.ready, &mut src).context("source guest")?;
+        if setup.dirtier {
+            guestline::wait_warm(&src_console, TIMEOUT)?;
+        }
         src_qmp.execute(
             "migrate-set-parameters",
             Some(json!({ "downtime-limit": setup.downtime_ms, "max-bandwidth": NO_BANDWIDTH_CAP })),
         )?;
+        if setup.xbzrle_auto_converge {
+            let caps = json!({ "capabilities": [
+                { "capability": "xbzrle", "state": true },
+                { "capability": "auto-converge", "state": true },
+            ]});
+            src_qmp.execute("migrate-set-capabilities", Some(caps.clone()))?;
+            dst_qmp.execute("migrate-set-capabilities", Some(caps))?;
+            src_qmp.execute("migrate-set-parameters", Some(json!({ "xbzrle-cache-size": XBZRLE_CACHE })))?;
+        }
+        let before = guestline::lines(&src_console);
         src_qmp.execute("migrate", Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })))?;
         let deadline = Instant::now() + TIMEOUT;
         let info = loop {
@@ -281,11 +320,20 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let guest = if setup.dirtier {
+            let during = guestline::lines(&src_console).get(before.len()..).unwrap_or_default().to_vec();
+            let first = guestline::wait_line(&dst_console, 0, Duration::from_secs(10));
+            Some(guestline::felt(&before, &during, first))
+        } else {
+            None
+        };
         let dst_out = std::fs::read_to_string(&dst_console).unwrap_or_default();
         if let Some(line) = dst_out.lines().find(|l| l.contains("CORRUPTION")) {
-            bail!("memstress on the QEMU destination: {line}");
+            bail!("the guest on the QEMU destination: {line}");
         }
         Ok(Run {
+            throttle_pct: info.pointer("/cpu-throttle-percentage").and_then(Value::as_f64).unwrap_or(0.0),
+            guest,
             total_ms: field(&info, "/total-time")?,
             downtime_ms: field(&info, "/downtime")?,
             setup_ms: field(&info, "/setup-time")?,
