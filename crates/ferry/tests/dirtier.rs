@@ -1,15 +1,16 @@
 //! The dirtier guest on real KVM: it runs its loop natively in ring 3, rewriting a stamp in
 //! every page of its working set and checking the previous one, and reports its rate, its
 //! rounds and the longest pause it felt. Alone, through a live migration (the guest checks
-//! every page on the destination), and through a migration that cannot converge (the VM
-//! stays on the source and keeps checking).
+//! every page on the destination), through a migration that cannot converge (the VM
+//! stays on the source and keeps checking), and restored from a checkpoint in which one page
+//! was put back to an older copy (the guest must catch it).
 
 mod common;
 
 use std::path::PathBuf;
 
 use common::mig::{free_port, info, migrate, receiver, s, write_key, T};
-use common::{require_kvm, TempDir, Vm};
+use common::{require_kvm, run_to_end, TempDir, Vm};
 
 /// A parsed `dirtier: rate=<r> pages/s rounds=<n> max_gap_us=<g> ok` line.
 #[derive(Debug, Clone, Copy)]
@@ -142,4 +143,56 @@ fn dirtier_migration_that_cannot_converge_leaves_it_running_on_the_source() {
     let before = seen_progress(&src).last().copied().expect("source progress");
     let after = wait_rounds_beyond(&mut src, before.rounds + 2);
     eprintln!("dirtier without convergence: {r}\nguest before {before:?}, after {after:?}");
+}
+
+/// The working set's guest-physical base from dirtier's first line (`... base=0x<hex> ...`).
+fn base(vm: &Vm) -> u64 {
+    vm.seen
+        .iter()
+        .find_map(|l| {
+            let hex = l.strip_prefix("dirtier: wss=")?.split(" base=0x").nth(1)?.split(' ').next()?;
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .expect("dirtier's base line")
+}
+
+#[test]
+fn dirtier_catches_a_stale_page_after_a_restore() {
+    require_kvm();
+    let dir = TempDir::new("dirtier-stale");
+    let (mut vm, sock) = source(&dir, "wss=16M report_ms=100");
+    let base = base(&vm);
+    let (old, new) = (dir.path("old"), dir.path("new"));
+    let out = run_to_end(&["snapshot", "--api-socket", s(&sock), "--to", s(&old)], T);
+    assert!(out.status.success(), "snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    // A few more rounds, so every page holds a newer stamp than in `old`; then suspend.
+    let at = wait_rounds_beyond(&mut vm, 0).rounds;
+    wait_rounds_beyond(&mut vm, at + 2);
+    let out = run_to_end(&["snapshot", "--api-socket", s(&sock), "--to", s(&new), "--stop"], T);
+    assert!(out.status.success(), "suspend: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(vm.wait(T).success());
+
+    // Page 7 of the working set goes back to its older copy, as a migration that lost the
+    // last write to it would leave it (memory.bin holds guest RAM at its physical address).
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let at = base + 7 * 4096;
+    let mut stamp = [0u8; 8];
+    let mut f = std::fs::File::open(old.join("memory.bin")).expect("old memory");
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut stamp).expect("read");
+    let mut f = std::fs::OpenOptions::new().write(true).open(new.join("memory.bin")).expect("new memory");
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.write_all(&stamp).expect("write");
+    drop(f);
+
+    let out = run_to_end(&["restore", "--from", s(&new)], T);
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "the guest must fail the run; console:\n{console}");
+    let line = console
+        .lines()
+        .find(|l| l.contains("CORRUPTION"))
+        .unwrap_or_else(|| panic!("no CORRUPTION: {console}"));
+    assert!(line.starts_with("dirtier: CORRUPTION page=7 round="), "{line}");
+    assert!(line.contains("(stale: this page's stamp of round "), "{line}");
+    eprintln!("{line}");
 }
