@@ -7,21 +7,21 @@
  */
         .text
 
-        .macro  STUB vec, err
-trap_\vec:
-        .if \err == 0
+        /* One stub per vector, each in its own 16 bytes (at most 12 are used); the CPU
+         * pushes an error code for exceptions 8, 10-14, 17, 21, 29 and 30, the others
+         * push a 0 in its place. */
+        .balign 16
+trap_stubs:
+        .set    vec, 0
+        .rept   256
+        .balign 16
+        .if     (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+        .else
         pushq   $0
         .endif
-        pushq   $\vec
+        pushq   $vec
         jmp     trap_common
-        .endm
-
-        /* Exceptions 0-31 (8, 10-14, 17, 21, 29 and 30 push an error code), then 0x80. */
-        .irp    v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,128
-        STUB    \v, 0
-        .endr
-        .irp    v, 8,10,11,12,13,14,17,21,29,30
-        STUB    \v, 1
+        .set    vec, vec + 1
         .endr
 
 trap_common:
@@ -80,11 +80,13 @@ ring3_iret:
         xorl    %esi, %esi
         iretq
 
-        /* The stubs' addresses by vector: 0-31, then 0x80 at index 32. */
+        /* The stubs' addresses by vector. */
         .section .rodata
         .balign 8
         .globl  ring3_stubs
 ring3_stubs:
-        .irp    v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
-        .quad   trap_\v
+        .set    vec, 0
+        .rept   256
+        .quad   trap_stubs + vec * 16
+        .set    vec, vec + 1
         .endr

@@ -4,10 +4,12 @@
  * user mode and calls back into ring 0 only for what needs it (the serial console, power-off).
  *
  * ring3_setup() loads a GDT with ring-3 code and data segments and a TSS, an IDT whose
- * exception vectors print what happened and power off as a failure, and a DPL-3 gate at
- * vector 0x80 (the only way back: `syscall` does not reach ring 0 on these hosts). It marks
- * the guest image and [user_lo, user_hi) user-accessible in the entry stub's page tables.
- * ring3_enter() then drops to ring 3 (iretq, interrupts off) for good.
+ * exception vectors print what happened and power off as a failure (interrupt vectors are
+ * noted once and ignored), and a DPL-3 gate at vector 0x80 (the only way back: `syscall`
+ * does not reach ring 0 on these hosts; there `int $0x80` itself arrives as a #UD on the
+ * instruction, which the runtime takes as the same call). It marks the guest image and
+ * [user_lo, user_hi) user-accessible in the entry stub's page tables. ring3_enter() then
+ * drops to ring 3 (iretq, interrupts on: ring 3 cannot run otherwise on KVM's PVM) for good.
  *
  * Everything below the "ring 3" line may be called from ring 3: it only touches its
  * arguments and the stack, and reaches ring 0 through `int $0x80`.
