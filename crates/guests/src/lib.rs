@@ -7,7 +7,8 @@
 //! frequency from CPUID leaf 0x4000_0010. Devices beyond the console (blkstress's disk,
 //! netecho's NIC) are virtio-mmio version 2 transports named on the command line as Linux's
 //! `virtio_mmio.device=<size>@<base>:<irq>`, below 4 GiB (the guests identity-map only
-//! that).
+//! that). dirtier runs its loop in ring 3 (`rt/ring3.{h,c,S}`), where guest code runs
+//! natively on this project's hosts, and calls back into ring 0 with `int $0x80`.
 
 /// A bundled guest.
 #[derive(Debug)]
