@@ -93,10 +93,11 @@ fn dirtier_migrates_and_keeps_checking_every_page() {
     let port = free_port();
     let mut dst = receiver(port, &key, None, &[]);
 
-    let (out, r) = migrate(&src_sock, port, &key, &[]);
+    let (out, r) = migrate(&src_sock, port, &key, &["--verify"]);
     assert!(out.status.success(), "migrate failed: {r}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["vm_running_on"], "destination", "{r}");
+    assert_eq!(r["verified"], true, "{r}");
     assert!(src.wait(T).success(), "source exit: {}", src.stderr());
     src.drain();
     let before = seen_progress(&src).last().copied().expect("source progress");
