@@ -44,6 +44,10 @@ pub struct MigrateArgs {
     /// The guest's working set (default: 64M for memstress, 128M for dirtier).
     #[arg(long)]
     wss: Option<String>,
+    /// More options for the guest's command line, e.g. "words=512" (dirtier: rewrite 512
+    /// words of every page, which delta encoding cannot shrink much).
+    #[arg(long, default_value = "")]
+    guest_cmdline: String,
     /// Downtime limit given to `ferry migrate`, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
@@ -66,11 +70,12 @@ impl MigrateArgs {
 
     /// The guest's command line.
     fn cmdline(&self) -> String {
-        if self.dirtier() {
+        let base = if self.dirtier() {
             format!("wss={} report_ms={}", self.wss(), guestline::REPORT_MS)
         } else {
             format!("wss={}", self.wss())
-        }
+        };
+        format!("{base} {}", self.guest_cmdline).trim_end().to_string()
     }
 
     /// Console text that says the workload runs: the migration starts after it.
@@ -445,10 +450,10 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         let initrd =
             if args.dirtier() { "no initrd".to_string() } else { format!("{} MiB initrd", args.initrd_mib) };
         println!(
-            "migration of {} ({} memory, {initrd}, wss={}, {} stream{}):",
+            "migration of {} ({} memory, {initrd}, {}, {} stream{}):",
             args.guest,
             args.memory,
-            args.wss(),
+            args.cmdline(),
             args.streams,
             if args.streams == 1 { "" } else { "s" }
         );

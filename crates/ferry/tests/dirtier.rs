@@ -194,7 +194,7 @@ fn dirtier_catches_a_stale_page_after_a_restore() {
         .lines()
         .find(|l| l.contains("CORRUPTION"))
         .unwrap_or_else(|| panic!("no CORRUPTION: {console}"));
-    assert!(line.starts_with("dirtier: CORRUPTION page=7 round="), "{line}");
+    assert!(line.starts_with("dirtier: CORRUPTION page=7 word=0 round="), "{line}");
     assert!(line.contains("(stale: this page's stamp of round "), "{line}");
     eprintln!("{line}");
 }

@@ -4,14 +4,17 @@
  *
  * Command line: wss=SIZE (working set, default 128M), rate=N (pages per second, 0 = as fast
  * as it can), seconds=N (power off after about N seconds, 0 = never), report_ms=N (the
- * progress line's interval, default 1000).
+ * progress line's interval, default 1000), words=N (8-byte words written per page, spread
+ * evenly over it, default 1, at most 512: more of each page changes per visit, which delta
+ * encoding of re-sent pages cannot shrink as well).
  *
  * Ring 0 (emulated on this project's hosts, about 2 million instructions/s) only places the
  * working set, sets up ring 3 (rt/ring3.h) and prints; the loop runs in ring 3, natively.
- * Round r writes one 8-byte stamp, encoding (page index, r), at the start of every page, and
- * first checks that the page still holds its stamp of round r-1 (zero in round 1: fresh RAM
- * is zero). A page that does not hold what this guest last wrote there is reported as
- *   dirtier: CORRUPTION page=<i> round=<r> expected=0x<x> found=0x<y> (<what it is>)
+ * Round r writes one 8-byte stamp, encoding (page index, r), at the start of every page (and
+ * with words=N, N-1 more words derived from it), and first checks that the page still holds
+ * its stamp of round r-1 (zero in round 1: fresh RAM is zero). A page that does not hold what
+ * this guest last wrote there is reported as
+ *   dirtier: CORRUPTION page=<i> word=<w> round=<r> expected=0x<x> found=0x<y> (<what>)
  * and the guest powers off as a failure (the VMM exits 1).
  *
  * Every report_ms (by the TSC) it prints
@@ -33,8 +36,9 @@
  * practice, and invertible, so a wrong value can be decoded in the report. */
 #define K_MUL 0x9e3779b97f4a7c15ull
 #define K_XOR 0x5bd1e9955bd1e995ull
+#define K_WORD 0xc2b2ae3d27d4eb4full /* word w of a page holds its stamp ^ (w * K_WORD) */
 
-static const char *const known[] = {"wss", "rate", "seconds", "report_ms", 0};
+static const char *const known[] = {"wss", "rate", "seconds", "report_ms", "words", 0};
 
 struct params {
     u64 base;
@@ -43,6 +47,7 @@ struct params {
     u64 rate;
     u64 seconds;
     u64 report_ms;
+    u64 words;
 };
 
 static struct params params;
@@ -87,13 +92,15 @@ static u64 inverse(u64 k)
     return x;
 }
 
-static __attribute__((noreturn)) void corruption(u64 page, u64 round, u64 expected, u64 found)
+static __attribute__((noreturn)) void corruption(u64 page, u64 word, u64 round, u64 expected, u64 found)
 {
     struct line l = {.len = 0};
-    u64 decoded = (found ^ K_XOR) * inverse(K_MUL);
+    u64 decoded = (found ^ (word * K_WORD) ^ K_XOR) * inverse(K_MUL);
     u64 page_of = decoded & 0xffffffffull, round_of = decoded >> 32;
     line_str(&l, "dirtier: CORRUPTION page=");
     line_dec(&l, page);
+    line_str(&l, " word=");
+    line_dec(&l, word);
     line_str(&l, " round=");
     line_dec(&l, round);
     line_str(&l, " expected=");
@@ -135,7 +142,8 @@ static void report(u64 pages, u64 ticks, u64 rounds, u64 max_gap, u64 tsc_per_se
 static void run(void *arg)
 {
     const struct params *p = arg;
-    const u64 npages = p->npages, tps = p->tsc_per_sec;
+    const u64 npages = p->npages, tps = p->tsc_per_sec, words = p->words;
+    const u64 stride = PAGE / 8 / words;
     const u64 tsc_per_chunk = p->rate ? tps * CHUNK / p->rate : 0;
     const u64 tsc_per_report = tps / 1000 * p->report_ms;
     u64 last, interval_start, interval_pages = 0, max_gap = 0, next_at, started;
@@ -151,10 +159,14 @@ static void run(void *arg)
             u64 end = i + CHUNK < npages ? i + CHUNK : npages;
             for (u64 j = i; j < end; j++, pg += PAGE / 8) {
                 u64 want = r == 1 ? 0 : stamp(j, r - 1);
-                u64 found = *pg;
-                if (found != want)
-                    corruption(j, r, want, found);
-                *pg = stamp(j, r);
+                u64 next = stamp(j, r);
+                for (u64 w = 0; w < words; w++) {
+                    u64 expected = r == 1 ? 0 : want ^ (w * K_WORD);
+                    u64 found = pg[w * stride];
+                    if (found != expected)
+                        corruption(j, w, r, expected, found);
+                    pg[w * stride] = next ^ (w * K_WORD);
+                }
             }
             interval_pages += end - i;
             u64 now = rdtsc();
@@ -200,6 +212,11 @@ void guest_main(const struct hvm_start_info *si)
     u64 rate = cmdline_option(cmdline, "rate", 0, "dirtier");
     u64 seconds = cmdline_option(cmdline, "seconds", 0, "dirtier");
     u64 report_ms = cmdline_option(cmdline, "report_ms", 1000, "dirtier");
+    u64 words = cmdline_option(cmdline, "words", 1, "dirtier");
+    if (words < 1 || words > PAGE / 8) {
+        puts("dirtier: error: words must be 1 to 512, using 1\n");
+        words = 1;
+    }
 
     u64 rd_lo = 0, rd_hi = 0;
     if (si->nr_modules >= 1 && si->modlist_paddr) {
@@ -228,6 +245,7 @@ void guest_main(const struct hvm_start_info *si)
     params.rate = rate;
     params.seconds = seconds;
     params.report_ms = report_ms ? report_ms : 1000;
+    params.words = words;
 
     puts("dirtier: wss=");
     put_dec(wss);
@@ -237,6 +255,8 @@ void guest_main(const struct hvm_start_info *si)
     put_hex(base, 1);
     puts(" rate=");
     put_dec(rate);
+    puts(" words=");
+    put_dec(words);
     puts(" tsc_khz=");
     put_dec(khz);
     putc('\n');

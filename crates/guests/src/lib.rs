@@ -61,7 +61,8 @@ static GUESTS: &[Guest] = &[
                   rounds and the longest pause it felt every second (report_ms)",
         cmdline_help: "wss=SIZE (working set, default 128M), rate=N (pages/s, 0 = as fast as it \
                        can), seconds=N (power off after about N seconds, 0 = never), report_ms=N (progress \
-                       line interval, default 1000)",
+                       line interval, default 1000), words=N (8-byte words written per page, \
+                       default 1, at most 512)",
         elf: include_bytes!(concat!(env!("OUT_DIR"), "/dirtier.elf")),
     },
 ];
