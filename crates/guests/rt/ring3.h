@@ -8,8 +8,9 @@
  * noted once and ignored), and a DPL-3 gate at vector 0x80 (the only way back: `syscall`
  * does not reach ring 0 on these hosts; there `int $0x80` itself arrives as a #UD on the
  * instruction, which the runtime takes as the same call). It marks the guest image and
- * [user_lo, user_hi) user-accessible in the entry stub's page tables. ring3_enter() then
- * drops to ring 3 (iretq, interrupts on: ring 3 cannot run otherwise on KVM's PVM) for good.
+ * [user_lo, user_hi) user-accessible in the entry stub's page tables (the image as a whole,
+ * descriptor tables and page tables included: a test guest trusts its own ring-3 code).
+ * ring3_enter() then drops to ring 3 (iretq, interrupts on) for good.
  *
  * Everything below the "ring 3" line may be called from ring 3: it only touches its
  * arguments and the stack, and reaches ring 0 through `int $0x80`.
