@@ -490,7 +490,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
                 qemu::BINARY
             ),
             Some(q) => {
-                println!("QEMU side by side, same ELF and initrd ({}):", q.version);
+                let same = if args.dirtier() { "same ELF and command line" } else { "same ELF and initrd" };
+                println!("QEMU side by side, {same} ({}):", q.version);
                 p("QEMU total", &q.total_ms, "ms");
                 p("QEMU downtime", &q.downtime_ms, "ms");
                 p("QEMU setup", &q.setup_ms, "ms");
