@@ -9,9 +9,10 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("memstress", &["memstress/memstress.c"]),
     ("blkstress", &["blkstress/blkstress.c"]),
     ("netecho", &["netecho/netecho.c"]),
+    ("dirtier", &["dirtier/dirtier.c", "rt/ring3.c", "rt/ring3.S"]),
 ];
 const RUNTIME: &[&str] = &["rt/entry.S", "rt/rt.c", "rt/virtio.c"];
-const HEADERS: &[&str] = &["rt/rt.h", "rt/virtio.h", "rt/guest.ld"];
+const HEADERS: &[&str] = &["rt/rt.h", "rt/virtio.h", "rt/ring3.h", "rt/guest.ld"];
 
 const CFLAGS: &[&str] = &[
     "-m64",

@@ -4,6 +4,7 @@
 mod boot;
 mod checkpoint;
 mod devices;
+mod guestline;
 mod migrate;
 mod qemu;
 mod stats;
@@ -42,7 +43,9 @@ enum Bench {
     /// ferry processes over loopback; total, downtime, bytes, passes, pass-1 throughput
     /// against one plain TCP stream measured in the same run; and, when
     /// qemu-system-x86_64 is installed, the same guest migrated by QEMU after each Ferry
-    /// run, with the Ferry/QEMU ratios.
+    /// run, with the Ferry/QEMU ratios. `--guest dirtier`: the fast-dirtying scenario
+    /// (dirtier rewrites its working set from ring 3 at native speed; QEMU also with XBZRLE
+    /// and auto-converge), with the guest's own rate and longest pause during the migration.
     Migrate(migrate::MigrateArgs),
     /// Devices: blkstress disk throughput as the guest and the host see it, and the
     /// network outage a client (pinging every 1 ms) sees while the VM migrates between

@@ -2,17 +2,23 @@
 //! `ferry` processes over loopback, several runs, and measures one plain TCP stream on
 //! loopback in the same run as the throughput reference. When `qemu-system-x86_64` is on
 //! PATH, the same invocation also migrates the same guest ELF with the same initrd file
-//! between two QEMUs (microvm, KVM; see `qemu.rs`) and reports QEMU's figures and the
-//! Ferry/QEMU ratios next to Ferry's.
+//! between two QEMUs (microvm, KVM; see `qemu.rs`), one QEMU run after each Ferry run, and reports
+//! QEMU's figures and the Ferry/QEMU ratios next to Ferry's.
 //!
 //! Fairness: on a machine that is itself a VM, memory freed seconds ago costs several times
 //! more to touch again than memory freed a moment ago, and a migration's destination touches
-//! all of its memory. So the runs go in pairs in ABBA order (Ferry then QEMU, then QEMU then
-//! Ferry, ...), each after the same idle time, and each run first times the touching of a
-//! small fresh probe region: the run is `cold` or `warm` by that probe, and the report
-//! compares each kind with its own. Every pair's ratio is printed, not only the medians.
-//! Beside time and downtime, it reports what the guest felt: memstress passes per second on
-//! the source while the migration ran.
+//! all of its memory. So the runs go in ABBA order (Ferry then QEMU, then QEMU then Ferry,
+//! ...), each after the same idle time, and each run first times the touching of a small
+//! fresh probe region: the run is `cold` or `warm` by that probe, and the report compares
+//! each kind with its own. Every pair's ratio is printed, not only the medians. Beside time
+//! and downtime, it reports what the guest felt: memstress passes per second on the source
+//! while the migration ran, or dirtier's own rate and longest pause.
+//!
+//! `--guest dirtier` is the fast-dirtying scenario: the dirtier guest (1 GiB, no initrd,
+//! wss=128M) rewrites one stamp per page of its working set from ring 3 at native speed;
+//! QEMU runs plain and with XBZRLE and auto-converge after each Ferry run; and each side
+//! reports what the guest felt: its pages/s before and during the migration and its longest
+//! pause (`guestline.rs`). Figures only, nothing asserted.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,6 +30,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::checkpoint::{wait_file_line, write_random};
+use crate::guestline::{self, Felt};
 use crate::qemu;
 use crate::stats::Summary;
 
@@ -36,12 +43,20 @@ pub struct MigrateArgs {
     /// Guest memory.
     #[arg(long, default_value = "1G")]
     memory: String,
-    /// Initrd size in MiB (random content).
+    /// Initrd size in MiB (random content; memstress only).
     #[arg(long, default_value_t = 512)]
     initrd_mib: u64,
-    /// memstress working set.
-    #[arg(long, default_value = "64M")]
-    wss: String,
+    /// The guest: memstress (dirties slowly: ring 0 is emulated on these hosts) or dirtier
+    /// (rewrites its working set at native speed from ring 3).
+    #[arg(long, default_value = "memstress", value_parser = ["memstress", "dirtier"])]
+    guest: String,
+    /// The guest's working set (default: 64M for memstress, 128M for dirtier).
+    #[arg(long)]
+    wss: Option<String>,
+    /// More options for the guest's command line, e.g. "words=512" (dirtier: rewrite 512
+    /// words of every page, which delta encoding cannot shrink much).
+    #[arg(long, default_value = "")]
+    guest_cmdline: String,
     /// Downtime limit given to `ferry migrate`, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
@@ -68,6 +83,35 @@ pub struct MigrateArgs {
     /// 4 KiB page, ns.
     #[arg(long, default_value_t = 1000.0)]
     cold_ns_per_page: f64,
+}
+
+impl MigrateArgs {
+    fn dirtier(&self) -> bool {
+        self.guest == "dirtier"
+    }
+
+    fn wss(&self) -> &str {
+        self.wss.as_deref().unwrap_or(if self.dirtier() { "128M" } else { "64M" })
+    }
+
+    /// The guest's command line.
+    fn cmdline(&self) -> String {
+        let base = if self.dirtier() {
+            format!("wss={} report_ms={}", self.wss(), guestline::REPORT_MS)
+        } else {
+            format!("wss={}", self.wss())
+        };
+        format!("{base} {}", self.guest_cmdline).trim_end().to_string()
+    }
+
+    /// Console text that says the workload runs: the migration starts after it.
+    fn ready(&self) -> &'static str {
+        if self.dirtier() {
+            "dirtier: rate="
+        } else {
+            "memstress: pass 2"
+        }
+    }
 }
 
 /// Pages in the probe region touched before each run (16 MiB).
@@ -114,8 +158,32 @@ struct Pair {
     guest_progress_ratio: f64,
 }
 
+/// Medians of what dirtier felt over the runs.
+#[derive(Debug, Serialize)]
+struct FeltSummary {
+    rate_before: Summary,
+    rate_during: Summary,
+    max_gap_ms: Summary,
+}
+
+impl FeltSummary {
+    fn of(felt: &[Felt]) -> Option<Self> {
+        if felt.is_empty() {
+            return None;
+        }
+        let f = |g: fn(&Felt) -> f64| Summary::of(&felt.iter().map(g).collect::<Vec<_>>());
+        Some(Self {
+            rate_before: f(|x| x.rate_before),
+            rate_during: f(|x| x.rate_during),
+            max_gap_ms: f(|x| x.max_gap_ms),
+        })
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
+    /// memstress or dirtier.
+    guest: String,
     runs: usize,
     total_ms: Summary,
     downtime_ms: Summary,
@@ -131,8 +199,11 @@ struct Report {
     /// One TCP stream from populated memory into fresh memory (what pass 1 must do).
     tcp_into_fresh_memory_mb_s: f64,
     pass1_vs_fresh: f64,
-    /// The same migration with QEMU; `null` when `qemu-system-x86_64` is not on PATH.
-    qemu: Option<QemuReport>,
+    /// What dirtier felt (pages/s before and during the migration, longest pause).
+    guest_felt: Option<FeltSummary>,
+    /// The same migration with QEMU, one entry per set of capabilities (plain first);
+    /// empty when `qemu-system-x86_64` is not on PATH.
+    qemu: Vec<QemuReport>,
     /// The guest's progress during Ferry's migrations, memstress passes per second.
     guest_passes_per_s: Summary,
     /// Each run's probe, ns per page, and how many runs were cold.
@@ -158,11 +229,15 @@ struct QemuReport {
     downtime_ratio: f64,
     /// Whether Ferry's median total is under half of QEMU's.
     total_under_half: bool,
-    /// The capabilities QEMU ran with.
+    /// `cpu-throttle-percentage` at the end (auto-converge), %.
+    throttle_pct: Summary,
+    /// What dirtier felt.
+    guest_felt: Option<FeltSummary>,
+    /// The capabilities QEMU ran with (empty: plain pre-copy).
     caps: Vec<String>,
     /// QEMU's guest progress during its migrations, memstress passes per second.
     guest_passes_per_s: Summary,
-    /// Each pair, in the order run.
+    /// Each ABBA pair, in the order run.
     pairs: Vec<Pair>,
     /// Medians of the pairs' ratios (Ferry over QEMU).
     pair_total_ratio: f64,
@@ -174,9 +249,9 @@ struct QemuReport {
 }
 
 /// Writes the guest ELF for QEMU into `dir`; returns its path.
-fn qemu_elf(dir: &Path) -> anyhow::Result<PathBuf> {
-    let guest = ferry_guests::find("memstress").context("no bundled memstress guest")?;
-    let elf = dir.join("memstress.elf");
+fn qemu_elf(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let guest = ferry_guests::find(name).with_context(|| format!("no bundled {name} guest"))?;
+    let elf = dir.join(format!("{name}.elf"));
     std::fs::write(&elf, guest.elf).with_context(|| format!("cannot write {}", elf.display()))?;
     Ok(elf)
 }
@@ -332,11 +407,16 @@ fn one_run(
 ) -> anyhow::Result<serde_json::Value> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let (src_sock, src_console) = (dir.join("src.sock"), dir.join("src.console"));
-    let dst_log = dir.join("dst.log");
+    let (dst_log, dst_console) = (dir.join("dst.log"), dir.join("dst.console"));
     let _ = std::fs::remove_file(&src_console);
-    let mut src = Command::new(ferry)
-        .args(["run", "--guest", "memstress", "--memory", &args.memory, "--initrd", &s(initrd)])
-        .args(["--cmdline", &format!("wss={}", args.wss), "--api-socket", &s(&src_sock)])
+    let _ = std::fs::remove_file(&dst_console);
+    let mut cmd = Command::new(ferry);
+    cmd.args(["run", "--guest", &args.guest, "--memory", &args.memory]);
+    if !args.dirtier() {
+        cmd.args(["--initrd", &s(initrd)]);
+    }
+    let mut src = cmd
+        .args(["--cmdline", &args.cmdline(), "--api-socket", &s(&src_sock)])
         .args(["--home", &s(&dir.join("home")), "--serial", &format!("file:{}", s(&src_console))])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -345,15 +425,19 @@ fn one_run(
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut dst = Command::new(ferry)
         .args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}"), "--auth-key-file", &s(key)])
-        .args(["--serial", "null"])
+        .args(["--serial", &if args.dirtier() { format!("file:{}", s(&dst_console)) } else { "null".into() }])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&dst_log)?)
         .spawn()?;
     let src_pid = src.id();
     let result = (|| {
-        wait_file_line(&src_console, "memstress: pass 2", Duration::from_secs(120))?;
+        wait_file_line(&src_console, args.ready(), Duration::from_secs(120))?;
+        if args.dirtier() {
+            guestline::wait_warm(&src_console, Duration::from_secs(60))?;
+        }
         wait_file_line(&dst_log, "waiting for an incoming migration", Duration::from_secs(10))?;
+        let before = guestline::lines(&src_console);
         let sampler = VcpuSampler::start(src_pid);
         let passes_before = guest_passes(&src_console);
         let started = Instant::now();
@@ -384,6 +468,20 @@ fn one_run(
         if report["status"] != "completed" {
             bail!("migration did not complete: {report}");
         }
+        if args.dirtier() {
+            let during = guestline::lines(&src_console).get(before.len()..).unwrap_or_default().to_vec();
+            let first = guestline::wait_line(&dst_console, 0, Duration::from_secs(10));
+            report["bench_guest_felt"] = serde_json::to_value(guestline::felt(&before, &during, first))?;
+            let text = std::fs::read_to_string(&src_console).unwrap_or_default();
+            report["bench_tsc_khz"] = serde_json::json!(tsc_khz(&text));
+            if let Some(l) = std::fs::read_to_string(&dst_console)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("CORRUPTION"))
+            {
+                bail!("dirtier on the destination: {l}");
+            }
+        }
         Ok(report)
     })();
     let _ = src.kill();
@@ -399,13 +497,16 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     let dir: PathBuf = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.img");
-    write_random(&initrd, args.initrd_mib)?;
+    if !args.dirtier() {
+        write_random(&initrd, args.initrd_mib)?;
+    }
     let key = dir.join("key");
     std::fs::write(&key, [0x42u8; 32])?;
     let result = all_runs(ferry, &dir, args, &initrd, &key, json);
     let _ = std::fs::remove_dir_all(&dir);
-    let (ferry_runs, qemu_bin, qemu_runs) = result?;
-    let reports: Vec<&serde_json::Value> = ferry_runs.iter().map(|(r, _)| r).collect();
+    let runs = result?;
+    let reports: Vec<&serde_json::Value> = runs.ferry.iter().map(|(r, _)| r).collect();
+    let figures: Vec<&RunFigures> = runs.ferry.iter().map(|(_, f)| f).collect();
     let tcp = tcp_stream(Duration::from_secs(1))?;
     let fresh = tcp_into_fresh_memory(args.initrd_mib as usize)?;
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
@@ -414,8 +515,10 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         reports.iter().map(|r| r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64).collect();
     let pass1 = Summary::of(&f("throughput_mb_s"));
     let vcpu = Summary::of(&f("bench_vcpu_share").iter().map(|v| v * 100.0).collect::<Vec<_>>());
-    let figures: Vec<&RunFigures> = ferry_runs.iter().map(|(_, f)| f).collect();
+    let felt: Vec<Felt> =
+        reports.iter().filter_map(|r| serde_json::from_value(r["bench_guest_felt"].clone()).ok()).collect();
     let mut report = Report {
+        guest: args.guest.clone(),
         runs: args.runs,
         total_ms: Summary::of(&f("total_ms")),
         downtime_ms: Summary::of(&f("downtime_ms")),
@@ -428,14 +531,18 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         vcpu_share_pct: vcpu,
         streams: args.streams,
         tcp_stream_mb_s: tcp,
-        qemu: None,
+        guest_felt: FeltSummary::of(&felt),
+        qemu: Vec::new(),
         guest_passes_per_s: Summary::of(&f("bench_guest_passes_per_s")),
         probe_ns_per_page: Summary::of(&figures.iter().map(|f| f.probe_ns_per_page).collect::<Vec<_>>()),
         cold_runs: figures.iter().filter(|f| f.cold).count(),
         bandwidth_mib: args.bandwidth_mib,
         policy: args.policy.clone(),
     };
-    report.qemu = qemu_bin.zip(qemu_runs).map(|(q, runs)| qemu_report(&q, args, &runs, &ferry_runs, &report));
+    if let Some(q) = &runs.qemu_bin {
+        report.qemu =
+            runs.qemu.iter().filter_map(|(caps, r)| qemu_report(q, caps, r, &runs.ferry, &report)).collect();
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -447,96 +554,134 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
 fn print_report(args: &MigrateArgs, report: &Report) {
     let p = |name: &str, s: &Summary, unit: &str| {
         println!(
-            "{name:<24} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
+            "{name:<27} median {:>9.2} {unit}  [{:.2} .. {:.2}]  ({} runs)",
             s.median, s.min, s.max, s.runs
         )
     };
+    let initrd =
+        if args.dirtier() { "no initrd".to_string() } else { format!("{} MiB initrd", args.initrd_mib) };
+    let cap = if args.bandwidth_mib == 0 {
+        "no bandwidth cap".to_string()
+    } else {
+        format!("{} MiB/s cap", args.bandwidth_mib)
+    };
     println!(
-        "migration of memstress ({} memory, {} MiB initrd, wss={}, {} stream{}, {}, policy {}):",
+        "migration of {} ({} memory, {initrd}, {}, {} stream{}, {cap}, policy {}):",
+        args.guest,
         args.memory,
-        args.initrd_mib,
-        args.wss,
+        args.cmdline(),
         args.streams,
         if args.streams == 1 { "" } else { "s" },
-        if args.bandwidth_mib == 0 {
-            "no bandwidth cap".to_string()
-        } else {
-            format!("{} MiB/s cap", args.bandwidth_mib)
-        },
         args.policy
     );
+    let felt = |who: &str, f: &Option<FeltSummary>| {
+        if let Some(f) = f {
+            p(&format!("{who}guest pages/s before"), &f.rate_before, "");
+            p(&format!("{who}guest pages/s during"), &f.rate_during, "");
+            p(&format!("{who}guest longest pause"), &f.max_gap_ms, "ms");
+        }
+    };
     p("total", &report.total_ms, "ms");
     p("downtime", &report.downtime_ms, "ms");
     p("sent", &report.bytes_mib, "MiB");
     p("passes", &report.passes, "");
     p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
     p("vCPU kept of a core", &report.vcpu_share_pct, "%");
-    p("guest progress", &report.guest_passes_per_s, "passes/s");
+    if args.dirtier() {
+        felt("", &report.guest_felt);
+    } else {
+        p("guest progress", &report.guest_passes_per_s, "passes/s");
+    }
     p("probe (fresh memory)", &report.probe_ns_per_page, "ns/page");
-    println!("{:<24} {} of {} Ferry runs", "cold runs", report.cold_runs, report.runs);
+    println!("{:<27} {} of {} Ferry runs", "cold runs", report.cold_runs, report.runs);
     println!(
-        "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+        "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
         "one TCP stream",
         report.tcp_stream_mb_s,
         report.pass1_vs_tcp * 100.0
     );
     println!(
-        "{:<24} {:>16.0} MB/s (pass 1 reaches {:.0}% of it)",
+        "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
         "one stream, fresh memory",
         report.tcp_into_fresh_memory_mb_s,
         report.pass1_vs_fresh * 100.0
     );
-    match &report.qemu {
-        None if args.without_qemu => println!("QEMU side by side: skipped (--without-qemu)"),
-        None => println!(
-            "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
-            qemu::BINARY
-        ),
-        Some(q) => {
-            let caps = if q.caps.is_empty() { "plain pre-copy".to_string() } else { q.caps.join(",") };
-            println!("QEMU side by side, same ELF and initrd ({}; {caps}):", q.version);
-            p("QEMU total", &q.total_ms, "ms");
-            p("QEMU downtime", &q.downtime_ms, "ms");
-            p("QEMU setup", &q.setup_ms, "ms");
-            p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
-            p("QEMU passes (syncs)", &q.passes, "");
-            p("QEMU guest progress", &q.guest_passes_per_s, "passes/s");
-            println!("ABBA pairs (Ferry/QEMU; probe ns/page, c = cold, w = warm):");
-            for (i, pair) in q.pairs.iter().enumerate() {
-                let kind = |f: &RunFigures| if f.cold { 'c' } else { 'w' };
-                println!(
-                    "  pair {} ({} first): total {:>7.0}/{:<7.0} ms = {:.2}x  downtime {:>7.2}/{:<7.2} ms = {:.2}x  \
-                     guest {:.2}x  probe {:.0}{}/{:.0}{}",
-                    i + 1,
-                    pair.first,
-                    pair.ferry.total_ms,
-                    pair.qemu.total_ms,
-                    pair.total_ratio,
-                    pair.ferry.downtime_ms,
-                    pair.qemu.downtime_ms,
-                    pair.downtime_ratio,
-                    pair.guest_progress_ratio,
-                    pair.ferry.probe_ns_per_page,
-                    kind(&pair.ferry),
-                    pair.qemu.probe_ns_per_page,
-                    kind(&pair.qemu)
-                );
-            }
-            let opt = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "no such pair".into());
+    if report.qemu.is_empty() {
+        if args.without_qemu {
+            println!("QEMU side by side: skipped (--without-qemu)");
+        } else {
             println!(
-                "Ferry/QEMU, median of pairs: total {:.2}x (under half: {}), downtime {:.2}x; \
-                 pairs both cold: {}, both warm: {}",
-                q.pair_total_ratio,
-                if q.total_under_half { "yes" } else { "no" },
-                q.pair_downtime_ratio,
-                opt(q.pair_total_ratio_cold),
-                opt(q.pair_total_ratio_warm)
+                "QEMU side by side: skipped, {} is not on PATH (scripts/bench.sh installs it)",
+                qemu::BINARY
             );
         }
     }
+    for q in &report.qemu {
+        let caps = if q.caps.is_empty() { "plain pre-copy".to_string() } else { q.caps.join(", ") };
+        let same = if args.dirtier() { "same ELF and command line" } else { "same ELF and initrd" };
+        println!("QEMU side by side, {same} ({}; {caps}):", q.version);
+        p("QEMU total", &q.total_ms, "ms");
+        p("QEMU downtime", &q.downtime_ms, "ms");
+        p("QEMU setup", &q.setup_ms, "ms");
+        p("QEMU sent (RAM)", &q.bytes_mib, "MiB");
+        p("QEMU passes (syncs)", &q.passes, "");
+        p("QEMU throttle at end", &q.throttle_pct, "%");
+        if args.dirtier() {
+            felt("QEMU ", &q.guest_felt);
+        } else {
+            p("QEMU guest progress", &q.guest_passes_per_s, "passes/s");
+        }
+        println!("ABBA pairs (Ferry/QEMU; probe ns/page, c = cold, w = warm):");
+        for (i, pair) in q.pairs.iter().enumerate() {
+            let kind = |f: &RunFigures| if f.cold { 'c' } else { 'w' };
+            println!(
+                "  pair {} ({} first): total {:>7.0}/{:<7.0} ms = {:.2}x  downtime {:>7.2}/{:<7.2} ms = {:.2}x  \
+                 guest {:.2}x  probe {:.0}{}/{:.0}{}",
+                i + 1,
+                pair.first,
+                pair.ferry.total_ms,
+                pair.qemu.total_ms,
+                pair.total_ratio,
+                pair.ferry.downtime_ms,
+                pair.qemu.downtime_ms,
+                pair.downtime_ratio,
+                pair.guest_progress_ratio,
+                pair.ferry.probe_ns_per_page,
+                kind(&pair.ferry),
+                pair.qemu.probe_ns_per_page,
+                kind(&pair.qemu)
+            );
+        }
+        let opt = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "no such pair".into());
+        println!(
+            "Ferry/QEMU ({caps}), median of pairs: total {:.2}x (under half: {}), downtime {:.2}x; \
+             pairs both cold: {}, both warm: {}",
+            q.pair_total_ratio,
+            if q.total_under_half { "yes" } else { "no" },
+            q.pair_downtime_ratio,
+            opt(q.pair_total_ratio_cold),
+            opt(q.pair_total_ratio_warm)
+        );
+    }
 }
 
-type Runs = (Vec<(serde_json::Value, RunFigures)>, Option<PathBuf>, Option<Vec<(qemu::Run, RunFigures)>>);
+fn tsc_khz(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("dirtier: wss=")?.split_once(" tsc_khz=")?.1.trim().parse().ok())
+}
+
+/// Ferry's reports, and QEMU's runs (plain; with XBZRLE and auto-converge) when QEMU runs.
+/// Every run: Ferry's, and per set of QEMU capabilities QEMU's, with the figures the pairs
+/// compare.
+struct Runs {
+    ferry: Vec<(serde_json::Value, RunFigures)>,
+    qemu_bin: Option<PathBuf>,
+    qemu: Vec<(Vec<String>, Vec<QemuRun>)>,
+}
+
+/// One QEMU run and the figures its pair compares.
+type QemuRun = (qemu::Run, RunFigures);
 
 /// Sleeps the idle time, then probes how warm free memory is.
 fn settle(args: &MigrateArgs) -> anyhow::Result<(f64, bool)> {
@@ -545,8 +690,21 @@ fn settle(args: &MigrateArgs) -> anyhow::Result<(f64, bool)> {
     Ok((probe, probe >= args.cold_ns_per_page))
 }
 
-/// Ferry's runs and, when QEMU is installed, QEMU's, in ABBA pairs: pair 1 runs Ferry first,
-/// pair 2 QEMU first, and so on; every run after the same idle time and a probe.
+/// The sets of QEMU capabilities to run: plain pre-copy, and `--qemu-caps` if given (with
+/// dirtier and no `--qemu-caps`: XBZRLE and auto-converge, QEMU's answer to a fast dirtier).
+fn qemu_variants(args: &MigrateArgs) -> Vec<Vec<String>> {
+    let caps: Vec<String> = args.qemu_caps.iter().filter(|c| !c.is_empty()).cloned().collect();
+    let mut v = vec![Vec::new()];
+    if !caps.is_empty() {
+        v.push(caps);
+    } else if args.dirtier() {
+        v.push(vec!["xbzrle".into(), "auto-converge".into()]);
+    }
+    v
+}
+
+/// The runs in ABBA order: round 1 runs Ferry then QEMU (each of its variants), round 2
+/// QEMU then Ferry, and so on; every run after the same idle time and a probe.
 fn all_runs(
     ferry: &Path,
     dir: &Path,
@@ -558,78 +716,109 @@ fn all_runs(
     let qemu_bin = if args.without_qemu { None } else { qemu::find() };
     let setup = match &qemu_bin {
         Some(_) => {
-            let elf = qemu_elf(dir)?;
+            let elf = qemu_elf(dir, &args.guest)?;
             let memory = ferry_vmm::config::parse_size(&args.memory)?;
             Some((elf, memory))
         }
         None => None,
     };
-    let mut reports = Vec::new();
-    let mut qemu_runs = Vec::new();
+    let cmdline = args.cmdline();
+    let variants = qemu_variants(args);
+    let mut runs = Runs {
+        ferry: Vec::new(),
+        qemu_bin: qemu_bin.clone(),
+        qemu: variants.iter().map(|c| (c.clone(), Vec::new())).collect(),
+    };
+    let felt = |r: &Option<Felt>| match r {
+        Some(f) => format!(
+            "; guest {:.0} pages/s before, {:.0} during, longest pause {:.1} ms",
+            f.rate_before, f.rate_during, f.max_gap_ms
+        ),
+        None => String::new(),
+    };
+    let mut tsc_hz = None;
     for i in 0..args.runs {
         let qemu_first = i % 2 == 1 && qemu_bin.is_some();
         for side in if qemu_first { ["qemu", "ferry"] } else { ["ferry", "qemu"] } {
             if side == "ferry" {
                 let (probe, cold) = settle(args)?;
                 let r = one_run(ferry, dir, args, initrd, key).with_context(|| format!("run {}", i + 1))?;
+                let f: Option<Felt> = serde_json::from_value(r["bench_guest_felt"].clone()).ok();
                 let fig = RunFigures {
                     total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
                     downtime_ms: r["downtime_ms"].as_f64().unwrap_or(0.0),
                     passes: r["passes"].as_array().map(Vec::len).unwrap_or(0) as f64,
-                    guest_passes_per_s: r["bench_guest_passes_per_s"].as_f64().unwrap_or(0.0),
+                    guest_passes_per_s: match &f {
+                        Some(f) => f.rate_during,
+                        None => r["bench_guest_passes_per_s"].as_f64().unwrap_or(0.0),
+                    },
                     probe_ns_per_page: probe,
                     cold,
                 };
                 if !json {
                     eprintln!(
-                        "run {}: total {:.0} ms, downtime {:.2} ms, {} passes, guest {:.1} passes/s, probe {probe:.0} ns/page ({})",
+                        "run {}: total {:.0} ms, downtime {:.2} ms, {} passes{}, probe {probe:.0} ns/page ({})",
                         i + 1,
                         fig.total_ms,
                         fig.downtime_ms,
                         fig.passes,
-                        fig.guest_passes_per_s,
+                        felt(&f),
                         if cold { "cold" } else { "warm" }
                     );
                 }
-                reports.push((r, fig));
-            } else if let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) {
+                if let Some(k) = r["bench_tsc_khz"].as_u64() {
+                    tsc_hz = Some(k * 1000);
+                }
+                runs.ferry.push((r, fig));
+                continue;
+            }
+            let (Some(q), Some((elf, memory))) = (&qemu_bin, &setup) else { continue };
+            for (caps, done) in runs.qemu.iter_mut() {
                 let (probe, cold) = settle(args)?;
                 let s = qemu::Setup {
                     elf,
-                    initrd,
+                    initrd: (!args.dirtier()).then_some(initrd),
                     memory: *memory,
-                    wss: &args.wss,
-                    downtime_ms: args.downtime_ms,
+                    append: &cmdline,
+                    ready: args.ready(),
+                    tsc_hz,
+                    caps,
                     bandwidth_mib: args.bandwidth_mib,
-                    caps: &args.qemu_caps,
+                    dirtier: args.dirtier(),
+                    downtime_ms: args.downtime_ms,
                 };
-                let r = qemu::one_run(q, dir, &s).with_context(|| format!("QEMU run {}", i + 1))?;
-                let fig = RunFigures {
-                    total_ms: r.total_ms,
-                    downtime_ms: r.downtime_ms,
-                    passes: r.passes,
-                    guest_passes_per_s: r.guest_passes_per_s,
-                    probe_ns_per_page: probe,
-                    cold,
-                };
+                let name =
+                    if caps.is_empty() { "QEMU".to_string() } else { format!("QEMU ({})", caps.join(", ")) };
+                let r = qemu::one_run(q, dir, &s).with_context(|| format!("{name} run {}", i + 1))?;
                 if !json {
                     eprintln!(
-                        "qemu run {}: total {:.0} ms, downtime {:.2} ms, {} passes, guest {:.1} passes/s, throttle {:.0}%, probe {probe:.0} ns/page ({})",
+                        "{name} run {}: total {:.0} ms, downtime {:.2} ms, {} passes, throttle {:.0}%{}, probe {probe:.0} ns/page ({})",
                         i + 1,
                         r.total_ms,
                         r.downtime_ms,
                         r.passes,
-                        r.guest_passes_per_s,
                         r.throttle_pct,
+                        felt(&r.guest),
                         if cold { "cold" } else { "warm" }
                     );
                 }
-                qemu_runs.push((r, fig));
+                let fig = RunFigures {
+                    total_ms: r.total_ms,
+                    downtime_ms: r.downtime_ms,
+                    passes: r.passes,
+                    guest_passes_per_s: r
+                        .guest
+                        .as_ref()
+                        .map(|g| g.rate_during)
+                        .unwrap_or(r.guest_passes_per_s),
+                    probe_ns_per_page: probe,
+                    cold,
+                };
+                done.push((r, fig));
             }
         }
     }
-    let qemu_runs = qemu_bin.as_ref().map(|_| qemu_runs);
-    Ok((reports, qemu_bin, qemu_runs))
+    Ok(runs)
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -646,16 +835,20 @@ fn median_of(v: &[f64]) -> Option<f64> {
 
 fn qemu_report(
     qemu: &Path,
-    args: &MigrateArgs,
-    runs: &[(qemu::Run, RunFigures)],
+    caps: &[String],
+    runs: &[QemuRun],
     ferry_runs: &[(serde_json::Value, RunFigures)],
     ferry: &Report,
-) -> QemuReport {
+) -> Option<QemuReport> {
+    if runs.is_empty() {
+        return None;
+    }
     let f = |g: fn(&qemu::Run) -> f64| -> Summary {
         Summary::of(&runs.iter().map(|(r, _)| g(r)).collect::<Vec<_>>())
     };
     let total_ms = f(|r| r.total_ms);
     let downtime_ms = f(|r| r.downtime_ms);
+    let felt: Vec<Felt> = runs.iter().filter_map(|(r, _)| r.guest.clone()).collect();
     let pairs: Vec<Pair> = ferry_runs
         .iter()
         .zip(runs)
@@ -673,7 +866,7 @@ fn qemu_report(
         pairs.iter().filter(|p| keep(p)).map(|p| p.total_ratio).collect()
     };
     let pair_total_ratio = median_of(&ratios(|_| true)).unwrap_or(f64::NAN);
-    QemuReport {
+    Some(QemuReport {
         version: qemu::version(qemu).unwrap_or_else(|e| format!("unknown version ({e:#})")),
         setup_ms: f(|r| r.setup_ms),
         bytes_mib: f(|r| r.bytes / (1u64 << 20) as f64),
@@ -681,9 +874,9 @@ fn qemu_report(
         total_ratio: ferry.total_ms.median / total_ms.median,
         downtime_ratio: ferry.downtime_ms.median / downtime_ms.median,
         total_under_half: pair_total_ratio < 0.5,
-        total_ms,
-        downtime_ms,
-        caps: args.qemu_caps.iter().filter(|c| !c.is_empty()).cloned().collect(),
+        throttle_pct: f(|r| r.throttle_pct),
+        guest_felt: FeltSummary::of(&felt),
+        caps: caps.to_vec(),
         guest_passes_per_s: f(|r| r.guest_passes_per_s),
         pair_total_ratio,
         pair_downtime_ratio: median_of(&pairs.iter().map(|p| p.downtime_ratio).collect::<Vec<_>>())
@@ -691,5 +884,7 @@ fn qemu_report(
         pair_total_ratio_cold: median_of(&ratios(|p| p.ferry.cold && p.qemu.cold)),
         pair_total_ratio_warm: median_of(&ratios(|p| !p.ferry.cold && !p.qemu.cold)),
         pairs,
-    }
+        total_ms,
+        downtime_ms,
+    })
 }

@@ -1,6 +1,7 @@
-//! QEMU side by side: live-migrates the same memstress ELF with the same initrd between two
-//! `qemu-system-x86_64` processes (microvm, KVM) over loopback, driven through QMP, so the
-//! migration benchmark can print QEMU's figures next to Ferry's from the same invocation.
+//! QEMU side by side: live-migrates the same guest ELF (memstress with the same initrd, or
+//! dirtier) between two `qemu-system-x86_64` processes (microvm, KVM) over loopback, driven
+//! through QMP, plain or with XBZRLE and auto-converge, so the migration benchmark can print
+//! QEMU's figures next to Ferry's from the same invocation.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+
+use crate::guestline::{self, Felt};
 
 /// The QEMU binary the benchmark runs.
 pub const BINARY: &str = "qemu-system-x86_64";
@@ -46,20 +49,32 @@ pub fn version(qemu: &Path) -> anyhow::Result<String> {
 pub struct Setup<'a> {
     /// The guest ELF (PVH), booted with `-kernel`.
     pub elf: &'a Path,
-    /// The initrd file.
-    pub initrd: &'a Path,
+    /// The initrd file, if any.
+    pub initrd: Option<&'a Path>,
     /// Guest memory in bytes.
     pub memory: u64,
-    /// memstress working set, e.g. "64M".
-    pub wss: &'a str,
-    /// `downtime-limit`, ms.
-    pub downtime_ms: u64,
+    /// The guest's command line, e.g. "wss=64M".
+    pub append: &'a str,
+    /// Console text that says the guest's workload runs (migration starts after it).
+    pub ready: &'a str,
+    /// The guest's TSC frequency, Hz: given to QEMU so that it publishes it in CPUID
+    /// 0x40000010 as Ferry does (dirtier needs it).
+    pub tsc_hz: Option<u64>,
+    /// Migration capabilities turned on on both sides (`xbzrle`, `auto-converge`,
+    /// `multifd`, `compress`, ...); none for plain pre-copy. With `xbzrle` its cache is
+    /// [`XBZRLE_CACHE`].
+    pub caps: &'a [String],
     /// Bandwidth cap, MiB/s (0: none).
     pub bandwidth_mib: u64,
-    /// Migration capabilities turned on on both sides (`xbzrle`, `auto-converge`,
-    /// `multifd`, ...); none for plain pre-copy.
-    pub caps: &'a [String],
+    /// The guest is dirtier: read what it felt from its progress lines.
+    pub dirtier: bool,
+    /// `downtime-limit`, ms.
+    pub downtime_ms: u64,
 }
+
+/// XBZRLE's page cache, bytes (QEMU's default is 64 MiB): room for dirtier's default
+/// working set.
+const XBZRLE_CACHE: u64 = 256 << 20;
 
 /// One migration's figures, from the source's `query-migrate`.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,10 +89,13 @@ pub struct Run {
     pub bytes: f64,
     /// `ram.dirty-sync-count`: dirty-bitmap syncs, one per pass over memory.
     pub passes: f64,
-    /// The guest's progress during the migration, memstress passes per second on the source.
-    pub guest_passes_per_s: f64,
-    /// `cpu-throttle-percentage` at the end (auto-converge), %.
+    /// `cpu-throttle-percentage` when the migration completed (auto-converge), %.
     pub throttle_pct: f64,
+    /// What dirtier felt (with `Setup::dirtier`).
+    pub guest: Option<Felt>,
+    /// The guest's progress during the migration, memstress passes per second on the source
+    /// (memstress only).
+    pub guest_passes_per_s: f64,
 }
 
 /// A QEMU process, killed (and reaped) when dropped, so every error path cleans up.
@@ -195,13 +213,18 @@ fn spawn(
         let _ = std::fs::remove_file(p);
     }
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+    let cpu = match setup.tsc_hz {
+        Some(hz) => format!("host,-arch-capabilities,tsc-frequency={hz}"),
+        None => "host,-arch-capabilities".to_string(),
+    };
+    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", &cpu])
         .args(["-m", &format!("{}M", setup.memory >> 20)])
         .arg("-kernel")
-        .arg(setup.elf)
-        .arg("-initrd")
-        .arg(setup.initrd)
-        .args(["-append", &format!("wss={}", setup.wss)])
+        .arg(setup.elf);
+    if let Some(initrd) = setup.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.args(["-append", setup.append])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-serial", &format!("file:{}", console.display())])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", sock.display())]);
@@ -239,8 +262,8 @@ fn field(info: &Value, pointer: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("query-migrate has no {pointer}: {info}"))
 }
 
-/// One migration: starts source and destination, waits for memstress's second pass on the
-/// source, migrates, and checks the destination runs. Both QEMUs are killed on return.
+/// One migration: starts source and destination, waits until the guest's workload runs on
+/// the source, migrates, and checks the destination runs. Both QEMUs are killed on return.
 pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let (mut src, src_console, src_sock) = spawn(qemu, setup, dir, "src", None)?;
@@ -253,21 +276,32 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             status["status"] == "inmigrate",
             "destination is not waiting for a migration: {status}"
         );
-        wait_console(&src_console, "memstress: pass 2", &mut src).context("source guest")?;
-        let caps: Vec<&String> = setup.caps.iter().filter(|c| !c.is_empty()).collect();
-        if !caps.is_empty() {
-            let caps: Vec<Value> = caps.iter().map(|c| json!({"capability": c, "state": true})).collect();
-            for qmp in [&mut src_qmp, &mut dst_qmp] {
-                qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))?;
-            }
+        wait_console(&src_console, setup.ready, &mut src).context("source guest")?;
+        if setup.dirtier {
+            guestline::wait_warm(&src_console, TIMEOUT)?;
         }
         let bandwidth = if setup.bandwidth_mib == 0 { NO_BANDWIDTH_CAP } else { setup.bandwidth_mib << 20 };
         src_qmp.execute(
             "migrate-set-parameters",
             Some(json!({ "downtime-limit": setup.downtime_ms, "max-bandwidth": bandwidth })),
         )?;
+        let caps: Vec<Value> = setup
+            .caps
+            .iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| json!({ "capability": c, "state": true }))
+            .collect();
+        if !caps.is_empty() {
+            let caps = json!({ "capabilities": caps });
+            src_qmp.execute("migrate-set-capabilities", Some(caps.clone()))?;
+            dst_qmp.execute("migrate-set-capabilities", Some(caps))?;
+        }
+        if setup.caps.iter().any(|c| c == "xbzrle") {
+            src_qmp.execute("migrate-set-parameters", Some(json!({ "xbzrle-cache-size": XBZRLE_CACHE })))?;
+        }
         let passes_before = crate::migrate::guest_passes(&src_console);
         let started = Instant::now();
+        let before = guestline::lines(&src_console);
         src_qmp.execute("migrate", Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })))?;
         let deadline = Instant::now() + TIMEOUT;
         let info = loop {
@@ -288,8 +322,6 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let guest_passes = crate::migrate::guest_passes(&src_console) - passes_before;
-        let took = started.elapsed().as_secs_f64();
         // The destination resumes the guest by itself once the migration is in.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -302,18 +334,29 @@ pub fn one_run(qemu: &Path, dir: &Path, setup: &Setup<'_>) -> anyhow::Result<Run
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let took = started.elapsed().as_secs_f64();
+        let passes = crate::migrate::guest_passes(&src_console) - passes_before;
+        let guest_passes_per_s = if took > 0.0 { passes / took } else { 0.0 };
+        let guest = if setup.dirtier {
+            let during = guestline::lines(&src_console).get(before.len()..).unwrap_or_default().to_vec();
+            let first = guestline::wait_line(&dst_console, 0, Duration::from_secs(10));
+            Some(guestline::felt(&before, &during, first))
+        } else {
+            None
+        };
         let dst_out = std::fs::read_to_string(&dst_console).unwrap_or_default();
         if let Some(line) = dst_out.lines().find(|l| l.contains("CORRUPTION")) {
-            bail!("memstress on the QEMU destination: {line}");
+            bail!("the guest on the QEMU destination: {line}");
         }
         Ok(Run {
+            throttle_pct: info.pointer("/cpu-throttle-percentage").and_then(Value::as_f64).unwrap_or(0.0),
+            guest,
+            guest_passes_per_s,
             total_ms: field(&info, "/total-time")?,
             downtime_ms: field(&info, "/downtime")?,
             setup_ms: field(&info, "/setup-time")?,
             bytes: field(&info, "/ram/transferred")?,
             passes: field(&info, "/ram/dirty-sync-count")?,
-            guest_passes_per_s: if took > 0.0 { guest_passes / took } else { 0.0 },
-            throttle_pct: info.pointer("/cpu-throttle-percentage").and_then(Value::as_f64).unwrap_or(0.0),
         })
     })();
     drop(src);

@@ -7,7 +7,8 @@
 //! frequency from CPUID leaf 0x4000_0010. Devices beyond the console (blkstress's disk,
 //! netecho's NIC) are virtio-mmio version 2 transports named on the command line as Linux's
 //! `virtio_mmio.device=<size>@<base>:<irq>`, below 4 GiB (the guests identity-map only
-//! that).
+//! that). dirtier runs its loop in ring 3 (`rt/ring3.{h,c,S}`), where guest code runs
+//! natively on this project's hosts, and calls back into ring 0 with `int $0x80`.
 
 /// A bundled guest.
 #[derive(Debug)]
@@ -52,6 +53,18 @@ static GUESTS: &[Guest] = &[
                        virtio-net among virtio_mmio.device=SIZE@BASE:IRQ (Linux's format)",
         elf: include_bytes!(concat!(env!("OUT_DIR"), "/netecho.elf")),
     },
+    Guest {
+        name: "dirtier",
+        summary: "rewrites one 8-byte stamp in every page of its working set from ring 3, at \
+                  native speed, checking each page's previous stamp first, so any lost or stale \
+                  page shows as a CORRUPTION line (and a failed power-off); prints its rate, \
+                  rounds and the longest pause it felt every second (report_ms)",
+        cmdline_help: "wss=SIZE (working set, default 128M), rate=N (pages/s, 0 = as fast as it \
+                       can), seconds=N (power off after about N seconds, 0 = never), report_ms=N (progress \
+                       line interval, default 1000), words=N (8-byte words written per page, \
+                       default 1, at most 512)",
+        elf: include_bytes!(concat!(env!("OUT_DIR"), "/dirtier.elf")),
+    },
 ];
 
 /// Every bundled guest.
@@ -89,6 +102,7 @@ mod tests {
         assert!(find("memstress").is_some());
         assert!(find("blkstress").is_some());
         assert!(find("netecho").is_some());
+        assert!(find("dirtier").is_some());
         assert!(find("nope").is_none());
     }
 }
