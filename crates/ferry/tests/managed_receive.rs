@@ -81,6 +81,7 @@ fn started_empty_configured_by_put_receive_then_running_on_the_same_socket() {
     let v = get_vm(&dsock);
     assert_eq!(v["state"], "receiving", "{v}");
     assert_eq!(v["receiving"]["phase"], "unconfigured", "{v}");
+    assert_eq!(v["memory_bytes"], 0, "nothing is known before a Config: {v}");
 
     let port = configure(&dsock, 0x5a);
     let v = get_vm(&dsock);
@@ -96,6 +97,9 @@ fn started_empty_configured_by_put_receive_then_running_on_the_same_socket() {
     });
     assert!(v["receiving"]["migration_id"].is_string(), "{v}");
     assert!(v["receiving"]["pages"].as_u64().unwrap_or(0) > 0, "{v}");
+    // What is arriving, from its Config: the source's memory size, vCPUs and kernel.
+    assert_eq!(v["memory_bytes"].as_u64(), Some(128 << 20), "{v}");
+    assert_eq!((v["vcpus"].as_u64(), v["kernel"].as_str()), (Some(1), Some("guest memstress")), "{v}");
     let (_, r) = finish(child);
     assert_eq!(r["status"], "completed", "{r}");
     // The same socket, never closed, now serves the VM.

@@ -175,6 +175,8 @@ struct Inner {
     configured: Option<(TcpListener, Key)>,
     /// Whether a listener is configured (from the command line or the API).
     has_listener: bool,
+    /// What the incoming VM is, once its Config passed the checks.
+    description: Option<crate::Description>,
 }
 
 impl std::fmt::Debug for Status {
@@ -190,6 +192,7 @@ impl Status {
             inner: Mutex::new(Inner {
                 phase: if listen.is_some() { ReceivePhase::Waiting } else { ReceivePhase::Unconfigured },
                 has_listener: listen.is_some(),
+                description: None,
                 listen,
                 id: None,
                 streams: Vec::new(),
@@ -242,12 +245,19 @@ impl Status {
         true
     }
 
+    /// The incoming VM's Config passed the checks: `GET /vm` shows its memory, vCPUs and
+    /// kernel from now on.
+    pub fn describe(&self, d: &crate::Description) {
+        self.lock().description = Some(d.clone());
+    }
+
     /// The migration ended (failed or cancelled): back to waiting. Returns whether it was
     /// cancelled through the API.
     pub fn end(&self) -> bool {
         let mut i = self.lock();
         i.phase = ReceivePhase::Waiting;
         i.id = None;
+        i.description = None;
         i.streams.clear();
         self.cancelled.swap(false, Ordering::SeqCst)
     }
@@ -305,12 +315,13 @@ impl Status {
 
     fn info(&self) -> VmInfo {
         let i = self.lock();
+        let d = i.description.as_ref();
         VmInfo {
             state: RunState::Receiving,
-            memory_bytes: 0,
-            vcpus: 0,
+            memory_bytes: d.map_or(0, |d| d.memory),
+            vcpus: d.map_or(0, |d| d.vcpus),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            kernel: String::new(),
+            kernel: d.map(|d| d.kernel.clone()).unwrap_or_default(),
             pid: std::process::id(),
             restored_from: None,
             home: None,

@@ -579,6 +579,7 @@ impl Receiver {
             .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(Check::Host, error_chain(&e)))?;
         self.enter(Phase::Reserved);
+        self.status.describe(&cfg.description);
         // The source opens its extra streams as soon as it reads Accept: take them from now on.
         desk.start_joining(cfg.streams);
         self.send(Kind::Accept, &Accept { ferry_version: env!("CARGO_PKG_VERSION").into() })?;
