@@ -30,7 +30,6 @@
 
 #define PAGE 4096ull
 #define MIB (1ull << 20)
-#define LOW_LIMIT (4ull << 30) /* identity-mapped by the entry stub */
 #define CHUNK 16               /* pages between two TSC readings */
 /* stamp(i, r) = ((r << 32) | i) * K_MUL ^ K_XOR: distinct for every (i, r), never zero in
  * practice, and invertible, so a wrong value can be decoded in the report. */
@@ -52,32 +51,10 @@ struct params {
 
 static struct params params;
 
-/* Finds `len` bytes of RAM below 4 GiB, above the image, outside [avoid_lo, avoid_hi). */
+/* Finds `len` bytes of RAM for the working set (rt's ram_place). */
 static u64 place(const struct hvm_start_info *si, u64 len, u64 avoid_lo, u64 avoid_hi)
 {
-    const struct hvm_memmap_table_entry *map = (const void *)si->memmap_paddr;
-    u64 floor = ((u64)__image_end + 2 * MIB - 1) & ~(2 * MIB - 1);
-    if (si->version < 1 || !si->memmap_paddr)
-        return 0;
-    for (u32 k = 0; k < si->memmap_entries; k++) {
-        if (map[k].type != HVM_MEMMAP_RAM)
-            continue;
-        u64 lo = map[k].addr < floor ? floor : (map[k].addr + PAGE - 1) & ~(PAGE - 1);
-        u64 hi = map[k].addr + map[k].size;
-        if (hi > LOW_LIMIT)
-            hi = LOW_LIMIT;
-        u64 above = (avoid_hi + PAGE - 1) & ~(PAGE - 1);
-        u64 cand[2] = {lo, above > lo ? above : lo};
-        for (int c = 0; c < 2; c++) {
-            u64 a = cand[c];
-            if (a + len > hi || a + len < a)
-                continue;
-            if (avoid_hi > avoid_lo && a < avoid_hi && avoid_lo < a + len)
-                continue;
-            return a;
-        }
-    }
-    return 0;
+    return ram_place(si, len, 2 * MIB, avoid_lo, avoid_hi);
 }
 
 /* ---- ring 3 ---- */

@@ -19,7 +19,6 @@
 #define K_PASS 0xc2b2ae3d27d4eb4full
 #define K_PAGE 0x165667b19e3779f9ull
 #define MIB (1ull << 20)
-#define LOW_LIMIT (4ull << 30) /* identity-mapped by the entry stub */
 
 static const char *const known[] = {"wss", "seed", "rate", "passes", 0};
 
@@ -31,34 +30,10 @@ static u64 option(const char *cmdline, const char *key, u64 def)
     return cmdline_option(cmdline, key, def, "memstress");
 }
 
-/* Finds `len` bytes of RAM below 4 GiB above the image that avoid [avoid_lo, avoid_hi). */
+/* Finds `len` bytes of RAM for the working set (rt's ram_place). */
 static u64 place(const struct hvm_start_info *si, u64 len, u64 avoid_lo, u64 avoid_hi)
 {
-    const struct hvm_memmap_table_entry *map = (const void *)si->memmap_paddr;
-    u64 floor = ((u64)__image_end + MIB - 1) & ~(MIB - 1);
-    if (si->version < 1 || !si->memmap_paddr)
-        return 0;
-    for (u32 i = 0; i < si->memmap_entries; i++) {
-        if (map[i].type != HVM_MEMMAP_RAM)
-            continue;
-        u64 lo = map[i].addr, hi = map[i].addr + map[i].size;
-        if (hi > LOW_LIMIT)
-            hi = LOW_LIMIT;
-        if (lo < floor)
-            lo = floor;
-        lo = (lo + PAGE - 1) & ~(PAGE - 1);
-        /* Try below the avoided range, then above it. */
-        u64 cand[2] = {lo, avoid_hi > lo ? (avoid_hi + PAGE - 1) & ~(PAGE - 1) : lo};
-        for (int c = 0; c < 2; c++) {
-            u64 a = cand[c];
-            if (a + len > hi || a + len < a)
-                continue;
-            if (avoid_hi > avoid_lo && a < avoid_hi && avoid_lo < a + len)
-                continue;
-            return a;
-        }
-    }
-    return 0;
+    return ram_place(si, len, MIB, avoid_lo, avoid_hi);
 }
 
 static __attribute__((noreturn)) void corruption(u64 page, u64 expected, u64 found)

@@ -209,3 +209,33 @@ const char *start_cmdline(const struct hvm_start_info *si, const char *const *kn
     cmdline_check(cmdline, known, guest);
     return cmdline;
 }
+
+u64 ram_place(const struct hvm_start_info *si, u64 len, u64 align, u64 avoid_lo, u64 avoid_hi)
+{
+    const u64 page = 4096, low_limit = 4ull << 30;
+    const struct hvm_memmap_table_entry *map = (const void *)si->memmap_paddr;
+    u64 floor = ((u64)__image_end + align - 1) & ~(align - 1);
+    if (si->version < 1 || !si->memmap_paddr)
+        return 0;
+    for (u32 i = 0; i < si->memmap_entries; i++) {
+        if (map[i].type != HVM_MEMMAP_RAM)
+            continue;
+        u64 lo = map[i].addr, hi = map[i].addr + map[i].size;
+        if (hi > low_limit)
+            hi = low_limit;
+        if (lo < floor)
+            lo = floor;
+        lo = (lo + page - 1) & ~(page - 1);
+        /* Try below the avoided range, then above it. */
+        u64 cand[2] = {lo, avoid_hi > lo ? (avoid_hi + page - 1) & ~(page - 1) : lo};
+        for (int c = 0; c < 2; c++) {
+            u64 a = cand[c];
+            if (a + len > hi || a + len < a)
+                continue;
+            if (avoid_hi > avoid_lo && a < avoid_hi && avoid_lo < a + len)
+                continue;
+            return a;
+        }
+    }
+    return 0;
+}

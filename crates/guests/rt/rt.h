@@ -74,6 +74,10 @@ int parse_size(const char *s, u64 *out);
 /* The size option `key` of `cmdline` (parse_size), or `def` if absent; a bad value prints
  * "<guest>: error: bad value for KEY, using DEF" and gives `def`. */
 u64 cmdline_option(const char *cmdline, const char *key, u64 def, const char *guest);
+
+/* Finds `len` bytes of RAM below 4 GiB (what the entry stub identity-maps), starting at or
+   above the image rounded up to `align`, outside [avoid_lo, avoid_hi); 0 if there is none. */
+u64 ram_place(const struct hvm_start_info *si, u64 len, u64 align, u64 avoid_lo, u64 avoid_hi);
 /* Calls `unknown` for each key not in the NULL-terminated `known` list. */
 void cmdline_check(const char *cmdline, const char *const *known, const char *guest);
 /* A guest's start: checks the PVH start info (powers off with "<guest>: error: no PVH start
