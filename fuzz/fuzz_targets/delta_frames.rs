@@ -1,6 +1,6 @@
 //! Feeds arbitrary bytes through what a destination does with a `DeltaPages` payload
 //! (`ferry_migration::delta`): the frame's entries are parsed and checked, and each delta
-//! is applied to a page. Whatever comes in, parsing and applying must fail with an `Err`
+//! is applied to a page, each compressed page decompressed. Whatever comes in, parsing and applying must fail with an `Err`
 //! (never panic), a delta that is refused must leave its page untouched, and one that is
 //! accepted must write inside the page only.
 #![no_main]
@@ -13,9 +13,13 @@ fuzz_target!(|input: &[u8]| {
     // As a whole frame.
     if let Ok(entries) = delta::parse(input) {
         for e in entries {
-            if let Entry::Delta { delta, .. } = e {
-                let mut page = [0x5au8; PAGE_SIZE];
-                delta::apply(&mut page, delta).expect("a delta that parsed applies");
+            let mut page = [0x5au8; PAGE_SIZE];
+            match e {
+                Entry::Delta { delta, .. } => delta::apply(&mut page, delta).expect("a delta that parsed applies"),
+                Entry::Lz4(_, packed) => {
+                    let _ = delta::decompress(packed, &mut page);
+                }
+                Entry::Zero(_) | Entry::Full(..) => {}
             }
         }
     }

@@ -202,6 +202,52 @@ pub struct MigrateRequest {
     /// the `delta` feature.
     #[serde(default = "default_delta_cache_mib")]
     pub delta_cache_mib: u64,
+    /// Compress pages (LZ4) that compress: `auto` (the default: on when `bandwidth_mib` is
+    /// 1 to [`COMPRESS_AUTO_MAX_MIB`], a link slow enough that compressing a page costs less
+    /// than sending it), `on` or `off`. Used when the destination has the `lz4` feature.
+    #[serde(default)]
+    pub compress: Compress,
+}
+
+/// Whether a migration compresses pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compress {
+    /// On when the bandwidth cap says the link is slow.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compress::Auto),
+            "on" => Ok(Compress::On),
+            "off" => Ok(Compress::Off),
+            _ => Err(format!("--compress {s:?}: use auto, on or off")),
+        }
+    }
+}
+
+/// `compress: auto` compresses when the bandwidth cap is at most this, MiB/s (about
+/// 2 Gbit/s): LZ4 packs a page in a few microseconds, which such a link takes to send it.
+pub const COMPRESS_AUTO_MAX_MIB: u64 = 256;
+
+impl MigrateRequest {
+    /// Whether this request asks for compression.
+    pub fn wants_compression(&self) -> bool {
+        match self.compress {
+            Compress::On => true,
+            Compress::Off => false,
+            Compress::Auto => (1..=COMPRESS_AUTO_MAX_MIB).contains(&self.bandwidth_mib),
+        }
+    }
 }
 
 /// The largest delta cache a migration may ask for, MiB.
@@ -256,6 +302,7 @@ impl MigrateRequest {
             policy: Policy::default(),
             max_downtime_ms: default_max_downtime_ms(),
             delta_cache_mib: default_delta_cache_mib(),
+            compress: Compress::Auto,
         }
     }
 }
@@ -542,6 +589,15 @@ pub struct MigrationReport {
     /// Bytes of those deltas (4096 bytes each would have gone whole).
     #[serde(default)]
     pub delta_bytes: u64,
+    /// Whether pages were compressed (asked for, and the destination has `lz4`).
+    #[serde(default)]
+    pub compressed: bool,
+    /// Pages sent compressed.
+    #[serde(default)]
+    pub compressed_pages: u64,
+    /// Bytes of those pages on the wire.
+    #[serde(default)]
+    pub compressed_bytes: u64,
 }
 
 /// One step a convergence policy took.

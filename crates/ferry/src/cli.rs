@@ -271,6 +271,13 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=4096))]
     pub delta_cache_mib: u64,
 
+    /// Compress pages that compress (LZ4): `auto` turns it on when --bandwidth-mib is 1 to
+    /// 256 (a link slow enough that packing a page costs less than sending it), `on`, `off`.
+    /// With it, pass 1 is copied out of guest memory instead of sent zero-copy. Used only
+    /// when the destination supports it.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub compress: ferry_api::Compress,
+
     /// The most `--policy raise-downtime` may raise the downtime limit to, in ms.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_downtime_ms: u64,

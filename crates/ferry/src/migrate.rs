@@ -29,6 +29,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         policy: args.policy,
         max_downtime_ms: args.max_downtime_ms,
         delta_cache_mib: args.delta_cache_mib,
+        compress: args.compress,
     };
     let socket = args.socket.api_socket.clone();
     let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {
@@ -260,6 +261,13 @@ fn print_report(r: &MigrationReport, verify: bool) {
     );
     if r.verified {
         println!("verified:    guest memory hashes agree on both sides");
+    }
+    if r.compressed {
+        println!(
+            "compressed:  {} pages in {:.1} MiB (LZ4)",
+            r.compressed_pages,
+            r.compressed_bytes as f64 / MIB
+        );
     }
     if r.delta_cache_mib > 0 {
         println!(

@@ -51,3 +51,31 @@ fn with_the_cache_off_no_page_goes_as_a_delta() {
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!((r["delta_cache_mib"].as_u64(), r["delta_pages"].as_u64()), (Some(0), Some(0)), "{r}");
 }
+
+#[test]
+fn on_a_slow_link_pages_that_compress_go_compressed() {
+    require_kvm();
+    let dir = TempDir::new("delta-lz4");
+    let key = write_key(&dir, "key", 53);
+    let (_src, sock) = source(&dir, GUEST);
+    let port = free_port();
+    let dst_sock = dir.path("dst.sock");
+    let mut dst = receiver(port, &key, Some(&dst_sock), &[]);
+    // 8 MiB/s: `--compress auto` turns compression on.
+    let (out, r) = migrate(&sock, port, &key, &["--bandwidth-mib", "8", "--verify"]);
+    assert!(out.status.success(), "{r}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((r["status"].as_str(), r["verified"].as_bool()), (Some("completed"), Some(true)), "{r}");
+    assert_eq!(r["compressed"], true, "{r}");
+    let (pages, bytes) =
+        (r["compressed_pages"].as_u64().unwrap_or(0), r["compressed_bytes"].as_u64().unwrap_or(0));
+    assert!(pages > 0 && bytes < pages * 3072, "{pages} pages in {bytes} bytes: {r}");
+    still_runs(&mut dst, &dst_sock);
+    // Off: nothing compressed.
+    let dir = TempDir::new("delta-lz4-off");
+    let (_src, sock) = source(&dir, GUEST);
+    let port = free_port();
+    let _dst = receiver(port, &key, None, &[]);
+    let (out, r) = migrate(&sock, port, &key, &["--bandwidth-mib", "8", "--compress", "off"]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!((r["compressed"].as_bool(), r["compressed_pages"].as_u64()), (Some(false), Some(0)), "{r}");
+}

@@ -55,7 +55,7 @@ fn there_and_back_with_verification_and_the_guest_never_notices() {
     assert!(src_log.contains("pages dirtied meanwhile; last pass: "), "{src_log}");
     assert!(
         src_log.contains(&format!(
-            "migration {id}: features agreed with the destination: [\"generation\", \"reason_codes\", \"stall_bound\", \"delta\"]"
+            "migration {id}: features agreed with the destination: [\"generation\", \"reason_codes\", \"stall_bound\", \"delta\", \"lz4\"]"
         )),
         "{src_log}"
     );

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Flags: [`ZERO`] (the page is all zeros; length 0), [`FULL`] (length 4096, the page as
-//! sent), neither (a delta, at most [`MAX_DELTA`] bytes, against the page the destination
+//! sent), [`LZ4`] (the page compressed with LZ4's block format, shorter than a page, which
+//! must decompress to exactly 4096 bytes; feature `lz4`), none (a delta, at most [`MAX_DELTA`] bytes, against the page the destination
 //! holds, whose CRC-32 must be the entry's: a delta against anything else, a replayed or
 //! corrupt frame, or a cache that does not mirror the destination, fails the migration
 //! instead of writing a wrong page).
@@ -41,6 +42,10 @@ use crate::protocol::PAGE_SIZE;
 pub const ZERO: u64 = 1;
 /// Entry flag: the whole page follows.
 pub const FULL: u64 = 2;
+/// Entry flag: the page follows compressed (LZ4 block format).
+pub const LZ4: u64 = 4;
+/// A compressed page is sent only when it is at most this long (else it goes whole).
+pub const MAX_COMPRESSED: usize = PAGE_SIZE * 3 / 4;
 /// The largest delta sent; a page whose delta is larger goes whole.
 pub const MAX_DELTA: usize = PAGE_SIZE / 2;
 /// Bytes of an entry before its data.
@@ -64,6 +69,46 @@ pub enum DeltaError {
     /// The destination's copy of the page is not the one the delta was made against.
     #[error("a delta does not apply: the destination's copy of the page is not its base")]
     BaseMismatch,
+    /// A compressed page that does not decompress to exactly one page.
+    #[error("a compressed page does not decompress to exactly 4096 bytes")]
+    BadCompressed,
+}
+
+/// Compresses `page` into `out` (cleared first); `false` when the result would be longer
+/// than [`MAX_COMPRESSED`] (the page goes whole). A page whose first 256 bytes hold more than
+/// 200 distinct byte pairs is taken as incompressible without trying (random data, already
+/// compressed data): the check costs far less than a failed compression.
+pub fn compress(page: &[u8; PAGE_SIZE], out: &mut Vec<u8>) -> bool {
+    let mut seen = [0u64; 1024];
+    let mut distinct = 0;
+    for w in page[..256].windows(2) {
+        let k = (usize::from(w[0]) << 8 | usize::from(w[1])) & 0xffff;
+        let (word, bit) = (k / 64, 1u64 << (k % 64));
+        if seen[word] & bit == 0 {
+            seen[word] |= bit;
+            distinct += 1;
+        }
+    }
+    if distinct > 200 {
+        return false;
+    }
+    out.clear();
+    out.resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
+    match lz4_flex::block::compress_into(page, out) {
+        Ok(n) if n <= MAX_COMPRESSED => {
+            out.truncate(n);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Decompresses one page from `data` into `page`; the data must make exactly one page.
+pub fn decompress(data: &[u8], page: &mut [u8; PAGE_SIZE]) -> Result<(), DeltaError> {
+    match lz4_flex::block::decompress_into(data, page) {
+        Ok(PAGE_SIZE) => Ok(()),
+        _ => Err(DeltaError::BadCompressed),
+    }
 }
 
 /// Encodes the difference from `old` to `new` into `out` (cleared first). Returns `false`,
@@ -151,6 +196,8 @@ pub enum Entry<'a> {
     Zero(u64),
     /// The whole page.
     Full(u64, &'a [u8]),
+    /// The page, compressed ([`decompress`]).
+    Lz4(u64, &'a [u8]),
     /// A delta against the page the destination holds, whose CRC-32 is `base_crc`.
     Delta {
         /// The page.
@@ -190,6 +237,7 @@ impl DeltaBatch {
         let (addr, crc, data): (u64, u32, &[u8]) = match e {
             Entry::Zero(a) => (a | ZERO, 0, &[]),
             Entry::Full(a, page) => (a | FULL, 0, page),
+            Entry::Lz4(a, data) => (a | LZ4, 0, data),
             Entry::Delta { addr, base_crc, delta } => (addr, base_crc, delta),
         };
         self.buf.extend_from_slice(&addr.to_le_bytes());
@@ -234,11 +282,12 @@ pub fn parse(payload: &[u8]) -> Result<Vec<Entry<'_>>, DeltaError> {
         out.push(match flags {
             ZERO if len == 0 => Entry::Zero(addr),
             FULL if len == PAGE_SIZE => Entry::Full(addr, data),
+            LZ4 if len > 0 && len < PAGE_SIZE => Entry::Lz4(addr, data),
             0 if len <= MAX_DELTA => {
                 check(data)?;
                 Entry::Delta { addr, base_crc: crc, delta: data }
             }
-            ZERO | FULL | 0 => return Err(DeltaError::BadLength),
+            ZERO | FULL | LZ4 | 0 => return Err(DeltaError::BadLength),
             _ => return Err(DeltaError::BadEntry),
         });
         at += ENTRY_HEAD + len;
@@ -257,26 +306,38 @@ pub struct SentCache {
     order: VecDeque<u64>,
     capacity: usize,
     scratch: Vec<u8>,
+    packed: Vec<u8>,
+    /// Compress pages that go whole (feature `lz4`).
+    compress: bool,
     /// Pages sent as deltas, and their bytes.
     pub delta_pages: u64,
     /// Bytes of those deltas.
     pub delta_bytes: u64,
     /// Pages that went whole (not cached, or a delta too large).
     pub full_pages: u64,
+    /// Pages sent compressed.
+    pub compressed_pages: u64,
+    /// Bytes of those compressed pages.
+    pub compressed_bytes: u64,
 }
 
 impl SentCache {
-    /// A cache of at most `bytes` of pages.
-    pub fn new(bytes: u64) -> Self {
+    /// A cache of at most `bytes` of pages (0: none; then it only compresses, if asked);
+    /// `compress` sends pages that go whole compressed when that makes them shorter.
+    pub fn new(bytes: u64, compress: bool) -> Self {
         let capacity = (bytes / PAGE_SIZE as u64) as usize;
         Self {
             pages: HashMap::with_capacity(capacity.min(1 << 16)),
             order: VecDeque::new(),
             capacity,
             scratch: Vec::with_capacity(MAX_DELTA),
+            packed: Vec::new(),
+            compress,
             delta_pages: 0,
             delta_bytes: 0,
             full_pages: 0,
+            compressed_pages: 0,
+            compressed_bytes: 0,
         }
     }
 
@@ -292,8 +353,10 @@ impl SentCache {
 
     /// Adds the page at `addr`, whose bytes are `now` (a copy the caller made, which is what
     /// goes on the wire), to `batch`: as a delta against the cached copy when that is small,
-    /// else whole or as a zero marker. The cache takes `now` as the destination's copy.
-    pub fn add(&mut self, batch: &mut DeltaBatch, addr: u64, now: &[u8; PAGE_SIZE]) {
+    /// else whole (compressed if asked and shorter) or as a zero marker. The cache takes
+    /// `now` as the destination's copy, when `cache_it` (the first pass does not fill it:
+    /// most of its pages are never sent again).
+    pub fn add(&mut self, batch: &mut DeltaBatch, addr: u64, now: &[u8; PAGE_SIZE], cache_it: bool) {
         let zero = now.iter().all(|&b| b == 0);
         if let Some(old) = self.pages.get_mut(&addr) {
             if !zero && encode(old, now, &mut self.scratch, MAX_DELTA) {
@@ -305,7 +368,7 @@ impl SentCache {
                 return;
             }
             old.copy_from_slice(now);
-        } else if self.capacity > 0 {
+        } else if cache_it && self.capacity > 0 {
             if self.pages.len() >= self.capacity {
                 while let Some(gone) = self.order.pop_front() {
                     if self.pages.remove(&gone).is_some() {
@@ -318,6 +381,10 @@ impl SentCache {
         }
         if zero {
             batch.push(Entry::Zero(addr));
+        } else if self.compress && compress(now, &mut self.packed) {
+            batch.push(Entry::Lz4(addr, &self.packed));
+            self.compressed_pages += 1;
+            self.compressed_bytes += self.packed.len() as u64;
         } else {
             batch.push(Entry::Full(addr, now));
             self.full_pages += 1;
@@ -405,19 +472,19 @@ mod tests {
 
     #[test]
     fn a_batch_round_trips_and_the_cache_sends_deltas_once_it_holds_a_page() {
-        let mut cache = SentCache::new(2 * PAGE_SIZE as u64);
+        let mut cache = SentCache::new(2 * PAGE_SIZE as u64, false);
         let mut batch = DeltaBatch::new();
         let a = page(1);
-        cache.add(&mut batch, 0x1000, &a);
+        cache.add(&mut batch, 0x1000, &a, true);
         let mut a2 = a.clone();
         a2[10] = 0;
-        cache.add(&mut batch, 0x2000, &[0; PAGE_SIZE]);
+        cache.add(&mut batch, 0x2000, &[0; PAGE_SIZE], true);
         let payload = batch.payload().to_vec();
         let e = parse(&payload).expect("parses");
         assert!(matches!(e[0], Entry::Full(0x1000, d) if d == &a[..]));
         assert_eq!(e[1], Entry::Zero(0x2000));
         batch.clear();
-        cache.add(&mut batch, 0x1000, &a2);
+        cache.add(&mut batch, 0x1000, &a2, true);
         let payload = batch.payload().to_vec();
         match parse(&payload).expect("parses")[..] {
             [Entry::Delta { addr: 0x1000, base_crc, delta }] => {
@@ -430,7 +497,7 @@ mod tests {
         }
         assert_eq!((cache.delta_pages, cache.full_pages), (1, 1));
         // Full: the oldest page goes.
-        cache.add(&mut batch, 0x3000, &a);
+        cache.add(&mut batch, 0x3000, &a, true);
         assert_eq!(cache.len(), 2);
         cache.forget(0x3000);
         assert_eq!(cache.len(), 1);
@@ -447,7 +514,7 @@ mod tests {
         extra.push(0);
         assert_eq!(parse(&extra), Err(DeltaError::Truncated));
         let mut flags = good.clone();
-        flags[4] = 4; // unknown flag
+        flags[4] = 8; // unknown flag
         assert_eq!(parse(&flags), Err(DeltaError::BadEntry));
         let mut zero_with_data = DeltaBatch::new();
         zero_with_data.push(Entry::Delta { addr: 0x1000 | ZERO, base_crc: 0, delta: &[0, 0, 1, 0, 5] });
@@ -458,5 +525,49 @@ mod tests {
         let mut count = good.clone();
         count[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(parse(&count), Err(DeltaError::BadLength));
+    }
+
+    #[test]
+    fn pages_that_compress_go_compressed_and_random_ones_whole() {
+        let mut text = [0u8; PAGE_SIZE];
+        for (i, b) in text.iter_mut().enumerate() {
+            *b = b"the quick brown fox jumps over the lazy dog "[i % 44];
+        }
+        let mut random = [0u8; PAGE_SIZE];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let mut cache = SentCache::new(0, true);
+        let mut batch = DeltaBatch::new();
+        cache.add(&mut batch, 0x1000, &text, false);
+        cache.add(&mut batch, 0x2000, &random, false);
+        assert_eq!((cache.compressed_pages, cache.full_pages, cache.len()), (1, 1, 0));
+        let payload = batch.payload().to_vec();
+        match parse(&payload).expect("parses")[..] {
+            [Entry::Lz4(0x1000, data), Entry::Full(0x2000, _)] => {
+                assert!(data.len() < 200, "{}", data.len());
+                let mut page = [0u8; PAGE_SIZE];
+                decompress(data, &mut page).expect("decompresses");
+                assert_eq!(page, text);
+            }
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn compressed_pages_of_the_wrong_size_are_refused() {
+        let mut page = [0u8; PAGE_SIZE];
+        let short = lz4_flex::block::compress(&[7u8; 100]);
+        assert_eq!(decompress(&short, &mut page), Err(DeltaError::BadCompressed));
+        let long = lz4_flex::block::compress(&[7u8; PAGE_SIZE + 1]);
+        assert_eq!(decompress(&long, &mut page), Err(DeltaError::BadCompressed));
+        assert_eq!(decompress(&[0xff, 0xff, 0xff], &mut page), Err(DeltaError::BadCompressed));
+        let mut b = DeltaBatch::new();
+        b.push(Entry::Lz4(0x1000, &[0; PAGE_SIZE]));
+        assert_eq!(parse(b.payload()), Err(DeltaError::BadLength), "as long as a page: not compressed");
     }
 }

@@ -322,8 +322,9 @@ pub enum StreamRole {
 ///   does not accept it (an older Ferry that cannot refuse a stale copy);
 /// - `reason_codes`: Abort and RestoreResult carry a reason code;
 /// - `stall_bound`: the destination bounds its waits by the source's stall bound;
-/// - `delta`: pages of later passes may come in `DeltaPages` frames ([`crate::delta`]).
-pub const FEATURES: &[&str] = &["generation", "reason_codes", "stall_bound", "delta"];
+/// - `delta`: pages of later passes may come in `DeltaPages` frames ([`crate::delta`]);
+/// - `lz4`: pages in `DeltaPages` frames may come compressed, and pass 1 may come in them.
+pub const FEATURES: &[&str] = &["generation", "reason_codes", "stall_bound", "delta", "lz4"];
 
 /// The features of `offered` that this Ferry also has, in [`FEATURES`]' order.
 pub fn accept_features(offered: &[String]) -> Vec<String> {

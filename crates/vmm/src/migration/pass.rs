@@ -50,7 +50,8 @@ pub(crate) struct Pass<'a> {
     pub stall: Duration,
     /// What the pass has put on the wire so far (kept when it fails).
     pub counted: &'a Counted,
-    /// The delta cache: pages go in `DeltaPages` frames, as deltas where it holds them.
+    /// The delta cache: pages go in `DeltaPages` frames, as deltas where it holds them (and
+    /// compressed where it compresses them); pass 1 does not fill it.
     pub delta: Option<&'a Mutex<SentCache>>,
 }
 
@@ -318,7 +319,7 @@ impl Pass<'_> {
                 if copy.iter().all(|&b| b == 0) {
                     zero += 1;
                 }
-                cache.add(batch, addr, copy);
+                cache.add(batch, addr, copy, self.number > 1);
             }
         }
         let payload = batch.payload();

@@ -105,6 +105,14 @@ impl<'a> Placer<'a> {
                     self.mark(addr, 1)?;
                     data += 1;
                 }
+                Entry::Lz4(addr, packed) => {
+                    self.host_range(addr, 1)?;
+                    let mut page = [0u8; PAGE_SIZE];
+                    ferry_migration::delta::decompress(packed, &mut page)?;
+                    self.mem.write_slice(&page, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
+                    self.mark(addr, 1)?;
+                    data += 1;
+                }
                 Entry::Delta { addr, base_crc, delta } => {
                     self.host_range(addr, 1)?;
                     let mut page = [0u8; PAGE_SIZE];
@@ -257,15 +265,15 @@ mod tests {
         use ferry_migration::delta::{DeltaBatch, SentCache};
         let mem = crate::memory::create(16 << 20).expect("memory");
         let p = Placer::new(&mem);
-        let mut cache = SentCache::new(1 << 20);
+        let mut cache = SentCache::new(1 << 20, false);
         let mut batch = DeltaBatch::new();
         let mut a = [7u8; PAGE_SIZE];
-        cache.add(&mut batch, 0x10_0000, &a);
-        cache.add(&mut batch, 0x10_1000, &[0; PAGE_SIZE]);
+        cache.add(&mut batch, 0x10_0000, &a, true);
+        cache.add(&mut batch, 0x10_1000, &[0; PAGE_SIZE], true);
         assert_eq!(p.place_deltas(batch.payload()).expect("whole pages"), 2);
         a[5] = 1;
         batch.clear();
-        cache.add(&mut batch, 0x10_0000, &a);
+        cache.add(&mut batch, 0x10_0000, &a, true);
         let replay = batch.payload().to_vec();
         assert_eq!(p.place_deltas(&replay).expect("delta"), 1);
         assert_eq!(read(&mem, 0x10_0000), a.to_vec());

@@ -109,6 +109,10 @@ struct Run<'a> {
     /// Pages as the destination holds them, when both sides have the `delta` feature and
     /// the request gives it a cache: passes after the first send deltas against it.
     delta: Option<std::sync::Mutex<SentCache>>,
+    /// Whether the cache holds pages for deltas (else it only compresses).
+    delta_on: bool,
+    /// Whether pages are compressed (then pass 1 goes through the cache too, copied).
+    compress: bool,
 }
 
 impl Source {
@@ -126,6 +130,8 @@ impl Source {
             paused_at: None,
             last_dirty: None,
             delta: None,
+            delta_on: false,
+            compress: false,
         };
         let result = run.migrate().map_err(|e| run.classify(e));
         let report = run.finish(result);
@@ -269,9 +275,13 @@ impl Run<'_> {
         let stall = self.stall();
         let (written, features) = hello(self.stream(), &src.key, &src.id, 0, stall, &src.cancel)?;
         self.tally.bytes += written;
-        if features.iter().any(|f| f == "delta") && src.req.delta_cache_mib > 0 {
-            self.delta = Some(std::sync::Mutex::new(SentCache::new(src.req.delta_cache_mib << 20)));
+        let delta = features.iter().any(|f| f == "delta") && src.req.delta_cache_mib > 0;
+        self.compress = features.iter().any(|f| f == "lz4") && src.req.wants_compression();
+        if delta || self.compress {
+            let cache = if delta { src.req.delta_cache_mib << 20 } else { 0 };
+            self.delta = Some(std::sync::Mutex::new(SentCache::new(cache, self.compress)));
         }
+        self.delta_on = delta;
         self.send(Kind::Config, &src.config)?;
         match self.recv::<Accept>(Kind::Accept, "Accept", self.stall()) {
             Ok(a) => {
@@ -338,8 +348,9 @@ impl Run<'_> {
             wait_ack,
             stall: self.stall(),
             counted: &counted,
-            // Pass 1 goes from guest memory unread (zero-copy); later ones through the cache.
-            delta: if pass > 1 { self.delta.as_ref() } else { None },
+            // Pass 1 goes from guest memory unread (zero-copy) unless pages are compressed;
+            // later ones through the cache.
+            delta: if pass > 1 || self.compress { self.delta.as_ref() } else { None },
         };
         let (started, before) = (self.started, self.tally.bytes);
         let pass_start = Instant::now();
@@ -662,12 +673,12 @@ impl Run<'_> {
             s.reason_code = code;
             s.throttle_percent = 0;
         });
-        let (delta_pages, delta_bytes) = match &self.delta {
+        let (delta_pages, delta_bytes, compressed_pages, compressed_bytes) = match &self.delta {
             Some(c) => {
                 let c = c.lock().unwrap_or_else(|p| p.into_inner());
-                (c.delta_pages, c.delta_bytes)
+                (c.delta_pages, c.delta_bytes, c.compressed_pages, c.compressed_bytes)
             }
-            None => (0, 0),
+            None => (0, 0, 0, 0),
         };
         let t = &self.tally;
         MigrationReport {
@@ -690,9 +701,12 @@ impl Run<'_> {
             passes: t.passes.clone(),
             policy: Some(self.src.req.policy),
             policy_steps: t.policy_steps.clone(),
-            delta_cache_mib: if self.delta.is_some() { self.src.req.delta_cache_mib } else { 0 },
+            delta_cache_mib: if self.delta_on { self.src.req.delta_cache_mib } else { 0 },
             delta_pages,
             delta_bytes,
+            compressed: self.compress,
+            compressed_pages,
+            compressed_bytes,
         }
     }
 
