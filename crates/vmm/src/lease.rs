@@ -135,20 +135,41 @@ pub struct LeaseRecord {
 
 /// How the monitor and the killpath tell the VMM thread to fence: an event fd it watches,
 /// and the reason.
-#[derive(Debug)]
 pub struct FenceSignal {
     /// Written when the VMM must fence itself.
     pub event: EventFd,
     reason: Mutex<Option<String>>,
+    /// Stops the vCPUs at once, from the thread that fires (the VMM thread may be busy).
+    stop_now: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for FenceSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FenceSignal").field("event", &self.event).finish_non_exhaustive()
+    }
 }
 
 impl FenceSignal {
     fn new() -> std::io::Result<Self> {
-        Ok(Self { event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?, reason: Mutex::new(None) })
+        Ok(Self {
+            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            reason: Mutex::new(None),
+            stop_now: Mutex::new(None),
+        })
     }
 
-    /// Asks the VMM thread to fence, for `reason` (the first reason wins).
+    /// What [`FenceSignal::fire`] runs first, in the firing thread: the VMM pauses its
+    /// vCPUs there, so that the fence does not wait for the VMM thread.
+    pub fn on_fire(&self, stop_now: Box<dyn Fn() + Send + Sync>) {
+        *self.stop_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop_now);
+    }
+
+    /// Stops the vCPUs (see [`FenceSignal::on_fire`]) and asks the VMM thread to fence, for
+    /// `reason` (the first reason wins).
     pub fn fire(&self, reason: String) {
+        if let Some(stop) = self.stop_now.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            stop();
+        }
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
             *r = Some(reason);

@@ -110,6 +110,8 @@ impl Vmm {
         let fence_signal = self.home.lease().map(|l| l.fence_signal().clone());
         if let Some(f) = &fence_signal {
             add(f.event.as_raw_fd(), TOKEN_FENCE).map_err(Error::EventLoop)?;
+            let pausers: Vec<_> = self.vcpus.iter().filter_map(|v| v.pauser()).collect();
+            f.on_fire(Box::new(move || pausers.iter().for_each(|p| p.pause())));
         }
         // Console input: only from something epoll can watch (not /dev/null or a file).
         if self.serial_config == SerialConfig::Stdio {

@@ -218,6 +218,37 @@ fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
+/// Pauses one vCPU from any thread: the request is set and the thread kicked out of
+/// `KVM_RUN`, as [`VcpuHandle::request`] does, without the handle.
+#[derive(Clone)]
+pub struct VcpuPauser {
+    control: Arc<Control>,
+    thread: libc::pthread_t,
+}
+
+impl std::fmt::Debug for VcpuPauser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuPauser").finish_non_exhaustive()
+    }
+}
+
+impl VcpuPauser {
+    /// Asks the vCPU to pause (it stays paused until the VMM thread asks it to run).
+    pub fn pause(&self) {
+        let mut c = self.control.lock();
+        // A thread that has not reported Stopped (under this lock) has not returned, so
+        // it has not been joined and its pthread_t is valid while the lock is held.
+        if c.state == RunState::Stopped || c.request == Request::Stop {
+            return;
+        }
+        c.request = Request::Pause;
+        self.control.changed.notify_all();
+        // SAFETY: the thread is alive and not joined (above); the kick signal's handler
+        // was installed before the thread was spawned.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
 /// What a vCPU thread needs besides its file descriptor.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
@@ -338,6 +369,14 @@ impl VcpuHandle {
             // been joined), and the kick signal has a handler installed in `spawn`.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
         }
+    }
+
+    /// A handle that pauses this vCPU from any thread (the lease watchdog's fence), while
+    /// the thread lives.
+    pub fn pauser(&self) -> Option<VcpuPauser> {
+        use std::os::unix::thread::JoinHandleExt;
+        let t = self.thread.as_ref()?;
+        Some(VcpuPauser { control: self.control.clone(), thread: t.as_pthread_t() })
     }
 
     /// Waits until the thread reports `want` (or has stopped), kicking it while it does
