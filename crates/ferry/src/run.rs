@@ -53,7 +53,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         nets: args.nets,
     };
     let vmm = Vmm::build(config, stop).context("cannot start the VM")?;
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 
@@ -72,7 +72,7 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
     };
     let vmm =
         Vmm::restore(config, stop).with_context(|| format!("cannot restore from {}", args.from.display()))?;
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 
@@ -113,7 +113,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {place}"))),
     };
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 

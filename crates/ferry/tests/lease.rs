@@ -4,7 +4,9 @@
 //! itself. Needs root, KVM and the `sanlock` package; each test joins its lockspace
 //! (2 x io_timeout + 1 s = 5 s per host) and cleans up its daemons and files.
 //!
-//! The self-fencing test waits for the fence (about 10-14 s): it is the long one (~25 s).
+//! The self-fencing tests wait for the fence (about 10-14 s) or for longer than it: they
+//! are the long ones (~25 s each). The storage-fault tests put the datastore behind a FUSE
+//! passthrough (`ferry_lease::testing::FaultFs`, needs `/dev/fuse` and `libfuse3-dev`).
 
 mod common;
 
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::mig::{free_port, http, info, migrate, s, write_key, T};
 use common::{ferry, pass_number, require_kvm, require_root, wait_timeout, TempDir, Vm};
-use ferry_lease::testing::{zero_file, Daemon, RUN_DIR_ENV};
+use ferry_lease::testing::{zero_file, Daemon, FaultFs, RUN_DIR_ENV};
 
 /// The lockspaces' I/O timeout: renewals every 4 s, the VMM fences at 14 s.
 const IO: u32 = 2;
@@ -42,9 +44,14 @@ impl Host {
 
 /// A datastore (a directory with a formatted lockspace file) and `n` hosts.
 fn datastore(dir: &TempDir, n: u64) -> (PathBuf, Vec<Host>) {
+    datastore_in(dir, &dir.0, n)
+}
+
+/// [`datastore`] with the lockspace file in `at`.
+fn datastore_in(dir: &TempDir, at: &Path, n: u64) -> (PathBuf, Vec<Host>) {
     require_root();
     require_kvm();
-    let ids = dir.path("ids");
+    let ids = at.join("ids");
     zero_file(&ids, 1 << 20).expect("lockspace file");
     // Recording the io_timeout in the lockspace makes the first join take 2 x IO + 1 s.
     let out = Command::new("sanlock")
@@ -260,4 +267,81 @@ fn a_vmm_whose_lease_is_not_renewed_fences_itself_and_does_not_resume() {
     assert!(vm.signal_and_wait(libc::SIGTERM, T).success());
     let runs = std::fs::read_to_string(home.join("runs.log")).expect("runs.log");
     assert!(runs.lines().last().is_some_and(|l| l.contains("\"stop\"")), "{runs}");
+}
+
+/// Sets the storage back to `ok` when dropped: declared after the VMM, it is dropped before
+/// it, so that a failing test does not leave the VMM stuck in the kernel on hung storage.
+struct Unhang<'a>(&'a FaultFs);
+
+impl Drop for Unhang<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.set("ok");
+    }
+}
+
+/// The last memstress pass on the console so far.
+fn last_pass(vm: &mut Vm) -> u64 {
+    vm.drain();
+    vm.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0)
+}
+
+/// Long (~25 s): the datastore stops answering; the VMM fences itself before its lease
+/// could expire, and stays fenced when the storage comes back.
+#[test]
+fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
+    let dir = TempDir::new("lease-hang");
+    let fs = FaultFs::mount(&dir.0, &dir.path("backing"), &dir.path("ds")).expect("mount the FUSE datastore");
+    let (ids, hosts) = datastore_in(&dir, fs.path(), 1);
+    let a = &hosts[0];
+    let home = fs.path().join("home");
+    let sock = dir.path("a.sock");
+    let mut vm = leased_vm(a, &ids, &home, &sock);
+    // Whatever happens, the storage answers again before the VMM is killed (dropped first).
+    let _unhang = Unhang(&fs);
+    fs.set("hang").expect("hang");
+    let hung = Instant::now();
+    let err = vm.wait_stderr(Duration::from_secs(30), "FENCED");
+    let after = hung.elapsed();
+    eprintln!("fenced {:.1} s after the storage hung", after.as_secs_f64());
+    // The last renewal was at most 2 x IO before the hang; the VMM fences at 7 x IO.
+    assert!(after <= Duration::from_secs(7 * u64::from(IO) + 1), "{err}");
+    let i = info(&sock);
+    assert_eq!(i["state"], "fenced", "{i}");
+    let last = last_pass(&mut vm);
+    std::thread::sleep(Duration::from_secs(2));
+    let now = last_pass(&mut vm);
+    assert!(now <= last + 1, "the guest ran on after the fence: pass {last} -> {now}");
+    // The storage comes back: nothing resumes the VM on its own.
+    fs.set("ok").expect("ok");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(info(&sock)["state"], "fenced");
+    assert_eq!(last_pass(&mut vm), now);
+    assert!(vm.signal_and_wait(libc::SIGTERM, T).success());
+}
+
+/// Long (~25 s): the datastore fails every operation for 5 s (less than the 14 s fence
+/// time) and recovers; the VM runs on where it was.
+#[test]
+fn storage_errors_shorter_than_the_fence_time_leave_the_vm_running() {
+    let dir = TempDir::new("lease-eio");
+    let fs = FaultFs::mount(&dir.0, &dir.path("backing"), &dir.path("ds")).expect("mount the FUSE datastore");
+    let (ids, hosts) = datastore_in(&dir, fs.path(), 1);
+    let a = &hosts[0];
+    let home = fs.path().join("home");
+    let sock = dir.path("a.sock");
+    let mut vm = leased_vm(a, &ids, &home, &sock);
+    let _unhang = Unhang(&fs);
+    fs.set("eio").expect("eio");
+    std::thread::sleep(Duration::from_secs(5));
+    fs.set("ok").expect("ok");
+    // Past the moment the VMM would have fenced had the errors gone on.
+    std::thread::sleep(Duration::from_secs(7 * u64::from(IO) - 5 + 4));
+    let i = info(&sock);
+    assert_eq!(i["state"], "running", "{i}\n{}", vm.stderr());
+    assert!(!vm.stderr().contains("FENCED"), "{}", vm.stderr());
+    let last = last_pass(&mut vm);
+    vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
+    let st = home_status(a, &home);
+    assert_eq!(st["lease"]["owner_host_id"], 1, "{st}");
+    assert!(vm.signal_and_wait(libc::SIGTERM, T).success());
 }

@@ -162,3 +162,103 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+const FAULTFS_SOURCE: &str = include_str!("../testing/faultfs.c");
+
+/// A FUSE passthrough of a backing directory whose operations a test can make hang, fail
+/// with EIO or slow down ([`FaultFs::set`]): a host's view of a datastore with faults.
+/// Built here from `testing/faultfs.c` (needs `libfuse3-dev`); unmounted when dropped.
+#[derive(Debug)]
+pub struct FaultFs {
+    mountpoint: PathBuf,
+    mode_file: PathBuf,
+    child: Child,
+}
+
+impl FaultFs {
+    /// Mounts `backing` at `mountpoint` (both created if needed), with the program built
+    /// into `scratch`.
+    pub fn mount(scratch: &Path, backing: &Path, mountpoint: &Path) -> std::io::Result<Self> {
+        let program = scratch.join("ferry-faultfs");
+        if !program.exists() {
+            let src = scratch.join("ferry-faultfs.c");
+            std::fs::write(&src, FAULTFS_SOURCE)?;
+            let flags = Command::new("pkg-config").args(["fuse3", "--cflags", "--libs"]).output()?;
+            if !flags.status.success() {
+                return Err(std::io::Error::other("pkg-config fuse3 failed: is libfuse3-dev installed?"));
+            }
+            let flags = String::from_utf8_lossy(&flags.stdout).into_owned();
+            let out = Command::new("cc")
+                .args(["-O2", "-o"])
+                .arg(&program)
+                .arg(&src)
+                .args(flags.split_whitespace())
+                .output()?;
+            let _ = std::fs::remove_file(&src);
+            if !out.status.success() {
+                return Err(std::io::Error::other(format!(
+                    "cannot build faultfs: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        std::fs::create_dir_all(backing)?;
+        std::fs::create_dir_all(mountpoint)?;
+        let mode_file = scratch.join(format!("faultfs-{}.mode", std::process::id()));
+        std::fs::write(&mode_file, "ok\n")?;
+        let child = Command::new(&program)
+            .arg(backing)
+            .arg(&mode_file)
+            .arg(mountpoint)
+            .args(["-f", "-o", "auto_unmount"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut fs = Self { mountpoint: mountpoint.to_owned(), mode_file, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_mountpoint(mountpoint) {
+            if let Some(status) = fs.child.try_wait()? {
+                return Err(std::io::Error::other(format!("faultfs exited at start ({status})")));
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("faultfs did not mount"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(fs)
+    }
+
+    /// Sets the mode: `ok`, `hang`, `eio` or `slow:MS`.
+    pub fn set(&self, mode: &str) -> std::io::Result<()> {
+        let tmp = self.mode_file.with_extension("new");
+        std::fs::write(&tmp, format!("{mode}\n"))?;
+        std::fs::rename(&tmp, &self.mode_file)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        // Hung requests finish first, then the mount goes.
+        let _ = self.set("ok");
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.mode_file);
+    }
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's).
+fn is_mountpoint(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Some(Ok(parent))) = (std::fs::metadata(path), path.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    me.dev() != parent.dev()
+}

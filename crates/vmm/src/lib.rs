@@ -573,6 +573,12 @@ impl Vmm {
         self.home.dir()
     }
 
+    /// Whether the VM runs under a lease on shared storage (`--lease`): then nothing on the
+    /// VMM thread may wait for the datastore, which can hang.
+    pub fn leased(&self) -> bool {
+        self.home.lease().is_some()
+    }
+
     /// What the VM is.
     pub fn description(&self) -> &Description {
         &self.description
