@@ -345,3 +345,87 @@ fn storage_errors_shorter_than_the_fence_time_leave_the_vm_running() {
     assert_eq!(st["lease"]["owner_host_id"], 1, "{st}");
     assert!(vm.signal_and_wait(libc::SIGTERM, T).success());
 }
+
+/// Starts `ferry run` of the VM in `home` on `host`; `Some` once its vCPUs run, `None` if
+/// it exits first (the lease is held elsewhere).
+fn try_start(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Option<Vm> {
+    let lease = host.lease(ids);
+    let mut vm = Vm::spawn(host.ferry().args([
+        "run",
+        "--guest",
+        "memstress",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "wss=2M",
+        "--home",
+        s(home),
+        "--lease",
+        &lease,
+        "--api-socket",
+        s(sock),
+    ]));
+    let deadline = Instant::now() + T;
+    loop {
+        if vm.stderr().contains("vCPUs running") {
+            return Some(vm);
+        }
+        if let Ok(Some(_)) = vm.child.try_wait() {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "ferry run neither ran nor failed: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Long (~100 s): host A's view of the datastore hangs; A fences itself; host B, which
+/// reaches the datastore by another path, can start the VM only once A's lease has
+/// expired (8 x io_timeout + 60 s after A's last renewal), and then runs it once: the run
+/// records show no overlap.
+#[test]
+fn another_host_takes_over_only_after_the_lease_expired() {
+    let dir = TempDir::new("lease-takeover");
+    let backing = dir.path("backing");
+    let fs = FaultFs::mount(&dir.0, &backing, &dir.path("ds")).expect("mount the FUSE datastore");
+    let (ids_a, hosts) = datastore_in(&dir, fs.path(), 2);
+    let (a, b) = (&hosts[0], &hosts[1]);
+    // A sees the datastore through the FUSE mount, B through the backing directory.
+    let (ids_b, home_a, home_b) = (backing.join("ids"), fs.path().join("home"), backing.join("home"));
+    let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
+    let mut vm_a = leased_vm(a, &ids_a, &home_a, &sock_a);
+    let _unhang = Unhang(&fs);
+    // B is refused while A holds the lease (and B joins the lockspace meanwhile).
+    assert!(try_start(b, &ids_b, &home_b, &sock_b).is_none());
+    fs.set("hang").expect("hang");
+    let hung = Instant::now();
+    vm_a.wait_stderr(Duration::from_secs(30), "FENCED");
+    let fenced = hung.elapsed();
+    let mut attempts = 0;
+    let mut vm_b = loop {
+        attempts += 1;
+        if let Some(vm) = try_start(b, &ids_b, &home_b, &sock_b) {
+            break vm;
+        }
+        assert!(hung.elapsed() < Duration::from_secs(150), "B never got the lease");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let taken = hung.elapsed();
+    eprintln!(
+        "storage hung at 0 s; A fenced at {:.1} s; B started the VM at {:.1} s (attempt {attempts})",
+        fenced.as_secs_f64(),
+        taken.as_secs_f64()
+    );
+    // A's last renewal was at most 2 x IO before the hang: B waited out 8 x IO + 60 s.
+    assert!(taken >= Duration::from_secs(8 * u64::from(IO) + 60 - 2 * u64::from(IO)), "{taken:?}");
+    assert!(taken > fenced + Duration::from_secs(50), "fenced {fenced:?}, taken {taken:?}");
+    vm_b.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
+    assert_eq!(info(&sock_b)["state"], "running");
+    assert_eq!(info(&sock_a)["state"], "fenced");
+    let st = home_status(b, &home_b);
+    assert_eq!(st["lease"]["owner_host_id"], 2, "{st}");
+    assert!(vm_b.signal_and_wait(libc::SIGTERM, T).success());
+    // Storage back: A's stop record (with the moment its vCPUs stopped) reaches runs.log.
+    fs.set("ok").expect("ok");
+    vm_a.signal_and_wait(libc::SIGTERM, T);
+    common::overlap::check_home(&home_b, &[]).expect("the VM ran once at a time");
+}
