@@ -162,6 +162,10 @@ fn a_leased_vm_runs_on_one_host_only_and_the_next_holder_raises_the_lease_versio
         t.elapsed().as_secs_f64(),
         err.trim()
     );
+    // Nor can a VMM without --lease (it would not see the lease).
+    let out = output(a.ferry().args(["run", "--guest", "memstress", "--memory", "64M", "--home", s(&home)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has a lease"), "{err}");
     // A runs on, untouched.
     let last = vm_a.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
     vm_a.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= last + 2));
@@ -428,4 +432,56 @@ fn another_host_takes_over_only_after_the_lease_expired() {
     fs.set("ok").expect("ok");
     vm_a.signal_and_wait(libc::SIGTERM, T);
     common::overlap::check_home(&home_b, &[]).expect("the VM ran once at a time");
+}
+
+/// Long (~100 s): host A is frozen whole (its VMM and its lease daemon stopped); host B
+/// takes the VM over once A's lease has expired; A, thawed, stops its copy before a vCPU
+/// runs another guest instruction, and the run records show no overlap.
+#[test]
+fn a_frozen_host_thawed_after_a_takeover_never_runs_its_copy_again() {
+    let dir = TempDir::new("lease-frozen");
+    let (ids, hosts) = datastore(&dir, 2);
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let home = dir.path("home");
+    let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
+    let mut vm_a = leased_vm(a, &ids, &home, &sock_a);
+    assert!(try_start(b, &ids, &home, &sock_b).is_none());
+    let (daemon_pid, vmm_pid) = (a.daemon.pid() as i32, vm_a.child.id() as i32);
+    let freeze = |sig| {
+        // SAFETY: signals to the processes this test started.
+        unsafe {
+            libc::kill(daemon_pid, sig);
+            libc::kill(vmm_pid, sig);
+        }
+    };
+    freeze(libc::SIGSTOP);
+    let frozen = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = last_pass(&mut vm_a);
+    let mut vm_b = loop {
+        if let Some(vm) = try_start(b, &ids, &home, &sock_b) {
+            break vm;
+        }
+        if frozen.elapsed() >= Duration::from_secs(150) {
+            let log = b.daemon.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "B never got the lease; B's daemon:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    eprintln!("A frozen at 0 s; B started the VM at {:.1} s", frozen.elapsed().as_secs_f64());
+    vm_b.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
+    freeze(libc::SIGCONT);
+    vm_a.wait_stderr(Duration::from_secs(10), "FENCED");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = last_pass(&mut vm_a);
+    assert_eq!(after, before, "A's guest ran after the thaw (pass {before} -> {after})");
+    assert_eq!(info(&sock_a)["state"], "fenced");
+    assert_eq!(info(&sock_b)["state"], "running");
+    assert!(vm_b.signal_and_wait(libc::SIGTERM, T).success());
+    vm_a.signal_and_wait(libc::SIGTERM, T);
+    common::overlap::check_home(&home, &[]).expect("the VM ran once at a time");
 }

@@ -32,7 +32,13 @@ impl Vmm {
                 stuck += 1;
             }
         }
-        let stopped_ns = crate::monotonic_ns();
+        // When the vCPUs stopped: now, or, if the watchdog fenced past the run deadline, the
+        // latest moment one can have run guest code (none enters past the deadline, and the
+        // watchdog kicks out those inside within its period): a VMM that was frozen (the
+        // whole process stopped) and fences on thawing stopped running guest code when it
+        // froze, long before now.
+        let bound = self.home.lease().and_then(|l| l.fence_signal().last_run_bound_ns());
+        let stopped_ns = bound.map_or(crate::monotonic_ns(), |b| b.min(crate::monotonic_ns()));
         let was_running = self.state == VmRunState::Running;
         self.state = VmRunState::Paused;
         // The generation it ran at: the only one it may resume at.

@@ -107,6 +107,15 @@ pub enum Error {
         #[source]
         source: ferry_lease::Error,
     },
+    /// The home has a lease (`vm.lease`) and this VMM was not given one.
+    #[error(
+        "VM home {path} has a lease ({}): the VM runs only under it; give --lease LOCKSPACE:HOSTID:IDS_PATH",
+        crate::lease::LEASE_FILE
+    )]
+    LeaseRequired {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The home's lease belongs to another lockspace than `--lease` names.
     #[error("the lease of VM home {path} is in lockspace {lockspace}, not {configured}: give the datastore's lockspace to --lease")]
     LeaseElsewhere {
@@ -344,6 +353,11 @@ impl VmHome {
         let dir = self.dir.clone();
         let open = |source| Error::Open { path: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(open)?;
+        // A leased VM's home is never run without its lease: a VMM started without
+        // --lease would not see that another holds the VM.
+        if self.lease.is_none() && dir.join(crate::lease::LEASE_FILE).exists() {
+            return Err(Error::LeaseRequired { path: dir });
+        }
         // With a lease, the lease decides first (it holds across hosts); vm.lock, which
         // only holds on one kernel or lock manager, follows as its local cache.
         if let Some(l) = self.lease.as_mut() {
@@ -377,7 +391,17 @@ impl VmHome {
                     Some(r) => r.to_string(),
                     None => "holder unknown".to_string(),
                 };
-                return Err(Error::Held { path: dir, holder });
+                // With the lease held, vm.lock is only its cache: a holder of the file lock
+                // without the lease is fenced, or gone from a host whose lock manager has not
+                // noticed yet (NFSv3 can keep a dead host's locks for ever).
+                if !self.lease.as_ref().is_some_and(|l| l.is_held()) {
+                    return Err(Error::Held { path: dir, holder });
+                }
+                tracing::warn!(
+                    "{LOCK_FILE} in {} is still locked ({holder}), but this VMM holds the VM's lease, which \
+                     decides: going on without the file lock",
+                    dir.display()
+                );
             }
             Err(source) => return Err(Error::Lock { path: dir, source }),
         }

@@ -24,6 +24,7 @@ use ferry_lease::{Code, KillPath, Lease, Lockspace, Resource};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::home::Error;
+use crate::vcpu::RUN_DEADLINE_NS;
 
 /// The lease file's name in a home directory.
 pub const LEASE_FILE: &str = "vm.lease";
@@ -35,6 +36,8 @@ pub const DEFAULT_IO_TIMEOUT: u32 = 10;
 /// before sanlock's `8 * io_timeout` (when it runs the killpath) and long before another
 /// host may take over (`8 * io_timeout + 60` s).
 pub const FENCE_FACTOR: u64 = 7;
+/// How often the watchdog compares the last renewal with the clock.
+const WATCH_PERIOD: Duration = Duration::from_millis(200);
 /// The signal the killpath sends (`kill -USR1 <pid>`): the VMM fences itself.
 pub const FENCE_SIGNAL: i32 = libc::SIGUSR1;
 
@@ -141,6 +144,8 @@ pub struct FenceSignal {
     reason: Mutex<Option<String>>,
     /// Stops the vCPUs at once, from the thread that fires (the VMM thread may be busy).
     stop_now: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The run deadline the watchdog saw pass (`CLOCK_MONOTONIC` ns; 0: fired otherwise).
+    due_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for FenceSignal {
@@ -155,6 +160,7 @@ impl FenceSignal {
             event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             reason: Mutex::new(None),
             stop_now: Mutex::new(None),
+            due_ns: AtomicU64::new(0),
         })
     }
 
@@ -175,6 +181,16 @@ impl FenceSignal {
             *r = Some(reason);
         }
         let _ = self.event.write(1);
+    }
+
+    /// The latest moment a vCPU can have run guest code after a fence by the watchdog: the
+    /// deadline (past which no vCPU enters the guest) plus one watchdog period (within which
+    /// it kicks those inside out). `None` if the fence did not come from the deadline.
+    pub fn last_run_bound_ns(&self) -> Option<u64> {
+        match self.due_ns.load(Ordering::SeqCst) {
+            0 => None,
+            due => Some(due + WATCH_PERIOD.as_nanos() as u64 + 50_000_000),
+        }
     }
 
     /// The reason given, if any, clearing the event.
@@ -205,13 +221,37 @@ impl Monitor {
         if let Ok(Some(h)) = ls.host(config.host_id) {
             last.store(h.timestamp, Ordering::SeqCst);
         }
-        let (stop_p, last_p) = (stop.clone(), last.clone());
-        let host_id = config.host_id;
+        let limit_s = config.fence_after_s();
+        let deadline = move |renewed_s: u64| (renewed_s + limit_s).saturating_mul(1_000_000_000);
+        RUN_DEADLINE_NS.store(deadline(last.load(Ordering::SeqCst)), Ordering::SeqCst);
+        let (stop_p, last_p, fence_p) = (stop.clone(), last.clone(), fence.clone());
+        let (host_id, io) = (config.host_id, config.io_timeout);
         let spawn_prober = std::thread::Builder::new().name("lease-probe".into()).spawn(move || {
             while !stop_p.load(Ordering::SeqCst) {
                 match ls.host(host_id) {
                     Ok(Some(h)) if h.timestamp > 0 => {
-                        last_p.fetch_max(h.timestamp, Ordering::SeqCst);
+                        // A renewal after a gap of the limit does not give the lease back:
+                        // others may have taken it meanwhile (this process, or the whole host,
+                        // was frozen; or the renewals stalled and resumed).
+                        let prev = last_p.load(Ordering::SeqCst);
+                        let gap = ferry_lease::monotonic_secs().max(h.timestamp).saturating_sub(prev);
+                        if gap >= limit_s {
+                            if !stop_p.load(Ordering::SeqCst) {
+                                expire(
+                                    &fence_p,
+                                    format!(
+                                        "this host's lease went {gap} s without a renewal (limit {limit_s} s = \
+                                         {FENCE_FACTOR} x io_timeout {io} s): the host, the VMM or the lease \
+                                         daemon was stopped, or the storage failed"
+                                    ),
+                                );
+                            }
+                            return;
+                        }
+                        let renewed = last_p.fetch_max(h.timestamp, Ordering::SeqCst).max(h.timestamp);
+                        if !stop_p.load(Ordering::SeqCst) {
+                            RUN_DEADLINE_NS.store(deadline(renewed), Ordering::SeqCst);
+                        }
                     }
                     Ok(_) => {}
                     Err(e) if e.errno() == Some(libc::EAGAIN) => {}
@@ -230,13 +270,16 @@ impl Monitor {
             while !stop_w.load(Ordering::SeqCst) {
                 let age = ferry_lease::monotonic_secs().saturating_sub(last.load(Ordering::SeqCst));
                 if age >= limit {
-                    fence.fire(format!(
-                        "this host's lease was last renewed {age} s ago (limit {limit} s = {FENCE_FACTOR} x \
-                         io_timeout {io} s): the storage or the lease daemon is failing"
-                    ));
+                    expire(
+                        &fence,
+                        format!(
+                            "this host's lease was last renewed {age} s ago (limit {limit} s = {FENCE_FACTOR} x \
+                             io_timeout {io} s): the storage or the lease daemon is failing"
+                        ),
+                    );
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(WATCH_PERIOD);
             }
         });
         if let Err(e) = spawned {
@@ -246,6 +289,16 @@ impl Monitor {
         }
         Ok(Self { stop })
     }
+}
+
+/// The lease may be lost: no vCPU enters the guest any more, and the VMM fences.
+fn expire(fence: &FenceSignal, reason: String) {
+    let due = RUN_DEADLINE_NS.swap(1, Ordering::SeqCst);
+    // 0 or 1: no deadline was set (no lease), or it already expired (the first one counts).
+    if due > 1 {
+        fence.due_ns.store(due, Ordering::SeqCst);
+    }
+    fence.fire(reason);
 }
 
 impl Drop for Monitor {
@@ -341,6 +394,7 @@ impl HomeLease {
         );
         // A fence request left from an earlier holding is void now.
         let _ = self.fence.take();
+        self.fence.due_ns.store(0, Ordering::SeqCst);
         self.lease = Some(lease);
         self.monitor = Some(monitor);
         Ok(self.lver().unwrap_or(0))
@@ -368,6 +422,8 @@ impl HomeLease {
     /// Releases the lease (and stops the monitor).
     pub fn release(&mut self) {
         self.monitor = None;
+        // No lease, no bound: the vCPUs are stopped, or about to be, by whoever released.
+        RUN_DEADLINE_NS.store(0, Ordering::SeqCst);
         if let Some(mut lease) = self.lease.take() {
             let t = std::time::Instant::now();
             match lease.release() {
@@ -386,6 +442,8 @@ impl HomeLease {
     /// way; if the daemon never answers, the lease expires.
     pub fn abandon(&mut self) {
         self.monitor = None;
+        // Fenced: no vCPU enters the guest until the lease is back (a new monitor).
+        RUN_DEADLINE_NS.store(1, Ordering::SeqCst);
         if let Some(mut lease) = self.lease.take() {
             let spawned = std::thread::Builder::new().name("lease-release".into()).spawn(move || {
                 if let Err(e) = lease.release() {

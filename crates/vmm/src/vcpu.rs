@@ -249,6 +249,18 @@ impl VcpuPauser {
     }
 }
 
+/// The moment (`CLOCK_MONOTONIC` ns) after which no vCPU may enter the guest, because the
+/// VM's lease may no longer be this VMM's (see `crate::lease`); 0: no such bound (no lease).
+/// Checked by every vCPU before every entry: a VMM frozen past it (the whole process
+/// stopped) pauses its vCPUs when it thaws, before they run one more guest instruction.
+pub static RUN_DEADLINE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether the lease's deadline has passed.
+fn past_run_deadline() -> bool {
+    let deadline = RUN_DEADLINE_NS.load(std::sync::atomic::Ordering::SeqCst);
+    deadline != 0 && ferry_devices::boot_timer::monotonic_ns() >= deadline
+}
+
 /// What a vCPU thread needs besides its file descriptor.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
@@ -442,6 +454,10 @@ fn vcpu_thread(index: u8, fd: Arc<Mutex<VcpuFd>>, ctx: VcpuContext, control: Arc
             let mut c = control.lock();
             loop {
                 match c.request {
+                    Request::Run if past_run_deadline() => {
+                        // The lease watchdog fences the VM; stay out of the guest already.
+                        c.request = Request::Pause;
+                    }
                     Request::Run => break,
                     Request::Stop => {
                         c.state = RunState::Stopped;
