@@ -45,7 +45,7 @@ impl Vmm {
         self.state_generation = self.home.generation();
         self.home.fence();
         if self.run_recorded {
-            self.home.record_run_detached(
+            self.fence_record = self.home.record_run_detached(
                 crate::home::RunEvent::Stop,
                 self.migrated_in.as_deref(),
                 stopped_ns,

@@ -527,16 +527,28 @@ impl VmHome {
 
     /// [`VmHome::record_run`] for an event at `at_ns`, written by a thread: a fenced VMM
     /// records its stop without waiting for storage that may hang.
-    pub fn record_run_detached(&self, event: RunEvent, migration_id: Option<&str>, at_ns: u64) {
+    /// Returns what says the line is written (the sender goes when the thread ends).
+    pub fn record_run_detached(
+        &self,
+        event: RunEvent,
+        migration_id: Option<&str>,
+        at_ns: u64,
+    ) -> Option<std::sync::mpsc::Receiver<()>> {
         let line = self.run_line(event, migration_id, at_ns);
         let path = self.dir.join(RUNS_FILE);
+        let (done, written) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new().name("runs-log".into()).spawn(move || {
             if let Err(e) = append_line(&path, &line) {
                 tracing::warn!("cannot append to {}: {e}", path.display());
             }
+            drop(done);
         });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot record the stop in {RUNS_FILE}: {e}");
+        match spawned {
+            Ok(_) => Some(written),
+            Err(e) => {
+                tracing::warn!("cannot record the stop in {RUNS_FILE}: {e}");
+                None
+            }
         }
     }
 

@@ -263,6 +263,8 @@ pub struct Vmm {
     run_recorded: bool,
     /// Why the VMM fenced itself (its lease failed), while it stays fenced.
     fenced: Option<String>,
+    /// The fence's stop record, written from a thread (the datastore may hang).
+    fence_record: Option<std::sync::mpsc::Receiver<()>>,
     /// The migration that brought the VM here, for the run records.
     migrated_in: Option<String>,
     /// Migration events for `GET /vm/events` (both sides; a destination's come from
@@ -547,6 +549,7 @@ impl Vmm {
             state_generation: None,
             run_recorded: false,
             fenced: None,
+            fence_record: None,
             migrated_in: None,
             events: Default::default(),
             api_server: None,

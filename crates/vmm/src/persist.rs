@@ -463,6 +463,7 @@ impl Vmm {
             state_generation: p.state_generation,
             run_recorded: false,
             fenced: None,
+            fence_record: None,
             migrated_in: None,
             events: Default::default(),
             api_server: None,

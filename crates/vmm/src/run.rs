@@ -522,6 +522,11 @@ impl Vmm {
             v.stop();
         }
         self.record_stop();
+        // A fence's stop record goes to runs.log from a thread: give it a moment to land
+        // (the datastore may be back), without hanging on it if it is not.
+        if let Some(written) = self.fence_record.take() {
+            let _ = written.recv_timeout(std::time::Duration::from_secs(2));
+        }
         tracing::debug!("vCPUs stopped in {} us", (monotonic_ns() - started) / 1000);
     }
 }
