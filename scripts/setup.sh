@@ -11,6 +11,10 @@ need lz4           # decompresses Debian's kernel for the Linux boot check
 need util-linux    # unshare/setpriv for the error tests
 need iproute2      # network namespaces (network tests)
 need iputils-ping  # ping, the client in the network tests
+need sanlock       # the lease daemon (leases on shared storage)
+need libsanlock-dev # libsanlock_client, which Ferry links
+need fuse3         # FUSE mounts for the storage-fault tests
+need libfuse3-dev  # builds the tests' fault-injecting FUSE passthrough
 
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${pkgs[*]}" >&2

@@ -17,6 +17,10 @@ pub enum RunState {
     /// A `ferry receive` waiting for, or in the middle of, an incoming migration: no VM
     /// runs here yet ([`VmInfo::receiving`] says how far it is).
     Receiving,
+    /// The VMM stopped the vCPUs itself and gave up the VM's lease because the lease could
+    /// not be renewed in time ([`VmInfo::fenced`] says why). It resumes only on request,
+    /// and only if it gets the lease back with the VM's generation unchanged.
+    Fenced,
 }
 
 /// Where a receiving VMM is in an incoming migration (`GET /vm` while `receiving`).
@@ -116,6 +120,9 @@ pub struct VmInfo {
     /// While `state` is `receiving`: the incoming migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiving: Option<ReceivingInfo>,
+    /// While `state` is `fenced`: why the VMM fenced itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<String>,
 }
 
 /// One virtio device in [`VmInfo`].
@@ -502,6 +509,12 @@ pub enum EventBody {
         missed_from: u64,
         /// Last missed.
         missed_to: u64,
+    },
+    /// The VMM fenced itself: its lease could not be renewed in time, so it stopped the
+    /// vCPUs and gave the lease up (`migration_id` is empty, or the migration in progress).
+    Fenced {
+        /// Why.
+        reason: String,
     },
 }
 

@@ -190,6 +190,14 @@ pub struct ReceiveArgs {
     /// must be the same file on both hosts: put homes on shared storage).
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Hold the VM's lease on shared storage (sanlock): LOCKSPACE:HOSTID:IDS_PATH with an
+    /// optional ,io_timeout=SECONDS (default 10). LOCKSPACE is the datastore's lockspace,
+    /// HOSTID this host's id in it (unique per host), IDS_PATH its file on the datastore;
+    /// the lease itself is the file vm.lease in the VM's home, made on first use. The local
+    /// sanlock daemon must run. While it runs the VM, the VMM stops its vCPUs and gives the
+    /// lease up if the lease cannot be renewed for 7 x io_timeout (see docs/migration.md).
+    #[arg(long, value_name = "LOCKSPACE:HOSTID:IDS_PATH[,io_timeout=N]")]
+    pub lease: Option<ferry_vmm::lease::LeaseConfig>,
     /// Use tap NEW on this host for the NIC that used tap OLD on the source (repeatable).
     /// Taps belong to hosts; the NIC's MAC moves with the VM. Default: a tap of the same
     /// name, which must exist here (ip tuntap add NAME mode tap).
@@ -385,6 +393,14 @@ pub struct RunArgs {
     /// when the VM ends unless it was suspended.
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Hold the VM's lease on shared storage (sanlock): LOCKSPACE:HOSTID:IDS_PATH with an
+    /// optional ,io_timeout=SECONDS (default 10). LOCKSPACE is the datastore's lockspace,
+    /// HOSTID this host's id in it (unique per host), IDS_PATH its file on the datastore;
+    /// the lease itself is the file vm.lease in the VM's home, made on first use. The local
+    /// sanlock daemon must run. While it runs the VM, the VMM stops its vCPUs and gives the
+    /// lease up if the lease cannot be renewed for 7 x io_timeout (see docs/migration.md).
+    #[arg(long, value_name = "LOCKSPACE:HOSTID:IDS_PATH[,io_timeout=N]")]
+    pub lease: Option<ferry_vmm::lease::LeaseConfig>,
     /// A disk: a raw image given to the guest as a virtio-blk device (repeatable; the first
     /// is at 0xd0000000, IRQ 5, the next 4 KiB and one IRQ higher, and so on; the kernel
     /// command line gets a virtio_mmio.device= entry for each). Ferry holds an exclusive
@@ -419,6 +435,14 @@ pub struct RestoreArgs {
     /// names (so a suspended VM resumes under its own lock), or a new one.
     #[arg(long, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Hold the VM's lease on shared storage (sanlock): LOCKSPACE:HOSTID:IDS_PATH with an
+    /// optional ,io_timeout=SECONDS (default 10). LOCKSPACE is the datastore's lockspace,
+    /// HOSTID this host's id in it (unique per host), IDS_PATH its file on the datastore;
+    /// the lease itself is the file vm.lease in the VM's home, made on first use. The local
+    /// sanlock daemon must run. While it runs the VM, the VMM stops its vCPUs and gives the
+    /// lease up if the lease cannot be renewed for 7 x io_timeout (see docs/migration.md).
+    #[arg(long, value_name = "LOCKSPACE:HOSTID:IDS_PATH[,io_timeout=N]")]
+    pub lease: Option<ferry_vmm::lease::LeaseConfig>,
     /// Use tap NEW for the NIC that used tap OLD when the checkpoint was taken (repeatable;
     /// a restore on another host). Default: the same tap name.
     #[arg(long = "tap", value_name = "OLD=NEW", value_parser = parse_tap_map)]

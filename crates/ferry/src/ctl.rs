@@ -142,5 +142,34 @@ pub fn home(args: HomeArgs) -> anyhow::Result<ExitCode> {
         (None, true) => println!("lock:       held (holder unknown)"),
         (None, false) => println!("lock:       free"),
     }
+    if let Some(l) = &status.lease {
+        match l.owner_host_id {
+            Some(id) => {
+                // The name is the lock record's, when it names the same host id.
+                let name = status
+                    .lock
+                    .as_ref()
+                    .filter(|r| r.lease.as_ref().map(|x| x.host_id) == Some(id))
+                    .map(|r| format!(" ({})", r.host))
+                    .unwrap_or_default();
+                println!(
+                    "lease:      held by host id {id}{name}, host generation {}, lockspace {}, lease version {}",
+                    l.owner_generation.unwrap_or(0),
+                    l.lockspace,
+                    l.lver
+                );
+                if let Some(t) = l.renewed_monotonic_s {
+                    println!(
+                        "            last renewal at {t} s of the owner's monotonic clock (this host's: {} s)",
+                        ferry_lease::monotonic_secs()
+                    );
+                }
+            }
+            None => println!("lease:      free (lockspace {}, lease version {})", l.lockspace, l.lver),
+        }
+    }
+    if let Some(e) = &status.lease_error {
+        println!("lease:      cannot be read here: {e}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,11 @@
 //! once the VMM is built; then it writes them and everything after to
 //! `HOME/logs/vmm-<host>-<pid>.log`, appended. Per-process names, because during a migration
 //! the source and the destination share the home (the same directory on shared storage).
+//!
+//! A VMM with a lease (`--lease`) must keep going when the datastore hangs (it has to fence
+//! itself): its file is written by a thread from a bounded queue, and lines that do not fit
+//! are dropped (and counted in the file once it moves again). Without a lease, lines are
+//! written as they come.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,11 +24,19 @@ enum Sink {
     /// Not open yet: the early lines.
     Early(Vec<u8>),
     File(File),
+    /// Written by a thread; the queue is bounded.
+    Queue(std::sync::mpsc::SyncSender<Vec<u8>>),
     /// Not a VMM process, or the file cannot be written: nothing is kept.
     Off,
 }
 
 static SINK: Mutex<Sink> = Mutex::new(Sink::Early(Vec::new()));
+/// Lines the queue had no room for since the writer last said so.
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Lines the queue holds at most.
+const QUEUE_LINES: usize = 4096;
+/// The queue's writer ends (all written) on this channel.
+static FINISHED: Mutex<Option<std::sync::mpsc::Receiver<()>>> = Mutex::new(None);
 
 /// The tracing writer of the file layer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,6 +51,11 @@ impl Write for Writer {
             // A full disk must not stop the VMM: the line still went to stderr.
             Sink::File(f) => {
                 let _ = f.write_all(buf);
+            }
+            Sink::Queue(q) => {
+                if q.try_send(buf.to_vec()).is_err() {
+                    DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         Ok(buf.len())
@@ -64,9 +82,10 @@ pub fn path(home: &Path) -> PathBuf {
     ))
 }
 
-/// Opens this process's log file in `home` and writes the early lines into it. A failure is
-/// reported on stderr and the VMM goes on without the file.
-pub fn open(home: &Path) {
+/// Opens this process's log file in `home` and writes the early lines into it; with
+/// `queued`, later lines go through a writer thread (see the module's documentation). A
+/// failure is reported on stderr and the VMM goes on without the file.
+pub fn open(home: &Path, queued: bool) {
     let path = path(home);
     let file = path
         .parent()
@@ -78,7 +97,7 @@ pub fn open(home: &Path) {
             if let Sink::Early(early) = &*sink {
                 let _ = f.write_all(early);
             }
-            *sink = Sink::File(f);
+            *sink = if queued { queue(f).map_or(Sink::Off, Sink::Queue) } else { Sink::File(f) };
         }
         Err(e) => {
             *sink = Sink::Off;
@@ -91,4 +110,39 @@ pub fn open(home: &Path) {
 /// Not a VMM process: drop the early lines and keep nothing.
 pub fn off() {
     *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Off;
+}
+
+/// Starts the writer thread of a queued file.
+fn queue(mut file: File) -> Option<std::sync::mpsc::SyncSender<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE_LINES);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("vmm-log".into()).spawn(move || {
+        for line in rx {
+            let dropped = DROPPED.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if dropped > 0 {
+                let _ = writeln!(file, "({dropped} log lines dropped: the log file did not keep up)");
+            }
+            let _ = file.write_all(&line);
+        }
+        let _ = done_tx.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            *FINISHED.lock().unwrap_or_else(|p| p.into_inner()) = Some(done_rx);
+            Some(tx)
+        }
+        Err(_) => None,
+    }
+}
+
+/// At the end of the process: lets a queued file's writer finish, for at most `wait`.
+pub fn finish(wait: std::time::Duration) {
+    let mut sink = SINK.lock().unwrap_or_else(|p| p.into_inner());
+    if matches!(*sink, Sink::Queue(_)) {
+        *sink = Sink::Off;
+        drop(sink);
+        if let Some(done) = FINISHED.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = done.recv_timeout(wait);
+        }
+    }
 }

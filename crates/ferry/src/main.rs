@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         cli::Command::MigrateCancel(args) => migrate::cancel(args),
         cli::Command::Home(args) => ctl::home(args),
     };
+    logfile::finish(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {

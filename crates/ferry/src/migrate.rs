@@ -226,6 +226,7 @@ fn progress_line(id: &str, body: &EventBody, phase: MigrationPhase) -> Option<St
             Some(format!("migration {id}: (events {missed_from} to {missed_to} missed)"))
         }
         EventBody::Report { .. } => None,
+        EventBody::Fenced { reason } => Some(format!("migration {id}: the VMM fenced itself: {reason}")),
     }
 }
 

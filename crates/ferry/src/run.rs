@@ -48,11 +48,12 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
         home: args.home,
         state_dir: state_dir(),
+        lease: args.lease.clone(),
         disks: args.disks,
         nets: args.nets,
     };
     let vmm = Vmm::build(config, stop).context("cannot start the VM")?;
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 
@@ -64,13 +65,14 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         api_socket: args.api_socket,
         home: args.home,
         state_dir: state_dir(),
+        lease: args.lease.clone(),
         started_ns,
         tap_map: args.tap_map,
         revert: args.revert,
     };
     let vmm =
         Vmm::restore(config, stop).with_context(|| format!("cannot restore from {}", args.from.display()))?;
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 
@@ -101,6 +103,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         tap_map: args.tap_map,
         deadline: (args.deadline_s > 0).then(|| std::time::Duration::from_secs(args.deadline_s)),
         faults: faults_from_env(),
+        lease: args.lease.clone(),
     };
     let vmm = match Vmm::receive(config, stop) {
         Ok(v) => v,
@@ -110,7 +113,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot receive on {place}"))),
     };
-    crate::logfile::open(vmm.home());
+    crate::logfile::open(vmm.home(), vmm.leased());
     finish(vmm.run()?)
 }
 
@@ -125,6 +128,8 @@ fn block_stop_signals() -> anyhow::Result<StopSource> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        // The lease killpath's signal: with --lease, the VMM fences itself on it.
+        libc::sigaddset(&mut set, ferry_vmm::lease::FENCE_SIGNAL);
     }
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };

@@ -125,6 +125,8 @@ pub struct VmConfig {
     pub home: Option<PathBuf>,
     /// Where default homes go (`<state_dir>/vms/<id>`).
     pub state_dir: PathBuf,
+    /// The VM's lease on shared storage (`None`: `vm.lock` alone arbitrates).
+    pub lease: Option<crate::lease::LeaseConfig>,
     /// Disk images, one virtio-blk device each, in order.
     pub disks: Vec<crate::disk::DiskConfig>,
     /// NICs on tap devices, one virtio-net device each, after the disks.

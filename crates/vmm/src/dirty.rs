@@ -151,6 +151,7 @@ mod tests {
                 api_socket: None,
                 home: Some(home.clone()),
                 state_dir: std::env::temp_dir(),
+                lease: None,
                 disks: Vec::new(),
                 nets: Vec::new(),
             },

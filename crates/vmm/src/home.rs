@@ -98,6 +98,34 @@ pub enum Error {
     /// The operation needs the lock, and this VMM does not hold it.
     #[error("VM home {0} is not locked by this VMM")]
     NotHeld(PathBuf),
+    /// The VM's lease (`--lease`) cannot be made, read or acquired.
+    #[error("cannot use the lease of VM home {path}")]
+    Lease {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ferry_lease::Error,
+    },
+    /// The home has a lease (`vm.lease`) and this VMM was not given one.
+    #[error(
+        "VM home {path} has a lease ({}): the VM runs only under it; give --lease LOCKSPACE:HOSTID:IDS_PATH",
+        crate::lease::LEASE_FILE
+    )]
+    LeaseRequired {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The home's lease belongs to another lockspace than `--lease` names.
+    #[error("the lease of VM home {path} is in lockspace {lockspace}, not {configured}: give the datastore's lockspace to --lease")]
+    LeaseElsewhere {
+        /// The directory.
+        path: PathBuf,
+        /// The lease's lockspace.
+        lockspace: String,
+        /// The one configured.
+        configured: String,
+    },
 }
 
 /// `vm.generation`: the VM's identity and its generation.
@@ -130,11 +158,17 @@ pub struct LockRecord {
     pub since_unix_ms: u64,
     /// Whether the lock is held; false once the holder released it cleanly.
     pub held: bool,
+    /// The holder's lease on shared storage, if the VM runs with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::lease::LeaseRecord>,
 }
 
 impl std::fmt::Display for LockRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "pid {} on {}, generation {}", self.pid, self.host, self.generation)?;
+        if let Some(l) = &self.lease {
+            write!(f, ", host id {} of lockspace {}, lease version {}", l.host_id, l.lockspace, l.lver)?;
+        }
         if let Some(m) = &self.migration_id {
             write!(f, ", migration {m}")?;
         }
@@ -193,6 +227,8 @@ pub struct VmHome {
     /// The migration named in the lock record.
     migration_id: Option<String>,
     since_unix_ms: u64,
+    /// The VM's lease on shared storage (`--lease`), the arbiter when there is one.
+    lease: Option<crate::lease::HomeLease>,
 }
 
 impl VmHome {
@@ -220,7 +256,10 @@ impl VmHome {
         if self.lock.is_none() {
             return;
         }
-        for name in [GENERATION_FILE, RUNS_FILE, LOCK_FILE] {
+        if let Some(l) = self.lease.as_mut() {
+            l.release();
+        }
+        for name in [GENERATION_FILE, RUNS_FILE, LOCK_FILE, crate::lease::LEASE_FILE] {
             let _ = std::fs::remove_file(self.dir.join(name));
         }
         // What the VMMs wrote there: their logs and migration reports.
@@ -235,7 +274,73 @@ impl VmHome {
     /// A home whose lock is not (yet) held: a migration destination reserves the VM under
     /// it and takes the lock only at the switchover.
     pub fn unlocked(dir: &Path) -> Self {
-        Self { dir: dir.to_owned(), lock: None, record: None, migration_id: None, since_unix_ms: 0 }
+        Self {
+            dir: dir.to_owned(),
+            lock: None,
+            record: None,
+            migration_id: None,
+            since_unix_ms: 0,
+            lease: None,
+        }
+    }
+
+    /// This home with a lease on shared storage (`None`: only `vm.lock`): every
+    /// acquisition takes the lease first, every release lets it go last.
+    pub fn with_lease(mut self, config: Option<crate::lease::LeaseConfig>) -> Result<Self, Error> {
+        self.lease = match config {
+            Some(c) => Some(
+                crate::lease::HomeLease::new(c)
+                    .map_err(|source| Error::Open { path: self.dir.clone(), source })?,
+            ),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    /// Creates `dir` if needed and takes its lease (if `lease`) and lock, without waiting;
+    /// with `boot`, gives a home without identity one (see [`VmHome::lock_for_boot`]).
+    pub fn lock_leased(
+        dir: &Path,
+        lease: Option<crate::lease::LeaseConfig>,
+        boot: bool,
+    ) -> Result<Self, Error> {
+        let mut home = Self::unlocked(dir).with_lease(lease)?;
+        home.acquire(None)?;
+        if boot && home.record.is_none() {
+            home.init_identity(new_uuid(), 0)?;
+        }
+        Ok(home)
+    }
+
+    /// The lease, if the home has one.
+    pub fn lease(&self) -> Option<&crate::lease::HomeLease> {
+        self.lease.as_ref()
+    }
+
+    /// Joins the lease's lockspace and makes the lease file if needed (a migration
+    /// destination, before the switchover, so that taking the lease costs no more than the
+    /// acquisition itself). Nothing without a lease.
+    pub fn prepare_lease(&mut self) -> Result<(), Error> {
+        match &mut self.lease {
+            Some(l) => {
+                std::fs::create_dir_all(&self.dir)
+                    .map_err(|source| Error::Open { path: self.dir.clone(), source })?;
+                l.prepare(&self.dir).map(drop)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Self-fencing: gives up the lock and the lease at once, without waiting for the lease
+    /// daemon (it may hang with the storage). The record is left saying `held`: this holder
+    /// did not end cleanly.
+    pub fn fence(&mut self) {
+        if let Some(l) = self.lease.as_mut() {
+            l.abandon();
+        }
+        if let Some(f) = self.lock.take() {
+            let _ = ofd_lock(&f, libc::F_UNLCK as libc::c_short);
+        }
     }
 
     /// Takes the lock, without waiting, naming this process (and the migration that brought
@@ -248,6 +353,30 @@ impl VmHome {
         let dir = self.dir.clone();
         let open = |source| Error::Open { path: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(open)?;
+        // A leased VM's home is never run without its lease: a VMM started without
+        // --lease would not see that another holds the VM.
+        if self.lease.is_none() && dir.join(crate::lease::LEASE_FILE).exists() {
+            return Err(Error::LeaseRequired { path: dir });
+        }
+        // With a lease, the lease decides first (it holds across hosts); vm.lock, which
+        // only holds on one kernel or lock manager, follows as its local cache.
+        if let Some(l) = self.lease.as_mut() {
+            l.acquire(&dir)?;
+        }
+        match self.lock_file(&dir, migration_id) {
+            Ok(previous) => Ok(previous),
+            Err(e) => {
+                if let Some(l) = self.lease.as_mut() {
+                    l.release();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn lock_file(&mut self, dir: &Path, migration_id: Option<&str>) -> Result<Option<LockRecord>, Error> {
+        let dir = dir.to_owned();
+        let open = |source| Error::Open { path: dir.clone(), source };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -262,7 +391,17 @@ impl VmHome {
                     Some(r) => r.to_string(),
                     None => "holder unknown".to_string(),
                 };
-                return Err(Error::Held { path: dir, holder });
+                // With the lease held, vm.lock is only its cache: a holder of the file lock
+                // without the lease is fenced, or gone from a host whose lock manager has not
+                // noticed yet (NFSv3 can keep a dead host's locks for ever).
+                if !self.lease.as_ref().is_some_and(|l| l.is_held()) {
+                    return Err(Error::Held { path: dir, holder });
+                }
+                tracing::warn!(
+                    "{LOCK_FILE} in {} is still locked ({holder}), but this VMM holds the VM's lease, which \
+                     decides: going on without the file lock",
+                    dir.display()
+                );
             }
             Err(source) => return Err(Error::Lock { path: dir, source }),
         }
@@ -371,30 +510,61 @@ impl VmHome {
         if let Some(f) = self.lock.take() {
             let _ = ofd_lock(&f, libc::F_UNLCK as libc::c_short);
         }
+        if let Some(l) = self.lease.as_mut() {
+            l.release();
+        }
     }
 
     /// Appends a start or stop of the vCPUs to `runs.log`. A failure is logged: the record
     /// is evidence, not the arbiter.
     pub fn record_run(&self, event: RunEvent, migration_id: Option<&str>) {
+        if let Err(e) =
+            append_line(&self.dir.join(RUNS_FILE), &self.run_line(event, migration_id, crate::monotonic_ns()))
+        {
+            tracing::warn!("cannot append to {}: {e}", self.dir.join(RUNS_FILE).display());
+        }
+    }
+
+    /// [`VmHome::record_run`] for an event at `at_ns`, written by a thread: a fenced VMM
+    /// records its stop without waiting for storage that may hang.
+    /// Returns what says the line is written (the sender goes when the thread ends).
+    pub fn record_run_detached(
+        &self,
+        event: RunEvent,
+        migration_id: Option<&str>,
+        at_ns: u64,
+    ) -> Option<std::sync::mpsc::Receiver<()>> {
+        let line = self.run_line(event, migration_id, at_ns);
+        let path = self.dir.join(RUNS_FILE);
+        let (done, written) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name("runs-log".into()).spawn(move || {
+            if let Err(e) = append_line(&path, &line) {
+                tracing::warn!("cannot append to {}: {e}", path.display());
+            }
+            drop(done);
+        });
+        match spawned {
+            Ok(_) => Some(written),
+            Err(e) => {
+                tracing::warn!("cannot record the stop in {RUNS_FILE}: {e}");
+                None
+            }
+        }
+    }
+
+    fn run_line(&self, event: RunEvent, migration_id: Option<&str>, at_ns: u64) -> Vec<u8> {
         let record = RunRecord {
             v: RECORD_VERSION,
             pid: std::process::id(),
             host: hostname(),
             event,
             generation: self.generation().unwrap_or(0),
-            monotonic_ns: crate::monotonic_ns(),
+            monotonic_ns: at_ns,
             migration_id: migration_id.map(str::to_owned),
         };
         let mut line = serde_json::to_vec(&record).unwrap_or_default();
         line.push(b'\n');
-        let r = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(self.dir.join(RUNS_FILE))
-            .and_then(|mut f| f.write_all(&line));
-        if let Err(e) = r {
-            tracing::warn!("cannot append to {}: {e}", self.dir.join(RUNS_FILE).display());
-        }
+        line
     }
 
     fn write_lock_record(&mut self, held: bool) {
@@ -408,6 +578,7 @@ impl VmHome {
             migration_id: self.migration_id.clone(),
             since_unix_ms: self.since_unix_ms,
             held,
+            lease: self.lease.as_ref().and_then(|l| l.record()),
         };
         let mut text = serde_json::to_vec(&record).unwrap_or_default();
         text.push(b'\n');
@@ -431,6 +602,12 @@ pub struct HomeStatus {
     pub lock: Option<LockRecord>,
     /// Whether some process holds the lock now (an OFD lock test, not the record).
     pub locked: bool,
+    /// The lease on shared storage (`vm.lease`), read through the local sanlock daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::lease::LeaseStatus>,
+    /// Why the lease could not be read, if the home has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_error: Option<String>,
 }
 
 /// Reads a home's status without taking its lock.
@@ -450,7 +627,11 @@ pub fn status(dir: &Path) -> Result<HomeStatus, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, false),
         Err(source) => return Err(Error::Open { path: dir.to_owned(), source }),
     };
-    Ok(HomeStatus { home: dir.to_owned(), generation, lock, locked })
+    let (lease, lease_error) = match crate::lease::status(dir) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    Ok(HomeStatus { home: dir.to_owned(), generation, lock, locked, lease, lease_error })
 }
 
 /// Whether another open file description holds a lock on `f` (F_OFD_GETLK).
@@ -560,6 +741,10 @@ fn write_generation(dir: &Path, record: &GenerationRecord) -> Result<(), Error> 
         let _ = std::fs::remove_file(&tmp);
         err(e)
     })
+}
+
+fn append_line(path: &Path, line: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new().append(true).create(true).open(path).and_then(|mut f| f.write_all(line))
 }
 
 /// This host's name, for the records.

@@ -16,7 +16,9 @@ pub mod api;
 pub mod config;
 pub mod dirty;
 pub mod disk;
+mod fence;
 pub mod home;
+pub mod lease;
 pub mod memory;
 pub mod migration;
 pub mod persist;
@@ -259,6 +261,10 @@ pub struct Vmm {
     state_generation: Option<u64>,
     /// Whether `runs.log` shows the vCPUs running (a `run` without its `stop`).
     run_recorded: bool,
+    /// Why the VMM fenced itself (its lease failed), while it stays fenced.
+    fenced: Option<String>,
+    /// The fence's stop record, written from a thread (the datastore may hang).
+    fence_record: Option<std::sync::mpsc::Receiver<()>>,
     /// The migration that brought the VM here, for the run records.
     migrated_in: Option<String>,
     /// The vCPU throttle (auto-converge while a migration runs; 0 otherwise).
@@ -311,13 +317,14 @@ fn lock_home(
     requested: Option<&std::path::Path>,
     state_dir: &std::path::Path,
     boot: bool,
+    lease: Option<lease::LeaseConfig>,
 ) -> Result<(Claim, bool), Error> {
     let (dir, is_default) = match requested {
         Some(dir) => (dir.to_owned(), false),
         None => (home::default_home(state_dir, &new_vm_id()), true),
     };
     let made = !dir.exists();
-    let home = if boot { home::VmHome::lock_for_boot(&dir)? } else { home::VmHome::lock(&dir)? };
+    let home = home::VmHome::lock_leased(&dir, lease, boot)?;
     Ok((Claim { home, made }, is_default))
 }
 
@@ -419,7 +426,8 @@ impl Vmm {
         let host = open_host()?;
         config.validate(host.max_vcpus)?;
         // The VM runs in one VMM only: take its home's lock before anything else.
-        let (claim, home_is_default) = lock_home(config.home.as_deref(), &config.state_dir, true)?;
+        let (claim, home_is_default) =
+            lock_home(config.home.as_deref(), &config.state_dir, true, config.lease.clone())?;
         // Checked above: 1..=255.
         let vcpu_count = config.vcpus as u8;
 
@@ -544,6 +552,8 @@ impl Vmm {
             activation: None,
             state_generation: None,
             run_recorded: false,
+            fenced: None,
+            fence_record: None,
             migrated_in: None,
             events: Default::default(),
             api_server: None,
@@ -569,6 +579,12 @@ impl Vmm {
     /// The VM's home directory.
     pub fn home(&self) -> &std::path::Path {
         self.home.dir()
+    }
+
+    /// Whether the VM runs under a lease on shared storage (`--lease`): then nothing on the
+    /// VMM thread may wait for the datastore, which can hang.
+    pub fn leased(&self) -> bool {
+        self.home.lease().is_some()
     }
 
     /// What the VM is.

@@ -153,6 +153,8 @@ pub struct RestoreConfig {
     pub home: Option<PathBuf>,
     /// Where default homes go.
     pub state_dir: PathBuf,
+    /// The VM's lease on shared storage (`None`: `vm.lock` alone arbitrates).
+    pub lease: Option<crate::lease::LeaseConfig>,
     /// `CLOCK_MONOTONIC` ns at process start.
     pub started_ns: u64,
     /// Taps to use instead of the checkpoint's: `(name then, name now)`.
@@ -362,7 +364,8 @@ impl Vmm {
         let host = open_host()?;
         check_consistent(&snap, host.max_vcpus)?;
         let target = config.home.as_deref().or(snap.home.as_deref());
-        let (mut claim, home_is_default) = crate::lock_home(target, &config.state_dir, false)?;
+        let (mut claim, home_is_default) =
+            crate::lock_home(target, &config.state_dir, false, config.lease.clone())?;
         let same_home = match (target, &snap.home) {
             (Some(t), Some(h)) => same_dir(t, h),
             _ => false,
@@ -461,6 +464,8 @@ impl Vmm {
             activation: None,
             state_generation: p.state_generation,
             run_recorded: false,
+            fenced: None,
+            fence_record: None,
             migrated_in: None,
             events: Default::default(),
             api_server: None,

@@ -35,6 +35,7 @@ const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_MIGRATION: u64 = 6;
+const TOKEN_FENCE: u64 = 7;
 /// NIC `i`: its event fd is `TOKEN_NIC + 2 * i`, its tap `TOKEN_NIC + 2 * i + 1`.
 const TOKEN_NIC: u64 = 0x100;
 
@@ -105,6 +106,13 @@ impl Vmm {
         add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT).map_err(Error::EventLoop)?;
         add(self.devices.reset_evt.as_raw_fd(), TOKEN_RESET).map_err(Error::EventLoop)?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
+        // With a lease: its monitor's verdict (see crate::lease).
+        let fence_signal = self.home.lease().map(|l| l.fence_signal().clone());
+        if let Some(f) = &fence_signal {
+            add(f.event.as_raw_fd(), TOKEN_FENCE).map_err(Error::EventLoop)?;
+            let pausers: Vec<_> = self.vcpus.iter().filter_map(|v| v.pauser()).collect();
+            f.on_fire(Box::new(move || pausers.iter().for_each(|p| p.pause())));
+        }
         // Console input: only from something epoll can watch (not /dev/null or a file).
         if self.serial_config == SerialConfig::Stdio {
             let _ = add(libc::STDIN_FILENO, TOKEN_STDIN);
@@ -217,8 +225,23 @@ impl Vmm {
                             }
                         }
                     }
+                    TOKEN_FENCE => {
+                        if let Some(reason) = fence_signal.as_ref().and_then(|f| f.take()) {
+                            if self.home.lease().is_some_and(|l| l.is_held()) {
+                                self.fence(reason);
+                            }
+                        }
+                    }
                     TOKEN_SIGNAL => {
-                        if let Some(sig) = signals.read() {
+                        let sig = signals.read();
+                        if let Some(sig) = sig.filter(|s| *s == crate::lease::FENCE_SIGNAL) {
+                            // sanlock's killpath: the daemon counts this host's lease failed.
+                            if self.home.lease().is_some_and(|l| l.is_held()) {
+                                self.fence(format!(
+                                    "the lease daemon counts this host's lease failed (killpath signal {sig})"
+                                ));
+                            }
+                        } else if let Some(sig) = sig {
                             tracing::info!("signal {sig} received: stopping the VM");
                             stop = Some(Ok(RunOutcome::Signalled(sig)));
                         }
@@ -320,6 +343,29 @@ impl Vmm {
             if matches!(request, ApiRequest::Pause | ApiRequest::Resume) {
                 // Refused, or carried out after the migration has rolled back.
                 self.defer_until_rolled_back(request, reply);
+                return None;
+            }
+        }
+        if let Some(why) = self.fenced.clone() {
+            let refused = match &request {
+                ApiRequest::Snapshot(_) | ApiRequest::Migrate(_) | ApiRequest::Pause => true,
+                ApiRequest::Resume => match self.unfence() {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(Response::Done));
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::conflict(format!(
+                            "the VM is fenced ({why}) and cannot resume: {}",
+                            error_chain(&e)
+                        ))));
+                        return None;
+                    }
+                },
+                _ => false,
+            };
+            if refused {
+                let _ = reply.send(Err(ApiError::conflict(format!("the VM is fenced: {why}"))));
                 return None;
             }
         }
@@ -434,6 +480,7 @@ impl Vmm {
     fn info(&self) -> VmInfo {
         VmInfo {
             state: match self.state {
+                _ if self.fenced.is_some() => ApiRunState::Fenced,
                 VmRunState::Running => ApiRunState::Running,
                 VmRunState::Paused => ApiRunState::Paused,
             },
@@ -447,6 +494,7 @@ impl Vmm {
             migration: self.migration_info(),
             devices: self.devices.virtio.info(),
             receiving: None,
+            fenced: self.fenced.clone(),
         }
     }
 
@@ -474,6 +522,11 @@ impl Vmm {
             v.stop();
         }
         self.record_stop();
+        // A fence's stop record goes to runs.log from a thread: give it a moment to land
+        // (the datastore may be back), without hanging on it if it is not.
+        if let Some(written) = self.fence_record.take() {
+            let _ = written.recv_timeout(std::time::Duration::from_secs(2));
+        }
         tracing::debug!("vCPUs stopped in {} us", (monotonic_ns() - started) / 1000);
     }
 }

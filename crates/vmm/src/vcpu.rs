@@ -297,6 +297,49 @@ fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
+/// Pauses one vCPU from any thread: the request is set and the thread kicked out of
+/// `KVM_RUN`, as [`VcpuHandle::request`] does, without the handle.
+#[derive(Clone)]
+pub struct VcpuPauser {
+    control: Arc<Control>,
+    thread: libc::pthread_t,
+}
+
+impl std::fmt::Debug for VcpuPauser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuPauser").finish_non_exhaustive()
+    }
+}
+
+impl VcpuPauser {
+    /// Asks the vCPU to pause (it stays paused until the VMM thread asks it to run).
+    pub fn pause(&self) {
+        let mut c = self.control.lock();
+        // A thread that has not reported Stopped (under this lock) has not returned, so
+        // it has not been joined and its pthread_t is valid while the lock is held.
+        if c.state == RunState::Stopped || c.request == Request::Stop {
+            return;
+        }
+        c.request = Request::Pause;
+        self.control.changed.notify_all();
+        // SAFETY: the thread is alive and not joined (above); the kick signal's handler
+        // was installed before the thread was spawned.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
+/// The moment (`CLOCK_MONOTONIC` ns) after which no vCPU may enter the guest, because the
+/// VM's lease may no longer be this VMM's (see `crate::lease`); 0: no such bound (no lease).
+/// Checked by every vCPU before every entry: a VMM frozen past it (the whole process
+/// stopped) pauses its vCPUs when it thaws, before they run one more guest instruction.
+pub static RUN_DEADLINE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether the lease's deadline has passed.
+fn past_run_deadline() -> bool {
+    let deadline = RUN_DEADLINE_NS.load(std::sync::atomic::Ordering::SeqCst);
+    deadline != 0 && ferry_devices::boot_timer::monotonic_ns() >= deadline
+}
+
 /// What a vCPU thread needs besides its file descriptor.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
@@ -421,6 +464,14 @@ impl VcpuHandle {
         }
     }
 
+    /// A handle that pauses this vCPU from any thread (the lease watchdog's fence), while
+    /// the thread lives.
+    pub fn pauser(&self) -> Option<VcpuPauser> {
+        use std::os::unix::thread::JoinHandleExt;
+        let t = self.thread.as_ref()?;
+        Some(VcpuPauser { control: self.control.clone(), thread: t.as_pthread_t() })
+    }
+
     /// Waits until the thread reports `want` (or has stopped), kicking it while it does
     /// not, since a guest can sit in an in-kernel halt for ever.
     pub fn wait_for(&self, want: RunState, timeout: Duration) -> Result<(), Error> {
@@ -487,6 +538,10 @@ fn vcpu_thread(index: u8, fd: Arc<Mutex<VcpuFd>>, ctx: VcpuContext, control: Arc
             let mut c = control.lock();
             loop {
                 match c.request {
+                    Request::Run if past_run_deadline() => {
+                        // The lease watchdog fences the VM; stay out of the guest already.
+                        c.request = Request::Pause;
+                    }
                     Request::Run => break,
                     Request::Stop => {
                         c.state = RunState::Stopped;

@@ -391,6 +391,13 @@ impl VirtioDevices {
                 }
             }
         }
+        // The source flushed before it let the VM go: read what it wrote, not what this
+        // host may have cached before (see Disk::drop_cache).
+        for e in &self.entries {
+            if let Some(d) = &e.disk {
+                d.drop_cache();
+            }
+        }
         Ok(())
     }
 

@@ -38,6 +38,7 @@ fn a_vm_runs_and_stops_through_the_library_without_touching_signals() {
             api_socket: None,
             home: Some(home.clone()),
             state_dir: std::env::temp_dir(),
+            lease: None,
             disks: Vec::new(),
             nets: Vec::new(),
         },

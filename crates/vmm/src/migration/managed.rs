@@ -334,6 +334,7 @@ impl Status {
                 pages: self.pages.load(Ordering::Relaxed),
                 bytes: self.bytes.load(Ordering::Relaxed),
             }),
+            fenced: None,
         }
     }
 }

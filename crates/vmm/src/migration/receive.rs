@@ -87,6 +87,9 @@ pub struct ReceiveConfig {
     /// Faults to inject (tests only; the `ferry` binary reads them from
     /// `FERRY_FAULT_INJECT`).
     pub faults: Faults,
+    /// The VM's lease on shared storage: joined before listening, taken at the switchover
+    /// where the lock is (`None`: `vm.lock` alone arbitrates).
+    pub lease: Option<crate::lease::LeaseConfig>,
 }
 
 /// Where a receiving VMM listens.
@@ -127,6 +130,13 @@ impl Vmm {
             |e: managed::Error| mig(Error::Vmm(format!("set up the receiving side: {}", error_chain(&e))));
         // Fail early on a host that cannot run VMs at all.
         drop(open_host()?);
+        // Join the datastore's lockspace now: it takes 2 * io_timeout, which must not
+        // fall in a migration's switchover.
+        if let Some(lease) = &config.lease {
+            lease.join().map_err(|e| {
+                mig(Error::Vmm(format!("join the lease lockspace {}: {}", lease.lockspace, error_chain(&e))))
+            })?;
+        }
         let given = match &config.listen {
             Listen::Address(a) => {
                 parse_address(a).map_err(mig)?;
@@ -650,7 +660,7 @@ impl Receiver {
             snap,
             serial: config.serial.clone(),
             api_socket: config.api_socket.clone(),
-            home: crate::Claim::existing(VmHome::unlocked(&home_dir)),
+            home: crate::Claim::existing(leased_home(&home_dir, config.lease.clone())?),
             home_is_default: cfg.home_is_default,
             started_ns: config.started_ns,
             restored_from: None,
@@ -1203,6 +1213,15 @@ impl Vmm {
 
 /// The home this side would lock must be the source's: the same VM, the same lock (not a
 /// copy of the home, not another VM's).
+/// The destination's handle on the VM's home, not yet locked; with a lease, its lease file
+/// read ahead so that the switchover only acquires it.
+fn leased_home(dir: &std::path::Path, lease: Option<crate::lease::LeaseConfig>) -> Result<VmHome, Error> {
+    let lock = |e: crate::home::Error| Error::Lock(format!("prepare the VM's lease: {}", error_chain(&e)));
+    let mut home = VmHome::unlocked(dir).with_lease(lease).map_err(lock)?;
+    home.prepare_lease().map_err(lock)?;
+    Ok(home)
+}
+
 fn check_lock(c: &MigrationConfig, home: &std::path::Path, overridden: bool) -> Result<(), String> {
     match &c.lock {
         Some(expected) => {
