@@ -6,9 +6,10 @@
 //!
 //! The guest: memstress rewriting a 1 MiB working set (256 pages) many times a second; the
 //! link: 1 MiB/s, so each pass takes about a second and a stop-and-copy of the whole set
-//! about a second, far above the limits asked for. Delta encoding is off: memstress changes
-//! a few bytes per page, which deltas send in a few KiB per pass (`delta.rs`); with it off
-//! every page costs 4 KiB, as a guest that rewrites whole pages does.
+//! about a second, far above the limits asked for. Delta encoding and compression are off:
+//! memstress changes a few bytes per page, which deltas (or LZ4) send in a few KiB per pass
+//! (`delta.rs`); with them off every page costs 4 KiB, as a guest that rewrites whole pages
+//! with random data does.
 
 mod common;
 
@@ -45,7 +46,18 @@ fn give_up_stops_at_the_third_stalled_pass_and_the_vm_stays() {
         &sock,
         port,
         &key,
-        &["--delta-cache-mib", "0", "--bandwidth-mib", "1", "--downtime-ms", "50", "--policy", "give-up"],
+        &[
+            "--delta-cache-mib",
+            "0",
+            "--compress",
+            "off",
+            "--bandwidth-mib",
+            "1",
+            "--downtime-ms",
+            "50",
+            "--policy",
+            "give-up",
+        ],
     );
     assert!(!out.status.success(), "{r}");
     assert_eq!(r["reason_code"], "no_convergence", "{r}");
@@ -73,7 +85,7 @@ fn auto_converge_throttles_in_steps_until_the_guest_moves_or_gives_up_at_99() {
         &sock,
         port,
         &key,
-        &["--delta-cache-mib", "0", "--bandwidth-mib", "1", "--downtime-ms", "900"],
+        &["--delta-cache-mib", "0", "--compress", "off", "--bandwidth-mib", "1", "--downtime-ms", "900"],
     );
     assert_eq!(r["policy"], "auto-converge");
     let steps = steps(&r);
@@ -115,6 +127,8 @@ fn raise_downtime_raises_the_limit_until_the_stop_and_copy_fits() {
         &[
             "--delta-cache-mib",
             "0",
+            "--compress",
+            "off",
             "--bandwidth-mib",
             "1",
             "--downtime-ms",
@@ -148,7 +162,18 @@ fn a_throttled_guest_that_gives_up_runs_at_full_speed_again() {
         &sock,
         port,
         &key,
-        &["--delta-cache-mib", "0", "--bandwidth-mib", "1", "--downtime-ms", "50", "--max-iterations", "5"],
+        &[
+            "--delta-cache-mib",
+            "0",
+            "--compress",
+            "off",
+            "--bandwidth-mib",
+            "1",
+            "--downtime-ms",
+            "50",
+            "--max-iterations",
+            "5",
+        ],
     );
     assert!(!out.status.success(), "{r}");
     assert_eq!(r["reason_code"], "no_convergence", "{r}");
