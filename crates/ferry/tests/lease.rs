@@ -507,3 +507,53 @@ fn a_frozen_host_thawed_after_a_takeover_never_runs_its_copy_again() {
     // A killed at the thaw wrote no stop: its run ended when it froze.
     common::overlap::check_home(&home, &[(a_pid, frozen_ns)]).expect("the VM ran once at a time");
 }
+
+/// Long (~25 s): the source's lease stops being renewed in the middle of a migration. The
+/// source fences itself and cancels the migration first: the VM stays fenced on the source,
+/// the destination never runs it, and `runs.log` shows one run.
+#[test]
+fn a_vmm_that_fences_in_the_middle_of_a_migration_cancels_it() {
+    let dir = TempDir::new("lease-fence-mig");
+    let (ids, hosts) = datastore(&dir, 2);
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let home = dir.path("home");
+    let sock = dir.path("a.sock");
+    let _src = leased_vm(a, &ids, &home, &sock);
+    let key = write_key(&dir, "key", 6);
+    let port = free_port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let lease_b = b.lease(&ids);
+    let mut dst = Vm::spawn(b.ferry().args([
+        "receive",
+        "--listen",
+        &listen,
+        "--auth-key-file",
+        s(&key),
+        "--lease",
+        &lease_b,
+    ]));
+    dst.wait_stderr(T, "waiting for an incoming migration");
+    // A migration that cannot converge for longer than the fence takes: 2 MiB rewritten
+    // faster than a 1 MiB/s link copies it, whole pages (no deltas, no compression), a 1 ms
+    // downtime limit that even a 99% throttle does not reach before the fence.
+    let child = common::mig::migrate_bg(
+        &sock,
+        port,
+        &key,
+        &["--bandwidth-mib", "1", "--downtime-ms", "1", "--delta-cache-mib", "0", "--compress", "off"],
+    );
+    common::mig::wait_precopy(&sock);
+    // SAFETY: stopping the daemon this test started.
+    unsafe { libc::kill(a.daemon.pid() as i32, libc::SIGSTOP) };
+    let (_, r) = common::mig::finish(child);
+    // SAFETY: resuming the daemon this test stopped.
+    unsafe { libc::kill(a.daemon.pid() as i32, libc::SIGCONT) };
+    assert_eq!(r["reason_code"], "cancelled", "{r}");
+    assert_eq!(r["vm_running_on"], "source", "{r}");
+    let i = info(&sock);
+    assert_eq!(i["state"], "fenced", "{i}");
+    // The destination never ran the guest.
+    dst.drain();
+    assert!(!dst.seen.iter().any(|l| pass_number(l).is_some()), "the destination ran the guest");
+    common::overlap::check_home(&home, &[]).expect("no overlap in runs.log");
+}

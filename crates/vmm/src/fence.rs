@@ -23,6 +23,12 @@ impl Vmm {
             return;
         }
         let t = std::time::Instant::now();
+        // An outgoing migration that has not committed is cancelled first: its thread sees
+        // the flag in every wait and rolls back, and the rollback cannot resume a fenced VM.
+        // (After the commit the lease is the destination's already.)
+        if self.cancel_migration().is_ok() {
+            tracing::warn!("the outgoing migration is cancelled: this host is fencing the VM");
+        }
         for v in &self.vcpus {
             v.request(VcpuRequest::Pause);
         }

@@ -808,7 +808,9 @@ impl Vmm {
                 Call::Resume(tx) => {
                     // The guest resumes at full speed: auto-converge ends with the migration.
                     self.throttle.set(0);
-                    let r = if self.state == VmRunState::Paused {
+                    let r = if let Some(why) = &self.fenced {
+                        Err(format!("this VMM fenced the VM ({why}); it resumes only with its lease back"))
+                    } else if self.state == VmRunState::Paused {
                         self.resume_vcpus().map_err(|e| error_chain(&e))
                     } else {
                         Ok(())
