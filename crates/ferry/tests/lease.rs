@@ -557,3 +557,55 @@ fn a_vmm_that_fences_in_the_middle_of_a_migration_cancels_it() {
     assert!(!dst.seen.iter().any(|l| pass_number(l).is_some()), "the destination ran the guest");
     common::overlap::check_home(&home, &[]).expect("no overlap in runs.log");
 }
+
+/// Long (~30 s): the source's datastore hangs in the middle of a migration (the
+/// destination sees the datastore through another path that keeps working). The source
+/// fences itself and the migration ends, rolled back: the VM stays fenced on the source,
+/// the destination never runs it, and `runs.log` shows one run.
+#[test]
+fn a_migration_whose_source_storage_hangs_rolls_back_and_never_runs_twice() {
+    let dir = TempDir::new("lease-hang-mig");
+    let backing = dir.path("backing");
+    let fs = FaultFs::mount(&dir.0, &backing, &dir.path("ds")).expect("mount the FUSE datastore");
+    // One datastore, seen by A through the FUSE mount and by B directly: the same id.
+    std::fs::write(backing.join(".ferry-datastore"), "ds-hang-mig\n").expect("datastore id");
+    let (ids_a, hosts) = datastore_in(&dir, fs.path(), 2);
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let (ids_b, home_a, home_b) = (backing.join("ids"), fs.path().join("home"), backing.join("home"));
+    let sock = dir.path("a.sock");
+    let mut src = leased_vm(a, &ids_a, &home_a, &sock);
+    let _unhang = Unhang(&fs);
+    let key = write_key(&dir, "key", 7);
+    let port = free_port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let lease_b = b.lease(&ids_b);
+    let mut dst = Vm::spawn(b.ferry().args([
+        "receive",
+        "--listen",
+        &listen,
+        "--auth-key-file",
+        s(&key),
+        "--lease",
+        &lease_b,
+        "--home",
+        s(&home_b),
+    ]));
+    dst.wait_stderr(T, "waiting for an incoming migration");
+    let child = common::mig::migrate_bg(
+        &sock,
+        port,
+        &key,
+        &["--bandwidth-mib", "1", "--downtime-ms", "1", "--delta-cache-mib", "0", "--compress", "off"],
+    );
+    common::mig::wait_precopy(&sock);
+    fs.set("hang").expect("hang");
+    let (_, r) = common::mig::finish(child);
+    assert_eq!(r["vm_running_on"], "source", "{r}");
+    assert_ne!(r["status"], "completed", "{r}");
+    assert_eq!(info(&sock)["state"], "fenced");
+    fs.set("ok").expect("ok");
+    dst.drain();
+    assert!(!dst.seen.iter().any(|l| pass_number(l).is_some()), "the destination ran the guest");
+    assert!(src.signal_and_wait(libc::SIGTERM, T).success());
+    common::overlap::check_home(&home_b, &[]).expect("no overlap in runs.log");
+}

@@ -430,6 +430,44 @@ impl VmmPort {
 /// The directory in a VM's home where migrations leave their reports.
 pub const REPORTS_DIR: &str = "migrations";
 
+/// How long the VMM waits for a record to reach the home before going on without it.
+pub(crate) const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`write_record`] on a thread of its own, waited for at most `wait`: a home on hung
+/// storage (the datastore stopped answering) must not stop the VMM thread or keep a
+/// migration's outcome from its event stream. Returns `None` when the write is still
+/// blocked (it completes, or not, when the storage answers; the warning says so).
+pub(crate) fn write_record_bounded<T: Serialize + ?Sized>(
+    home: &std::path::Path,
+    name: &str,
+    value: &T,
+    wait: std::time::Duration,
+) -> Option<std::io::Result<PathBuf>> {
+    let json = match serde_json::to_value(value) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(std::io::Error::other(e))),
+    };
+    let (home, name_owned) = (home.to_owned(), name.to_owned());
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new().name("home-record".into()).spawn(move || {
+        let _ = tx.send(write_record(&home, &name_owned, &json));
+    });
+    if let Err(e) = spawned {
+        return Some(Err(e));
+    }
+    match rx.recv_timeout(wait) {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::warn!(
+                "the VM's home did not take {name} within {:.0} s (its storage does not answer); going on \
+                 without it",
+                wait.as_secs_f64()
+            );
+            None
+        }
+    }
+}
+
 /// Writes `value` as `HOME/migrations/<name>` atomically (a temporary file, synced, renamed,
 /// the directory synced): a reader sees the whole record or none.
 pub(crate) fn write_record<T: Serialize + ?Sized>(
@@ -830,7 +868,8 @@ impl Vmm {
                     let reason = report.reason.clone();
                     // The home first: a daemon restarted meanwhile learns the outcome there.
                     let file = format!("{}.json", m.id);
-                    if let Err(e) = write_record(self.home.dir(), &file, &*report) {
+                    if let Some(Err(e)) = write_record_bounded(self.home.dir(), &file, &*report, RECORD_WAIT)
+                    {
                         tracing::warn!("migration {}: cannot write its report into the home: {e}", m.id);
                     }
                     self.events.push(

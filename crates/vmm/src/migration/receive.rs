@@ -1205,7 +1205,8 @@ impl Vmm {
             events,
         };
         let name = format!("{id}.destination.json");
-        if let Err(e) = super::write_record(self.home.dir(), &name, &record) {
+        if let Some(Err(e)) = super::write_record_bounded(self.home.dir(), &name, &record, super::RECORD_WAIT)
+        {
             tracing::warn!("migration {id}: cannot write this side's record into the home: {e}");
         }
     }
