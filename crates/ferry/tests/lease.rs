@@ -558,8 +558,8 @@ fn a_vmm_that_fences_in_the_middle_of_a_migration_cancels_it() {
     common::overlap::check_home(&home, &[]).expect("no overlap in runs.log");
 }
 
-/// Long (~30 s): the source's datastore hangs in the middle of a migration (the
-/// destination sees the datastore through another path that keeps working). The source
+/// Long (~30 s): the source's datastore hangs at a random moment of pre-copy (0-1.5 s in;
+/// the destination sees the datastore through another path that keeps working). The source
 /// fences itself and the migration ends, rolled back: the VM stays fenced on the source,
 /// the destination never runs it, and `runs.log` shows one run.
 #[test]
@@ -598,6 +598,16 @@ fn a_migration_whose_source_storage_hangs_rolls_back_and_never_runs_twice() {
         &["--bandwidth-mib", "1", "--downtime-ms", "1", "--delta-cache-mib", "0", "--compress", "off"],
     );
     common::mig::wait_precopy(&sock);
+    // At a random moment of pre-copy (printed, so a failure can be replayed by hand).
+    let delay = Duration::from_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_millis() as u64)
+            * 3
+            / 2,
+    );
+    eprintln!("the storage hangs {} ms into pre-copy", delay.as_millis());
+    std::thread::sleep(delay);
     fs.set("hang").expect("hang");
     let (_, r) = common::mig::finish(child);
     assert_eq!(r["vm_running_on"], "source", "{r}");
@@ -608,4 +618,44 @@ fn a_migration_whose_source_storage_hangs_rolls_back_and_never_runs_twice() {
     assert!(!dst.seen.iter().any(|l| pass_number(l).is_some()), "the destination ran the guest");
     assert!(src.signal_and_wait(libc::SIGTERM, T).success());
     common::overlap::check_home(&home_b, &[]).expect("no overlap in runs.log");
+}
+
+/// A suspend and a restore on leases: the suspended VM gives its lease up, another host
+/// restores it from the checkpoint under the lease (raising the lease version), and the
+/// first host cannot start the VM meanwhile.
+#[test]
+fn a_suspended_vm_is_restored_under_the_lease_on_another_host() {
+    let dir = TempDir::new("lease-ckpt");
+    let (ids, hosts) = datastore(&dir, 2);
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let home = dir.path("home");
+    let sock = dir.path("a.sock");
+    let mut vm = leased_vm(a, &ids, &home, &sock);
+    let ckpt = dir.path("ckpt");
+    let req = serde_json::json!({"to": s(&ckpt), "stop": true});
+    let (code, body) = http(&sock, "PUT", "/vm/snapshot", Some(&req));
+    assert_eq!(code, 200, "{body}");
+    assert!(vm.wait(T).success(), "{}", vm.stderr());
+    let lease_b = b.lease(&ids);
+    let sock_b = dir.path("b.sock");
+    let mut restored = Vm::spawn(b.ferry().args([
+        "restore",
+        "--from",
+        s(&ckpt),
+        "--home",
+        s(&home),
+        "--lease",
+        &lease_b,
+        "--api-socket",
+        s(&sock_b),
+    ]));
+    let last = vm.seen.iter().rev().find_map(|l| pass_number(l)).unwrap_or(0);
+    restored.wait_line(T, |l| pass_number(l).is_some_and(|n| n > last));
+    let st = home_status(b, &home);
+    assert_eq!(st["lease"]["owner_host_id"], 2, "{st}");
+    assert_eq!(st["lease"]["lver"], 2, "{st}");
+    // The first host cannot start it while B holds the lease.
+    assert!(try_start(a, &ids, &home, &dir.path("a2.sock")).is_none(), "A started the VM B holds");
+    assert!(restored.signal_and_wait(libc::SIGTERM, T).success());
+    common::overlap::check_home(&home, &[]).expect("no overlap in runs.log");
 }
