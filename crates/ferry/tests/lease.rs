@@ -69,10 +69,11 @@ fn datastore_in(dir: &TempDir, at: &Path, n: u64) -> (PathBuf, Vec<Host>) {
     (ids, hosts)
 }
 
-/// A memstress VM on `host` with the lease, an API socket and its console on stdout.
-fn leased_vm(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Vm {
+/// `ferry run` of a memstress VM on `host` with the lease and an API socket, console on
+/// stdout; returns at once.
+fn spawn_leased(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Vm {
     let lease = host.lease(ids);
-    let mut vm = Vm::spawn(host.ferry().args([
+    Vm::spawn(host.ferry().args([
         "run",
         "--guest",
         "memstress",
@@ -86,7 +87,12 @@ fn leased_vm(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Vm {
         &lease,
         "--api-socket",
         s(sock),
-    ]));
+    ]))
+}
+
+/// A memstress VM on `host` with the lease, an API socket and its console on stdout.
+fn leased_vm(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Vm {
+    let mut vm = spawn_leased(host, ids, home, sock);
     vm.wait_prefix(T, "memstress: ready");
     vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
     vm
@@ -353,22 +359,7 @@ fn storage_errors_shorter_than_the_fence_time_leave_the_vm_running() {
 /// Starts `ferry run` of the VM in `home` on `host`; `Some` once its vCPUs run, `None` if
 /// it exits first (the lease is held elsewhere).
 fn try_start(host: &Host, ids: &Path, home: &Path, sock: &Path) -> Option<Vm> {
-    let lease = host.lease(ids);
-    let mut vm = Vm::spawn(host.ferry().args([
-        "run",
-        "--guest",
-        "memstress",
-        "--memory",
-        "64M",
-        "--cmdline",
-        "wss=2M",
-        "--home",
-        s(home),
-        "--lease",
-        &lease,
-        "--api-socket",
-        s(sock),
-    ]));
+    let mut vm = spawn_leased(host, ids, home, sock);
     let deadline = Instant::now() + T;
     loop {
         if vm.stderr().contains("vCPUs running") {
