@@ -1,0 +1,479 @@
+//! The host daemon's HTTP API (`ferry host serve`): request and response types shared by the
+//! daemon and its clients (the `ferry vm ...` commands, later other hosts and the
+//! controller). JSON over HTTP; the paths are in [`paths`].
+//!
+//! Compatibility: [`API_VERSION`] (in `GET /host`) stays the same for additive changes (new
+//! endpoints, new fields with defaults); anything else raises it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of this API. See the crate documentation for the rule.
+pub const API_VERSION: u32 = 1;
+
+/// The daemon's endpoints.
+pub mod paths {
+    /// `GET`: [`crate::HostInfo`].
+    pub const HOST: &str = "/host";
+    /// `GET`: [`crate::VmList`]; `POST` [`crate::CreateVm`]: a new VM, answers [`crate::VmDetail`].
+    pub const VMS: &str = "/vms";
+    /// `POST` [`crate::RegisterVm`]: adopt an existing home, answers [`crate::VmDetail`].
+    pub const REGISTER: &str = "/vms/register";
+
+    /// `GET /vms/NAME`: [`crate::VmDetail`].
+    pub fn vm(name: &str) -> String {
+        format!("/vms/{name}")
+    }
+
+    /// `POST /vms/NAME/ACTION` (see [`crate::Action`]): answers [`crate::VmDetail`].
+    pub fn action(name: &str, action: crate::Action) -> String {
+        format!("/vms/{name}/{}", action.as_str())
+    }
+
+    /// `GET /vms/NAME/log?lines=N`: [`crate::VmLog`].
+    pub fn log(name: &str, lines: usize) -> String {
+        format!("/vms/{name}/log?lines={lines}")
+    }
+}
+
+/// A VM's lifecycle as the daemon sees it. Transitions (checked by the daemon, see
+/// `docs/host.md`):
+///
+/// ```text
+/// defined --start--> starting --(API answers)--> running <--> paused
+///    ^                  |                          |  |
+///    |                  +--(VMM exits)--> crashed   |  +--suspend--> suspended --resume--> starting
+///    +----(VMM exits after stop/kill)-- stopping <--+
+/// running/paused --(VMM exits unasked)--> crashed --start--> starting
+/// ```
+///
+/// `elsewhere`: another process (on this host or another) holds the VM's lock or lease; the
+/// daemon does not run it and leaves it alone until the lock is free.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Registered, not running (never started, or stopped cleanly).
+    Defined,
+    /// Its VMM process was spawned; its API has not answered yet.
+    Starting,
+    /// Its VMM runs the vCPUs.
+    Running,
+    /// Its VMM runs, the vCPUs are paused.
+    Paused,
+    /// The daemon asked the VMM to stop (or killed it) and waits for it to exit.
+    Stopping,
+    /// Written to a checkpoint in its home (`HOME/suspend`) and stopped; `resume` restores it.
+    Suspended,
+    /// Its VMM exited without being asked to (see `last_exit` and `last_log`). Nothing
+    /// restarts it; `start` boots it again.
+    Crashed,
+    /// Another process holds the VM's lock (another host, or a VMM this daemon did not start).
+    Elsewhere,
+}
+
+impl VmState {
+    /// Whether a VMM process of this daemon is (believed) alive in this state.
+    pub fn has_process(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+    }
+
+    /// The name used on the wire and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Defined => "defined",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Suspended => "suspended",
+            VmState::Crashed => "crashed",
+            VmState::Elsewhere => "elsewhere",
+        }
+    }
+
+    /// Parses [`VmState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "defined" => VmState::Defined,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "paused" => VmState::Paused,
+            "stopping" => VmState::Stopping,
+            "suspended" => VmState::Suspended,
+            "crashed" => VmState::Crashed,
+            "elsewhere" => VmState::Elsewhere,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What `POST /vms/NAME/ACTION` asks for.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Boot the VM (from `defined`, `crashed`).
+    Start,
+    /// Graceful stop: SIGTERM to the VMM, which stops the vCPUs, releases the lock and exits.
+    Stop,
+    /// SIGKILL to the VMM.
+    Kill,
+    /// Checkpoint into `HOME/suspend` and stop the VMM.
+    Suspend,
+    /// From `suspended`: restore from `HOME/suspend`; from `paused`: resume the vCPUs.
+    Resume,
+    /// Checkpoint into `HOME/snapshots/<time>`; the VM goes on running.
+    Snapshot,
+}
+
+impl Action {
+    /// The path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Kill => "kill",
+            Action::Suspend => "suspend",
+            Action::Resume => "resume",
+            Action::Snapshot => "snapshot",
+        }
+    }
+
+    /// Parses [`Action::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "start" => Action::Start,
+            "stop" => Action::Stop,
+            "kill" => Action::Kill,
+            "suspend" => Action::Suspend,
+            "resume" => Action::Resume,
+            "snapshot" => Action::Snapshot,
+            _ => return None,
+        })
+    }
+}
+
+/// A VM's definition: `vm.toml` in its home, and the body of `POST /vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmDefinition {
+    /// The VM's name, unique on a host: letters, digits, `-`, `_`, `.`; 1 to 64 characters.
+    pub name: String,
+    /// Guest memory in MiB (at least 16).
+    pub memory_mib: u64,
+    /// Number of vCPUs (1 to 64).
+    pub vcpus: u32,
+    /// A bundled test guest (`ferry guests`); exactly one of `guest` and `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    /// A PVH kernel file (absolute, or relative to the home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line, or a bundled guest's options.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Disks: raw image files in the home.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskDef>,
+    /// NICs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicDef>,
+    /// The CPU model the VM is given (free text for now; unused by the VMM yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+}
+
+/// A disk of a VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDef {
+    /// The image's file name in the home (no directories).
+    pub file: String,
+    /// Its size in bytes: `create` makes a sparse file of this size if it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Given read-only to the guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub readonly: bool,
+}
+
+/// A NIC of a VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NicDef {
+    /// Its MAC address (`52:54:00:..`); made from the VM's name when `create` is not given one.
+    pub mac: String,
+    /// The port group it joins (mapped to a bridge by each host's configuration).
+    pub portgroup: String,
+}
+
+/// `POST /vms`: create a VM home on a datastore and register it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// The datastore (a name from the daemon's configuration).
+    pub datastore: String,
+    /// The definition; an empty `mac` of a NIC gets one made from the VM's name.
+    pub definition: VmDefinition,
+}
+
+/// `POST /vms/register`: adopt an existing home.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterVm {
+    /// The home directory (on one of the daemon's datastores).
+    pub path: PathBuf,
+}
+
+/// One VM in a list.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmSummary {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Its datastore's name.
+    pub datastore: String,
+    /// The VMM's process id while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// `GET /vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmList {
+    /// Every registered VM, by name.
+    pub vms: Vec<VmSummary>,
+}
+
+/// How a VMM process ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Its exit code, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Whether the daemon asked it to end (stop, kill, suspend).
+    pub requested: bool,
+    /// In words (`exit code 1`, `signal 9 (SIGKILL)`, `unknown: not a child of this daemon`).
+    pub description: String,
+    /// When (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+}
+
+/// `GET /vms/NAME` and the answer of every action.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmDetail {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// Its home directory.
+    pub home: PathBuf,
+    /// Its datastore's name.
+    pub datastore: String,
+    /// `vm.toml`.
+    pub definition: VmDefinition,
+    /// The VMM's process id while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The VMM's API socket while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// The taps made for its NICs, in NIC order.
+    #[serde(default)]
+    pub taps: Vec<String>,
+    /// Who holds the home's lock (from `vm.lock`), or the lease, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_holder: Option<String>,
+    /// The home's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// How its last VMM ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// The last lines of its log when its last VMM ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_log: Vec<String>,
+}
+
+/// `GET /vms/NAME/log`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmLog {
+    /// The log file (`HOME/vm.log`: the VMM's stdout and stderr).
+    pub path: PathBuf,
+    /// Its last lines.
+    pub lines: Vec<String>,
+}
+
+/// A datastore in `GET /host`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatastoreInfo {
+    /// Its name on this host.
+    pub name: String,
+    /// Its path on this host.
+    pub path: PathBuf,
+    /// Its stable id (`.ferry-datastore`): the same on every host that sees it.
+    pub id: String,
+    /// Free bytes (statvfs, for unprivileged users).
+    pub free_bytes: u64,
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Its sanlock lockspace, if VMs on it run with leases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockspace: Option<String>,
+}
+
+/// A port group in `GET /host`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortGroupInfo {
+    /// Its name.
+    pub name: String,
+    /// The bridge it maps to on this host.
+    pub bridge: String,
+    /// Whether the bridge exists now.
+    pub present: bool,
+}
+
+/// The CPU in `GET /host`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// `vendor_id` of /proc/cpuinfo.
+    pub vendor: String,
+    /// `model name` of /proc/cpuinfo.
+    pub model: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// What KVM offers guests (KVM_GET_SUPPORTED_CPUID), if KVM could be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<KvmCpuid>,
+}
+
+/// The CPUID leaves KVM offers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KvmCpuid {
+    /// SHA-256 of the entries (function, index, flags, eax, ebx, ecx, edx, little-endian, in
+    /// KVM's order): equal digests, equal offers.
+    pub digest: String,
+    /// Number of entries.
+    pub entries: usize,
+    /// The feature bits set, by name where Ferry knows one.
+    pub features: Vec<String>,
+}
+
+/// Memory in `GET /host`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemoryInfo {
+    /// MemTotal, bytes.
+    pub total_bytes: u64,
+    /// MemAvailable, bytes.
+    pub available_bytes: u64,
+    /// The sum of the memory of the VMs whose VMM runs (or is starting), bytes.
+    pub reserved_bytes: u64,
+}
+
+/// `GET /host`: this host's inventory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostInfo {
+    /// [`API_VERSION`].
+    pub api_version: u32,
+    /// The host's name (from its configuration).
+    pub name: String,
+    /// Ferry's release.
+    pub ferry_version: String,
+    /// Migration protocol versions this host speaks.
+    pub migration_protocols: Vec<u32>,
+    /// The CPU.
+    pub cpu: CpuInfo,
+    /// Memory.
+    pub memory: MemoryInfo,
+    /// Datastores.
+    pub datastores: Vec<DatastoreInfo>,
+    /// Port groups.
+    pub portgroups: Vec<PortGroupInfo>,
+    /// VMs.
+    pub vms: Vec<VmSummary>,
+}
+
+/// What kind of failure an error answer is: clients decide on this, never on the text.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or names something invalid (400).
+    BadRequest,
+    /// No such VM or datastore (404).
+    NotFound,
+    /// It clashes with the current state: duplicate name or MAC, wrong state (409).
+    Conflict,
+    /// The daemon failed (500).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status of the answer.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// The kind.
+    pub code: ErrorCode,
+    /// What went wrong, in one sentence (with its causes).
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_actions_round_trip() {
+        for s in [
+            VmState::Defined,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Paused,
+            VmState::Stopping,
+            VmState::Suspended,
+            VmState::Crashed,
+            VmState::Elsewhere,
+        ] {
+            assert_eq!(VmState::parse(s.as_str()), Some(s));
+            let json = serde_json::to_string(&s).expect("json");
+            assert_eq!(json, format!("\"{s}\""));
+        }
+        for a in
+            [Action::Start, Action::Stop, Action::Kill, Action::Suspend, Action::Resume, Action::Snapshot]
+        {
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The daemon's HTTP API: [`router`] builds it, [`serve`] serves it on a TCP listener.
+//!
+//! TLS goes in one place: [`serve`] (today plain HTTP on the listener). Swap it for a server
+//! that takes the same listener and router and terminates mutual TLS first; the router does
+//! not change.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_host_api::{Action, ApiError, CreateVm, ErrorCode, RegisterVm};
+
+use crate::daemon::Shared;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct Failure(ApiError);
+
+impl From<crate::daemon::Error> for Failure {
+    fn from(e: crate::daemon::Error) -> Self {
+        // The message with its causes, one sentence after another.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = s.source();
+        }
+        Failure(ApiError { code: e.code(), message })
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+fn bad_request(message: String) -> Failure {
+    Failure(ApiError { code: ErrorCode::BadRequest, message })
+}
+
+/// The daemon's routes (paths in [`ferry_host_api::paths`]).
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(ferry_host_api::paths::HOST, get(host))
+        .route(ferry_host_api::paths::VMS, get(list).post(create))
+        .route(ferry_host_api::paths::REGISTER, post(register))
+        .route("/vms/{name}", get(show))
+        .route("/vms/{name}/log", get(log))
+        .route("/vms/{name}/{action}", post(action))
+        .fallback(|| async {
+            Failure(ApiError { code: ErrorCode::NotFound, message: "no such endpoint".into() })
+        })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes. Plain HTTP for now: this is
+/// where mutual TLS goes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+async fn host(State(d): State<Shared>) -> Json<ferry_host_api::HostInfo> {
+    Json(d.host_info().await)
+}
+
+async fn list(State(d): State<Shared>) -> Json<ferry_host_api::VmList> {
+    Json(d.list().await)
+}
+
+/// A JSON body, with a 400 and the reason when it does not parse.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("malformed request body: {e}")))
+}
+
+async fn create(
+    State(d): State<Shared>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
+    let req: CreateVm = body(&bytes)?;
+    Ok(Json(d.create(req).await?))
+}
+
+async fn register(
+    State(d): State<Shared>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
+    let req: RegisterVm = body(&bytes)?;
+    Ok(Json(d.register(req).await?))
+}
+
+async fn show(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
+    Ok(Json(d.show(&name).await?))
+}
+
+async fn log(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<ferry_host_api::VmLog>, Failure> {
+    let mut lines = 50;
+    for kv in q.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("lines", v)) => {
+                lines = v.parse().map_err(|_| bad_request(format!("lines={v}: not a number")))?
+            }
+            _ => return Err(bad_request(format!("unknown query parameter {kv:?}"))),
+        }
+    }
+    Ok(Json(d.log(&name, lines).await?))
+}
+
+async fn action(
+    State(d): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
+    let action = Action::parse(&action).ok_or_else(|| {
+        Failure(ApiError {
+            code: ErrorCode::NotFound,
+            message: format!("no action {action:?} (start, stop, kill, suspend, resume, snapshot)"),
+        })
+    })?;
+    Ok(Json(d.action(&name, action).await?))
+}

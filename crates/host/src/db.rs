@@ -1,0 +1,310 @@
+//! The daemon's SQLite database (`STATE_DIR/host.db`): a cache of the VMs it registered and
+//! their last known state, and a log of events. The homes and their locks are the truth;
+//! start-up reconciles this cache with them (see `daemon.rs`).
+//!
+//! Schema versions are forward migrations applied at start-up, each in a transaction that
+//! records its version in `schema_version`; a database whose version is newer than this
+//! binary knows is refused with both versions named. A later slice adds the `migrations`
+//! table (VM migration history) as version 2.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ferry_host_api::{ExitInfo, VmState};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::Row;
+
+/// The schema, version by version.
+const MIGRATIONS: &[(u32, &str)] = &[(
+    1,
+    "CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        home TEXT NOT NULL UNIQUE,
+        datastore TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        api_socket TEXT,
+        taps TEXT NOT NULL DEFAULT '[]',
+        last_exit TEXT,
+        last_log TEXT NOT NULL DEFAULT '[]',
+        updated_unix_ms INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_unix_ms INTEGER NOT NULL,
+        vm TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );",
+)];
+
+/// Errors of the database.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite failed.
+    #[error("the daemon's database {path} failed", path = .path.display())]
+    Sql {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Written by a newer Ferry.
+    #[error("the daemon's database {path} has schema version {found}, newer than this Ferry's {known}; run a newer Ferry", path = .path.display())]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+        /// The newest this binary knows.
+        known: u32,
+    },
+    /// A row does not decode.
+    #[error("the daemon's database {path} holds a damaged row for VM {vm}: {reason}", path = .path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// The VM.
+        vm: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One VM's row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRow {
+    /// Its name.
+    pub name: String,
+    /// Its home.
+    pub home: PathBuf,
+    /// Its datastore's name.
+    pub datastore: String,
+    /// Its state.
+    pub state: VmState,
+    /// Its VMM's pid, while one runs.
+    pub pid: Option<u32>,
+    /// Its VMM's API socket, while one runs.
+    pub api_socket: Option<PathBuf>,
+    /// Taps made for it.
+    pub taps: Vec<String>,
+    /// How its last VMM ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Its log's last lines then.
+    pub last_log: Vec<String>,
+}
+
+/// The database.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// Now, ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Db {
+    /// Opens (creating if absent) and migrates the database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, Error> {
+        let sql = |source| Error::Sql { path: path.to_owned(), source };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(sql)?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.map_err(sql)?;
+        let db = Db { pool, path: path.to_owned() };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    fn sql(&self) -> impl Fn(sqlx::Error) -> Error + '_ {
+        move |source| Error::Sql { path: self.path.clone(), source }
+    }
+
+    /// The schema version of the file.
+    pub async fn version(&self) -> Result<u32, Error> {
+        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        Ok(row.try_get::<i64, _>(0).map_err(self.sql())? as u32)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_unix_ms INTEGER NOT NULL)")
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        let found = self.version().await?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if found > known {
+            return Err(Error::TooNew { path: self.path.clone(), found, known });
+        }
+        for (version, script) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+            let mut tx = self.pool.begin().await.map_err(self.sql())?;
+            sqlx::raw_sql(script).execute(&mut *tx).await.map_err(self.sql())?;
+            sqlx::query("INSERT INTO schema_version (version, applied_unix_ms) VALUES (?, ?)")
+                .bind(*version as i64)
+                .bind(unix_ms() as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.sql())?;
+            tx.commit().await.map_err(self.sql())?;
+            tracing::info!("database {}: schema version {version} applied", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// Writes `row` (insert or replace).
+    pub async fn put(&self, row: &VmRow) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO vms (name, home, datastore, state, pid, api_socket, taps, last_exit, last_log, updated_unix_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&row.name)
+        .bind(row.home.to_string_lossy().into_owned())
+        .bind(&row.datastore)
+        .bind(row.state.as_str())
+        .bind(row.pid.map(i64::from))
+        .bind(row.api_socket.as_ref().map(|p| p.to_string_lossy().into_owned()))
+        .bind(serde_json::to_string(&row.taps).unwrap_or_else(|_| "[]".into()))
+        .bind(row.last_exit.as_ref().and_then(|e| serde_json::to_string(e).ok()))
+        .bind(serde_json::to_string(&row.last_log).unwrap_or_else(|_| "[]".into()))
+        .bind(unix_ms() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Removes a VM's row.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM vms WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Every VM's row, by name.
+    pub async fn all(&self) -> Result<Vec<VmRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT name, home, datastore, state, pid, api_socket, taps, last_exit, last_log FROM vms ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let name: String = r.try_get("name").map_err(self.sql())?;
+            let damaged =
+                |reason: String| Error::Damaged { path: self.path.clone(), vm: name.clone(), reason };
+            let state: String = r.try_get("state").map_err(self.sql())?;
+            let state = VmState::parse(&state).ok_or_else(|| damaged(format!("unknown state {state:?}")))?;
+            let pid: Option<i64> = r.try_get("pid").map_err(self.sql())?;
+            let sock: Option<String> = r.try_get("api_socket").map_err(self.sql())?;
+            let taps: String = r.try_get("taps").map_err(self.sql())?;
+            let last_exit: Option<String> = r.try_get("last_exit").map_err(self.sql())?;
+            let last_log: String = r.try_get("last_log").map_err(self.sql())?;
+            out.push(VmRow {
+                home: PathBuf::from(r.try_get::<String, _>("home").map_err(self.sql())?),
+                datastore: r.try_get("datastore").map_err(self.sql())?,
+                state,
+                pid: pid.and_then(|p| u32::try_from(p).ok()),
+                api_socket: sock.map(PathBuf::from),
+                taps: serde_json::from_str(&taps).map_err(|e| damaged(e.to_string()))?,
+                last_exit: match last_exit {
+                    Some(t) => Some(serde_json::from_str(&t).map_err(|e| damaged(e.to_string()))?),
+                    None => None,
+                },
+                last_log: serde_json::from_str(&last_log).map_err(|e| damaged(e.to_string()))?,
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records an event (also logged).
+    pub async fn event(&self, vm: Option<&str>, kind: &str, message: &str) -> Result<(), Error> {
+        sqlx::query("INSERT INTO events (at_unix_ms, vm, kind, message) VALUES (?, ?, ?, ?)")
+            .bind(unix_ms() as i64)
+            .bind(vm)
+            .bind(kind)
+            .bind(message)
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The last `n` events of `vm` (kind, message), oldest first.
+    pub async fn events(&self, vm: &str, n: u32) -> Result<Vec<(String, String)>, Error> {
+        let rows = sqlx::query("SELECT kind, message FROM events WHERE vm = ? ORDER BY id DESC LIMIT ?")
+            .bind(vm)
+            .bind(n as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        let mut out = rows
+            .iter()
+            .map(|r| Ok((r.try_get("kind")?, r.try_get("message")?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(self.sql())?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rows_round_trip_and_newer_schema_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-db-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("host.db");
+        let db = Db::open(&path).await.expect("open");
+        let row = VmRow {
+            name: "a".into(),
+            home: "/ds/a".into(),
+            datastore: "ds".into(),
+            state: VmState::Crashed,
+            pid: None,
+            api_socket: None,
+            taps: vec!["fy00n0".into()],
+            last_exit: Some(ExitInfo {
+                code: None,
+                signal: Some(9),
+                requested: false,
+                description: "signal 9".into(),
+                at_unix_ms: 1,
+            }),
+            last_log: vec!["x".into()],
+        };
+        db.put(&row).await.expect("put");
+        db.event(Some("a"), "crashed", "signal 9").await.expect("event");
+        drop(db);
+        let db = Db::open(&path).await.expect("reopen");
+        assert_eq!(db.all().await.expect("all"), vec![row]);
+        assert_eq!(
+            db.events("a", 5).await.expect("events"),
+            vec![("crashed".to_string(), "signal 9".to_string())]
+        );
+        sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
+        drop(db);
+        let e = Db::open(&path).await.expect_err("too new").to_string();
+        assert!(e.contains("schema version 99, newer than this Ferry's 1"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+}
