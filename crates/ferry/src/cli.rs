@@ -54,6 +54,208 @@ pub enum Command {
     /// Show a VM home: which VM it is, its generation, and who holds its lock.
     #[command(long_about = HOME_ABOUT)]
     Home(HomeArgs),
+    /// The per-host daemon: `ferry host serve` runs it, `ferry host info` shows a host.
+    #[command(subcommand, long_about = HOST_ABOUT)]
+    Host(HostCommand),
+    /// A host's VMs, through its daemon: create, register, start, stop, kill, suspend,
+    /// resume, snapshot, list, show, log.
+    #[command(long_about = VM_ABOUT)]
+    Vm(VmArgs),
+}
+
+const HOST_ABOUT: &str = "\
+The per-host daemon (hostd): one per host, running as root. It keeps the host's VMs (each a
+home directory on a datastore), starts each VM's VMM as a process of its own that outlives
+the daemon, makes the VMs' taps on the port groups' bridges, records a VMM that ends
+unasked as crashed (nothing restarts it), and reports the host's inventory. Its state is a
+SQLite file in its state directory, a cache of what the homes say.
+
+Examples:
+  ferry host serve --config /etc/ferry/host.toml
+  ferry host info --host http://10.0.0.1:7443 --json
+
+The configuration is documented in docs/host.md, with an example in docs/examples/host.toml.";
+
+/// `ferry host ...`.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Run the daemon (until SIGTERM or SIGINT; the VMs keep running).
+    Serve(HostServeArgs),
+    /// Show a host's inventory: CPU and what KVM offers, memory, datastores, port groups, VMs.
+    Info(HostInfoArgs),
+}
+
+/// Arguments of `ferry host serve`.
+#[derive(Debug, Args)]
+pub struct HostServeArgs {
+    /// The configuration file (TOML; see docs/examples/host.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Which daemon to talk to.
+#[derive(Debug, Args, Clone)]
+pub struct HostTarget {
+    /// The host daemon's URL (http://HOST:PORT). Default: $FERRY_HOST, else
+    /// http://127.0.0.1:7443.
+    #[arg(long = "host", value_name = "URL", global = true)]
+    pub url: Option<String>,
+}
+
+impl HostTarget {
+    /// The URL to use.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .or_else(|| std::env::var("FERRY_HOST").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| crate::hostctl::DEFAULT_URL.to_string())
+    }
+}
+
+/// Arguments of `ferry host info`.
+#[derive(Debug, Args)]
+pub struct HostInfoArgs {
+    #[command(flatten)]
+    pub target: HostTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const VM_ABOUT: &str = "\
+Manage a host's VMs through its daemon (`ferry host serve`); --host URL or $FERRY_HOST
+picks the daemon (default http://127.0.0.1:7443).
+
+A VM is a home directory DATASTORE/NAME holding its definition (vm.toml), its disks, its
+lock, its logs (vm.log: the VMM's output; console.log: the guest's serial console). Its
+states: defined, starting, running, paused, stopping, suspended, crashed, elsewhere (its
+lock is held by another process or host). Every command prints a report; --json prints it
+as JSON.
+
+Examples:
+  ferry vm create web1 --datastore local --memory-mib 256 --vcpus 1 --guest memstress \\
+      --cmdline \"wss=16M\" --disk data.img:64M --nic portgroup=prod
+  ferry vm start web1
+  ferry vm list
+  ferry vm show web1 --json
+  ferry vm log web1 --lines 20
+  ferry vm suspend web1; ferry vm resume web1
+  ferry vm stop web1            # graceful: the VMM stops the vCPUs and exits
+  ferry vm kill web1            # SIGKILL
+  ferry vm register /srv/ferry/ds1/web2   # adopt an existing home";
+
+/// `ferry vm ...`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(flatten)]
+    pub target: HostTarget,
+    /// Print the report as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+/// The VM commands.
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM: write its home DATASTORE/NAME (vm.toml and disks) and register it.
+    Create(VmCreateArgs),
+    /// Register an existing home (a directory with a vm.toml on one of the host's datastores).
+    Register {
+        /// The home directory.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+    /// Boot a VM (defined or crashed).
+    Start(VmName),
+    /// Stop a VM gracefully (SIGTERM to its VMM: the vCPUs stop, the lock is released).
+    Stop(VmName),
+    /// Kill a VM's VMM (SIGKILL).
+    Kill(VmName),
+    /// Checkpoint a VM into HOME/suspend and stop it; `resume` restores it.
+    Suspend(VmName),
+    /// Resume a suspended VM (restore from HOME/suspend) or a paused one.
+    Resume(VmName),
+    /// Checkpoint a running VM into HOME/snapshots/TIME; it goes on running.
+    Snapshot(VmName),
+    /// List the host's VMs.
+    List,
+    /// Show a VM: definition, state, pid, taps, lock holder, how its last VMM ended.
+    Show(VmName),
+    /// Show the end of a VM's log (HOME/vm.log).
+    Log {
+        /// The VM.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// How many lines.
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 50)]
+        lines: usize,
+    },
+}
+
+/// A VM's name.
+#[derive(Debug, Args)]
+pub struct VmName {
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// Arguments of `ferry vm create`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "guest"])))]
+pub struct VmCreateArgs {
+    /// The VM's name (letters, digits, '-', '_', '.'; unique on the host).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The datastore (a name from the daemon's configuration) to make the home on.
+    #[arg(long, value_name = "DS")]
+    pub datastore: String,
+    /// Guest memory, MiB (at least 16).
+    #[arg(long, value_name = "MIB")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+    /// A bundled test guest (see `ferry guests`).
+    #[arg(long, value_name = "NAME")]
+    pub guest: Option<String>,
+    /// A PVH kernel file instead (absolute, or relative to the home).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line, or the bundled guest's options.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub cmdline: String,
+    /// A disk: an image FILE in the home, made sparse of SIZE (e.g. data.img:64M); repeatable.
+    #[arg(long = "disk", value_name = "FILE:SIZE", value_parser = parse_disk_arg)]
+    pub disks: Vec<(String, u64)>,
+    /// A NIC on a port group, with a MAC (default: made from the VM's name); repeatable.
+    #[arg(long = "nic", value_name = "portgroup=PG[,mac=MAC]", value_parser = parse_nic_arg)]
+    pub nics: Vec<(String, String)>,
+    /// The CPU model (free text, recorded in vm.toml).
+    #[arg(long, value_name = "MODEL")]
+    pub cpu_model: Option<String>,
+}
+
+fn parse_disk_arg(s: &str) -> Result<(String, u64), String> {
+    let (file, size) =
+        s.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected FILE:SIZE (e.g. data.img:64M)"))?;
+    let size = parse_size(size).map_err(|e| e.to_string())?;
+    Ok((file.to_string(), size))
+}
+
+fn parse_nic_arg(s: &str) -> Result<(String, String), String> {
+    let mut pg = None;
+    let mut mac = String::new();
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("portgroup", v)) => pg = Some(v.to_string()),
+            Some(("mac", v)) => mac = v.to_string(),
+            _ => return Err(format!("{part:?}: expected portgroup=PG or mac=MAC")),
+        }
+    }
+    Ok((pg.ok_or_else(|| format!("{s:?}: portgroup=PG is required"))?, mac))
 }
 
 const HOME_ABOUT: &str = "\

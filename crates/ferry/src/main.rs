@@ -2,6 +2,8 @@
 
 mod cli;
 mod ctl;
+mod hostcmd;
+mod hostctl;
 mod logfile;
 mod migrate;
 mod run;
@@ -59,6 +61,8 @@ fn main() -> ExitCode {
         cli::Command::Migrate(args) => migrate::migrate(args),
         cli::Command::MigrateCancel(args) => migrate::cancel(args),
         cli::Command::Home(args) => ctl::home(args),
+        cli::Command::Host(cmd) => hostcmd::host(cmd),
+        cli::Command::Vm(args) => hostcmd::vm(args),
     };
     logfile::finish(std::time::Duration::from_secs(2));
     match result {

@@ -187,6 +187,19 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, path, source }
 }
 
+/// The line the daemon writes to `vm.log` before each VMM's own lines.
+const START_MARK: &str = "--- ferry host ";
+
+/// The last `n` lines of `path` written by its last VMM (from the daemon's last start mark).
+fn last_run_tail(path: &Path, n: usize) -> Vec<String> {
+    let mut lines = tail(path, 1000);
+    if let Some(at) = lines.iter().rposition(|l| l.starts_with(START_MARK)) {
+        lines.drain(..at);
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
 /// The last `n` lines of `path` (at most its last MiB is read).
 pub fn tail(path: &Path, n: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
@@ -349,7 +362,7 @@ impl Daemon {
                     description: "ended while the daemon was not running (exit status unknown)".into(),
                     at_unix_ms: unix_ms(),
                 });
-                row.last_log = tail(&row.home.join(VM_LOG), LAST_LOG_LINES);
+                row.last_log = last_run_tail(&row.home.join(VM_LOG), LAST_LOG_LINES);
                 row.pid = None;
                 row.api_socket = None;
             } else if before == VmState::Elsewhere
@@ -822,7 +835,7 @@ impl Daemon {
             let mut l = &log;
             let _ = writeln!(
                 l,
-                "--- ferry host {}: {} {:?}",
+                "{START_MARK}{}: {} {:?}",
                 self.config.name,
                 if restore { "resume" } else { "start" },
                 cmd
@@ -1095,7 +1108,7 @@ impl Daemon {
         }
         vm.row.state = to;
         vm.row.pid = None;
-        vm.row.last_log = tail(&vm.row.home.join(VM_LOG), LAST_LOG_LINES);
+        vm.row.last_log = last_run_tail(&vm.row.home.join(VM_LOG), LAST_LOG_LINES);
         vm.row.last_exit = Some(ExitInfo {
             code,
             signal,

@@ -1,0 +1,209 @@
+//! `ferry host ...` and `ferry vm ...`: the daemon, and the commands that talk to it.
+
+use std::process::ExitCode;
+
+use ferry_host_api::{
+    paths, Action, CreateVm, DiskDef, HostInfo, NicDef, RegisterVm, VmDefinition, VmDetail, VmList, VmLog,
+};
+
+use crate::cli::{HostCommand, VmArgs, VmCommand};
+use crate::hostctl::HostClient;
+
+/// `ferry host ...`.
+pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        HostCommand::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(ferry_host::run(&args.config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Info(args) => {
+            let client = HostClient::new(&args.target.url())?;
+            let info: HostInfo = client.get(paths::HOST)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_host(&info);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
+
+fn print_host(h: &HostInfo) {
+    println!("host:        {} (ferry {}, API {})", h.name, h.ferry_version, h.api_version);
+    println!(
+        "migration:   protocol {}",
+        h.migration_protocols.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
+    println!("cpu:         {} ({}), {} CPUs", h.cpu.model, h.cpu.vendor, h.cpu.cpus);
+    match &h.cpu.kvm {
+        Some(k) => println!(
+            "kvm cpuid:   {} entries, digest {}, {} features",
+            k.entries,
+            &k.digest[..16.min(k.digest.len())],
+            k.features.len()
+        ),
+        None => println!("kvm cpuid:   unavailable (/dev/kvm cannot be opened)"),
+    }
+    println!(
+        "memory:      {} total, {} available, {} reserved by VMs",
+        mib(h.memory.total_bytes),
+        mib(h.memory.available_bytes),
+        mib(h.memory.reserved_bytes)
+    );
+    for d in &h.datastores {
+        println!(
+            "datastore:   {} {} id {} ({} free of {}){}",
+            d.name,
+            d.path.display(),
+            d.id,
+            mib(d.free_bytes),
+            mib(d.total_bytes),
+            d.lockspace.as_ref().map(|l| format!(", lease lockspace {l}")).unwrap_or_default()
+        );
+    }
+    for p in &h.portgroups {
+        println!(
+            "port group:  {} -> bridge {}{}",
+            p.name,
+            p.bridge,
+            if p.present { "" } else { " (MISSING)" }
+        );
+    }
+    println!("vms:         {}", h.vms.len());
+    for v in &h.vms {
+        println!("  {:<20} {}", v.name, v.state);
+    }
+}
+
+fn print_list(list: &VmList) {
+    println!("{:<24} {:<10} {:>8} {:>5} {:<12} PID", "NAME", "STATE", "MEMORY", "VCPUS", "DATASTORE");
+    for v in &list.vms {
+        println!(
+            "{:<24} {:<10} {:>8} {:>5} {:<12} {}",
+            v.name,
+            v.state.as_str(),
+            format!("{}M", v.memory_mib),
+            v.vcpus,
+            v.datastore,
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn print_detail(d: &VmDetail) {
+    println!("name:       {}", d.name);
+    println!("state:      {}", d.state);
+    println!("home:       {} (datastore {})", d.home.display(), d.datastore);
+    let def = &d.definition;
+    let boot = match (&def.guest, &def.kernel) {
+        (Some(g), _) => format!("guest {g}"),
+        (None, Some(k)) => format!("kernel {}", k.display()),
+        _ => "?".into(),
+    };
+    println!("boot:       {boot} {:?}", def.cmdline);
+    println!("memory:     {} MiB, {} vCPUs", def.memory_mib, def.vcpus);
+    for disk in &def.disks {
+        println!("disk:       {}{}", disk.file, if disk.readonly { " (read-only)" } else { "" });
+    }
+    for (i, n) in def.nics.iter().enumerate() {
+        let tap = d.taps.get(i).map(|t| format!(", tap {t}")).unwrap_or_default();
+        println!("nic:        {} on port group {}{tap}", n.mac, n.portgroup);
+    }
+    if let Some(pid) = d.pid {
+        println!("pid:        {pid}");
+    }
+    if let Some(s) = &d.api_socket {
+        println!("api socket: {}", s.display());
+    }
+    if let Some(g) = d.generation {
+        println!("generation: {g}");
+    }
+    if let Some(l) = &d.lock_holder {
+        println!("lock:       held by {l}");
+    }
+    if let Some(e) = &d.last_exit {
+        println!("last exit:  {}{}", e.description, if e.requested { " (asked by the daemon)" } else { "" });
+    }
+    if !d.last_log.is_empty() && d.state == ferry_host_api::VmState::Crashed {
+        println!("last log lines:");
+        for l in &d.last_log {
+            println!("  {l}");
+        }
+    }
+}
+
+/// `ferry vm ...`.
+pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
+    let client = HostClient::new(&args.target.url())?;
+    let json = args.json;
+    let detail = |d: VmDetail| -> anyhow::Result<ExitCode> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            print_detail(&d);
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    let act = |name: &str, action: Action| -> anyhow::Result<VmDetail> {
+        Ok(client.post(&paths::action(name, action), &serde_json::json!({}))?)
+    };
+    match args.command {
+        VmCommand::Create(c) => {
+            let definition = VmDefinition {
+                name: c.name,
+                memory_mib: c.memory_mib,
+                vcpus: c.vcpus,
+                guest: c.guest,
+                kernel: c.kernel,
+                cmdline: c.cmdline,
+                disks: c
+                    .disks
+                    .into_iter()
+                    .map(|(file, size)| DiskDef { file, size_bytes: Some(size), readonly: false })
+                    .collect(),
+                nics: c.nics.into_iter().map(|(portgroup, mac)| NicDef { mac, portgroup }).collect(),
+                cpu_model: c.cpu_model,
+            };
+            let d: VmDetail = client.post(paths::VMS, &CreateVm { datastore: c.datastore, definition })?;
+            detail(d)
+        }
+        VmCommand::Register { path } => {
+            let path = std::path::absolute(&path)?;
+            let d: VmDetail = client.post(paths::REGISTER, &RegisterVm { path })?;
+            detail(d)
+        }
+        VmCommand::Start(n) => detail(act(&n.name, Action::Start)?),
+        VmCommand::Stop(n) => detail(act(&n.name, Action::Stop)?),
+        VmCommand::Kill(n) => detail(act(&n.name, Action::Kill)?),
+        VmCommand::Suspend(n) => detail(act(&n.name, Action::Suspend)?),
+        VmCommand::Resume(n) => detail(act(&n.name, Action::Resume)?),
+        VmCommand::Snapshot(n) => detail(act(&n.name, Action::Snapshot)?),
+        VmCommand::Show(n) => detail(client.get(&paths::vm(&n.name))?),
+        VmCommand::List => {
+            let list: VmList = client.get(paths::VMS)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_list(&list);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Log { name, lines } => {
+            let log: VmLog = client.get(&paths::log(&name, lines))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+            } else {
+                for l in &log.lines {
+                    println!("{l}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
