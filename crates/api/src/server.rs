@@ -139,6 +139,9 @@ pub fn spawn(path: &Path, handler: Arc<dyn Handler>) -> Result<ServerHandle, Err
     }
     let listener =
         StdUnixListener::bind(path).map_err(|source| Error::Bind { path: path.to_owned(), source })?;
+    // Only the VMM's user may drive the VM (the socket is created with the umask's mode).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|source| Error::Bind { path: path.to_owned(), source })?;
     listener.set_nonblocking(true).map_err(|source| Error::Bind { path: path.to_owned(), source })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(Error::Start)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -247,6 +247,14 @@ impl Daemon {
     /// their homes and any VMM still alive.
     pub async fn start(config: Config) -> Result<Shared, Error> {
         std::fs::create_dir_all(config.run_dir()).map_err(io("create", &config.run_dir()))?;
+        // The VMMs' API sockets: for root only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [config.state_dir.clone(), config.run_dir()] {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io("set the mode of", &dir))?;
+            }
+        }
         let mut datastore_ids = BTreeMap::new();
         for ds in config.datastores.values() {
             datastore_ids.insert(ds.name.clone(), crate::datastore::ensure_id(&ds.path)?);

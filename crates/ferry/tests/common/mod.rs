@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod hostd;
 pub mod mig;
 pub mod overlap;
 

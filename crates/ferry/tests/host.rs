@@ -1,0 +1,246 @@
+//! The host daemon (`ferry host serve`) end to end, with real VMM processes on KVM: a VM's
+//! lifecycle through `ferry vm`, the daemon killed and restarted while a VM runs, a VMM
+//! killed behind the daemon's back, and a NIC's tap on a port group's bridge (in a network
+//! namespace). Needs root and /dev/kvm.
+
+mod common;
+
+use std::time::Duration;
+
+use common::hostd::{alive, wait_console, Hostd};
+use common::{require_kvm, require_root};
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn host_vm_lifecycle() {
+    require_kvm();
+    let mut h = Hostd::config("life", "");
+    h.start();
+    let created = h.create_memstress("m1", &["--disk", "data.img:1M"]);
+    assert_eq!(created["state"], "defined");
+    let home = h.home("m1");
+    assert!(home.join("vm.toml").is_file() && home.join("data.img").is_file());
+
+    let started = h.vm_json(&["start", "m1"]);
+    assert_eq!(started["state"], "running", "{started}");
+    let pid = started["pid"].as_u64().expect("pid");
+    assert!(alive(pid));
+    assert!(
+        started["lock_holder"].as_str().expect("lock holder").contains(&format!("pid {pid}")),
+        "{started}"
+    );
+    // The VMM's API socket is private to root.
+    let sock = started["api_socket"].as_str().expect("socket");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(sock).expect("socket").permissions());
+    assert_eq!(mode & 0o077, 0, "API socket mode {mode:o}");
+    let run = std::path::Path::new(sock).parent().expect("run dir");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(run).expect("run dir").permissions());
+    assert_eq!(mode & 0o777, 0o700, "run directory mode {mode:o}");
+    wait_console(&home, "memstress: pass ", T);
+
+    let list = h.vm_json(&["list"]);
+    assert_eq!(list["vms"][0]["name"], "m1");
+    assert_eq!(list["vms"][0]["state"], "running");
+
+    let host: serde_json::Value = {
+        let out =
+            common::ferry().args(["host", "info", "--json", "--host", &h.url]).output().expect("host info");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    assert_eq!(host["name"], "test-life");
+    assert_eq!(host["memory"]["reserved_bytes"], 64 << 20);
+    let ds_id = std::fs::read_to_string(h.ds().join(".ferry-datastore")).expect("datastore id");
+    assert_eq!(host["datastores"][0]["id"], ds_id.trim());
+    assert!(host["cpu"]["kvm"]["entries"].as_u64().expect("cpuid entries") > 0, "{host}");
+    assert_eq!(host["vms"][0]["state"], "running");
+
+    let log = h.vm_json(&["log", "m1", "--lines", "200"]);
+    assert!(log["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .any(|l| l.as_str().is_some_and(|l| l.contains("memstress"))));
+
+    // A second start is refused while it runs.
+    let e = h.vm_fails(&["start", "m1"]);
+    assert!(e.contains("VM m1 is running"), "{e}");
+
+    // Snapshot, suspend, resume.
+    h.vm_json(&["snapshot", "m1"]);
+    assert_eq!(std::fs::read_dir(home.join("snapshots")).expect("snapshots").count(), 1);
+    let s = h.vm_json(&["suspend", "m1"]);
+    assert_eq!(s["state"], "suspended", "{s}");
+    assert!(!alive(pid));
+    let r = h.vm_json(&["resume", "m1"]);
+    assert_eq!(r["state"], "running", "{r}");
+    let pid2 = r["pid"].as_u64().expect("pid");
+    std::fs::write(home.join("console.log"), "").expect("truncate console");
+    wait_console(&home, "memstress: pass ", T);
+
+    let stopped = h.vm_json(&["stop", "m1"]);
+    assert_eq!(stopped["state"], "defined", "{stopped}");
+    assert_eq!(stopped["last_exit"]["requested"], true);
+    assert_eq!(stopped["last_exit"]["code"], 0);
+    assert!(!alive(pid2));
+    assert!(!std::path::Path::new(sock).exists(), "the socket is removed");
+    let e = h.vm_fails(&["stop", "m1"]);
+    assert!(e.contains("no VMM runs it"), "{e}");
+}
+
+#[test]
+fn host_daemon_restart_readopts_running_vm() {
+    require_kvm();
+    let mut h = Hostd::config("readopt", "");
+    h.start();
+    h.create_memstress("m2", &[]);
+    let pid = h.vm_json(&["start", "m2"])["pid"].as_u64().expect("pid");
+    h.kill_daemon();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(pid), "the VMM outlives the daemon");
+    h.start();
+    let v = h.vm_json(&["show", "m2"]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid));
+    assert!(h.daemon_log().contains("re-adopted"), "{}", h.daemon_log());
+    // The re-adopted VMM is supervised: a stop through the new daemon ends it.
+    let stopped = h.vm_json(&["stop", "m2"]);
+    assert_eq!(stopped["state"], "defined", "{stopped}");
+    assert!(!alive(pid));
+
+    // A VM that ended while the daemon was down is reconciled from its home at start-up.
+    let pid = h.vm_json(&["start", "m2"])["pid"].as_u64().expect("pid");
+    h.kill_daemon();
+    // SAFETY: a signal to the VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    h.start();
+    let v = h.vm_json(&["show", "m2"]);
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(v["last_exit"]["description"].as_str().expect("exit").contains("daemon was not running"), "{v}");
+}
+
+#[test]
+fn host_vmm_killed_is_crashed_with_its_signal() {
+    require_kvm();
+    let mut h = Hostd::config("crash", "");
+    h.start();
+    h.create_memstress("m3", &[]);
+    let pid = h.vm_json(&["start", "m3"])["pid"].as_u64().expect("pid");
+    wait_console(&h.home("m3"), "memstress: pass ", T);
+    // SAFETY: a signal to the VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let v = h.wait_state("m3", "crashed", T);
+    assert_eq!(v["last_exit"]["signal"], 9, "{v}");
+    assert_eq!(v["last_exit"]["requested"], false, "{v}");
+    assert!(v["last_exit"]["description"].as_str().expect("description").contains("SIGKILL"));
+    assert!(!v["last_log"].as_array().expect("last log").is_empty(), "{v}");
+    assert!(v.get("pid").is_none(), "{v}");
+    // Nothing restarts it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(h.vm_json(&["show", "m3"])["state"], "crashed");
+    let text = String::from_utf8_lossy(&h.vm(&["show", "m3"]).stdout).into_owned();
+    assert!(text.contains("state:      crashed") && text.contains("signal 9 (SIGKILL)"), "{text}");
+    // It can be started again by hand.
+    assert_eq!(h.vm_json(&["start", "m3"])["state"], "running");
+}
+
+/// A network namespace with a bridge, removed at drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("fyh-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&["-n", &name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &name, "link", "set", "br0", "up"]);
+        ns
+    }
+
+    fn links_on_bridge(&self) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.0, "-o", "link", "show", "master", "br0"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn host_nic_tap_on_port_group_bridge() {
+    require_kvm();
+    require_root();
+    let ns = Netns::new("nic");
+    let mut h = Hostd::config("nic", "\n[portgroups]\nprod = \"br0\"\n");
+    h.netns = Some(ns.0.clone());
+    h.start();
+    let v = h.create_memstress("n1", &["--nic", "portgroup=prod"]);
+    let mac = v["definition"]["nics"][0]["mac"].as_str().expect("mac").to_string();
+    assert!(mac.starts_with("52:54:00:"), "{v}");
+    // The same MAC on another VM is refused, and nothing is created for it.
+    let e = h.vm_fails(&[
+        "create",
+        "n2",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "64",
+        "--guest",
+        "memstress",
+        "--nic",
+        &format!("portgroup=prod,mac={mac}"),
+    ]);
+    assert!(e.contains(&format!("MAC {mac} is already used by VM \"n1\"")), "{e}");
+    assert!(!h.home("n2").exists());
+
+    let v = h.vm_json(&["start", "n1"]);
+    assert_eq!(v["state"], "running", "{v}");
+    let tap = v["taps"][0].as_str().expect("tap").to_string();
+    assert!(tap.len() <= 15);
+    assert!(ns.links_on_bridge().contains(&tap), "{}", ns.links_on_bridge());
+    let host: serde_json::Value = {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                env!("CARGO_BIN_EXE_ferry"),
+                "host",
+                "info",
+                "--json",
+                "--host",
+                &h.url,
+            ])
+            .output()
+            .expect("host info");
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    assert_eq!(host["portgroups"][0]["name"], "prod");
+    assert_eq!(host["portgroups"][0]["present"], true);
+    h.vm_json(&["stop", "n1"]);
+    assert!(!ns.links_on_bridge().contains(&tap), "the tap is deleted when the VM stops");
+
+    // A crash deletes the tap too.
+    let pid = h.vm_json(&["start", "n1"])["pid"].as_u64().expect("pid");
+    assert!(ns.links_on_bridge().contains(&tap));
+    // SAFETY: a signal to the VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    h.wait_state("n1", "crashed", T);
+    assert!(!ns.links_on_bridge().contains(&tap), "the tap is deleted when the VMM crashes");
+    drop(h);
+}
