@@ -244,3 +244,36 @@ fn host_nic_tap_on_port_group_bridge() {
     assert!(!ns.links_on_bridge().contains(&tap), "the tap is deleted when the VMM crashes");
     drop(h);
 }
+
+#[test]
+fn host_home_held_elsewhere_is_not_started() {
+    require_kvm();
+    let mut h = Hostd::config("held", "");
+    h.start();
+    h.create_memstress("m4", &[]);
+    let home = h.home("m4");
+    // Another VMM (not this daemon's) runs the VM's home.
+    let mut other = common::Vm::start(&[
+        "--guest",
+        "memstress",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "wss=8M",
+        "--serial",
+        "null",
+        "--home",
+        home.to_str().expect("path"),
+    ]);
+    other.wait_stderr(T, "vCPUs running");
+    let e = h.vm_fails(&["start", "m4"]);
+    assert!(e.contains("VM m4 runs elsewhere: its home is held by the holder of its lock (pid"), "{e}");
+    assert_eq!(h.vm_json(&["show", "m4"])["state"], "elsewhere");
+    // A restarted daemon finds it held too.
+    h.stop_daemon();
+    h.start();
+    assert_eq!(h.vm_json(&["show", "m4"])["state"], "elsewhere");
+    // Once the other VMM is gone, this host can run it.
+    other.signal_and_wait(libc::SIGTERM, T);
+    assert_eq!(h.vm_json(&["start", "m4"])["state"], "running");
+}

@@ -57,6 +57,14 @@ pub enum Error {
     /// A request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// Another process or host holds the VM's home.
+    #[error("VM {vm} runs elsewhere: its home is held by {holder}")]
+    HeldElsewhere {
+        /// The VM.
+        vm: String,
+        /// Who holds it.
+        holder: String,
+    },
     /// A definition is wrong.
     #[error(transparent)]
     Definition(#[from] vmdef::Error),
@@ -127,7 +135,7 @@ impl Error {
         use ferry_host_api::ErrorCode::*;
         match self {
             Error::NoVm(_) | Error::NoDatastore(_) => NotFound,
-            Error::Conflict(_) => Conflict,
+            Error::Conflict(_) | Error::HeldElsewhere { .. } => Conflict,
             Error::BadRequest(_) | Error::Definition(_) => BadRequest,
             Error::Vmm { source: ferry_api::client::Error::Refused(e), .. } if e.status == 409 => Conflict,
             _ => Internal,
@@ -237,6 +245,13 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// Whether process `pid`'s command line names `home` (a VMM of that home).
+fn runs_home(pid: u32, home: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let home = home.to_string_lossy();
+    cmdline.split(|&b| b == 0).any(|arg| arg == home.as_bytes())
+}
+
 fn send_signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid this daemon recorded for a VMM and a valid signal number.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
@@ -319,17 +334,29 @@ impl Daemon {
                 _ => None,
             };
             let before = row.state;
-            if let Some(info) = info {
+            let adopt = match (info, row.pid) {
+                (Some(info), _) => Some((
+                    info.pid,
+                    if info.state == ferry_api::RunState::Paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    },
+                )),
+                // Its socket does not answer, but the pid recorded is alive and is a VMM of
+                // this home (its command line names it): adopt it too.
+                (None, Some(pid)) if before.has_process() && alive(pid) && runs_home(pid, &row.home) => {
+                    Some((pid, VmState::Running))
+                }
+                _ => None,
+            };
+            if let Some((pid, state)) = adopt {
                 // A VMM of this VM is alive: adopt it.
-                row.pid = Some(info.pid);
+                row.pid = Some(pid);
                 row.api_socket = Some(sock);
-                row.state = match info.state {
-                    ferry_api::RunState::Paused => VmState::Paused,
-                    _ => VmState::Running,
-                };
+                row.state = state;
                 row.taps = (0..def.nics.len()).map(|i| vmdef::tap_name(&def.name, i)).collect();
                 self.db.put(&row).await?;
-                let pid = info.pid;
                 self.vms.lock().await.insert(
                     row.name.clone(),
                     Vm { row: row.clone(), def, stop_requested: false, suspending: false },
@@ -349,13 +376,14 @@ impl Daemon {
                 .await
                 .ok()
                 .and_then(Result::ok);
-            let locked = status.as_ref().is_some_and(|s| s.locked);
+            let holder = status.as_ref().and_then(|s| self.held_by_other(&row.datastore, s));
             let was_running = before.has_process();
             for t in row.taps.drain(..) {
                 crate::taps::delete(&t);
             }
             let _ = std::fs::remove_file(self.socket_of(&row.name));
-            if locked {
+            if let Some(holder) = holder {
+                tracing::info!(vm = %row.name, "its home is held by {holder}");
                 row.state = VmState::Elsewhere;
                 row.pid = None;
                 row.api_socket = None;
@@ -393,6 +421,24 @@ impl Daemon {
                 .insert(row.name.clone(), Vm { row, def, stop_requested: false, suspending: false });
         }
         Ok(())
+    }
+
+    /// Who, other than this host's daemon's VMMs, holds the home: the holder of its lock
+    /// (`vm.lock`), or the owner of its lease when that is another host id than this host's
+    /// on the VM's datastore. The lease wins: a lease owned by another host means the VM is
+    /// not this host's to run, whatever the database says.
+    fn held_by_other(&self, datastore: &str, s: &ferry_vmm::home::HomeStatus) -> Option<String> {
+        if s.locked {
+            return Some(format!(
+                "the holder of its lock ({})",
+                s.lock.as_ref().map(|l| l.to_string()).unwrap_or_else(|| "unknown".into())
+            ));
+        }
+        let ours = self.config.datastores.get(datastore).and_then(|d| d.lease.as_ref()).map(|l| l.host_id);
+        match s.lease.as_ref().and_then(|l| l.owner_host_id) {
+            Some(id) if Some(id) != ours => Some(format!("the owner of its lease, host id {id}")),
+            _ => None,
+        }
     }
 
     fn socket_of(&self, name: &str) -> PathBuf {
@@ -612,12 +658,8 @@ impl Daemon {
         let status = tokio::task::spawn_blocking(move || ferry_vmm::home::status(&h))
             .await
             .map_err(|e| Error::BadRequest(e.to_string()))??;
-        if status.locked {
-            return Err(Error::Conflict(format!(
-                "the home {} is in use: its lock is held by {}",
-                home.display(),
-                status.lock.map(|l| l.to_string()).unwrap_or_else(|| "an unknown process".into())
-            )));
+        if let Some(holder) = self.held_by_other(&ds.name, &status) {
+            return Err(Error::Conflict(format!("the home {} is in use: held by {holder}", home.display())));
         }
         let mut vms = self.vms.lock().await;
         Self::check_unique(&vms, &def, &home)?;
@@ -689,6 +731,10 @@ impl Daemon {
         let (mut row, def, lease) = {
             let mut vms = self.vms.lock().await;
             let vm = vms.get_mut(name).ok_or_else(|| Error::NoVm(name.into()))?;
+            if vm.row.state == VmState::Elsewhere {
+                // It was held by someone else at the last look; spawn_vmm checks again.
+                vm.row.state = VmState::Defined;
+            }
             let allowed = if restore {
                 vm.row.state == VmState::Suspended
             } else {
@@ -714,7 +760,20 @@ impl Daemon {
             let lease = self.config.datastores.get(&vm.row.datastore).and_then(|d| d.lease.clone());
             (vm.row.clone(), vm.def.clone(), lease)
         };
-        let before = if restore { VmState::Suspended } else { VmState::Defined };
+        let before = if restore {
+            VmState::Suspended
+        } else {
+            self.vms.lock().await.get(name).and_then(|v| v.row.last_exit.as_ref()).map_or(
+                VmState::Defined,
+                |e| {
+                    if e.requested || e.code == Some(0) {
+                        VmState::Defined
+                    } else {
+                        VmState::Crashed
+                    }
+                },
+            )
+        };
         match self.spawn_vmm(&mut row, &def, lease.as_ref(), restore).await {
             Ok(child) => {
                 let pid = child.id();
@@ -737,10 +796,8 @@ impl Daemon {
             Err(e) => {
                 let mut vms = self.vms.lock().await;
                 if let Some(vm) = vms.get_mut(name) {
-                    vm.row.state = before;
-                    if restore {
-                        vm.row.state = VmState::Suspended;
-                    }
+                    vm.row.state =
+                        if matches!(e, Error::HeldElsewhere { .. }) { VmState::Elsewhere } else { before };
                 }
                 Err(e)
             }
@@ -761,12 +818,8 @@ impl Daemon {
             let status = tokio::task::spawn_blocking(move || ferry_vmm::home::status(&h))
                 .await
                 .map_err(|e| Error::BadRequest(e.to_string()))??;
-            if status.locked {
-                return Err(Error::Conflict(format!(
-                    "VM {} runs elsewhere: its home's lock is held by {}",
-                    def.name,
-                    status.lock.map(|l| l.to_string()).unwrap_or_else(|| "an unknown process".into())
-                )));
+            if let Some(holder) = self.held_by_other(&row.datastore, &status) {
+                return Err(Error::HeldElsewhere { vm: def.name.clone(), holder });
             }
         }
         self.check_portgroups(def)?;
