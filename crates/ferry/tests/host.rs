@@ -163,6 +163,7 @@ impl Netns {
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         ip(&["-n", &name, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &name, "link", "set", "br0", "up"]);
+        ip(&["-n", &name, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
         ns
     }
 
@@ -242,6 +243,30 @@ fn host_nic_tap_on_port_group_bridge() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     h.wait_state("n1", "crashed", T);
     assert!(!ns.links_on_bridge().contains(&tap), "the tap is deleted when the VMM crashes");
+
+    // A netecho guest on the port group answers ping from the bridge's side.
+    let v = h.vm_json(&[
+        "create",
+        "e1",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "64",
+        "--guest",
+        "netecho",
+        "--cmdline",
+        "ip=10.77.0.2/24",
+        "--nic",
+        "portgroup=prod",
+    ]);
+    assert_eq!(v["state"], "defined");
+    h.vm_json(&["start", "e1"]);
+    wait_console(&h.home("e1"), "netecho: ready", T);
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"])
+        .output()
+        .expect("ping");
+    assert!(ping.status.success(), "ping: {}", String::from_utf8_lossy(&ping.stdout));
     drop(h);
 }
 
