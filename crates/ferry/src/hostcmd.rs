@@ -130,6 +130,14 @@ fn print_detail(d: &VmDetail) {
     if let Some(e) = &d.last_exit {
         println!("last exit:  {}{}", e.description, if e.requested { " (asked by the daemon)" } else { "" });
     }
+    for e in &d.events {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let ago = now.saturating_sub(e.at_unix_ms) as f64 / 1e3;
+        println!("event:      {ago:.1} s ago, {}: {}", e.kind, e.message);
+    }
     if !d.last_log.is_empty() && d.state == ferry_host_api::VmState::Crashed {
         println!("last log lines:");
         for l in &d.last_log {

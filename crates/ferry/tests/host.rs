@@ -139,6 +139,8 @@ fn host_vmm_killed_is_crashed_with_its_signal() {
     assert!(v["last_exit"]["description"].as_str().expect("description").contains("SIGKILL"));
     assert!(!v["last_log"].as_array().expect("last log").is_empty(), "{v}");
     assert!(v.get("pid").is_none(), "{v}");
+    let events = v["events"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["kind"] == "crashed"), "{v}");
     // Nothing restarts it.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(h.vm_json(&["show", "m3"])["state"], "crashed");

@@ -307,6 +307,22 @@ pub struct VmDetail {
     /// The last lines of its log when its last VMM ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_log: Vec<String>,
+    /// The daemon's last events about it (created, starting, running, crashed, adopted ...),
+    /// oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<VmEvent>,
+}
+
+/// Something the daemon recorded about a VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmEvent {
+    /// When (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+    /// What kind (`created`, `starting`, `running`, `stopping`, `ended`, `crashed`,
+    /// `adopted`, `reconciled`, `suspending`, `snapshot`, `registered`).
+    pub kind: String,
+    /// In words.
+    pub message: String,
 }
 
 /// `GET /vms/NAME/log`.

@@ -471,6 +471,7 @@ impl Daemon {
             generation: status.and_then(|s| s.generation.map(|g| g.generation)),
             last_exit: vm.row.last_exit.clone(),
             last_log: vm.row.last_log.clone(),
+            events: Vec::new(),
         }
     }
 
@@ -513,9 +514,13 @@ impl Daemon {
                 self.set_state(name, state).await;
             }
         }
-        let vms = self.vms.lock().await;
-        let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
-        Ok(self.detail(vm))
+        let mut detail = {
+            let vms = self.vms.lock().await;
+            let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
+            self.detail(vm)
+        };
+        detail.events = self.db.events(name, 10).await?;
+        Ok(detail)
     }
 
     async fn set_state(&self, name: &str, state: VmState) {

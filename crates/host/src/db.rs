@@ -246,17 +246,24 @@ impl Db {
         Ok(())
     }
 
-    /// The last `n` events of `vm` (kind, message), oldest first.
-    pub async fn events(&self, vm: &str, n: u32) -> Result<Vec<(String, String)>, Error> {
-        let rows = sqlx::query("SELECT kind, message FROM events WHERE vm = ? ORDER BY id DESC LIMIT ?")
-            .bind(vm)
-            .bind(n as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(self.sql())?;
+    /// The last `n` events of `vm`, oldest first.
+    pub async fn events(&self, vm: &str, n: u32) -> Result<Vec<ferry_host_api::VmEvent>, Error> {
+        let rows =
+            sqlx::query("SELECT at_unix_ms, kind, message FROM events WHERE vm = ? ORDER BY id DESC LIMIT ?")
+                .bind(vm)
+                .bind(n as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.sql())?;
         let mut out = rows
             .iter()
-            .map(|r| Ok((r.try_get("kind")?, r.try_get("message")?)))
+            .map(|r| {
+                Ok(ferry_host_api::VmEvent {
+                    at_unix_ms: r.try_get::<i64, _>("at_unix_ms")? as u64,
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                })
+            })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(self.sql())?;
         out.reverse();
@@ -297,10 +304,9 @@ mod tests {
         drop(db);
         let db = Db::open(&path).await.expect("reopen");
         assert_eq!(db.all().await.expect("all"), vec![row]);
-        assert_eq!(
-            db.events("a", 5).await.expect("events"),
-            vec![("crashed".to_string(), "signal 9".to_string())]
-        );
+        let events = db.events("a", 5).await.expect("events");
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].kind.as_str(), events[0].message.as_str()), ("crashed", "signal 9"));
         sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
         drop(db);
         let e = Db::open(&path).await.expect_err("too new").to_string();
