@@ -252,6 +252,19 @@ fn runs_home(pid: u32, home: &Path) -> bool {
     cmdline.split(|&b| b == 0).any(|arg| arg == home.as_bytes())
 }
 
+/// How long reading a home's status may take before a report goes without it (a hung
+/// datastore must not stop the daemon).
+const HOME_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The home's status, read on a blocking thread, or `None` if it fails or takes too long.
+async fn home_status(home: PathBuf) -> Option<ferry_vmm::home::HomeStatus> {
+    let read = tokio::task::spawn_blocking(move || ferry_vmm::home::status(&home));
+    match tokio::time::timeout(HOME_STATUS_TIMEOUT, read).await {
+        Ok(Ok(Ok(s))) => Some(s),
+        _ => None,
+    }
+}
+
 fn send_signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid this daemon recorded for a VMM and a valid signal number.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
@@ -445,8 +458,8 @@ impl Daemon {
         self.config.run_dir().join(format!("{name}.sock"))
     }
 
-    fn detail(&self, vm: &Vm) -> VmDetail {
-        let status = ferry_vmm::home::status(&vm.row.home).ok();
+    /// A VM's report; `status` is its home's, read beforehand (see [`home_status`]).
+    fn detail(vm: &Vm, status: Option<ferry_vmm::home::HomeStatus>) -> VmDetail {
         let lock_holder = status.as_ref().and_then(|s| {
             let lock = s.lock.as_ref().filter(|_| s.locked).map(|l| l.to_string());
             match (&s.lease, lock) {
@@ -497,7 +510,7 @@ impl Daemon {
             let vms = self.vms.lock().await;
             let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
             match vm.row.state {
-                VmState::Running | VmState::Paused => vm.row.api_socket.clone(),
+                VmState::Starting | VmState::Running | VmState::Paused => vm.row.api_socket.clone(),
                 _ => None,
             }
         };
@@ -514,10 +527,15 @@ impl Daemon {
                 self.set_state(name, state).await;
             }
         }
+        let home = {
+            let vms = self.vms.lock().await;
+            vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?.row.home.clone()
+        };
+        let status = home_status(home).await;
         let mut detail = {
             let vms = self.vms.lock().await;
             let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
-            self.detail(vm)
+            Self::detail(vm, status)
         };
         detail.events = self.db.events(name, 10).await?;
         Ok(detail)
@@ -623,7 +641,7 @@ impl Daemon {
             return Err(e.into());
         }
         let vm = Vm { row, def, stop_requested: false, suspending: false };
-        let detail = self.detail(&vm);
+        let detail = Self::detail(&vm, None);
         vms.insert(vm.row.name.clone(), vm);
         drop(vms);
         self.event(&detail.name, "created", &format!("home {}", home.display())).await;
@@ -682,7 +700,7 @@ impl Daemon {
         };
         self.db.put(&row).await?;
         let vm = Vm { row, def, stop_requested: false, suspending: false };
-        let detail = self.detail(&vm);
+        let detail = Self::detail(&vm, Some(status));
         vms.insert(vm.row.name.clone(), vm);
         drop(vms);
         self.event(&detail.name, "registered", &format!("home {}", home.display())).await;
