@@ -69,6 +69,13 @@ fn host_vm_lifecycle() {
     let e = h.vm_fails(&["start", "m1"]);
     assert!(e.contains("VM m1 is running"), "{e}");
 
+    // Paused behind the daemon's back (ferry pause on the socket): shown paused; resumed
+    // through the daemon.
+    let out = common::ferry().args(["pause", "--api-socket", sock]).output().expect("pause");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.vm_json(&["show", "m1"])["state"], "paused");
+    assert_eq!(h.vm_json(&["resume", "m1"])["state"], "running");
+
     // Snapshot, suspend, resume.
     h.vm_json(&["snapshot", "m1"]);
     assert_eq!(std::fs::read_dir(home.join("snapshots")).expect("snapshots").count(), 1);

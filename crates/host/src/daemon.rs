@@ -1158,6 +1158,13 @@ impl Daemon {
 
     /// A VMM ended: records how, deletes its taps and socket.
     async fn on_exit(&self, name: &str, pid: u32, code: Option<i32>, signal: Option<i32>, child: bool) {
+        // For a VMM that is not our child, whether it released the home's lock cleanly tells
+        // a stop from a crash; read before taking the daemon's lock.
+        let home = self.vms.lock().await.get(name).map(|v| v.row.home.clone());
+        let released = match home {
+            Some(h) if !child => home_status(h).await.and_then(|s| s.lock).is_some_and(|l| !l.held),
+            _ => false,
+        };
         let mut vms = self.vms.lock().await;
         let Some(vm) = vms.get_mut(name) else { return };
         if vm.row.pid != Some(pid) {
@@ -1169,8 +1176,6 @@ impl Daemon {
         if let Some(s) = vm.row.api_socket.take() {
             let _ = std::fs::remove_file(s);
         }
-        let clean_release =
-            || ferry_vmm::home::status(&vm.row.home).ok().and_then(|s| s.lock).is_some_and(|l| !l.held);
         let description = match (code, signal) {
             (Some(c), _) => format!("exit code {c}"),
             (None, Some(s)) => format!("signal {s} ({})", signal_name(s)),
@@ -1181,7 +1186,7 @@ impl Daemon {
         let from = vm.row.state;
         let to = if vm.suspending && vm.row.home.join(SUSPEND_DIR).is_dir() {
             VmState::Suspended
-        } else if requested || code == Some(0) || (!child && code.is_none() && clean_release()) {
+        } else if requested || code == Some(0) || (!child && code.is_none() && released) {
             // Asked to end, or the guest powered off.
             VmState::Defined
         } else {
