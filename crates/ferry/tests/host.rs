@@ -311,3 +311,31 @@ fn host_home_held_elsewhere_is_not_started() {
     other.signal_and_wait(libc::SIGTERM, T);
     assert_eq!(h.vm_json(&["start", "m4"])["state"], "running");
 }
+
+#[test]
+fn host_two_daemons_report_the_same_datastore_id() {
+    let mut a = Hostd::config("ds-a", "");
+    a.start();
+    // B sees A's datastore directory (as two hosts see one NFS export) under another name.
+    let mut b = Hostd::config("ds-b", &format!("shared = \"{}\"\n", a.ds().display()));
+    b.start();
+    let info = |h: &Hostd| -> serde_json::Value {
+        let out =
+            common::ferry().args(["host", "info", "--json", "--host", &h.url]).output().expect("host info");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let (ia, ib) = (info(&a), info(&b));
+    let id_of = |v: &serde_json::Value, name: &str| -> String {
+        v["datastores"]
+            .as_array()
+            .expect("datastores")
+            .iter()
+            .find(|d| d["name"] == name)
+            .and_then(|d| d["id"].as_str())
+            .expect("datastore")
+            .to_string()
+    };
+    assert_eq!(id_of(&ia, "local"), id_of(&ib, "shared"));
+    assert_ne!(id_of(&ia, "local"), id_of(&ib, "local"));
+}

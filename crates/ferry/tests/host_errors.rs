@@ -102,6 +102,17 @@ fn host_vm_bad_input() {
     let e = h.vm_fails(&["register", bad.to_str().expect("path")]);
     assert!(e.contains("already registered"), "{e}");
 
+    // A home removed while the daemon was down: at start-up the home wins, the VM is
+    // unregistered (and an event says why).
+    h.stop_daemon();
+    std::fs::remove_dir_all(h.home("a")).expect("remove home");
+    h.start();
+    let list = h.vm_json(&["list"]);
+    let names: Vec<&str> =
+        list["vms"].as_array().expect("vms").iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, ["bad"], "{list}");
+    assert!(h.daemon_log().contains("unregistered: its home cannot be read"), "{}", h.daemon_log());
+
     // An unreachable daemon.
     let out = common::ferry().args(["vm", "list", "--host", "http://127.0.0.1:1"]).output().expect("run");
     let e = stderr_of(&out);
