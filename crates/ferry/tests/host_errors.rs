@@ -86,6 +86,14 @@ fn host_vm_bad_input() {
         .expect("vm.toml");
     let e = h.vm_fails(&["register", bad.to_str().expect("path")]);
     assert!(e.contains("line 7: nics[0].mac: 01:00:00:00:00:01 is a multicast address"), "{e}");
+    // A directory that does not exist; a home directory that exists but is not registered.
+    let e = h.vm_fails(&["register", "/no/such/home"]);
+    assert!(e.contains("/no/such/home: No such file or directory"), "{e}");
+    std::fs::create_dir_all(h.home("b")).expect("dir");
+    let e =
+        h.vm_fails(&["create", "b", "--datastore", "local", "--memory-mib", "64", "--guest", "memstress"]);
+    assert!(e.contains("exists already"), "{e}");
+    std::fs::remove_dir(h.home("b")).expect("rmdir");
     // A home outside the datastores.
     let e = h.vm_fails(&["register", "/tmp"]);
     assert!(e.contains("is not a home directly inside one of this host's datastores"), "{e}");

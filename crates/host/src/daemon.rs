@@ -136,6 +136,7 @@ impl Error {
         match self {
             Error::NoVm(_) | Error::NoDatastore(_) => NotFound,
             Error::Conflict(_) | Error::HeldElsewhere { .. } => Conflict,
+            Error::Definition(vmdef::Error::Exists { .. }) => Conflict,
             Error::BadRequest(_) | Error::Definition(_) => BadRequest,
             Error::Vmm { source: ferry_api::client::Error::Refused(e), .. } if e.status == 409 => Conflict,
             _ => Internal,
@@ -650,7 +651,8 @@ impl Daemon {
 
     /// `POST /vms/register`: adopts an existing home on one of this host's datastores.
     pub async fn register(&self, req: RegisterVm) -> Result<VmDetail, Error> {
-        let home = std::fs::canonicalize(&req.path).map_err(io("open", &req.path))?;
+        let home = std::fs::canonicalize(&req.path)
+            .map_err(|e| Error::BadRequest(format!("{}: {e}", req.path.display())))?;
         let ds = self
             .config
             .datastores
