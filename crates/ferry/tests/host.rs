@@ -339,3 +339,67 @@ fn host_two_daemons_report_the_same_datastore_id() {
     assert_eq!(id_of(&ia, "local"), id_of(&ib, "shared"));
     assert_ne!(id_of(&ia, "local"), id_of(&ib, "local"));
 }
+
+/// A datastore with a sanlock lockspace (a private sanlock daemon, see
+/// `ferry_lease::testing`): the daemon starts the VM with `--lease`, `show` names the lease's
+/// owner, and a stop gives it up. About 6 s (joining the lockspace takes 2 x io_timeout + 1 s).
+#[test]
+fn host_leased_datastore_runs_vm_under_its_lease() {
+    require_kvm();
+    require_root();
+    let scratch = common::TempDir::new("host-lease");
+    let ds = scratch.path("ds");
+    std::fs::create_dir_all(&ds).expect("datastore");
+    let ids = ds.join("ids");
+    ferry_lease::testing::zero_file(&ids, 1 << 20).expect("lockspace file");
+    let out = std::process::Command::new("sanlock")
+        .args([
+            "direct",
+            "init",
+            "-s",
+            &format!("FERRYHOST:0:{}:0", ids.display()),
+            "-Z",
+            "512",
+            "-A",
+            "1M",
+            "-o",
+            "2",
+        ])
+        .output()
+        .expect("sanlock direct init (is the sanlock package installed?)");
+    assert!(out.status.success(), "sanlock direct init: {}", String::from_utf8_lossy(&out.stderr));
+    let sanlock = ferry_lease::testing::Daemon::start(&scratch.0, &format!("hl-{}", std::process::id()), &[])
+        .expect("start a sanlock daemon");
+    let mut h = Hostd::config(
+        "lease",
+        &format!(
+            "shared = {{ path = \"{}\", lockspace = \"FERRYHOST\", host_id = 1, ids = \"{}\", io_timeout = 2 }}\n",
+            ds.display(),
+            ids.display()
+        ),
+    );
+    h.env.push((ferry_lease::testing::RUN_DIR_ENV.into(), sanlock.run_dir().display().to_string()));
+    h.start();
+    h.vm_json(&[
+        "create",
+        "l1",
+        "--datastore",
+        "shared",
+        "--memory-mib",
+        "64",
+        "--guest",
+        "memstress",
+        "--cmdline",
+        "wss=8M",
+    ]);
+    let v = h.vm_json(&["start", "l1"]);
+    assert_eq!(v["state"], "running", "{v}");
+    let log = std::fs::read_to_string(ds.join("l1").join("vm.log")).expect("vm.log");
+    assert!(log.contains("--lease") && log.contains("FERRYHOST:1:"), "{log}");
+    let holder = v["lock_holder"].as_str().unwrap_or_default().to_string();
+    assert!(holder.contains("lease held by host id 1"), "{v}");
+    let stopped = h.vm_json(&["stop", "l1"]);
+    assert_eq!(stopped["state"], "defined", "{stopped}");
+    drop(h);
+    drop(sanlock);
+}

@@ -17,6 +17,17 @@ pub struct Hostd {
     /// Network namespace the daemon and the CLI run in, if any.
     pub netns: Option<String>,
     pub daemon: Option<Child>,
+    /// Environment of the daemon and the CLI (e.g. a private sanlock daemon's run dir).
+    pub env: Vec<(String, String)>,
+}
+
+impl Hostd {
+    /// `ferry` in the daemon's namespace and environment.
+    fn cmd(&self) -> Command {
+        let mut c = ferry_in(self.netns.as_deref());
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
 }
 
 /// `ferry` run in `netns` (or here).
@@ -46,7 +57,14 @@ impl Hostd {
             dir.path("ds").display()
         );
         std::fs::write(&config, text).expect("config");
-        Hostd { dir, config, url: format!("http://127.0.0.1:{port}"), netns: None, daemon: None }
+        Hostd {
+            dir,
+            config,
+            url: format!("http://127.0.0.1:{port}"),
+            netns: None,
+            daemon: None,
+            env: Vec::new(),
+        }
     }
 
     /// Starts the daemon and waits until it answers.
@@ -57,7 +75,8 @@ impl Hostd {
             .append(true)
             .open(self.dir.path("daemon.log"))
             .expect("daemon log");
-        let child = ferry_in(self.netns.as_deref())
+        let child = self
+            .cmd()
             .args(["host", "serve", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -83,7 +102,8 @@ impl Hostd {
 
     /// Runs `ferry host serve` to its end (for configurations that must be refused).
     pub fn serve_to_end(&self) -> Output {
-        let mut child = ferry_in(self.netns.as_deref())
+        let mut child = self
+            .cmd()
             .args(["host", "serve", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -124,7 +144,8 @@ impl Hostd {
 
     /// `ferry vm ARGS --host URL`.
     pub fn vm(&self, args: &[&str]) -> Output {
-        let mut child = ferry_in(self.netns.as_deref())
+        let mut child = self
+            .cmd()
             .arg("vm")
             .args(args)
             .args(["--host", &self.url])
