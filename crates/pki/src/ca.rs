@@ -144,7 +144,7 @@ pub fn issue(ca_dir: &Path, request: &IssueRequest, out: &Path) -> Result<Issued
     let ca_cert_path = ca_dir.join(CA_CERT);
     let ca_key_path = ca_dir.join(CA_KEY);
     let ca_pem = files::read_text(&ca_cert_path)?;
-    let ca_key_pem = files::read_text(&ca_key_path)?;
+    let ca_key_pem = files::read_private_text(&ca_key_path)?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
         .map_err(|source| Error::BadCa { path: ca_key_path.clone(), source })?;
     let ca_der = files::read_certs(&ca_cert_path)?.remove(0);

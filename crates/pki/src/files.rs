@@ -70,6 +70,14 @@ pub enum Error {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
+    /// A private key file that group or others may read is refused, as ssh does.
+    #[error("{path} is readable by other users (mode {mode:o}); chmod 600 it")]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The file holds no certificate at all.
     #[error("{0} holds no certificate")]
     NoCertificate(PathBuf),
@@ -130,9 +138,20 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     Ok(certs)
 }
 
-/// Reads the private key of a PEM file.
+/// Reads a private key file as text, refusing one that group or others may read.
+pub fn read_private_text(path: &Path) -> Result<String, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::KeyExposed { path: path.to_path_buf(), mode });
+    }
+    read_text(path)
+}
+
+/// Reads the private key of a PEM file (see [`read_private_text`]).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let text = read_text(path)?;
+    let text = read_private_text(path)?;
     PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|source| Error::Pem {
         path: path.to_path_buf(),
         what: "private key",
@@ -166,10 +185,22 @@ mod tests {
     }
 
     #[test]
+    fn exposed_keys_are_refused() {
+        let dir = tmp("exposed");
+        let path = dir.join("key.pem");
+        write_new(&path, b"x", KEY_MODE).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(matches!(read_key(&path), Err(Error::KeyExposed { mode: 0o640, .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(matches!(read_key(&path), Err(Error::Pem { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn garbage_is_not_a_certificate() {
         let dir = tmp("garbage");
         let path = dir.join("c.pem");
-        write_new(&path, b"not pem at all\n", CERT_MODE).expect("write");
+        write_new(&path, b"not pem at all\n", KEY_MODE).expect("write");
         assert!(matches!(read_certs(&path), Err(Error::NoCertificate(_))));
         assert!(read_key(&path).is_err());
         let _ = std::fs::remove_dir_all(&dir);

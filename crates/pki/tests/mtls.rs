@@ -295,3 +295,43 @@ fn files_and_modes() {
     let err = ferry_pki::issue_client(&pki.dir("nowhere"), "x", &pki.dir("y")).expect_err("no ca");
     assert!(err.to_string().contains("nowhere"), "{err}");
 }
+
+#[test]
+fn exposed_keys_are_refused() {
+    let pki = Pki::new("exposed");
+    let key = pki.dir("host-a").join("key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = ferry_pki::server_config(&pki.dir("host-a")).expect_err("exposed key");
+    assert!(err.to_string().contains("readable by other users"), "{err}");
+    let ca_key = pki.dir("ca").join("ca.key");
+    std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o604)).expect("chmod");
+    let err = ferry_pki::issue_client(&pki.dir("ca"), "late", &pki.dir("late")).expect_err("exposed CA key");
+    assert!(err.to_string().contains("readable by other users"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    let pki = Pki::new("drain");
+    let router = Router::new().route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            "done"
+        }),
+    );
+    let config = Arc::new(ferry_pki::server_config(&pki.dir("host-a")).expect("config"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry_pki::serve_tls(listener, config, router, async move {
+        let _ = stopped.await;
+    }));
+    let admin = client(&pki.dir("admin"));
+    let url = format!("https://127.0.0.1:{port}/slow");
+    let request = tokio::spawn(async move { admin.get(&url).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _ = stop.send(());
+    let response = request.await.expect("task").expect("request in flight completes");
+    assert_eq!((response.status, &response.body[..]), (200, &b"done"[..]));
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").expect("server task");
+}
