@@ -19,5 +19,5 @@ pub mod tls;
 pub use ca::{host_sans, init_ca, issue, issue_client, issue_host, CaFiles, IssueRequest, IssuedFiles};
 pub use client::{BlockingClient, Client, Response};
 pub use identity::{Kind, PeerIdentity};
-pub use server::{serve_tls, serve_tls_with, ServeOptions};
+pub use server::{require_host, serve_tls, serve_tls_with, ServeOptions};
 pub use tls::{client_config, server_config};

@@ -20,7 +20,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::identity::PeerIdentity;
+use crate::identity::{Kind, PeerIdentity};
 
 /// Limits of [`serve_tls_with`].
 #[derive(Debug, Clone)]
@@ -122,18 +122,23 @@ struct Connection {
 impl Connection {
     async fn run(mut self, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let tls =
-            match tokio::time::timeout(self.options.handshake_timeout, self.acceptor.accept(stream)).await {
-                Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out; connection closed");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Ok(Ok(tls)) => tls,
-            };
+        let handshake = tokio::time::timeout(self.options.handshake_timeout, self.acceptor.accept(stream));
+        let handshake = tokio::select! {
+            h = handshake => h,
+            // Shutting down: a connection not yet authenticated has no request to finish.
+            () = async { let _ = self.stop.wait_for(|stop| *stop).await; } => return,
+        };
+        let tls = match handshake {
+            Err(_) => {
+                tracing::info!(%peer, "TLS handshake timed out; connection closed");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        };
         let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
             Some(der) => match PeerIdentity::from_der(der) {
                 Ok(id) => id,
@@ -170,5 +175,24 @@ impl Connection {
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// An axum middleware that lets only Ferry hosts through (403 for clients and for requests
+/// without a peer identity): `router.route_layer(axum::middleware::from_fn(require_host))`
+/// on the routes that only other hosts' daemons may call.
+pub async fn require_host(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match request.extensions().get::<PeerIdentity>() {
+        Some(peer) if peer.kind == Kind::Host => next.run(request).await,
+        Some(peer) => (
+            axum::http::StatusCode::FORBIDDEN,
+            format!("{} is a client certificate; only a Ferry host may call this", peer.name),
+        )
+            .into_response(),
+        None => (axum::http::StatusCode::FORBIDDEN, "no peer identity").into_response(),
     }
 }

@@ -335,3 +335,64 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     assert_eq!((response.status, &response.body[..]), (200, &b"done"[..]));
     tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").expect("server task");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_only_routes_refuse_clients() {
+    let pki = Pki::new("hostonly");
+    let router = Router::new()
+        .route("/reserve", post(|Extension(peer): Extension<PeerIdentity>| async move { peer.name }))
+        .route_layer(axum::middleware::from_fn(ferry_pki::require_host));
+    let config = Arc::new(ferry_pki::server_config(&pki.dir("host-a")).expect("config"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry_pki::serve_tls(listener, config, router, async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("https://127.0.0.1:{port}/reserve");
+    let by_host = client(&pki.dir("host-a")).post(&url, &json!({})).await.expect("host");
+    assert_eq!((by_host.status, &by_host.body[..]), (200, &b"host-a"[..]));
+    let by_client = client(&pki.dir("admin")).post(&url, &json!({})).await.expect("client");
+    assert_eq!(by_client.status, 403);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").expect("server task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out() {
+    let pki = Pki::new("silentserver");
+    // Accepts TCP connections and never speaks.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let quick = Client::new(&pki.dir("admin"))
+        .expect("client")
+        .with_timeouts(Duration::from_millis(300), Duration::from_secs(1));
+    let start = Instant::now();
+    let err = quick.get(&format!("https://127.0.0.1:{port}/whoami")).await.expect_err("times out");
+    assert!(matches!(err, ClientError::Timeout { step: "TLS handshake", .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed() {
+    let pki = Pki::new("limit");
+    let options = ServeOptions {
+        max_connections: 1,
+        handshake_timeout: Duration::from_secs(3),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(&pki.dir("host-a"), options).await;
+    let _hog = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = client(&pki.dir("admin")).get(&server.url("/whoami")).await.expect_err("over the limit");
+    assert!(matches!(err, ClientError::Tls { .. } | ClientError::Http { .. }), "{err:?}");
+    assert_eq!(server.handled(), 0);
+    server.shutdown().await;
+}
