@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use ferry_pki::Kind;
 
-const CA_ABOUT: &str = "\
+/// The long help of `ferry ca`.
+pub const CA_ABOUT: &str = "\
 Create the cluster's certificate authority and issue host and client certificates.
 
 Every TCP port of Ferry speaks TLS with mutual authentication: a host presents a host
@@ -20,7 +21,6 @@ Example:
 
 /// Arguments of `ferry ca`.
 #[derive(Debug, Args)]
-#[command(long_about = CA_ABOUT)]
 pub struct CaArgs {
     #[command(subcommand)]
     pub command: CaCommand,

@@ -55,6 +55,7 @@ pub enum Command {
     #[command(long_about = HOME_ABOUT)]
     Home(HomeArgs),
     /// Create the cluster CA; issue host and client certificates (mutual TLS).
+    #[command(long_about = crate::ca::CA_ABOUT)]
     Ca(crate::ca::CaArgs),
 }
 
