@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::identity::PeerIdentity;
 use crate::tls;
 
 /// Largest response body accepted.
@@ -100,6 +101,9 @@ impl Error {
 pub struct Response {
     /// `host:port` of the server.
     pub addr: String,
+    /// The server as its certificate names it (`None` if the certificate has no Ferry name,
+    /// which a certificate from our CA always has).
+    pub peer: Option<PeerIdentity>,
     /// HTTP status code.
     pub status: u16,
     /// The body.
@@ -221,6 +225,12 @@ impl Client {
             })?
             .map_err(|e| exchange_error(&addr, e.into()))?;
 
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|der| PeerIdentity::from_der(der).ok());
         let body = match body {
             Some(v) => Bytes::from(serde_json::to_vec(v).map_err(Error::Json)?),
             None => Bytes::new(),
@@ -256,7 +266,7 @@ impl Client {
                     let status = response.status().as_u16();
                     match Limited::new(response.into_body(), MAX_BODY).collect().await {
                         Ok(collected) => {
-                            Ok(Response { addr: addr.clone(), status, body: collected.to_bytes() })
+                            Ok(Response { addr: addr.clone(), peer, status, body: collected.to_bytes() })
                         }
                         Err(e) => Err(exchange_error(&addr, e)),
                     }
@@ -407,13 +417,19 @@ mod tests {
 
     #[test]
     fn status_errors() {
-        let r = Response { addr: "h:1".into(), status: 404, body: Bytes::from_static(b"no such VM\n") };
+        let r = Response {
+            addr: "h:1".into(),
+            peer: None,
+            status: 404,
+            body: Bytes::from_static(b"no such VM\n"),
+        };
         assert!(!r.is_success());
         match r.error_for_status() {
             Err(Error::Status { status: 404, body, .. }) => assert_eq!(body, "no such VM"),
             other => panic!("unexpected {other:?}"),
         }
-        let r = Response { addr: "h:1".into(), status: 200, body: Bytes::from_static(b"{\"a\":1}") };
+        let r =
+            Response { addr: "h:1".into(), peer: None, status: 200, body: Bytes::from_static(b"{\"a\":1}") };
         assert_eq!(r.json().expect("json")["a"], 1);
     }
 }

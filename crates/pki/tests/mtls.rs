@@ -120,6 +120,7 @@ async fn same_ca_talk_and_handlers_see_the_peer() {
     assert_eq!(me, json!({ "name": "admin", "kind": "client" }));
     let echoed = admin.post(&server.url("/echo"), &json!({ "x": [1, 2] })).await.expect("echo");
     assert_eq!(echoed.status, 200);
+    assert_eq!(echoed.peer, Some(PeerIdentity { name: "host-a".into(), kind: Kind::Host }));
     assert_eq!(echoed.json().expect("json"), json!({ "echo": { "x": [1, 2] } }));
     let missing = admin.get(&server.url("/nope")).await.expect("404 is a response");
     assert_eq!(missing.status, 404);
