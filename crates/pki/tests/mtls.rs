@@ -397,3 +397,41 @@ async fn connections_beyond_the_limit_are_closed() {
     assert_eq!(server.handled(), 0);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_loopback_is_a_host_name_too() {
+    let pki = Pki::new("ipv6");
+    let router = Router::new().route("/", get(|| async { "v6" }));
+    let config = Arc::new(ferry_pki::server_config(&pki.dir("host-a")).expect("config"));
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.expect("bind ::1");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry_pki::serve_tls(listener, config, router, async move {
+        let _ = stopped.await;
+    }));
+    let r = client(&pki.dir("admin")).get(&format!("https://[::1]:{port}/")).await.expect("over ::1");
+    assert_eq!((r.status, &r.body[..], r.addr.as_str()), (200, &b"v6"[..], format!("[::1]:{port}").as_str()));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").expect("server task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_certificate_without_the_dialled_address_is_refused() {
+    let pki = Pki::new("wrongname");
+    let request = ferry_pki::IssueRequest {
+        name: "elsewhere".into(),
+        kind: Kind::Host,
+        sans: vec!["elsewhere.example".into()],
+    };
+    ferry_pki::issue(&pki.dir("ca"), &request, &pki.dir("elsewhere")).expect("issue");
+    let server = Server::start(&pki.dir("elsewhere"), ServeOptions::default()).await;
+    let err = client(&pki.dir("admin")).get(&server.url("/whoami")).await.expect_err("wrong name");
+    match &err {
+        ClientError::Tls { source: rustls::Error::InvalidCertificate(e), .. } => {
+            assert!(matches!(e, rustls::CertificateError::NotValidForNameContext { .. }), "{e:?}")
+        }
+        other => panic!("expected a name mismatch, got {other:?}"),
+    }
+    assert_eq!(server.handled(), 0);
+    server.shutdown().await;
+}
