@@ -4,7 +4,8 @@
 //! peer that stalls it holds only its own task), a peer without a client certificate
 //! chaining to the cluster CA is refused by the handshake itself (no byte of a request is
 //! read), then the connection is served with hyper's HTTP/1.1 server and each request gets
-//! the peer's [`PeerIdentity`] in its extensions.
+//! the peer's [`PeerIdentity`] and its address (`axum::extract::ConnectInfo<SocketAddr>`) in
+//! its extensions.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -157,6 +158,7 @@ impl Connection {
         let router = self.router;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(identity.clone());
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             let mut router = router.clone();
             async move { tower_service::Service::call(&mut router, request).await }
         });

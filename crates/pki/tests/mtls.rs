@@ -56,21 +56,30 @@ impl Server {
         let handled = Arc::new(AtomicUsize::new(0));
         let count = handled.clone();
         let count2 = handled.clone();
-        let router = Router::new()
-            .route(
-                "/whoami",
-                get(move |Extension(peer): Extension<PeerIdentity>| async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    Json(peer)
-                }),
-            )
-            .route(
-                "/echo",
-                post(move |Json(body): Json<Value>| async move {
-                    count2.fetch_add(1, Ordering::SeqCst);
-                    Json(json!({ "echo": body }))
-                }),
-            );
+        let router =
+            Router::new()
+                .route(
+                    "/whoami",
+                    get(move |Extension(peer): Extension<PeerIdentity>| async move {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        Json(peer)
+                    }),
+                )
+                .route(
+                    "/addr",
+                    get(
+                        |axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<
+                            std::net::SocketAddr,
+                        >| async move { addr.ip().to_string() },
+                    ),
+                )
+                .route(
+                    "/echo",
+                    post(move |Json(body): Json<Value>| async move {
+                        count2.fetch_add(1, Ordering::SeqCst);
+                        Json(json!({ "echo": body }))
+                    }),
+                );
         let config = Arc::new(ferry_pki::server_config(identity).expect("server config"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -122,6 +131,8 @@ async fn same_ca_talk_and_handlers_see_the_peer() {
     assert_eq!(echoed.status, 200);
     assert_eq!(echoed.peer, Some(PeerIdentity { name: "host-a".into(), kind: Kind::Host }));
     assert_eq!(echoed.json().expect("json"), json!({ "echo": { "x": [1, 2] } }));
+    let addr = admin.get(&server.url("/addr")).await.expect("addr");
+    assert_eq!(&addr.body[..], b"127.0.0.1");
     let missing = admin.get(&server.url("/nope")).await.expect("404 is a response");
     assert_eq!(missing.status, 404);
     assert!(matches!(missing.error_for_status(), Err(ClientError::Status { status: 404, .. })));
