@@ -54,6 +54,9 @@ pub enum Command {
     /// Show a VM home: which VM it is, its generation, and who holds its lock.
     #[command(long_about = HOME_ABOUT)]
     Home(HomeArgs),
+    /// Create the cluster CA; issue host and client certificates (mutual TLS).
+    #[command(long_about = crate::ca::CA_ABOUT)]
+    Ca(crate::ca::CaArgs),
 }
 
 const HOME_ABOUT: &str = "\

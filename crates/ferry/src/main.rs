@@ -1,5 +1,6 @@
 //! `ferry`: the command line of Ferry, live migration of KVM virtual machines.
 
+mod ca;
 mod cli;
 mod ctl;
 mod logfile;
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
         cli::Command::Migrate(args) => migrate::migrate(args),
         cli::Command::MigrateCancel(args) => migrate::cancel(args),
         cli::Command::Home(args) => ctl::home(args),
+        cli::Command::Ca(args) => ca::run(args),
     };
     logfile::finish(std::time::Duration::from_secs(2));
     match result {
