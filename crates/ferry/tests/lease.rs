@@ -319,7 +319,8 @@ fn last_pass(vm: &mut Vm) -> u64 {
 }
 
 /// Long (~25 s): the datastore stops answering; the VMM fences itself before its lease
-/// could expire, and stays fenced when the storage comes back.
+/// could expire, refuses a resume at once while the storage hangs, and stays fenced when the
+/// storage comes back.
 #[test]
 fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     let dir = TempDir::new("lease-hang");
@@ -345,6 +346,15 @@ fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     std::thread::sleep(Duration::from_secs(2));
     let now = last_pass(&mut vm);
     assert!(now <= last + 1, "the guest ran on after the fence: pass {last} -> {now}");
+    // A resume while the storage still hangs is refused within its 2 s probe, and the VMM
+    // goes on answering (taking the lock would have blocked its API thread for as long).
+    let asked = Instant::now();
+    let out = output(ferry().args(["resume", "--api-socket", s(&sock)]));
+    let took = asked.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("did not answer within 2 s"), "{err}");
+    assert!(took < Duration::from_secs(5), "the resume took {took:?}");
+    assert_eq!(info(&sock)["state"], "fenced");
     // The storage comes back: nothing resumes the VM on its own.
     fs.set("ok").expect("ok");
     std::thread::sleep(Duration::from_secs(3));
