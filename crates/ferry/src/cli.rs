@@ -61,6 +61,9 @@ pub enum Command {
     /// resume, snapshot, list, show, log.
     #[command(long_about = VM_ABOUT)]
     Vm(VmArgs),
+    /// Create the cluster CA; issue host and client certificates (mutual TLS).
+    #[command(long_about = crate::ca::CA_ABOUT)]
+    Ca(crate::ca::CaArgs),
 }
 
 const HOST_ABOUT: &str = "\

@@ -1,5 +1,6 @@
 //! `ferry`: the command line of Ferry, live migration of KVM virtual machines.
 
+mod ca;
 mod cli;
 mod ctl;
 mod hostcmd;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         cli::Command::Home(args) => ctl::home(args),
         cli::Command::Host(cmd) => hostcmd::host(cmd),
         cli::Command::Vm(args) => hostcmd::vm(args),
+        cli::Command::Ca(args) => ca::run(args),
     };
     logfile::finish(std::time::Duration::from_secs(2));
     match result {

@@ -469,13 +469,13 @@ fn both_sides_followed_live_through_their_event_streams_with_http_alone() {
     let (mut src, sock) = slow_source_with(&dir, SMALL);
     // The destination starts empty and is told where to listen and the key over its API.
     let dsock = dir.path("dst.sock");
-    let mut dst = common::Vm::spawn(common::ferry().args([
+    let mut dst = common::Vm::spawn(common::mig::on_b(common::ferry().args([
         "receive",
         "--api-socket",
         s(&dsock),
         "--deadline-s",
         "120",
-    ]));
+    ])));
     wait_socket(&dsock);
     let hex: String = [0x5au8; 32].iter().map(|b| format!("{b:02x}")).collect();
     let (status, v) = http(

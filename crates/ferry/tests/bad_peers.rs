@@ -38,7 +38,7 @@ fn small_source(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, PathBuf) {
     if !extra.contains(&"--cmdline") {
         args.extend_from_slice(&["--cmdline", "wss=4M"]);
     }
-    let mut vm = Vm::start(&args);
+    let mut vm = Vm::spawn(common::mig::on_a(common::ferry().arg("run").args(&args)));
     vm.wait_prefix(T, "memstress: ready");
     vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
     (vm, sock)

@@ -1,6 +1,9 @@
 //! Checkpoints on real KVM: snapshot a running memstress, restore it in a new process,
 //! suspend and resume, and every bad input (each with a clear error, nothing started, the
 //! checkpoint untouched, a failed snapshot leaving the VM running).
+//!
+//! Every VM runs under its lease on the shared test datastore (`common::leases`): it is
+//! started on host A and restored on host B, as a cold migration between hosts.
 
 mod common;
 
@@ -8,14 +11,17 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_one_line_error, ferry, pass_number, require_kvm, run_to_end, TempDir, Vm};
+use common::mig::{on_a, on_b};
+use common::{
+    assert_one_line_error, ferry, pass_number, require_kvm, run_cmd_to_end, run_to_end, TempDir, Vm,
+};
 
 const T: Duration = Duration::from_secs(30);
 
 /// Starts memstress with an API socket in `dir`.
 fn start_vm(dir: &TempDir, memory: &str, cmdline: &str) -> (Vm, PathBuf) {
     let sock = dir.path("vm.sock");
-    let vm = Vm::start(&[
+    let vm = Vm::spawn(on_a(ferry().arg("run").args([
         "--guest",
         "memstress",
         "--memory",
@@ -24,7 +30,7 @@ fn start_vm(dir: &TempDir, memory: &str, cmdline: &str) -> (Vm, PathBuf) {
         cmdline,
         "--api-socket",
         sock.to_str().expect("utf8"),
-    ]);
+    ])));
     (vm, sock)
 }
 
@@ -74,7 +80,7 @@ fn current_pass(vm: &mut Vm) -> u64 {
 /// Restores `dir` and checks memstress continues from after `at_least` (by fewer than
 /// `within` passes) and keeps verifying its stamps for several passes.
 fn restore_and_check_continues(dir: &Path, at_least: u64, within: u64) -> Vm {
-    let mut vm = Vm::spawn(ferry().args(["restore", "--from", dir.to_str().expect("utf8")]));
+    let mut vm = Vm::spawn(on_b(ferry().args(["restore", "--from", dir.to_str().expect("utf8")])));
     let first = pass_number(&vm.wait_prefix(Duration::from_secs(10), "memstress: pass ")).expect("pass");
     assert!(
         first > at_least,
@@ -132,13 +138,13 @@ fn suspend_then_resume() {
 
     // Restore in a new process (the cold migration case), with an API socket of its own.
     let sock2 = dir.path("vm2.sock");
-    let mut restored = Vm::spawn(ferry().args([
+    let mut restored = Vm::spawn(on_b(ferry().args([
         "restore",
         "--from",
         snap.to_str().expect("utf8"),
         "--api-socket",
         sock2.to_str().expect("utf8"),
-    ]));
+    ])));
     let first =
         pass_number(&restored.wait_prefix(Duration::from_secs(10), "memstress: pass ")).expect("pass");
     assert!(first > last && first < last + 100, "suspended at pass {last}, resumed at {first}");
@@ -232,7 +238,10 @@ fn copy_checkpoint(from: &Path, to: &Path) {
 
 fn restore_fails(dir: &Path, needle: &str) {
     let before = if dir.is_dir() { digest(dir) } else { Vec::new() };
-    let out = run_to_end(&["restore", "--from", dir.to_str().expect("utf8"), "--serial", "null"], T);
+    let out = run_cmd_to_end(
+        on_b(ferry().args(["restore", "--from", dir.to_str().expect("utf8"), "--serial", "null"])),
+        T,
+    );
     assert_one_line_error(&out, needle);
     if dir.is_dir() {
         assert_eq!(digest(dir), before, "a failed restore changed the checkpoint");

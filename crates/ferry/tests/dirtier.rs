@@ -42,7 +42,7 @@ fn wait_rounds_beyond(vm: &mut Vm, after: u64) -> Progress {
 fn source(dir: &TempDir, cmdline: &str) -> (Vm, PathBuf) {
     let sock = dir.path("src.sock");
     let home = dir.path("home");
-    let mut vm = Vm::start(&[
+    let mut vm = Vm::spawn(common::mig::on_a(common::ferry().arg("run").args([
         "--guest",
         "dirtier",
         "--memory",
@@ -53,7 +53,7 @@ fn source(dir: &TempDir, cmdline: &str) -> (Vm, PathBuf) {
         s(&sock),
         "--home",
         s(&home),
-    ]);
+    ])));
     vm.wait_line(T, |l| l == "dirtier: ready");
     wait_rounds_beyond(&mut vm, 0);
     (vm, sock)
@@ -187,7 +187,8 @@ fn dirtier_catches_a_stale_page_after_a_restore() {
     f.write_all(&stamp).expect("write");
     drop(f);
 
-    let out = run_to_end(&["restore", "--from", s(&new)], T);
+    let out =
+        common::run_cmd_to_end(common::mig::on_b(common::ferry().args(["restore", "--from", s(&new)])), T);
     let console = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "the guest must fail the run; console:\n{console}");
     let line = console

@@ -37,7 +37,7 @@ fn blkstress(dir: &TempDir, disk: &Path, tag: &str, at_least: u64) -> (Vm, PathB
     let sock = dir.path(&format!("{tag}.sock"));
     let home = dir.path(&format!("{tag}.home"));
     let disk_arg = format!("path={}", s(disk));
-    let mut vm = Vm::start(&[
+    let mut vm = Vm::spawn(common::mig::on_a(ferry().arg("run").args([
         "--guest",
         "blkstress",
         "--memory",
@@ -48,7 +48,7 @@ fn blkstress(dir: &TempDir, disk: &Path, tag: &str, at_least: u64) -> (Vm, PathB
         s(&sock),
         "--home",
         s(&home),
-    ]);
+    ])));
     vm.wait_prefix(T, "blkstress: ready");
     vm.wait_line(T, |l| records(l).is_some_and(|n| n >= at_least));
     (vm, sock)
@@ -171,12 +171,15 @@ fn snapshot_and_restore_carry_the_disk() {
     let mut holder =
         Vm::start(&["--guest", "memstress", "--memory", "64M", "--cmdline", "wss=1M", "--disk", &arg]);
     holder.wait_prefix(T, "memstress: ready");
-    let out = run_to_end(&["restore", "--from", s(&ckpt), "--serial", "null"], T);
+    let out = common::run_cmd_to_end(
+        common::mig::on_b(ferry().args(["restore", "--from", s(&ckpt), "--serial", "null"])),
+        T,
+    );
     assert_one_line_error(&out, "is in use by another VM");
     let _ = holder.signal_and_wait(libc::SIGTERM, T);
 
     // Restored: the guest re-checks its records and goes on writing after them.
-    let mut restored = Vm::spawn(ferry().args(["restore", "--from", s(&ckpt)]));
+    let mut restored = Vm::spawn(common::mig::on_b(ferry().args(["restore", "--from", s(&ckpt)])));
     restored.wait_line(T, |l| records(l).is_some_and(|n| n >= before + 128));
     let _ = restored.signal_and_wait(libc::SIGTERM, T);
 }
@@ -193,7 +196,13 @@ fn migration_moves_the_disk_and_its_lock() {
     let (mut src, sock) = blkstress(&dir, &disk, "a", 64);
     let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let listen = format!("tcp:127.0.0.1:{port}");
-    let mut dst = Vm::spawn(ferry().args(["receive", "--listen", &listen, "--auth-key-file", s(&key)]));
+    let mut dst = Vm::spawn(common::mig::on_b(ferry().args([
+        "receive",
+        "--listen",
+        &listen,
+        "--auth-key-file",
+        s(&key),
+    ])));
     dst.wait_stderr(T, "waiting for an incoming migration");
     let out = run_to_end(
         &[
@@ -242,14 +251,17 @@ fn destination_that_cannot_lock_the_disk_rolls_back() {
     let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let listen = format!("tcp:127.0.0.1:{port}");
     // The destination in its own mount namespace, where the disk's path is the other file.
+    let host_b = &common::leases::datastore().b;
     let script = format!(
-        "mount --bind {} {} && exec {} receive --listen {listen} --auth-key-file {}",
+        "mount --bind {} {} && exec {} receive --listen {listen} --auth-key-file {} --lease {}",
         s(&other),
         s(&disk),
         env!("CARGO_BIN_EXE_ferry"),
-        s(&key)
+        s(&key),
+        host_b.lease_arg()
     );
     let mut cmd = Command::new("unshare");
+    host_b.env(&mut cmd);
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
     cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
     let mut dst = Vm::spawn(&mut cmd);

@@ -12,8 +12,12 @@
 //! In every cell: the VM never runs twice and its generation only rises (the overlap checker
 //! on the home's runs.log, which must not be empty); the guest's self-checks pass (memstress
 //! checks every page on every pass, blkstress every record; CORRUPTION fails) and the side
-//! that runs the VM shows at least two new passes; the lock is free once every VMM ended;
-//! no ferry process, listening port or temporary file is left.
+//! that runs the VM shows at least two new passes; the lease and the lock are free once
+//! every VMM ended; no ferry process, listening port or temporary file is left.
+//!
+//! Every cell runs on leases (`--lease`, sanlock), as on shared storage: the source on host
+//! A and the destination on host B of one datastore (`common::leases`), so a cell shows that
+//! the lease, not a kernel lock, keeps the VM from running twice.
 //!
 //! `FERRY_MATRIX_CELL=TEXT` runs only the cells whose name contains TEXT;
 //! `FERRY_MATRIX_VERBOSE=1` prints both VMMs' logs after each cell.
@@ -29,7 +33,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::{Action, Dir, FaultProxy, Trigger, When};
-use common::mig::{free_port, migrate_bg, receiver, s, write_key, T};
+use common::leases;
+use common::mig::{free_port, migrate_bg, s, write_key, T};
 use common::overlap;
 use common::{ferry, pass_number, require_kvm, run_to_end, wait_timeout, TempDir, Vm};
 use ferry_migration::protocol::Kind;
@@ -273,6 +278,21 @@ const STALL_S: &str = "2";
 /// How long a frozen peer stays frozen: well beyond the stall bound.
 const FREEZE: Duration = Duration::from_secs(5);
 
+/// How long a lease daemon may take to release the lease of a VMM that ended.
+const LEASE_RELEASE: Duration = Duration::from_secs(5);
+
+/// `ferry receive` on host B of the shared datastore, under its lease; waits until it
+/// listens.
+fn leased_receiver(port: u16, key: &Path, sock: &Path, env: &[(&str, &str)]) -> Vm {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut cmd = ferry();
+    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(key), "--api-socket", s(sock)]);
+    cmd.envs(env.iter().copied());
+    let vm = Vm::spawn(leases::datastore().b.leased(&mut cmd));
+    vm.wait_stderr(T, "waiting for an incoming migration");
+    vm
+}
+
 /// A small xorshift generator: the seed alone replays a run.
 struct Rng(u64);
 impl Rng {
@@ -388,11 +408,11 @@ fn guest_args(guest: Guest, disk: &Option<String>) -> Vec<String> {
     v
 }
 
+/// The guest on host A of the shared datastore, under its lease.
 fn start_guest(guest: Guest, disk: &Option<String>, sock: &Path, home: &Path) -> Vm {
     let mut args = guest_args(guest, disk);
     args.extend(["--api-socket".into(), s(sock).into(), "--home".into(), s(home).into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Vm::start(&args)
+    Vm::spawn(leases::datastore().a.leased(ferry().arg("run").args(&args)))
 }
 
 fn sigstop_for(pid: u32, d: Duration) {
@@ -427,7 +447,7 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     let port = free_port();
     let env: &[(&str, &str)] =
         if c.fault == Fault::RestoreFail { &[("FERRY_FAULT_INJECT", "restore-fail")] } else { &[] };
-    let mut dst = receiver(port, &key, Some(&dst_sock), env);
+    let mut dst = leased_receiver(port, &key, &dst_sock, env);
     dst.ctx = format!("{name}: destination: ");
     let (src_pid, dst_pid) = (src.child.id(), dst.child.id());
 
@@ -617,6 +637,13 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         vm.drain();
     }
     assert!(lock_free(&home), "{name}: the VM's lock is still held with every VMM gone");
+    if let Err(home) = leases::lease_free(&home, LEASE_RELEASE) {
+        panic!(
+            "{name}: the VM's lease is still held with every VMM gone: {home}\nsource log:\n{}\ndestination log:\n{}",
+            src.stderr(),
+            dst.stderr()
+        );
+    }
 
     // Nowhere: the VM starts again from its home (or its checkpoint) and passes its checks.
     let mut ran = vec![src_pid];
@@ -626,7 +653,13 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
     if seen == Seen::Nowhere {
         let sock = dir.path("again.sock");
         let mut again = match &ckpt {
-            Some(ck) => Vm::spawn(ferry().args(["restore", "--from", s(ck), "--api-socket", s(&sock)])),
+            Some(ck) => Vm::spawn(leases::datastore().a.leased(ferry().args([
+                "restore",
+                "--from",
+                s(ck),
+                "--api-socket",
+                s(&sock),
+            ]))),
             None => start_guest(c.guest, &disk, &sock, &home),
         };
         again.ctx = format!("{name}: restarted VM: ");
@@ -645,6 +678,9 @@ fn run_cell(c: &Cell, delay: Option<Duration>, tag: &str) -> Ran {
         assert!(st.success(), "{name}: the restarted VM's exit {st:?}: {}", again.stderr());
         assert!(!alive(&mut again.child));
         assert!(lock_free(&home), "{name}: the lock is held after the restarted VM ended");
+        if let Err(home) = leases::lease_free(&home, LEASE_RELEASE) {
+            panic!("{name}: the lease is held after the restarted VM ended: {home}\n{}", again.stderr());
+        }
     }
 
     if std::env::var_os("FERRY_MATRIX_VERBOSE").is_some() {

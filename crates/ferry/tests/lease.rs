@@ -21,6 +21,9 @@ use ferry_lease::testing::{zero_file, Daemon, FaultFs, RUN_DIR_ENV};
 /// The lockspaces' I/O timeout: renewals every 4 s, the VMM fences at 14 s.
 const IO: u32 = 2;
 const LS: &str = "FERRYTEST";
+/// Sanlock renews a host's lease every 2 x io_timeout: the faults strike at a random point
+/// of that cycle.
+const RENEWAL: Duration = Duration::from_secs(2 * IO as u64);
 
 /// One test "host": its sanlock daemon and its host id.
 struct Host {
@@ -121,6 +124,26 @@ fn events_so_far(sock: &Path) -> String {
         raw.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A random moment of at most `max` for a fault (`what` names it): the storage-fault tests
+/// strike at a different point of the renewal cycle (or of a migration) on every run. The
+/// seed is printed; `FERRY_LEASE_SEED=N` replays a run.
+fn random_moment(what: &str, max: Duration) -> Duration {
+    let seed =
+        std::env::var("FERRY_LEASE_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    // One xorshift step spreads nearby seeds apart.
+    let mut x = seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let d = Duration::from_millis(x % (max.as_millis() as u64 + 1));
+    eprintln!("{what} at {} ms (seed {seed}; FERRY_LEASE_SEED={seed} replays it)", d.as_millis());
+    d
 }
 
 /// Runs a command to its end (at most `T`).
@@ -296,7 +319,8 @@ fn last_pass(vm: &mut Vm) -> u64 {
 }
 
 /// Long (~25 s): the datastore stops answering; the VMM fences itself before its lease
-/// could expire, and stays fenced when the storage comes back.
+/// could expire, refuses a resume at once while the storage hangs, and stays fenced when the
+/// storage comes back.
 #[test]
 fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     let dir = TempDir::new("lease-hang");
@@ -308,6 +332,7 @@ fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     let mut vm = leased_vm(a, &ids, &home, &sock);
     // Whatever happens, the storage answers again before the VMM is killed (dropped first).
     let _unhang = Unhang(&fs);
+    std::thread::sleep(random_moment("the storage hangs", RENEWAL));
     fs.set("hang").expect("hang");
     let hung = Instant::now();
     let err = vm.wait_stderr(Duration::from_secs(30), "FENCED");
@@ -321,6 +346,15 @@ fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     std::thread::sleep(Duration::from_secs(2));
     let now = last_pass(&mut vm);
     assert!(now <= last + 1, "the guest ran on after the fence: pass {last} -> {now}");
+    // A resume while the storage still hangs is refused within its 2 s probe, and the VMM
+    // goes on answering (taking the lock would have blocked its API thread for as long).
+    let asked = Instant::now();
+    let out = output(ferry().args(["resume", "--api-socket", s(&sock)]));
+    let took = asked.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("did not answer within 2 s"), "{err}");
+    assert!(took < Duration::from_secs(5), "the resume took {took:?}");
+    assert_eq!(info(&sock)["state"], "fenced");
     // The storage comes back: nothing resumes the VM on its own.
     fs.set("ok").expect("ok");
     std::thread::sleep(Duration::from_secs(3));
@@ -329,8 +363,9 @@ fn a_vmm_whose_storage_hangs_fences_itself_before_its_lease_can_expire() {
     assert!(vm.signal_and_wait(libc::SIGTERM, T).success());
 }
 
-/// Long (~25 s): the datastore fails every operation for 5 s (less than the 14 s fence
-/// time) and recovers; the VM runs on where it was.
+/// Long (~25 s): the datastore fails every operation for 1 to 5 s (less than the 14 s
+/// fence time), from a random moment of the renewal cycle, and recovers; the VM runs on
+/// where it was.
 #[test]
 fn storage_errors_shorter_than_the_fence_time_leave_the_vm_running() {
     let dir = TempDir::new("lease-eio");
@@ -341,8 +376,13 @@ fn storage_errors_shorter_than_the_fence_time_leave_the_vm_running() {
     let sock = dir.path("a.sock");
     let mut vm = leased_vm(a, &ids, &home, &sock);
     let _unhang = Unhang(&fs);
+    std::thread::sleep(random_moment("the storage fails", RENEWAL));
     fs.set("eio").expect("eio");
-    std::thread::sleep(Duration::from_secs(5));
+    // 1 to 5 s of errors: at most 5 s, so the last good renewal is at most 2 x IO + 5 = 9 s
+    // old when they stop, well before the 14 s fence.
+    std::thread::sleep(
+        Duration::from_secs(1) + random_moment("the errors end after 1 s +", Duration::from_secs(4)),
+    );
     fs.set("ok").expect("ok");
     // Past the moment the VMM would have fenced had the errors gone on.
     std::thread::sleep(Duration::from_secs(7 * u64::from(IO) - 5 + 4));
@@ -391,6 +431,7 @@ fn another_host_takes_over_only_after_the_lease_expired() {
     let _unhang = Unhang(&fs);
     // B is refused while A holds the lease (and B joins the lockspace meanwhile).
     assert!(try_start(b, &ids_b, &home_b, &sock_b).is_none());
+    std::thread::sleep(random_moment("A's storage hangs", RENEWAL));
     fs.set("hang").expect("hang");
     let hung = Instant::now();
     vm_a.wait_stderr(Duration::from_secs(30), "FENCED");
@@ -438,6 +479,7 @@ fn a_frozen_host_thawed_after_a_takeover_never_runs_its_copy_again() {
     let mut vm_a = leased_vm(a, &ids, &home, &sock_a);
     assert!(try_start(b, &ids, &home, &sock_b).is_none());
     let (daemon_pid, vmm_pid) = (a.daemon.pid() as i32, vm_a.child.id() as i32);
+    std::thread::sleep(random_moment("host A freezes", RENEWAL));
     let freeze = |sig| {
         // SAFETY: signals to the processes this test started.
         unsafe {
@@ -589,15 +631,8 @@ fn a_migration_whose_source_storage_hangs_rolls_back_and_never_runs_twice() {
         &["--bandwidth-mib", "1", "--downtime-ms", "1", "--delta-cache-mib", "0", "--compress", "off"],
     );
     common::mig::wait_precopy(&sock);
-    // At a random moment of pre-copy (printed, so a failure can be replayed by hand).
-    let delay = Duration::from_millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_millis() as u64)
-            * 3
-            / 2,
-    );
-    eprintln!("the storage hangs {} ms into pre-copy", delay.as_millis());
+    // At a random moment of pre-copy.
+    let delay = random_moment("the storage hangs into pre-copy", Duration::from_millis(1500));
     std::thread::sleep(delay);
     fs.set("hang").expect("hang");
     let (_, r) = common::mig::finish(child);

@@ -40,7 +40,13 @@ fn key_hex(byte: u8) -> String {
 
 /// `ferry receive --api-socket SOCK` and nothing else; waits until the socket answers.
 fn empty_receiver(sock: &Path) -> Vm {
-    let vm = Vm::spawn(ferry().args(["receive", "--api-socket", s(sock), "--deadline-s", "120"]));
+    let vm = Vm::spawn(common::mig::on_b(ferry().args([
+        "receive",
+        "--api-socket",
+        s(sock),
+        "--deadline-s",
+        "120",
+    ])));
     wait_socket(sock);
     vm
 }
@@ -175,7 +181,7 @@ fn listen_fd_and_auth_key_fd_from_a_parent() {
     cmd.args(["receive", "--listen-fd", &lfd.to_string(), "--auth-key-fd", &kfd.to_string()]);
     cmd.args(["--api-socket", s(&dsock)]);
     inherit(&mut cmd, vec![lfd, kfd]);
-    let mut dst = Vm::spawn(&mut cmd);
+    let mut dst = Vm::spawn(common::mig::on_b(&mut cmd));
     drop(listener);
     drop(rd);
     dst.wait_stderr(T, "waiting for an incoming migration");

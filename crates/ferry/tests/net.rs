@@ -34,7 +34,7 @@ fn netecho(net_ns: &str, sock: &Path, home: &Path) -> Vm {
     let cmdline = format!("ip={VM_IP}/24");
     cmd.args(["run", "--guest", "netecho", "--memory", "64M", "--cmdline", &cmdline, "--net", &net]);
     cmd.args(["--api-socket", s(sock), "--home", s(home)]);
-    let mut vm = Vm::spawn(&mut cmd);
+    let mut vm = Vm::spawn(common::mig::on_a(&mut cmd));
     vm.wait_prefix(T, "netecho: ready");
     vm
 }
@@ -164,7 +164,7 @@ fn the_network_follows_the_vm() {
     let mut cmd = Net::exec(&net.b, env!("CARGO_BIN_EXE_ferry"));
     cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
     cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(&key), "--api-socket", s(&sock_b)]);
-    let mut b = Vm::spawn(&mut cmd);
+    let mut b = Vm::spawn(common::mig::on_b(&mut cmd));
     b.wait_stderr(T, "waiting for an incoming migration");
 
     // The client: iputils ping every 1 ms with timestamps, and UDP echoes.
@@ -266,7 +266,7 @@ fn a_restored_vm_answers_on_its_tap() {
     let mut cmd = Net::exec(&net.a, env!("CARGO_BIN_EXE_ferry"));
     cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
     cmd.args(["restore", "--from", s(&ckpt), "--api-socket", s(&sock2)]);
-    let mut restored = Vm::spawn(&mut cmd);
+    let mut restored = Vm::spawn(common::mig::on_a(&mut cmd));
     restored.wait_stderr(T, "API listening");
     assert!(ping(&net, 5), "no ping replies from the restored VM");
     let out = run_to_end(&["info", "--api-socket", s(&sock2), "--json"], T);

@@ -65,7 +65,7 @@ codes! {
     AcquireIddisk = -242, "the owner's host id could not be read";
     AcquireIdlive = -243, "another live host holds the lease";
     AcquireOwned = -244, "another host owns the lease";
-    AcquireOther = -245, "another process on this host holds the lease";
+    AcquireOther = -245, "another holder owns the lease (another host, or another process here)";
     AcquireShretry = -246, "a shared holder is in the way; retry";
     AcquireOwnedRetry = -247, "another host owns the lease; retry";
     ReleaseLver = -250, "the lease changed version while held";

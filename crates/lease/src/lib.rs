@@ -325,6 +325,73 @@ impl Resource {
         error::check("read_resource_owners", rv)?;
         Ok(Owners { lver: r.lver, hosts })
     }
+
+    /// Whether `host_id` marked its hold of lease version `lver` released in its ballot
+    /// block, read from disk.
+    ///
+    /// sanlock releases a lease by clearing the leader record's timestamp, but only when
+    /// the releasing host wrote that leader itself; when another host committed the
+    /// leader on its behalf (two hosts raced in Disk Paxos and the loser completed the
+    /// winner's ballot), the releasing host marks only its own ballot block released, and
+    /// the leader still names it as the owner. sanlock's next acquirer treats such a lease
+    /// as free; so do operators' reports, through this.
+    pub fn released_by(&self, host_id: u64, lver: u64) -> Result<bool, Error> {
+        let io = |source| Error::Os { op: "read the lease's ballot block", source };
+        let leader = read_sectors(&self.path, self.offset, 512).map_err(io)?;
+        let word32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let word64 = |b: &[u8], at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        if word32(&leader, 0) != PAXOS_DISK_MAGIC {
+            return Err(Error::Sanlock { op: "read the lease's leader record", code: Code::LeaderMagic });
+        }
+        let sector = u64::from(word32(&leader, 12));
+        if !(sector == 512 || sector == 4096) || !(1..=2000).contains(&host_id) {
+            return Ok(false);
+        }
+        // Sector 0: the leader; 1: requests; 2 + (host id - 1): each host's ballot block.
+        let at = self.offset + sector * (2 + host_id - 1);
+        let dblock = read_sectors(&self.path, at, sector as usize).map_err(io)?;
+        Ok(word64(&dblock, DBLOCK_LVER) == lver && word32(&dblock, DBLOCK_FLAGS) & DBLOCK_FL_RELEASED != 0)
+    }
+}
+
+/// The leader record's magic number (`PAXOS_DISK_MAGIC`).
+const PAXOS_DISK_MAGIC: u32 = 0x0615_2010;
+/// In a ballot block (`struct paxos_dblock`: mbal, bal, inp, inp2, inp3, lver as u64, then
+/// checksum and flags as u32, little-endian): where lver and flags are.
+const DBLOCK_LVER: usize = 40;
+const DBLOCK_FLAGS: usize = 52;
+/// The ballot block's flag: its host released the lease version it names.
+const DBLOCK_FL_RELEASED: u32 = 1;
+
+/// Reads `len` bytes at `offset` of `path`, bypassing the page cache where the file
+/// system allows (sanlock writes with `O_DIRECT`; another host's writes on shared storage
+/// are not in this host's cache).
+fn read_sectors(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const ALIGN: usize = 4096;
+    let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path);
+    let Ok(file) = direct else {
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(path)?.read_exact_at(&mut buf, offset)?;
+        return Ok(buf);
+    };
+    // An aligned buffer: O_DIRECT needs the memory, offset and length aligned.
+    let mut raw = vec![0u8; len + ALIGN];
+    let skip = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[skip..skip + len];
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(buf.to_vec()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let mut buf = vec![0u8; len];
+            std::fs::File::open(path)?.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What sanlock runs when this process's lease is failing, instead of sending SIGTERM: a

@@ -59,13 +59,36 @@ impl Daemon {
     /// Starts a daemon named `host_name` with its run directory under `scratch`, with
     /// `extra` daemon options, and waits until it accepts connections.
     pub fn start(scratch: &Path, host_name: &str, extra: &[&str]) -> std::io::Result<Self> {
+        Self::start_inner(scratch, host_name, extra, false)
+    }
+
+    /// [`Daemon::start`] for a daemon that lives as long as the test process: it gets
+    /// `SIGKILL` when the thread that starts it ends, so start it from a thread that never
+    /// does (a process-wide daemon is never dropped).
+    pub fn start_for_process(scratch: &Path, host_name: &str, extra: &[&str]) -> std::io::Result<Self> {
+        Self::start_inner(scratch, host_name, extra, true)
+    }
+
+    fn start_inner(scratch: &Path, host_name: &str, extra: &[&str], tied: bool) -> std::io::Result<Self> {
         use std::os::unix::process::CommandExt;
         let shim = shim(scratch)?;
         let run_dir = scratch.join(format!("sanlock-run-{host_name}"));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir)?;
         let log = std::fs::File::create(run_dir.join("daemon.log"))?;
-        let child = Command::new("sanlock")
+        let mut command = Command::new("sanlock");
+        if tied {
+            // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(["daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root", "-G", "root", "-L", "-1"])
             .args(["-e", host_name])
             .args(extra)

@@ -91,3 +91,26 @@ fn inquire_state_strings() {
     assert_eq!(parse_lver("LS:a:/p:0:2", "b"), None);
     assert_eq!(parse_lver("", "b"), None);
 }
+
+#[test]
+fn a_ballot_block_marked_released_frees_the_leader_that_still_names_its_host() {
+    let dir = Scratch::new("lease-dblock").expect("scratch");
+    let path = dir.path().join("vm.lease");
+    // A leader naming host 2 at lease version 3 (512-byte sectors), and host 2's ballot
+    // block, as sanlock leaves them when another host committed the leader for host 2.
+    let mut area = vec![0u8; MIB as usize];
+    area[0..4].copy_from_slice(&0x0615_2010u32.to_le_bytes());
+    area[12..16].copy_from_slice(&512u32.to_le_bytes());
+    let dblock = 512 * (2 + 2 - 1);
+    area[dblock + 40..dblock + 48].copy_from_slice(&3u64.to_le_bytes());
+    area[dblock + 52..dblock + 56].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&path, &area).expect("write");
+    let r = Resource { lockspace: "LS".into(), name: "vm".into(), path: path.clone(), offset: 0 };
+    assert!(r.released_by(2, 3).expect("read"));
+    // Another version, another host: not released.
+    assert!(!r.released_by(2, 4).expect("read"));
+    assert!(!r.released_by(1, 3).expect("read"));
+    // Not a lease at all.
+    std::fs::write(&path, vec![0u8; 4096]).expect("write");
+    assert_eq!(r.released_by(2, 3).expect_err("no magic").code(), Some(Code::LeaderMagic));
+}

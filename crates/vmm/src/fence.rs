@@ -76,6 +76,9 @@ impl Vmm {
     /// A fenced VM resumes only if this VMM gets the lease (and lock) back and the VM's
     /// generation is still the one it ran at: nobody started it elsewhere meanwhile.
     pub(crate) fn unfence(&mut self) -> Result<(), Error> {
+        // Not while the datastore still hangs: taking the lock would block this thread
+        // (which serves the API) for as long as it does.
+        self.home.answers_within(UNFENCE_PROBE)?;
         self.home.acquire(self.migrated_in.as_deref())?;
         // start_generation (in resume_vcpus) checks the generation against state_generation.
         self.resume_vcpus().inspect_err(|_| self.home.release())?;
@@ -89,6 +92,9 @@ impl Vmm {
         self.fenced.as_deref()
     }
 }
+
+/// How long a resume of a fenced VM waits for the home's storage to answer.
+const UNFENCE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn push(events: &Events, id: &str, reason: String) {
     events.push(id, Side::Source, EventBody::Fenced { reason });

@@ -346,6 +346,31 @@ impl VmHome {
     /// Takes the lock, without waiting, naming this process (and the migration that brought
     /// the VM here, if any) in the lock file, and reads the generation. Returns the previous
     /// lock record (`held` still true if its holder ended without releasing: it died).
+    /// Checks that the home's storage answers within `wait`: on a datastore that hangs,
+    /// every open or stat blocks in the kernel for as long as it hangs, so callers that must
+    /// not block (a resume asked through the API) look first. The probe runs on a thread of
+    /// its own, which stays blocked until the storage answers if it does not.
+    pub fn answers_within(&self, wait: std::time::Duration) -> Result<(), Error> {
+        let dir = self.dir.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probe = std::thread::Builder::new().name("home-probe".into()).spawn(move || {
+            let r = std::fs::metadata(&dir).and_then(|_| match std::fs::metadata(dir.join(GENERATION_FILE)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other.map(|_| ()),
+            });
+            let _ = tx.send(r);
+        });
+        let open = |source| Error::Open { path: self.dir.clone(), source };
+        probe.map_err(open)?;
+        match rx.recv_timeout(wait) {
+            Ok(r) => r.map_err(open),
+            Err(_) => Err(open(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("its storage did not answer within {} s", wait.as_secs_f64()),
+            ))),
+        }
+    }
+
     pub fn acquire(&mut self, migration_id: Option<&str>) -> Result<Option<LockRecord>, Error> {
         if self.lock.is_some() {
             return Ok(None);

@@ -555,7 +555,12 @@ pub fn status(dir: &Path) -> Result<Option<LeaseStatus>, ferry_lease::Error> {
     }
     let resource = Resource::read(&path)?;
     let owners = resource.owners()?;
-    let owner = owners.hosts.first();
+    // A leader whose owner marked its ballot block released is free (see
+    // `Resource::released_by`).
+    let owner = match owners.hosts.first() {
+        Some(h) if resource.released_by(h.host_id, owners.lver)? => None,
+        other => other,
+    };
     Ok(Some(LeaseStatus {
         lockspace: resource.lockspace,
         resource: resource.name,

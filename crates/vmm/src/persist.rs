@@ -363,6 +363,20 @@ impl Vmm {
         let snap: VmSnapshot = read_state_file(dir).map_err(RestoreError::from)?;
         let host = open_host()?;
         check_consistent(&snap, host.max_vcpus)?;
+        // CPU features and the memory file, before the home is claimed: a checkpoint this
+        // host cannot run neither takes the lease (raising its version) nor the lock.
+        for (i, v) in snap.vcpus.iter().enumerate() {
+            let entries: Vec<kvm_cpuid_entry2> = v.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+            let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
+                return Err(RestoreError::MissingFeatures(format!("{} (vCPU {i})", names.join(", "))).into());
+            }
+        }
+        let regions: Vec<(GuestAddress, u64)> =
+            snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
+        let mem = memfile::map_private(&dir.join(MEMORY_FILE), &regions).map_err(RestoreError::from)?;
+
         let target = config.home.as_deref().or(snap.home.as_deref());
         let (mut claim, home_is_default) =
             crate::lock_home(target, &config.state_dir, false, config.lease.clone())?;
@@ -372,23 +386,10 @@ impl Vmm {
         };
         let state_generation = adopt_checkpoint(claim.home_mut(), &snap, same_home, config.revert)?;
 
-        // CPU features, before anything is created.
-        for (i, v) in snap.vcpus.iter().enumerate() {
-            let entries: Vec<kvm_cpuid_entry2> = v.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
-            let missing = ferry_arch::cpuid::missing_features(&entries, &host.supported);
-            if !missing.is_empty() {
-                let names: Vec<String> = missing.iter().map(|f| f.to_string()).collect();
-                return Err(RestoreError::MissingFeatures(format!("{} (vCPU {i})", names.join(", "))).into());
-            }
-        }
-
         // The disks (locked) and taps, before anything else is created.
         let backends: Vec<crate::virtio::Backend> = snap.virtio.iter().map(|v| v.backend.clone()).collect();
         let (opened, backends) = crate::virtio::open_backends(&backends, true, &config.tap_map)?;
 
-        let regions: Vec<(GuestAddress, u64)> =
-            snap.memory_regions.iter().map(|r| (GuestAddress(r.guest_addr), r.len)).collect();
-        let mem = memfile::map_private(&dir.join(MEMORY_FILE), &regions).map_err(RestoreError::from)?;
         let vm_fd = vm::create_vm(&host.kvm, &mem)?;
         Vmm::from_snapshot(Parts {
             host,

@@ -1,6 +1,9 @@
 //! Helpers for the migration tests (`migration.rs`, `cancel.rs`): a memstress source with an
 //! API socket, a `ferry receive`, `ferry migrate` in the foreground or background, and the
 //! checks that the VM still runs where it should.
+//!
+//! Sources run on host A and receivers on host B of the shared datastore
+//! (`super::leases`): every migration these helpers make moves a sanlock lease.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -9,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::leases::datastore;
 use super::{ferry, pass_number, run_to_end, wait_timeout, write_random_file, TempDir, Vm};
 
 pub const T: Duration = Duration::from_secs(60);
@@ -40,13 +44,23 @@ pub fn source(dir: &TempDir, extra: &[&str]) -> (Vm, PathBuf) {
     if !extra.contains(&"--cmdline") {
         args.extend_from_slice(&["--cmdline", "wss=8M"]);
     }
-    let mut vm = Vm::start(&args);
+    let mut vm = Vm::spawn(on_a(ferry().arg("run").args(&args)));
     vm.wait_prefix(T, "memstress: ready");
     vm.wait_line(T, |l| pass_number(l).is_some_and(|n| n >= 2));
     (vm, sock)
 }
 
-/// `ferry receive` with its console on stdout; waits until it listens.
+/// `cmd` (a `ferry run|restore|receive`) on host A of the shared datastore, with `--lease`.
+pub fn on_a(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    datastore().a.leased(cmd)
+}
+
+/// `cmd` (a `ferry run|restore|receive`) on host B of the shared datastore, with `--lease`.
+pub fn on_b(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    datastore().b.leased(cmd)
+}
+
+/// `ferry receive` on host B with its console on stdout; waits until it listens.
 pub fn receiver(port: u16, key: &Path, sock: Option<&Path>, env: &[(&str, &str)]) -> Vm {
     let listen = format!("tcp:127.0.0.1:{port}");
     let mut cmd = ferry();
@@ -57,7 +71,7 @@ pub fn receiver(port: u16, key: &Path, sock: Option<&Path>, env: &[(&str, &str)]
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let vm = Vm::spawn(&mut cmd);
+    let vm = Vm::spawn(on_b(&mut cmd));
     vm.wait_stderr(T, "waiting for an incoming migration");
     vm
 }

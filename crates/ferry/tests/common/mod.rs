@@ -5,6 +5,7 @@
 
 pub mod faultproxy;
 pub mod hostd;
+pub mod leases;
 pub mod mig;
 pub mod overlap;
 
@@ -64,13 +65,13 @@ impl Drop for TempDir {
 
 /// Runs `ferry` with `args` to completion (at most `timeout`), returning its output.
 pub fn run_to_end(args: &[&str], timeout: Duration) -> Output {
-    let mut child = ferry()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry");
+    run_cmd_to_end(ferry().args(args), timeout)
+}
+
+/// Runs `cmd` to completion (at most `timeout`), returning its output.
+pub fn run_cmd_to_end(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn ferry");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || {
@@ -86,7 +87,7 @@ pub fn run_to_end(args: &[&str], timeout: Duration) -> Output {
     let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("ferry {args:?} did not finish within {timeout:?}");
+        panic!("{cmd:?} did not finish within {timeout:?}");
     });
     Output { status, stdout: t_out.join().expect("stdout"), stderr: t_err.join().expect("stderr") }
 }
@@ -105,12 +106,15 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
-/// Asserts a run failed with exactly one line on stderr that contains `needle`.
+/// Asserts a run failed with exactly one line on stderr that contains `needle`, besides
+/// INFO log lines (a leased VMM logs taking and giving back the lease of a VM it then
+/// could not start).
 pub fn assert_one_line_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, got {:?}; stderr: {stderr}", out.status);
     assert_ne!(out.status.code(), None, "killed by a signal: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let info = |l: &str| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains("Z  INFO ");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && !info(l)).collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{stderr}");
     assert!(lines[0].contains(needle), "expected {needle:?} in: {}", lines[0]);
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");

@@ -149,14 +149,16 @@ pub fn proc_state(pid: u32) -> Option<char> {
 pub fn freeze_then_kill(pid: u32) -> Option<u64> {
     // SAFETY: signalling a process this test started (and has not reaped yet).
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // A thread in uninterruptible sleep (an fsync on a loaded machine) stops only once it
+    // leaves it: seen taking over 10 s here.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match proc_state(pid) {
             Some('T') => break,
             None | Some('Z') | Some('X') => return None,
             Some(other) => assert!(
                 std::time::Instant::now() < deadline,
-                "pid {pid} still shows state {other} 10 s after SIGSTOP"
+                "pid {pid} still shows state {other} 30 s after SIGSTOP"
             ),
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
