@@ -110,6 +110,17 @@ fn host_vm_bad_input() {
     let e = h.vm_fails(&["register", bad.to_str().expect("path")]);
     assert!(e.contains("already registered"), "{e}");
 
+    // A guest the VMM does not know: the start fails with the VMM's own words, and the VM
+    // is left crashed with its exit code (nothing runs, no socket is left).
+    h.vm_json(&["create", "g", "--datastore", "local", "--memory-mib", "64", "--guest", "nosuchguest"]);
+    let e = h.vm_fails(&["start", "g"]);
+    assert!(e.contains("the VMM of g exited while starting (exit code"), "{e}");
+    assert!(e.contains("nosuchguest"), "{e}");
+    let v = h.vm_json(&["show", "g"]);
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(v.get("api_socket").is_none(), "{v}");
+    h.vm_json(&["list"]);
+
     // A home removed while the daemon was down: at start-up the home wins, the VM is
     // unregistered (and an event says why).
     h.stop_daemon();
@@ -118,7 +129,7 @@ fn host_vm_bad_input() {
     let list = h.vm_json(&["list"]);
     let names: Vec<&str> =
         list["vms"].as_array().expect("vms").iter().filter_map(|v| v["name"].as_str()).collect();
-    assert_eq!(names, ["bad"], "{list}");
+    assert_eq!(names, ["bad", "g"], "{list}");
     assert!(h.daemon_log().contains("unregistered: its home cannot be read"), "{}", h.daemon_log());
 
     // An unreachable daemon.
