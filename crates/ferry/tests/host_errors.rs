@@ -132,6 +132,13 @@ fn host_vm_bad_input() {
     assert_eq!(names, ["bad", "g"], "{list}");
     assert!(h.daemon_log().contains("unregistered: its home cannot be read"), "{}", h.daemon_log());
 
+    // Unregister: refused for an unknown VM; the home stays and registers again.
+    let e = h.vm_fails(&["unregister", "ghost"]);
+    assert!(e.contains("no VM named \"ghost\""), "{e}");
+    h.vm_json(&["unregister", "bad"]);
+    assert!(bad.join("vm.toml").is_file(), "the home stays");
+    assert_eq!(h.vm_json(&["register", bad.to_str().expect("path")])["state"], "defined");
+
     // An unreachable daemon.
     let out = common::ferry().args(["vm", "list", "--host", "http://127.0.0.1:1"]).output().expect("run");
     let e = stderr_of(&out);
