@@ -145,7 +145,8 @@ Examples:
   ferry vm suspend web1; ferry vm resume web1
   ferry vm stop web1            # graceful: the VMM stops the vCPUs and exits
   ferry vm kill web1            # SIGKILL
-  ferry vm register /srv/ferry/ds1/web2   # adopt an existing home";
+  ferry vm register /srv/ferry/ds1/web2   # adopt an existing home
+  ferry vm unregister web2                # forget it (the home stays)";
 
 /// `ferry vm ...`.
 #[derive(Debug, Args)]
@@ -170,6 +171,9 @@ pub enum VmCommand {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
+    /// Forget a VM that does not run here; its home stays (register it again, here or on
+    /// another host).
+    Unregister(VmName),
     /// Boot a VM (defined or crashed).
     Start(VmName),
     /// Stop a VM gracefully (SIGTERM to its VMM: the vCPUs stop, the lock is released).

@@ -186,6 +186,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
             let d: VmDetail = client.post(paths::REGISTER, &RegisterVm { path })?;
             detail(d)
         }
+        VmCommand::Unregister(n) => detail(client.delete(&paths::vm(&n.name))?),
         VmCommand::Start(n) => detail(act(&n.name, Action::Start)?),
         VmCommand::Stop(n) => detail(act(&n.name, Action::Stop)?),
         VmCommand::Kill(n) => detail(act(&n.name, Action::Kill)?),

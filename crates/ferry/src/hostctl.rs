@@ -124,6 +124,11 @@ impl HostClient {
         self.decode(self.request("POST", path, Some(bytes))?)
     }
 
+    /// `DELETE path`, answer decoded as `T`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.decode(self.request("DELETE", path, None)?)
+    }
+
     fn decode<T: DeserializeOwned>(&self, (status, body): (u16, Vec<u8>)) -> Result<T, Error> {
         if !(200..300).contains(&status) {
             return Err(Error::Refused(serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| {

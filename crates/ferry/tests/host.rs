@@ -96,6 +96,10 @@ fn host_vm_lifecycle() {
     assert!(!std::path::Path::new(sock).exists(), "the socket is removed");
     let e = h.vm_fails(&["stop", "m1"]);
     assert!(e.contains("no VMM runs it"), "{e}");
+    // A running VM cannot be unregistered.
+    h.vm_json(&["start", "m1"]);
+    let e = h.vm_fails(&["unregister", "m1"]);
+    assert!(e.contains("VM m1 is running: stop it before unregistering it"), "{e}");
 }
 
 #[test]

@@ -110,6 +110,17 @@ fn host_vm_bad_input() {
     let e = h.vm_fails(&["register", bad.to_str().expect("path")]);
     assert!(e.contains("already registered"), "{e}");
 
+    // A guest the VMM does not know: the start fails with the VMM's own words, and the VM
+    // is left crashed with its exit code (nothing runs, no socket is left).
+    h.vm_json(&["create", "g", "--datastore", "local", "--memory-mib", "64", "--guest", "nosuchguest"]);
+    let e = h.vm_fails(&["start", "g"]);
+    assert!(e.contains("the VMM of g exited while starting (exit code"), "{e}");
+    assert!(e.contains("nosuchguest"), "{e}");
+    let v = h.vm_json(&["show", "g"]);
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(v.get("api_socket").is_none(), "{v}");
+    h.vm_json(&["list"]);
+
     // A home removed while the daemon was down: at start-up the home wins, the VM is
     // unregistered (and an event says why).
     h.stop_daemon();
@@ -118,8 +129,15 @@ fn host_vm_bad_input() {
     let list = h.vm_json(&["list"]);
     let names: Vec<&str> =
         list["vms"].as_array().expect("vms").iter().filter_map(|v| v["name"].as_str()).collect();
-    assert_eq!(names, ["bad"], "{list}");
+    assert_eq!(names, ["bad", "g"], "{list}");
     assert!(h.daemon_log().contains("unregistered: its home cannot be read"), "{}", h.daemon_log());
+
+    // Unregister: refused for an unknown VM; the home stays and registers again.
+    let e = h.vm_fails(&["unregister", "ghost"]);
+    assert!(e.contains("no VM named \"ghost\""), "{e}");
+    h.vm_json(&["unregister", "bad"]);
+    assert!(bad.join("vm.toml").is_file(), "the home stays");
+    assert_eq!(h.vm_json(&["register", bad.to_str().expect("path")])["state"], "defined");
 
     // An unreachable daemon.
     let out = common::ferry().args(["vm", "list", "--host", "http://127.0.0.1:1"]).output().expect("run");

@@ -21,7 +21,8 @@ pub mod paths {
     /// `POST` [`crate::RegisterVm`]: adopt an existing home, answers [`crate::VmDetail`].
     pub const REGISTER: &str = "/vms/register";
 
-    /// `GET /vms/NAME`: [`crate::VmDetail`].
+    /// `GET /vms/NAME`: [`crate::VmDetail`]; `DELETE /vms/NAME`: unregister (the home stays),
+    /// answers its last [`crate::VmDetail`].
     pub fn vm(name: &str) -> String {
         format!("/vms/{name}")
     }

@@ -51,7 +51,7 @@ pub fn router(state: Shared) -> Router {
         .route(ferry_host_api::paths::HOST, get(host))
         .route(ferry_host_api::paths::VMS, get(list).post(create))
         .route(ferry_host_api::paths::REGISTER, post(register))
-        .route("/vms/{name}", get(show))
+        .route("/vms/{name}", get(show).delete(unregister))
         .route("/vms/{name}/log", get(log))
         .route("/vms/{name}/{action}", post(action))
         .fallback(|| async {
@@ -104,6 +104,13 @@ async fn show(
     Path(name): Path<String>,
 ) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
     Ok(Json(d.show(&name).await?))
+}
+
+async fn unregister(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_host_api::VmDetail>, Failure> {
+    Ok(Json(d.unregister(&name).await?))
 }
 
 async fn log(

@@ -84,10 +84,8 @@ pub fn check(def: &VmDefinition) -> Result<(), (String, String)> {
     match (&def.guest, &def.kernel) {
         (Some(_), Some(_)) => return e("kernel", "give either guest or kernel, not both".into()),
         (None, None) => return e("guest", "give a bundled guest (see `ferry guests`) or a kernel".into()),
-        (Some(g), None) if ferry_guests_known(g).is_err() => {
-            return e("guest", ferry_guests_known(g).err().unwrap_or_default())
-        }
-        _ => {}
+        (Some(g), None) => check_guest_name(g).or_else(|m| e("guest", m))?,
+        (None, Some(_)) => {}
     }
     for (i, d) in def.disks.iter().enumerate() {
         let f = format!("disks[{i}].file");
@@ -116,8 +114,9 @@ pub fn check(def: &VmDefinition) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// Bundled guests are checked by the VMM at start; here only the name's shape.
-fn ferry_guests_known(name: &str) -> Result<(), String> {
+/// Bundled guests are checked by the VMM at start (an unknown one fails the start with
+/// the VMM's message); here only the name's shape.
+fn check_guest_name(name: &str) -> Result<(), String> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("{name:?} is not a guest name (see `ferry guests`)"));
     }

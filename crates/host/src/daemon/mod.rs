@@ -533,6 +533,25 @@ impl Daemon {
         Ok(detail)
     }
 
+    /// `DELETE /vms/NAME`: forgets a VM whose VMM does not run here; its home stays as it is
+    /// (it can be registered again, here or on another host). Answers the VM's last report.
+    pub async fn unregister(&self, name: &str) -> Result<VmDetail, Error> {
+        let mut vms = self.vms.lock().await;
+        let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
+        if vm.row.state.has_process() {
+            return Err(Error::Conflict(format!(
+                "VM {name} is {}: stop it before unregistering it",
+                vm.row.state
+            )));
+        }
+        let detail = Self::detail(vm, None);
+        self.db.delete(name).await?;
+        vms.remove(name);
+        drop(vms);
+        self.event(name, "unregistered", &format!("home {} kept", detail.home.display())).await;
+        Ok(detail)
+    }
+
     /// `POST /vms/register`: adopts an existing home on one of this host's datastores.
     pub async fn register(&self, req: RegisterVm) -> Result<VmDetail, Error> {
         let home = std::fs::canonicalize(&req.path)

@@ -67,12 +67,14 @@ impl Daemon {
                 // A VMM of this VM is alive: adopt it.
                 row.pid = Some(pid);
                 row.api_socket = Some(sock);
-                row.state = state;
+                // A stop asked of the previous daemon still stands: its end is not a crash.
+                let stopping = before == VmState::Stopping;
+                row.state = if stopping { VmState::Stopping } else { state };
                 row.taps = (0..def.nics.len()).map(|i| vmdef::tap_name(&def.name, i)).collect();
                 self.db.put(&row).await?;
                 self.vms.lock().await.insert(
                     row.name.clone(),
-                    Vm { row: row.clone(), def, stop_requested: false, suspending: false },
+                    Vm { row: row.clone(), def, stop_requested: stopping, suspending: false },
                 );
                 self.event(
                     &row.name,
