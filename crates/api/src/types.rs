@@ -214,6 +214,10 @@ pub struct MigrateRequest {
     /// than sending it), `on` or `off`. Used when the destination has the `lz4` feature.
     #[serde(default)]
     pub compress: Compress,
+    /// The migration's id, when the caller chose it (the host daemons use the same id on
+    /// both hosts): 1 to 64 of letters, digits, `-`, `_`. Default: a fresh `m-...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
 }
 
 /// Whether a migration compresses pages.
@@ -310,6 +314,7 @@ impl MigrateRequest {
             max_downtime_ms: default_max_downtime_ms(),
             delta_cache_mib: default_delta_cache_mib(),
             compress: Compress::Auto,
+            migration_id: None,
         }
     }
 }

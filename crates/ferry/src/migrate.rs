@@ -30,6 +30,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         max_downtime_ms: args.max_downtime_ms,
         delta_cache_mib: args.delta_cache_mib,
         compress: args.compress,
+        migration_id: None,
     };
     let socket = args.socket.api_socket.clone();
     let Response::MigrationStarted(started) = send(&socket, &Request::Migrate(request), QUICK)? else {

@@ -36,6 +36,33 @@ pub mod paths {
     pub fn log(name: &str, lines: usize) -> String {
         format!("/vms/{name}/log?lines={lines}")
     }
+
+    /// `POST /vms/NAME/migrate` [`crate::MigrateVm`]: answers [`crate::MigrateStarted`] (or,
+    /// with `check`, the [`crate::CheckReport`] alone).
+    pub fn migrate(name: &str) -> String {
+        format!("/vms/{name}/migrate")
+    }
+
+    /// `POST` [`crate::IncomingMigration`] (host peers): reserve for an incoming VM, answers
+    /// [`crate::Reservation`]; with a 409 [`crate::CheckReport`]-carrying error when refused.
+    pub const INCOMING: &str = "/migrations/incoming";
+    /// `POST` [`crate::IncomingMigration`] (host peers): the checks alone, [`crate::CheckReport`].
+    pub const INCOMING_CHECK: &str = "/migrations/incoming/check";
+
+    /// `POST /migrations/ID/complete` (host peers): the source's VMM committed; the VM is
+    /// the destination's. Answers [`crate::MigrationRecord`].
+    pub fn complete(id: &str) -> String {
+        format!("/migrations/{id}/complete")
+    }
+
+    /// `POST /migrations/ID/abort` (host peers): release the reservation. Answers
+    /// [`crate::MigrationRecord`].
+    pub fn abort(id: &str) -> String {
+        format!("/migrations/{id}/abort")
+    }
+
+    /// `GET /migrations[?active|?failed|?id=ID]`: [`crate::MigrationList`].
+    pub const MIGRATIONS: &str = "/migrations";
 }
 
 /// A VM's lifecycle as the daemon sees it. Transitions (checked by the daemon, see
@@ -422,6 +449,261 @@ pub struct HostInfo {
     pub portgroups: Vec<PortGroupInfo>,
     /// VMs.
     pub vms: Vec<VmSummary>,
+}
+
+/// Why a migration to a host cannot go ahead (a check's reason), as a stable code.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckCode {
+    /// The destination daemon does not answer.
+    Unreachable,
+    /// It speaks none of the source's migration protocol versions (or another API version).
+    Protocol,
+    /// The VM's datastore (its id) is not among the destination's.
+    DatastoreNotVisible,
+    /// A port group of the VM's NICs is missing there (or its bridge is).
+    PortGroupMissing,
+    /// Not enough free memory there (available minus reserved).
+    NotEnoughMemory,
+    /// CPU features the VM may use are not offered by the destination's KVM.
+    CpuFeatures,
+    /// The VM does not run (a VM that is not running cannot migrate live).
+    VmNotRunning,
+    /// A migration of the VM is already in progress.
+    AlreadyMigrating,
+    /// The destination is in maintenance.
+    Maintenance,
+    /// A VM of that name (or a MAC of it) is already registered on the destination.
+    NameTaken,
+    /// The destination is the source itself.
+    SameHost,
+}
+
+impl CheckCode {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckCode::Unreachable => "unreachable",
+            CheckCode::Protocol => "protocol",
+            CheckCode::DatastoreNotVisible => "datastore_not_visible",
+            CheckCode::PortGroupMissing => "port_group_missing",
+            CheckCode::NotEnoughMemory => "not_enough_memory",
+            CheckCode::CpuFeatures => "cpu_features",
+            CheckCode::VmNotRunning => "vm_not_running",
+            CheckCode::AlreadyMigrating => "already_migrating",
+            CheckCode::Maintenance => "maintenance",
+            CheckCode::NameTaken => "name_taken",
+            CheckCode::SameHost => "same_host",
+        }
+    }
+}
+
+/// One reason a migration cannot go ahead.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReason {
+    /// What kind.
+    pub code: CheckCode,
+    /// In words.
+    pub message: String,
+}
+
+/// The checks of a migration to a host: every reason at once.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The VM.
+    pub vm: String,
+    /// The destination (its URL as given, or its name once it answered).
+    pub destination: String,
+    /// No reasons: it may go ahead.
+    pub ok: bool,
+    /// Every reason it may not.
+    pub reasons: Vec<CheckReason>,
+    /// The VM's home mapped to the destination's path for the same datastore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_home: Option<PathBuf>,
+}
+
+/// `POST /vms/NAME/migrate`: migrate a running VM to another host's daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// The destination daemon (`http://HOST:PORT`).
+    pub to_host: String,
+    /// Largest acceptable downtime, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Parallel streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+    /// Only run the checks (nothing is reserved).
+    #[serde(default)]
+    pub check: bool,
+}
+
+/// The answer of `POST /vms/NAME/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrateStarted {
+    /// The checks (with `check: true`, or when they refused).
+    pub checks: CheckReport,
+    /// The migration's id once started (follow it with `GET /migrations?id=ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+}
+
+/// `POST /migrations/incoming` (and `/check`): a source host asks this one to take a VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMigration {
+    /// The migration's id (the same on both hosts).
+    pub migration_id: String,
+    /// The source host's name.
+    pub source: String,
+    /// The VM's definition.
+    pub definition: VmDefinition,
+    /// The id of the VM's datastore.
+    pub datastore_id: String,
+    /// Feature bits the VM may use (the source's KVM offer).
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+    /// Migration protocol versions the source speaks.
+    #[serde(default)]
+    pub migration_protocols: Vec<u32>,
+}
+
+/// The answer of `POST /migrations/incoming`: where the receiver listens and its one-time
+/// key (sent only over the daemons' channel).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reservation {
+    /// The migration.
+    pub migration_id: String,
+    /// `tcp:IP:PORT` of the receiving VMM.
+    pub listen: String,
+    /// The 32-byte key, hex.
+    pub auth_key_hex: String,
+    /// The VM's home on the destination.
+    pub home: PathBuf,
+    /// Until when the reservation holds if unused (ms since the Unix epoch).
+    pub expires_unix_ms: u64,
+}
+
+/// Which side of a migration a host's record is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationRole {
+    /// The VM left this host.
+    Source,
+    /// The VM came to this host.
+    Destination,
+}
+
+/// How a migration ended (or that it has not yet).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationOutcome {
+    /// In progress.
+    Active,
+    /// The VM runs on the destination.
+    Completed,
+    /// The VM stayed on the source.
+    Failed,
+    /// Refused by the checks.
+    Refused,
+}
+
+impl MigrationOutcome {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationOutcome::Active => "active",
+            MigrationOutcome::Completed => "completed",
+            MigrationOutcome::Failed => "failed",
+            MigrationOutcome::Refused => "refused",
+        }
+    }
+
+    /// Parses [`MigrationOutcome::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => MigrationOutcome::Active,
+            "completed" => MigrationOutcome::Completed,
+            "failed" => MigrationOutcome::Failed,
+            "refused" => MigrationOutcome::Refused,
+            _ => return None,
+        })
+    }
+}
+
+/// Live progress of a migration (from the source VMM's `GET /vm/migration`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationProgress {
+    /// The phase.
+    pub phase: String,
+    /// The pass.
+    pub pass: u32,
+    /// Pages left in this pass.
+    pub pages_left: u64,
+    /// MiB/s.
+    pub rate_mib_s: f64,
+    /// Expected downtime now, ms.
+    pub expected_downtime_ms: f64,
+    /// Estimated time left, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<f64>,
+    /// Bytes sent so far.
+    pub bytes_transferred: u64,
+}
+
+/// One migration in a host's history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationRecord {
+    /// Its id (the same on both hosts).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The source host's name.
+    pub source: String,
+    /// The destination host's name (or URL).
+    pub destination: String,
+    /// This host's side.
+    pub role: MigrationRole,
+    /// Start, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// End, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_unix_ms: Option<u64>,
+    /// How it ended.
+    pub outcome: MigrationOutcome,
+    /// Why, as a stable code (`completed`, the VMM's reason codes, the checks' codes ...).
+    #[serde(default)]
+    pub reason_code: String,
+    /// Why, in words.
+    #[serde(default)]
+    pub reason: String,
+    /// The guest's downtime, ms (the source's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// Total time, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<f64>,
+    /// Time spent outside the VMM's migration (checks, reservation, completion), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orchestration_ms: Option<f64>,
+    /// Bytes sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Per-pass statistics (the report's passes), JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passes: Option<serde_json::Value>,
+    /// Live progress while active (source side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
+}
+
+/// `GET /migrations`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationList {
+    /// Newest first.
+    pub migrations: Vec<MigrationRecord>,
 }
 
 /// What kind of failure an error answer is: clients decide on this, never on the text.

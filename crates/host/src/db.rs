@@ -4,20 +4,22 @@
 //!
 //! Schema versions are forward migrations applied at start-up, each in a transaction that
 //! records its version in `schema_version`; a database whose version is newer than this
-//! binary knows is refused with both versions named. A later slice adds the `migrations`
-//! table (VM migration history) as version 2.
+//! binary knows is refused with both versions named. Version 2 adds the `migrations` table
+//! (the host's migration history: each row's columns for queries, `record` the whole
+//! [`ferry_host_api::MigrationRecord`] as JSON).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use ferry_host_api::{ExitInfo, VmState};
+use ferry_host_api::{ExitInfo, MigrationOutcome, MigrationRecord, MigrationRole, VmState};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
 
 /// The schema, version by version.
-const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    "CREATE TABLE vms (
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE vms (
         name TEXT PRIMARY KEY,
         home TEXT NOT NULL UNIQUE,
         datastore TEXT NOT NULL,
@@ -36,7 +38,28 @@ const MIGRATIONS: &[(u32, &str)] = &[(
         kind TEXT NOT NULL,
         message TEXT NOT NULL
     );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE migrations (
+        id TEXT PRIMARY KEY,
+        vm TEXT NOT NULL,
+        source TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        role TEXT NOT NULL,
+        started_unix_ms INTEGER NOT NULL,
+        ended_unix_ms INTEGER,
+        outcome TEXT NOT NULL,
+        reason_code TEXT NOT NULL DEFAULT '',
+        downtime_ms REAL,
+        total_ms REAL,
+        bytes INTEGER,
+        passes TEXT,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX migrations_outcome ON migrations (outcome);",
+    ),
+];
 
 /// Errors of the database.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +256,66 @@ impl Db {
         Ok(out)
     }
 
+    /// Writes a migration's record (insert or replace).
+    pub async fn put_migration(&self, m: &MigrationRecord) -> Result<(), Error> {
+        let mut stored = m.clone();
+        stored.progress = None;
+        sqlx::query(
+            "INSERT OR REPLACE INTO migrations (id, vm, source, destination, role, started_unix_ms, ended_unix_ms,
+             outcome, reason_code, downtime_ms, total_ms, bytes, passes, record)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.id)
+        .bind(&m.vm)
+        .bind(&m.source)
+        .bind(&m.destination)
+        .bind(match m.role {
+            MigrationRole::Source => "source",
+            MigrationRole::Destination => "destination",
+        })
+        .bind(m.started_unix_ms as i64)
+        .bind(m.ended_unix_ms.map(|t| t as i64))
+        .bind(m.outcome.as_str())
+        .bind(&m.reason_code)
+        .bind(m.downtime_ms)
+        .bind(m.total_ms)
+        .bind(m.bytes.map(|b| b as i64))
+        .bind(m.passes.as_ref().map(|p| p.to_string()))
+        .bind(serde_json::to_string(&stored).unwrap_or_default())
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Migration records, newest first: `outcome` filters (`active`, `failed` ...), `id` picks one.
+    pub async fn migrations(
+        &self,
+        outcome: Option<MigrationOutcome>,
+        id: Option<&str>,
+    ) -> Result<Vec<MigrationRecord>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, record FROM migrations WHERE (?1 IS NULL OR outcome = ?1) AND (?2 IS NULL OR id = ?2)
+             ORDER BY started_unix_ms DESC LIMIT 1000",
+        )
+        .bind(outcome.map(|o| o.as_str()))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("id").map_err(self.sql())?;
+            let text: String = r.try_get("record").map_err(self.sql())?;
+            out.push(serde_json::from_str(&text).map_err(|e| Error::Damaged {
+                path: self.path.clone(),
+                vm: format!("(migration {id})"),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
     /// Records an event (also logged).
     pub async fn event(&self, vm: Option<&str>, kind: &str, message: &str) -> Result<(), Error> {
         sqlx::query("INSERT INTO events (at_unix_ms, vm, kind, message) VALUES (?, ?, ?, ?)")
@@ -304,13 +387,35 @@ mod tests {
         drop(db);
         let db = Db::open(&path).await.expect("reopen");
         assert_eq!(db.all().await.expect("all"), vec![row]);
+        let m = MigrationRecord {
+            id: "m-1".into(),
+            vm: "a".into(),
+            source: "h1".into(),
+            destination: "h2".into(),
+            role: MigrationRole::Source,
+            started_unix_ms: 5,
+            ended_unix_ms: Some(9),
+            outcome: MigrationOutcome::Completed,
+            reason_code: "completed".into(),
+            reason: String::new(),
+            downtime_ms: Some(1.5),
+            total_ms: Some(4.0),
+            orchestration_ms: None,
+            bytes: Some(10),
+            passes: None,
+            progress: None,
+        };
+        db.put_migration(&m).await.expect("put migration");
+        assert_eq!(db.migrations(None, Some("m-1")).await.expect("by id"), vec![m.clone()]);
+        assert_eq!(db.migrations(Some(MigrationOutcome::Completed), None).await.expect("done").len(), 1);
+        assert!(db.migrations(Some(MigrationOutcome::Failed), None).await.expect("failed").is_empty());
         let events = db.events("a", 5).await.expect("events");
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].kind.as_str(), events[0].message.as_str()), ("crashed", "signal 9"));
         sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
         drop(db);
         let e = Db::open(&path).await.expect_err("too new").to_string();
-        assert!(e.contains("schema version 99, newer than this Ferry's 1"), "{e}");
+        assert!(e.contains("schema version 99, newer than this Ferry's 2"), "{e}");
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

@@ -653,7 +653,18 @@ impl Vmm {
                 reply,
             ));
         }
-        let id = new_migration_id();
+        let id = match &req.migration_id {
+            Some(id) if ferry_migration::handshake::valid_id(id) => id.clone(),
+            Some(id) => {
+                return Err((
+                    ApiError::bad_request(format!(
+                        "migration_id {id:?}: use 1 to 64 letters, digits, '-' or '_'"
+                    )),
+                    reply,
+                ))
+            }
+            None => new_migration_id(),
+        };
         let status: Status = Arc::new(Mutex::new(MigrationInfo {
             migration_id: id.clone(),
             phase: MigrationPhase::Setup,
