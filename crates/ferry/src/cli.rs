@@ -86,6 +86,27 @@ pub enum HostCommand {
     Serve(HostServeArgs),
     /// Show a host's inventory: CPU and what KVM offers, memory, datastores, port groups, VMs.
     Info(HostInfoArgs),
+    /// Show a host's migration history (both sides: source and destination), newest first.
+    Migrations(HostMigrationsArgs),
+}
+
+/// Arguments of `ferry host migrations`.
+#[derive(Debug, Args)]
+pub struct HostMigrationsArgs {
+    #[command(flatten)]
+    pub target: HostTarget,
+    /// Only the migrations in progress.
+    #[arg(long, conflicts_with_all = ["failed", "id"])]
+    pub active: bool,
+    /// Only the failed ones.
+    #[arg(long, conflicts_with = "id")]
+    pub failed: bool,
+    /// One migration.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `ferry host serve`.
@@ -146,7 +167,9 @@ Examples:
   ferry vm stop web1            # graceful: the VMM stops the vCPUs and exits
   ferry vm kill web1            # SIGKILL
   ferry vm register /srv/ferry/ds1/web2   # adopt an existing home
-  ferry vm unregister web2                # forget it (the home stays)";
+  ferry vm unregister web2                # forget it (the home stays)
+  ferry vm migrate web1 --to-host http://10.0.0.2:7443 --check   # only the checks
+  ferry vm migrate web1 --to-host http://10.0.0.2:7443           # live, by name";
 
 /// `ferry vm ...`.
 #[derive(Debug, Args)]
@@ -190,6 +213,9 @@ pub enum VmCommand {
     List,
     /// Show a VM: definition, state, pid, taps, lock holder, how its last VMM ended.
     Show(VmName),
+    /// Migrate a running VM to another host's daemon, by name: checks, reservation there,
+    /// live migration, hand-over. Progress lines, then the report.
+    Migrate(VmMigrateArgs),
     /// Show the end of a VM's log (HOME/vm.log).
     Log {
         /// The VM.
@@ -199,6 +225,26 @@ pub enum VmCommand {
         #[arg(long, short = 'n', value_name = "N", default_value_t = 50)]
         lines: usize,
     },
+}
+
+/// Arguments of `ferry vm migrate`.
+#[derive(Debug, Args)]
+pub struct VmMigrateArgs {
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The destination host's daemon (http://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    pub to_host: String,
+    /// Largest acceptable downtime, ms.
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
+    /// Parallel streams.
+    #[arg(long, value_name = "N")]
+    pub streams: Option<u32>,
+    /// Only run the checks (every reason listed; nothing is reserved).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// A VM's name.

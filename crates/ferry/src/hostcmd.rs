@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 
 use ferry_host_api::{
-    paths, Action, CreateVm, DiskDef, HostInfo, NicDef, RegisterVm, VmDefinition, VmDetail, VmList, VmLog,
+    paths, Action, CheckReport, CreateVm, DiskDef, HostInfo, MigrateStarted, MigrateVm, MigrationList,
+    MigrationOutcome, MigrationRole, NicDef, RegisterVm, VmDefinition, VmDetail, VmList, VmLog,
 };
 
-use crate::cli::{HostCommand, VmArgs, VmCommand};
+use crate::cli::{HostCommand, VmArgs, VmCommand, VmMigrateArgs};
 use crate::hostctl::HostClient;
 
 /// `ferry host ...`.
@@ -15,6 +16,22 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::Serve(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(ferry_host::run(&args.config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Migrations(args) => {
+            let client = HostClient::new(&args.target.url())?;
+            let path = match (&args.id, args.active, args.failed) {
+                (Some(id), _, _) => format!("{}?id={id}", paths::MIGRATIONS),
+                (None, true, _) => format!("{}?active", paths::MIGRATIONS),
+                (None, _, true) => format!("{}?failed", paths::MIGRATIONS),
+                _ => paths::MIGRATIONS.to_string(),
+            };
+            let list: MigrationList = client.get(&path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_migrations(&list);
+            }
             Ok(ExitCode::SUCCESS)
         }
         HostCommand::Info(args) => {
@@ -146,6 +163,121 @@ fn print_detail(d: &VmDetail) {
     }
 }
 
+fn ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+fn print_migrations(list: &MigrationList) {
+    println!(
+        "{:<16} {:<12} {:<12} {:<12} {:<11} {:<10} {:<28} {:>9} {:>9} {:>9} {:>10}",
+        "ID",
+        "VM",
+        "SOURCE",
+        "DESTINATION",
+        "ROLE",
+        "OUTCOME",
+        "REASON",
+        "DOWN_MS",
+        "TOTAL_MS",
+        "ORCH_MS",
+        "BYTES"
+    );
+    for m in &list.migrations {
+        println!(
+            "{:<16} {:<12} {:<12} {:<12} {:<11} {:<10} {:<28} {:>9} {:>9} {:>9} {:>10}",
+            m.id,
+            m.vm,
+            m.source,
+            m.destination,
+            match m.role {
+                MigrationRole::Source => "source",
+                MigrationRole::Destination => "destination",
+            },
+            m.outcome.as_str(),
+            m.reason_code,
+            ms(m.downtime_ms),
+            ms(m.total_ms),
+            ms(m.orchestration_ms),
+            m.bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn print_checks(c: &CheckReport) {
+    if c.ok {
+        println!("checks: VM {} may migrate to {}", c.vm, c.destination);
+    } else {
+        println!("checks: VM {} may not migrate to {}:", c.vm, c.destination);
+        for r in &c.reasons {
+            println!("  {}: {}", r.code.as_str(), r.message);
+        }
+    }
+}
+
+/// `ferry vm migrate`: starts the migration on the source's daemon, prints its progress
+/// from `GET /migrations?id=ID`, then the report.
+fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let req = MigrateVm {
+        to_host: args.to_host,
+        downtime_ms: args.downtime_ms,
+        streams: args.streams,
+        check: args.check,
+    };
+    let started: MigrateStarted = client.post(&paths::migrate(&args.name), &req)?;
+    let Some(id) = started.migration_id else {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&started.checks)?);
+        } else {
+            print_checks(&started.checks);
+        }
+        return Ok(if started.checks.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    };
+    if !json {
+        eprintln!("migration {id}: VM {} to {}", args.name, started.checks.destination);
+    }
+    let mut last = String::new();
+    let record = loop {
+        let list: MigrationList = client.get(&format!("{}?id={id}", paths::MIGRATIONS))?;
+        let Some(m) = list.migrations.into_iter().next() else {
+            anyhow::bail!("the daemon does not know migration {id}");
+        };
+        if m.outcome != MigrationOutcome::Active {
+            break m;
+        }
+        if let (Some(p), false) = (&m.progress, json) {
+            let line = format!(
+                "  {:<14} pass {:>2}  {:>8} pages left  {:>8.1} MiB/s  expected downtime {:>7.1} ms  ETA {}",
+                p.phase,
+                p.pass,
+                p.pages_left,
+                p.rate_mib_s,
+                p.expected_downtime_ms,
+                p.eta_ms.map(|e| format!("{:.1} s", e / 1e3)).unwrap_or_else(|| "-".into())
+            );
+            if line != last && !p.phase.is_empty() {
+                eprintln!("{line}");
+                last = line;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        println!("migration:  {} ({})", record.id, record.outcome.as_str());
+        println!("vm:         {} from {} to {}", record.vm, record.source, record.destination);
+        println!("reason:     {} {}", record.reason_code, record.reason);
+        println!("downtime:   {} ms", ms(record.downtime_ms));
+        println!(
+            "total:      {} ms ({} ms outside the VMM's migration)",
+            ms(record.total_ms),
+            ms(record.orchestration_ms)
+        );
+        println!("bytes:      {}", record.bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into()));
+    }
+    Ok(if record.outcome == MigrationOutcome::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 /// `ferry vm ...`.
 pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
     let client = HostClient::new(&args.target.url())?;
@@ -194,6 +326,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
         VmCommand::Resume(n) => detail(act(&n.name, Action::Resume)?),
         VmCommand::Snapshot(n) => detail(act(&n.name, Action::Snapshot)?),
         VmCommand::Show(n) => detail(client.get(&paths::vm(&n.name))?),
+        VmCommand::Migrate(m) => migrate(&client, m, json),
         VmCommand::List => {
             let list: VmList = client.get(paths::VMS)?;
             if json {

@@ -53,6 +53,11 @@ pub fn router(state: Shared) -> Router {
         .route(ferry_host_api::paths::REGISTER, post(register))
         .route("/vms/{name}", get(show).delete(unregister))
         .route("/vms/{name}/log", get(log))
+        .route("/vms/{name}/migrate", post(migrate))
+        .route(ferry_host_api::paths::MIGRATIONS, get(migrations))
+        .route(ferry_host_api::paths::INCOMING, post(incoming))
+        .route(ferry_host_api::paths::INCOMING_CHECK, post(incoming_check))
+        .route("/migrations/{id}/{step}", post(migration_step))
         .route("/vms/{name}/{action}", post(action))
         .fallback(|| async {
             Failure(ApiError { code: ErrorCode::NotFound, message: "no such endpoint".into() })
@@ -141,4 +146,62 @@ async fn action(
         })
     })?;
     Ok(Json(d.action(&name, action).await?))
+}
+
+async fn migrate(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::MigrateStarted>, Failure> {
+    let req: ferry_host_api::MigrateVm = body(&bytes)?;
+    Ok(Json(d.migrate(&name, req).await?))
+}
+
+async fn migrations(
+    State(d): State<Shared>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<ferry_host_api::MigrationList>, Failure> {
+    use ferry_host_api::MigrationOutcome;
+    let (mut outcome, mut id) = (None, None);
+    for kv in q.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=').unwrap_or((kv, "")) {
+            ("active", _) => outcome = Some(MigrationOutcome::Active),
+            ("failed", _) => outcome = Some(MigrationOutcome::Failed),
+            ("id", v) if !v.is_empty() => id = Some(v.to_string()),
+            _ => return Err(bad_request(format!("unknown query parameter {kv:?} (active, failed, id=ID)"))),
+        }
+    }
+    Ok(Json(ferry_host_api::MigrationList { migrations: d.migrations(outcome, id.as_deref()).await? }))
+}
+
+async fn incoming(
+    State(d): State<Shared>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::Reservation>, Failure> {
+    let req: ferry_host_api::IncomingMigration = body(&bytes)?;
+    Ok(Json(d.reserve(req).await?))
+}
+
+async fn incoming_check(
+    State(d): State<Shared>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::CheckReport>, Failure> {
+    let req: ferry_host_api::IncomingMigration = body(&bytes)?;
+    Ok(Json(d.incoming_check(req).await))
+}
+
+async fn migration_step(
+    State(d): State<Shared>,
+    Path((id, step)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_host_api::MigrationRecord>, Failure> {
+    let record: ferry_host_api::MigrationRecord = body(&bytes)?;
+    match step.as_str() {
+        "complete" => Ok(Json(d.complete_incoming(&id, Some(&record)).await?)),
+        "abort" => Ok(Json(d.abort_incoming(&id, &record).await?)),
+        _ => Err(Failure(ApiError {
+            code: ErrorCode::NotFound,
+            message: format!("no step {step:?} (complete, abort)"),
+        })),
+    }
 }

@@ -89,6 +89,12 @@ pub struct Config {
     pub datastores: BTreeMap<String, Datastore>,
     /// Port groups: name to bridge.
     pub portgroups: BTreeMap<String, String>,
+    /// The address incoming migrations' receivers listen on (default: `listen`'s IP).
+    pub migration_address: std::net::IpAddr,
+    /// In maintenance: incoming migrations are refused.
+    pub maintenance: bool,
+    /// Memory this host gives VMs, MiB (default: all it has).
+    pub vm_memory_mib: Option<u64>,
 }
 
 impl Config {
@@ -119,6 +125,10 @@ struct Raw {
     datastores: BTreeMap<Spanned<String>, Spanned<RawDatastore>>,
     #[serde(default)]
     portgroups: BTreeMap<Spanned<String>, Spanned<String>>,
+    migration_address: Option<Spanned<String>>,
+    #[serde(default)]
+    maintenance: bool,
+    vm_memory_mib: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -256,7 +266,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         portgroups.insert(pg, bridge.into_inner());
     }
 
-    Ok(Config { file: path.to_owned(), name, listen, state_dir, ferry_binary, datastores, portgroups })
+    let migration_address = match raw.migration_address {
+        Some(a) => a.get_ref().parse::<std::net::IpAddr>().map_err(|e| {
+            field(at(a.span()), "migration_address", format!("{:?} is not an IP address ({e})", a.get_ref()))
+        })?,
+        None => listen.ip(),
+    };
+    Ok(Config {
+        file: path.to_owned(),
+        name,
+        listen,
+        state_dir,
+        ferry_binary,
+        datastores,
+        portgroups,
+        migration_address,
+        maintenance: raw.maintenance,
+        vm_memory_mib: raw.vm_memory_mib,
+    })
 }
 
 /// Names of datastores, port groups and VMs: 1 to 64 of letters, digits, `-`, `_`, `.`, not

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datastore;
 pub mod db;
 pub mod inventory;
+pub mod peer;
 pub mod taps;
 pub mod vmdef;
 

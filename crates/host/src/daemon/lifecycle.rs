@@ -334,7 +334,7 @@ impl Daemon {
     }
 
     /// Waits (at most `wait`) until the VM's VMM `pid` has been recorded as ended.
-    async fn wait_end(&self, name: &str, pid: u32, wait: Duration) {
+    pub(super) async fn wait_end(&self, name: &str, pid: u32, wait: Duration) {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             {

@@ -30,6 +30,7 @@ use crate::db::{Db, VmRow};
 use crate::vmdef;
 
 mod lifecycle;
+pub mod migrate;
 mod supervise;
 
 /// Log lines kept with a VM that ended.
@@ -134,6 +135,12 @@ pub enum Error {
     /// The home's lock status cannot be read.
     #[error(transparent)]
     Home(#[from] ferry_vmm::home::Error),
+    /// Another host's daemon failed or refused a request.
+    #[error(transparent)]
+    Peer(Box<crate::peer::Error>),
+    /// No migration of that id on this host.
+    #[error("no migration {0:?} on this host")]
+    NoMigration(String),
 }
 
 impl Error {
@@ -141,7 +148,7 @@ impl Error {
     pub fn code(&self) -> ferry_host_api::ErrorCode {
         use ferry_host_api::ErrorCode::*;
         match self {
-            Error::NoVm(_) | Error::NoDatastore(_) => NotFound,
+            Error::NoVm(_) | Error::NoDatastore(_) | Error::NoMigration(_) => NotFound,
             Error::Conflict(_) | Error::HeldElsewhere { .. } => Conflict,
             Error::Definition(vmdef::Error::Exists { .. }) => Conflict,
             Error::BadRequest(_) | Error::Definition(_) => BadRequest,
@@ -193,6 +200,12 @@ pub struct Daemon {
     datastore_ids: BTreeMap<String, String>,
     /// Where watchers deliver a VMM's end.
     runtime: tokio::runtime::Handle,
+    /// Incoming migrations' reservations, by migration id.
+    reservations: Mutex<BTreeMap<String, migrate::Reserved>>,
+    /// Outgoing migrations in progress, by VM name, with their live progress.
+    outgoing: Mutex<BTreeMap<String, ferry_host_api::MigrationRecord>>,
+    /// The CPU feature bits KVM offers guests here.
+    kvm_features: Vec<String>,
 }
 
 /// A handle to the daemon, shared by the API handlers and the watchers.
@@ -296,14 +309,24 @@ impl Daemon {
             datastore_ids.insert(ds.name.clone(), crate::datastore::ensure_id(&ds.path)?);
         }
         let db = Db::open(&config.db_path()).await?;
+        let kvm_features = tokio::task::spawn_blocking(crate::inventory::kvm_cpuid)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|k| k.features)
+            .unwrap_or_default();
         let daemon = Arc::new(Daemon {
             config,
             db,
             vms: Mutex::new(BTreeMap::new()),
             datastore_ids,
             runtime: tokio::runtime::Handle::current(),
+            reservations: Mutex::new(BTreeMap::new()),
+            outgoing: Mutex::new(BTreeMap::new()),
+            kvm_features,
         });
         daemon.reconcile().await?;
+        daemon.close_stale_migrations().await?;
         Ok(daemon)
     }
 

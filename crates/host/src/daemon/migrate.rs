@@ -1,0 +1,929 @@
+//! Migration by name between hosts' daemons.
+//!
+//! Source (`POST /vms/NAME/migrate`): the checks (the destination's `GET /host` and its
+//! `POST /migrations/incoming/check`), the reservation (`POST /migrations/incoming`: a
+//! receiving VMM with an inherited listening socket and a one-time key), `PUT /vm/migrate` on
+//! the source VMM with the same migration id, following `GET /vm/migration`, then
+//! `POST /migrations/ID/complete` (the VM is the destination's; this host forgets it) or
+//! `POST /migrations/ID/abort` (the destination releases everything; the VM runs on here).
+//!
+//! Destination: a reservation holds the VM's memory, its taps and the receiving VMM for at
+//! most [`RESERVATION_TTL`]; unused or aborted, all of it goes. Every log line of a
+//! migration starts `migration ID:` on both hosts.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_host_api::{
+    paths, CheckCode, CheckReason, CheckReport, HostInfo, IncomingMigration, MigrateStarted, MigrateVm,
+    MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, Reservation, VmState,
+};
+
+use super::*;
+use crate::db::unix_ms;
+use crate::peer::Peer;
+
+/// How long a reservation waits for its migration.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
+/// Deadline of a check request to a peer.
+const PEER_QUICK: Duration = Duration::from_secs(5);
+/// Deadline of a reservation or completion request to a peer.
+const PEER_SLOW: Duration = Duration::from_secs(30);
+/// How often the source VMM's migration is polled.
+const POLL: Duration = Duration::from_millis(20);
+
+/// An incoming migration's reservation on the destination.
+#[derive(Debug)]
+pub(super) struct Reserved {
+    def: VmDefinition,
+    datastore: String,
+    home: PathBuf,
+    taps: Vec<String>,
+    socket: PathBuf,
+    console: PathBuf,
+    child: std::process::Child,
+    record: MigrationRecord,
+}
+
+fn reason(code: CheckCode, message: String) -> CheckReason {
+    CheckReason { code, message }
+}
+
+fn new_id() -> String {
+    let n = ferry_migration::auth::nonce().map(|n| ferry_migration::auth::hex(&n[..6])).unwrap_or_default();
+    format!("m-{n}")
+}
+
+impl Daemon {
+    /// The memory free for another VM: available, within `vm_memory_mib`, minus what running
+    /// VMs and reservations hold.
+    async fn free_for_vms(&self) -> u64 {
+        let (total, available) =
+            tokio::task::spawn_blocking(crate::inventory::memory).await.unwrap_or((0, 0));
+        let running: u64 = self
+            .vms
+            .lock()
+            .await
+            .values()
+            .filter(|v| v.row.state.has_process())
+            .map(|v| v.def.memory_mib << 20)
+            .sum();
+        let reserved: u64 = self.reservations.lock().await.values().map(|r| r.def.memory_mib << 20).sum();
+        let limit = self.config.vm_memory_mib.map_or(total, |m| m << 20);
+        available.saturating_sub(reserved).min(limit.saturating_sub(running + reserved))
+    }
+
+    /// The destination's checks of an incoming VM: every reason it cannot come, and where its
+    /// home is here (datastore name, path) when the datastore is visible.
+    pub async fn check_incoming(
+        &self,
+        req: &IncomingMigration,
+    ) -> (Vec<CheckReason>, Option<(String, PathBuf)>) {
+        let def = &req.definition;
+        let mut reasons = Vec::new();
+        if self.config.maintenance {
+            reasons
+                .push(reason(CheckCode::Maintenance, format!("host {} is in maintenance", self.config.name)));
+        }
+        let ours = ferry_migration::protocol::PROTOCOL_VERSION;
+        if !req.migration_protocols.is_empty() && !req.migration_protocols.contains(&ours) {
+            reasons.push(reason(
+                CheckCode::Protocol,
+                format!(
+                    "host {} speaks migration protocol {ours}, the source {:?}",
+                    self.config.name, req.migration_protocols
+                ),
+            ));
+        }
+        let home = match self.datastore_ids.iter().find(|(_, id)| **id == req.datastore_id) {
+            Some((name, _)) => {
+                self.config.datastores.get(name).map(|d| (d.name.clone(), d.path.join(&def.name)))
+            }
+            None => {
+                reasons.push(reason(
+                    CheckCode::DatastoreNotVisible,
+                    format!(
+                        "the VM's datastore (id {}) is not one host {} sees (it has: {})",
+                        req.datastore_id,
+                        self.config.name,
+                        self.datastore_ids.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+                None
+            }
+        };
+        for (i, nic) in def.nics.iter().enumerate() {
+            match self.config.portgroups.get(&nic.portgroup) {
+                None => reasons.push(reason(
+                    CheckCode::PortGroupMissing,
+                    format!("NIC {i}: host {} has no port group {:?}", self.config.name, nic.portgroup),
+                )),
+                Some(b) if !crate::config::interface_exists(b) => reasons.push(reason(
+                    CheckCode::PortGroupMissing,
+                    format!(
+                        "NIC {i}: port group {:?} maps to bridge {b}, which does not exist",
+                        nic.portgroup
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        let need = def.memory_mib << 20;
+        let free = self.free_for_vms().await;
+        if free < need {
+            reasons.push(reason(
+                CheckCode::NotEnoughMemory,
+                format!(
+                    "the VM needs {} MiB, host {} has {} MiB free for VMs",
+                    def.memory_mib,
+                    self.config.name,
+                    free >> 20
+                ),
+            ));
+        }
+        let missing: Vec<&String> =
+            req.cpu_features.iter().filter(|f| !self.kvm_features.contains(f)).collect();
+        if !missing.is_empty() {
+            reasons.push(reason(
+                CheckCode::CpuFeatures,
+                format!(
+                    "KVM on host {} does not offer CPU features the VM may use: {}",
+                    self.config.name,
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        {
+            let vms = self.vms.lock().await;
+            if let Some(vm) = vms.get(&def.name) {
+                if vm.row.state.has_process() || home.as_ref().is_some_and(|(_, h)| *h != vm.row.home) {
+                    reasons.push(reason(
+                        CheckCode::NameTaken,
+                        format!(
+                            "a VM named {} is registered on host {} ({})",
+                            def.name, self.config.name, vm.row.state
+                        ),
+                    ));
+                }
+            }
+            for vm in vms.values().filter(|v| v.row.name != def.name) {
+                for mac in vmdef::macs(&vm.def) {
+                    if vmdef::macs(def).contains(&mac) {
+                        reasons.push(reason(
+                            CheckCode::NameTaken,
+                            format!("MAC {mac} is used by VM {} on host {}", vm.row.name, self.config.name),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.reservations.lock().await.values().any(|r| r.def.name == def.name) {
+            reasons.push(reason(
+                CheckCode::AlreadyMigrating,
+                format!("VM {} is already being received on host {}", def.name, self.config.name),
+            ));
+        }
+        (reasons, home)
+    }
+
+    /// `POST /migrations/incoming`: re-checks, then reserves: taps, a listening socket, a
+    /// one-time key, a receiving VMM. Nothing is left on error.
+    pub async fn reserve(self: &Arc<Self>, req: IncomingMigration) -> Result<Reservation, Error> {
+        let id = req.migration_id.clone();
+        if !ferry_migration::handshake::valid_id(&id) {
+            return Err(Error::BadRequest(format!("migration id {id:?} is not valid")));
+        }
+        vmdef::check(&req.definition).map_err(|(field, message)| vmdef::Error::Invalid { field, message })?;
+        let (reasons, home) = self.check_incoming(&req).await;
+        let Some((datastore, home)) = home.filter(|_| reasons.is_empty()) else {
+            let text =
+                reasons.iter().map(|r| format!("{}: {}", r.code.as_str(), r.message)).collect::<Vec<_>>();
+            tracing::info!("migration {id}: refused: {}", text.join("; "));
+            return Err(Error::Conflict(format!("migration {id} refused: {}", text.join("; "))));
+        };
+        if self.reservations.lock().await.contains_key(&id) {
+            return Err(Error::Conflict(format!("migration {id} already has a reservation here")));
+        }
+        let def = req.definition.clone();
+        tracing::info!(
+            "migration {id}: reserving for VM {} from {} (home {})",
+            def.name,
+            req.source,
+            home.display()
+        );
+        let lease = self.config.datastores.get(&datastore).and_then(|d| d.lease.clone());
+        let mut taps: Vec<String> = Vec::new();
+        let undo_taps = |taps: &[String]| {
+            for t in taps {
+                crate::taps::delete(t);
+            }
+        };
+        for (i, nic) in def.nics.iter().enumerate() {
+            let tap = vmdef::tap_name(&def.name, i);
+            let bridge = self.config.portgroups.get(&nic.portgroup).cloned().unwrap_or_default();
+            let t = tap.clone();
+            let made = tokio::task::spawn_blocking(move || crate::taps::create(&t, &bridge))
+                .await
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+            if let Err(source) = made {
+                undo_taps(&taps);
+                return Err(Error::Tap { vm: def.name.clone(), index: i, source });
+            }
+            taps.push(tap);
+        }
+        let spawned = self.spawn_receiver(&id, &def, &home, lease.as_ref());
+        let (child, listen, key) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                undo_taps(&taps);
+                return Err(e);
+            }
+        };
+        let now = unix_ms();
+        let record = MigrationRecord {
+            id: id.clone(),
+            vm: def.name.clone(),
+            source: req.source.clone(),
+            destination: self.config.name.clone(),
+            role: MigrationRole::Destination,
+            started_unix_ms: now,
+            ended_unix_ms: None,
+            outcome: MigrationOutcome::Active,
+            reason_code: String::new(),
+            reason: String::new(),
+            downtime_ms: None,
+            total_ms: None,
+            orchestration_ms: None,
+            bytes: None,
+            passes: None,
+            progress: None,
+        };
+        if let Err(e) = self.db.put_migration(&record).await {
+            tracing::warn!("migration {id}: cannot record it: {e}");
+        }
+        let pid = child.id();
+        self.reservations.lock().await.insert(
+            id.clone(),
+            Reserved {
+                def: def.clone(),
+                datastore,
+                home: home.clone(),
+                taps,
+                socket: self.socket_of(&def.name),
+                console: home.join(format!("console.{id}.log")),
+                child,
+                record,
+            },
+        );
+        tracing::info!("migration {id}: receiver pid {pid} listens on {listen}");
+        let daemon = Arc::clone(self);
+        let expiring = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RESERVATION_TTL).await;
+            daemon.expire(&expiring).await;
+        });
+        Ok(Reservation {
+            migration_id: id,
+            listen,
+            auth_key_hex: ferry_migration::auth::hex(&key),
+            home,
+            expires_unix_ms: now + RESERVATION_TTL.as_millis() as u64,
+        })
+    }
+
+    /// Binds the listening socket, makes the key and starts `ferry receive` with both
+    /// inherited (the key through a pipe, never a file).
+    fn spawn_receiver(
+        &self,
+        id: &str,
+        def: &VmDefinition,
+        home: &std::path::Path,
+        lease: Option<&crate::config::LeaseSettings>,
+    ) -> Result<(std::process::Child, String, Vec<u8>), Error> {
+        let listener = std::net::TcpListener::bind((self.config.migration_address, 0))
+            .map_err(io("listen on the migration address of", &self.config.state_dir))?;
+        let addr = listener.local_addr().map_err(io("read the address of", &self.config.state_dir))?;
+        let key = ferry_migration::auth::nonce()
+            .map_err(|e| Error::BadRequest(format!("cannot make the migration key: {e}")))?
+            .to_vec();
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io("make a pipe for", home)(std::io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors were just made by pipe2 and are owned here only.
+        let (read_end, write_end) = unsafe {
+            use std::os::fd::FromRawFd;
+            (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+        };
+        {
+            use std::io::Write;
+            // 32 bytes fit in any pipe's buffer: this does not block.
+            let mut w = write_end;
+            w.write_all(&key).map_err(io("write the key into a pipe for", home))?;
+        }
+        let (lfd, kfd) = (listener.as_raw_fd(), read_end.as_raw_fd());
+        let sock = self.socket_of(&def.name);
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = std::process::Command::new(&self.config.ferry_binary);
+        cmd.arg("receive")
+            .arg("--listen-fd")
+            .arg(lfd.to_string())
+            .arg("--auth-key-fd")
+            .arg(kfd.to_string())
+            .arg("--api-socket")
+            .arg(&sock)
+            .arg("--home")
+            .arg(home)
+            .arg("--serial")
+            .arg(format!("file:{}", home.join(format!("console.{id}.log")).display()));
+        if let Some(l) = lease {
+            cmd.arg("--lease").arg(l.to_arg());
+        }
+        let log_path = home.join(VM_LOG);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("open", &log_path))?;
+        let log2 = log.try_clone().map_err(io("open", &log_path))?;
+        {
+            use std::io::Write;
+            let mut l = &log;
+            let _ = writeln!(l, "{START_MARK}{}: receive, migration {id}: {:?}", self.config.name, cmd);
+        }
+        cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of the
+            // parent; the two descriptors are open in the child (copies of the parent's).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    for fd in [lfd, kfd] {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|source| Error::Spawn { binary: self.config.ferry_binary.clone(), source })?;
+        drop(listener);
+        drop(read_end);
+        Ok((child, format!("tcp:{addr}"), key))
+    }
+
+    /// Releases a reservation: the receiver killed, taps, socket and its console file gone;
+    /// the record says why.
+    async fn release(
+        &self,
+        id: &str,
+        outcome: MigrationOutcome,
+        code: &str,
+        why: &str,
+    ) -> Option<MigrationRecord> {
+        let mut r = self.reservations.lock().await.remove(id)?;
+        tracing::info!("migration {id}: releasing the reservation ({code}: {why})");
+        send_signal(r.child.id(), libc::SIGKILL);
+        let mut child = r.child;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        for t in &r.taps {
+            crate::taps::delete(t);
+        }
+        let _ = std::fs::remove_file(&r.socket);
+        let _ = std::fs::remove_file(&r.console);
+        r.record.outcome = outcome;
+        r.record.reason_code = code.to_string();
+        r.record.reason = why.to_string();
+        r.record.ended_unix_ms = Some(unix_ms());
+        if let Err(e) = self.db.put_migration(&r.record).await {
+            tracing::warn!("migration {id}: cannot record it: {e}");
+        }
+        Some(r.record)
+    }
+
+    /// `POST /migrations/ID/abort`.
+    pub async fn abort_incoming(&self, id: &str, why: &MigrationRecord) -> Result<MigrationRecord, Error> {
+        match self.release(id, MigrationOutcome::Failed, &why.reason_code, &why.reason).await {
+            Some(r) => Ok(r),
+            None => self.known_migration(id).await,
+        }
+    }
+
+    async fn known_migration(&self, id: &str) -> Result<MigrationRecord, Error> {
+        self.db
+            .migrations(None, Some(id))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NoMigration(id.to_string()))
+    }
+
+    /// A reservation's time is up: released, unless its receiver runs the VM (the source
+    /// committed but could not tell this host), in which case it is completed here.
+    async fn expire(self: &Arc<Self>, id: &str) {
+        let sock = match self.reservations.lock().await.get(id) {
+            Some(r) => r.socket.clone(),
+            None => return,
+        };
+        if receiver_runs(sock).await {
+            tracing::info!(
+                "migration {id}: the reservation's time is up and its VMM runs the VM: completing"
+            );
+            let _ = self.complete_incoming(id, None).await;
+        } else {
+            self.release(
+                id,
+                MigrationOutcome::Failed,
+                "reservation_expired",
+                "the reservation was not used in time",
+            )
+            .await;
+        }
+    }
+
+    /// `POST /migrations/ID/complete`: the VM runs here now; it is registered with its VMM.
+    pub async fn complete_incoming(
+        self: &Arc<Self>,
+        id: &str,
+        source: Option<&MigrationRecord>,
+    ) -> Result<MigrationRecord, Error> {
+        let Some(r) = self.reservations.lock().await.remove(id) else {
+            return self.known_migration(id).await;
+        };
+        let running = {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if receiver_runs(r.socket.clone()).await {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let pid = r.child.id();
+        // The guest's console is the VM's `console.log` again (the receiving VMM writes on
+        // through its open file; the source's console of before is replaced).
+        if let Err(e) = std::fs::rename(&r.console, r.home.join(CONSOLE_LOG)) {
+            tracing::warn!("migration {id}: cannot rename {}: {e}", r.console.display());
+        }
+        let row = VmRow {
+            name: r.def.name.clone(),
+            home: r.home.clone(),
+            datastore: r.datastore.clone(),
+            state: if running { VmState::Running } else { VmState::Starting },
+            pid: Some(pid),
+            api_socket: Some(r.socket.clone()),
+            taps: r.taps.clone(),
+            last_exit: None,
+            last_log: Vec::new(),
+        };
+        self.db.put(&row).await?;
+        self.vms.lock().await.insert(
+            row.name.clone(),
+            Vm { row, def: r.def.clone(), stop_requested: false, suspending: false },
+        );
+        self.watch_child(r.def.name.clone(), r.child);
+        let mut record = r.record;
+        if let Some(s) = source {
+            record.downtime_ms = s.downtime_ms;
+            record.total_ms = s.total_ms;
+            record.bytes = s.bytes;
+            record.passes = s.passes.clone();
+            record.orchestration_ms = s.orchestration_ms;
+        }
+        record.outcome = MigrationOutcome::Completed;
+        record.reason_code = "completed".into();
+        record.ended_unix_ms = Some(unix_ms());
+        self.db.put_migration(&record).await?;
+        self.event(
+            &record.vm,
+            "migrated-in",
+            &format!("migration {id} from {}: VMM pid {pid}", record.source),
+        )
+        .await;
+        tracing::info!("migration {id}: completed: VM {} runs here (VMM pid {pid})", record.vm);
+        Ok(record)
+    }
+
+    /// The checks of migrating `name` to the daemon at `to_host`, all reasons at once.
+    async fn checks(
+        &self,
+        name: &str,
+        to_host: &str,
+    ) -> Result<(CheckReport, Option<(Peer, HostInfo, IncomingMigration)>), Error> {
+        let (def, state, datastore) = {
+            let vms = self.vms.lock().await;
+            let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
+            (vm.def.clone(), vm.row.state, vm.row.datastore.clone())
+        };
+        let mut report = CheckReport {
+            vm: name.into(),
+            destination: to_host.into(),
+            ok: false,
+            reasons: Vec::new(),
+            destination_home: None,
+        };
+        if state != VmState::Running {
+            report
+                .reasons
+                .push(reason(CheckCode::VmNotRunning, format!("VM {name} is {state}, not running")));
+        }
+        if let Some(r) = self.outgoing.lock().await.get(name) {
+            report.reasons.push(reason(
+                CheckCode::AlreadyMigrating,
+                format!("VM {name} is migrating (migration {})", r.id),
+            ));
+        }
+        let peer = Peer::new(to_host).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let info: HostInfo = match peer.get(paths::HOST, PEER_QUICK).await {
+            Ok(i) => i,
+            Err(e) => {
+                report.reasons.push(reason(CheckCode::Unreachable, e.to_string()));
+                return Ok((report, None));
+            }
+        };
+        report.destination = info.name.clone();
+        if info.name == self.config.name {
+            report
+                .reasons
+                .push(reason(CheckCode::SameHost, format!("{to_host} is this host ({})", info.name)));
+        }
+        if info.api_version != ferry_host_api::API_VERSION {
+            report.reasons.push(reason(
+                CheckCode::Protocol,
+                format!(
+                    "host {} speaks host API {}, this one {}",
+                    info.name,
+                    info.api_version,
+                    ferry_host_api::API_VERSION
+                ),
+            ));
+        }
+        let incoming = IncomingMigration {
+            migration_id: String::new(),
+            source: self.config.name.clone(),
+            definition: def,
+            datastore_id: self.datastore_ids.get(&datastore).cloned().unwrap_or_default(),
+            cpu_features: self.kvm_features.clone(),
+            migration_protocols: vec![ferry_migration::protocol::PROTOCOL_VERSION],
+        };
+        match peer.post::<_, CheckReport>(paths::INCOMING_CHECK, &incoming, PEER_QUICK).await {
+            Ok(theirs) => {
+                report.reasons.extend(theirs.reasons);
+                report.destination_home = theirs.destination_home;
+            }
+            Err(e) => report.reasons.push(reason(CheckCode::Unreachable, e.to_string())),
+        }
+        report.ok = report.reasons.is_empty();
+        Ok((report, Some((peer, info, incoming))))
+    }
+
+    /// `POST /migrations/incoming/check`.
+    pub async fn incoming_check(&self, req: IncomingMigration) -> CheckReport {
+        let (reasons, home) = self.check_incoming(&req).await;
+        CheckReport {
+            vm: req.definition.name.clone(),
+            destination: self.config.name.clone(),
+            ok: reasons.is_empty(),
+            reasons,
+            destination_home: home.map(|h| h.1),
+        }
+    }
+
+    /// `POST /vms/NAME/migrate`: the checks; unless only checking (or refused), the migration
+    /// starts and its id is answered at once (follow it with `GET /migrations?id=ID`).
+    pub async fn migrate(self: &Arc<Self>, name: &str, req: MigrateVm) -> Result<MigrateStarted, Error> {
+        let started = Instant::now();
+        let (checks, ctx) = self.checks(name, &req.to_host).await?;
+        if req.check || !checks.ok {
+            return Ok(MigrateStarted { checks, migration_id: None });
+        }
+        let Some((peer, info, mut incoming)) = ctx else {
+            return Ok(MigrateStarted { checks, migration_id: None });
+        };
+        let id = new_id();
+        incoming.migration_id = id.clone();
+        let record = MigrationRecord {
+            id: id.clone(),
+            vm: name.into(),
+            source: self.config.name.clone(),
+            destination: info.name.clone(),
+            role: MigrationRole::Source,
+            started_unix_ms: unix_ms(),
+            ended_unix_ms: None,
+            outcome: MigrationOutcome::Active,
+            reason_code: String::new(),
+            reason: String::new(),
+            downtime_ms: None,
+            total_ms: None,
+            orchestration_ms: None,
+            bytes: None,
+            passes: None,
+            progress: Some(MigrationProgress::default()),
+        };
+        {
+            let mut out = self.outgoing.lock().await;
+            if out.contains_key(name) {
+                return Err(Error::Conflict(format!("VM {name} is already migrating")));
+            }
+            out.insert(name.into(), record.clone());
+        }
+        self.db.put_migration(&record).await?;
+        tracing::info!("migration {id}: VM {name} to host {} ({}): checks passed", info.name, peer.url());
+        let daemon = Arc::clone(self);
+        let vm = name.to_string();
+        tokio::spawn(async move {
+            daemon.run_outgoing(&vm, peer, incoming, req, started).await;
+        });
+        Ok(MigrateStarted { checks, migration_id: Some(id) })
+    }
+
+    async fn set_progress(&self, name: &str, f: impl FnOnce(&mut MigrationRecord)) {
+        if let Some(r) = self.outgoing.lock().await.get_mut(name) {
+            f(r);
+        }
+    }
+
+    /// The source's side after the checks: reserve, migrate, follow, complete or abort.
+    async fn run_outgoing(
+        self: &Arc<Self>,
+        name: &str,
+        peer: Peer,
+        incoming: IncomingMigration,
+        req: MigrateVm,
+        started: Instant,
+    ) {
+        let id = incoming.migration_id.clone();
+        let result = self.outgoing_steps(name, &peer, &incoming, &req).await;
+        let mut record = match self.outgoing.lock().await.remove(name) {
+            Some(r) => r,
+            None => return,
+        };
+        record.progress = None;
+        record.ended_unix_ms = Some(unix_ms());
+        let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(report) => {
+                record.outcome = MigrationOutcome::Completed;
+                record.reason_code = report.reason_code.to_string();
+                record.reason = report.reason.clone();
+                record.downtime_ms = Some(report.downtime_ms);
+                record.bytes = Some(report.bytes_transferred);
+                record.passes = serde_json::to_value(&report.passes).ok();
+                record.total_ms = Some(wall_ms);
+                record.orchestration_ms = Some((wall_ms - report.total_ms).max(0.0));
+                if let Err(e) =
+                    peer.post::<_, MigrationRecord>(&paths::complete(&id), &record, PEER_SLOW).await
+                {
+                    // The destination completes it itself when its reservation's time is up
+                    // (its VMM runs the VM).
+                    tracing::warn!("migration {id}: cannot tell the destination it completed: {e}");
+                }
+                // The VM is the destination's: this host forgets it once its VMM has gone.
+                self.forget_migrated(name, &id).await;
+                // The time includes telling the destination and forgetting the VM here.
+                let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+                record.total_ms = Some(wall_ms);
+                record.orchestration_ms = Some((wall_ms - report.total_ms).max(0.0));
+                tracing::info!(
+                    "migration {id}: completed: VM {name} runs on host {}; downtime {:.1} ms, total {:.0} ms, outside the VMM's migration {:.1} ms",
+                    record.destination,
+                    report.downtime_ms,
+                    wall_ms,
+                    record.orchestration_ms.unwrap_or_default()
+                );
+            }
+            Err((code, why, report)) => {
+                record.outcome = MigrationOutcome::Failed;
+                record.reason_code = code;
+                record.reason = why;
+                record.total_ms = Some(wall_ms);
+                if let Some(r) = report {
+                    record.downtime_ms = Some(r.downtime_ms);
+                    record.bytes = Some(r.bytes_transferred);
+                    record.passes = serde_json::to_value(&r.passes).ok();
+                }
+                tracing::warn!(
+                    "migration {id}: failed ({}): {}; VM {name} keeps running here",
+                    record.reason_code,
+                    record.reason
+                );
+                if let Err(e) = peer.post::<_, MigrationRecord>(&paths::abort(&id), &record, PEER_SLOW).await
+                {
+                    tracing::warn!(
+                        "migration {id}: cannot tell the destination to release its reservation: {e}"
+                    );
+                }
+            }
+        }
+        if let Err(e) = self.db.put_migration(&record).await {
+            tracing::warn!("migration {id}: cannot record it: {e}");
+        }
+        let kind =
+            if record.outcome == MigrationOutcome::Completed { "migrated" } else { "migration-failed" };
+        self.event(name, kind, &format!("migration {id} to {}: {}", record.destination, record.reason_code))
+            .await;
+    }
+
+    /// Reserve, start and follow; the VMM's report when the VM runs on the destination, else
+    /// the reason code, the reason and the report if there is one.
+    async fn outgoing_steps(
+        &self,
+        name: &str,
+        peer: &Peer,
+        incoming: &IncomingMigration,
+        req: &MigrateVm,
+    ) -> Result<ferry_api::MigrationReport, (String, String, Option<ferry_api::MigrationReport>)> {
+        let id = incoming.migration_id.clone();
+        let fail = |code: &str, why: String| (code.to_string(), why, None);
+        let reservation: Reservation = peer
+            .post(paths::INCOMING, incoming, PEER_SLOW)
+            .await
+            .map_err(|e| fail("reservation_failed", e.to_string()))?;
+        tracing::info!("migration {id}: reserved on the destination: receiver at {}", reservation.listen);
+        let (sock, pid, home) = {
+            let vms = self.vms.lock().await;
+            let vm =
+                vms.get(name).ok_or_else(|| fail("vm_gone", format!("VM {name} is no longer registered")))?;
+            match (&vm.row.api_socket, vm.row.pid, vm.row.state) {
+                (Some(s), Some(p), VmState::Running) => (s.clone(), p, vm.row.home.clone()),
+                (_, _, st) => return Err(fail("vm_not_running", format!("VM {name} is {st}"))),
+            }
+        };
+        // The source VMM reads the key from a file at once: one only root can read, removed
+        // as soon as the VMM has answered.
+        let key_file = self.config.run_dir().join(format!("{id}.key"));
+        let key = ferry_migration::auth::unhex(&reservation.auth_key_hex)
+            .ok_or_else(|| fail("reservation_failed", "the destination's key is not hex".into()))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_file)
+                .and_then(|mut f| f.write_all(&key));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&key_file);
+                return Err(fail("internal", format!("cannot write {}: {e}", key_file.display())));
+            }
+        }
+        let mut mreq = ferry_api::MigrateRequest::new(reservation.listen.clone(), key_file.clone());
+        mreq.migration_id = Some(id.clone());
+        if let Some(d) = req.downtime_ms {
+            mreq.downtime_ms = d;
+        }
+        if let Some(s) = req.streams {
+            mreq.streams = s;
+        }
+        let s = sock.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            ferry_api::client::send(&s, &ferry_api::Request::Migrate(mreq), PEER_SLOW)
+        })
+        .await;
+        let _ = std::fs::remove_file(&key_file);
+        match answer {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(fail("vmm_refused", format!("the source VMM refused the migration: {e}")))
+            }
+            Err(e) => return Err(fail("internal", e.to_string())),
+        }
+        tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name}");
+        let report_file = home.join("migrations").join(format!("{id}.json"));
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let s = sock.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                ferry_api::client::send(&s, &ferry_api::Request::MigrationStatus, API_TIMEOUT)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok);
+            let report = match status {
+                Some(ferry_api::Response::MigrationStatus(info)) if info.migration_id == id => {
+                    failures = 0;
+                    let progress = MigrationProgress {
+                        phase: serde_json::to_value(info.phase)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        pass: info.pass,
+                        pages_left: info.pages_left,
+                        rate_mib_s: info.rate_mib_s,
+                        expected_downtime_ms: info.expected_downtime_ms,
+                        eta_ms: info.eta_ms,
+                        bytes_transferred: info.bytes_transferred,
+                    };
+                    self.set_progress(name, |r| r.progress = Some(progress)).await;
+                    info.report.map(|b| *b)
+                }
+                _ => {
+                    // A completed migration's source VMM exits: its report is in the home.
+                    let report = std::fs::read(&report_file)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok());
+                    if report.is_none() {
+                        failures += 1;
+                        if failures > 250 && !alive(pid) {
+                            return Err(fail(
+                                "source_vmm_lost",
+                                format!(
+                                    "the source VMM (pid {pid}) ended without a report of migration {id}"
+                                ),
+                            ));
+                        }
+                    }
+                    report
+                }
+            };
+            if let Some(report) = report {
+                if report.vm_running_on == ferry_api::VmLocation::Destination {
+                    return Ok(report);
+                }
+                return Err((report.reason_code.to_string(), report.reason.clone(), Some(report)));
+            }
+        }
+    }
+
+    /// The VM runs on another host: its VMM here ends (a clean end, asked for), then the
+    /// VM is unregistered here (its home stays: it is the destination's now).
+    async fn forget_migrated(&self, name: &str, id: &str) {
+        let pid = {
+            let mut vms = self.vms.lock().await;
+            let Some(vm) = vms.get_mut(name) else { return };
+            vm.stop_requested = true;
+            vm.row.pid
+        };
+        if let Some(pid) = pid {
+            self.wait_end(name, pid, Duration::from_secs(30)).await;
+        }
+        let mut vms = self.vms.lock().await;
+        if vms.get(name).is_some_and(|v| !v.row.state.has_process()) {
+            vms.remove(name);
+            drop(vms);
+            if let Err(e) = self.db.delete(name).await {
+                tracing::warn!("migration {id}: cannot forget VM {name}: {e}");
+            }
+            self.event(name, "unregistered", &format!("migration {id}: the VM runs on another host")).await;
+        } else {
+            tracing::warn!("migration {id}: the source VMM of {name} has not ended; the VM stays registered");
+        }
+    }
+
+    /// `GET /migrations`: the history, newest first; active ones of this host's source side
+    /// with their live progress.
+    pub async fn migrations(
+        &self,
+        outcome: Option<MigrationOutcome>,
+        id: Option<&str>,
+    ) -> Result<Vec<MigrationRecord>, Error> {
+        let mut list = self.db.migrations(outcome, id).await?;
+        let out = self.outgoing.lock().await;
+        for r in list.iter_mut().filter(|r| r.outcome == MigrationOutcome::Active) {
+            if let Some(live) = out.values().find(|o| o.id == r.id) {
+                r.progress = live.progress.clone();
+            }
+        }
+        Ok(list)
+    }
+
+    /// At start-up: reservations and outgoing migrations of a previous run are gone with it;
+    /// their records say so. (The VMs' own truth is in their homes' locks, reconciled
+    /// before.)
+    pub(super) async fn close_stale_migrations(&self) -> Result<(), Error> {
+        for mut r in self.db.migrations(Some(MigrationOutcome::Active), None).await? {
+            r.outcome = MigrationOutcome::Failed;
+            r.reason_code = "daemon_restarted".into();
+            r.reason = "the daemon restarted during the migration; the lock decides where the VM runs".into();
+            r.ended_unix_ms = Some(unix_ms());
+            tracing::warn!("migration {}: {}", r.id, r.reason);
+            self.db.put_migration(&r).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the VMM on `sock` runs a VM (not receiving).
+async fn receiver_runs(sock: PathBuf) -> bool {
+    let info = tokio::task::spawn_blocking(move || {
+        ferry_api::client::send(&sock, &ferry_api::Request::Info, Duration::from_secs(2))
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
+    matches!(info, Some(ferry_api::Response::Info(i)) if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused))
+}
