@@ -60,14 +60,16 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes. Plain HTTP for now: this is
-/// where mutual TLS goes.
+/// Serves `router` on `listener` with mutual TLS (`tls`: the host's certificate, and client
+/// certificates required from the cluster CA; `ferry_pki::serve_tls`) until `shutdown`
+/// completes. Each request carries the peer's identity (`Extension<ferry_pki::PeerIdentity>`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+) {
+    ferry_pki::serve_tls(listener, tls, router, shutdown).await
 }
 
 async fn host(State(d): State<Shared>) -> Json<ferry_host_api::HostInfo> {
