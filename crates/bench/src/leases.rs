@@ -60,6 +60,11 @@ pub struct LeasesArgs {
     /// shared lease converted, smaller Paxos area, 4 KiB sectors).
     #[arg(long)]
     ideas: bool,
+    /// Leave the VMs running (memstress spins between its paced page writes: each takes a
+    /// whole vCPU). By default each VM is paused once its lease is held: it keeps the lease
+    /// and its lease threads, and its vCPU no longer competes with the daemon for the CPU.
+    #[arg(long)]
+    running: bool,
     /// The tmpfs directory for the hand-over's tmpfs case.
     #[arg(long, default_value = "/dev/shm")]
     tmpfs_dir: PathBuf,
@@ -284,7 +289,35 @@ impl Drop for Vmms {
     }
 }
 
-fn start_vmms(ferry: &Path, daemon: &Daemon, lease: &str, dir: &Path, n: usize) -> anyhow::Result<Vmms> {
+/// `PUT /vm/pause` on a VMM's API socket (retried while the socket is not there yet).
+fn pause(sock: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                write!(s, "PUT /vm/pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                let status = reply.lines().next().unwrap_or_default().to_owned();
+                ensure!(status.contains(" 204"), "pause via {}: {status}", sock.display());
+                return Ok(());
+            }
+            Err(e) if Instant::now() > deadline => bail!("cannot reach {}: {e}", sock.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn start_vmms(
+    ferry: &Path,
+    daemon: &Daemon,
+    lease: &str,
+    dir: &Path,
+    n: usize,
+    running: bool,
+) -> anyhow::Result<Vmms> {
     let mut vmms = Vmms(Vec::new());
     for i in 0..n {
         check_interrupt()?;
@@ -304,6 +337,8 @@ fn start_vmms(ferry: &Path, daemon: &Daemon, lease: &str, dir: &Path, n: usize) 
             ])
             .arg("--home")
             .arg(&home)
+            .arg("--api-socket")
+            .arg(dir.join(format!("vm-{i}.sock")))
             .args(["--lease", lease])
             .env(RUN_DIR_ENV, daemon.run_dir())
             .stdin(Stdio::null())
@@ -326,6 +361,9 @@ fn start_vmms(ferry: &Path, daemon: &Daemon, lease: &str, dir: &Path, n: usize) 
             }
             ensure!(Instant::now() < deadline, "leased VMM {i} did not start its lease monitor within 60 s");
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if !running {
+            pause(&dir.join(format!("vm-{i}.sock")))?;
         }
     }
     Ok(vmms)
@@ -411,6 +449,8 @@ struct CostRow {
 #[derive(Debug, Serialize)]
 struct CostReport {
     io_timeout: u32,
+    /// Whether the guests ran (`--running`) or were paused with their leases held.
+    guests_running: bool,
     seconds: u64,
     scratch_fs: String,
     rows: Vec<CostRow>,
@@ -440,7 +480,7 @@ fn renewal_cost(ferry: &Path, args: &LeasesArgs, scratch: &Path) -> anyhow::Resu
         let dir = scratch.join(format!("vms-{n}"));
         std::fs::create_dir_all(&dir)?;
         eprintln!("leases: {n} leased VMM(s): starting");
-        let mut vmms = start_vmms(ferry, &daemon, &lease, &dir, n)?;
+        let mut vmms = start_vmms(ferry, &daemon, &lease, &dir, n, args.running)?;
         sleep(Duration::from_secs(2))?;
         let mut ws = Vec::new();
         for r in 0..args.runs {
@@ -481,6 +521,7 @@ fn renewal_cost(ferry: &Path, args: &LeasesArgs, scratch: &Path) -> anyhow::Resu
     };
     Ok(CostReport {
         io_timeout: args.io_timeout,
+        guests_running: args.running,
         seconds: args.seconds,
         scratch_fs: fs_type(scratch),
         rows,
@@ -898,7 +939,8 @@ pub fn run(ferry: &Path, args: &LeasesArgs, json: bool) -> anyhow::Result<()> {
     let f = |s: &Summary| format!("{:.2} [{:.2}..{:.2}]", s.median, s.min, s.max);
     if let Some(c) = &report.renewal {
         println!(
-            "leases: renewal cost on one host (io_timeout {} s, {} s windows, scratch on {}; median [min..max] of {} windows)",
+            "leases: renewal cost on one host (memstress 16 MiB VMs {}, io_timeout {} s, {} s windows, scratch on {}; median [min..max] of {} windows)",
+            if c.guests_running { "running" } else { "paused, lease held" },
             c.io_timeout,
             c.seconds,
             c.scratch_fs,
