@@ -68,6 +68,14 @@ pub struct LeasesArgs {
     /// The tmpfs directory for the hand-over's tmpfs case.
     #[arg(long, default_value = "/dev/shm")]
     tmpfs_dir: PathBuf,
+    /// More places for the hand-over's files, `NAME=DIR` (repeatable), after tmpfs and the
+    /// temporary directory.
+    #[arg(long, value_name = "NAME=DIR")]
+    store: Vec<String>,
+    /// An extra option for the hand-over's sanlock daemons (repeatable; e.g. `-h 1` as
+    /// `--daemon-arg=-h --daemon-arg=1` for realtime priority).
+    #[arg(long, allow_hyphen_values = true)]
+    daemon_arg: Vec<String>,
 }
 
 /// Set by SIGINT: the benchmark stops at its next check and cleans up.
@@ -851,12 +859,23 @@ fn handover(args: &LeasesArgs, scratch: &Path) -> anyhow::Result<Vec<HandoverRow
         .with_context(|| format!("cannot create {}", tmpfs.path().display()))?;
     let disk = scratch.join("handover");
     std::fs::create_dir_all(&disk)?;
+    let mut stores = vec![("tmpfs".to_owned(), tmpfs.path().to_owned()), ("disk".to_owned(), disk.clone())];
+    let mut extra_dirs = Vec::new();
+    for s in &args.store {
+        let (name, dir) = s.split_once('=').with_context(|| format!("--store {s:?}: expected NAME=DIR"))?;
+        let d = Scratch(Path::new(dir).join(format!("ferry-lbench-{}", std::process::id())));
+        std::fs::create_dir_all(d.path()).with_context(|| format!("cannot create {}", d.path().display()))?;
+        stores.push((name.to_owned(), d.path().to_owned()));
+        extra_dirs.push(d);
+    }
+    let extra: Vec<&str> = args.daemon_arg.iter().map(String::as_str).collect();
     let mut rows = Vec::new();
-    for (storage, dir) in [("tmpfs", tmpfs.path()), ("disk", disk.as_path())] {
+    for (storage, dir) in &stores {
+        let (storage, dir) = (storage.as_str(), dir.as_path());
         let pid = std::process::id();
         let daemons = [
-            Daemon::start(scratch, &format!("lbench-h1-{pid}"), &[])?,
-            Daemon::start(scratch, &format!("lbench-h2-{pid}"), &[])?,
+            Daemon::start(scratch, &format!("lbench-h1-{pid}"), &extra)?,
+            Daemon::start(scratch, &format!("lbench-h2-{pid}"), &extra)?,
         ];
         let mut hosts = [HostProc::spawn(&daemons[0])?, HostProc::spawn(&daemons[1])?];
         let ids = dir.join("ids");
@@ -919,6 +938,8 @@ fn handover(args: &LeasesArgs, scratch: &Path) -> anyhow::Result<Vec<HandoverRow
 #[derive(Debug, Serialize)]
 struct Report {
     renewal: Option<CostReport>,
+    /// Extra options of the hand-over's daemons.
+    handover_daemon_args: Vec<String>,
     handover: Vec<HandoverRow>,
 }
 
@@ -931,7 +952,7 @@ pub fn run(ferry: &Path, args: &LeasesArgs, json: bool) -> anyhow::Result<()> {
     let scratch = Scratch::new("lbench")?;
     let renewal = if args.no_renewal { None } else { Some(renewal_cost(ferry, args, scratch.path())?) };
     let handover = if args.no_handover { Vec::new() } else { handover(args, scratch.path())? };
-    let report = Report { renewal, handover };
+    let report = Report { renewal, handover_daemon_args: args.daemon_arg.clone(), handover };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -981,8 +1002,9 @@ pub fn run(ferry: &Path, args: &LeasesArgs, json: bool) -> anyhow::Result<()> {
     }
     if !report.handover.is_empty() {
         println!(
-            "leases: hand-over of one VM's lease between two hosts' daemons, {} times each (ms: median / p90)",
-            args.handovers
+            "leases: hand-over of one VM's lease between two hosts' daemons, {} times each{} (ms: median / p90)",
+            args.handovers,
+            if args.daemon_arg.is_empty() { String::new() } else { format!(", daemons with {}", args.daemon_arg.join(" ")) }
         );
         println!(
             "{:>6}  {:>10}  {:>15}  {:>7}  {:>6}  {:>15}  {:>15}  {:>15}",
