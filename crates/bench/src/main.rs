@@ -5,6 +5,7 @@ mod boot;
 mod checkpoint;
 mod devices;
 mod guestline;
+mod leases;
 mod migrate;
 mod qemu;
 mod stats;
@@ -51,10 +52,28 @@ enum Bench {
     /// network outage a client (pinging every 1 ms) sees while the VM migrates between
     /// two hosts (network namespaces behind one bridge). Needs root.
     Devices(devices::DevicesArgs),
+    /// Leases (sanlock, `--lease`): the renewal cost on one host with no, one and `--vms`
+    /// leased VMMs (the daemon's CPU and I/O, the VMMs' lease threads, the renewal interval),
+    /// and the hand-over of one VM's lease between two hosts' daemons (release, acquire) on
+    /// tmpfs and on the temporary directory's file system; `--ideas` times ways to a faster
+    /// acquire. Needs root and the sanlock package.
+    Leases(leases::LeasesArgs),
+    /// One host's side of the leases benchmark's hand-over (commands on stdin).
+    #[command(hide = true)]
+    LeaseHost,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Bench::LeaseHost = cli.bench {
+        return match leases::lease_host() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry-bench lease-host: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let ferry = match cli.ferry.clone().map(Ok).unwrap_or_else(default_ferry) {
         Ok(p) => p,
         Err(e) => {
@@ -67,6 +86,8 @@ fn main() -> ExitCode {
         Bench::Checkpoint(args) => checkpoint::run(&ferry, &args, cli.json),
         Bench::Migrate(args) => migrate::run(&ferry, &args, cli.json),
         Bench::Devices(args) => devices::run(&ferry, &args, cli.json),
+        Bench::Leases(args) => leases::run(&ferry, &args, cli.json),
+        Bench::LeaseHost => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

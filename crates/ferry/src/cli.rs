@@ -88,6 +88,27 @@ pub enum HostCommand {
     Info(HostInfoArgs),
     /// Show a host's migration history (both sides: source and destination), newest first.
     Migrations(HostMigrationsArgs),
+    /// Create this host's TLS identity: a key and a certificate signed by the cluster CA
+    /// (`ferry ca init`), in the configuration's identity_dir.
+    Init(HostInitArgs),
+}
+
+/// Arguments of `ferry host init`.
+#[derive(Debug, Args)]
+pub struct HostInitArgs {
+    /// The daemon's configuration file: its name, listen address and identity_dir.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The cluster CA's directory (ca.pem, ca.key from `ferry ca init`).
+    #[arg(long, value_name = "DIR")]
+    pub ca: PathBuf,
+    /// Another name or address the certificate must cover (repeatable). Always covered: the
+    /// host's name, the listen address, localhost, 127.0.0.1, ::1 and the kernel's host name.
+    #[arg(long = "address", value_name = "NAME_OR_IP")]
+    pub addresses: Vec<String>,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `ferry host migrations`.
@@ -117,16 +138,25 @@ pub struct HostServeArgs {
     pub config: PathBuf,
 }
 
-/// Which daemon to talk to.
+/// Which daemon to talk to, and as whom.
 #[derive(Debug, Args, Clone)]
 pub struct HostTarget {
-    /// The host daemon's URL (http://HOST:PORT). Default: $FERRY_HOST, else
-    /// http://127.0.0.1:7443.
+    /// The host daemon's URL (https://HOST:PORT). Default: $FERRY_HOST, else
+    /// https://127.0.0.1:7443.
     #[arg(long = "host", value_name = "URL", global = true)]
     pub url: Option<String>,
+    /// The CLI's TLS identity: a directory with cert.pem, key.pem and ca.pem, from `ferry
+    /// ca issue --kind client`. Default: $FERRY_IDENTITY, else ~/.config/ferry/identity.
+    #[arg(long = "identity", value_name = "DIR", global = true)]
+    pub identity: Option<PathBuf>,
 }
 
 impl HostTarget {
+    /// A client of the daemon.
+    pub fn client(&self) -> Result<crate::hostctl::HostClient, crate::hostctl::Error> {
+        crate::hostctl::HostClient::new(&self.url(), self.identity.clone())
+    }
+
     /// The URL to use.
     pub fn url(&self) -> String {
         self.url

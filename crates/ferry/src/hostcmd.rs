@@ -2,12 +2,14 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use ferry_host_api::{
     paths, Action, CheckReport, CreateVm, DiskDef, HostInfo, MigrateStarted, MigrateVm, MigrationList,
     MigrationOutcome, MigrationRole, NicDef, RegisterVm, VmDefinition, VmDetail, VmList, VmLog,
 };
 
-use crate::cli::{HostCommand, VmArgs, VmCommand, VmMigrateArgs};
+use crate::cli::{HostCommand, HostInitArgs, VmArgs, VmCommand, VmMigrateArgs};
 use crate::hostctl::HostClient;
 
 /// `ferry host ...`.
@@ -18,8 +20,9 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             rt.block_on(ferry_host::run(&args.config))?;
             Ok(ExitCode::SUCCESS)
         }
+        HostCommand::Init(args) => init(args),
         HostCommand::Migrations(args) => {
-            let client = HostClient::new(&args.target.url())?;
+            let client = args.target.client()?;
             let path = match (&args.id, args.active, args.failed) {
                 (Some(id), _, _) => format!("{}?id={id}", paths::MIGRATIONS),
                 (None, true, _) => format!("{}?active", paths::MIGRATIONS),
@@ -35,7 +38,7 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         HostCommand::Info(args) => {
-            let client = HostClient::new(&args.target.url())?;
+            let client = args.target.client()?;
             let info: HostInfo = client.get(paths::HOST)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -45,6 +48,39 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `ferry host init`: the host's key and certificate from the cluster CA, in the
+/// configuration's identity directory (refused if one is there already).
+fn init(args: HostInitArgs) -> anyhow::Result<ExitCode> {
+    let config = ferry_host::config::load(&args.config)?;
+    let mut addresses = args.addresses.clone();
+    let listen_ip = config.listen.ip();
+    if !listen_ip.is_unspecified() {
+        addresses.push(listen_ip.to_string());
+    }
+    let issued = ferry_pki::issue_host(&args.ca, &config.name, &addresses, &config.identity_dir)
+        .with_context(|| format!("cannot make the host identity in {}", config.identity_dir.display()))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "host": config.name,
+                "identity_dir": config.identity_dir,
+                "cert": issued.cert,
+                "key": issued.key,
+                "ca": issued.ca,
+                "names": issued.sans,
+            }))?
+        );
+    } else {
+        println!("host identity for {} in {}", config.name, config.identity_dir.display());
+        println!("  certificate: {}", issued.cert.display());
+        println!("  key:         {} (mode 0600)", issued.key.display());
+        println!("  cluster CA:  {}", issued.ca.display());
+        println!("  names:       {}", issued.sans.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn mib(bytes: u64) -> String {
@@ -280,7 +316,7 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
 
 /// `ferry vm ...`.
 pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
-    let client = HostClient::new(&args.target.url())?;
+    let client = args.target.client()?;
     let json = args.json;
     let detail = |d: VmDetail| -> anyhow::Result<ExitCode> {
         if json {

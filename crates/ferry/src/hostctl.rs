@@ -1,13 +1,16 @@
 //! The CLI's client of the host daemon (`ferry host serve`): blocking HTTP/1.1 with JSON,
-//! one request per connection.
+//! one request per connection, over mutual TLS.
 //!
-//! The transport is in one place, [`HostClient::connect`]: today a plain TCP stream to an
-//! `http://HOST:PORT` URL. Mutual TLS replaces that function (wrap the TCP stream in a TLS
-//! client session with the CLI's certificate and the cluster CA, for `https://` URLs); the
-//! rest of this module speaks HTTP over whatever stream it returns.
+//! The transport is in one place, [`HostClient::connect`]: a TCP stream to an
+//! `https://HOST:PORT` URL wrapped in a rustls client session that presents the CLI's
+//! certificate and trusts only the cluster CA (the identity directory: `--identity`, else
+//! `$FERRY_IDENTITY`, else `~/.config/ferry/identity`; `ferry ca issue --kind client` makes
+//! one). The rest of this module speaks HTTP over whatever stream it returns.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_host_api::ApiError;
@@ -15,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The daemon's default address.
-pub const DEFAULT_URL: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_URL: &str = "https://127.0.0.1:7443";
 /// The largest answer accepted.
 const MAX_RESPONSE: u64 = 64 << 20;
 /// Connecting gives up after this.
@@ -29,6 +32,18 @@ pub enum Error {
     /// The URL is not one this client speaks.
     #[error("{0}")]
     Url(String),
+    /// The CLI's TLS identity cannot be used.
+    #[error("cannot use the TLS identity in {dir} (make one with `ferry ca issue --kind client --out DIR`, and pass --identity DIR or set FERRY_IDENTITY)", dir = .dir.display())]
+    Identity {
+        /// The identity directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: ferry_pki::tls::Error,
+    },
+    /// No identity directory was given and none is at the default place.
+    #[error("no TLS identity: pass --identity DIR or set FERRY_IDENTITY (a directory with cert.pem, key.pem and ca.pem from `ferry ca issue --kind client`)")]
+    NoIdentity,
     /// Nothing answers there.
     #[error("cannot reach the host daemon at {url} (is `ferry host serve` running there?)")]
     Connect {
@@ -70,41 +85,61 @@ pub struct HostClient {
     url: String,
     /// `HOST:PORT`.
     authority: String,
+    /// The CLI's certificate and the cluster CA.
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Splits `url` (`https://HOST:PORT`, or `HOST:PORT`) into its authority.
+fn authority_of(url: &str) -> Result<String, Error> {
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if url.starts_with("http://") {
+        return Err(Error::Url(format!(
+            "{url}: the host daemon speaks only HTTPS with mutual TLS; use https://HOST:PORT"
+        )));
+    } else if url.contains("://") {
+        return Err(Error::Url(format!("{url}: not an https://HOST:PORT URL")));
+    } else {
+        url
+    };
+    let authority = rest.trim_end_matches('/').to_string();
+    if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
+        return Err(Error::Url(format!("{url}: not an https://HOST:PORT URL")));
+    }
+    Ok(authority)
 }
 
 impl HostClient {
-    /// A client of the daemon at `url` (`http://HOST:PORT`, or `HOST:PORT`).
-    pub fn new(url: &str) -> Result<Self, Error> {
-        let rest = if let Some(r) = url.strip_prefix("http://") {
-            r
-        } else if url.starts_with("https://") {
-            return Err(Error::Url(format!(
-                "{url}: https is not built into this ferry yet; use http://HOST:PORT"
-            )));
-        } else if url.contains("://") {
-            return Err(Error::Url(format!("{url}: not an http://HOST:PORT URL")));
-        } else {
-            url
-        };
-        let authority = rest.trim_end_matches('/').to_string();
-        if authority.is_empty() || authority.contains('/') {
-            return Err(Error::Url(format!("{url}: not an http://HOST:PORT URL")));
-        }
-        Ok(HostClient { url: url.to_string(), authority })
+    /// A client of the daemon at `url` (`https://HOST:PORT`, or `HOST:PORT`) with the TLS
+    /// identity in `identity` (default: `$FERRY_IDENTITY`, else `~/.config/ferry/identity`).
+    pub fn new(url: &str, identity: Option<PathBuf>) -> Result<Self, Error> {
+        let authority = authority_of(url)?;
+        let dir = identity.or_else(ferry_pki::default_identity_dir).ok_or(Error::NoIdentity)?;
+        let tls = ferry_pki::client_config(&dir).map_err(|source| Error::Identity { dir, source })?;
+        Ok(HostClient { url: url.to_string(), authority, tls: Arc::new(tls) })
     }
 
-    /// The transport: TLS goes here.
+    /// The transport: TCP, then a TLS session that presents the CLI's certificate and
+    /// accepts only a daemon certificate of the cluster CA naming the host dialled.
     fn connect(&self) -> Result<Box<dyn Stream>, Error> {
         let connect = |source| Error::Connect { url: self.url.clone(), source };
+        let io = |source| Error::Io { url: self.url.clone(), source };
+        let host = match self.authority.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            None => self.authority.clone(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .map_err(|e| Error::Url(format!("{}: {e}", self.url)))?;
         let addrs = self.authority.to_socket_addrs().map_err(connect)?;
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
                 Ok(s) => {
-                    let io = |source| Error::Io { url: self.url.clone(), source };
                     s.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
                     s.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
-                    return Ok(Box::new(s));
+                    let session = rustls::ClientConnection::new(self.tls.clone(), name.clone())
+                        .map_err(|e| io(std::io::Error::other(e)))?;
+                    return Ok(Box::new(rustls::StreamOwned::new(session, s)));
                 }
                 Err(e) => last = e,
             }
@@ -160,7 +195,12 @@ impl HostClient {
         stream.write_all(&body).map_err(io)?;
         stream.flush().map_err(io)?;
         let mut raw = Vec::new();
-        stream.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+        match stream.take(MAX_RESPONSE).read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: what came is checked by its length.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(io(e)),
+        }
         parse_response(&raw).map_err(|reason| Error::Malformed { url: self.url.clone(), reason })
     }
 }
@@ -219,10 +259,12 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(HostClient::new("http://127.0.0.1:7443").expect("url").authority, "127.0.0.1:7443");
-        assert_eq!(HostClient::new("127.0.0.1:7443/").expect("url").authority, "127.0.0.1:7443");
-        assert!(HostClient::new("https://a:1").is_err());
-        assert!(HostClient::new("ftp://a:1").is_err());
+        assert_eq!(authority_of("https://127.0.0.1:7443").expect("url"), "127.0.0.1:7443");
+        assert_eq!(authority_of("127.0.0.1:7443/").expect("url"), "127.0.0.1:7443");
+        assert_eq!(authority_of("https://[::1]:7443").expect("url"), "[::1]:7443");
+        assert!(authority_of("http://a:1").is_err());
+        assert!(authority_of("ftp://a:1").is_err());
+        assert!(authority_of("https://a").is_err());
     }
 
     #[test]

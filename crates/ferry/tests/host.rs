@@ -46,8 +46,11 @@ fn host_vm_lifecycle() {
     assert_eq!(list["vms"][0]["state"], "running");
 
     let host: serde_json::Value = {
-        let out =
-            common::ferry().args(["host", "info", "--json", "--host", &h.url]).output().expect("host info");
+        let out = common::ferry()
+            .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
+            .args(["host", "info", "--json", "--host", &h.url])
+            .output()
+            .expect("host info");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("json")
     };
@@ -240,6 +243,7 @@ fn host_nic_tap_on_port_group_bridge() {
                 "--host",
                 &h.url,
             ])
+            .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
             .output()
             .expect("host info");
         serde_json::from_slice(&out.stdout).expect("json")
@@ -324,8 +328,11 @@ fn host_two_daemons_report_the_same_datastore_id() {
     let mut b = Hostd::config("ds-b", &format!("shared = \"{}\"\n", a.ds().display()));
     b.start();
     let info = |h: &Hostd| -> serde_json::Value {
-        let out =
-            common::ferry().args(["host", "info", "--json", "--host", &h.url]).output().expect("host info");
+        let out = common::ferry()
+            .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
+            .args(["host", "info", "--json", "--host", &h.url])
+            .output()
+            .expect("host info");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("json")
     };

@@ -5,6 +5,7 @@
 mod common;
 
 use common::hostd::Hostd;
+use common::TempDir;
 
 fn stderr_of(out: &std::process::Output) -> String {
     assert!(!out.status.success(), "should have failed: {}", String::from_utf8_lossy(&out.stdout));
@@ -140,7 +141,52 @@ fn host_vm_bad_input() {
     assert_eq!(h.vm_json(&["register", bad.to_str().expect("path")])["state"], "defined");
 
     // An unreachable daemon.
-    let out = common::ferry().args(["vm", "list", "--host", "http://127.0.0.1:1"]).output().expect("run");
+    let out = common::ferry()
+        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
+        .args(["vm", "list", "--host", "https://127.0.0.1:1"])
+        .output()
+        .expect("run");
     let e = stderr_of(&out);
-    assert!(e.contains("cannot reach the host daemon at http://127.0.0.1:1"), "{e}");
+    assert!(e.contains("cannot reach the host daemon at https://127.0.0.1:1"), "{e}");
+}
+
+/// Every TCP port of the daemon speaks mutual TLS: a client with a certificate from another
+/// CA, or with none, is refused before any request is read (nothing is created); a plain
+/// http:// URL is refused by the CLI itself; a daemon without its identity does not start.
+#[test]
+fn the_daemon_refuses_clients_without_a_certificate_of_the_cluster_ca() {
+    let mut h = Hostd::config("tls", "");
+    let out = h.serve_to_end();
+    let e = stderr_of(&out);
+    assert!(!out.status.success() && e.contains("make it with `ferry host init`"), "{e}");
+    h.start();
+    let other = TempDir::new("other-ca");
+    ferry_pki::init_ca(&other.path("ca")).expect("another CA");
+    ferry_pki::issue_client(&other.path("ca"), "intruder", &other.path("client")).expect("its client");
+    let out = common::ferry()
+        .env(ferry_pki::IDENTITY_ENV, other.path("client"))
+        .args(["vm", "create", "x", "--datastore", "local", "--memory-mib", "32", "--guest", "memstress"])
+        .args(["--host", &h.url])
+        .output()
+        .expect("run");
+    let e = stderr_of(&out);
+    assert!(!out.status.success(), "a client of another CA was served: {e}");
+    assert!(!h.home("x").exists(), "a refused request created the VM");
+    // No certificate at all (an identity directory without one).
+    let out = common::ferry()
+        .env(ferry_pki::IDENTITY_ENV, other.path("nothing"))
+        .args(["vm", "list", "--host", &h.url])
+        .output()
+        .expect("run");
+    assert!(stderr_of(&out).contains("cannot use the TLS identity"), "{}", stderr_of(&out));
+    // Plain HTTP is not spoken.
+    let plain = h.url.replace("https://", "http://");
+    let out = common::ferry()
+        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
+        .args(["vm", "list", "--host", &plain])
+        .output()
+        .expect("run");
+    assert!(stderr_of(&out).contains("speaks only HTTPS"), "{}", stderr_of(&out));
+    // The test's own identity works.
+    assert!(h.vm(&["list"]).status.success());
 }

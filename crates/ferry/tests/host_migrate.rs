@@ -27,6 +27,7 @@ fn host_json(h: &Hostd, args: &[&str]) -> serde_json::Value {
     };
     let out: Output = c
         .env_remove("FERRY_HOST")
+        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
         .arg("host")
         .args(args)
         .args(["--host", &h.url, "--json"])
@@ -188,7 +189,7 @@ fn host_migrate_refusals_list_every_reason_and_reserve_nothing() {
         assert!(host_json(&b, &["migrations"])["migrations"].as_array().expect("list").is_empty());
     }
     // A destination that does not answer.
-    let out = a.vm(&["migrate", "r1", "--to-host", "http://127.0.0.1:1", "--check", "--json"]);
+    let out = a.vm(&["migrate", "r1", "--to-host", "https://127.0.0.1:1", "--check", "--json"]);
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert!(c["reasons"].as_array().expect("reasons").iter().any(|r| r["code"] == "unreachable"), "{c}");
 }

@@ -55,9 +55,14 @@ pub fn router(state: Shared) -> Router {
         .route("/vms/{name}/log", get(log))
         .route("/vms/{name}/migrate", post(migrate))
         .route(ferry_host_api::paths::MIGRATIONS, get(migrations))
-        .route(ferry_host_api::paths::INCOMING, post(incoming))
-        .route(ferry_host_api::paths::INCOMING_CHECK, post(incoming_check))
-        .route("/migrations/{id}/{step}", post(migration_step))
+        .merge(
+            // Only other hosts' daemons may reserve, complete or abort here.
+            Router::new()
+                .route(ferry_host_api::paths::INCOMING, post(incoming))
+                .route(ferry_host_api::paths::INCOMING_CHECK, post(incoming_check))
+                .route("/migrations/{id}/{step}", post(migration_step))
+                .route_layer(axum::middleware::from_fn(ferry_pki::require_host)),
+        )
         .route("/vms/{name}/{action}", post(action))
         .fallback(|| async {
             Failure(ApiError { code: ErrorCode::NotFound, message: "no such endpoint".into() })
@@ -65,14 +70,16 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes. Plain HTTP for now: this is
-/// where mutual TLS goes.
+/// Serves `router` on `listener` with mutual TLS (`tls`: the host's certificate, and client
+/// certificates required from the cluster CA; `ferry_pki::serve_tls`) until `shutdown`
+/// completes. Each request carries the peer's identity (`Extension<ferry_pki::PeerIdentity>`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+) {
+    ferry_pki::serve_tls(listener, tls, router, shutdown).await
 }
 
 async fn host(State(d): State<Shared>) -> Json<ferry_host_api::HostInfo> {

@@ -83,6 +83,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The daemon's directory: `host.db`, and VMM sockets under `run/`.
     pub state_dir: PathBuf,
+    /// The host's TLS identity (`cert.pem`, `key.pem`, `ca.pem`; `ferry host init` makes it):
+    /// default `state_dir/identity`.
+    pub identity_dir: PathBuf,
     /// The `ferry` binary that runs VMMs.
     pub ferry_binary: PathBuf,
     /// Datastores, by name.
@@ -120,6 +123,7 @@ struct Raw {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
     state_dir: Spanned<PathBuf>,
+    identity_dir: Option<Spanned<PathBuf>>,
     ferry_binary: Option<Spanned<PathBuf>>,
     #[serde(default)]
     datastores: BTreeMap<Spanned<String>, Spanned<RawDatastore>>,
@@ -194,6 +198,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
     if !state_dir.is_absolute() {
         return Err(field(at(raw.state_dir.span()), "state_dir", "must be an absolute path".into()));
     }
+    let identity_dir = match raw.identity_dir {
+        Some(d) if !d.get_ref().is_absolute() => {
+            return Err(field(at(d.span()), "identity_dir", "must be an absolute path".into()))
+        }
+        Some(d) => d.into_inner(),
+        None => state_dir.join("identity"),
+    };
     let ferry_binary = match raw.ferry_binary {
         Some(b) => {
             if !b.get_ref().is_file() {
@@ -277,6 +288,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         name,
         listen,
         state_dir,
+        identity_dir,
         ferry_binary,
         datastores,
         portgroups,

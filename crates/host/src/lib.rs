@@ -22,6 +22,15 @@ pub enum Error {
     /// Start-up failed.
     #[error(transparent)]
     Daemon(#[from] daemon::Error),
+    /// The host's TLS identity cannot be loaded.
+    #[error("cannot load the host's TLS identity from {dir} (make it with `ferry host init`)", dir = .dir.display())]
+    Identity {
+        /// The identity directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: ferry_pki::tls::Error,
+    },
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -41,6 +50,10 @@ pub enum Error {
 pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     let config = config::load(config_file)?;
     let addr = config.listen;
+    // Mutual TLS on the API's port: clients and peer hosts present a certificate of the
+    // cluster CA, or are refused before a request is read.
+    let dir = config.identity_dir.clone();
+    let tls = ferry_pki::server_config(&dir).map_err(|source| Error::Identity { dir, source })?;
     let daemon = daemon::Daemon::start(config).await?;
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?;
@@ -58,5 +71,6 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
         }
         tracing::info!("ferry host: stopping (the VMs keep running)");
     };
-    api::serve(listener, api::router(daemon), shutdown).await.map_err(Error::Serve)
+    api::serve(listener, std::sync::Arc::new(tls), api::router(daemon), shutdown).await;
+    Ok(())
 }

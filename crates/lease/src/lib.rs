@@ -424,23 +424,7 @@ impl Lease {
         // SAFETY: `fd` is a new socket this process owns from here on.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
         if let Some(k) = killpath {
-            let program =
-                fill::<{ sys::HELPER_PATH_LEN }>("killpath", k.program.as_os_str().as_bytes(), true)?;
-            let mut args = [0 as c_char; sys::HELPER_ARGS_LEN];
-            if !k.args.is_empty() {
-                args = fill::<{ sys::HELPER_ARGS_LEN }>("killpath arguments", k.args.as_bytes(), true)?;
-            }
-            // SAFETY: both buffers are NUL-terminated and live for the call; the socket is
-            // registered and used by this thread only.
-            let rv = unsafe {
-                sys::sanlock_killpath(
-                    sock.as_raw_fd(),
-                    sys::KILLPATH_PID,
-                    program.as_ptr(),
-                    args.as_mut_ptr(),
-                )
-            };
-            error::check("killpath", rv)?;
+            set_killpath(&sock, k)?;
         }
         let mut raw = resource.raw()?;
         let mut list = [&mut raw as *mut sys::SanlkResource1];
@@ -457,7 +441,7 @@ impl Lease {
         };
         error::check("acquire", rv)?;
         let mut lease = Self { sock, resource: resource.clone(), lver: 0, held: true };
-        lease.lver = lease.inquire_lver()?;
+        lease.lver = inquire_lver(&lease.sock, &lease.resource.name)?;
         Ok(lease)
     }
 
@@ -474,27 +458,6 @@ impl Lease {
     /// Whether the lease is still held (not released).
     pub fn is_held(&self) -> bool {
         self.held
-    }
-
-    /// The version of the held lease, from the daemon's state string
-    /// (`LOCKSPACE:NAME:PATH:OFFSET:LVER`; sanlock_acquire does not return it).
-    fn inquire_lver(&mut self) -> Result<u64, Error> {
-        let mut count = 0;
-        let mut state: *mut c_char = std::ptr::null_mut();
-        // SAFETY: the socket is registered; the out-pointers are valid for the call.
-        let rv = unsafe { sys::sanlock_inquire(self.sock.as_raw_fd(), -1, 0, &mut count, &mut state) };
-        let text = if state.is_null() {
-            String::new()
-        } else {
-            // SAFETY: libsanlock returns a malloc'd NUL-terminated string.
-            let s = unsafe { CStr::from_ptr(state) }.to_string_lossy().into_owned();
-            // SAFETY: the string is ours to free.
-            unsafe { libc::free(state.cast()) };
-            s
-        };
-        error::check("inquire", rv)?;
-        parse_lver(&text, &self.resource.name)
-            .ok_or(Error::Unexpected { op: "inquire", what: format!("no version of the lease in {text:?}") })
     }
 
     /// Releases the lease (the connection stays registered until the value goes).
@@ -517,6 +480,42 @@ impl Drop for Lease {
         // Closing the socket makes the daemon release too; releasing first says it cleanly.
         let _ = self.release();
     }
+}
+
+/// Sets the program sanlock runs instead of SIGTERM when `sock`'s leases fail.
+fn set_killpath(sock: &OwnedFd, k: &KillPath) -> Result<(), Error> {
+    let program = fill::<{ sys::HELPER_PATH_LEN }>("killpath", k.program.as_os_str().as_bytes(), true)?;
+    let mut args = [0 as c_char; sys::HELPER_ARGS_LEN];
+    if !k.args.is_empty() {
+        args = fill::<{ sys::HELPER_ARGS_LEN }>("killpath arguments", k.args.as_bytes(), true)?;
+    }
+    // SAFETY: both buffers are NUL-terminated and live for the call; the socket is
+    // registered and used by this thread only.
+    let rv = unsafe {
+        sys::sanlock_killpath(sock.as_raw_fd(), sys::KILLPATH_PID, program.as_ptr(), args.as_mut_ptr())
+    };
+    error::check("killpath", rv).map(drop)
+}
+
+/// The version of the lease `name` held through `sock`, from the daemon's state string
+/// (`LOCKSPACE:NAME:PATH:OFFSET:LVER`; sanlock_acquire does not return it).
+fn inquire_lver(sock: &OwnedFd, name: &str) -> Result<u64, Error> {
+    let mut count = 0;
+    let mut state: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the socket is registered; the out-pointers are valid for the call.
+    let rv = unsafe { sys::sanlock_inquire(sock.as_raw_fd(), -1, 0, &mut count, &mut state) };
+    let text = if state.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libsanlock returns a malloc'd NUL-terminated string.
+        let s = unsafe { CStr::from_ptr(state) }.to_string_lossy().into_owned();
+        // SAFETY: the string is ours to free.
+        unsafe { libc::free(state.cast()) };
+        s
+    };
+    error::check("inquire", rv)?;
+    parse_lver(&text, name)
+        .ok_or(Error::Unexpected { op: "inquire", what: format!("no version of the lease in {text:?}") })
 }
 
 /// The version of `name` in an inquire state string: resources separated by spaces, each

@@ -17,6 +17,13 @@ pub const HELPER_ARGS_LEN: usize = 128;
 pub const LSF_ALIGN1M_SECTOR512: u32 = 0x10 | 0x100;
 /// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR512`.
 pub const RES_ALIGN1M_SECTOR512: u32 = 0x10 | 0x100;
+/// `SANLK_RES_LVER`: the resource's `lver` field is set (acquire only that version's successor).
+pub const RES_LVER: u32 = 0x1;
+/// `SANLK_RES_SHARED`: a shared-mode lease.
+pub const RES_SHARED: u32 = 0x4;
+/// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR4K`: 1 MiB areas of 4096-byte sectors (250 hosts).
+pub const RES_ALIGN1M_SECTOR4K: u32 = 0x10 | 0x200;
+
 /// `SANLK_KILLPATH_PID`: append the holder's pid to the killpath arguments.
 pub const KILLPATH_PID: u32 = 0x1;
 /// `SANLK_ACQUIRE_OWNER_NOWAIT`: fail at once if another host owns the lease.
@@ -90,6 +97,7 @@ extern "C" {
         res_count: c_int,
         res_args: *mut *mut SanlkResource1,
     ) -> c_int;
+    pub fn sanlock_convert(sock: c_int, pid: c_int, flags: u32, res: *mut SanlkResource1) -> c_int;
     pub fn sanlock_inquire(
         sock: c_int,
         pid: c_int,

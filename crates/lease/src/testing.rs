@@ -285,3 +285,135 @@ fn is_mountpoint(path: &Path) -> bool {
     };
     me.dev() != parent.dev()
 }
+
+/// How a benchmark lays out a lease area, beyond Ferry's own (512-byte sectors, every host
+/// id up to 2000 in the Paxos area).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// 4096-byte sectors (250 hosts in 1 MiB) instead of 512.
+    pub sector4k: bool,
+    /// The host ids the lease's Paxos area serves (`num_hosts` of sanlock_write_resource;
+    /// 0: all the area holds). Hosts with a larger id cannot acquire it.
+    pub num_hosts: u32,
+}
+
+impl Layout {
+    fn res_flags(self) -> u32 {
+        if self.sector4k {
+            crate::sys::RES_ALIGN1M_SECTOR4K
+        } else {
+            crate::sys::RES_ALIGN1M_SECTOR512
+        }
+    }
+
+    fn raw(
+        self,
+        res: &crate::Resource,
+        extra: u32,
+        lver: u64,
+    ) -> Result<crate::sys::SanlkResource1, crate::Error> {
+        let mut r = res.raw()?;
+        r.flags = self.res_flags() | extra;
+        r.lver = lver;
+        Ok(r)
+    }
+
+    /// Formats `res` with this layout (destroys the lease).
+    pub fn format(self, res: &crate::Resource) -> Result<(), crate::Error> {
+        let mut r = self.raw(res, 0, 0)?;
+        let max_hosts = if self.sector4k { 250 } else { 2000 };
+        // SAFETY: `r` is a valid sanlk_resource with one disk, outliving the call.
+        let rv = unsafe { crate::sys::sanlock_write_resource(&mut r, max_hosts, self.num_hosts as i32, 0) };
+        crate::error::check("write_resource", rv).map(drop)
+    }
+}
+
+/// How [`RawConn::acquire`] asks for a lease.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcquireMode {
+    /// Shared mode (`SANLK_RES_SHARED`).
+    pub shared: bool,
+    /// Acquire only if the lease's version on disk is this one (`SANLK_RES_LVER`): the
+    /// acquisition then has the next version, known without an inquire.
+    pub lver: Option<u64>,
+}
+
+/// A registered connection to the daemon on which a benchmark drives sanlock's calls one
+/// by one (register, killpath, acquire, convert, inquire, release), to time each and to
+/// try options Ferry's [`crate::Lease`] does not use. The daemon releases what it holds
+/// when it is dropped (the connection closes).
+#[derive(Debug)]
+pub struct RawConn {
+    sock: std::os::fd::OwnedFd,
+}
+
+impl RawConn {
+    /// Registers this process with the daemon on a new connection.
+    pub fn register() -> Result<Self, crate::Error> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: no arguments; returns a new socket or a negative error.
+        let fd = crate::error::check("register", unsafe { crate::sys::sanlock_register() })?;
+        // SAFETY: `fd` is a new socket this process owns from here on.
+        Ok(Self { sock: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Sets the killpath, as Ferry's VMM does.
+    pub fn killpath(&self, k: &crate::KillPath) -> Result<(), crate::Error> {
+        crate::set_killpath(&self.sock, k)
+    }
+
+    /// Acquires `res` (laid out as `layout`) without waiting for another owner.
+    pub fn acquire(
+        &self,
+        res: &crate::Resource,
+        layout: Layout,
+        mode: AcquireMode,
+    ) -> Result<(), crate::Error> {
+        use std::os::fd::AsRawFd;
+        let mut extra = if mode.shared { crate::sys::RES_SHARED } else { 0 };
+        if mode.lver.is_some() {
+            extra |= crate::sys::RES_LVER;
+        }
+        let mut r = layout.raw(res, extra, mode.lver.unwrap_or(0))?;
+        let mut list = [&mut r as *mut crate::sys::SanlkResource1];
+        // SAFETY: one valid resource pointer, outliving the call, on the registered socket.
+        let rv = unsafe {
+            crate::sys::sanlock_acquire(
+                self.sock.as_raw_fd(),
+                -1,
+                crate::sys::ACQUIRE_OWNER_NOWAIT,
+                1,
+                list.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        crate::error::check("acquire", rv).map(drop)
+    }
+
+    /// Converts the held `res` to shared (`shared`) or exclusive mode, without waiting.
+    pub fn convert(&self, res: &crate::Resource, layout: Layout, shared: bool) -> Result<(), crate::Error> {
+        use std::os::fd::AsRawFd;
+        let mut r = layout.raw(res, if shared { crate::sys::RES_SHARED } else { 0 }, 0)?;
+        // SAFETY: a valid resource, outliving the call, on the registered socket;
+        // SANLK_CONVERT_OWNER_NOWAIT has the value of SANLK_ACQUIRE_OWNER_NOWAIT.
+        let rv = unsafe {
+            crate::sys::sanlock_convert(self.sock.as_raw_fd(), -1, crate::sys::ACQUIRE_OWNER_NOWAIT, &mut r)
+        };
+        crate::error::check("convert", rv).map(drop)
+    }
+
+    /// The version of the held lease `name` (sanlock_inquire).
+    pub fn lver(&self, name: &str) -> Result<u64, crate::Error> {
+        crate::inquire_lver(&self.sock, name)
+    }
+
+    /// Releases `res`.
+    pub fn release(&self, res: &crate::Resource, layout: Layout) -> Result<(), crate::Error> {
+        use std::os::fd::AsRawFd;
+        let mut r = layout.raw(res, 0, 0)?;
+        let mut list = [&mut r as *mut crate::sys::SanlkResource1];
+        // SAFETY: one valid resource pointer, outliving the call, on the registered socket.
+        let rv = unsafe { crate::sys::sanlock_release(self.sock.as_raw_fd(), -1, 0, 1, list.as_mut_ptr()) };
+        crate::error::check("release", rv).map(drop)
+    }
+}

@@ -354,10 +354,11 @@ impl VmHome {
         let dir = self.dir.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let probe = std::thread::Builder::new().name("home-probe".into()).spawn(move || {
-            let r = std::fs::metadata(&dir).and_then(|_| match std::fs::metadata(dir.join(GENERATION_FILE)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other.map(|_| ()),
-            });
+            let r =
+                std::fs::metadata(&dir).and_then(|_| match std::fs::metadata(dir.join(GENERATION_FILE)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other.map(|_| ()),
+                });
             let _ = tx.send(r);
         });
         let open = |source| Error::Open { path: self.dir.clone(), source };

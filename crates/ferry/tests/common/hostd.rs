@@ -9,6 +9,43 @@ use std::time::{Duration, Instant};
 
 use super::{wait_timeout, TempDir};
 
+/// The test process's cluster CA and the CLI's client identity (made once, removed when the
+/// test binary exits).
+pub struct Cluster {
+    /// `ca.pem`, `ca.key`.
+    pub ca: PathBuf,
+    /// The CLI's identity (`cert.pem`, `key.pem`, `ca.pem`): `FERRY_IDENTITY` of every
+    /// `ferry vm`/`ferry host` command the tests run.
+    pub client: PathBuf,
+}
+
+static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+static CLUSTER_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+extern "C" fn remove_cluster() {
+    if let Some(d) = CLUSTER_DIR.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// The process's cluster CA and client identity.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ferry-test-cluster-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        if CLUSTER_DIR.set(dir.clone()).is_ok() {
+            // SAFETY: registers a plain function with no captured state.
+            unsafe { libc::atexit(remove_cluster) };
+        }
+        let ca = dir.join("ca");
+        ferry_pki::init_ca(&ca).expect("make the test cluster CA");
+        let client = dir.join("client");
+        ferry_pki::issue_client(&ca, "test-cli", &client).expect("issue the CLI's certificate");
+        Cluster { ca, client }
+    })
+}
+
 /// A daemon and its directory.
 pub struct Hostd {
     pub dir: TempDir,
@@ -25,8 +62,25 @@ impl Hostd {
     /// `ferry` in the daemon's namespace and environment.
     fn cmd(&self) -> Command {
         let mut c = ferry_in(self.netns.as_deref());
+        c.env(ferry_pki::IDENTITY_ENV, &cluster().client);
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
+    }
+
+    /// `ferry host init` against the test cluster CA, unless the identity exists.
+    fn init_identity(&self) {
+        if self.dir.path("state").join("identity").join("cert.pem").exists() {
+            return;
+        }
+        let out = self
+            .cmd()
+            .args(["host", "init", "--config"])
+            .arg(&self.config)
+            .arg("--ca")
+            .arg(&cluster().ca)
+            .output()
+            .expect("run ferry host init");
+        assert!(out.status.success(), "ferry host init: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -60,7 +114,7 @@ impl Hostd {
         Hostd {
             dir,
             config,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             netns: None,
             daemon: None,
             env: Vec::new(),
@@ -70,6 +124,7 @@ impl Hostd {
     /// Starts the daemon and waits until it answers.
     pub fn start(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
+        self.init_identity();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -545,7 +545,8 @@ impl Daemon {
                 format!("VM {name} is migrating (migration {})", r.id),
             ));
         }
-        let peer = Peer::new(to_host).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let peer =
+            Peer::new(to_host, self.peer_client.as_ref()).map_err(|e| Error::BadRequest(e.to_string()))?;
         let info: HostInfo = match peer.get(paths::HOST, PEER_QUICK).await {
             Ok(i) => i,
             Err(e) => {

@@ -206,6 +206,9 @@ pub struct Daemon {
     outgoing: Mutex<BTreeMap<String, ferry_host_api::MigrationRecord>>,
     /// The CPU feature bits KVM offers guests here.
     kvm_features: Vec<String>,
+    /// The client other hosts' daemons are called with (this host's TLS identity), if the
+    /// identity loads.
+    peer_client: Option<ferry_pki::Client>,
 }
 
 /// A handle to the daemon, shared by the API handlers and the watchers.
@@ -315,6 +318,13 @@ impl Daemon {
             .and_then(Result::ok)
             .map(|k| k.features)
             .unwrap_or_default();
+        let peer_client = match ferry_pki::Client::new(&config.identity_dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no TLS identity to call other hosts with: {e}");
+                None
+            }
+        };
         let daemon = Arc::new(Daemon {
             config,
             db,
@@ -324,6 +334,7 @@ impl Daemon {
             reservations: Mutex::new(BTreeMap::new()),
             outgoing: Mutex::new(BTreeMap::new()),
             kvm_features,
+            peer_client,
         });
         daemon.reconcile().await?;
         daemon.close_stale_migrations().await?;
