@@ -131,6 +131,9 @@ fn host_migrate_by_name_and_back() {
         assert!(from.daemon_log().contains(&format!("migration {id}: completed")), "{}", from.daemon_log());
         assert!(to.daemon_log().contains(&format!("migration {id}: completed")), "{}", to.daemon_log());
         nothing_reserved(from);
+        if std::env::var_os("FERRY_TEST_SHOW_LOGS").is_some() {
+            eprintln!("--- source log:\n{}\n--- destination log:\n{}", from.daemon_log(), to.daemon_log());
+        }
         ids.push(id);
     }
     assert_ne!(ids[0], ids[1]);

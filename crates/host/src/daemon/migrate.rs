@@ -33,6 +33,8 @@ const PEER_QUICK: Duration = Duration::from_secs(5);
 const PEER_SLOW: Duration = Duration::from_secs(30);
 /// How often the source VMM's migration is polled.
 const POLL: Duration = Duration::from_millis(20);
+/// Deadline of one progress request to the source VMM.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An incoming migration's reservation on the destination.
 #[derive(Debug)]
@@ -691,18 +693,20 @@ impl Daemon {
                     // (its VMM runs the VM).
                     tracing::warn!("migration {id}: cannot tell the destination it completed: {e}");
                 }
+                // Outside the VMM's migration: the checks, the reservation, starting and
+                // following it, and the destination's completion (it owns the VM now).
+                let handed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                record.orchestration_ms = Some((handed_ms - report.total_ms).max(0.0));
                 // The VM is the destination's: this host forgets it once its VMM has gone.
                 self.forget_migrated(name, &id).await;
-                // The time includes telling the destination and forgetting the VM here.
-                let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
-                record.total_ms = Some(wall_ms);
-                record.orchestration_ms = Some((wall_ms - report.total_ms).max(0.0));
+                record.total_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
                 tracing::info!(
-                    "migration {id}: completed: VM {name} runs on host {}; downtime {:.1} ms, total {:.0} ms, outside the VMM's migration {:.1} ms",
+                    "migration {id}: completed: VM {name} runs on host {}; downtime {:.1} ms, the VMM's migration {:.1} ms, outside it {:.1} ms, total with the source VMM's exit {:.0} ms",
                     record.destination,
                     report.downtime_ms,
-                    wall_ms,
-                    record.orchestration_ms.unwrap_or_default()
+                    report.total_ms,
+                    record.orchestration_ms.unwrap_or_default(),
+                    record.total_ms.unwrap_or_default()
                 );
             }
             Err((code, why, report)) => {
@@ -807,48 +811,53 @@ impl Daemon {
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(POLL).await;
-            let s = sock.clone();
-            let status = tokio::task::spawn_blocking(move || {
-                ferry_api::client::send(&s, &ferry_api::Request::MigrationStatus, API_TIMEOUT)
-            })
-            .await
-            .ok()
-            .and_then(Result::ok);
-            let report = match status {
-                Some(ferry_api::Response::MigrationStatus(info)) if info.migration_id == id => {
-                    failures = 0;
-                    let progress = MigrationProgress {
-                        phase: serde_json::to_value(info.phase)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
-                        pass: info.pass,
-                        pages_left: info.pages_left,
-                        rate_mib_s: info.rate_mib_s,
-                        expected_downtime_ms: info.expected_downtime_ms,
-                        eta_ms: info.eta_ms,
-                        bytes_transferred: info.bytes_transferred,
-                    };
-                    self.set_progress(name, |r| r.progress = Some(progress)).await;
-                    info.report.map(|b| *b)
-                }
-                _ => {
-                    // A completed migration's source VMM exits: its report is in the home.
-                    let report = std::fs::read(&report_file)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok());
-                    if report.is_none() {
-                        failures += 1;
-                        if failures > 250 && !alive(pid) {
-                            return Err(fail(
-                                "source_vmm_lost",
-                                format!(
-                                    "the source VMM (pid {pid}) ended without a report of migration {id}"
-                                ),
-                            ));
+            // The report in the home first: once the migration has ended the source VMM
+            // answers no more requests (it is on its way out).
+            let report = match std::fs::read(&report_file) {
+                Ok(b) => serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok(),
+                Err(_) => None,
+            };
+            let report = match report {
+                Some(r) => Some(r),
+                None => {
+                    let s = sock.clone();
+                    let status = tokio::task::spawn_blocking(move || {
+                        ferry_api::client::send(&s, &ferry_api::Request::MigrationStatus, STATUS_TIMEOUT)
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                    match status {
+                        Some(ferry_api::Response::MigrationStatus(info)) if info.migration_id == id => {
+                            failures = 0;
+                            let progress = MigrationProgress {
+                                phase: serde_json::to_value(info.phase)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(str::to_owned))
+                                    .unwrap_or_default(),
+                                pass: info.pass,
+                                pages_left: info.pages_left,
+                                rate_mib_s: info.rate_mib_s,
+                                expected_downtime_ms: info.expected_downtime_ms,
+                                eta_ms: info.eta_ms,
+                                bytes_transferred: info.bytes_transferred,
+                            };
+                            self.set_progress(name, |r| r.progress = Some(progress)).await;
+                            info.report.map(|b| *b)
+                        }
+                        _ => {
+                            failures += 1;
+                            if failures > 250 && !alive(pid) {
+                                return Err(fail(
+                                    "source_vmm_lost",
+                                    format!(
+                                        "the source VMM (pid {pid}) ended without a report of migration {id}"
+                                    ),
+                                ));
+                            }
+                            None
                         }
                     }
-                    report
                 }
             };
             if let Some(report) = report {
