@@ -521,6 +521,9 @@ pub struct CheckReport {
     /// The VM's home mapped to the destination's path for the same datastore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_home: Option<PathBuf>,
+    /// The host API version of the host that made the report.
+    #[serde(default)]
+    pub api_version: u32,
 }
 
 /// `POST /vms/NAME/migrate`: migrate a running VM to another host's daemon.

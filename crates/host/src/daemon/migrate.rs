@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_host_api::{
-    paths, CheckCode, CheckReason, CheckReport, HostInfo, IncomingMigration, MigrateStarted, MigrateVm,
+    paths, CheckCode, CheckReason, CheckReport, IncomingMigration, MigrateStarted, MigrateVm,
     MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, Reservation, VmState,
 };
 
@@ -31,8 +31,8 @@ pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 const PEER_QUICK: Duration = Duration::from_secs(5);
 /// Deadline of a reservation or completion request to a peer.
 const PEER_SLOW: Duration = Duration::from_secs(30);
-/// How often the source VMM's migration is polled.
-const POLL: Duration = Duration::from_millis(20);
+/// How often the source VMM's progress is asked for during pre-copy.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Deadline of one progress request to the source VMM.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -461,18 +461,6 @@ impl Daemon {
         let Some(r) = self.reservations.lock().await.remove(id) else {
             return self.known_migration(id).await;
         };
-        let running = {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if receiver_runs(r.socket.clone()).await {
-                    break true;
-                }
-                if Instant::now() > deadline {
-                    break false;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
         let pid = r.child.id();
         // The guest's console is the VM's `console.log` again (the receiving VMM writes on
         // through its open file; the source's console of before is replaced).
@@ -483,7 +471,9 @@ impl Daemon {
             name: r.def.name.clone(),
             home: r.home.clone(),
             datastore: r.datastore.clone(),
-            state: if running { VmState::Running } else { VmState::Starting },
+            // The source's VMM reported the VM running here (RESTORE_OK, commit); `show`
+            // re-reads it from the VMM.
+            state: VmState::Running,
             pid: Some(pid),
             api_socket: Some(r.socket.clone()),
             taps: r.taps.clone(),
@@ -523,7 +513,7 @@ impl Daemon {
         &self,
         name: &str,
         to_host: &str,
-    ) -> Result<(CheckReport, Option<(Peer, HostInfo, IncomingMigration)>), Error> {
+    ) -> Result<(CheckReport, Option<(Peer, String, IncomingMigration)>), Error> {
         let (def, state, datastore) = {
             let vms = self.vms.lock().await;
             let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
@@ -535,6 +525,7 @@ impl Daemon {
             ok: false,
             reasons: Vec::new(),
             destination_home: None,
+            api_version: ferry_host_api::API_VERSION,
         };
         if state != VmState::Running {
             report
@@ -549,30 +540,6 @@ impl Daemon {
         }
         let peer =
             Peer::new(to_host, self.peer_client.as_ref()).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let info: HostInfo = match peer.get(paths::HOST, PEER_QUICK).await {
-            Ok(i) => i,
-            Err(e) => {
-                report.reasons.push(reason(CheckCode::Unreachable, e.to_string()));
-                return Ok((report, None));
-            }
-        };
-        report.destination = info.name.clone();
-        if info.name == self.config.name {
-            report
-                .reasons
-                .push(reason(CheckCode::SameHost, format!("{to_host} is this host ({})", info.name)));
-        }
-        if info.api_version != ferry_host_api::API_VERSION {
-            report.reasons.push(reason(
-                CheckCode::Protocol,
-                format!(
-                    "host {} speaks host API {}, this one {}",
-                    info.name,
-                    info.api_version,
-                    ferry_host_api::API_VERSION
-                ),
-            ));
-        }
         let incoming = IncomingMigration {
             migration_id: String::new(),
             source: self.config.name.clone(),
@@ -581,15 +548,37 @@ impl Daemon {
             cpu_features: self.kvm_features.clone(),
             migration_protocols: vec![ferry_migration::protocol::PROTOCOL_VERSION],
         };
-        match peer.post::<_, CheckReport>(paths::INCOMING_CHECK, &incoming, PEER_QUICK).await {
-            Ok(theirs) => {
-                report.reasons.extend(theirs.reasons);
-                report.destination_home = theirs.destination_home;
+        // One request: the destination's own checks (the same code its reservation runs).
+        let theirs = match peer.post::<_, CheckReport>(paths::INCOMING_CHECK, &incoming, PEER_QUICK).await {
+            Ok(t) => t,
+            Err(e) => {
+                report.reasons.push(reason(CheckCode::Unreachable, e.to_string()));
+                return Ok((report, None));
             }
-            Err(e) => report.reasons.push(reason(CheckCode::Unreachable, e.to_string())),
+        };
+        report.destination = theirs.destination.clone();
+        if theirs.destination == self.config.name {
+            report.reasons.push(reason(
+                CheckCode::SameHost,
+                format!("{to_host} is this host ({})", theirs.destination),
+            ));
         }
+        if theirs.api_version != ferry_host_api::API_VERSION {
+            report.reasons.push(reason(
+                CheckCode::Protocol,
+                format!(
+                    "host {} speaks host API {}, this one {}",
+                    theirs.destination,
+                    theirs.api_version,
+                    ferry_host_api::API_VERSION
+                ),
+            ));
+        }
+        report.reasons.extend(theirs.reasons);
+        report.destination_home = theirs.destination_home;
         report.ok = report.reasons.is_empty();
-        Ok((report, Some((peer, info, incoming))))
+        let destination = theirs.destination;
+        Ok((report, Some((peer, destination, incoming))))
     }
 
     /// `POST /migrations/incoming/check`.
@@ -601,6 +590,7 @@ impl Daemon {
             ok: reasons.is_empty(),
             reasons,
             destination_home: home.map(|h| h.1),
+            api_version: ferry_host_api::API_VERSION,
         }
     }
 
@@ -612,7 +602,7 @@ impl Daemon {
         if req.check || !checks.ok {
             return Ok(MigrateStarted { checks, migration_id: None });
         }
-        let Some((peer, info, mut incoming)) = ctx else {
+        let Some((peer, destination, mut incoming)) = ctx else {
             return Ok(MigrateStarted { checks, migration_id: None });
         };
         let id = new_id();
@@ -621,7 +611,7 @@ impl Daemon {
             id: id.clone(),
             vm: name.into(),
             source: self.config.name.clone(),
-            destination: info.name.clone(),
+            destination: destination.clone(),
             role: MigrationRole::Source,
             started_unix_ms: unix_ms(),
             ended_unix_ms: None,
@@ -643,7 +633,12 @@ impl Daemon {
             out.insert(name.into(), record.clone());
         }
         self.db.put_migration(&record).await?;
-        tracing::info!("migration {id}: VM {name} to host {} ({}): checks passed", info.name, peer.url());
+        tracing::info!(
+            "migration {id}: VM {name} to host {} ({}): checks passed (+{:.1} ms)",
+            destination,
+            peer.url(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let daemon = Arc::clone(self);
         let vm = name.to_string();
         tokio::spawn(async move {
@@ -668,7 +663,7 @@ impl Daemon {
         started: Instant,
     ) {
         let id = incoming.migration_id.clone();
-        let result = self.outgoing_steps(name, &peer, &incoming, &req).await;
+        let result = self.outgoing_steps(name, &peer, &incoming, &req, started).await;
         let mut record = match self.outgoing.lock().await.remove(name) {
             Some(r) => r,
             None => return,
@@ -693,6 +688,10 @@ impl Daemon {
                     // (its VMM runs the VM).
                     tracing::warn!("migration {id}: cannot tell the destination it completed: {e}");
                 }
+                tracing::info!(
+                    "migration {id}: the destination completed it (+{:.1} ms)",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
                 // Outside the VMM's migration: the checks, the reservation, starting and
                 // following it, and the destination's completion (it owns the VM now).
                 let handed_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -749,6 +748,7 @@ impl Daemon {
         peer: &Peer,
         incoming: &IncomingMigration,
         req: &MigrateVm,
+        started: Instant,
     ) -> Result<ferry_api::MigrationReport, (String, String, Option<ferry_api::MigrationReport>)> {
         let id = incoming.migration_id.clone();
         let fail = |code: &str, why: String| (code.to_string(), why, None);
@@ -756,7 +756,12 @@ impl Daemon {
             .post(paths::INCOMING, incoming, PEER_SLOW)
             .await
             .map_err(|e| fail("reservation_failed", e.to_string()))?;
-        tracing::info!("migration {id}: reserved on the destination: receiver at {}", reservation.listen);
+        let ms = || started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            "migration {id}: reserved on the destination: receiver at {} (+{:.1} ms)",
+            reservation.listen,
+            ms()
+        );
         let (sock, pid, home) = {
             let vms = self.vms.lock().await;
             let vm =
@@ -806,20 +811,71 @@ impl Daemon {
             }
             Err(e) => return Err(fail("internal", e.to_string())),
         }
-        tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name}");
+        tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{:.1} ms)", ms());
         let report_file = home.join("migrations").join(format!("{id}.json"));
-        let mut failures = 0u32;
-        loop {
-            tokio::time::sleep(POLL).await;
-            // The report in the home first: once the migration has ended the source VMM
-            // answers no more requests (it is on its way out).
-            let report = match std::fs::read(&report_file) {
-                Ok(b) => serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok(),
-                Err(_) => None,
-            };
-            let report = match report {
-                Some(r) => Some(r),
-                None => {
+        let read_report = || {
+            std::fs::read(&report_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok())
+        };
+        // The VMM's event stream carries the phases, the passes and, at the end, the report
+        // (the VMM ends the stream when it exits); `GET /vm/migration` adds pages left and the
+        // ETA during pre-copy only (a VMM finishing a migration answers no more requests).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut follower = Some(spawn_follower(sock.clone(), id.clone(), tx.clone()));
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        let mut precopy = true;
+        let mut restarts = 0u32;
+        let report = loop {
+            tokio::select! {
+                followed = rx.recv() => match followed {
+                    Some(Followed::Phase(phase)) => {
+                        precopy = matches!(phase, ferry_api::MigrationPhase::Setup | ferry_api::MigrationPhase::PreCopy);
+                        let word = serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                        self.set_progress(name, |r| {
+                            if let Some(p) = r.progress.as_mut() {
+                                p.phase = word;
+                            }
+                        })
+                        .await;
+                    }
+                    Some(Followed::Pass { pass, rate_mib_s, expected_downtime_ms, bytes_transferred }) => {
+                        self.set_progress(name, |r| {
+                            if let Some(p) = r.progress.as_mut() {
+                                p.pass = pass + 1;
+                                p.rate_mib_s = rate_mib_s;
+                                if let Some(d) = expected_downtime_ms {
+                                    p.expected_downtime_ms = d;
+                                }
+                                p.bytes_transferred = bytes_transferred;
+                            }
+                        })
+                        .await;
+                    }
+                    Some(Followed::Report(r)) => break *r,
+                    Some(Followed::Ended) | None => {
+                        if let Some(r) = read_report() {
+                            break r;
+                        }
+                        if let Some(f) = follower.take() {
+                            let _ = tokio::task::spawn_blocking(move || f.join()).await;
+                        }
+                        restarts += 1;
+                        if restarts > 50 || !alive(pid) {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if let Some(r) = read_report() {
+                                break r;
+                            }
+                            return Err(fail(
+                                "source_vmm_lost",
+                                format!("the source VMM (pid {pid}) ended without a report of migration {id}"),
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        follower = Some(spawn_follower(sock.clone(), id.clone(), tx.clone()));
+                    }
+                },
+                _ = tick.tick(), if precopy => {
                     let s = sock.clone();
                     let status = tokio::task::spawn_blocking(move || {
                         ferry_api::client::send(&s, &ferry_api::Request::MigrationStatus, STATUS_TIMEOUT)
@@ -827,46 +883,33 @@ impl Daemon {
                     .await
                     .ok()
                     .and_then(Result::ok);
-                    match status {
-                        Some(ferry_api::Response::MigrationStatus(info)) if info.migration_id == id => {
-                            failures = 0;
-                            let progress = MigrationProgress {
-                                phase: serde_json::to_value(info.phase)
-                                    .ok()
-                                    .and_then(|v| v.as_str().map(str::to_owned))
-                                    .unwrap_or_default(),
-                                pass: info.pass,
-                                pages_left: info.pages_left,
-                                rate_mib_s: info.rate_mib_s,
-                                expected_downtime_ms: info.expected_downtime_ms,
-                                eta_ms: info.eta_ms,
-                                bytes_transferred: info.bytes_transferred,
-                            };
-                            self.set_progress(name, |r| r.progress = Some(progress)).await;
-                            info.report.map(|b| *b)
-                        }
-                        _ => {
-                            failures += 1;
-                            if failures > 250 && !alive(pid) {
-                                return Err(fail(
-                                    "source_vmm_lost",
-                                    format!(
-                                        "the source VMM (pid {pid}) ended without a report of migration {id}"
-                                    ),
-                                ));
-                            }
-                            None
+                    if let Some(ferry_api::Response::MigrationStatus(info)) = status {
+                        if info.migration_id == id && info.report.is_none() {
+                            self.set_progress(name, |r| {
+                                r.progress = Some(MigrationProgress {
+                                    phase: serde_json::to_value(info.phase)
+                                        .ok()
+                                        .and_then(|v| v.as_str().map(str::to_owned))
+                                        .unwrap_or_default(),
+                                    pass: info.pass,
+                                    pages_left: info.pages_left,
+                                    rate_mib_s: info.rate_mib_s,
+                                    expected_downtime_ms: info.expected_downtime_ms,
+                                    eta_ms: info.eta_ms,
+                                    bytes_transferred: info.bytes_transferred,
+                                })
+                            })
+                            .await;
                         }
                     }
                 }
-            };
-            if let Some(report) = report {
-                if report.vm_running_on == ferry_api::VmLocation::Destination {
-                    return Ok(report);
-                }
-                return Err((report.reason_code.to_string(), report.reason.clone(), Some(report)));
             }
+        };
+        tracing::info!("migration {id}: the source VMM reported {} (+{:.1} ms)", report.reason_code, ms());
+        if report.vm_running_on == ferry_api::VmLocation::Destination {
+            return Ok(report);
         }
+        Err((report.reason_code.to_string(), report.reason.clone(), Some(report)))
     }
 
     /// The VM runs on another host: its VMM here ends (a clean end, asked for), then the
@@ -936,4 +979,70 @@ async fn receiver_runs(sock: PathBuf) -> bool {
     .ok()
     .and_then(Result::ok);
     matches!(info, Some(ferry_api::Response::Info(i)) if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused))
+}
+
+/// What the follower of a source VMM's events passes on.
+#[derive(Debug)]
+enum Followed {
+    /// A phase change.
+    Phase(ferry_api::MigrationPhase),
+    /// A pass ended.
+    Pass {
+        /// Its number.
+        pass: u32,
+        /// Its rate.
+        rate_mib_s: f64,
+        /// The downtime a stop-and-copy would cost now.
+        expected_downtime_ms: Option<f64>,
+        /// Bytes so far.
+        bytes_transferred: u64,
+    },
+    /// The report: the migration has ended.
+    Report(Box<ferry_api::MigrationReport>),
+    /// The stream ended (or failed) without the report.
+    Ended,
+}
+
+/// Follows `GET /vm/events` of the VMM on `sock` for migration `id` on a thread of its own.
+fn spawn_follower(
+    sock: PathBuf,
+    id: String,
+    tx: tokio::sync::mpsc::UnboundedSender<Followed>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut stream) = ferry_api::client::events(&sock, 0, Some(Duration::from_secs(900))) else {
+            let _ = tx.send(Followed::Ended);
+            return;
+        };
+        loop {
+            let event = match stream.next_event() {
+                Ok(Some(e)) => e,
+                _ => {
+                    let _ = tx.send(Followed::Ended);
+                    return;
+                }
+            };
+            if event.migration_id != id {
+                continue;
+            }
+            let followed = match event.body {
+                ferry_api::EventBody::Phase { phase, .. } => Followed::Phase(phase),
+                ferry_api::EventBody::Pass {
+                    pass,
+                    rate_mib_s,
+                    expected_downtime_ms,
+                    bytes_transferred,
+                    ..
+                } => Followed::Pass { pass, rate_mib_s, expected_downtime_ms, bytes_transferred },
+                ferry_api::EventBody::Report { report } => {
+                    let _ = tx.send(Followed::Report(report));
+                    return;
+                }
+                _ => continue,
+            };
+            if tx.send(followed).is_err() {
+                return;
+            }
+        }
+    })
 }
