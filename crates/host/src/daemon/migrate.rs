@@ -842,7 +842,7 @@ impl Daemon {
                     Some(Followed::Pass { pass, rate_mib_s, expected_downtime_ms, bytes_transferred }) => {
                         self.set_progress(name, |r| {
                             if let Some(p) = r.progress.as_mut() {
-                                p.pass = pass + 1;
+                                p.pass = p.pass.max(pass + 1);
                                 p.rate_mib_s = rate_mib_s;
                                 if let Some(d) = expected_downtime_ms {
                                     p.expected_downtime_ms = d;
