@@ -266,3 +266,163 @@ fn host_migrate_receiver_killed_leaves_vm_on_source() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Hosts a (10.89.0.1) and b (10.89.0.2) and a client c (10.89.0.100) in network namespaces
+/// joined by a switch bridge; each host's port group `prod` is its bridge br0. Removed at drop.
+struct Net {
+    tag: String,
+}
+
+impl Net {
+    fn new() -> Self {
+        let tag = format!("fym{}", std::process::id() % 100_000);
+        let net = Net { tag: tag.clone() };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let sw = format!("{tag}-sw");
+        ip(&["netns", "add", &sw]);
+        ip(&["-n", &sw, "link", "add", "sw0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "sw0", "up"]);
+        for (n, ns) in ["a", "b", "c"].iter().enumerate() {
+            let name = net.ns(ns);
+            let (inner, outer) = (format!("{tag}-{ns}"), format!("{tag}-{ns}-sw"));
+            ip(&["netns", "add", &name]);
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+            ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+            ip(&["link", "set", &inner, "netns", &name]);
+            ip(&["link", "set", &outer, "netns", &sw]);
+            ip(&["-n", &sw, "link", "set", &outer, "master", "sw0", "up"]);
+            if *ns == "c" {
+                ip(&["-n", &name, "link", "set", &inner, "up"]);
+                ip(&["-n", &name, "addr", "add", "10.89.0.100/24", "dev", &inner]);
+            } else {
+                ip(&["-n", &name, "link", "add", "br0", "type", "bridge"]);
+                ip(&["-n", &name, "link", "set", &inner, "master", "br0", "up"]);
+                ip(&["-n", &name, "link", "set", "br0", "up"]);
+                ip(&["-n", &name, "addr", "add", &format!("10.89.0.{}/24", n + 1), "dev", "br0"]);
+            }
+        }
+        net
+    }
+
+    fn ns(&self, which: &str) -> String {
+        format!("{}-{which}", self.tag)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in ["a", "b", "c", "sw"] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(ns)]).output();
+        }
+    }
+}
+
+/// A daemon in namespace `ns` listening on `ip`, with port group prod = br0 and `extra`.
+fn host_in(net: &Net, ns: &str, ip: &str, extra: &str) -> Hostd {
+    let mut h = Hostd::config(&format!("nsmig-{ns}"), &format!("{extra}\n[portgroups]\nprod = \"br0\"\n"));
+    let text = std::fs::read_to_string(&h.config).expect("config");
+    let port = h.url.rsplit(':').next().expect("port").to_string();
+    let text = text
+        .lines()
+        .map(|l| if l.starts_with("listen = ") { format!("listen = \"{ip}:{port}\"") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&h.config, text + "\n").expect("config");
+    h.url = format!("https://{ip}:{port}");
+    h.netns = Some(net.ns(ns));
+    // The host's certificate names its address (the other host dials it).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.ns(ns), env!("CARGO_BIN_EXE_ferry"), "host", "init", "--config"])
+        .arg(&h.config)
+        .arg("--ca")
+        .arg(&common::hostd::cluster().ca)
+        .args(["--address", ip])
+        .output()
+        .expect("host init");
+    assert!(out.status.success(), "host init: {}", String::from_utf8_lossy(&out.stderr));
+    h.start();
+    h
+}
+
+#[test]
+fn host_migrate_netecho_in_namespaces_while_pinged() {
+    require_kvm();
+    require_root();
+    let net = Net::new();
+    let a = host_in(&net, "a", "10.89.0.1", "");
+    let b = host_in(&net, "b", "10.89.0.2", &format!("shared = \"{}\"", a.ds().display()));
+    a.vm_json(&[
+        "create",
+        "e1",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "64",
+        "--guest",
+        "netecho",
+        "--cmdline",
+        "ip=10.89.0.50/24",
+        "--nic",
+        "portgroup=prod",
+    ]);
+    a.vm_json(&["start", "e1"]);
+    wait_console(&a.home("e1"), "netecho: ready", T);
+    let ping = |count: &str, interval: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.ns("c"),
+                "ping",
+                "-D",
+                "-c",
+                count,
+                "-i",
+                interval,
+                "-W",
+                "1",
+                "10.89.0.50",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ping")
+    };
+    assert!(ping("3", "0.2").wait().expect("ping").success(), "the VM answers ping on host a");
+    let pinger = ping("400", "0.01");
+    std::thread::sleep(Duration::from_millis(800));
+    let r = a.vm_json(&["migrate", "e1", "--to-host", &b.url]);
+    assert_eq!(r["outcome"], "completed", "{r}\n{}", a.daemon_log());
+    let out = pinger.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let times: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let outage_ms = times.windows(2).map(|w| (w[1] - w[0]) * 1e3).fold(0.0, f64::max);
+    eprintln!(
+        "migration {}: network outage seen by the client: {outage_ms:.1} ms ({} replies of 400, 10 ms interval); VMM downtime {} ms",
+        r["id"],
+        times.len(),
+        r["downtime_ms"]
+    );
+    assert!(times.len() > 200, "{text}");
+    assert!(ping("3", "0.2").wait().expect("ping").success(), "the VM answers ping on host b");
+    let v = b.wait_state("e1", "running", T);
+    let tap = v["taps"][0].as_str().expect("tap").to_string();
+    let links = |ns: &str| {
+        let out =
+            Command::new("ip").args(["-n", ns, "-o", "link", "show", "master", "br0"]).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(links(&net.ns("b")).contains(&tap), "the tap is on b's bridge");
+    assert!(!links(&net.ns("a")).contains(&tap), "the tap is gone from a's bridge");
+    assert_eq!(record(&a, r["id"].as_str().expect("id"))["role"], "source");
+    drop(a);
+    drop(b);
+    drop(net);
+}
