@@ -426,3 +426,74 @@ fn host_migrate_netecho_in_namespaces_while_pinged() {
     drop(b);
     drop(net);
 }
+
+#[test]
+fn host_migrate_destination_daemon_killed_midway() {
+    require_kvm();
+    require_root();
+    let (a, mut b) = two_hosts("migkill", "", "");
+    a.vm_json(&[
+        "create",
+        "k1",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "256",
+        "--guest",
+        "memstress",
+        "--cmdline",
+        "wss=160M",
+    ]);
+    a.vm_json(&["start", "k1"]);
+    let home = a.home("k1");
+    memstress_passes(&home);
+    let b_url = b.url.clone();
+    let migrate = {
+        let cmd_args = ["migrate".to_string(), "k1".into(), "--to-host".into(), b_url, "--json".into()];
+        let a_ref: &Hostd = &a;
+        std::thread::scope(|s| {
+            let t = s.spawn(move || a_ref.vm(&cmd_args.iter().map(String::as_str).collect::<Vec<_>>()));
+            // SIGKILL B's daemon once it has reserved; its receiver goes on alone.
+            let deadline = Instant::now() + T;
+            while !b.daemon_log().contains("receiver pid") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            b.kill_daemon();
+            let out = t.join().expect("migrate");
+            b.start();
+            out
+        })
+    };
+    let r: serde_json::Value = serde_json::from_slice(&migrate.stdout).unwrap_or_default();
+    let id = r["id"].as_str().expect("id").to_string();
+    eprintln!("migration {id} with B's daemon killed: {} {}", r["outcome"], r["reason_code"]);
+    // Exactly one host runs the VM, and that host's record says so, once B has settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let on = loop {
+        let on_a = a.vm(&["show", "k1", "--json"]);
+        let on_b = b.vm(&["show", "k1", "--json"]);
+        let running = |o: &Output| {
+            o.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                    .is_ok_and(|v| v["state"] == "running")
+        };
+        let b_done = record(&b, &id)["outcome"] != "active";
+        match (running(&on_a), running(&on_b)) {
+            (true, false) if b_done => break "a",
+            (false, true) if b_done => break "b",
+            (true, true) => panic!("the VM is registered running on both hosts"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the VM settles on neither host");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("migration {id}: the VM runs on host {on}; B's record: {}", record(&b, &id)["reason"]);
+    memstress_passes(&home);
+    if on == "a" {
+        nothing_reserved(&b);
+        assert_eq!(record(&b, &id)["outcome"], "failed");
+    } else {
+        assert_eq!(record(&b, &id)["outcome"], "completed");
+        assert!(!a.vm(&["show", "k1"]).status.success(), "A forgot the VM");
+    }
+}

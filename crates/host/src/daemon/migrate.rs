@@ -957,16 +957,149 @@ impl Daemon {
     /// At start-up: reservations and outgoing migrations of a previous run are gone with it;
     /// their records say so. (The VMs' own truth is in their homes' locks, reconciled
     /// before.)
-    pub(super) async fn close_stale_migrations(&self) -> Result<(), Error> {
+    pub(super) async fn close_stale_migrations(self: &Arc<Self>) -> Result<(), Error> {
         for mut r in self.db.migrations(Some(MigrationOutcome::Active), None).await? {
+            let id = r.id.clone();
+            r.ended_unix_ms = Some(unix_ms());
             r.outcome = MigrationOutcome::Failed;
             r.reason_code = "daemon_restarted".into();
             r.reason = "the daemon restarted during the migration; the lock decides where the VM runs".into();
-            r.ended_unix_ms = Some(unix_ms());
-            tracing::warn!("migration {}: {}", r.id, r.reason);
+            match r.role {
+                MigrationRole::Destination => {
+                    // Its receiver may still be busy: settled in the background.
+                    let daemon = Arc::clone(self);
+                    tokio::spawn(async move {
+                        if daemon.adopt_receiver(&r).await {
+                            r.outcome = MigrationOutcome::Completed;
+                            r.reason_code = "completed".into();
+                            r.reason = "the VM ran here when the daemon came back: adopted".into();
+                        }
+                        tracing::warn!(
+                            "migration {}: found active at start-up: {} ({})",
+                            r.id,
+                            r.outcome.as_str(),
+                            r.reason
+                        );
+                        if let Err(e) = daemon.db.put_migration(&r).await {
+                            tracing::warn!("migration {}: cannot record it: {e}", r.id);
+                        }
+                    });
+                    continue;
+                }
+                MigrationRole::Source => {
+                    // The source VMM's report, if it wrote one, says how it ended.
+                    let home = self.vms.lock().await.get(&r.vm).map(|v| v.row.home.clone());
+                    let report = home
+                        .and_then(|h| std::fs::read(h.join("migrations").join(format!("{id}.json"))).ok())
+                        .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok());
+                    if let Some(rep) = report {
+                        r.downtime_ms = Some(rep.downtime_ms);
+                        r.bytes = Some(rep.bytes_transferred);
+                        r.reason_code = rep.reason_code.to_string();
+                        r.reason = rep.reason.clone();
+                        if rep.vm_running_on == ferry_api::VmLocation::Destination {
+                            r.outcome = MigrationOutcome::Completed;
+                        }
+                    }
+                }
+            }
+            tracing::warn!("migration {id}: found active at start-up: {} ({})", r.outcome.as_str(), r.reason);
             self.db.put_migration(&r).await?;
         }
         Ok(())
+    }
+
+    /// At start-up, an incoming migration's receiver left by the previous run: if it runs
+    /// the VM, the VM is registered here with it (true); otherwise it is killed and its taps,
+    /// socket and console file removed.
+    async fn adopt_receiver(self: &Arc<Self>, r: &MigrationRecord) -> bool {
+        let sock = self.socket_of(&r.vm);
+        // A receiver in the middle of a migration is left to finish it (killing it after
+        // its RESTORE_OK could leave the VM nowhere): at most the migration's own bounds.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (info, running) = loop {
+            let s = sock.clone();
+            let info = tokio::task::spawn_blocking(move || {
+                ferry_api::client::send(&s, &ferry_api::Request::Info, Duration::from_secs(2))
+            })
+            .await
+            .ok()
+            .and_then(Result::ok);
+            let info = match info {
+                Some(ferry_api::Response::Info(i)) => Some(i),
+                _ => None,
+            };
+            let running = info.as_ref().is_some_and(|i| {
+                matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused)
+            });
+            let idle = info.as_ref().and_then(|i| i.receiving.as_ref()).is_none_or(|rc| {
+                matches!(rc.phase, ferry_api::ReceivePhase::Waiting | ferry_api::ReceivePhase::Unconfigured)
+            });
+            if running || info.is_none() || idle || Instant::now() > deadline {
+                break (info, running);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let home = info.as_ref().and_then(|i| i.home.clone());
+        if let (true, Some(info), Some(home)) = (running, &info, home) {
+            let def = vmdef::load(&home).ok();
+            let ds = self.config.datastore_of(&home).map(|d| d.name.clone());
+            if let (Some(def), Some(datastore)) = (def, ds) {
+                if !self.vms.lock().await.contains_key(&r.vm) {
+                    let _ =
+                        std::fs::rename(home.join(format!("console.{}.log", r.id)), home.join(CONSOLE_LOG));
+                    let row = VmRow {
+                        name: def.name.clone(),
+                        home,
+                        datastore,
+                        state: VmState::Running,
+                        pid: Some(info.pid),
+                        api_socket: Some(sock.clone()),
+                        taps: (0..def.nics.len()).map(|i| vmdef::tap_name(&def.name, i)).collect(),
+                        last_exit: None,
+                        last_log: Vec::new(),
+                    };
+                    if self.db.put(&row).await.is_ok() {
+                        self.vms.lock().await.insert(
+                            row.name.clone(),
+                            Vm { row, def, stop_requested: false, suspending: false },
+                        );
+                        self.event(
+                            &r.vm,
+                            "adopted",
+                            &format!("migration {}: its VMM pid {} runs it here", r.id, info.pid),
+                        )
+                        .await;
+                        self.watch_pid(r.vm.clone(), info.pid);
+                        tracing::info!("migration {}: adopted VM {} (VMM pid {})", r.id, r.vm, info.pid);
+                        return true;
+                    }
+                }
+            }
+        }
+        // A receiver still waiting (or nothing): the reservation is gone with the daemon.
+        if let Some(i) = info.filter(|_| !running) {
+            send_signal(i.pid, libc::SIGKILL);
+        }
+        if !self.vms.lock().await.contains_key(&r.vm) {
+            let _ = std::fs::remove_file(&sock);
+            if let Some(def_home) = self
+                .config
+                .datastores
+                .values()
+                .map(|d| d.path.join(&r.vm))
+                .find(|h| h.join(format!("console.{}.log", r.id)).exists())
+            {
+                let _ = std::fs::remove_file(def_home.join(format!("console.{}.log", r.id)));
+            }
+            for i in 0..16 {
+                let t = vmdef::tap_name(&r.vm, i);
+                if crate::config::interface_exists(&t) {
+                    crate::taps::delete(&t);
+                }
+            }
+        }
+        false
     }
 }
 

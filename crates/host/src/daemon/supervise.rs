@@ -157,7 +157,7 @@ impl Daemon {
     }
 
     /// Waits for a re-adopted VMM (not this daemon's child) through its pidfd.
-    fn watch_pid(self: &Arc<Self>, name: String, pid: u32) {
+    pub(super) fn watch_pid(self: &Arc<Self>, name: String, pid: u32) {
         let daemon = Arc::clone(self);
         let spawned = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
             // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
