@@ -123,6 +123,10 @@ pub struct VmInfo {
     /// While `state` is `fenced`: why the VMM fenced itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<String>,
+    /// The CPU feature bits the VM's CPUID gives the guest (vCPU 0), by name where Ferry
+    /// knows one: what a destination's KVM must offer (the host daemon's migration checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
 }
 
 /// One virtio device in [`VmInfo`].

@@ -99,6 +99,17 @@ fn host_migrate_by_name_and_back() {
     let home = a.home("m1");
     memstress_passes(&home);
 
+    // The VMM says which CPU features its guest has (the checks compare them with the
+    // destination's KVM).
+    let sock = a.dir.path("state").join("run").join("m1.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["info", "--json", "--api-socket"])
+        .arg(&sock)
+        .output()
+        .expect("ferry info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info json");
+    let features = info["cpu_features"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(features > 10, "{info}");
     let c = a.vm_json(&["migrate", "m1", "--to-host", &b.url, "--check"]);
     assert_eq!(c["ok"], true, "{c}");
     assert_eq!(c["destination_home"], home.display().to_string(), "{c}");

@@ -420,6 +420,17 @@ fn create_devices(
 }
 
 impl Vmm {
+    /// The feature bits of the CPUID vCPU 0 gives the guest, by name where Ferry knows one.
+    pub(crate) fn cpu_features(&self) -> Vec<String> {
+        let Some(table) = self.cpuid.first() else { return Vec::new() };
+        let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = table.iter().map(Into::into).collect();
+        // Every feature bit the guest has is one an empty table lacks.
+        match kvm_bindings::CpuId::new(0) {
+            Ok(empty) => cpuid::missing_features(&entries, &empty).iter().map(ToString::to_string).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Builds the VM described by `config`. Nothing runs until [`Vmm::run`], which stops
     /// when `stop` fires (see [`stop`]: the library never touches the signal mask).
     pub fn build(config: VmConfig, stop: StopSource) -> Result<Self, Error> {

@@ -495,6 +495,7 @@ impl Vmm {
             devices: self.devices.virtio.info(),
             receiving: None,
             fenced: self.fenced.clone(),
+            cpu_features: self.cpu_features(),
         }
     }
 

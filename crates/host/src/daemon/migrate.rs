@@ -514,10 +514,25 @@ impl Daemon {
         name: &str,
         to_host: &str,
     ) -> Result<(CheckReport, Option<(Peer, String, IncomingMigration)>), Error> {
-        let (def, state, datastore) = {
+        let (def, state, datastore, sock) = {
             let vms = self.vms.lock().await;
             let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
-            (vm.def.clone(), vm.row.state, vm.row.datastore.clone())
+            (vm.def.clone(), vm.row.state, vm.row.datastore.clone(), vm.row.api_socket.clone())
+        };
+        // The CPU features the VM's CPUID gives the guest, from its VMM; a VMM that does not
+        // say (an older one) stands for this host's KVM offer.
+        let vm_features = match sock.filter(|_| state == VmState::Running) {
+            Some(sock) => tokio::task::spawn_blocking(move || {
+                ferry_api::client::send(&sock, &ferry_api::Request::Info, STATUS_TIMEOUT)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|r| match r {
+                ferry_api::Response::Info(i) if !i.cpu_features.is_empty() => Some(i.cpu_features),
+                _ => None,
+            }),
+            None => None,
         };
         let mut report = CheckReport {
             vm: name.into(),
@@ -545,7 +560,7 @@ impl Daemon {
             source: self.config.name.clone(),
             definition: def,
             datastore_id: self.datastore_ids.get(&datastore).cloned().unwrap_or_default(),
-            cpu_features: self.kvm_features.clone(),
+            cpu_features: vm_features.unwrap_or_else(|| self.kvm_features.clone()),
             migration_protocols: vec![ferry_migration::protocol::PROTOCOL_VERSION],
         };
         // One request: the destination's own checks (the same code its reservation runs).

@@ -335,6 +335,7 @@ impl Status {
                 bytes: self.bytes.load(Ordering::Relaxed),
             }),
             fenced: None,
+            cpu_features: Vec::new(),
         }
     }
 }
