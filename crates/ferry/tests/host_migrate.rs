@@ -38,11 +38,13 @@ fn host_json(h: &Hostd, args: &[&str]) -> serde_json::Value {
 }
 
 /// Two daemons on loopback: A with datastore `local`, B seeing A's datastore directory as
-/// `shared` (the same id) and its own `local`. `extra_b` goes into B's configuration.
-fn two_hosts(tag: &str, extra_a: &str, extra_b: &str) -> (Hostd, Hostd) {
-    let mut a = Hostd::config(&format!("{tag}-a"), extra_a);
-    let b_ds = format!("shared = \"{}\"\n{extra_b}", a.ds().display());
-    let mut b = Hostd::config(&format!("{tag}-b"), &b_ds);
+/// `shared` (the same id) and its own `local`. `top_b` goes at the top of B's configuration.
+fn two_hosts(tag: &str, top_b: &str) -> (Hostd, Hostd) {
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
+    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
+    let text = std::fs::read_to_string(&b.config).expect("config");
+    std::fs::write(&b.config, text.replace("[datastores]", &format!("{top_b}\n[datastores]")))
+        .expect("config");
     a.start();
     b.start();
     (a, b)
@@ -93,7 +95,7 @@ fn record(h: &Hostd, id: &str) -> serde_json::Value {
 fn host_migrate_by_name_and_back() {
     require_kvm();
     require_root();
-    let (a, b) = two_hosts("mig", "", "");
+    let (a, b) = two_hosts("mig", "");
     a.create_memstress("m1", &[]);
     a.vm_json(&["start", "m1"]);
     let home = a.home("m1");
@@ -212,7 +214,7 @@ fn host_migrate_refusals_list_every_reason_and_reserve_nothing() {
 fn host_migrate_receiver_killed_leaves_vm_on_source() {
     require_kvm();
     require_root();
-    let (a, b) = two_hosts("migfail", "", "");
+    let (a, b) = two_hosts("migfail", "");
     a.vm_json(&[
         "create",
         "f1",
@@ -442,7 +444,7 @@ fn host_migrate_netecho_in_namespaces_while_pinged() {
 fn host_migrate_destination_daemon_killed_midway() {
     require_kvm();
     require_root();
-    let (a, mut b) = two_hosts("migkill", "", "");
+    let (a, mut b) = two_hosts("migkill", "");
     a.vm_json(&[
         "create",
         "k1",
@@ -507,4 +509,70 @@ fn host_migrate_destination_daemon_killed_midway() {
         assert_eq!(record(&b, &id)["outcome"], "completed");
         assert!(!a.vm(&["show", "k1"]).status.success(), "A forgot the VM");
     }
+}
+
+#[test]
+fn host_migrate_source_daemon_killed_midway() {
+    require_kvm();
+    require_root();
+    // B's reservations expire after 3 s: one whose receiver runs the VM is completed then.
+    let (mut a, b) = two_hosts("migskill", "reservation_ttl_s = 3");
+    a.vm_json(&[
+        "create",
+        "k2",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "256",
+        "--guest",
+        "memstress",
+        "--cmdline",
+        "wss=160M",
+    ]);
+    a.vm_json(&["start", "k2"]);
+    let home = a.home("k2");
+    memstress_passes(&home);
+    let b_url = b.url.clone();
+    let a_pid = a.daemon.as_ref().expect("daemon").id() as i32;
+    std::thread::scope(|s| {
+        let a_ref: &Hostd = &a;
+        let t = s.spawn(move || a_ref.vm(&["migrate", "k2", "--to-host", &b_url, "--json"]));
+        let deadline = Instant::now() + T;
+        while !a_ref.daemon_log().contains("migrates VM k2") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: SIGKILL to the test's daemon A; its VMM goes on migrating.
+        unsafe { libc::kill(a_pid, libc::SIGKILL) };
+        // The CLI loses its daemon and fails; the migration goes on in the VMMs.
+        let _ = t.join();
+    });
+    a.kill_daemon();
+    let id = a
+        .daemon_log()
+        .lines()
+        .find_map(|l| l.split("migration ").nth(1)?.split(':').next().map(str::to_string))
+        .expect("the migration's id in A's log");
+    a.start();
+    // B completes it at its reservation's expiry (its receiver runs the VM); A finds the
+    // home held by B: the VM is elsewhere there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = b.vm(&["show", "k2", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["state"] == "running" && v["pid"].as_u64().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "k2 is not running on B: {v}\n{}", b.daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let on_a = a.wait_state("k2", "elsewhere", T);
+    assert!(on_a["pid"].is_null(), "{on_a}");
+    memstress_passes(&home);
+    let deadline = Instant::now() + T;
+    while record(&a, &id)["outcome"] == "active" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(record(&a, &id)["outcome"], "completed", "{}", a.daemon_log());
+    assert_eq!(record(&b, &id)["outcome"], "completed", "{}", b.daemon_log());
+    nothing_reserved(&a);
 }

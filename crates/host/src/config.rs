@@ -98,6 +98,8 @@ pub struct Config {
     pub maintenance: bool,
     /// Memory this host gives VMs, MiB (default: all it has).
     pub vm_memory_mib: Option<u64>,
+    /// How long an incoming migration's reservation waits to be used.
+    pub reservation_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -133,6 +135,7 @@ struct Raw {
     #[serde(default)]
     maintenance: bool,
     vm_memory_mib: Option<u64>,
+    reservation_ttl_s: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +280,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         portgroups.insert(pg, bridge.into_inner());
     }
 
+    let reservation_ttl = match raw.reservation_ttl_s {
+        Some(t) if !(1..=3600).contains(t.get_ref()) => {
+            return Err(field(at(t.span()), "reservation_ttl_s", "must be 1 to 3600 seconds".into()))
+        }
+        Some(t) => std::time::Duration::from_secs(*t.get_ref()),
+        None => crate::daemon::migrate::RESERVATION_TTL,
+    };
     let migration_address = match raw.migration_address {
         Some(a) => a.get_ref().parse::<std::net::IpAddr>().map_err(|e| {
             field(at(a.span()), "migration_address", format!("{:?} is not an IP address ({e})", a.get_ref()))
@@ -295,6 +305,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         migration_address,
         maintenance: raw.maintenance,
         vm_memory_mib: raw.vm_memory_mib,
+        reservation_ttl,
     })
 }
 

@@ -8,7 +8,7 @@
 //! `POST /migrations/ID/abort` (the destination releases everything; the VM runs on here).
 //!
 //! Destination: a reservation holds the VM's memory, its taps and the receiving VMM for at
-//! most [`RESERVATION_TTL`]; unused or aborted, all of it goes. Every log line of a
+//! most `reservation_ttl_s` (default [`RESERVATION_TTL`]); unused or aborted, all of it goes. Every log line of a
 //! migration starts `migration ID:` on both hosts.
 
 use std::os::fd::AsRawFd;
@@ -25,7 +25,7 @@ use super::*;
 use crate::db::unix_ms;
 use crate::peer::Peer;
 
-/// How long a reservation waits for its migration.
+/// How long a reservation waits for its migration, by default.
 pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// Deadline of a check request to a peer.
 const PEER_QUICK: Duration = Duration::from_secs(5);
@@ -282,8 +282,9 @@ impl Daemon {
         tracing::info!("migration {id}: receiver pid {pid} listens on {listen}");
         let daemon = Arc::clone(self);
         let expiring = id.clone();
+        let ttl = self.config.reservation_ttl;
         tokio::spawn(async move {
-            tokio::time::sleep(RESERVATION_TTL).await;
+            tokio::time::sleep(ttl).await;
             daemon.expire(&expiring).await;
         });
         Ok(Reservation {
@@ -291,7 +292,7 @@ impl Daemon {
             listen,
             auth_key_hex: ferry_migration::auth::hex(&key),
             home,
-            expires_unix_ms: now + RESERVATION_TTL.as_millis() as u64,
+            expires_unix_ms: now + ttl.as_millis() as u64,
         })
     }
 
@@ -974,7 +975,6 @@ impl Daemon {
     /// before.)
     pub(super) async fn close_stale_migrations(self: &Arc<Self>) -> Result<(), Error> {
         for mut r in self.db.migrations(Some(MigrationOutcome::Active), None).await? {
-            let id = r.id.clone();
             r.ended_unix_ms = Some(unix_ms());
             r.outcome = MigrationOutcome::Failed;
             r.reason_code = "daemon_restarted".into();
@@ -999,27 +999,52 @@ impl Daemon {
                             tracing::warn!("migration {}: cannot record it: {e}", r.id);
                         }
                     });
-                    continue;
                 }
                 MigrationRole::Source => {
-                    // The source VMM's report, if it wrote one, says how it ended.
-                    let home = self.vms.lock().await.get(&r.vm).map(|v| v.row.home.clone());
-                    let report = home
-                        .and_then(|h| std::fs::read(h.join("migrations").join(format!("{id}.json"))).ok())
-                        .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok());
-                    if let Some(rep) = report {
-                        r.downtime_ms = Some(rep.downtime_ms);
-                        r.bytes = Some(rep.bytes_transferred);
-                        r.reason_code = rep.reason_code.to_string();
-                        r.reason = rep.reason.clone();
-                        if rep.vm_running_on == ferry_api::VmLocation::Destination {
-                            r.outcome = MigrationOutcome::Completed;
+                    // The source VMM's report in the home says how it ended; a VMM still
+                    // migrating (re-adopted) is waited for in the background.
+                    let (home, pid) = match self.vms.lock().await.get(&r.vm) {
+                        Some(v) => (Some(v.row.home.clone()), v.row.pid),
+                        None => (None, None),
+                    };
+                    let daemon = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let file = home.map(|h| h.join("migrations").join(format!("{}.json", r.id)));
+                        let read = || {
+                            file.as_ref()
+                                .and_then(|f| std::fs::read(f).ok())
+                                .and_then(|b| serde_json::from_slice::<ferry_api::MigrationReport>(&b).ok())
+                        };
+                        let mut report = read();
+                        let mut grace = 0;
+                        while report.is_none() && grace < 20 {
+                            if !pid.is_some_and(alive) {
+                                grace += 1;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            report = read();
                         }
-                    }
+                        if let Some(rep) = report {
+                            r.downtime_ms = Some(rep.downtime_ms);
+                            r.bytes = Some(rep.bytes_transferred);
+                            r.reason_code = rep.reason_code.to_string();
+                            r.reason = rep.reason.clone();
+                            if rep.vm_running_on == ferry_api::VmLocation::Destination {
+                                r.outcome = MigrationOutcome::Completed;
+                            }
+                        }
+                        tracing::warn!(
+                            "migration {}: found active at start-up: {} ({})",
+                            r.id,
+                            r.outcome.as_str(),
+                            r.reason
+                        );
+                        if let Err(e) = daemon.db.put_migration(&r).await {
+                            tracing::warn!("migration {}: cannot record it: {e}", r.id);
+                        }
+                    });
                 }
             }
-            tracing::warn!("migration {id}: found active at start-up: {} ({})", r.outcome.as_str(), r.reason);
-            self.db.put_migration(&r).await?;
         }
         Ok(())
     }

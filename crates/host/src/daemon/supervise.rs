@@ -193,11 +193,17 @@ impl Daemon {
     async fn on_exit(&self, name: &str, pid: u32, code: Option<i32>, signal: Option<i32>, child: bool) {
         // For a VMM that is not our child, whether it released the home's lock cleanly tells
         // a stop from a crash; read before taking the daemon's lock.
-        let home = self.vms.lock().await.get(name).map(|v| v.row.home.clone());
-        let released = match home {
-            Some(h) if !child => home_status(h).await.and_then(|s| s.lock).is_some_and(|l| !l.held),
-            _ => false,
+        // Whoever holds the home now (another host's VMM after a migration) decides too.
+        let (home, datastore) = match self.vms.lock().await.get(name) {
+            Some(v) => (Some(v.row.home.clone()), v.row.datastore.clone()),
+            None => (None, String::new()),
         };
+        let status = match home {
+            Some(h) => home_status(h).await,
+            None => None,
+        };
+        let released = !child && status.as_ref().and_then(|s| s.lock.as_ref()).is_some_and(|l| !l.held);
+        let holder = status.as_ref().and_then(|s| self.held_by_other(&datastore, s));
         let mut vms = self.vms.lock().await;
         let Some(vm) = vms.get_mut(name) else { return };
         if vm.row.pid != Some(pid) {
@@ -217,7 +223,11 @@ impl Daemon {
         };
         let requested = vm.stop_requested || vm.suspending;
         let from = vm.row.state;
-        let to = if vm.suspending && vm.row.home.join(SUSPEND_DIR).is_dir() {
+        let to = if let Some(h) = &holder {
+            // Its VMM handed the VM on (a migration): it runs elsewhere now.
+            tracing::info!(vm = name, "its home is held by {h}");
+            VmState::Elsewhere
+        } else if vm.suspending && vm.row.home.join(SUSPEND_DIR).is_dir() {
             VmState::Suspended
         } else if requested || code == Some(0) || (!child && code.is_none() && released) {
             // Asked to end, or the guest powered off.
@@ -245,7 +255,11 @@ impl Daemon {
         if let Err(e) = self.db.put(&row).await {
             tracing::warn!(vm = name, "cannot record the VMM's end: {e}");
         }
-        let kind = if to == VmState::Crashed { "crashed" } else { "ended" };
+        let kind = match to {
+            VmState::Crashed => "crashed",
+            VmState::Elsewhere => "elsewhere",
+            _ => "ended",
+        };
         self.event(name, kind, &format!("VMM pid {pid} ended: {description}; now {to}")).await;
     }
 }
