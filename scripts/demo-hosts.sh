@@ -36,7 +36,11 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
-fail() { echo "demo-hosts: FAILED: $*" >&2; exit 1; }
+fail() {
+  echo "demo-hosts: FAILED: $*" >&2
+  for h in a b; do echo "--- the end of host $h's daemon log:" >&2; tail -n 15 "$work/daemon-$h.log" >&2; done
+  exit 1
+}
 in_ns() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
 export FERRY_IDENTITY=$work/client
 cli() { in_ns c "$ferry" "$@"; }
@@ -58,7 +62,9 @@ done
 n=1
 for ns in a b; do
   # Each host's port group `prod` is its bridge br0, which its uplink joins to the switch.
-  in_ns "$ns" ip link add br0 type bridge
+  # Its MAC is fixed: a bridge otherwise takes its ports' lowest, which changes when a VM's
+  # tap leaves it, and the host's address would go unreachable until ARP caches expire.
+  in_ns "$ns" ip link add br0 address "02:00:00:88:00:0$n" type bridge
   in_ns "$ns" ip link set "$tag-$ns" master br0 up
   in_ns "$ns" ip link set br0 up
   in_ns "$ns" ip addr add "10.88.0.$n/24" dev br0

@@ -311,7 +311,10 @@ impl Net {
                 ip(&["-n", &name, "link", "set", &inner, "up"]);
                 ip(&["-n", &name, "addr", "add", "10.89.0.100/24", "dev", &inner]);
             } else {
-                ip(&["-n", &name, "link", "add", "br0", "type", "bridge"]);
+                // A fixed MAC: a bridge otherwise takes its ports' lowest, which changes
+                // when a VM's tap leaves it.
+                let mac = format!("02:00:00:89:00:0{}", n + 1);
+                ip(&["-n", &name, "link", "add", "br0", "address", &mac, "type", "bridge"]);
                 ip(&["-n", &name, "link", "set", &inner, "master", "br0", "up"]);
                 ip(&["-n", &name, "link", "set", "br0", "up"]);
                 ip(&["-n", &name, "addr", "add", &format!("10.89.0.{}/24", n + 1), "dev", "br0"]);
