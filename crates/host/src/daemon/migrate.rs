@@ -697,9 +697,7 @@ impl Daemon {
                 record.passes = serde_json::to_value(&report.passes).ok();
                 record.total_ms = Some(wall_ms);
                 record.orchestration_ms = Some((wall_ms - report.total_ms).max(0.0));
-                if let Err(e) =
-                    peer.post::<_, MigrationRecord>(&paths::complete(&id), &record, PEER_SLOW).await
-                {
+                if let Err(e) = tell(&peer, &paths::complete(&id), &record).await {
                     // The destination completes it itself when its reservation's time is up
                     // (its VMM runs the VM).
                     tracing::warn!("migration {id}: cannot tell the destination it completed: {e}");
@@ -739,8 +737,7 @@ impl Daemon {
                     record.reason_code,
                     record.reason
                 );
-                if let Err(e) = peer.post::<_, MigrationRecord>(&paths::abort(&id), &record, PEER_SLOW).await
-                {
+                if let Err(e) = tell(&peer, &paths::abort(&id), &record).await {
                     tracing::warn!(
                         "migration {id}: cannot tell the destination to release its reservation: {e}"
                     );
@@ -1141,6 +1138,27 @@ impl Daemon {
         }
         false
     }
+}
+
+/// Tells the destination how a migration ended (`complete` or `abort`): both are idempotent
+/// (a second call answers the record), so a failed call is tried twice more.
+async fn tell(peer: &Peer, path: &str, record: &MigrationRecord) -> Result<(), crate::peer::Error> {
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match peer.post::<_, MigrationRecord>(path, record, PEER_SLOW).await {
+            Ok(_) => return Ok(()),
+            // A refusal is an answer: asking again gets the same.
+            Err(e @ crate::peer::Error::Refused { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!("migration {}: {e}; trying again", record.id);
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(crate::peer::Error::NoIdentity))
 }
 
 /// Whether the VMM on `sock` runs a VM (not receiving).
