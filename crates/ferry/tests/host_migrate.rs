@@ -579,3 +579,56 @@ fn host_migrate_source_daemon_killed_midway() {
     assert_eq!(record(&b, &id)["outcome"], "completed", "{}", b.daemon_log());
     nothing_reserved(&a);
 }
+
+/// The N of the last `blkstress: records N` line of the VM's console.
+fn blk_records(home: &Path) -> u64 {
+    let text = std::fs::read_to_string(home.join("console.log")).unwrap_or_default();
+    assert!(!text.contains("CORRUPTION"), "the guest reported corruption:\n{text}");
+    text.lines().filter_map(|l| l.strip_prefix("blkstress: records ")?.trim().parse().ok()).max().unwrap_or(0)
+}
+
+#[test]
+fn host_migrate_blkstress_with_its_disk_and_bad_input() {
+    require_kvm();
+    require_root();
+    let (a, b) = two_hosts("migblk", "");
+    a.vm_json(&[
+        "create",
+        "d1",
+        "--datastore",
+        "local",
+        "--memory-mib",
+        "64",
+        "--guest",
+        "blkstress",
+        "--disk",
+        "data.img:16M",
+    ]);
+    a.vm_json(&["start", "d1"]);
+    let home = a.home("d1");
+    wait_console(&home, "blkstress: records ", T);
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let before = blk_records(&home);
+        let r = from.vm_json(&["migrate", "d1", "--to-host", &to.url]);
+        assert_eq!(r["outcome"], "completed", "{r}");
+        // Its console starts afresh on the destination: records go on from where they were,
+        // each re-read and checked by the guest.
+        let deadline = Instant::now() + T;
+        while blk_records(&home) <= before {
+            assert!(Instant::now() < deadline, "no new records after {before} on {}", to.url);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("migration {}: blkstress at record {before}, now {}", r["id"], blk_records(&home));
+    }
+    // Bad input: an unknown VM, a URL that is not https, a host that does not answer.
+    let e = a.vm_fails(&["migrate", "nosuch", "--to-host", &b.url]);
+    assert!(e.contains("no VM named \"nosuch\""), "{e}");
+    let e = a.vm_fails(&["migrate", "d1", "--to-host", "ftp://127.0.0.1:1"]);
+    assert!(e.contains("not an https://HOST:PORT URL"), "{e}");
+    let out = a.vm(&["migrate", "d1", "--to-host", "https://127.0.0.1:1", "--json"]);
+    assert!(!out.status.success());
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(c["reasons"][0]["code"], "unreachable", "{c}");
+    assert_eq!(a.vm_json(&["show", "d1"])["state"], "running");
+    nothing_reserved(&b);
+}
