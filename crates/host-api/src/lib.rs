@@ -424,7 +424,8 @@ pub struct MemoryInfo {
     pub total_bytes: u64,
     /// MemAvailable, bytes.
     pub available_bytes: u64,
-    /// The sum of the memory of the VMs whose VMM runs (or is starting), bytes.
+    /// The sum of the memory of the VMs whose VMM runs (or is starting) and of incoming
+    /// migrations' reservations, bytes.
     pub reserved_bytes: u64,
 }
 

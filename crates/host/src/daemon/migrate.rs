@@ -59,6 +59,11 @@ fn new_id() -> String {
 }
 
 impl Daemon {
+    /// The memory held by incoming migrations' reservations, bytes.
+    pub(super) async fn reserved_for_incoming(&self) -> u64 {
+        self.reservations.lock().await.values().map(|r| r.def.memory_mib << 20).sum()
+    }
+
     /// The memory free for another VM: available, within `vm_memory_mib`, minus what running
     /// VMs and reservations hold.
     async fn free_for_vms(&self) -> u64 {
@@ -72,7 +77,7 @@ impl Daemon {
             .filter(|v| v.row.state.has_process())
             .map(|v| v.def.memory_mib << 20)
             .sum();
-        let reserved: u64 = self.reservations.lock().await.values().map(|r| r.def.memory_mib << 20).sum();
+        let reserved = self.reserved_for_incoming().await;
         let limit = self.config.vm_memory_mib.map_or(total, |m| m << 20);
         available.saturating_sub(reserved).min(limit.saturating_sub(running + reserved))
     }

@@ -651,8 +651,8 @@ impl Daemon {
         let vms = self.list().await.vms;
         let reserved_bytes = {
             let all = self.vms.lock().await;
-            all.values().filter(|v| v.row.state.has_process()).map(|v| v.def.memory_mib << 20).sum()
-        };
+            all.values().filter(|v| v.row.state.has_process()).map(|v| v.def.memory_mib << 20).sum::<u64>()
+        } + self.reserved_for_incoming().await;
         let (cpu, (total, available), datastores) = tokio::task::spawn_blocking({
             let config = self.config.clone();
             let ids = self.datastore_ids.clone();
