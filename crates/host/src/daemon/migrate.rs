@@ -210,10 +210,16 @@ impl Daemon {
             tracing::info!("migration {id}: refused: {}", text.join("; "));
             return Err(Error::Conflict(format!("migration {id} refused: {}", text.join("; "))));
         };
-        if self.reservations.lock().await.contains_key(&id) {
-            return Err(Error::Conflict(format!("migration {id} already has a reservation here")));
-        }
         let def = req.definition.clone();
+        // Held until the reservation is in: two reservations of one VM (same taps, same
+        // socket) cannot interleave.
+        let mut reservations = self.reservations.lock().await;
+        if reservations.contains_key(&id) || reservations.values().any(|r| r.def.name == def.name) {
+            return Err(Error::Conflict(format!(
+                "migration {id}: VM {} already has a reservation here",
+                def.name
+            )));
+        }
         tracing::info!(
             "migration {id}: reserving for VM {} from {} (home {})",
             def.name,
@@ -271,7 +277,7 @@ impl Daemon {
             tracing::warn!("migration {id}: cannot record it: {e}");
         }
         let pid = child.id();
-        self.reservations.lock().await.insert(
+        reservations.insert(
             id.clone(),
             Reserved {
                 def: def.clone(),
@@ -284,6 +290,7 @@ impl Daemon {
                 record,
             },
         );
+        drop(reservations);
         tracing::info!("migration {id}: receiver pid {pid} listens on {listen}");
         let daemon = Arc::clone(self);
         let expiring = id.clone();
