@@ -45,15 +45,7 @@ fn host_vm_lifecycle() {
     assert_eq!(list["vms"][0]["name"], "m1");
     assert_eq!(list["vms"][0]["state"], "running");
 
-    let host: serde_json::Value = {
-        let out = common::ferry()
-            .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
-            .args(["host", "info", "--json", "--host", &h.url])
-            .output()
-            .expect("host info");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("json")
-    };
+    let host = h.host_info();
     assert_eq!(host["name"], "test-life");
     assert_eq!(host["memory"]["reserved_bytes"], 64 << 20);
     let ds_id = std::fs::read_to_string(h.ds().join(".ferry-datastore")).expect("datastore id");
@@ -327,16 +319,7 @@ fn host_two_daemons_report_the_same_datastore_id() {
     // B sees A's datastore directory (as two hosts see one NFS export) under another name.
     let mut b = Hostd::config("ds-b", &format!("shared = \"{}\"\n", a.ds().display()));
     b.start();
-    let info = |h: &Hostd| -> serde_json::Value {
-        let out = common::ferry()
-            .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
-            .args(["host", "info", "--json", "--host", &h.url])
-            .output()
-            .expect("host info");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("json")
-    };
-    let (ia, ib) = (info(&a), info(&b));
+    let (ia, ib) = (a.host_info(), b.host_info());
     let id_of = |v: &serde_json::Value, name: &str| -> String {
         v["datastores"]
             .as_array()

@@ -216,6 +216,14 @@ impl Hostd {
         child.wait_with_output().expect("output")
     }
 
+    /// `ferry host info --json` of this daemon, which must succeed.
+    pub fn host_info(&self) -> serde_json::Value {
+        let out =
+            self.cmd().args(["host", "info", "--json", "--host", &self.url]).output().expect("host info");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
     /// `ferry vm ARGS --json`, which must succeed; its report.
     pub fn vm_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();

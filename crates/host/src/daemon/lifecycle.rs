@@ -12,6 +12,30 @@ use crate::db::{unix_ms, VmRow};
 use crate::vmdef;
 
 impl Daemon {
+    /// Makes a tap for each of `def`'s NICs on its port group's bridge; on a failure, the
+    /// taps already made are deleted and the error names the NIC.
+    pub(crate) async fn make_taps(&self, def: &VmDefinition) -> Result<Vec<String>, Error> {
+        let mut taps: Vec<String> = Vec::new();
+        for (i, nic) in def.nics.iter().enumerate() {
+            let tap = vmdef::tap_name(&def.name, i);
+            let bridge = self.config.portgroups.get(&nic.portgroup).cloned().unwrap_or_default();
+            let t = tap.clone();
+            let made = tokio::task::spawn_blocking(move || crate::taps::create(&t, &bridge))
+                .await
+                .map_err(|e| Error::BadRequest(e.to_string()));
+            if let Err(source) =
+                made.and_then(|r| r.map_err(|source| Error::Tap { vm: def.name.clone(), index: i, source }))
+            {
+                for t in &taps {
+                    crate::taps::delete(t);
+                }
+                return Err(source);
+            }
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
     /// `POST /vms/NAME/ACTION`.
     pub async fn action(self: &Arc<Self>, name: &str, action: Action) -> Result<VmDetail, Error> {
         let state =
@@ -151,22 +175,7 @@ impl Daemon {
             }
         }
         self.check_portgroups(def)?;
-        let mut taps: Vec<String> = Vec::new();
-        for (i, nic) in def.nics.iter().enumerate() {
-            let tap = vmdef::tap_name(&def.name, i);
-            let bridge = self.config.portgroups.get(&nic.portgroup).cloned().unwrap_or_default();
-            let t = tap.clone();
-            let made = tokio::task::spawn_blocking(move || crate::taps::create(&t, &bridge))
-                .await
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-            if let Err(source) = made {
-                for t in &taps {
-                    crate::taps::delete(t);
-                }
-                return Err(Error::Tap { vm: def.name.clone(), index: i, source });
-            }
-            taps.push(tap);
-        }
+        let taps = self.make_taps(def).await?;
         let sock = self.socket_of(&def.name);
         let _ = std::fs::remove_file(&sock);
         let mut cmd = std::process::Command::new(&self.config.ferry_binary);

@@ -227,25 +227,12 @@ impl Daemon {
             home.display()
         );
         let lease = self.config.datastores.get(&datastore).and_then(|d| d.lease.clone());
-        let mut taps: Vec<String> = Vec::new();
         let undo_taps = |taps: &[String]| {
             for t in taps {
                 crate::taps::delete(t);
             }
         };
-        for (i, nic) in def.nics.iter().enumerate() {
-            let tap = vmdef::tap_name(&def.name, i);
-            let bridge = self.config.portgroups.get(&nic.portgroup).cloned().unwrap_or_default();
-            let t = tap.clone();
-            let made = tokio::task::spawn_blocking(move || crate::taps::create(&t, &bridge))
-                .await
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-            if let Err(source) = made {
-                undo_taps(&taps);
-                return Err(Error::Tap { vm: def.name.clone(), index: i, source });
-            }
-            taps.push(tap);
-        }
+        let taps = self.make_taps(&def).await?;
         let spawned = self.spawn_receiver(&id, &def, &home, lease.as_ref());
         let (child, listen, key) = match spawned {
             Ok(x) => x,
