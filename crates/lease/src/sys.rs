@@ -18,10 +18,13 @@ pub const LSF_ALIGN1M_SECTOR512: u32 = 0x10 | 0x100;
 /// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR512`.
 pub const RES_ALIGN1M_SECTOR512: u32 = 0x10 | 0x100;
 /// `SANLK_RES_LVER`: the resource's `lver` field is set (acquire only that version's successor).
+#[cfg(feature = "testing")] // only the lease benchmark's experiments use it
 pub const RES_LVER: u32 = 0x1;
 /// `SANLK_RES_SHARED`: a shared-mode lease.
+#[cfg(feature = "testing")] // only the lease benchmark's experiments use it
 pub const RES_SHARED: u32 = 0x4;
 /// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR4K`: 1 MiB areas of 4096-byte sectors (250 hosts).
+#[cfg(feature = "testing")] // only the lease benchmark's experiments use it
 pub const RES_ALIGN1M_SECTOR4K: u32 = 0x10 | 0x200;
 
 /// `SANLK_KILLPATH_PID`: append the holder's pid to the killpath arguments.
@@ -97,6 +100,7 @@ extern "C" {
         res_count: c_int,
         res_args: *mut *mut SanlkResource1,
     ) -> c_int;
+    #[cfg(feature = "testing")] // only the lease benchmark's experiments use it
     pub fn sanlock_convert(sock: c_int, pid: c_int, flags: u32, res: *mut SanlkResource1) -> c_int;
     pub fn sanlock_inquire(
         sock: c_int,
