@@ -30,6 +30,8 @@ cleanup() {
   # The VMs' VMMs (they outlive the daemons by design), then the daemons.
   for vmm in $(pgrep -f -- "--home $work/ds/"); do kill -9 "$vmm" 2>/dev/null; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  # Whatever still runs with this demo's configuration (a daemon started another way).
+  pkill -f -- "host serve --config $work/" 2>/dev/null
   for ns in a b c sw; do ip netns del "$tag-$ns" 2>/dev/null; done
   rm -rf "$work"
 }
@@ -91,7 +93,9 @@ shared = "$work/ds"
 prod = "br0"
 EOF
   in_ns "$h" "$ferry" host init --config "$work/host-$h.toml" --ca "$work/ca" --address "10.88.0.$n" > /dev/null
-  in_ns "$h" "$ferry" host serve --config "$work/host-$h.toml" > "$work/daemon-$h.log" 2>&1 &
+  # Not through in_ns: a shell function in the background is a subshell whose pid is not
+  # the daemon's; `ip netns exec` execs the daemon in its own pid.
+  ip netns exec "$tag-$h" "$ferry" host serve --config "$work/host-$h.toml" > "$work/daemon-$h.log" 2>&1 &
   pids+=($!)
   n=$((n + 1))
 done
