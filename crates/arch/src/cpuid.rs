@@ -311,6 +311,49 @@ pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
     false
 }
 
+/// Every feature name [`clear_feature`] knows, in CPUID order.
+pub fn feature_names() -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for &(leaf, subleaf, register, _) in FEATURE_REGISTERS {
+        for bit in 0..32u8 {
+            if let Some(n) = feature_name(&Feature { leaf, subleaf, register, bit }) {
+                names.push(n);
+            }
+        }
+    }
+    names
+}
+
+/// A feature name that is not one of [`feature_names`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CPU feature {name:?}; the features that can be hidden are: {}", feature_names().join(", "))]
+pub struct UnknownFeature {
+    /// The name given.
+    pub name: String,
+}
+
+/// Checks one name given to hide (`--cpu-hide`, `[cpu] hide`): trimmed, known.
+pub fn parse_feature_name(name: &str) -> Result<String, UnknownFeature> {
+    let n = name.trim();
+    if feature_names().contains(&n) {
+        Ok(n.to_string())
+    } else {
+        Err(UnknownFeature { name: n.to_string() })
+    }
+}
+
+/// Clears every feature of `names` in a host table (see [`clear_feature`]); the first unknown
+/// name is an error and leaves the table partly cleared (check names first with
+/// [`parse_feature_name`]).
+pub fn hide_features(cpuid: &mut CpuId, names: &[String]) -> Result<(), UnknownFeature> {
+    for n in names {
+        if !clear_feature(cpuid, n) {
+            return Err(UnknownFeature { name: n.clone() });
+        }
+    }
+    Ok(())
+}
+
 /// Looks up one leaf/subleaf in a table.
 pub fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<kvm_cpuid_entry2> {
     cpuid
@@ -335,6 +378,18 @@ mod tests {
         let names: Vec<String> = missing_features(&guest, &h).iter().map(|f| f.to_string()).collect();
         assert_eq!(names, vec!["sse3"]);
         assert!(!clear_feature(&mut h, "no-such-feature"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(feature_names().contains(&"avx2"));
+        assert_eq!(parse_feature_name(" avx2 "), Ok("avx2".to_string()));
+        let e = parse_feature_name("bogus").expect_err("unknown");
+        assert!(e.to_string().contains("\"bogus\"") && e.to_string().contains("avx2"), "{e}");
+        let mut h = host();
+        hide_features(&mut h, &["sse3".into()]).expect("known");
+        assert_eq!(find(&h, 1, 0).expect("leaf 1").ecx & 1, 0);
+        assert!(hide_features(&mut h, &["bogus".into()]).is_err());
     }
 
     fn host() -> CpuId {
