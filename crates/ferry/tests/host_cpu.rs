@@ -232,3 +232,57 @@ fn bad_hidden_feature_names() {
     assert!(e.contains("unknown CPU feature \"bogus\""), "{e}");
     assert!(!h.home("x").exists(), "nothing half-created");
 }
+
+/// The XSAVE check end to end: B hides a feature whose XSAVE state A's KVM offers (AVX-512's,
+/// else AVX's), so B's KVM offers fewer XCR0 components. A VM on A that may enable them is
+/// refused with `xsave` (and `cpu_features` where A's KVM offers the feature bit itself);
+/// a VM started on A with that feature hidden has neither and migrates.
+#[test]
+fn xsave_refusal_and_baseline() {
+    require_kvm();
+    require_root();
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let host = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).expect("supported CPUID");
+    let d = ferry_arch::cpuid::find(&host, 0xd, 0).expect("KVM offers leaf 0xD");
+    let f = if d.eax & 0xe0 != 0 {
+        "avx512f"
+    } else if d.eax & 0x4 != 0 {
+        "avx"
+    } else {
+        panic!("this host's KVM offers no AVX state (XCR0 {:#x}): no XSAVE component to hide", d.eax)
+    };
+    let (a, b) = two_hosts("xsave", &format!("[cpu]\nhide = [\"{f}\"]\n"));
+    let bx = b.host_info()["cpu"]["kvm_model"]["xcr0"].as_u64().expect("B's xcr0");
+
+    a.create_memstress("x1", &[]);
+    a.vm_json(&["start", "x1"]);
+    let home1 = a.home("x1");
+    wait_console(&home1, "memstress: pass ", T);
+    let vx = vmm_info(&a, "x1")["cpu_model"]["xcr0"].as_u64().expect("the VM's xcr0");
+    assert_ne!(vx & !bx, 0, "the VM's XCR0 {vx:#x} has components B's ({bx:#x}) lacks");
+    let out = a.vm(&["migrate", "x1", "--to-host", &b.url, "--check", "--json"]);
+    assert!(!out.status.success());
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("checks json");
+    let codes: Vec<&str> =
+        c["reasons"].as_array().expect("reasons").iter().filter_map(|r| r["code"].as_str()).collect();
+    assert!(codes.contains(&"xsave"), "{c}");
+    assert!(codes.iter().all(|c| *c == "xsave" || *c == "cpu_features"), "only the CPU differs: {c}");
+    let msg = c["reasons"].as_array().into_iter().flatten().find(|r| r["code"] == "xsave").expect("xsave");
+    assert!(
+        msg["message"].as_str().is_some_and(|m| m.contains("XCR0") && m.contains("test-xsave-b")),
+        "{msg}"
+    );
+    nothing_reserved(&b, &home1);
+
+    a.create_memstress("x2", &["--cpu-hide", f]);
+    a.vm_json(&["start", "x2"]);
+    let home2 = a.home("x2");
+    wait_console(&home2, "memstress: pass ", T);
+    let vx2 = vmm_info(&a, "x2")["cpu_model"]["xcr0"].as_u64().expect("xcr0");
+    assert_eq!(vx2 & !bx, 0, "hidden with {f}: XCR0 {vx2:#x}");
+    let r = a.vm_json(&["migrate", "x2", "--to-host", &b.url]);
+    assert_eq!(r["outcome"], "completed", "{r}\nsource log:\n{}", a.daemon_log());
+    b.wait_state("x2", "running", T);
+    std::fs::write(home2.join("console.log"), "").expect("truncate console");
+    wait_console(&home2, "memstress: pass ", T);
+}
