@@ -368,7 +368,19 @@ mod tests {
     #[test]
     fn this_host_fits_itself() {
         // Needs /dev/kvm (root).
+        let t = std::time::Instant::now();
         let host = probe_host(&[]).expect("probe this host");
+        let probe = t.elapsed();
+        let t = std::time::Instant::now();
+        let vm = VmCpuModel {
+            xcr0: host.xcr0,
+            xsave_size: host.xsave_size.min(LEGACY_XSAVE_SIZE),
+            tsc_khz: host.tsc_khz,
+            msrs: host.msrs.clone(),
+            kvm_capabilities: host.kvm_capabilities.clone(),
+        };
+        assert!(compare(&vm, &host).is_empty(), "{:?}", compare(&vm, &host));
+        eprintln!("probe_host: {probe:?}; compare with {} MSRs: {:?}", host.msrs.len(), t.elapsed());
         assert!(host.kvm_capabilities.iter().any(|c| c == "KVM_CAP_IRQCHIP"), "{host:?}");
         assert!(!host.msrs.is_empty());
     }

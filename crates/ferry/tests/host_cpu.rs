@@ -192,7 +192,12 @@ fn cpu_refusal_and_baseline() {
     let home2 = a.home("m2");
     wait_console(&home2, "memstress: pass ", T);
     assert!(!names(&vmm_info(&a, "m2")["cpu_features"]).contains(&probe), "m2's guest does not see {f}");
+    let t = std::time::Instant::now();
     let c = a.vm_json(&["migrate", "m2", "--to-host", &b.url, "--check"]);
+    eprintln!(
+        "host_cpu: `ferry vm migrate --check` that passes: {:.1} ms (CLI process included)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     assert_eq!(c["ok"], true, "{c}");
     let r = a.vm_json(&["migrate", "m2", "--to-host", &b.url]);
     assert_eq!(r["outcome"], "completed", "{r}\nsource log:\n{}", a.daemon_log());
