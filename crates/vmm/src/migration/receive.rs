@@ -1307,6 +1307,20 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), (Check, String)>
             ));
         }
     }
+    // The CPU model beyond feature bits: XSAVE and TSC (MSRs just below; the capabilities a
+    // restore uses fail it cleanly if missing).
+    if let Some(table) = c.cpuid.first() {
+        let here = ferry_arch::model::host_model(&host.kvm, &host.supported)
+            .map_err(|e| (Check::Host, format!("cannot probe this host's CPU model: {}", error_chain(&e))))?;
+        let vm = ferry_arch::model::vm_model(table, &[], Vec::new());
+        for m in ferry_arch::model::compare(&vm, &here) {
+            match m.kind {
+                ferry_arch::model::MismatchKind::Xsave => return Err((Check::Xsave, m.message)),
+                ferry_arch::model::MismatchKind::Tsc => return Err((Check::Tsc, m.message)),
+                ferry_arch::model::MismatchKind::Msrs | ferry_arch::model::MismatchKind::KvmCapabilities => {}
+            }
+        }
+    }
     let list = host
         .kvm
         .get_msr_index_list()
