@@ -123,6 +123,16 @@ fn cpu_refusal_and_baseline() {
         "{model}"
     );
     assert!(model["msrs"].as_array().is_some_and(|m| !m.is_empty()), "{model}");
+    let text = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
+        .args(["host", "info", "--host", &b.url])
+        .output()
+        .expect("ferry host info");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("cpu hidden:  {f} ([cpu] hide)")) && text.contains("cpu model:   XCR0 0x"),
+        "{text}"
+    );
 
     // A VM with F: its VMM says so, and the CPU model its state needs.
     a.create_memstress("m1", &[]);
