@@ -7,7 +7,7 @@
 //! KVM can restore there, and the KVM calls its restore makes must exist. [`compare`] names
 //! each mismatch separately, so that a migration check reports all of them at once.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
@@ -186,7 +186,9 @@ pub fn kvm_capabilities(kvm: &Kvm) -> Vec<String> {
 }
 
 fn leaf(cpuid: &[CpuidEntry], leaf: u32, subleaf: u32) -> Option<&CpuidEntry> {
-    cpuid.iter().find(|e| e.leaf == leaf && (e.subleaf == subleaf || e.flags & 1 == 0))
+    cpuid
+        .iter()
+        .find(|e| e.leaf == leaf && (e.subleaf == subleaf || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
 }
 
 /// A VM's needs from the CPUID its vCPU 0 was given, the MSRs its state carries and the

@@ -178,6 +178,9 @@ fn cpu_refusal_and_baseline() {
     assert_eq!(r["role"], "source", "{r}");
     assert_eq!(r["destination"], "test-cpu-b", "{r}");
     assert_eq!(r["reasons"], c["reasons"], "every reason is kept: {r}");
+    let total = r["total_ms"].as_f64().expect("total_ms");
+    assert!(total > 0.0 && r["ended_unix_ms"].as_u64() >= r["started_unix_ms"].as_u64(), "{r}");
+    eprintln!("host_cpu: the refused migration's checks took {total:.1} ms");
     assert!(r["reason"].as_str().is_some_and(|m| m.contains(f)), "{r}");
     let id = r["id"].as_str().expect("id");
     assert!(stderr.contains(id), "the CLI names the record: {stderr}");

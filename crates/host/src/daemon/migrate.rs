@@ -633,12 +633,13 @@ impl Daemon {
     /// starts and its id is answered at once (follow it with `GET /migrations?id=ID`).
     pub async fn migrate(self: &Arc<Self>, name: &str, req: MigrateVm) -> Result<MigrateStarted, Error> {
         let started = Instant::now();
+        let started_unix_ms = unix_ms();
         let (checks, ctx) = self.checks(name, &req.to_host).await?;
         if req.check {
             return Ok(MigrateStarted { checks, migration_id: None, refused_id: None });
         }
         let Some((peer, destination, mut incoming)) = ctx.filter(|_| checks.ok) else {
-            let id = self.record_refused(name, &checks).await;
+            let id = self.record_refused(name, &checks, started_unix_ms, started).await;
             return Ok(MigrateStarted { checks, migration_id: None, refused_id: Some(id) });
         };
         let id = new_id();
@@ -687,17 +688,22 @@ impl Daemon {
     /// Records a migration the checks refused in this host's history (outcome `refused`,
     /// reason code the first reason's, every reason kept) and returns its id. Nothing was
     /// asked of the destination beyond its checks, so it records nothing.
-    async fn record_refused(&self, name: &str, checks: &CheckReport) -> String {
+    async fn record_refused(
+        &self,
+        name: &str,
+        checks: &CheckReport,
+        started_unix_ms: u64,
+        started: Instant,
+    ) -> String {
         let id = new_id();
-        let now = unix_ms();
         let record = MigrationRecord {
             id: id.clone(),
             vm: name.into(),
             source: self.config.name.clone(),
             destination: checks.destination.clone(),
             role: MigrationRole::Source,
-            started_unix_ms: now,
-            ended_unix_ms: Some(now),
+            started_unix_ms,
+            ended_unix_ms: Some(unix_ms()),
             outcome: MigrationOutcome::Refused,
             reason_code: checks.reasons.first().map(|r| r.code.as_str().to_string()).unwrap_or_default(),
             reason: checks
@@ -707,8 +713,9 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join("; "),
             downtime_ms: None,
-            total_ms: Some(0.0),
-            orchestration_ms: None,
+            // The checks' time: all of it was spent outside any VMM's migration.
+            total_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+            orchestration_ms: Some(started.elapsed().as_secs_f64() * 1e3),
             bytes: None,
             passes: None,
             progress: None,
