@@ -21,6 +21,7 @@ use ferry_host_api::{
     MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, Reservation, VmState,
 };
 
+use super::fault::Step;
 use super::*;
 use crate::db::unix_ms;
 use crate::peer::Peer;
@@ -286,6 +287,7 @@ impl Daemon {
             tokio::time::sleep(ttl).await;
             daemon.expire(&expiring).await;
         });
+        self.faults.at(Step::Reserve, &id);
         Ok(Reservation {
             migration_id: id,
             listen,
@@ -458,6 +460,9 @@ impl Daemon {
         id: &str,
         source: Option<&MigrationRecord>,
     ) -> Result<MigrationRecord, Error> {
+        if source.is_some() {
+            self.faults.at(Step::Complete, id);
+        }
         let Some(r) = self.reservations.lock().await.remove(id) else {
             return self.known_migration(id).await;
         };
@@ -678,6 +683,7 @@ impl Daemon {
         started: Instant,
     ) {
         let id = incoming.migration_id.clone();
+        self.faults.at(Step::Checks, &id);
         let result = self.outgoing_steps(name, &peer, &incoming, &req, started).await;
         let mut record = match self.outgoing.lock().await.remove(name) {
             Some(r) => r,
@@ -688,6 +694,7 @@ impl Daemon {
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
             Ok(report) => {
+                self.faults.at(Step::After, &id);
                 record.outcome = MigrationOutcome::Completed;
                 record.reason_code = report.reason_code.to_string();
                 record.reason = report.reason.clone();
@@ -774,6 +781,7 @@ impl Daemon {
             reservation.listen,
             ms()
         );
+        self.faults.at(Step::Reserved, &id);
         let (sock, pid, home) = {
             let vms = self.vms.lock().await;
             let vm =
@@ -824,6 +832,7 @@ impl Daemon {
             Err(e) => return Err(fail("internal", e.to_string())),
         }
         tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{:.1} ms)", ms());
+        self.faults.at(Step::Started, &id);
         let report_file = home.join("migrations").join(format!("{id}.json"));
         let read_report = || {
             std::fs::read(&report_file)
@@ -844,6 +853,10 @@ impl Daemon {
                     Some(Followed::Phase(phase)) => {
                         precopy = matches!(phase, ferry_api::MigrationPhase::Setup | ferry_api::MigrationPhase::PreCopy);
                         let word = serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                        tracing::info!("migration {id}: phase {word} (+{:.1} ms)", ms());
+                        if phase == ferry_api::MigrationPhase::StopAndCopy {
+                            self.faults.at(Step::Switchover, &id);
+                        }
                         self.set_progress(name, |r| {
                             if let Some(p) = r.progress.as_mut() {
                                 p.phase = word;
