@@ -1011,11 +1011,15 @@ impl Daemon {
                 }
                 MigrationRole::Source => {
                     // The source VMM's report in the home says how it ended; a VMM still
-                    // migrating (re-adopted) is waited for in the background.
-                    let (home, pid) = match self.vms.lock().await.get(&r.vm) {
-                        Some(v) => (Some(v.row.home.clone()), v.row.pid),
-                        None => (None, None),
+                    // migrating (re-adopted) is waited for in the background; one that never
+                    // took this migration (the daemon died before asking it) will not write
+                    // a report: not waited for.
+                    let (home, pid, sock) = match self.vms.lock().await.get(&r.vm) {
+                        Some(v) => (Some(v.row.home.clone()), v.row.pid, v.row.api_socket.clone()),
+                        None => (None, None, None),
                     };
+                    // The key file of a `PUT /vm/migrate` the daemon died in.
+                    let _ = std::fs::remove_file(self.config.run_dir().join(format!("{}.key", r.id)));
                     let daemon = Arc::clone(self);
                     tokio::spawn(async move {
                         let file = home.map(|h| h.join("migrations").join(format!("{}.json", r.id)));
@@ -1029,6 +1033,10 @@ impl Daemon {
                         while report.is_none() && grace < 20 {
                             if !pid.is_some_and(alive) {
                                 grace += 1;
+                            } else if let Some(s) = sock.clone() {
+                                if vmm_never_took(s, &r.id).await {
+                                    break;
+                                }
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             report = read();
@@ -1171,6 +1179,18 @@ async fn tell(peer: &Peer, path: &str, record: &MigrationRecord) -> Result<(), c
         }
     }
     Err(last.unwrap_or(crate::peer::Error::NoIdentity))
+}
+
+/// Whether the VMM on `sock` answers and has no migration `id` (it was never asked to
+/// migrate it, so it will not report it). A VMM that does not answer is not known to.
+async fn vmm_never_took(sock: PathBuf, id: &str) -> bool {
+    let info = tokio::task::spawn_blocking(move || {
+        ferry_api::client::send(&sock, &ferry_api::Request::Info, Duration::from_secs(2))
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
+    matches!(info, Some(ferry_api::Response::Info(i)) if i.migration.as_ref().is_none_or(|m| m.migration_id != id))
 }
 
 /// Whether the VMM on `sock` runs a VM (not receiving).
