@@ -332,3 +332,60 @@ fn destination_killed_once_the_source_migrates() {
 fn destination_killed_at_switchover() {
     cell("d-switch", Kill::DestinationWhenSourceLogs("phase stop-and-copy"));
 }
+
+/// A reservation whose time is up while its migration is still going (B's
+/// `reservation_ttl_s = 1`, a migration of a 2 GiB VM that lasts longer)
+/// is left to finish: no daemon dies, and the migration completes, the VM on B, once.
+#[test]
+fn reservation_expiring_mid_migration_lets_it_finish() {
+    require_kvm();
+    require_root();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = pair("ttl");
+    let text = std::fs::read_to_string(&p.b.config).expect("config");
+    std::fs::write(&p.b.config, text.replace("reservation_ttl_s = 5", "reservation_ttl_s = 1"))
+        .expect("config");
+    p.a.start();
+    p.b.start();
+    let name = "f-ttl";
+    p.a.vm_json(&[
+        "create",
+        name,
+        "--datastore",
+        "shared",
+        "--memory-mib",
+        "2048",
+        "--guest",
+        "memstress",
+        "--cmdline",
+        "wss=1500M",
+    ]);
+    p.a.vm_json(&["start", name]);
+    let home = p.ds.0.join(name);
+    // Two passes: the working set written through, so the migration has it all to copy.
+    for _ in 0..2 {
+        std::fs::write(home.join("console.log"), "").expect("truncate console");
+        wait_console(&home, "memstress: pass ", T);
+    }
+    let b_url = p.b.url.clone();
+    let out = p.a.vm(&["migrate", name, "--to-host", &b_url, "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let id =
+        r["id"].as_str().unwrap_or_else(|| panic!("no report: {}", String::from_utf8_lossy(&out.stderr)));
+    let rb = record(&p.b, id).expect("B's record");
+    let total = r["total_ms"].as_f64().unwrap_or_default();
+    assert_eq!(r["outcome"], "completed", "A: {r}\nB: {rb}\nB's log:\n{}", p.b.daemon_log());
+    // The point of the test: the reservation's time was up while the VMMs migrated.
+    assert!(
+        p.b.daemon_log().contains("the reservation's time is up while its receiver migrates"),
+        "the migration ({total:.0} ms) ended before the reservation's 1 s:\n{}",
+        p.b.daemon_log()
+    );
+    assert_eq!(rb["outcome"], "completed", "B: {rb}");
+    let v = p.b.wait_state(name, "running", T);
+    assert!(v["pid"].as_u64().is_some(), "{v}");
+    overlap::check_home(&home, &[]).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(home.join("console.log"), "").expect("truncate console");
+    wait_console(&home, "memstress: pass ", T);
+    eprintln!("ttl: migration {id}: {total:.0} ms with a 1 s reservation: {}", rb["outcome"]);
+}

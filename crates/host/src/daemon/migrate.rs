@@ -432,25 +432,45 @@ impl Daemon {
     }
 
     /// A reservation's time is up: released, unless its receiver runs the VM (the source
-    /// committed but could not tell this host), in which case it is completed here.
+    /// committed but could not tell this host), in which case it is completed here. A
+    /// receiver in the middle of a migration is left to end it (killing it after its
+    /// RESTORE_OK could leave the VM nowhere; before, it would fail a migration that goes
+    /// well): looked at again until it runs the VM or is idle again.
     async fn expire(self: &Arc<Self>, id: &str) {
-        let sock = match self.reservations.lock().await.get(id) {
-            Some(r) => r.socket.clone(),
-            None => return,
-        };
-        if receiver_runs(sock).await {
-            tracing::info!(
-                "migration {id}: the reservation's time is up and its VMM runs the VM: completing"
-            );
-            let _ = self.complete_incoming(id, None).await;
-        } else {
-            self.release(
-                id,
-                MigrationOutcome::Failed,
-                "reservation_expired",
-                "the reservation was not used in time",
-            )
-            .await;
+        let mut told = false;
+        loop {
+            let (sock, pid) = match self.reservations.lock().await.get(id) {
+                Some(r) => (r.socket.clone(), r.child.id()),
+                None => return,
+            };
+            match receiver_state(sock, pid).await {
+                ReceiverState::Runs => {
+                    tracing::info!(
+                        "migration {id}: the reservation's time is up and its VMM runs the VM: completing"
+                    );
+                    let _ = self.complete_incoming(id, None).await;
+                    return;
+                }
+                ReceiverState::Migrating => {
+                    if !told {
+                        tracing::info!(
+                            "migration {id}: the reservation's time is up while its receiver migrates: left to finish"
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                ReceiverState::Idle => {
+                    self.release(
+                        id,
+                        MigrationOutcome::Failed,
+                        "reservation_expired",
+                        "the reservation was not used in time",
+                    )
+                    .await;
+                    return;
+                }
+            }
         }
     }
 
@@ -1193,15 +1213,41 @@ async fn vmm_never_took(sock: PathBuf, id: &str) -> bool {
     matches!(info, Some(ferry_api::Response::Info(i)) if i.migration.as_ref().is_none_or(|m| m.migration_id != id))
 }
 
-/// Whether the VMM on `sock` runs a VM (not receiving).
-async fn receiver_runs(sock: PathBuf) -> bool {
+/// Where a reservation's receiving VMM is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReceiverState {
+    /// It runs the VM (running or paused).
+    Runs,
+    /// A migration is coming in (from the key's proof to the activation), or the process
+    /// lives but its API does not answer.
+    Migrating,
+    /// Waiting for a connection, or gone.
+    Idle,
+}
+
+/// Where the receiver `pid` on `sock` is.
+async fn receiver_state(sock: PathBuf, pid: u32) -> ReceiverState {
     let info = tokio::task::spawn_blocking(move || {
         ferry_api::client::send(&sock, &ferry_api::Request::Info, Duration::from_secs(2))
     })
     .await
     .ok()
     .and_then(Result::ok);
-    matches!(info, Some(ferry_api::Response::Info(i)) if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused))
+    match info {
+        Some(ferry_api::Response::Info(i)) => {
+            if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused) {
+                ReceiverState::Runs
+            } else if i.receiving.as_ref().is_some_and(|r| {
+                !matches!(r.phase, ferry_api::ReceivePhase::Waiting | ferry_api::ReceivePhase::Unconfigured)
+            }) {
+                ReceiverState::Migrating
+            } else {
+                ReceiverState::Idle
+            }
+        }
+        _ if alive(pid) => ReceiverState::Migrating,
+        _ => ReceiverState::Idle,
+    }
 }
 
 /// What the follower of a source VMM's events passes on.
