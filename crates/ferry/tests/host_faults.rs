@@ -148,7 +148,8 @@ fn id_of(line: &str) -> String {
 }
 
 /// Nothing of migration `id` left on `h`, which does not run the VM: no receiver or VMM of
-/// its run directory, no file (socket, key) in it, no console file of the migration.
+/// its run directory, no file (socket, key) in it, no console file of the migration, no
+/// memory reserved.
 fn nothing_left(h: &Hostd, home: &Path, id: &str) {
     let run = h.dir.path("state").join("run");
     let vmms = processes_with(&run.to_string_lossy());
@@ -157,6 +158,9 @@ fn nothing_left(h: &Hostd, home: &Path, id: &str) {
     assert!(files.is_empty(), "files left in {}: {files:?}", run.display());
     let console = home.join(format!("console.{id}.log"));
     assert!(!console.exists(), "{} left", console.display());
+    // No reservation held (nor a VM running there) in its inventory.
+    let info = h.host_info();
+    assert_eq!(info["memory"]["reserved_bytes"], 0, "{} still reserves memory: {}", h.url, info["memory"]);
 }
 
 fn cell(tag: &str, kill: Kill) {
