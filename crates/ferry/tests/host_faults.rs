@@ -164,6 +164,12 @@ fn nothing_left(h: &Hostd, home: &Path, id: &str) {
 }
 
 fn cell(tag: &str, kill: Kill) {
+    cell_with(tag, kill, false);
+}
+
+/// A cell; with `freeze_receiver`, B's receiving VMM is also stopped (SIGSTOP: it lives but
+/// does not answer) while B's daemon comes back, and let go 3 s later.
+fn cell_with(tag: &str, kill: Kill, freeze_receiver: bool) {
     require_kvm();
     require_root();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -219,7 +225,26 @@ fn cell(tag: &str, kill: Kill) {
     h.kill_daemon();
     h.env.retain(|(k, _)| k != FAULT_ENV);
     eprintln!("{tag}: migration {id}: {} daemon killed at {line:?}", if killed_a { "A's" } else { "B's" });
+    let frozen = if freeze_receiver {
+        let receivers = processes_with(&p.b.dir.path("state").join("run").to_string_lossy());
+        assert!(!receivers.is_empty(), "{tag}: no receiver on B to freeze");
+        for pid in &receivers {
+            // SAFETY: SIGSTOP to a receiving VMM of this cell's B.
+            unsafe { libc::kill(*pid, libc::SIGSTOP) };
+        }
+        receivers
+    } else {
+        Vec::new()
+    };
+    let h = if killed_a { &mut p.a } else { &mut p.b };
     h.start();
+    if !frozen.is_empty() {
+        std::thread::sleep(Duration::from_secs(3));
+        for pid in &frozen {
+            // SAFETY: SIGCONT to the receivers stopped above.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
     // Both settle: one host runs the VM, the other does not; no record active.
     let deadline = Instant::now() + SETTLE;
     let (on, ra, rb) = loop {
@@ -320,6 +345,13 @@ fn source_killed_after_the_vmm_reported() {
 #[test]
 fn destination_killed_while_reserving() {
     cell("d-reserve", Kill::Destination("reserve"));
+}
+
+/// Its receiver does not answer while B's daemon comes back: it is waited for, not taken for
+/// gone (its socket removed under it, the process left behind), then released.
+#[test]
+fn destination_killed_while_reserving_its_receiver_silent() {
+    cell_with("d-silent", Kill::Destination("reserve"), true);
 }
 
 #[test]

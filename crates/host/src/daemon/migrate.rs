@@ -1094,7 +1094,7 @@ impl Daemon {
         // A receiver in the middle of a migration is left to finish it (killing it after
         // its RESTORE_OK could leave the VM nowhere): at most the migration's own bounds.
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (info, running) = loop {
+        let (info, running, silent) = loop {
             let s = sock.clone();
             let info = tokio::task::spawn_blocking(move || {
                 ferry_api::client::send(&s, &ferry_api::Request::Info, Duration::from_secs(2))
@@ -1112,11 +1112,23 @@ impl Daemon {
             let idle = info.as_ref().and_then(|i| i.receiving.as_ref()).is_none_or(|rc| {
                 matches!(rc.phase, ferry_api::ReceivePhase::Waiting | ferry_api::ReceivePhase::Unconfigured)
             });
-            if running || info.is_none() || idle || Instant::now() > deadline {
-                break (info, running);
+            // A receiver that lives but does not answer (stopped, or too busy) is waited for
+            // too: taken for gone, its socket would be removed under it.
+            let silent = info.is_none() && receiver_pid(&sock).is_some();
+            if running || (!silent && idle) || Instant::now() > deadline {
+                break (info, running, silent);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        if silent {
+            // Its state is unknown: it may run the VM. Left alone with its socket; the
+            // record says so.
+            tracing::warn!(
+                "migration {}: its receiver lives but has not answered for 60 s: left running, not adopted",
+                r.id
+            );
+            return false;
+        }
         let home = info.as_ref().and_then(|i| i.home.clone());
         if let (true, Some(info), Some(home)) = (running, &info, home) {
             let def = vmdef::load(&home).ok();
@@ -1211,6 +1223,18 @@ async fn vmm_never_took(sock: PathBuf, id: &str) -> bool {
     .ok()
     .and_then(Result::ok);
     matches!(info, Some(ferry_api::Response::Info(i)) if i.migration.as_ref().is_none_or(|m| m.migration_id != id))
+}
+
+/// The pid of a live receiving VMM (`ferry receive`) whose API socket is `sock`.
+fn receiver_pid(sock: &std::path::Path) -> Option<u32> {
+    let sock = sock.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|&b| b == 0);
+        let receives = args.clone().any(|a| a == b"receive");
+        (receives && args.any(|a| a == sock) && alive(pid)).then_some(pid)
+    })
 }
 
 /// Where a reservation's receiving VMM is.
