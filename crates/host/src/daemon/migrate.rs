@@ -1050,13 +1050,14 @@ impl Daemon {
                         };
                         let mut report = read();
                         let mut grace = 0;
-                        while report.is_none() && grace < 20 {
+                        // Said for a whole second: a `PUT /vm/migrate` the daemon died
+                        // sending may still be on its way in.
+                        let mut never = 0;
+                        while report.is_none() && grace < 20 && never < 10 {
                             if !pid.is_some_and(alive) {
                                 grace += 1;
                             } else if let Some(s) = sock.clone() {
-                                if vmm_never_took(s, &r.id).await {
-                                    break;
-                                }
+                                never = if vmm_never_took(s, &r.id).await { never + 1 } else { 0 };
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             report = read();
