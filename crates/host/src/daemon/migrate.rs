@@ -1116,7 +1116,14 @@ impl Daemon {
             // A receiver that lives but does not answer (stopped, or too busy) is waited for
             // too: taken for gone, its socket would be removed under it.
             let silent = info.is_none() && receiver_pid(&sock).is_some();
-            if running || (!silent && idle) || Instant::now() > deadline {
+            // Past RESTORE_OK the source may have committed: killing the receiver then
+            // could leave the VM nowhere, so no deadline ends that wait (the receiver's own
+            // activation is bounded).
+            let activating = info
+                .as_ref()
+                .and_then(|i| i.receiving.as_ref())
+                .is_some_and(|rc| rc.phase == ferry_api::ReceivePhase::Activating);
+            if running || (!silent && idle) || (Instant::now() > deadline && !activating) {
                 break (info, running, silent);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
