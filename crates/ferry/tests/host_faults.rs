@@ -12,7 +12,8 @@
 //! never-twice overlap checker over `runs.log`) and its self-check passes; the host that does
 //! not run it has no receiver, socket, key file, or console file of the migration left; both
 //! histories hold a final (not `active`) record with the same id (the destination's only if
-//! it reserved). Needs root, /dev/kvm and sanlock. Cells run one at a time.
+//! it reserved). Also: a reservation whose time is up mid-migration lets it finish. Needs
+//! root, /dev/kvm and sanlock. Cells run one at a time.
 
 mod common;
 
