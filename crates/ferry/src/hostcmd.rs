@@ -16,8 +16,14 @@ use crate::hostctl::HostClient;
 pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         HostCommand::Serve(args) => {
+            // Test-only faults, read once here (the library reads no environment): an
+            // unknown step is an error before anything starts.
+            let faults = match std::env::var(ferry_host::daemon::fault::ENV) {
+                Ok(list) => ferry_host::daemon::fault::HostFaults::parse(&list)?,
+                Err(_) => ferry_host::daemon::fault::HostFaults::default(),
+            };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(ferry_host::run(&args.config))?;
+            rt.block_on(ferry_host::run(&args.config, faults))?;
             Ok(ExitCode::SUCCESS)
         }
         HostCommand::Init(args) => init(args),

@@ -46,15 +46,15 @@ pub enum Error {
 }
 
 /// Runs the daemon with the configuration in `config_file` until SIGTERM or SIGINT. VMMs keep
-/// running when it ends.
-pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
+/// running when it ends. `faults` are for tests only ([`daemon::fault`]).
+pub async fn run(config_file: &std::path::Path, faults: daemon::fault::HostFaults) -> Result<(), Error> {
     let config = config::load(config_file)?;
     let addr = config.listen;
     // Mutual TLS on the API's port: clients and peer hosts present a certificate of the
     // cluster CA, or are refused before a request is read.
     let dir = config.identity_dir.clone();
     let tls = ferry_pki::server_config(&dir).map_err(|source| Error::Identity { dir, source })?;
-    let daemon = daemon::Daemon::start(config).await?;
+    let daemon = daemon::Daemon::start(config, faults).await?;
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?;
     let local = listener.local_addr().map_err(Error::Serve)?;

@@ -21,6 +21,7 @@ use ferry_host_api::{
     MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, Reservation, VmState,
 };
 
+use super::fault::Step;
 use super::*;
 use crate::db::unix_ms;
 use crate::peer::Peer;
@@ -299,6 +300,7 @@ impl Daemon {
             tokio::time::sleep(ttl).await;
             daemon.expire(&expiring).await;
         });
+        self.faults.at(Step::Reserve, &id);
         Ok(Reservation {
             migration_id: id,
             listen,
@@ -446,25 +448,45 @@ impl Daemon {
     }
 
     /// A reservation's time is up: released, unless its receiver runs the VM (the source
-    /// committed but could not tell this host), in which case it is completed here.
+    /// committed but could not tell this host), in which case it is completed here. A
+    /// receiver in the middle of a migration is left to end it (killing it after its
+    /// RESTORE_OK could leave the VM nowhere; before, it would fail a migration that goes
+    /// well): looked at again until it runs the VM or is idle again.
     async fn expire(self: &Arc<Self>, id: &str) {
-        let sock = match self.reservations.lock().await.get(id) {
-            Some(r) => r.socket.clone(),
-            None => return,
-        };
-        if receiver_runs(sock).await {
-            tracing::info!(
-                "migration {id}: the reservation's time is up and its VMM runs the VM: completing"
-            );
-            let _ = self.complete_incoming(id, None).await;
-        } else {
-            self.release(
-                id,
-                MigrationOutcome::Failed,
-                "reservation_expired",
-                "the reservation was not used in time",
-            )
-            .await;
+        let mut told = false;
+        loop {
+            let (sock, pid) = match self.reservations.lock().await.get(id) {
+                Some(r) => (r.socket.clone(), r.child.id()),
+                None => return,
+            };
+            match receiver_state(sock, pid).await {
+                ReceiverState::Runs => {
+                    tracing::info!(
+                        "migration {id}: the reservation's time is up and its VMM runs the VM: completing"
+                    );
+                    let _ = self.complete_incoming(id, None).await;
+                    return;
+                }
+                ReceiverState::Migrating => {
+                    if !told {
+                        tracing::info!(
+                            "migration {id}: the reservation's time is up while its receiver migrates: left to finish"
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                ReceiverState::Idle => {
+                    self.release(
+                        id,
+                        MigrationOutcome::Failed,
+                        "reservation_expired",
+                        "the reservation was not used in time",
+                    )
+                    .await;
+                    return;
+                }
+            }
         }
     }
 
@@ -474,6 +496,9 @@ impl Daemon {
         id: &str,
         source: Option<&MigrationRecord>,
     ) -> Result<MigrationRecord, Error> {
+        if source.is_some() {
+            self.faults.at(Step::Complete, id);
+        }
         let Some(r) = self.reservations.lock().await.remove(id) else {
             return self.known_migration(id).await;
         };
@@ -754,6 +779,7 @@ impl Daemon {
         started: Instant,
     ) {
         let id = incoming.migration_id.clone();
+        self.faults.at(Step::Checks, &id);
         let result = self.outgoing_steps(name, &peer, &incoming, &req, started).await;
         let mut record = match self.outgoing.lock().await.remove(name) {
             Some(r) => r,
@@ -764,6 +790,7 @@ impl Daemon {
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
             Ok(report) => {
+                self.faults.at(Step::After, &id);
                 record.outcome = MigrationOutcome::Completed;
                 record.reason_code = report.reason_code.to_string();
                 record.reason = report.reason.clone();
@@ -850,6 +877,7 @@ impl Daemon {
             reservation.listen,
             ms()
         );
+        self.faults.at(Step::Reserved, &id);
         let (sock, pid, home) = {
             let vms = self.vms.lock().await;
             let vm =
@@ -900,6 +928,7 @@ impl Daemon {
             Err(e) => return Err(fail("internal", e.to_string())),
         }
         tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{:.1} ms)", ms());
+        self.faults.at(Step::Started, &id);
         let report_file = home.join("migrations").join(format!("{id}.json"));
         let read_report = || {
             std::fs::read(&report_file)
@@ -920,6 +949,10 @@ impl Daemon {
                     Some(Followed::Phase(phase)) => {
                         precopy = matches!(phase, ferry_api::MigrationPhase::Setup | ferry_api::MigrationPhase::PreCopy);
                         let word = serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                        tracing::info!("migration {id}: phase {word} (+{:.1} ms)", ms());
+                        if phase == ferry_api::MigrationPhase::StopAndCopy {
+                            self.faults.at(Step::Switchover, &id);
+                        }
                         self.set_progress(name, |r| {
                             if let Some(p) = r.progress.as_mut() {
                                 p.phase = word;
@@ -1074,11 +1107,15 @@ impl Daemon {
                 }
                 MigrationRole::Source => {
                     // The source VMM's report in the home says how it ended; a VMM still
-                    // migrating (re-adopted) is waited for in the background.
-                    let (home, pid) = match self.vms.lock().await.get(&r.vm) {
-                        Some(v) => (Some(v.row.home.clone()), v.row.pid),
-                        None => (None, None),
+                    // migrating (re-adopted) is waited for in the background; one that never
+                    // took this migration (the daemon died before asking it) will not write
+                    // a report: not waited for.
+                    let (home, pid, sock) = match self.vms.lock().await.get(&r.vm) {
+                        Some(v) => (Some(v.row.home.clone()), v.row.pid, v.row.api_socket.clone()),
+                        None => (None, None, None),
                     };
+                    // The key file of a `PUT /vm/migrate` the daemon died in.
+                    let _ = std::fs::remove_file(self.config.run_dir().join(format!("{}.key", r.id)));
                     let daemon = Arc::clone(self);
                     tokio::spawn(async move {
                         let file = home.map(|h| h.join("migrations").join(format!("{}.json", r.id)));
@@ -1089,9 +1126,14 @@ impl Daemon {
                         };
                         let mut report = read();
                         let mut grace = 0;
-                        while report.is_none() && grace < 20 {
+                        // Said for a whole second: a `PUT /vm/migrate` the daemon died
+                        // sending may still be on its way in.
+                        let mut never = 0;
+                        while report.is_none() && grace < 20 && never < 10 {
                             if !pid.is_some_and(alive) {
                                 grace += 1;
+                            } else if let Some(s) = sock.clone() {
+                                never = if vmm_never_took(s, &r.id).await { never + 1 } else { 0 };
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             report = read();
@@ -1129,7 +1171,7 @@ impl Daemon {
         // A receiver in the middle of a migration is left to finish it (killing it after
         // its RESTORE_OK could leave the VM nowhere): at most the migration's own bounds.
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (info, running) = loop {
+        let (info, running, silent) = loop {
             let s = sock.clone();
             let info = tokio::task::spawn_blocking(move || {
                 ferry_api::client::send(&s, &ferry_api::Request::Info, Duration::from_secs(2))
@@ -1147,11 +1189,30 @@ impl Daemon {
             let idle = info.as_ref().and_then(|i| i.receiving.as_ref()).is_none_or(|rc| {
                 matches!(rc.phase, ferry_api::ReceivePhase::Waiting | ferry_api::ReceivePhase::Unconfigured)
             });
-            if running || info.is_none() || idle || Instant::now() > deadline {
-                break (info, running);
+            // A receiver that lives but does not answer (stopped, or too busy) is waited for
+            // too: taken for gone, its socket would be removed under it.
+            let silent = info.is_none() && receiver_pid(&sock).is_some();
+            // Past RESTORE_OK the source may have committed: killing the receiver then
+            // could leave the VM nowhere, so no deadline ends that wait (the receiver's own
+            // activation is bounded).
+            let activating = info
+                .as_ref()
+                .and_then(|i| i.receiving.as_ref())
+                .is_some_and(|rc| rc.phase == ferry_api::ReceivePhase::Activating);
+            if running || (!silent && idle) || (Instant::now() > deadline && !activating) {
+                break (info, running, silent);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        if silent {
+            // Its state is unknown: it may run the VM. Left alone with its socket; the
+            // record says so.
+            tracing::warn!(
+                "migration {}: its receiver lives but has not answered for 60 s: left running, not adopted",
+                r.id
+            );
+            return false;
+        }
         let home = info.as_ref().and_then(|i| i.home.clone());
         if let (true, Some(info), Some(home)) = (running, &info, home) {
             let def = vmdef::load(&home).ok();
@@ -1236,15 +1297,65 @@ async fn tell(peer: &Peer, path: &str, record: &MigrationRecord) -> Result<(), c
     Err(last.unwrap_or(crate::peer::Error::NoIdentity))
 }
 
-/// Whether the VMM on `sock` runs a VM (not receiving).
-async fn receiver_runs(sock: PathBuf) -> bool {
+/// Whether the VMM on `sock` answers and has no migration `id` (it was never asked to
+/// migrate it, so it will not report it). A VMM that does not answer is not known to.
+async fn vmm_never_took(sock: PathBuf, id: &str) -> bool {
     let info = tokio::task::spawn_blocking(move || {
         ferry_api::client::send(&sock, &ferry_api::Request::Info, Duration::from_secs(2))
     })
     .await
     .ok()
     .and_then(Result::ok);
-    matches!(info, Some(ferry_api::Response::Info(i)) if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused))
+    matches!(info, Some(ferry_api::Response::Info(i)) if i.migration.as_ref().is_none_or(|m| m.migration_id != id))
+}
+
+/// The pid of a live receiving VMM (`ferry receive`) whose API socket is `sock`.
+fn receiver_pid(sock: &std::path::Path) -> Option<u32> {
+    let sock = sock.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|&b| b == 0);
+        let receives = args.clone().any(|a| a == b"receive");
+        (receives && args.any(|a| a == sock) && alive(pid)).then_some(pid)
+    })
+}
+
+/// Where a reservation's receiving VMM is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReceiverState {
+    /// It runs the VM (running or paused).
+    Runs,
+    /// A migration is coming in (from the key's proof to the activation), or the process
+    /// lives but its API does not answer.
+    Migrating,
+    /// Waiting for a connection, or gone.
+    Idle,
+}
+
+/// Where the receiver `pid` on `sock` is.
+async fn receiver_state(sock: PathBuf, pid: u32) -> ReceiverState {
+    let info = tokio::task::spawn_blocking(move || {
+        ferry_api::client::send(&sock, &ferry_api::Request::Info, Duration::from_secs(2))
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
+    match info {
+        Some(ferry_api::Response::Info(i)) => {
+            if matches!(i.state, ferry_api::RunState::Running | ferry_api::RunState::Paused) {
+                ReceiverState::Runs
+            } else if i.receiving.as_ref().is_some_and(|r| {
+                !matches!(r.phase, ferry_api::ReceivePhase::Waiting | ferry_api::ReceivePhase::Unconfigured)
+            }) {
+                ReceiverState::Migrating
+            } else {
+                ReceiverState::Idle
+            }
+        }
+        _ if alive(pid) => ReceiverState::Migrating,
+        _ => ReceiverState::Idle,
+    }
 }
 
 /// What the follower of a source VMM's events passes on.

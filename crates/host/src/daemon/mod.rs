@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::db::{Db, VmRow};
 use crate::vmdef;
 
+pub mod fault;
 mod lifecycle;
 pub mod migrate;
 mod supervise;
@@ -212,6 +213,8 @@ pub struct Daemon {
     /// The client other hosts' daemons are called with (this host's TLS identity), if the
     /// identity loads.
     peer_client: Option<ferry_pki::Client>,
+    /// Test-only faults (`FERRY_HOST_FAULT`): none in production.
+    faults: fault::HostFaults,
 }
 
 /// A handle to the daemon, shared by the API handlers and the watchers.
@@ -300,7 +303,8 @@ fn send_signal(pid: u32, sig: i32) {
 impl Daemon {
     /// Opens the database, checks the datastores and reconciles the registered VMs with
     /// their homes and any VMM still alive.
-    pub async fn start(config: Config) -> Result<Shared, Error> {
+    /// `faults` are test-only (`FERRY_HOST_FAULT`, see [`fault`]); production passes none.
+    pub async fn start(config: Config, faults: fault::HostFaults) -> Result<Shared, Error> {
         std::fs::create_dir_all(config.run_dir()).map_err(io("create", &config.run_dir()))?;
         // The VMMs' API sockets: for root only.
         {
@@ -350,6 +354,7 @@ impl Daemon {
             kvm_features,
             cpu_model,
             peer_client,
+            faults,
         });
         daemon.reconcile().await?;
         daemon.close_stale_migrations().await?;
