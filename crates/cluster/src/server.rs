@@ -1,0 +1,234 @@
+//! The controller's HTTP API ([`router`]) and its OpenAPI document ([`openapi`]), generated
+//! from the same types and handlers.
+//!
+//! Heartbeats and leaving are for host certificates only (`ferry_pki::require_host`), and
+//! the host's name is its certificate's: a host cannot report for another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ferry_cluster_api::{
+    paths, ApiError, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck, HostDetail, HostList, HostState,
+    HostSummary, PortGroupList, VmList, HEARTBEAT_INTERVAL_MS,
+};
+use ferry_pki::PeerIdentity;
+use utoipa::OpenApi;
+
+use crate::store::{self, unix_ms, Store};
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct Controller {
+    /// The controller's name.
+    pub name: String,
+    /// The store.
+    pub store: Store,
+}
+
+/// The shared controller.
+pub type Shared = Arc<Controller>;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct Failure(ApiError);
+
+impl Failure {
+    fn new(code: ErrorCode, message: String) -> Failure {
+        Failure(ApiError { code, message })
+    }
+}
+
+impl From<store::Error> for Failure {
+    fn from(e: store::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::warn!("{message}");
+        Failure::new(ErrorCode::Internal, message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+/// The OpenAPI document of the controller's API.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Ferry controller API",
+        description = "The cluster controller (`ferry cluster serve`): inventory of the joined hosts, fed by their heartbeats. Mutual TLS with the cluster CA."
+    ),
+    paths(heartbeat, leave, hosts, host, vms, vm, datastores, portgroups),
+    components(schemas(ApiError, ErrorCode, HostState))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, as served at `GET /openapi.json` (pretty JSON, stable order).
+pub fn openapi() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = ferry_cluster_api::API_VERSION.to_string();
+    doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// The controller's routes (paths in [`ferry_cluster_api::paths`]).
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(paths::HOSTS, get(hosts))
+        .route("/hosts/{name}", get(host))
+        .route(paths::VMS, get(vms))
+        .route("/vms/{name}", get(vm))
+        .route(paths::DATASTORES, get(datastores))
+        .route(paths::PORTGROUPS, get(portgroups))
+        .route(
+            paths::OPENAPI,
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi()) }),
+        )
+        .merge(
+            Router::new()
+                .route(paths::HEARTBEAT, post(heartbeat))
+                .route(paths::LEAVE, post(leave))
+                .route_layer(axum::middleware::from_fn(ferry_pki::require_host)),
+        )
+        .fallback(|| async { Failure::new(ErrorCode::NotFound, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// The host's API URL: an unspecified IP is replaced by the heartbeat's source address.
+fn api_url(given: &str, peer: SocketAddr) -> Result<String, Failure> {
+    let bad = || Failure::new(ErrorCode::BadRequest, format!("api_url {given:?} is not https://IP:PORT"));
+    let addr: SocketAddr =
+        given.strip_prefix("https://").ok_or_else(bad)?.trim_end_matches('/').parse().map_err(|_| bad())?;
+    let addr = if addr.ip().is_unspecified() { SocketAddr::new(peer.ip(), addr.port()) } else { addr };
+    Ok(format!("https://{addr}"))
+}
+
+/// A joined host's inventory.
+#[utoipa::path(post, path = "/heartbeat", request_body = Heartbeat,
+    responses((status = 200, body = HeartbeatAck), (status = 400, body = ApiError), (status = 403, description = "not a host certificate")))]
+async fn heartbeat(
+    State(c): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<HeartbeatAck>, Failure> {
+    let beat: Heartbeat = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed heartbeat: {e}")))?;
+    let url = api_url(&beat.api_url, addr)?;
+    let known = c.store.host(&peer.name).await?;
+    c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
+    match known.map(|h| h.state) {
+        None => tracing::info!("host {} joined from {addr} (API {url})", peer.name),
+        Some(HostState::NotResponding | HostState::Disconnected) => {
+            tracing::info!("host {} is back (API {url})", peer.name)
+        }
+        Some(_) => {}
+    }
+    Ok(Json(HeartbeatAck { controller: c.name.clone(), interval_ms: HEARTBEAT_INTERVAL_MS }))
+}
+
+/// The calling host leaves the cluster: `disconnected` (its last report stays).
+#[utoipa::path(post, path = "/leave",
+    responses((status = 200, body = HostSummary), (status = 404, body = ApiError), (status = 403, description = "not a host certificate")))]
+async fn leave(
+    State(c): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+) -> Result<Json<HostSummary>, Failure> {
+    if !c.store.set_host_state(&peer.name, HostState::Disconnected).await? {
+        return Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("host {} never joined this controller", peer.name),
+        ));
+    }
+    tracing::info!("host {} left the cluster", peer.name);
+    let row = c.store.host(&peer.name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("host {} never joined this controller", peer.name))
+    })?;
+    Ok(Json(row.summary(unix_ms())))
+}
+
+/// Every host that joined, by name.
+#[utoipa::path(get, path = "/hosts", responses((status = 200, body = HostList)))]
+async fn hosts(State(c): State<Shared>) -> Result<Json<HostList>, Failure> {
+    let now = unix_ms();
+    Ok(Json(HostList { hosts: c.store.hosts().await?.iter().map(|h| h.summary(now)).collect() }))
+}
+
+/// One host: its summary and last inventory.
+#[utoipa::path(get, path = "/hosts/{name}", params(("name" = String, Path, description = "The host's name")),
+    responses((status = 200, body = HostDetail), (status = 404, body = ApiError)))]
+async fn host(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<HostDetail>, Failure> {
+    let row = c.store.host(&name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
+    })?;
+    Ok(Json(HostDetail { summary: row.summary(unix_ms()), info: row.info }))
+}
+
+/// Every VM the hosts reported, with the age of the report.
+#[utoipa::path(get, path = "/vms", responses((status = 200, body = VmList)))]
+async fn vms(State(c): State<Shared>) -> Result<Json<VmList>, Failure> {
+    Ok(Json(VmList { vms: c.store.vms(None, unix_ms()).await? }))
+}
+
+/// The hosts' reports of one VM (one, unless its home is registered on several hosts).
+#[utoipa::path(get, path = "/vms/{name}", params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, body = VmList), (status = 404, body = ApiError)))]
+async fn vm(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<VmList>, Failure> {
+    let vms = c.store.vms(Some(&name), unix_ms()).await?;
+    if vms.is_empty() {
+        return Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("no host of this cluster has a VM named {name:?}"),
+        ));
+    }
+    Ok(Json(VmList { vms }))
+}
+
+/// Every datastore by id, with the hosts that see it.
+#[utoipa::path(get, path = "/datastores", responses((status = 200, body = DatastoreList)))]
+async fn datastores(State(c): State<Shared>) -> Result<Json<DatastoreList>, Failure> {
+    Ok(Json(DatastoreList { datastores: c.store.datastores().await? }))
+}
+
+/// Every port group by name, with the hosts that have it.
+#[utoipa::path(get, path = "/portgroups", responses((status = 200, body = PortGroupList)))]
+async fn portgroups(State(c): State<Shared>) -> Result<Json<PortGroupList>, Failure> {
+    Ok(Json(PortGroupList { portgroups: c.store.portgroups().await? }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_urls() {
+        let peer: std::net::SocketAddr = "10.1.2.3:5555".parse().expect("addr");
+        assert_eq!(super::api_url("https://0.0.0.0:7443", peer).expect("ok"), "https://10.1.2.3:7443");
+        assert_eq!(super::api_url("https://127.0.0.1:7443/", peer).expect("ok"), "https://127.0.0.1:7443");
+        assert!(super::api_url("http://127.0.0.1:7443", peer).is_err());
+        assert!(super::api_url("https://host:7443", peer).is_err());
+    }
+
+    /// docs/openapi/cluster.json is what the server serves.
+    #[test]
+    fn checked_in_openapi_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi/cluster.json");
+        let generated = super::openapi();
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in.trim_end() == generated.trim_end(),
+            "docs/openapi/cluster.json differs from the controller's API; regenerate it with \
+             `cargo run -p ferry -- cluster openapi > docs/openapi/cluster.json`"
+        );
+    }
+}
