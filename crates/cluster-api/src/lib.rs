@@ -47,6 +47,20 @@ pub mod paths {
     pub fn vm(name: &str) -> String {
         format!("/vms/{name}")
     }
+
+    /// `POST /vms/NAME/migrate` [`crate::MigrateRequest`]: with `check`, answers
+    /// [`crate::CheckTable`]; else [`crate::MigrationStarted`].
+    pub fn migrate(name: &str) -> String {
+        format!("/vms/{name}/migrate")
+    }
+
+    /// `GET /migrations[?active|?failed|?vm=NAME|?host=NAME]`: [`crate::MigrationList`].
+    pub const MIGRATIONS: &str = "/migrations";
+
+    /// `GET /migrations/ID`: [`crate::MigrationDetail`].
+    pub fn migration(id: &str) -> String {
+        format!("/migrations/{id}")
+    }
 }
 
 /// A host's state as the controller sees it.
@@ -251,6 +265,106 @@ pub struct PortGroupList {
     pub portgroups: Vec<ClusterPortGroup>,
 }
 
+/// `POST /vms/NAME/migrate`: the controller finds the host that has the VM and asks it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination host's name. Without it, only `check` is possible (every other host is
+    /// checked; the controller does not choose a host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_host: Option<String>,
+    /// Only run the checks (nothing is reserved).
+    #[serde(default)]
+    pub check: bool,
+    /// Largest acceptable downtime, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Parallel streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+}
+
+/// A reason a host cannot take the VM: the source daemon's check reason (its `code` is the
+/// host API's check code), or `host_not_connected` when the controller has no live report
+/// of the host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct CheckReason {
+    /// The code.
+    pub code: String,
+    /// In words.
+    pub message: String,
+}
+
+/// The checks of the migration to one host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct HostCheck {
+    /// The destination host.
+    pub host: String,
+    /// It may go ahead.
+    pub ok: bool,
+    /// Every reason it may not.
+    pub reasons: Vec<CheckReason>,
+}
+
+/// The answer of a check: one row per candidate host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct CheckTable {
+    /// The VM.
+    pub vm: String,
+    /// The host that has it.
+    pub source: String,
+    /// By host name.
+    pub checks: Vec<HostCheck>,
+}
+
+/// The answer of a migration request.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct MigrationStarted {
+    /// The VM.
+    pub vm: String,
+    /// The host that has it.
+    pub source: String,
+    /// The destination.
+    pub destination: String,
+    /// The checks.
+    pub checks: HostCheck,
+    /// The migration's id, if the checks passed and it started (follow it with
+    /// `GET /migrations/ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+}
+
+/// `GET /migrations`: the controller's history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct MigrationList {
+    /// Newest first: the source host's records (the host API's `MigrationRecord`).
+    #[schema(value_type = Vec<Object>)]
+    pub migrations: Vec<ferry_host_api::MigrationRecord>,
+}
+
+/// An event of a migration in the controller's history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct MigrationEvent {
+    /// Its order (from 1).
+    pub seq: u64,
+    /// When, ms since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// What kind (`recorded`, `completed`, `failed`, ...).
+    pub kind: String,
+    /// In words.
+    pub message: String,
+}
+
+/// `GET /migrations/ID`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct MigrationDetail {
+    /// The record (per-pass statistics in `passes`).
+    #[schema(value_type = Object)]
+    pub record: ferry_host_api::MigrationRecord,
+    /// What the controller saw happen, oldest first.
+    pub events: Vec<MigrationEvent>,
+}
+
 /// What kind of failure an error answer is: clients decide on this, never on the text.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -261,6 +375,10 @@ pub enum ErrorCode {
     Forbidden,
     /// No such host or VM (404).
     NotFound,
+    /// It clashes with the current state: the VM's host does not answer (409).
+    Conflict,
+    /// A host daemon failed or refused the controller's request (502).
+    HostFailed,
     /// The controller failed (500).
     Internal,
 }
@@ -272,6 +390,8 @@ impl ErrorCode {
             ErrorCode::BadRequest => 400,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::HostFailed => 502,
             ErrorCode::Internal => 500,
         }
     }

@@ -4,6 +4,7 @@
 //! See `docs/cluster.md`.
 
 pub mod config;
+pub mod migrate;
 pub mod server;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -34,6 +35,14 @@ pub enum Error {
         /// Why.
         #[source]
         source: ferry_pki::tls::Error,
+    },
+    /// The controller's client of the hosts cannot be made.
+    #[error("cannot use the controller's TLS identity in {dir} as a client: {reason}", dir = .dir.display())]
+    Client {
+        /// The identity directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        reason: String,
     },
     /// The state directory cannot be made.
     #[error("cannot create the state directory {dir}", dir = .dir.display())]
@@ -68,7 +77,12 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?;
     let local = listener.local_addr().map_err(|source| Error::Listen { addr, source })?;
-    let controller = Arc::new(server::Controller { name: config.name.clone(), store: store.clone() });
+    let dir = config.identity_dir.clone();
+    let client = ferry_pki::Client::new(&dir)
+        .map_err(|e| Error::Client { dir, reason: e.to_string() })?
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
+    let controller = Arc::new(server::Controller { name: config.name.clone(), store: store.clone(), client });
+    migrate::resume(&controller).await;
     tracing::info!("ferry cluster {} listening on {local}", config.name);
     let watcher = tokio::spawn(watch_heartbeats(store.clone()));
     let shutdown = async {

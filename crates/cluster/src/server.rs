@@ -7,14 +7,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ferry_cluster_api::{
-    paths, ApiError, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck, HostDetail, HostList, HostState,
-    HostSummary, PortGroupList, VmList, HEARTBEAT_INTERVAL_MS,
+    paths, ApiError, CheckTable, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck, HostDetail, HostList,
+    HostState, HostSummary, MigrateRequest, MigrationDetail, MigrationList, MigrationStarted, PortGroupList,
+    VmList, HEARTBEAT_INTERVAL_MS,
 };
 use ferry_pki::PeerIdentity;
 use utoipa::OpenApi;
@@ -28,6 +29,8 @@ pub struct Controller {
     pub name: String,
     /// The store.
     pub store: Store,
+    /// The controller's client of the host daemons (its own certificate).
+    pub client: ferry_pki::Client,
 }
 
 /// The shared controller.
@@ -38,8 +41,14 @@ pub type Shared = Arc<Controller>;
 pub struct Failure(ApiError);
 
 impl Failure {
-    fn new(code: ErrorCode, message: String) -> Failure {
+    /// An error answer.
+    pub fn new(code: ErrorCode, message: String) -> Failure {
         Failure(ApiError { code, message })
+    }
+
+    /// Its message.
+    pub fn message(&self) -> &str {
+        &self.0.message
     }
 }
 
@@ -71,8 +80,8 @@ impl IntoResponse for Failure {
         title = "Ferry controller API",
         description = "The cluster controller (`ferry cluster serve`): inventory of the joined hosts, fed by their heartbeats. Mutual TLS with the cluster CA."
     ),
-    paths(heartbeat, leave, hosts, host, vms, vm, datastores, portgroups),
-    components(schemas(ApiError, ErrorCode, HostState))
+    paths(heartbeat, leave, hosts, host, vms, vm, datastores, portgroups, migrate, migrations, migration),
+    components(schemas(ApiError, ErrorCode, HostState, CheckTable))
 )]
 pub struct ApiDoc;
 
@@ -92,6 +101,9 @@ pub fn router(state: Shared) -> Router {
         .route("/vms/{name}", get(vm))
         .route(paths::DATASTORES, get(datastores))
         .route(paths::PORTGROUPS, get(portgroups))
+        .route("/vms/{name}/migrate", post(migrate))
+        .route(paths::MIGRATIONS, get(migrations))
+        .route("/migrations/{id}", get(migration))
         .route(
             paths::OPENAPI,
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi()) }),
@@ -206,6 +218,66 @@ async fn datastores(State(c): State<Shared>) -> Result<Json<DatastoreList>, Fail
 #[utoipa::path(get, path = "/portgroups", responses((status = 200, body = PortGroupList)))]
 async fn portgroups(State(c): State<Shared>) -> Result<Json<PortGroupList>, Failure> {
     Ok(Json(PortGroupList { portgroups: c.store.portgroups().await? }))
+}
+
+/// Checks (`check: true`: a row per destination) or a migration of a VM, asked of the host
+/// that has it.
+#[utoipa::path(post, path = "/vms/{name}/migrate", params(("name" = String, Path, description = "The VM's name")),
+    request_body = MigrateRequest,
+    responses((status = 200, description = "CheckTable with check, else MigrationStarted", body = MigrationStarted),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 502, body = ApiError)))]
+async fn migrate(
+    State(c): State<Shared>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Response, Failure> {
+    let req: MigrateRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    if req.check {
+        Ok(Json(crate::migrate::check(&c, &name, &req).await?).into_response())
+    } else {
+        Ok(Json(crate::migrate::migrate(&c, &name, &req).await?).into_response())
+    }
+}
+
+/// The controller's migration history, newest first.
+#[utoipa::path(get, path = "/migrations",
+    params(("active" = Option<bool>, Query, description = "only those in progress"),
+        ("failed" = Option<bool>, Query, description = "only failed ones"),
+        ("vm" = Option<String>, Query, description = "only this VM's"),
+        ("host" = Option<String>, Query, description = "only those from or to this host")),
+    responses((status = 200, body = MigrationList), (status = 400, body = ApiError)))]
+async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Json<MigrationList>, Failure> {
+    let mut filter = store::MigrationFilter::default();
+    for kv in q.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=').unwrap_or((kv, "")) {
+            ("active", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Active),
+            ("failed", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Failed),
+            ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
+            ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("unknown query parameter {kv:?} (active, failed, vm=NAME, host=NAME)"),
+                ))
+            }
+        }
+    }
+    Ok(Json(MigrationList { migrations: c.store.migrations(&filter).await? }))
+}
+
+/// One migration: its record (with per-pass statistics) and the controller's events.
+#[utoipa::path(get, path = "/migrations/{id}", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, body = MigrationDetail), (status = 404, body = ApiError)))]
+async fn migration(
+    State(c): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationDetail>, Failure> {
+    let filter = store::MigrationFilter { id: Some(id.clone()), ..Default::default() };
+    let record = c.store.migrations(&filter).await?.into_iter().next().ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
+    })?;
+    Ok(Json(MigrationDetail { record, events: c.store.migration_events(&id).await? }))
 }
 
 #[cfg(test)]

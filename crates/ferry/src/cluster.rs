@@ -63,6 +63,60 @@ pub enum ClusterCommand {
     Datastores(ReportArgs),
     /// Port groups by name, with each host's bridge.
     Portgroups(ReportArgs),
+    /// Check or live-migrate a VM by name: the controller asks the host that has it. With
+    /// --check and no --to-host, every other host is checked (a table: host, compatible or
+    /// all its reasons). Without --check, waits until the migration ends.
+    Migrate(MigrateArgs),
+    /// The controller's migration history, newest first.
+    Migrations(MigrationsArgs),
+    /// One migration: its record, per-pass statistics and the controller's events.
+    Migration(NamedArgs),
+}
+
+/// Arguments of `ferry cluster migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM.
+    pub name: String,
+    /// The destination host's name (as `ferry cluster hosts` lists it).
+    #[arg(long, value_name = "HOST")]
+    pub to_host: Option<String>,
+    /// Only run the checks (nothing is reserved); without --to-host, on every other host.
+    #[arg(long)]
+    pub check: bool,
+    /// Largest acceptable downtime, ms.
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
+    /// Parallel streams.
+    #[arg(long, value_name = "N")]
+    pub streams: Option<u32>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster migrations`.
+#[derive(Debug, Args)]
+pub struct MigrationsArgs {
+    /// Only those in progress.
+    #[arg(long, conflicts_with = "failed")]
+    pub active: bool,
+    /// Only failed ones.
+    #[arg(long)]
+    pub failed: bool,
+    /// Only this VM's.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Only those from or to this host.
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `ferry cluster serve`.
@@ -198,6 +252,18 @@ impl Controller {
         let response = self.client.get(&format!("{}{path}", self.url)).with_context(|| {
             format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
         })?;
+        self.decode(response)
+    }
+
+    fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let body = serde_json::to_value(body)?;
+        let response = self.client.post(&format!("{}{path}", self.url), &body).with_context(|| {
+            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
+        })?;
+        self.decode(response)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, response: ferry_pki::Response) -> anyhow::Result<T> {
         if !response.is_success() {
             // The controller's error answer, else the raw body.
             match serde_json::from_slice::<ferry_cluster_api::ApiError>(&response.body) {
@@ -297,8 +363,151 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        ClusterCommand::Migrate(args) => return migrate(args),
+        ClusterCommand::Migrations(args) => {
+            let mut query = Vec::new();
+            if args.active {
+                query.push("active".to_string());
+            }
+            if args.failed {
+                query.push("failed".to_string());
+            }
+            if let Some(v) = &args.vm {
+                query.push(format!("vm={v}"));
+            }
+            if let Some(h) = &args.host {
+                query.push(format!("host={h}"));
+            }
+            let path = if query.is_empty() {
+                paths::MIGRATIONS.to_string()
+            } else {
+                format!("{}?{}", paths::MIGRATIONS, query.join("&"))
+            };
+            let list: ferry_cluster_api::MigrationList = args.target.connect()?.get(&path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                crate::hostcmd::print_migrations(&ferry_host_api::MigrationList {
+                    migrations: list.migrations,
+                });
+            }
+        }
+        ClusterCommand::Migration(args) => {
+            let m: ferry_cluster_api::MigrationDetail =
+                args.target.connect()?.get(&paths::migration(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print_migration(&m);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_migration(m: &ferry_cluster_api::MigrationDetail) {
+    let r = &m.record;
+    println!("migration:  {}", r.id);
+    println!("vm:         {} from {} to {}", r.vm, r.source, r.destination);
+    println!(
+        "outcome:    {} ({}){}",
+        r.outcome.as_str(),
+        r.reason_code,
+        if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) }
+    );
+    if let Some(d) = r.downtime_ms {
+        println!("downtime:   {d:.1} ms");
+    }
+    if let Some(t) = r.total_ms {
+        println!("total:      {t:.1} ms");
+    }
+    if let Some(b) = r.bytes {
+        println!("bytes:      {b}");
+    }
+    if let Some(passes) = r.passes.as_ref().and_then(|p| p.as_array()) {
+        println!("passes:");
+        for (i, p) in passes.iter().enumerate() {
+            println!("  {:>3}: {}", i + 1, p);
+        }
+    }
+    println!("events:");
+    for e in &m.events {
+        println!("  {:>3} {} {}: {}", e.seq, e.at_unix_ms, e.kind, e.message);
+    }
+}
+
+fn print_checks(table: &ferry_cluster_api::CheckTable) {
+    println!("VM {} is on host {}", table.vm, table.source);
+    println!("{:<20} {:<11} REASONS", "HOST", "COMPATIBLE");
+    for c in &table.checks {
+        let reasons: Vec<String> = c.reasons.iter().map(|r| format!("{}: {}", r.code, r.message)).collect();
+        println!("{:<20} {:<11} {}", c.host, if c.ok { "yes" } else { "no" }, reasons.join("; "));
+    }
+}
+
+/// `ferry cluster migrate`.
+fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let ctl = args.target.connect()?;
+    let req = ferry_cluster_api::MigrateRequest {
+        to_host: args.to_host.clone(),
+        check: args.check,
+        downtime_ms: args.downtime_ms,
+        streams: args.streams,
+    };
+    if args.check {
+        let table: ferry_cluster_api::CheckTable = ctl.post(&paths::migrate(&args.name), &req)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&table)?);
+        } else {
+            print_checks(&table);
+        }
+        let all_ok = table.checks.iter().all(|c| c.ok);
+        return Ok(if all_ok || args.to_host.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    if args.to_host.is_none() {
+        anyhow::bail!("give --to-host HOST (or --check to check every host): the controller does not choose a destination yet");
+    }
+    let started: ferry_cluster_api::MigrationStarted = ctl.post(&paths::migrate(&args.name), &req)?;
+    let Some(id) = started.migration_id.clone() else {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            print_checks(&ferry_cluster_api::CheckTable {
+                vm: started.vm.clone(),
+                source: started.source.clone(),
+                checks: vec![started.checks.clone()],
+            });
+        }
+        anyhow::bail!("the migration of {} to {} was refused by its checks", started.vm, started.destination);
+    };
+    if !args.json {
+        println!("migration {id}: {} from {} to {}", started.vm, started.source, started.destination);
+    }
+    // Follow it in the controller's history until it ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    let detail = loop {
+        match ctl.get::<ferry_cluster_api::MigrationDetail>(&paths::migration(&id)) {
+            Ok(d) if d.record.outcome != ferry_host_api::MigrationOutcome::Active => break d,
+            // Not recorded yet, or still active.
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(250))
+            }
+            other => {
+                other?;
+                anyhow::bail!("migration {id} did not end within an hour");
+            }
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+    } else {
+        print_migration(&detail);
+    }
+    Ok(if detail.record.outcome == ferry_host_api::MigrationOutcome::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Milliseconds as a short age.

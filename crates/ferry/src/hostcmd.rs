@@ -206,7 +206,7 @@ fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
-fn print_migrations(list: &MigrationList) {
+pub fn print_migrations(list: &MigrationList) {
     println!(
         "{:<16} {:<12} {:<12} {:<12} {:<11} {:<10} {:<28} {:>9} {:>9} {:>9} {:>10}",
         "ID",

@@ -358,3 +358,71 @@ fn openapi_is_served() {
     let r = client.post(&format!("{}/heartbeat", ctl.url), &serde_json::json!({})).expect("post");
     assert_eq!(r.status, 403);
 }
+
+/// A memstress VM checked against every host and migrated by name through the controller;
+/// the controller's history has it with its passes. Needs /dev/kvm.
+#[test]
+fn migration_through_the_controller() {
+    require_root();
+    common::require_kvm();
+    let mut ctl = Controller::new("cl-mig", None);
+    ctl.start();
+    let mut a = Hostd::config("cl-mig-a", "");
+    let mut b = Hostd::config("cl-mig-b", &format!("shared = \"{}\"\n", a.ds().display()));
+    a.start();
+    b.start();
+    a.create_memstress("web", &[]);
+    a.vm_json(&["start", "web"]);
+    a.wait_state("web", "running", Duration::from_secs(30));
+    common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
+    host_cmd(&a, &["join", &ctl.url]);
+    host_cmd(&b, &["join", &ctl.url]);
+    let (na, nb) = ("test-cl-mig-a", "test-cl-mig-b");
+    ctl.wait_for(&["vm", "web"], "web reported running", Duration::from_secs(10), |v| {
+        v["vms"][0]["state"] == "running"
+    });
+
+    // Every other host at once: B can take it.
+    let table = ctl.json(&["migrate", "web", "--check"]);
+    assert_eq!(table["source"], na, "{table}");
+    assert_eq!(table["checks"].as_array().map(Vec::len), Some(1), "{table}");
+    assert_eq!(
+        (table["checks"][0]["host"].as_str(), table["checks"][0]["ok"].as_bool()),
+        (Some(nb), Some(true)),
+        "{table}"
+    );
+    let out = ctl.cli(&["migrate", "web", "--check", "--to-host", "nobody"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no host named \"nobody\""), "{err}");
+
+    // The migration by name, through the controller; the command waits for its end.
+    let done = ctl.json(&["migrate", "web", "--to-host", nb]);
+    assert_eq!(done["record"]["outcome"], "completed", "{done}\ncontroller log:\n{}", ctl.log());
+    let id = done["record"]["id"].as_str().expect("id").to_string();
+    assert!(done["record"]["passes"].as_array().is_some_and(|p| !p.is_empty()), "{done}");
+    let kinds: Vec<&str> =
+        done["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"recorded"), "{done}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{done}");
+    b.wait_state("web", "running", Duration::from_secs(30));
+    // A fresh self-check pass on B (the console is truncated first).
+    std::fs::write(a.home("web").join("console.log"), "").expect("truncate console");
+    common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
+
+    // The history, filtered.
+    let all = ctl.json(&["migrations"]);
+    assert_eq!(all["migrations"][0]["id"], id.as_str(), "{all}");
+    assert_eq!(
+        ctl.json(&["migrations", "--vm", "web", "--host", nb])["migrations"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(ctl.json(&["migrations", "--failed"])["migrations"], serde_json::json!([]));
+    let shown = ctl.json(&["migration", &id]);
+    assert_eq!(shown["record"]["destination"], nb, "{shown}");
+    // The controller's log follows the migration by its id.
+    assert!(ctl.log().contains(&format!("migration {id}:")), "{}", ctl.log());
+    // The inventory follows: web is on B at the next heartbeat.
+    ctl.wait_for(&["vm", "web"], "web reported on B", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == nb && r["state"] == "running"))
+    });
+}

@@ -133,18 +133,7 @@ pub struct MigrationFilter {
     pub id: Option<String>,
 }
 
-/// An event of a migration's history.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MigrationEvent {
-    /// Its order within the migration (from 1).
-    pub seq: u64,
-    /// When.
-    pub at_unix_ms: u64,
-    /// What kind (`recorded`, `completed`, `failed`, ...).
-    pub kind: String,
-    /// In words.
-    pub message: String,
-}
+pub use ferry_cluster_api::MigrationEvent;
 
 /// Now, ms since the Unix epoch.
 pub fn unix_ms() -> u64 {
