@@ -130,8 +130,10 @@ cli host join "$FERRY_SERVER" --host $B || fail "host b did not join"
 cli vm --host $A create m1 --datastore shared --memory-mib 256 --guest memstress --cmdline "wss=64M" > /dev/null
 cli vm --host $A start m1 > /dev/null
 home=$work/ds/m1
-for _ in $(seq 1 100); do cli cluster vm m1 --json 2>/dev/null | grep -q '"state": "running"' && break; sleep 0.2; done
-cli cluster vm m1 --json | grep -q '"state": "running"' || fail "the controller does not show m1 running"
+# (Reports are read whole before grep: a pipe closed early would fail them under pipefail.)
+m1_running() { local out; out=$(cli cluster vm m1 --json 2>/dev/null) || return 1; grep -q '"state": "running"' <<<"$out"; }
+for _ in $(seq 1 100); do m1_running && break; sleep 0.2; done
+m1_running || fail "the controller does not show m1 running"
 cli cluster hosts
 cli cluster datastores
 cli cluster portgroups
@@ -140,10 +142,11 @@ cli cluster vms
 say "3. the check table (every other host), then m1 migrated to host b by name through the controller"
 for _ in $(seq 1 600); do grep -q "memstress: pass 2" "$home/console.log" 2>/dev/null && break; sleep 0.1; done
 cli cluster migrate m1 --check || fail "the checks"
-before=$(grep -ao 'memstress: pass [0-9]*' "$home/console.log" | tail -1 | grep -o '[0-9]*$')
+last_pass() { grep -ao 'memstress: pass [0-9]*' "$home/console.log" | tail -1 | grep -o '[0-9]*$' || echo 0; }
+before=$(last_pass)
 cli cluster migrate m1 --to-host host-b || fail "the migration through the controller"
 for _ in $(seq 1 300); do
-  now=$(grep -ao 'memstress: pass [0-9]*' "$home/console.log" | tail -1 | grep -o '[0-9]*$')
+  now=$(last_pass)
   [ "$now" -gt "$before" ] && break; sleep 0.1
 done
 [ "$now" -gt "$before" ] || fail "the guest made no progress on host b"
@@ -152,9 +155,11 @@ echo "the guest was at pass $before before the move, now at pass $now on host b"
 
 say "4. the controller's history"
 cli cluster migrations
-id=$(cli cluster migrations --json | grep -o '"id": "m-[0-9a-f]*"' | head -1 | grep -o 'm-[0-9a-f]*')
+history=$(cli cluster migrations --json) || fail "the controller's history"
+id=$(grep -o '"id": "m-[0-9a-f]*"' <<<"$history" | sed -n '1s/.*"\(m-[0-9a-f]*\)"/\1/p')
 [ -n "$id" ] || fail "no migration in the controller's history"
-cli cluster migration "$id" | sed -n '1,6p'
+shown=$(cli cluster migration "$id") || fail "migration $id"
+sed -n '1,6p' <<<"$shown"
 echo "the controller's log follows it by its id:" >&2
 grep -h "migration $id" "$work/controller.log" | cut -c1-160 >&2
 
