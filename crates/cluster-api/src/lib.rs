@@ -54,6 +54,12 @@ pub mod paths {
         format!("/vms/{name}/migrate")
     }
 
+    /// `POST /vms/NAME/ACTION` (start, stop, kill, suspend, resume, snapshot): forwarded to
+    /// the host that has the VM; answers [`crate::VmActionDone`].
+    pub fn action(name: &str, action: &str) -> String {
+        format!("/vms/{name}/{action}")
+    }
+
     /// `GET /migrations[?active|?failed|?vm=NAME|?host=NAME]`: [`crate::MigrationList`].
     pub const MIGRATIONS: &str = "/migrations";
 
@@ -332,6 +338,16 @@ pub struct MigrationStarted {
     /// `GET /migrations/ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+}
+
+/// The answer of a VM action forwarded to its host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct VmActionDone {
+    /// The host that did it.
+    pub host: String,
+    /// The host's answer (the host API's `VmDetail`).
+    #[schema(value_type = Object)]
+    pub vm: ferry_host_api::VmDetail,
 }
 
 /// `GET /migrations`: the controller's history.

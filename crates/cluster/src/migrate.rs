@@ -304,3 +304,40 @@ pub async fn resume(c: &Arc<Controller>) {
         }
     }
 }
+
+/// `POST /vms/NAME/ACTION`: forwarded to the host that has the VM (the one whose VMM runs
+/// it, else the only one that reports it); the host's answer.
+pub async fn action(
+    c: &Controller,
+    vm: &str,
+    action: ferry_host_api::Action,
+) -> Result<ferry_cluster_api::VmActionDone, Failure> {
+    let host = source_of(c, vm).await?;
+    let url = format!("{}{}", host.api_url, ferry_host_api::paths::action(vm, action));
+    let answer = c.client.post(&url, &serde_json::Value::Null).await.map_err(|e| {
+        failure(
+            ErrorCode::HostFailed,
+            format!("host {} ({}) did not answer: {}", host.name, host.api_url, error_chain(&e)),
+        )
+    })?;
+    if !answer.is_success() {
+        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
+            Ok(e) => (
+                match e.code {
+                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
+                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
+                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
+                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
+                },
+                e.message,
+            ),
+            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
+        };
+        return Err(failure(code, format!("host {}: {text}", host.name)));
+    }
+    let detail = serde_json::from_slice(&answer.body).map_err(|e| {
+        failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", host.name))
+    })?;
+    tracing::info!("VM {vm}: {} on host {}", action.as_str(), host.name);
+    Ok(ferry_cluster_api::VmActionDone { host: host.name, vm: detail })
+}

@@ -80,7 +80,10 @@ impl IntoResponse for Failure {
         title = "Ferry controller API",
         description = "The cluster controller (`ferry cluster serve`): inventory of the joined hosts, fed by their heartbeats. Mutual TLS with the cluster CA."
     ),
-    paths(heartbeat, leave, hosts, host, vms, vm, datastores, portgroups, migrate, migrations, migration),
+    paths(
+        heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
+        migration
+    ),
     components(schemas(ApiError, ErrorCode, HostState, CheckTable))
 )]
 pub struct ApiDoc;
@@ -102,6 +105,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::DATASTORES, get(datastores))
         .route(paths::PORTGROUPS, get(portgroups))
         .route("/vms/{name}/migrate", post(migrate))
+        .route("/vms/{name}/{action}", post(vm_action))
         .route(paths::MIGRATIONS, get(migrations))
         .route("/migrations/{id}", get(migration))
         .route(
@@ -238,6 +242,26 @@ async fn migrate(
     } else {
         Ok(Json(crate::migrate::migrate(&c, &name, &req).await?).into_response())
     }
+}
+
+/// A VM action (start, stop, kill, suspend, resume, snapshot), forwarded to the host that has
+/// the VM.
+#[utoipa::path(post, path = "/vms/{name}/{action}",
+    params(("name" = String, Path, description = "The VM's name"),
+        ("action" = String, Path, description = "start, stop, kill, suspend, resume or snapshot")),
+    responses((status = 200, body = ferry_cluster_api::VmActionDone), (status = 404, body = ApiError),
+        (status = 409, body = ApiError), (status = 502, body = ApiError)))]
+async fn vm_action(
+    State(c): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<ferry_cluster_api::VmActionDone>, Failure> {
+    let action = ferry_host_api::Action::parse(&action).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::NotFound,
+            format!("no action {action:?} (start, stop, kill, suspend, resume, snapshot)"),
+        )
+    })?;
+    Ok(Json(crate::migrate::action(&c, &name, action).await?))
 }
 
 /// The controller's migration history, newest first.

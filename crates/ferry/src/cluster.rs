@@ -57,8 +57,9 @@ pub enum ClusterCommand {
     Host(NamedArgs),
     /// Every VM of every host, as its host last reported it (with the report's age).
     Vms(ReportArgs),
-    /// One VM: which host has it, its state and the report's age.
-    Vm(NamedArgs),
+    /// One VM: which host has it, its state and the report's age; with an ACTION (start,
+    /// stop, kill, suspend, resume, snapshot), the controller forwards it to that host.
+    Vm(VmArgs),
     /// Datastores by id, with the hosts that see each.
     Datastores(ReportArgs),
     /// Port groups by name, with each host's bridge.
@@ -174,6 +175,21 @@ pub struct ReportArgs {
 pub struct NamedArgs {
     /// Its name.
     pub name: String,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster vm`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The VM.
+    pub name: String,
+    /// start, stop, kill, suspend, resume or snapshot (forwarded to the VM's host); none:
+    /// show the VM.
+    pub action: Option<String>,
     #[command(flatten)]
     pub target: ServerTarget,
     /// Print the report as JSON.
@@ -314,6 +330,19 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 print_vms(&list);
+            }
+        }
+        ClusterCommand::Vm(args) if args.action.is_some() => {
+            let action = args.action.as_deref().unwrap_or_default();
+            if ferry_host_api::Action::parse(action).is_none() {
+                anyhow::bail!("no action {action:?}: use start, stop, kill, suspend, resume or snapshot");
+            }
+            let done: ferry_cluster_api::VmActionDone =
+                args.target.connect()?.post(&paths::action(&args.name, action), &serde_json::Value::Null)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!("{}: {} on host {} (now {})", args.name, action, done.host, done.vm.state);
             }
         }
         ClusterCommand::Vm(args) => {

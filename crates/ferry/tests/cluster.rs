@@ -425,4 +425,11 @@ fn migration_through_the_controller() {
     ctl.wait_for(&["vm", "web"], "web reported on B", Duration::from_secs(10), |v| {
         v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == nb && r["state"] == "running"))
     });
+    // A VM action through the controller goes to the host whose VMM runs it.
+    let stopped = ctl.json(&["vm", "web", "stop"]);
+    assert_eq!(stopped["host"], nb, "{stopped}");
+    b.wait_state("web", "defined", Duration::from_secs(30));
+    let out = ctl.cli(&["vm", "web", "explode"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no action \"explode\""), "{err}");
 }
