@@ -425,10 +425,24 @@ fn migration_through_the_controller() {
     ctl.wait_for(&["vm", "web"], "web reported on B", Duration::from_secs(10), |v| {
         v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == nb && r["state"] == "running"))
     });
+    // A migration started on a host directly (B -> A) reaches the controller's history from
+    // B's own history.
+    let back = b.vm_json(&["migrate", "web", "--to-host", &a.url]);
+    assert_eq!(back["outcome"], "completed", "{back}");
+    let back_id = back["id"].as_str().expect("id").to_string();
+    a.wait_state("web", "running", Duration::from_secs(60));
+    ctl.wait_for(&["migrations"], "the direct migration imported", Duration::from_secs(20), |v| {
+        v["migrations"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|m| m["id"] == back_id.as_str() && m["outcome"] == "completed"))
+    });
+    ctl.wait_for(&["vm", "web"], "web reported on A", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == na && r["state"] == "running"))
+    });
     // A VM action through the controller goes to the host whose VMM runs it.
     let stopped = ctl.json(&["vm", "web", "stop"]);
-    assert_eq!(stopped["host"], nb, "{stopped}");
-    b.wait_state("web", "defined", Duration::from_secs(30));
+    assert_eq!(stopped["host"], na, "{stopped}");
+    a.wait_state("web", "defined", Duration::from_secs(30));
     let out = ctl.cli(&["vm", "web", "explode"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no action \"explode\""), "{err}");
