@@ -116,8 +116,16 @@ impl Controller {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
+        let mut a = args.to_vec();
+        a.push("--json");
         loop {
-            let v = self.json(args);
+            // A report may fail meanwhile (a VM between its hosts' reports is on none).
+            let out = self.cli(&a);
+            let v = if out.status.success() {
+                serde_json::from_slice(&out.stdout).expect("json")
+            } else {
+                serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr) })
+            };
             if pred(&v) {
                 return v;
             }
