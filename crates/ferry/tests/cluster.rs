@@ -377,28 +377,48 @@ fn migration_through_the_controller() {
     ctl.start();
     let mut a = Hostd::config("cl-mig-a", "");
     let mut b = Hostd::config("cl-mig-b", &format!("shared = \"{}\"\n", a.ds().display()));
+    // C: in maintenance, and without the VM's datastore.
+    let mut c = Hostd::config("cl-mig-c", "");
+    let text = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(&c.config, text.replace("[datastores]", "maintenance = true\n\n[datastores]"))
+        .expect("config");
     a.start();
     b.start();
+    c.start();
     a.create_memstress("web", &[]);
     a.vm_json(&["start", "web"]);
     a.wait_state("web", "running", Duration::from_secs(30));
     common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
     host_cmd(&a, &["join", &ctl.url]);
     host_cmd(&b, &["join", &ctl.url]);
-    let (na, nb) = ("test-cl-mig-a", "test-cl-mig-b");
+    host_cmd(&c, &["join", &ctl.url]);
+    let (na, nb, nc) = ("test-cl-mig-a", "test-cl-mig-b", "test-cl-mig-c");
     ctl.wait_for(&["vm", "web"], "web reported running", Duration::from_secs(10), |v| {
         v["vms"][0]["state"] == "running"
     });
 
-    // Every other host at once: B can take it.
+    assert_eq!(host_state(&ctl.json(&["hosts"]), nc), Some("maintenance"));
+    // Every other host at once: B can take it; C cannot, for every one of its reasons.
     let table = ctl.json(&["migrate", "web", "--check"]);
     assert_eq!(table["source"], na, "{table}");
-    assert_eq!(table["checks"].as_array().map(Vec::len), Some(1), "{table}");
+    assert_eq!(table["checks"].as_array().map(Vec::len), Some(2), "{table}");
     assert_eq!(
         (table["checks"][0]["host"].as_str(), table["checks"][0]["ok"].as_bool()),
         (Some(nb), Some(true)),
         "{table}"
     );
+    assert_eq!(
+        (table["checks"][1]["host"].as_str(), table["checks"][1]["ok"].as_bool()),
+        (Some(nc), Some(false)),
+        "{table}"
+    );
+    assert!(
+        table["checks"][1]["reasons"].as_array().is_some_and(|r| r.len() >= 2),
+        "maintenance and the datastore: {table}"
+    );
+    let out = ctl.cli(&["migrate", "web", "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(nc) && text.contains(" no "), "{text}");
     let out = ctl.cli(&["migrate", "web", "--check", "--to-host", "nobody"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no host named \"nobody\""), "{err}");
