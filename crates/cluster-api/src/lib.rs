@@ -38,7 +38,9 @@ pub mod paths {
     /// `GET`: the OpenAPI document of this API.
     pub const OPENAPI: &str = "/openapi.json";
 
-    /// `GET /hosts/NAME`: [`crate::HostDetail`].
+    /// `GET /hosts/NAME`: [`crate::HostDetail`]; `DELETE /hosts/NAME`: remove the host
+    /// (`disconnected`; its heartbeats are refused until it joins again), answers
+    /// [`crate::HostSummary`].
     pub fn host(name: &str) -> String {
         format!("/hosts/{name}")
     }
@@ -77,7 +79,7 @@ pub enum HostState {
     Connected,
     /// No heartbeat for [`MISSED_HEARTBEATS`] intervals: its VMs are shown as last reported.
     NotResponding,
-    /// It left the cluster (`ferry host leave`).
+    /// It left the cluster (`ferry host leave`) or was removed (`ferry cluster remove-host`).
     Disconnected,
     /// Its heartbeats arrive and its configuration puts it in maintenance (it refuses
     /// incoming migrations).
@@ -123,6 +125,10 @@ pub struct Heartbeat {
     pub api_url: String,
     /// Whether its configuration puts it in maintenance.
     pub maintenance: bool,
+    /// The first heartbeat of a join (`ferry host join`): taken from a `disconnected` host;
+    /// a regular heartbeat from a host that left or was removed is refused (409).
+    #[serde(default)]
+    pub join: bool,
     /// `GET /host` of the host daemon.
     #[schema(value_type = Object)]
     pub info: HostInfo,
