@@ -27,11 +27,19 @@ export FERRY_TEST_VMLINUX
 FERRY_PREVIOUS_BIN=$(scripts/previous-release.sh)
 export FERRY_PREVIOUS_BIN
 
+# The controller's store tests run on PostgreSQL too: a private throwaway server, stopped
+# (and its directory removed) at exit; a test that needs it fails if it is missing.
+pgdir=$(mktemp -d /tmp/ferry-test-postgres.XXXXXX)
+trap 'scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT
+FERRY_TEST_POSTGRES_URL=$(scripts/postgres.sh start "$pgdir")
+export FERRY_TEST_POSTGRES_URL
+export FERRY_TEST_REQUIRE_POSTGRES=1
+
 # KVM guests here run by instruction emulation on 2 cores: two tests at a time keeps
 # each guest's pace close to what it has alone.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-2}
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT
 set +e
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -64,6 +64,10 @@ pub enum Command {
     /// Create the cluster CA; issue host and client certificates (mutual TLS).
     #[command(long_about = crate::ca::CA_ABOUT)]
     Ca(crate::ca::CaArgs),
+    /// The cluster controller (`ferry cluster serve`) and the cluster-wide reports: hosts,
+    /// VMs, datastores, port groups.
+    #[command(subcommand, long_about = crate::cluster::CLUSTER_ABOUT)]
+    Cluster(crate::cluster::ClusterCommand),
 }
 
 const HOST_ABOUT: &str = "\
@@ -91,6 +95,14 @@ pub enum HostCommand {
     /// Create this host's TLS identity: a key and a certificate signed by the cluster CA
     /// (`ferry ca init`), in the configuration's identity_dir.
     Init(HostInitArgs),
+    /// Join a cluster: the daemon records the controller (https://HOST:PORT) and sends it a
+    /// heartbeat with its inventory every 2 s (the first must be taken).
+    Join(crate::cluster::JoinArgs),
+    /// Leave the cluster: the daemon tells the controller (the host becomes disconnected) and
+    /// stops its heartbeats.
+    Leave(crate::cluster::MembershipArgs),
+    /// Show the controller this host joined and whether its heartbeats are taken.
+    Cluster(crate::cluster::MembershipArgs),
 }
 
 /// Arguments of `ferry host init`.

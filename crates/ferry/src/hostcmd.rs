@@ -27,6 +27,9 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         HostCommand::Init(args) => init(args),
+        HostCommand::Join(args) => crate::cluster::join(args),
+        HostCommand::Leave(args) => crate::cluster::leave(args),
+        HostCommand::Cluster(args) => crate::cluster::membership(args),
         HostCommand::Migrations(args) => {
             let client = args.target.client()?;
             let path = match (&args.id, args.active, args.failed) {
@@ -93,7 +96,7 @@ fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes >> 20)
 }
 
-fn print_host(h: &HostInfo) {
+pub fn print_host(h: &HostInfo) {
     println!("host:        {} (ferry {}, API {})", h.name, h.ferry_version, h.api_version);
     println!(
         "migration:   protocol {}",
@@ -223,7 +226,7 @@ fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
-fn print_migrations(list: &MigrationList) {
+pub fn print_migrations(list: &MigrationList) {
     println!(
         "{:<16} {:<12} {:<12} {:<12} {:<11} {:<10} {:<28} {:>9} {:>9} {:>9} {:>10}",
         "ID",

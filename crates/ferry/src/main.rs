@@ -2,6 +2,7 @@
 
 mod ca;
 mod cli;
+mod cluster;
 mod ctl;
 mod hostcmd;
 mod hostctl;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
         cli::Command::Host(cmd) => hostcmd::host(cmd),
         cli::Command::Vm(args) => hostcmd::vm(args),
         cli::Command::Ca(args) => ca::run(args),
+        cli::Command::Cluster(cmd) => cluster::run(cmd),
     };
     logfile::finish(std::time::Duration::from_secs(2));
     match result {

@@ -41,6 +41,13 @@ impl IntoResponse for Failure {
     }
 }
 
+impl Failure {
+    /// An answer with this error.
+    pub fn from_api(e: ApiError) -> Failure {
+        Failure(e)
+    }
+}
+
 fn bad_request(message: String) -> Failure {
     Failure(ApiError { code: ErrorCode::BadRequest, message })
 }

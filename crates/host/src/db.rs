@@ -6,7 +6,8 @@
 //! records its version in `schema_version`; a database whose version is newer than this
 //! binary knows is refused with both versions named. Version 2 adds the `migrations` table
 //! (the host's migration history: each row's columns for queries, `record` the whole
-//! [`ferry_host_api::MigrationRecord`] as JSON).
+//! [`ferry_host_api::MigrationRecord`] as JSON). Version 3 adds `cluster`: the controller
+//! this host joined (`ferry host join`), at most one row.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -58,6 +59,14 @@ const MIGRATIONS: &[(u32, &str)] = &[
         record TEXT NOT NULL
     );
     CREATE INDEX migrations_outcome ON migrations (outcome);",
+    ),
+    (
+        3,
+        "CREATE TABLE cluster (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        controller_url TEXT NOT NULL,
+        joined_unix_ms INTEGER NOT NULL
+    );",
     ),
 ];
 
@@ -256,6 +265,35 @@ impl Db {
         Ok(out)
     }
 
+    /// The controller this host joined and when (`ferry host join`), if any.
+    pub async fn controller(&self) -> Result<Option<(String, u64)>, Error> {
+        let row = sqlx::query("SELECT controller_url, joined_unix_ms FROM cluster WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        match row {
+            Some(r) => Ok(Some((
+                r.try_get("controller_url").map_err(self.sql())?,
+                r.try_get::<i64, _>("joined_unix_ms").map_err(self.sql())? as u64,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the controller this host joined, or (`None`) that it left.
+    pub async fn set_controller(&self, url: Option<&str>) -> Result<(), Error> {
+        let query = match url {
+            Some(url) => sqlx::query(
+                "INSERT OR REPLACE INTO cluster (id, controller_url, joined_unix_ms) VALUES (1, ?, ?)",
+            )
+            .bind(url.to_string())
+            .bind(unix_ms() as i64),
+            None => sqlx::query("DELETE FROM cluster"),
+        };
+        query.execute(&self.pool).await.map_err(self.sql())?;
+        Ok(())
+    }
+
     /// Writes a migration's record (insert or replace).
     pub async fn put_migration(&self, m: &MigrationRecord) -> Result<(), Error> {
         let mut stored = m.clone();
@@ -439,7 +477,7 @@ mod tests {
         sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
         drop(db);
         let e = Db::open(&path).await.expect_err("too new").to_string();
-        assert!(e.contains("schema version 99, newer than this Ferry's 2"), "{e}");
+        assert!(e.contains("schema version 99, newer than this Ferry's 3"), "{e}");
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

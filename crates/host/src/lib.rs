@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datastore;
 pub mod db;
 pub mod inventory;
+pub mod join;
 pub mod peer;
 pub mod taps;
 pub mod vmdef;
@@ -40,6 +41,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Cluster membership cannot start.
+    #[error("cannot start the cluster membership")]
+    Join(#[source] join::Error),
     /// Serving failed.
     #[error("the API server failed")]
     Serve(#[source] std::io::Error),
@@ -71,6 +75,9 @@ pub async fn run(config_file: &std::path::Path, faults: daemon::fault::HostFault
         }
         tracing::info!("ferry host: stopping (the VMs keep running)");
     };
-    api::serve(listener, std::sync::Arc::new(tls), api::router(daemon), shutdown).await;
+    // Cluster membership (`ferry host join`): its routes, and heartbeats to the controller.
+    let cluster = join::Cluster::start(daemon.clone()).await.map_err(Error::Join)?;
+    let router = api::router(daemon).merge(join::router(cluster));
+    api::serve(listener, std::sync::Arc::new(tls), router, shutdown).await;
     Ok(())
 }

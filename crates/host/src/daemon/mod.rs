@@ -361,7 +361,12 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// The configuration.
+    /// The daemon's database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The daemon's configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }

@@ -1,0 +1,134 @@
+//! `ferry cluster`: the controller. It keeps the cluster's inventory (hosts, the datastores
+//! and port groups each sees, their VMs) and its migration history in one store
+//! ([`store`]: SQLite or PostgreSQL), fed by the host daemons' heartbeats over mutual TLS.
+//! See `docs/cluster.md`.
+
+pub mod config;
+pub mod migrate;
+pub mod server;
+pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_cluster_api::{HEARTBEAT_INTERVAL_MS, MISSED_HEARTBEATS};
+
+/// How often the controller looks for hosts that stopped answering.
+const STALE_CHECK: Duration = Duration::from_millis(500);
+
+/// How often the hosts' own migration histories are imported.
+const IMPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// Errors running the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is wrong.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The controller's TLS identity cannot be loaded.
+    #[error("cannot load the controller's TLS identity from {dir} (make it with `ferry cluster init`)", dir = .dir.display())]
+    Identity {
+        /// The identity directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: ferry_pki::tls::Error,
+    },
+    /// The controller's client of the hosts cannot be made.
+    #[error("cannot use the controller's TLS identity in {dir} as a client: {reason}", dir = .dir.display())]
+    Client {
+        /// The identity directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The state directory cannot be made.
+    #[error("cannot create the state directory {dir}", dir = .dir.display())]
+    StateDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the controller with the configuration in `config_file` until SIGTERM or SIGINT.
+pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
+    let config = config::load(config_file)?;
+    let dir = config.identity_dir.clone();
+    let tls = ferry_pki::server_config(&dir).map_err(|source| Error::Identity { dir, source })?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|source| Error::StateDir { dir: config.state_dir.clone(), source })?;
+    let store = store::Store::open(&config.database).await?;
+    tracing::info!("controller store: {} {}", store.backend(), store.location());
+    let addr = config.listen;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?;
+    let local = listener.local_addr().map_err(|source| Error::Listen { addr, source })?;
+    let dir = config.identity_dir.clone();
+    let client = ferry_pki::Client::new(&dir)
+        .map_err(|e| Error::Client { dir, reason: e.to_string() })?
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
+    let controller = Arc::new(server::Controller { name: config.name.clone(), store: store.clone(), client });
+    migrate::resume(&controller).await;
+    tracing::info!("ferry cluster {} listening on {local}", config.name);
+    let watcher = tokio::spawn(watch_heartbeats(store.clone()));
+    let importer = {
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IMPORT_EVERY).await;
+                migrate::import_histories(&controller).await;
+            }
+        })
+    };
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("ferry cluster: stopping");
+    };
+    ferry_pki::serve_tls(listener, Arc::new(tls), server::router(controller), shutdown).await;
+    watcher.abort();
+    importer.abort();
+    store.close().await;
+    Ok(())
+}
+
+/// Marks `not_responding` the hosts whose heartbeats stopped ([`MISSED_HEARTBEATS`]
+/// intervals without one). Idempotent: rerun after any restart.
+async fn watch_heartbeats(store: store::Store) {
+    let silence = HEARTBEAT_INTERVAL_MS * MISSED_HEARTBEATS;
+    loop {
+        tokio::time::sleep(STALE_CHECK).await;
+        match store.mark_not_responding(store::unix_ms().saturating_sub(silence)).await {
+            Ok(names) => {
+                for name in names {
+                    tracing::warn!("host {name}: no heartbeat for {silence} ms; not_responding");
+                }
+            }
+            Err(e) => tracing::warn!("cannot check the hosts' heartbeats: {e}"),
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The controller's HTTP API ([`router`]) and its OpenAPI document ([`openapi`]), generated
+//! from the same types and handlers.
+//!
+//! Heartbeats and leaving are for host certificates only (`ferry_pki::require_host`), and
+//! the host's name is its certificate's: a host cannot report for another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ferry_cluster_api::{
+    paths, ApiError, CheckTable, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck, HostDetail, HostList,
+    HostState, HostSummary, MigrateRequest, MigrationDetail, MigrationList, MigrationStarted, PortGroupList,
+    VmList, HEARTBEAT_INTERVAL_MS,
+};
+use ferry_pki::PeerIdentity;
+use utoipa::OpenApi;
+
+use crate::store::{self, unix_ms, Store};
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct Controller {
+    /// The controller's name.
+    pub name: String,
+    /// The store.
+    pub store: Store,
+    /// The controller's client of the host daemons (its own certificate).
+    pub client: ferry_pki::Client,
+}
+
+/// The shared controller.
+pub type Shared = Arc<Controller>;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct Failure(ApiError);
+
+impl Failure {
+    /// An error answer.
+    pub fn new(code: ErrorCode, message: String) -> Failure {
+        Failure(ApiError { code, message })
+    }
+
+    /// Its message.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+}
+
+impl From<store::Error> for Failure {
+    fn from(e: store::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::warn!("{message}");
+        Failure::new(ErrorCode::Internal, message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+/// The OpenAPI document of the controller's API.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Ferry controller API",
+        description = "The cluster controller (`ferry cluster serve`): inventory of the joined hosts, fed by their heartbeats. Mutual TLS with the cluster CA."
+    ),
+    paths(
+        heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
+        migration
+    ),
+    components(schemas(ApiError, ErrorCode, HostState, CheckTable))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, as served at `GET /openapi.json` (pretty JSON, stable order).
+pub fn openapi() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = ferry_cluster_api::API_VERSION.to_string();
+    doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// The controller's routes (paths in [`ferry_cluster_api::paths`]).
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(paths::HOSTS, get(hosts))
+        .route("/hosts/{name}", get(host).delete(remove_host))
+        .route(paths::VMS, get(vms))
+        .route("/vms/{name}", get(vm))
+        .route(paths::DATASTORES, get(datastores))
+        .route(paths::PORTGROUPS, get(portgroups))
+        .route("/vms/{name}/migrate", post(migrate))
+        .route("/vms/{name}/{action}", post(vm_action))
+        .route(paths::MIGRATIONS, get(migrations))
+        .route("/migrations/{id}", get(migration))
+        .route(
+            paths::OPENAPI,
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi()) }),
+        )
+        .merge(
+            Router::new()
+                .route(paths::HEARTBEAT, post(heartbeat))
+                .route(paths::LEAVE, post(leave))
+                .route_layer(axum::middleware::from_fn(ferry_pki::require_host)),
+        )
+        .fallback(|| async { Failure::new(ErrorCode::NotFound, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// The host's API URL: an unspecified IP is replaced by the heartbeat's source address.
+fn api_url(given: &str, peer: SocketAddr) -> Result<String, Failure> {
+    let bad = || Failure::new(ErrorCode::BadRequest, format!("api_url {given:?} is not https://IP:PORT"));
+    let addr: SocketAddr =
+        given.strip_prefix("https://").ok_or_else(bad)?.trim_end_matches('/').parse().map_err(|_| bad())?;
+    let addr = if addr.ip().is_unspecified() { SocketAddr::new(peer.ip(), addr.port()) } else { addr };
+    Ok(format!("https://{addr}"))
+}
+
+/// A joined host's inventory.
+#[utoipa::path(post, path = "/heartbeat", request_body = Heartbeat,
+    responses((status = 200, body = HeartbeatAck), (status = 400, body = ApiError), (status = 403, description = "not a host certificate")))]
+async fn heartbeat(
+    State(c): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<HeartbeatAck>, Failure> {
+    let beat: Heartbeat = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed heartbeat: {e}")))?;
+    let url = api_url(&beat.api_url, addr)?;
+    let known = c.store.host(&peer.name).await?;
+    if !beat.join && known.as_ref().is_some_and(|h| h.state == HostState::Disconnected) {
+        return Err(Failure::new(
+            ErrorCode::Conflict,
+            format!(
+                "host {} left or was removed from this cluster; join it again with `ferry host join`",
+                peer.name
+            ),
+        ));
+    }
+    c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
+    match known.map(|h| h.state) {
+        None => tracing::info!("host {} joined from {addr} (API {url})", peer.name),
+        Some(HostState::NotResponding | HostState::Disconnected) => {
+            tracing::info!("host {} is back (API {url})", peer.name)
+        }
+        Some(_) => {}
+    }
+    Ok(Json(HeartbeatAck { controller: c.name.clone(), interval_ms: HEARTBEAT_INTERVAL_MS }))
+}
+
+/// The calling host leaves the cluster: `disconnected` (its last report stays).
+#[utoipa::path(post, path = "/leave",
+    responses((status = 200, body = HostSummary), (status = 404, body = ApiError), (status = 403, description = "not a host certificate")))]
+async fn leave(
+    State(c): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+) -> Result<Json<HostSummary>, Failure> {
+    if !c.store.set_host_state(&peer.name, HostState::Disconnected).await? {
+        return Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("host {} never joined this controller", peer.name),
+        ));
+    }
+    tracing::info!("host {} left the cluster", peer.name);
+    let row = c.store.host(&peer.name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("host {} never joined this controller", peer.name))
+    })?;
+    Ok(Json(row.summary(unix_ms())))
+}
+
+/// Every host that joined, by name.
+#[utoipa::path(get, path = "/hosts", responses((status = 200, body = HostList)))]
+async fn hosts(State(c): State<Shared>) -> Result<Json<HostList>, Failure> {
+    let now = unix_ms();
+    Ok(Json(HostList { hosts: c.store.hosts().await?.iter().map(|h| h.summary(now)).collect() }))
+}
+
+/// One host: its summary and last inventory.
+#[utoipa::path(get, path = "/hosts/{name}", params(("name" = String, Path, description = "The host's name")),
+    responses((status = 200, body = HostDetail), (status = 404, body = ApiError)))]
+async fn host(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<HostDetail>, Failure> {
+    let row = c.store.host(&name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
+    })?;
+    Ok(Json(HostDetail { summary: row.summary(unix_ms()), info: row.info }))
+}
+
+/// Removes a host: `disconnected`, its last report kept; its heartbeats are refused until it
+/// joins again.
+#[utoipa::path(delete, path = "/hosts/{name}", params(("name" = String, Path, description = "The host's name")),
+    responses((status = 200, body = HostSummary), (status = 404, body = ApiError)))]
+async fn remove_host(
+    State(c): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<HostSummary>, Failure> {
+    if !c.store.set_host_state(&name, HostState::Disconnected).await? {
+        return Err(Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster")));
+    }
+    tracing::info!("host {name} removed from the cluster");
+    let row = c.store.host(&name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
+    })?;
+    Ok(Json(row.summary(unix_ms())))
+}
+
+/// Every VM the hosts reported, with the age of the report.
+#[utoipa::path(get, path = "/vms", responses((status = 200, body = VmList)))]
+async fn vms(State(c): State<Shared>) -> Result<Json<VmList>, Failure> {
+    Ok(Json(VmList { vms: c.store.vms(None, unix_ms()).await? }))
+}
+
+/// The hosts' reports of one VM (one, unless its home is registered on several hosts).
+#[utoipa::path(get, path = "/vms/{name}", params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, body = VmList), (status = 404, body = ApiError)))]
+async fn vm(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<VmList>, Failure> {
+    let vms = c.store.vms(Some(&name), unix_ms()).await?;
+    if vms.is_empty() {
+        return Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("no host of this cluster has a VM named {name:?}"),
+        ));
+    }
+    Ok(Json(VmList { vms }))
+}
+
+/// Every datastore by id, with the hosts that see it.
+#[utoipa::path(get, path = "/datastores", responses((status = 200, body = DatastoreList)))]
+async fn datastores(State(c): State<Shared>) -> Result<Json<DatastoreList>, Failure> {
+    Ok(Json(DatastoreList { datastores: c.store.datastores().await? }))
+}
+
+/// Every port group by name, with the hosts that have it.
+#[utoipa::path(get, path = "/portgroups", responses((status = 200, body = PortGroupList)))]
+async fn portgroups(State(c): State<Shared>) -> Result<Json<PortGroupList>, Failure> {
+    Ok(Json(PortGroupList { portgroups: c.store.portgroups().await? }))
+}
+
+/// Checks (`check: true`: a row per destination) or a migration of a VM, asked of the host
+/// that has it.
+#[utoipa::path(post, path = "/vms/{name}/migrate", params(("name" = String, Path, description = "The VM's name")),
+    request_body = MigrateRequest,
+    responses((status = 200, description = "CheckTable with check, else MigrationStarted", body = MigrationStarted),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 502, body = ApiError)))]
+async fn migrate(
+    State(c): State<Shared>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Response, Failure> {
+    let req: MigrateRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    if req.check {
+        Ok(Json(crate::migrate::check(&c, &name, &req).await?).into_response())
+    } else {
+        Ok(Json(crate::migrate::migrate(&c, &name, &req).await?).into_response())
+    }
+}
+
+/// A VM action (start, stop, kill, suspend, resume, snapshot), forwarded to the host that has
+/// the VM.
+#[utoipa::path(post, path = "/vms/{name}/{action}",
+    params(("name" = String, Path, description = "The VM's name"),
+        ("action" = String, Path, description = "start, stop, kill, suspend, resume or snapshot")),
+    responses((status = 200, body = ferry_cluster_api::VmActionDone), (status = 404, body = ApiError),
+        (status = 409, body = ApiError), (status = 502, body = ApiError)))]
+async fn vm_action(
+    State(c): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<ferry_cluster_api::VmActionDone>, Failure> {
+    let action = ferry_host_api::Action::parse(&action).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::NotFound,
+            format!("no action {action:?} (start, stop, kill, suspend, resume, snapshot)"),
+        )
+    })?;
+    Ok(Json(crate::migrate::action(&c, &name, action).await?))
+}
+
+/// The controller's migration history, newest first.
+#[utoipa::path(get, path = "/migrations",
+    params(("active" = Option<bool>, Query, description = "only those in progress"),
+        ("failed" = Option<bool>, Query, description = "only failed ones"),
+        ("vm" = Option<String>, Query, description = "only this VM's"),
+        ("host" = Option<String>, Query, description = "only those from or to this host")),
+    responses((status = 200, body = MigrationList), (status = 400, body = ApiError)))]
+async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Json<MigrationList>, Failure> {
+    let mut filter = store::MigrationFilter::default();
+    for kv in q.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=').unwrap_or((kv, "")) {
+            ("active", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Active),
+            ("failed", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Failed),
+            ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
+            ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("unknown query parameter {kv:?} (active, failed, vm=NAME, host=NAME)"),
+                ))
+            }
+        }
+    }
+    Ok(Json(MigrationList { migrations: c.store.migrations(&filter).await? }))
+}
+
+/// One migration: its record (with per-pass statistics) and the controller's events.
+#[utoipa::path(get, path = "/migrations/{id}", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, body = MigrationDetail), (status = 404, body = ApiError)))]
+async fn migration(
+    State(c): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationDetail>, Failure> {
+    let filter = store::MigrationFilter { id: Some(id.clone()), ..Default::default() };
+    let record = c.store.migrations(&filter).await?.into_iter().next().ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
+    })?;
+    Ok(Json(MigrationDetail { record, events: c.store.migration_events(&id).await? }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_urls() {
+        let peer: std::net::SocketAddr = "10.1.2.3:5555".parse().expect("addr");
+        assert_eq!(super::api_url("https://0.0.0.0:7443", peer).expect("ok"), "https://10.1.2.3:7443");
+        assert_eq!(super::api_url("https://127.0.0.1:7443/", peer).expect("ok"), "https://127.0.0.1:7443");
+        assert!(super::api_url("http://127.0.0.1:7443", peer).is_err());
+        assert!(super::api_url("https://host:7443", peer).is_err());
+    }
+
+    /// docs/openapi/cluster.json is what the server serves.
+    #[test]
+    fn checked_in_openapi_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi/cluster.json");
+        let generated = super::openapi();
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in.trim_end() == generated.trim_end(),
+            "docs/openapi/cluster.json differs from the controller's API; regenerate it with \
+             `cargo run -p ferry -- cluster openapi > docs/openapi/cluster.json`"
+        );
+    }
+}

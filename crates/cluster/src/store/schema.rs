@@ -1,0 +1,75 @@
+//! The store's schema, version by version. The same version numbers and the same statements
+//! on SQLite and PostgreSQL: only types both understand (`TEXT`, `BIGINT`, `DOUBLE
+//! PRECISION`), no auto-increment (sequence numbers are the store's), upserts with
+//! `ON CONFLICT ... DO UPDATE`.
+//!
+//! Live state (what the hosts last reported): `hosts`, `host_datastores`, `host_portgroups`,
+//! `host_vms`; replaced host by host at each heartbeat. History (append-only; a migration's
+//! row changes only from `active` to its end): `migrations`, `migration_events`.
+
+/// `(version, statements)`, oldest first. Never edit a released version: add one.
+pub const MIGRATIONS: &[(u32, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE hosts (
+            name TEXT PRIMARY KEY,
+            api_url TEXT NOT NULL,
+            state TEXT NOT NULL,
+            maintenance BIGINT NOT NULL,
+            joined_unix_ms BIGINT NOT NULL,
+            last_seen_unix_ms BIGINT NOT NULL,
+            info TEXT NOT NULL
+        )",
+        "CREATE TABLE host_datastores (
+            datastore_id TEXT NOT NULL,
+            host TEXT NOT NULL,
+            name TEXT NOT NULL,
+            path TEXT NOT NULL,
+            free_bytes BIGINT NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            PRIMARY KEY (datastore_id, host)
+        )",
+        "CREATE TABLE host_portgroups (
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            bridge TEXT NOT NULL,
+            present BIGINT NOT NULL,
+            PRIMARY KEY (name, host)
+        )",
+        "CREATE TABLE host_vms (
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            state TEXT NOT NULL,
+            memory_mib BIGINT NOT NULL,
+            vcpus BIGINT NOT NULL,
+            datastore TEXT NOT NULL,
+            reported_unix_ms BIGINT NOT NULL,
+            PRIMARY KEY (name, host)
+        )",
+        "CREATE TABLE migrations (
+            id TEXT PRIMARY KEY,
+            vm TEXT NOT NULL,
+            source TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            started_unix_ms BIGINT NOT NULL,
+            ended_unix_ms BIGINT,
+            outcome TEXT NOT NULL,
+            reason_code TEXT NOT NULL,
+            record TEXT NOT NULL
+        )",
+        "CREATE INDEX migrations_vm ON migrations (vm)",
+        "CREATE TABLE migration_events (
+            migration_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            at_unix_ms BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            PRIMARY KEY (migration_id, seq)
+        )",
+    ],
+)];
+
+/// The newest version this binary knows.
+pub fn latest() -> u32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}

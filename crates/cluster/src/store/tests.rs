@@ -1,0 +1,252 @@
+//! Every store test runs on SQLite and on PostgreSQL (when `FERRY_TEST_POSTGRES_URL` names a
+//! server; required with `FERRY_TEST_REQUIRE_POSTGRES=1`).
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use ferry_cluster_api::HostState;
+use ferry_host_api::{
+    CpuInfo, DatastoreInfo, HostInfo, MemoryInfo, MigrationOutcome, MigrationRecord, MigrationRole,
+    PortGroupInfo, VmState, VmSummary,
+};
+
+use super::{Backend, MigrationFilter, Store};
+use crate::testing::TestDatabase;
+
+/// Runs `body` on a fresh SQLite store and on a fresh PostgreSQL store.
+fn on_both<F, Fut>(body: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-store-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = Store::open_sqlite(&dir.join("cluster.db")).await.expect("open sqlite");
+        assert_eq!(store.backend(), Backend::Sqlite);
+        body(store.clone()).await;
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Some(db) = TestDatabase::create().await {
+            let store = Store::open(&db.url).await.expect("open postgres");
+            assert_eq!(store.backend(), Backend::Postgres);
+            body(store.clone()).await;
+            store.close().await;
+        }
+    });
+}
+
+fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
+    HostInfo {
+        api_version: 1,
+        name: name.into(),
+        ferry_version: "0.1.0".into(),
+        migration_protocols: vec![1],
+        cpu: CpuInfo { vendor: "GenuineIntel".into(), model: "test cpu".into(), cpus: 2, kvm: None },
+        memory: MemoryInfo { total_bytes: 4 << 30, available_bytes: 3 << 30, reserved_bytes: 0 },
+        datastores: vec![DatastoreInfo {
+            name: "shared".into(),
+            path: PathBuf::from(format!("/srv/{name}/shared")),
+            id: ds_id.into(),
+            free_bytes: 100,
+            total_bytes: 200,
+            lockspace: None,
+        }],
+        portgroups: vec![PortGroupInfo { name: "lan".into(), bridge: "br0".into(), present: true }],
+        vms: vms
+            .iter()
+            .map(|(n, s)| VmSummary {
+                name: (*n).into(),
+                state: *s,
+                memory_mib: 64,
+                vcpus: 1,
+                datastore: "shared".into(),
+                pid: None,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn schema_is_versioned_and_reopens() {
+    on_both(|store| async move {
+        assert_eq!(store.version().await.expect("version"), super::schema::latest());
+        // Migrating again is a no-op.
+        store.migrate().await.expect("again");
+        assert_eq!(store.version().await.expect("version"), super::schema::latest());
+    });
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_both_versions() {
+    on_both(|store| async move {
+        sqlx::query("INSERT INTO schema_version (version, applied_unix_ms) VALUES (999, 0)")
+            .execute(&store.pool)
+            .await
+            .expect("insert");
+        let err = store.migrate().await.expect_err("must refuse");
+        assert!(matches!(err, super::Error::TooNew { found: 999, .. }), "{err}");
+        assert!(
+            err.to_string().contains("999") && err.to_string().contains(&super::schema::latest().to_string())
+        );
+    });
+}
+
+#[test]
+fn sqlite_is_in_wal_mode() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let dir = std::env::temp_dir().join(format!("ferry-store-wal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = Store::open_sqlite(&dir.join("c.db")).await.expect("open");
+        let row = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await.expect("pragma");
+        let mode: String = sqlx::Row::try_get(&row, 0).expect("mode");
+        assert_eq!(mode, "wal");
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
+fn heartbeats_build_the_inventory() {
+    on_both(|store| async move {
+        store
+            .heartbeat(
+                "a",
+                "https://10.0.0.1:7443",
+                false,
+                &info("a", "ds-1", &[("web", VmState::Running)]),
+                1000,
+            )
+            .await
+            .expect("a");
+        store
+            .heartbeat(
+                "b",
+                "https://10.0.0.2:7443",
+                true,
+                &info("b", "ds-1", &[("db", VmState::Defined)]),
+                1500,
+            )
+            .await
+            .expect("b");
+        let hosts = store.hosts().await.expect("hosts");
+        assert_eq!(
+            hosts.iter().map(|h| (h.name.as_str(), h.state)).collect::<Vec<_>>(),
+            [("a", HostState::Connected), ("b", HostState::Maintenance)]
+        );
+        assert_eq!(hosts[0].joined_unix_ms, 1000);
+        let ds = store.datastores().await.expect("datastores");
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds[0].hosts.iter().map(|s| s.host.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let pg = store.portgroups().await.expect("portgroups");
+        assert_eq!(pg.len(), 1);
+        assert_eq!(pg[0].hosts.len(), 2);
+        let vms = store.vms(None, 2000).await.expect("vms");
+        assert_eq!(
+            vms.iter().map(|v| (v.name.as_str(), v.host.as_str(), v.age_ms)).collect::<Vec<_>>(),
+            [("db", "b", 500), ("web", "a", 1000)]
+        );
+        assert_eq!(store.vms(Some("web"), 2000).await.expect("web").len(), 1);
+        assert!(store.vms(Some("nothing"), 2000).await.expect("none").is_empty());
+        // A later heartbeat replaces the host's report (the VM moved away), keeps joined.
+        store
+            .heartbeat("a", "https://10.0.0.1:7443", false, &info("a", "ds-2", &[]), 3000)
+            .await
+            .expect("a again");
+        let a = store.host("a").await.expect("host").expect("a exists");
+        assert_eq!((a.joined_unix_ms, a.last_seen_unix_ms), (1000, 3000));
+        assert!(store.vms(Some("web"), 3000).await.expect("web").is_empty());
+        assert_eq!(store.datastores().await.expect("ds").len(), 2);
+        assert!(store.host("nobody").await.expect("query").is_none());
+    });
+}
+
+#[test]
+fn silent_hosts_become_not_responding_and_keep_their_vms() {
+    on_both(|store| async move {
+        store
+            .heartbeat("a", "u", false, &info("a", "d", &[("web", VmState::Running)]), 1000)
+            .await
+            .expect("a");
+        store.heartbeat("b", "u", false, &info("b", "d", &[]), 5000).await.expect("b");
+        store.heartbeat("c", "u", false, &info("c", "d", &[]), 1000).await.expect("c");
+        assert!(store.set_host_state("c", HostState::Disconnected).await.expect("leave"));
+        assert!(!store.set_host_state("zz", HostState::Disconnected).await.expect("nobody"));
+        assert_eq!(store.mark_not_responding(4000).await.expect("mark"), ["a"]);
+        // Already marked: not again.
+        assert!(store.mark_not_responding(4000).await.expect("mark").is_empty());
+        let vms = store.vms(None, 7000).await.expect("vms");
+        assert_eq!(vms.len(), 1);
+        assert_eq!(
+            (vms[0].host_state, vms[0].state.as_str(), vms[0].age_ms),
+            (HostState::NotResponding, "running", 6000)
+        );
+        // A heartbeat brings it back.
+        store.heartbeat("a", "u", false, &info("a", "d", &[]), 8000).await.expect("a");
+        assert_eq!(store.host("a").await.expect("a").expect("a").state, HostState::Connected);
+    });
+}
+
+fn record(id: &str, outcome: MigrationOutcome, started: u64) -> MigrationRecord {
+    MigrationRecord {
+        id: id.into(),
+        vm: "web".into(),
+        source: "a".into(),
+        destination: "b".into(),
+        role: MigrationRole::Source,
+        started_unix_ms: started,
+        ended_unix_ms: (outcome != MigrationOutcome::Active).then_some(started + 10),
+        outcome,
+        reason_code: outcome.as_str().into(),
+        reason: String::new(),
+        downtime_ms: None,
+        total_ms: None,
+        orchestration_ms: None,
+        bytes: None,
+        passes: None,
+        progress: None,
+    }
+}
+
+#[test]
+fn migration_history_is_appended_and_filtered() {
+    on_both(|store| async move {
+        store.record_migration(&record("m1", MigrationOutcome::Active, 100), 100).await.expect("m1");
+        store.record_migration(&record("m1", MigrationOutcome::Active, 100), 105).await.expect("same");
+        store.record_migration(&record("m1", MigrationOutcome::Completed, 100), 110).await.expect("done");
+        // An ended migration does not go back.
+        store.record_migration(&record("m1", MigrationOutcome::Active, 100), 120).await.expect("late");
+        store.record_migration(&record("m2", MigrationOutcome::Failed, 200), 210).await.expect("m2");
+        let all = store.migrations(&MigrationFilter::default()).await.expect("all");
+        assert_eq!(all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m2", "m1"]);
+        assert_eq!(all[1].outcome, MigrationOutcome::Completed);
+        let failed = MigrationFilter { outcome: Some(MigrationOutcome::Failed), ..Default::default() };
+        assert_eq!(store.migrations(&failed).await.expect("failed").len(), 1);
+        let by_host = MigrationFilter { host: Some("b".into()), ..Default::default() };
+        assert_eq!(store.migrations(&by_host).await.expect("host").len(), 2);
+        let other = MigrationFilter { vm: Some("other".into()), ..Default::default() };
+        assert!(store.migrations(&other).await.expect("vm").is_empty());
+        let events = store.migration_events("m1").await.expect("events");
+        assert_eq!(
+            events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(),
+            [(1, "recorded"), (2, "completed")]
+        );
+    });
+}
+
+#[test]
+fn unsupported_urls_are_refused() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let err = rt.block_on(Store::open("mysql://root:secret@db/x")).expect_err("refused");
+    assert!(matches!(err, super::Error::Url(_)));
+    assert!(!err.to_string().contains("secret"), "{err}");
+}

@@ -1,0 +1,719 @@
+//! `ferry cluster ...`: the controller (serve, init, openapi) and the reports of the whole
+//! cluster through it (hosts, vms, vm, datastores, portgroups); `ferry host join|leave`
+//! (through a host daemon).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ferry_cluster_api::{paths, DatastoreList, HostDetail, HostList, PortGroupList, VmList};
+use serde::de::DeserializeOwned;
+
+/// The long help of `ferry cluster`.
+pub const CLUSTER_ABOUT: &str = "\
+The controller of a cluster of Ferry hosts, and the cluster-wide reports it answers.
+
+A host joins a controller with `ferry host join https://CONTROLLER:PORT` (asked of its
+daemon); from then on its daemon sends the controller a heartbeat with its inventory every
+2 s over mutual TLS. The controller keeps every host's last report in its store (SQLite in its
+state directory, or PostgreSQL) and marks a host whose heartbeats stop not_responding within
+about 6 s (its VMs are shown as last reported, with the report's age).
+
+The reports find the controller from --server URL, else $FERRY_SERVER, else `server = \"URL\"`
+in $XDG_CONFIG_HOME/ferry/cli.toml (else ~/.config/ferry/cli.toml); they authenticate with the
+CLI's identity (--identity, $FERRY_IDENTITY, ~/.config/ferry/identity).
+
+Examples:
+  ferry cluster init --config /etc/ferry/cluster.toml --ca /etc/ferry/ca
+  ferry cluster serve --config /etc/ferry/cluster.toml
+  ferry host join https://10.0.0.10:7444 --host https://10.0.0.1:7443
+  export FERRY_SERVER=https://10.0.0.10:7444
+  ferry cluster hosts
+  ferry cluster vms --json
+  ferry cluster vm web1
+  ferry cluster vm web1 stop                 # forwarded to the host that runs it
+  ferry cluster migrate web1 --check         # every other host: compatible, or every reason
+  ferry cluster migrate web1 --to-host host-b
+  ferry cluster migrations --vm web1
+  ferry cluster datastores
+  ferry cluster portgroups
+
+The configuration is in docs/cluster.md, with an example in docs/examples/cluster.toml.";
+
+/// The environment variable naming the controller.
+pub const SERVER_ENV: &str = "FERRY_SERVER";
+
+/// `ferry cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Run the controller (until SIGTERM or SIGINT).
+    Serve(ServeArgs),
+    /// Create the controller's TLS identity (a certificate of the cluster CA with the
+    /// serverAuth usage, named by the configuration's `name`) in its identity_dir.
+    Init(InitArgs),
+    /// Print the controller API's OpenAPI document (what `GET /openapi.json` serves).
+    Openapi,
+    /// The cluster's hosts: state (connected, not_responding, disconnected, maintenance),
+    /// last heartbeat's age, VMs, CPU, memory.
+    Hosts(ReportArgs),
+    /// One host: its state and its last inventory.
+    Host(NamedArgs),
+    /// Remove a host from the cluster: it becomes disconnected (its last report is kept) and
+    /// its heartbeats are refused until it joins again (`ferry host join`).
+    RemoveHost(NamedArgs),
+    /// Every VM of every host, as its host last reported it (with the report's age).
+    Vms(ReportArgs),
+    /// One VM: which host has it, its state and the report's age; with an ACTION (start,
+    /// stop, kill, suspend, resume, snapshot), the controller forwards it to that host.
+    Vm(VmArgs),
+    /// Datastores by id, with the hosts that see each.
+    Datastores(ReportArgs),
+    /// Port groups by name, with each host's bridge.
+    Portgroups(ReportArgs),
+    /// Check or live-migrate a VM by name: the controller asks the host that has it. With
+    /// --check and no --to-host, every other host is checked (a table: host, compatible or
+    /// all its reasons). Without --check, waits until the migration ends.
+    Migrate(MigrateArgs),
+    /// The controller's migration history, newest first.
+    Migrations(MigrationsArgs),
+    /// One migration: its record, per-pass statistics and the controller's events.
+    Migration(NamedArgs),
+}
+
+/// Arguments of `ferry cluster migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM.
+    pub name: String,
+    /// The destination host's name (as `ferry cluster hosts` lists it).
+    #[arg(long, value_name = "HOST")]
+    pub to_host: Option<String>,
+    /// Only run the checks (nothing is reserved); without --to-host, on every other host.
+    #[arg(long)]
+    pub check: bool,
+    /// Largest acceptable downtime, ms.
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
+    /// Parallel streams.
+    #[arg(long, value_name = "N")]
+    pub streams: Option<u32>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster migrations`.
+#[derive(Debug, Args)]
+pub struct MigrationsArgs {
+    /// Only those in progress.
+    #[arg(long, conflicts_with = "failed")]
+    pub active: bool,
+    /// Only failed ones.
+    #[arg(long)]
+    pub failed: bool,
+    /// Only this VM's.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Only those from or to this host.
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML; see docs/examples/cluster.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Arguments of `ferry cluster init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The controller's configuration file: its name, listen address and identity_dir.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The cluster CA's directory (ca.pem, ca.key from `ferry ca init`).
+    #[arg(long, value_name = "DIR")]
+    pub ca: PathBuf,
+    /// Another name or address the certificate must cover (repeatable). Always covered: the
+    /// controller's name, the listen address, localhost, 127.0.0.1, ::1 and the kernel's
+    /// host name.
+    #[arg(long = "address", value_name = "NAME_OR_IP")]
+    pub addresses: Vec<String>,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which controller, and as whom.
+#[derive(Debug, Args, Clone)]
+pub struct ServerTarget {
+    /// The controller's URL (https://HOST:PORT). Default: $FERRY_SERVER, else `server` in
+    /// ~/.config/ferry/cli.toml.
+    #[arg(long = "server", value_name = "URL")]
+    pub server: Option<String>,
+    /// The CLI's TLS identity (cert.pem, key.pem, ca.pem from `ferry ca issue --kind
+    /// client`). Default: $FERRY_IDENTITY, else ~/.config/ferry/identity.
+    #[arg(long = "identity", value_name = "DIR")]
+    pub identity: Option<PathBuf>,
+}
+
+/// Arguments of the reports.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of the reports about one thing.
+#[derive(Debug, Args)]
+pub struct NamedArgs {
+    /// Its name.
+    pub name: String,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster vm`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The VM.
+    pub name: String,
+    /// start, stop, kill, suspend, resume or snapshot (forwarded to the VM's host); none:
+    /// show the VM.
+    pub action: Option<String>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `server = "..."` in the CLI's configuration file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    server: Option<String>,
+}
+
+/// The CLI's configuration file: $XDG_CONFIG_HOME/ferry/cli.toml, else
+/// ~/.config/ferry/cli.toml.
+fn cli_config_path() -> Option<PathBuf> {
+    let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("XDG_CONFIG_HOME")
+        .map(|c| c.join("ferry").join("cli.toml"))
+        .or_else(|| var("HOME").map(|h| h.join(".config").join("ferry").join("cli.toml")))
+}
+
+fn server_from_file(path: &Path) -> anyhow::Result<Option<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let config: CliConfig = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(1);
+        anyhow::anyhow!("{}, line {line}: {}", path.display(), e.message().trim())
+    })?;
+    Ok(config.server)
+}
+
+/// A client of the controller.
+struct Controller {
+    url: String,
+    client: ferry_pki::BlockingClient,
+}
+
+impl ServerTarget {
+    fn connect(&self) -> anyhow::Result<Controller> {
+        let url = match self
+            .server
+            .clone()
+            .or_else(|| std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty()))
+        {
+            Some(u) => u,
+            None => {
+                let file = cli_config_path();
+                match file.as_deref().map(server_from_file).transpose()?.flatten() {
+                    Some(u) => u,
+                    None => anyhow::bail!(
+                        "no controller: pass --server https://HOST:PORT, set {SERVER_ENV}, or put server = \"https://HOST:PORT\" in {}",
+                        file.map_or("~/.config/ferry/cli.toml".into(), |f| f.display().to_string())
+                    ),
+                }
+            }
+        };
+        if !url.starts_with("https://") {
+            anyhow::bail!("{url}: the controller speaks only HTTPS with mutual TLS; use https://HOST:PORT");
+        }
+        let dir = self.identity.clone().or_else(ferry_pki::default_identity_dir).context(
+            "no TLS identity: pass --identity DIR or set FERRY_IDENTITY (a directory with cert.pem, key.pem and ca.pem from `ferry ca issue --kind client`)",
+        )?;
+        let client = ferry_pki::BlockingClient::new(&dir)
+            .with_context(|| format!("cannot use the TLS identity in {}", dir.display()))?;
+        Ok(Controller { url: url.trim_end_matches('/').to_string(), client })
+    }
+}
+
+impl Controller {
+    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self.client.get(&format!("{}{path}", self.url)).with_context(|| {
+            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
+        })?;
+        self.decode(response)
+    }
+
+    fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let body = serde_json::to_value(body)?;
+        let response = self.client.post(&format!("{}{path}", self.url), &body).with_context(|| {
+            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
+        })?;
+        self.decode(response)
+    }
+
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self.client.delete(&format!("{}{path}", self.url)).with_context(|| {
+            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
+        })?;
+        self.decode(response)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, response: ferry_pki::Response) -> anyhow::Result<T> {
+        if !response.is_success() {
+            // The controller's error answer, else the raw body.
+            match serde_json::from_slice::<ferry_cluster_api::ApiError>(&response.body) {
+                Ok(e) => anyhow::bail!("{e}"),
+                Err(_) => anyhow::bail!(
+                    "the controller at {} answered {}: {}",
+                    self.url,
+                    response.status,
+                    String::from_utf8_lossy(&response.body).trim()
+                ),
+            }
+        }
+        serde_json::from_slice(&response.body)
+            .with_context(|| format!("the controller at {} sent a malformed answer", self.url))
+    }
+}
+
+/// `ferry cluster ...`.
+pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ClusterCommand::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(ferry_cluster::run(&args.config))?;
+        }
+        ClusterCommand::Init(args) => init(args)?,
+        ClusterCommand::Openapi => println!("{}", ferry_cluster::server::openapi()),
+        ClusterCommand::Hosts(args) => {
+            let list: HostList = args.target.connect()?.get(paths::HOSTS)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_hosts(&list);
+            }
+        }
+        ClusterCommand::Host(args) => {
+            let host: HostDetail = args.target.connect()?.get(&paths::host(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&host)?);
+            } else {
+                print_hosts(&HostList { hosts: vec![host.summary.clone()] });
+                println!();
+                crate::hostcmd::print_host(&host.info);
+            }
+        }
+        ClusterCommand::RemoveHost(args) => {
+            let h: ferry_cluster_api::HostSummary =
+                args.target.connect()?.delete(&paths::host(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                println!("host {} removed: {}", h.name, h.state);
+            }
+        }
+        ClusterCommand::Vms(args) => {
+            let list: VmList = args.target.connect()?.get(paths::VMS)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_vms(&list);
+            }
+        }
+        ClusterCommand::Vm(args) if args.action.is_some() => {
+            let action = args.action.as_deref().unwrap_or_default();
+            if ferry_host_api::Action::parse(action).is_none() {
+                anyhow::bail!("no action {action:?}: use start, stop, kill, suspend, resume or snapshot");
+            }
+            let done: ferry_cluster_api::VmActionDone =
+                args.target.connect()?.post(&paths::action(&args.name, action), &serde_json::Value::Null)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!("{}: {} on host {} (now {})", args.name, action, done.host, done.vm.state);
+            }
+        }
+        ClusterCommand::Vm(args) => {
+            let list: VmList = args.target.connect()?.get(&paths::vm(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_vms(&list);
+            }
+        }
+        ClusterCommand::Datastores(args) => {
+            let list: DatastoreList = args.target.connect()?.get(paths::DATASTORES)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<38} {:<16} {:<12} {:>10} PATH", "ID", "HOST", "NAME", "FREE MiB");
+                for d in &list.datastores {
+                    for s in &d.hosts {
+                        println!(
+                            "{:<38} {:<16} {:<12} {:>10} {}",
+                            d.id,
+                            s.host,
+                            s.name,
+                            s.free_bytes >> 20,
+                            s.path
+                        );
+                    }
+                }
+            }
+        }
+        ClusterCommand::Portgroups(args) => {
+            let list: PortGroupList = args.target.connect()?.get(paths::PORTGROUPS)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<16} {:<16} {:<16} PRESENT", "PORTGROUP", "HOST", "BRIDGE");
+                for p in &list.portgroups {
+                    for s in &p.hosts {
+                        println!(
+                            "{:<16} {:<16} {:<16} {}",
+                            p.name,
+                            s.host,
+                            s.bridge,
+                            if s.present { "yes" } else { "NO" }
+                        );
+                    }
+                }
+            }
+        }
+        ClusterCommand::Migrate(args) => return migrate(args),
+        ClusterCommand::Migrations(args) => {
+            let mut query = Vec::new();
+            if args.active {
+                query.push("active".to_string());
+            }
+            if args.failed {
+                query.push("failed".to_string());
+            }
+            if let Some(v) = &args.vm {
+                query.push(format!("vm={v}"));
+            }
+            if let Some(h) = &args.host {
+                query.push(format!("host={h}"));
+            }
+            let path = if query.is_empty() {
+                paths::MIGRATIONS.to_string()
+            } else {
+                format!("{}?{}", paths::MIGRATIONS, query.join("&"))
+            };
+            let list: ferry_cluster_api::MigrationList = args.target.connect()?.get(&path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                crate::hostcmd::print_migrations(&ferry_host_api::MigrationList {
+                    migrations: list.migrations,
+                });
+            }
+        }
+        ClusterCommand::Migration(args) => {
+            let m: ferry_cluster_api::MigrationDetail =
+                args.target.connect()?.get(&paths::migration(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print_migration(&m);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_migration(m: &ferry_cluster_api::MigrationDetail) {
+    let r = &m.record;
+    println!("migration:  {}", r.id);
+    println!("vm:         {} from {} to {}", r.vm, r.source, r.destination);
+    println!(
+        "outcome:    {} ({}){}",
+        r.outcome.as_str(),
+        r.reason_code,
+        if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) }
+    );
+    if let Some(d) = r.downtime_ms {
+        println!("downtime:   {d:.1} ms");
+    }
+    if let Some(t) = r.total_ms {
+        println!("total:      {t:.1} ms");
+    }
+    if let Some(b) = r.bytes {
+        println!("bytes:      {b}");
+    }
+    if let Some(passes) = r.passes.as_ref().and_then(|p| p.as_array()) {
+        println!("passes:");
+        for (i, p) in passes.iter().enumerate() {
+            println!("  {:>3}: {}", i + 1, p);
+        }
+    }
+    println!("events:");
+    for e in &m.events {
+        println!("  {:>3} {} {}: {}", e.seq, e.at_unix_ms, e.kind, e.message);
+    }
+}
+
+fn print_checks(table: &ferry_cluster_api::CheckTable) {
+    println!("VM {} is on host {}", table.vm, table.source);
+    println!("{:<20} {:<11} REASONS", "HOST", "COMPATIBLE");
+    for c in &table.checks {
+        let reasons: Vec<String> = c.reasons.iter().map(|r| format!("{}: {}", r.code, r.message)).collect();
+        println!("{:<20} {:<11} {}", c.host, if c.ok { "yes" } else { "no" }, reasons.join("; "));
+    }
+}
+
+/// `ferry cluster migrate`.
+fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let ctl = args.target.connect()?;
+    let req = ferry_cluster_api::MigrateRequest {
+        to_host: args.to_host.clone(),
+        check: args.check,
+        downtime_ms: args.downtime_ms,
+        streams: args.streams,
+    };
+    if args.check {
+        let table: ferry_cluster_api::CheckTable = ctl.post(&paths::migrate(&args.name), &req)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&table)?);
+        } else {
+            print_checks(&table);
+        }
+        let all_ok = table.checks.iter().all(|c| c.ok);
+        return Ok(if all_ok || args.to_host.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    if args.to_host.is_none() {
+        anyhow::bail!("give --to-host HOST (or --check to check every host): the controller does not choose a destination yet");
+    }
+    let started: ferry_cluster_api::MigrationStarted = ctl.post(&paths::migrate(&args.name), &req)?;
+    let Some(id) = started.migration_id.clone() else {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            print_checks(&ferry_cluster_api::CheckTable {
+                vm: started.vm.clone(),
+                source: started.source.clone(),
+                checks: vec![started.checks.clone()],
+            });
+        }
+        anyhow::bail!("the migration of {} to {} was refused by its checks", started.vm, started.destination);
+    };
+    if !args.json {
+        println!("migration {id}: {} from {} to {}", started.vm, started.source, started.destination);
+    }
+    // Follow it in the controller's history until it ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    let detail = loop {
+        match ctl.get::<ferry_cluster_api::MigrationDetail>(&paths::migration(&id)) {
+            Ok(d) if d.record.outcome != ferry_host_api::MigrationOutcome::Active => break d,
+            // Not recorded yet, or still active.
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(250))
+            }
+            other => {
+                other?;
+                anyhow::bail!("migration {id} did not end within an hour");
+            }
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+    } else {
+        print_migration(&detail);
+    }
+    Ok(if detail.record.outcome == ferry_host_api::MigrationOutcome::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Milliseconds as a short age.
+fn age(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}h", ms / 3_600_000)
+    }
+}
+
+fn print_hosts(list: &HostList) {
+    println!(
+        "{:<16} {:<15} {:>8} {:>4} {:>5} {:>10}  API",
+        "HOST", "STATE", "SEEN", "VMS", "CPUS", "MEM MiB"
+    );
+    for h in &list.hosts {
+        println!(
+            "{:<16} {:<15} {:>8} {:>4} {:>5} {:>10}  {}",
+            h.name,
+            h.state.as_str(),
+            age(h.age_ms),
+            h.vms,
+            h.cpus,
+            h.memory_total_bytes >> 20,
+            h.api_url
+        );
+    }
+}
+
+fn print_vms(list: &VmList) {
+    println!(
+        "{:<20} {:<16} {:<15} {:<10} {:>7} {:>5} {:>8}",
+        "VM", "HOST", "HOST STATE", "STATE", "MEM MiB", "VCPUS", "AGE"
+    );
+    for v in &list.vms {
+        println!(
+            "{:<20} {:<16} {:<15} {:<10} {:>7} {:>5} {:>8}",
+            v.name,
+            v.host,
+            v.host_state.as_str(),
+            v.state,
+            v.memory_mib,
+            v.vcpus,
+            age(v.age_ms)
+        );
+    }
+}
+
+/// `ferry cluster init`.
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let config = ferry_cluster::config::load(&args.config)?;
+    let mut addresses = args.addresses.clone();
+    if !config.listen.ip().is_unspecified() {
+        addresses.push(config.listen.ip().to_string());
+    }
+    // A host-kind certificate: the controller serves (serverAuth) and calls host daemons
+    // (clientAuth). See docs/security.md.
+    let issued = ferry_pki::issue_host(&args.ca, &config.name, &addresses, &config.identity_dir)
+        .with_context(|| {
+            format!("cannot make the controller identity in {}", config.identity_dir.display())
+        })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "controller": config.name,
+                "identity_dir": config.identity_dir,
+                "cert": issued.cert,
+                "key": issued.key,
+                "ca": issued.ca,
+                "names": issued.sans,
+            }))?
+        );
+    } else {
+        println!("controller identity for {} in {}", config.name, config.identity_dir.display());
+        println!("  certificate: {}", issued.cert.display());
+        println!("  key:         {} (mode 0600)", issued.key.display());
+        println!("  cluster CA:  {}", issued.ca.display());
+    }
+    Ok(())
+}
+
+/// Arguments of `ferry host join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The controller (https://HOST:PORT of `ferry cluster serve`).
+    pub controller_url: String,
+    #[command(flatten)]
+    pub target: crate::cli::HostTarget,
+    /// Print the membership as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry host leave` and `ferry host cluster`.
+#[derive(Debug, Args)]
+pub struct MembershipArgs {
+    #[command(flatten)]
+    pub target: crate::cli::HostTarget,
+    /// Print the membership as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_membership(m: &ferry_host::join::Membership, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    match (&m.controller_url, &m.controller) {
+        (Some(url), Some(name)) => println!("controller: {name} at {url}"),
+        (Some(url), None) => println!("controller: {url}"),
+        (None, _) => println!("controller: none (this host joined no cluster)"),
+    }
+    if let Some(e) = &m.last_error {
+        println!("last error: {e}");
+    }
+    Ok(())
+}
+
+/// `ferry host join URL`: asks the host daemon to join the controller.
+pub fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
+    let client = args.target.client()?;
+    let m: ferry_host::join::Membership = client.post(
+        ferry_host::join::routes::JOIN,
+        &ferry_host::join::JoinCluster { controller_url: args.controller_url.clone() },
+    )?;
+    print_membership(&m, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry host leave`.
+pub fn leave(args: MembershipArgs) -> anyhow::Result<ExitCode> {
+    let client = args.target.client()?;
+    let m: ferry_host::join::Membership =
+        client.post(ferry_host::join::routes::LEAVE, &serde_json::Value::Null)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!("left the cluster of {}", m.controller_url.as_deref().unwrap_or("(unknown)"));
+        if let Some(e) = &m.last_error {
+            println!("warning: {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry host cluster`: the controller this host joined.
+pub fn membership(args: MembershipArgs) -> anyhow::Result<ExitCode> {
+    let client = args.target.client()?;
+    let m: ferry_host::join::Membership = client.get(ferry_host::join::routes::CLUSTER)?;
+    print_membership(&m, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,492 @@
+//! The controller end to end: `ferry cluster serve` and two host daemons on loopback (one
+//! datastore directory both see), both join; the inventory shows both hosts, the datastore
+//! seen by both and the VMs; a host daemon killed is `not_responding` within seconds and its
+//! VMs show the age of their last report; `ferry host leave` makes a host `disconnected`.
+//! The same body runs with the controller on SQLite and on PostgreSQL
+//! (`FERRY_TEST_POSTGRES_URL`, required with `FERRY_TEST_REQUIRE_POSTGRES=1`). Bad input:
+//! an unknown VM or host, a client of another CA, a malformed configuration. Needs root
+//! (the host daemons run as root).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::hostd::{cluster, Hostd};
+use common::{require_root, wait_timeout, TempDir};
+
+/// A controller: its directory, configuration, URL and process.
+struct Controller {
+    dir: TempDir,
+    config: PathBuf,
+    url: String,
+    process: Option<Child>,
+}
+
+impl Controller {
+    /// A configuration in a scratch directory (`database`: a URL, or the default SQLite file),
+    /// its identity from the test CA.
+    fn new(tag: &str, database: Option<&str>) -> Controller {
+        let dir = TempDir::new(tag);
+        let port = common::mig::free_port();
+        let config = dir.path("cluster.toml");
+        let mut text = format!(
+            "name = \"ctl-{tag}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n",
+            dir.path("state").display()
+        );
+        if let Some(db) = database {
+            text.push_str(&format!("database = \"{db}\"\n"));
+        }
+        std::fs::write(&config, text).expect("config");
+        let out = ferry()
+            .args(["cluster", "init", "--config"])
+            .arg(&config)
+            .arg("--ca")
+            .arg(&cluster().ca)
+            .output()
+            .expect("ferry cluster init");
+        assert!(out.status.success(), "ferry cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        Controller { dir, config, url: format!("https://127.0.0.1:{port}"), process: None }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("controller.log")).unwrap_or_default()
+    }
+
+    /// Starts it and waits until it answers.
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.path("controller.log")).expect("log");
+        let child = ferry()
+            .args(["cluster", "serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry cluster serve");
+        self.process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.cli(&["hosts"]).status.success() {
+            if let Some(Ok(Some(st))) = self.process.as_mut().map(Child::try_wait) {
+                panic!("the controller exited ({st}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "the controller did not answer:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ferry cluster ARGS --server URL`.
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut child = ferry()
+            .arg("cluster")
+            .args(args)
+            .args(["--server", &self.url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ferry cluster");
+        if wait_timeout(&mut child, Duration::from_secs(30)).is_none() {
+            let _ = child.kill();
+            panic!("ferry cluster {args:?} did not finish");
+        }
+        child.wait_with_output().expect("output")
+    }
+
+    /// `ferry cluster ARGS --json`, which must succeed.
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "ferry cluster {args:?}: {}\ncontroller log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    /// Waits until `pred` holds for `ferry cluster ARGS --json`; that report.
+    fn wait_for(
+        &self,
+        args: &[&str],
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut a = args.to_vec();
+        a.push("--json");
+        loop {
+            // A report may fail meanwhile (a VM between its hosts' reports is on none).
+            let out = self.cli(&a);
+            let v = if out.status.success() {
+                serde_json::from_slice(&out.stdout).expect("json")
+            } else {
+                serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr) })
+            };
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not within {timeout:?}: {v}\ncontroller log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// `ferry` with the test CLI identity and no controller from the environment.
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("FERRY_LOG").env_remove("FERRY_HOST").env_remove("FERRY_SERVER");
+    c.env(ferry_pki::IDENTITY_ENV, &cluster().client);
+    c
+}
+
+/// `ferry host ARGS --host URL` of `h`, which must succeed; its JSON.
+fn host_cmd(h: &Hostd, args: &[&str]) -> serde_json::Value {
+    let out = ferry().arg("host").args(args).args(["--host", &h.url, "--json"]).output().expect("ferry host");
+    assert!(
+        out.status.success(),
+        "ferry host {args:?}: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.daemon_log()
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn host_state<'a>(hosts: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)?["state"].as_str()
+}
+
+/// The inventory test body, on the store `database` names (None: SQLite).
+fn inventory(tag: &str, database: Option<&str>) {
+    require_root();
+    let mut ctl = Controller::new(tag, database);
+    ctl.start();
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
+    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
+    a.start();
+    b.start();
+    a.create_memstress("web", &[]);
+    b.create_memstress("db", &[]);
+
+    let joined = host_cmd(&a, &["join", &ctl.url]);
+    assert_eq!(joined["controller"], format!("ctl-{tag}"), "{joined}");
+    host_cmd(&b, &["join", &ctl.url]);
+    let (na, nb) = (format!("test-{tag}-a"), format!("test-{tag}-b"));
+    let hosts = ctl.wait_for(&["hosts"], "both hosts connected", Duration::from_secs(10), |v| {
+        host_state(v, &na) == Some("connected") && host_state(v, &nb) == Some("connected")
+    });
+    assert_eq!(hosts["hosts"].as_array().map(Vec::len), Some(2), "{hosts}");
+    // The datastore directory both see: one id, two hosts (B calls it `shared`).
+    let ds = ctl.json(&["datastores"]);
+    let both: Vec<&serde_json::Value> = ds["datastores"]
+        .as_array()
+        .expect("datastores")
+        .iter()
+        .filter(|d| d["hosts"].as_array().is_some_and(|h| h.len() == 2))
+        .collect();
+    assert_eq!(both.len(), 1, "one datastore seen by both hosts: {ds}");
+    let names: Vec<&str> =
+        both[0]["hosts"].as_array().expect("hosts").iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["local", "shared"], "{ds}");
+    // No port groups configured: none reported.
+    assert_eq!(ctl.json(&["portgroups"])["portgroups"], serde_json::json!([]));
+    let vms = ctl.json(&["vms"]);
+    let list: Vec<(&str, &str, &str)> = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or(""),
+                v["host"].as_str().unwrap_or(""),
+                v["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(list, [("db", nb.as_str(), "defined"), ("web", na.as_str(), "defined")], "{vms}");
+    let web = ctl.json(&["vm", "web"]);
+    assert_eq!(web["vms"][0]["host"], na.as_str());
+    let detail = ctl.json(&["host", &na]);
+    assert_eq!(detail["info"]["name"], na.as_str());
+    // The membership as the host sees it.
+    let m = host_cmd(&a, &["cluster"]);
+    assert_eq!(m["controller_url"], ctl.url.as_str(), "{m}");
+
+    // A's daemon dies: within seconds A is not_responding, its VM shown with its report's age.
+    a.kill_daemon();
+    let killed = Instant::now();
+    ctl.wait_for(&["hosts"], "A not_responding", Duration::from_secs(15), |v| {
+        host_state(v, &na) == Some("not_responding")
+    });
+    let marked = killed.elapsed();
+    eprintln!("A marked not_responding {:.1} s after its daemon was killed", marked.as_secs_f64());
+    assert!(marked < Duration::from_secs(10), "took {marked:?}");
+    let web = ctl.json(&["vm", "web"]);
+    assert_eq!(web["vms"][0]["host_state"], "not_responding", "{web}");
+    assert_eq!(web["vms"][0]["state"], "defined", "{web}");
+    assert!(web["vms"][0]["age_ms"].as_u64().is_some_and(|a| a >= 4000), "{web}");
+    // B is still connected; the human report says so too.
+    let out = ctl.cli(&["hosts"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not_responding") && text.contains("connected"), "{text}");
+
+    // A comes back: connected again (its daemon resumes the heartbeats it had).
+    a.start();
+    ctl.wait_for(&["hosts"], "A connected again", Duration::from_secs(10), |v| {
+        host_state(v, &na) == Some("connected")
+    });
+
+    // B removed by the controller: disconnected, its heartbeats refused (the host says why);
+    // it joins again.
+    let removed = ctl.json(&["remove-host", &nb]);
+    assert_eq!(removed["state"], "disconnected", "{removed}");
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("disconnected"));
+    let m = host_cmd(&b, &["cluster"]);
+    assert!(m["last_error"].as_str().is_some_and(|e| e.contains("join it again")), "{m}");
+    host_cmd(&b, &["join", &ctl.url]);
+    assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("connected"));
+    let out = ctl.cli(&["remove-host", "nobody"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no host named \"nobody\"")
+    );
+
+    // B leaves: disconnected, and stays so.
+    let left = host_cmd(&b, &["leave"]);
+    assert!(left.get("last_error").is_none(), "{left}");
+    ctl.wait_for(&["hosts"], "B disconnected", Duration::from_secs(5), |v| {
+        host_state(v, &nb) == Some("disconnected")
+    });
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("disconnected"));
+    assert_eq!(host_cmd(&b, &["cluster"]).get("controller_url"), None);
+}
+
+#[test]
+fn inventory_on_sqlite() {
+    inventory("cl-sqlite", None);
+}
+
+#[test]
+fn inventory_on_postgres() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let Some(db) = rt.block_on(ferry_cluster::testing::TestDatabase::create()) else { return };
+    inventory("cl-pg", Some(&db.url));
+    drop(db);
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    require_root();
+    let mut ctl = Controller::new("cl-bad", None);
+    ctl.start();
+    let out = ctl.cli(&["vm", "nothing"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no host of this cluster has a VM named \"nothing\""), "{err}");
+    let out = ctl.cli(&["host", "nobody"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no host named \"nobody\""), "{err}");
+
+    // A client of another CA is refused at the handshake.
+    let other = TempDir::new("cl-other-ca");
+    ferry_pki::init_ca(&other.path("ca")).expect("other CA");
+    ferry_pki::issue_client(&other.path("ca"), "mallory", &other.path("client")).expect("other client");
+    let out = ferry()
+        .args(["cluster", "hosts", "--server", &ctl.url, "--identity"])
+        .arg(other.path("client"))
+        .output()
+        .expect("ferry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("TLS"), "{err}");
+
+    // A host daemon cannot join a controller whose certificate is of another CA.
+    let mut a = Hostd::config("cl-bad-a", "");
+    a.start();
+    let out = ferry().args(["host", "join", "https://127.0.0.1:1", "--host", &a.url]).output().expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("did not take this host's heartbeat"), "{err}");
+    let out = ferry().args(["host", "join", "http://127.0.0.1:1", "--host", &a.url]).output().expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("expected https://HOST:PORT"), "{err}");
+
+    // A malformed configuration: file, line and field.
+    let bad = ctl.dir.path("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nstate_dir = \"/tmp/x\"\ndatabase = \"mysql://db\"\n")
+        .expect("bad");
+    let out = common::run_to_end(
+        &["cluster", "serve", "--config", &bad.to_string_lossy()],
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.toml, line 3: database:"), "{err}");
+
+    // No controller named anywhere: the error says how to name one.
+    let out = ferry()
+        .args(["cluster", "hosts"])
+        .env("HOME", ctl.dir.path("home"))
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .expect("ferry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("FERRY_SERVER"), "{err}");
+    // ... and the CLI's configuration file names it.
+    std::fs::create_dir_all(ctl.dir.path("home/.config/ferry")).expect("dir");
+    std::fs::write(ctl.dir.path("home/.config/ferry/cli.toml"), format!("server = \"{}\"\n", ctl.url))
+        .expect("cli.toml");
+    let out = ferry()
+        .args(["cluster", "hosts", "--json"])
+        .env("HOME", ctl.dir.path("home"))
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .expect("ferry");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The controller serves the OpenAPI document that is checked in.
+#[test]
+fn openapi_is_served() {
+    require_root();
+    let mut ctl = Controller::new("cl-openapi", None);
+    ctl.start();
+    let client = ferry_pki::BlockingClient::new(&cluster().client).expect("client");
+    let served = client.get(&format!("{}/openapi.json", ctl.url)).expect("get").json().expect("json");
+    let checked_in: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi/cluster.json"))
+            .expect("file"),
+    )
+    .expect("json");
+    assert_eq!(served, checked_in, "regenerate with `ferry cluster openapi > docs/openapi/cluster.json`");
+    // Heartbeats are for hosts: the CLI's client certificate is refused.
+    let r = client.post(&format!("{}/heartbeat", ctl.url), &serde_json::json!({})).expect("post");
+    assert_eq!(r.status, 403);
+}
+
+/// A memstress VM checked against every host and migrated by name through the controller;
+/// the controller's history has it with its passes. Needs /dev/kvm.
+#[test]
+fn migration_through_the_controller() {
+    require_root();
+    common::require_kvm();
+    let mut ctl = Controller::new("cl-mig", None);
+    ctl.start();
+    let mut a = Hostd::config("cl-mig-a", "");
+    let mut b = Hostd::config("cl-mig-b", &format!("shared = \"{}\"\n", a.ds().display()));
+    // C: in maintenance, and without the VM's datastore.
+    let mut c = Hostd::config("cl-mig-c", "");
+    let text = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(&c.config, text.replace("[datastores]", "maintenance = true\n\n[datastores]"))
+        .expect("config");
+    a.start();
+    b.start();
+    c.start();
+    a.create_memstress("web", &[]);
+    a.vm_json(&["start", "web"]);
+    a.wait_state("web", "running", Duration::from_secs(30));
+    common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
+    host_cmd(&a, &["join", &ctl.url]);
+    host_cmd(&b, &["join", &ctl.url]);
+    host_cmd(&c, &["join", &ctl.url]);
+    let (na, nb, nc) = ("test-cl-mig-a", "test-cl-mig-b", "test-cl-mig-c");
+    ctl.wait_for(&["vm", "web"], "web reported running", Duration::from_secs(10), |v| {
+        v["vms"][0]["state"] == "running"
+    });
+
+    assert_eq!(host_state(&ctl.json(&["hosts"]), nc), Some("maintenance"));
+    // Every other host at once: B can take it; C cannot, for every one of its reasons.
+    let table = ctl.json(&["migrate", "web", "--check"]);
+    assert_eq!(table["source"], na, "{table}");
+    assert_eq!(table["checks"].as_array().map(Vec::len), Some(2), "{table}");
+    assert_eq!(
+        (table["checks"][0]["host"].as_str(), table["checks"][0]["ok"].as_bool()),
+        (Some(nb), Some(true)),
+        "{table}"
+    );
+    assert_eq!(
+        (table["checks"][1]["host"].as_str(), table["checks"][1]["ok"].as_bool()),
+        (Some(nc), Some(false)),
+        "{table}"
+    );
+    assert!(
+        table["checks"][1]["reasons"].as_array().is_some_and(|r| r.len() >= 2),
+        "maintenance and the datastore: {table}"
+    );
+    let out = ctl.cli(&["migrate", "web", "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(nc) && text.contains(" no "), "{text}");
+    let out = ctl.cli(&["migrate", "web", "--check", "--to-host", "nobody"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no host named \"nobody\""), "{err}");
+
+    // The migration by name, through the controller; the command waits for its end.
+    let done = ctl.json(&["migrate", "web", "--to-host", nb]);
+    assert_eq!(done["record"]["outcome"], "completed", "{done}\ncontroller log:\n{}", ctl.log());
+    let id = done["record"]["id"].as_str().expect("id").to_string();
+    assert!(done["record"]["passes"].as_array().is_some_and(|p| !p.is_empty()), "{done}");
+    let kinds: Vec<&str> =
+        done["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"recorded"), "{done}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{done}");
+    b.wait_state("web", "running", Duration::from_secs(30));
+    // A fresh self-check pass on B (the console is truncated first).
+    std::fs::write(a.home("web").join("console.log"), "").expect("truncate console");
+    common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
+
+    // The history, filtered.
+    let all = ctl.json(&["migrations"]);
+    assert_eq!(all["migrations"][0]["id"], id.as_str(), "{all}");
+    assert_eq!(
+        ctl.json(&["migrations", "--vm", "web", "--host", nb])["migrations"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(ctl.json(&["migrations", "--failed"])["migrations"], serde_json::json!([]));
+    let shown = ctl.json(&["migration", &id]);
+    assert_eq!(shown["record"]["destination"], nb, "{shown}");
+    // The controller's log follows the migration by its id.
+    assert!(ctl.log().contains(&format!("migration {id}:")), "{}", ctl.log());
+    // The inventory follows: web is on B at the next heartbeat.
+    ctl.wait_for(&["vm", "web"], "web reported on B", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == nb && r["state"] == "running"))
+    });
+    // A migration started on a host directly (B -> A) reaches the controller's history from
+    // B's own history.
+    let back = b.vm_json(&["migrate", "web", "--to-host", &a.url]);
+    assert_eq!(back["outcome"], "completed", "{back}");
+    let back_id = back["id"].as_str().expect("id").to_string();
+    a.wait_state("web", "running", Duration::from_secs(60));
+    ctl.wait_for(&["migrations"], "the direct migration imported", Duration::from_secs(20), |v| {
+        v["migrations"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|m| m["id"] == back_id.as_str() && m["outcome"] == "completed"))
+    });
+    ctl.wait_for(&["vm", "web"], "web reported on A", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == na && r["state"] == "running"))
+    });
+    // A VM action through the controller goes to the host whose VMM runs it.
+    let stopped = ctl.json(&["vm", "web", "stop"]);
+    assert_eq!(stopped["host"], na, "{stopped}");
+    a.wait_state("web", "defined", Duration::from_secs(30));
+    let out = ctl.cli(&["vm", "web", "explode"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no action \"explode\""), "{err}");
+}
