@@ -294,7 +294,7 @@ async fn vm_action(
 /// The controller's migration history, newest first.
 #[utoipa::path(get, path = "/migrations",
     params(("active" = Option<bool>, Query, description = "only those in progress"),
-        ("failed" = Option<bool>, Query, description = "only failed ones"),
+        ("failed" = Option<bool>, Query, description = "only failed ones, refused ones included"),
         ("vm" = Option<String>, Query, description = "only this VM's"),
         ("host" = Option<String>, Query, description = "only those from or to this host")),
     responses((status = 200, body = MigrationList), (status = 400, body = ApiError)))]

@@ -593,11 +593,12 @@ impl Store {
         Ok(())
     }
 
-    /// Migrations matching `filter`, newest first.
+    /// Migrations matching `filter`, newest first; `failed` includes those the checks refused
+    /// (as the hosts' own histories count them).
     pub async fn migrations(&self, filter: &MigrationFilter) -> Result<Vec<MigrationRecord>, Error> {
         let rows = sqlx::query(
             "SELECT id, record FROM migrations
-             WHERE ($1 = '' OR outcome = $1) AND ($2 = '' OR vm = $2)
+             WHERE ($1 = '' OR outcome = $1 OR ($1 = 'failed' AND outcome = 'refused')) AND ($2 = '' OR vm = $2)
                AND ($3 = '' OR source = $3 OR destination = $3) AND ($4 = '' OR id = $4)
              ORDER BY started_unix_ms DESC, id",
         )
