@@ -5,6 +5,7 @@ mod boot;
 mod checkpoint;
 mod devices;
 mod guestline;
+mod hostmig;
 mod leases;
 mod migrate;
 mod qemu;
@@ -58,6 +59,12 @@ enum Bench {
     /// tmpfs and on the temporary directory's file system; `--ideas` times ways to a faster
     /// acquire. Needs root and the sanlock package.
     Leases(leases::LeasesArgs),
+    /// Migration by name between two hosts' daemons on loopback (a 32 MiB memstress VM with
+    /// a NIC, A -> B -> A ...): per migration and as median/p90, the VMM's own migration and
+    /// the time outside it step by step (checks, reservation, start, following, completion,
+    /// the source's clean-up), and the daemon's VmRSS with 0 and with `--vms` registered VMs.
+    /// Needs root and /dev/kvm.
+    Hostmig(hostmig::HostmigArgs),
     /// One host's side of the leases benchmark's hand-over (commands on stdin).
     #[command(hide = true)]
     LeaseHost,
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
         Bench::Migrate(args) => migrate::run(&ferry, &args, cli.json),
         Bench::Devices(args) => devices::run(&ferry, &args, cli.json),
         Bench::Leases(args) => leases::run(&ferry, &args, cli.json),
+        Bench::Hostmig(args) => hostmig::run(&ferry, &args, cli.json),
         Bench::LeaseHost => Ok(()),
     };
     match result {

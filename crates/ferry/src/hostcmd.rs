@@ -338,6 +338,12 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
             ms(record.total_ms),
             ms(record.orchestration_ms)
         );
+        if let Some(o) = &record.orchestration {
+            println!(
+                "outside:    checks {:.1}, reservation {:.1}, start {:.1}, following {:.1}, completion {:.1} ms; then the source's clean-up {:.1} ms",
+                o.checks_ms, o.reservation_ms, o.start_ms, o.follow_ms, o.completion_ms, o.source_cleanup_ms
+            );
+        }
         println!("bytes:      {}", record.bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into()));
     }
     Ok(if record.outcome == MigrationOutcome::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

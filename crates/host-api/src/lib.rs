@@ -691,6 +691,28 @@ pub struct MigrationProgress {
     pub bytes_transferred: u64,
 }
 
+/// Where a migration by name spends its time outside the VMM's own migration, ms, as the
+/// source's daemon measures it from the `POST /vms/NAME/migrate` request. The first five
+/// add up to `orchestration_ms`; `source_cleanup_ms` comes after it (in `total_ms`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct OrchestrationSteps {
+    /// The checks: the VM's definition and CPU model from its VMM, the destination's
+    /// `POST /migrations/check` round trip, the comparison.
+    pub checks_ms: f64,
+    /// The destination's reservation (`POST /migrations/incoming`: re-checks, taps, the
+    /// receiving VMM's spawn), recording the migration here included.
+    pub reservation_ms: f64,
+    /// Starting the source VMM's migration: the key file, `PUT /vm/migrate`.
+    pub start_ms: f64,
+    /// Following it: from the VMM's answer to its report's arrival here, less the VMM's own
+    /// `total_ms` (negative when the VMM's clock started before it answered).
+    pub follow_ms: f64,
+    /// The destination's completion (`POST /migrations/ID/complete` round trip).
+    pub completion_ms: f64,
+    /// The source's clean-up after the completion: its VMM's exit, the VM unregistered.
+    pub source_cleanup_ms: f64,
+}
+
 /// One migration in a host's history.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MigrationRecord {
@@ -723,9 +745,14 @@ pub struct MigrationRecord {
     /// Total time, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<f64>,
-    /// Time spent outside the VMM's migration (checks, reservation, completion), ms.
+    /// Time spent outside the VMM's migration (checks, reservation, completion), ms: the sum
+    /// of `orchestration`'s parts other than `source_cleanup_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orchestration_ms: Option<f64>,
+    /// `orchestration_ms` step by step (the source's record of a completed migration only:
+    /// the parts are known after the destination's completion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orchestration: Option<OrchestrationSteps>,
     /// Bytes sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,

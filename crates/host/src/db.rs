@@ -442,6 +442,7 @@ mod tests {
             downtime_ms: Some(1.5),
             total_ms: Some(4.0),
             orchestration_ms: None,
+            orchestration: None,
             bytes: Some(10),
             passes: None,
             progress: None,

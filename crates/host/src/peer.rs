@@ -1,6 +1,7 @@
 //! The daemon's client of other hosts' daemons (migration by name): JSON over HTTPS with
 //! mutual TLS (`ferry_pki::Client`: this host's certificate, only the cluster CA trusted),
-//! one request per connection, every call with a deadline; errors name the peer and the step.
+//! connections kept between calls (the daemon's client has keep-alive), every call with a
+//! deadline; errors name the peer and the step.
 
 use std::time::Duration;
 

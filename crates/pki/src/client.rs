@@ -1,10 +1,21 @@
 //! A small HTTPS JSON client with a Ferry identity: presents the identity's certificate and
-//! trusts only the cluster CA. One connection per request (the CLI makes a few requests per
-//! command; the daemons' calls are not frequent enough to need a pool yet).
+//! trusts only the cluster CA. One connection per request by default (the CLI makes a few
+//! requests per command); [`Client::with_keep_alive`] keeps connections for reuse (the host
+//! daemons: a migration by name makes several calls to one peer, and a TLS handshake with
+//! client authentication costs several ms).
+//!
+//! A kept connection is used again only while it is younger than its idle bound and open.
+//! A request that failed on a kept connection is sent again on a new connection when it is
+//! known not to have left (hyper gives it back), when it is a `GET`, or when the server
+//! closed or reset the connection without a byte of an answer (a server that restarted or
+//! dropped the idle connection just then: it handled the request only if it died while
+//! doing so; callers whose requests must not be sent twice even then should not keep
+//! connections). Any other failure is the caller's.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{header, Method, Uri};
@@ -20,6 +31,55 @@ use crate::tls;
 
 /// Largest response body accepted.
 pub const MAX_BODY: usize = 64 << 20;
+
+/// Idle connections kept per server.
+const MAX_IDLE_PER_SERVER: usize = 4;
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An open connection waiting for its next request.
+struct Kept {
+    sender: Sender,
+    peer: Option<PeerIdentity>,
+    since: Instant,
+}
+
+/// Connections kept for reuse, by server address (`host:port`).
+struct Pool {
+    idle: Duration,
+    kept: Mutex<HashMap<String, Vec<Kept>>>,
+}
+
+impl Pool {
+    /// A kept connection to `addr` that is open and young enough; older or closed ones are
+    /// dropped (which closes them).
+    fn take(&self, addr: &str) -> Option<Kept> {
+        let mut kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = kept.get_mut(addr)?;
+        while let Some(k) = list.pop() {
+            if k.since.elapsed() < self.idle && !k.sender.is_closed() {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` for the next request to `addr`, if it can take one.
+    fn put(&self, addr: &str, sender: Sender, peer: Option<PeerIdentity>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for list in kept.values_mut() {
+            list.retain(|k| k.since.elapsed() < self.idle && !k.sender.is_closed());
+        }
+        kept.retain(|_, l| !l.is_empty());
+        let list = kept.entry(addr.to_string()).or_default();
+        if list.len() < MAX_IDLE_PER_SERVER {
+            list.push(Kept { sender, peer, since: Instant::now() });
+        }
+    }
+}
 
 /// Errors of a request.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +204,8 @@ pub struct Client {
     connector: TlsConnector,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Kept connections (shared by clones), if enabled.
+    pool: Option<Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -151,6 +213,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("keep_alive", &self.pool.as_ref().map(|p| p.idle))
             .finish_non_exhaustive()
     }
 }
@@ -168,7 +231,17 @@ impl Client {
             connector: TlsConnector::from(config),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            pool: None,
         }
+    }
+
+    /// Keeps connections open after their request, each for at most `idle` between two
+    /// requests, and sends later requests to the same server over them (this client and its
+    /// clones share them). A server that closes a kept connection costs a new one, never an
+    /// error of a request that did not leave.
+    pub fn with_keep_alive(mut self, idle: Duration) -> Client {
+        self.pool = Some(Arc::new(Pool { idle, kept: Mutex::new(HashMap::new()) }));
+        self
     }
 
     /// Sets the connect and TLS handshake timeout (each) and the request timeout.
@@ -203,27 +276,90 @@ impl Client {
         self.get(url).await?.error_for_status()?.json()
     }
 
-    /// Sends one request (JSON body if given) on a new connection.
+    /// Sends one request (JSON body if given): on a kept connection if there is one (see
+    /// [`Client::with_keep_alive`]), else on a new connection.
     pub async fn request(&self, method: Method, url: &str, body: Option<&Value>) -> Result<Response, Error> {
         let target = Target::parse(url)?;
         let addr = target.addr();
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((target.host.as_str(), target.port)),
-        )
-        .await
-        .map_err(|_| Error::Timeout { addr: addr.clone(), step: "connect", after: self.connect_timeout })?
-        .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(target.host.clone()).map_err(|_| Error::Url(url.to_string()))?;
-        let tls = tokio::time::timeout(self.connect_timeout, self.connector.connect(name, tcp))
+        let body = match body {
+            Some(v) => Bytes::from(serde_json::to_vec(v).map_err(Error::Json)?),
+            None => Bytes::new(),
+        };
+        let mut builder = hyper::Request::builder()
+            .method(method.clone())
+            .uri(target.path.as_str())
+            .header(header::HOST, target.authority.as_str())
+            .header(header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let mut request = builder.body(Full::new(body)).map_err(|_| Error::Url(url.to_string()))?;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let timed_out =
+            || Error::Timeout { addr: addr.clone(), step: "request", after: self.request_timeout };
+
+        if let Some(pool) = &self.pool {
+            while let Some(kept) = pool.take(&addr) {
+                let again = clone_request(&request);
+                let Kept { mut sender, peer, .. } = kept;
+                let sent = tokio::time::timeout_at(deadline, async {
+                    // Until the connection has finished its previous exchange; an error if
+                    // it was closed meanwhile.
+                    if sender.ready().await.is_err() {
+                        return Err((Some(request), true));
+                    }
+                    match sender.try_send_request(request).await {
+                        Ok(response) => Ok(read_response(&addr, peer.clone(), response).await),
+                        Err(mut e) => {
+                            let unsent = e.take_message();
+                            Err((unsent, closed_without_answer(e.error())))
+                        }
+                    }
+                })
+                .await
+                .map_err(|_| timed_out())?;
+                match sent {
+                    Ok(Ok(response)) => {
+                        pool.put(&addr, sender, peer);
+                        return Ok(response);
+                    }
+                    // The body could not be read: the connection is not reused.
+                    Ok(Err(e)) => return Err(e),
+                    // It did not leave: on the next connection.
+                    Err((Some(unsent), _)) => request = unsent,
+                    // It may have left: sent again if it is a GET or if the server closed
+                    // the connection without answering.
+                    Err((None, closed)) if closed || method == Method::GET => request = again,
+                    Err((None, _)) => {
+                        return Err(Error::Http {
+                            addr: addr.clone(),
+                            source: "a kept connection failed during the request".into(),
+                        })
+                    }
+                }
+            }
+        }
+
+        let connected = async {
+            let tcp = tokio::time::timeout(
+                self.connect_timeout,
+                TcpStream::connect((target.host.as_str(), target.port)),
+            )
             .await
-            .map_err(|_| Error::Timeout {
-                addr: addr.clone(),
-                step: "TLS handshake",
-                after: self.connect_timeout,
-            })?
-            .map_err(|e| exchange_error(&addr, e.into()))?;
+            .map_err(|_| Error::Timeout { addr: addr.clone(), step: "connect", after: self.connect_timeout })?
+            .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(target.host.clone()).map_err(|_| Error::Url(url.to_string()))?;
+            tokio::time::timeout(self.connect_timeout, self.connector.connect(name, tcp))
+                .await
+                .map_err(|_| Error::Timeout {
+                    addr: addr.clone(),
+                    step: "TLS handshake",
+                    after: self.connect_timeout,
+                })?
+                .map_err(|e| exchange_error(&addr, e.into()))
+        };
+        let tls = connected.await?;
 
         let peer = tls
             .get_ref()
@@ -231,19 +367,6 @@ impl Client {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|der| PeerIdentity::from_der(der).ok());
-        let body = match body {
-            Some(v) => Bytes::from(serde_json::to_vec(v).map_err(Error::Json)?),
-            None => Bytes::new(),
-        };
-        let mut builder = hyper::Request::builder()
-            .method(method)
-            .uri(target.path.as_str())
-            .header(header::HOST, target.authority.as_str())
-            .header(header::ACCEPT, "application/json");
-        if !body.is_empty() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
-        let request = builder.body(Full::new(body)).map_err(|_| Error::Url(url.to_string()))?;
 
         let exchange = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -262,25 +385,56 @@ impl Client {
                 }),
             };
             let result = match response {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    match Limited::new(response.into_body(), MAX_BODY).collect().await {
-                        Ok(collected) => {
-                            Ok(Response { addr: addr.clone(), peer, status, body: collected.to_bytes() })
-                        }
-                        Err(e) => Err(exchange_error(&addr, e)),
-                    }
-                }
+                Ok(response) => read_response(&addr, peer.clone(), response).await,
                 Err(e) => Err(e),
             };
-            driver.abort();
+            match (&self.pool, &result) {
+                // The driver runs on while the connection is kept; dropping the sender
+                // (expiry, a full pool) ends it.
+                (Some(pool), Ok(_)) => pool.put(&addr, sender, peer),
+                _ => driver.abort(),
+            }
             result
         };
-        tokio::time::timeout(self.request_timeout, exchange).await.map_err(|_| Error::Timeout {
-            addr: addr.clone(),
-            step: "request",
-            after: self.request_timeout,
-        })?
+        tokio::time::timeout(self.request_timeout, exchange).await.map_err(|_| timed_out())?
+    }
+}
+
+/// Whether `e` says the server closed or reset the connection before any answer.
+fn closed_without_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = current {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+            return matches!(io.kind(), BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof);
+        }
+        current = c.source();
+    }
+    false
+}
+
+/// A copy of `request` (its body is in memory).
+fn clone_request(request: &hyper::Request<Full<Bytes>>) -> hyper::Request<Full<Bytes>> {
+    let mut copy = hyper::Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// The response's status and body (at most [`MAX_BODY`]).
+async fn read_response(
+    addr: &str,
+    peer: Option<PeerIdentity>,
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<Response, Error> {
+    let status = response.status().as_u16();
+    match Limited::new(response.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(Response { addr: addr.to_string(), peer, status, body: collected.to_bytes() }),
+        Err(e) => Err(exchange_error(addr, e)),
     }
 }
 

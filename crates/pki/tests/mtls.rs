@@ -53,6 +53,11 @@ struct Server {
 
 impl Server {
     async fn start(identity: &Path, options: ServeOptions) -> Server {
+        Server::start_on(identity, options, 0).await
+    }
+
+    /// On loopback port `port` (0: any).
+    async fn start_on(identity: &Path, options: ServeOptions, port: u16) -> Server {
         let handled = Arc::new(AtomicUsize::new(0));
         let count = handled.clone();
         let count2 = handled.clone();
@@ -64,6 +69,14 @@ impl Server {
                         count.fetch_add(1, Ordering::SeqCst);
                         Json(peer)
                     }),
+                )
+                .route(
+                    "/port",
+                    get(
+                        |axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<
+                            std::net::SocketAddr,
+                        >| async move { addr.port().to_string() },
+                    ),
                 )
                 .route(
                     "/addr",
@@ -81,7 +94,7 @@ impl Server {
                     }),
                 );
         let config = Arc::new(ferry_pki::server_config(identity).expect("server config"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(ferry_pki::serve_tls_with(
@@ -239,6 +252,44 @@ async fn a_stalled_handshake_does_not_block_others() {
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
     assert_eq!(server.handled(), 1);
+    server.shutdown().await;
+}
+
+/// The client's port of the connection a request came on.
+async fn client_port(client: &Client, server: &Server) -> String {
+    let r = client.get(&server.url("/port")).await.expect("port");
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_are_reused_expire_and_reconnect() {
+    let pki = Pki::new("keepalive");
+    let server = Server::start(&pki.dir("host-a"), ServeOptions::default()).await;
+    let kept = client(&pki.dir("host-a")).with_keep_alive(Duration::from_millis(500));
+    let first = client_port(&kept, &server).await;
+    // The same connection, also for a clone (the daemon clones its client per peer call).
+    assert_eq!(client_port(&kept, &server).await, first);
+    assert_eq!(client_port(&kept.clone(), &server).await, first);
+    let echoed = kept.post(&server.url("/echo"), &json!({ "n": 1 })).await.expect("echo");
+    assert_eq!(echoed.peer, Some(PeerIdentity { name: "host-a".into(), kind: Kind::Host }));
+    assert_eq!(echoed.json().expect("json"), json!({ "echo": { "n": 1 } }));
+    assert_eq!(client_port(&kept, &server).await, first);
+    // Without keep-alive, a new connection each time.
+    let plain = client(&pki.dir("host-a"));
+    assert_ne!(client_port(&plain, &server).await, client_port(&plain, &server).await);
+    // Idle beyond its bound: a new connection.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let second = client_port(&kept, &server).await;
+    assert_ne!(second, first);
+    // The server restarts (its connections closed): the next request, a POST, goes on a
+    // new connection without an error.
+    let port = server.port;
+    server.shutdown().await;
+    let server = Server::start_on(&pki.dir("host-a"), ServeOptions::default(), port).await;
+    let echoed = kept.post(&server.url("/echo"), &json!({ "n": 2 })).await.expect("echo after restart");
+    assert_eq!(echoed.json().expect("json"), json!({ "echo": { "n": 2 } }));
+    assert_eq!(server.handled(), 1, "the POST reached the new server once");
+    assert_ne!(client_port(&kept, &server).await, second);
     server.shutdown().await;
 }
 

@@ -362,7 +362,9 @@ impl Daemon {
                     _ => return,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The VMM's watcher records its end at once; a short period here keeps a
+            // migrated VM's clean-up from waiting for the next look.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

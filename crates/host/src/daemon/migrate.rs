@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use ferry_host_api::{
     paths, CheckCode, CheckReason, CheckReport, IncomingMigration, MigrateStarted, MigrateVm,
-    MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, Reservation, VmState,
+    MigrationOutcome, MigrationProgress, MigrationRecord, MigrationRole, OrchestrationSteps, Reservation,
+    VmState,
 };
 
 use super::fault::Step;
@@ -269,6 +270,7 @@ impl Daemon {
             downtime_ms: None,
             total_ms: None,
             orchestration_ms: None,
+            orchestration: None,
             bytes: None,
             passes: None,
             progress: None,
@@ -660,6 +662,7 @@ impl Daemon {
         let started = Instant::now();
         let started_unix_ms = unix_ms();
         let (checks, ctx) = self.checks(name, &req.to_host).await?;
+        let checks_ms = started.elapsed().as_secs_f64() * 1e3;
         if req.check {
             return Ok(MigrateStarted { checks, migration_id: None, refused_id: None });
         }
@@ -683,6 +686,7 @@ impl Daemon {
             downtime_ms: None,
             total_ms: None,
             orchestration_ms: None,
+            orchestration: None,
             bytes: None,
             passes: None,
             progress: Some(MigrationProgress::default()),
@@ -705,7 +709,7 @@ impl Daemon {
         let daemon = Arc::clone(self);
         let vm = name.to_string();
         tokio::spawn(async move {
-            daemon.run_outgoing(&vm, peer, incoming, req, started).await;
+            daemon.run_outgoing(&vm, peer, incoming, req, started, checks_ms).await;
         });
         Ok(MigrateStarted { checks, migration_id: Some(id), refused_id: None })
     }
@@ -777,6 +781,7 @@ impl Daemon {
         incoming: IncomingMigration,
         req: MigrateVm,
         started: Instant,
+        checks_ms: f64,
     ) {
         let id = incoming.migration_id.clone();
         self.faults.at(Step::Checks, &id);
@@ -789,7 +794,7 @@ impl Daemon {
         record.ended_unix_ms = Some(unix_ms());
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
-            Ok(report) => {
+            Ok((report, marks)) => {
                 self.faults.at(Step::After, &id);
                 record.outcome = MigrationOutcome::Completed;
                 record.reason_code = report.reason_code.to_string();
@@ -815,6 +820,14 @@ impl Daemon {
                 // The VM is the destination's: this host forgets it once its VMM has gone.
                 self.forget_migrated(name, &id).await;
                 record.total_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                record.orchestration = Some(OrchestrationSteps {
+                    checks_ms,
+                    reservation_ms: marks.reserved_ms - checks_ms,
+                    start_ms: marks.started_ms - marks.reserved_ms,
+                    follow_ms: marks.reported_ms - marks.started_ms - report.total_ms,
+                    completion_ms: handed_ms - marks.reported_ms,
+                    source_cleanup_ms: record.total_ms.unwrap_or_default() - handed_ms,
+                });
                 tracing::info!(
                     "migration {id}: completed: VM {name} runs on host {}; downtime {:.1} ms, the VMM's migration {:.1} ms, outside it {:.1} ms, total with the source VMM's exit {:.0} ms",
                     record.destination,
@@ -864,7 +877,8 @@ impl Daemon {
         incoming: &IncomingMigration,
         req: &MigrateVm,
         started: Instant,
-    ) -> Result<ferry_api::MigrationReport, (String, String, Option<ferry_api::MigrationReport>)> {
+    ) -> Result<(ferry_api::MigrationReport, Marks), (String, String, Option<ferry_api::MigrationReport>)>
+    {
         let id = incoming.migration_id.clone();
         let fail = |code: &str, why: String| (code.to_string(), why, None);
         let reservation: Reservation = peer
@@ -872,10 +886,11 @@ impl Daemon {
             .await
             .map_err(|e| fail("reservation_failed", e.to_string()))?;
         let ms = || started.elapsed().as_secs_f64() * 1e3;
+        let reserved_ms = ms();
         tracing::info!(
             "migration {id}: reserved on the destination: receiver at {} (+{:.1} ms)",
             reservation.listen,
-            ms()
+            reserved_ms
         );
         self.faults.at(Step::Reserved, &id);
         let (sock, pid, home) = {
@@ -927,7 +942,8 @@ impl Daemon {
             }
             Err(e) => return Err(fail("internal", e.to_string())),
         }
-        tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{:.1} ms)", ms());
+        let started_ms = ms();
+        tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{started_ms:.1} ms)");
         self.faults.at(Step::Started, &id);
         let report_file = home.join("migrations").join(format!("{id}.json"));
         let read_report = || {
@@ -1026,9 +1042,13 @@ impl Daemon {
                 }
             }
         };
-        tracing::info!("migration {id}: the source VMM reported {} (+{:.1} ms)", report.reason_code, ms());
+        let reported_ms = ms();
+        tracing::info!(
+            "migration {id}: the source VMM reported {} (+{reported_ms:.1} ms)",
+            report.reason_code
+        );
         if report.vm_running_on == ferry_api::VmLocation::Destination {
-            return Ok(report);
+            return Ok((report, Marks { reserved_ms, started_ms, reported_ms }));
         }
         Err((report.reason_code.to_string(), report.reason.clone(), Some(report)))
     }
@@ -1278,6 +1298,16 @@ impl Daemon {
 
 /// Tells the destination how a migration ended (`complete` or `abort`): both are idempotent
 /// (a second call answers the record), so a failed call is tried twice more.
+/// When the source's steps ended, ms since the migration's request.
+struct Marks {
+    /// The destination's reservation answered.
+    reserved_ms: f64,
+    /// The source VMM answered `PUT /vm/migrate`.
+    started_ms: f64,
+    /// The VMM's report arrived.
+    reported_ms: f64,
+}
+
 async fn tell(peer: &Peer, path: &str, record: &MigrationRecord) -> Result<(), crate::peer::Error> {
     let mut last = None;
     for attempt in 0..3 {

@@ -42,6 +42,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of one VMM API request.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection to another host's daemon is kept idle for the next call (below the
+/// 30 s after which `ferry_pki`'s server drops a connection that sends no request).
+const PEER_IDLE: Duration = Duration::from_secs(20);
 /// Timeout of a snapshot request (it writes all of memory).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The VMM's own log, in its home.
@@ -336,8 +339,11 @@ impl Daemon {
             }
             Err(_) => None,
         };
+        // Connections to other hosts' daemons are kept (a migration by name makes four calls
+        // to its destination; each new one costs a TCP and a mutual TLS handshake), each for
+        // at most PEER_IDLE between two calls (the peers' servers drop idle ones at 30 s).
         let peer_client = match ferry_pki::Client::new(&config.identity_dir) {
-            Ok(c) => Some(c),
+            Ok(c) => Some(c.with_keep_alive(PEER_IDLE)),
             Err(e) => {
                 tracing::warn!("no TLS identity to call other hosts with: {e}");
                 None
