@@ -50,7 +50,13 @@ fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
         name: name.into(),
         ferry_version: "0.1.0".into(),
         migration_protocols: vec![1],
-        cpu: CpuInfo { vendor: "GenuineIntel".into(), model: "test cpu".into(), cpus: 2, kvm: None, kvm_model: None },
+        cpu: CpuInfo {
+            vendor: "GenuineIntel".into(),
+            model: "test cpu".into(),
+            cpus: 2,
+            kvm: None,
+            kvm_model: None,
+        },
         memory: MemoryInfo { total_bytes: 4 << 30, available_bytes: 3 << 30, reserved_bytes: 0 },
         datastores: vec![DatastoreInfo {
             name: "shared".into(),
@@ -215,6 +221,7 @@ fn record(id: &str, outcome: MigrationOutcome, started: u64) -> MigrationRecord 
         passes: None,
         progress: None,
         reasons: Vec::new(),
+        orchestration: None,
     }
 }
 

@@ -749,6 +749,7 @@ impl Daemon {
             passes: None,
             progress: None,
             reasons: checks.reasons.clone(),
+            orchestration: None,
         };
         tracing::info!(
             "migration {id}: VM {name} to {}: refused by the checks: {}",

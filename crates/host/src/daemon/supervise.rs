@@ -251,7 +251,8 @@ impl Daemon {
         vm.stop_requested = false;
         vm.suspending = false;
         let row = vm.row.clone();
-        drop(vms);
+        // Recorded, with its event, before the lock goes: a `show` never sees the new state
+        // without the event that explains it.
         if let Err(e) = self.db.put(&row).await {
             tracing::warn!(vm = name, "cannot record the VMM's end: {e}");
         }
@@ -261,5 +262,6 @@ impl Daemon {
             _ => "ended",
         };
         self.event(name, kind, &format!("VMM pid {pid} ended: {description}; now {to}")).await;
+        drop(vms);
     }
 }
