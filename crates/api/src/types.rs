@@ -127,6 +127,11 @@ pub struct VmInfo {
     /// knows one: what a destination's KVM must offer (the host daemon's migration checks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_features: Vec<String>,
+    /// The CPU model beyond feature bits that the VM's state needs from a host that restores
+    /// it (XSAVE components and size, TSC frequency, MSRs, KVM capabilities): what the host
+    /// daemon's migration checks compare with the destination's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<ferry_arch::model::VmCpuModel>,
 }
 
 /// One virtio device in [`VmInfo`].

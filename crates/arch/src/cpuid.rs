@@ -291,9 +291,46 @@ pub fn mask_to_host(guest: &mut [kvm_cpuid_entry2], host: &CpuId) -> Vec<Feature
     missing
 }
 
+/// The XSAVE state components (XCR0 bits) a feature's instructions use: hiding the feature
+/// hides them too, or a guest could still enable them in XCR0 and its XSAVE area would need
+/// them on every host it moves to.
+const XSAVE_COMPONENTS: &[(&str, u64)] = &[
+    // Without XSAVE only x87 and SSE state is left (and leaf 0xD means nothing).
+    ("xsave", !0x3),
+    // YMM upper halves.
+    ("avx", 1 << 2),
+    // Opmask, ZMM upper halves, upper ZMM registers.
+    ("avx512f", 0b111 << 5),
+    // Tile configuration and tile data.
+    ("amx-tile", 0b11 << 17),
+];
+
+/// Smallest XSAVE area: the legacy region and the XSAVE header.
+const XSAVE_MIN_SIZE: u32 = 576;
+
+/// Clears `components` from the XCR0 bits leaf 0xD.0 offers (EDX:EAX) and makes its ECX
+/// (the area's size for every offered component) fit what is left.
+fn drop_xsave_components(cpuid: &mut CpuId, components: u64) {
+    let entries = cpuid.as_mut_slice();
+    let Some(i) = entries.iter().position(|e| e.function == 0xd && e.index == 0) else { return };
+    entries[i].eax &= !(components as u32);
+    entries[i].edx &= !((components >> 32) as u32);
+    let offered = u64::from(entries[i].eax) | (u64::from(entries[i].edx) << 32);
+    let size = entries
+        .iter()
+        .filter(|e| e.function == 0xd && (2..64).contains(&e.index) && offered & (1 << e.index) != 0)
+        .map(|e| e.ebx.saturating_add(e.eax))
+        .fold(XSAVE_MIN_SIZE, u32::max);
+    entries[i].ecx = entries[i].ecx.min(size);
+}
+
 /// Clears the feature called `name` (as [`Feature`]'s `Display` names it, e.g. `avx2`) in
-/// a host table, as if the host lacked it. Returns whether the name is known.
+/// a host table, as if the host lacked it, with the XSAVE components only it uses. Returns
+/// whether the name is known.
 pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
+    if let Some(&(_, components)) = XSAVE_COMPONENTS.iter().find(|(n, _)| *n == name) {
+        drop_xsave_components(cpuid, components);
+    }
     for &(leaf, subleaf, reg, _) in FEATURE_REGISTERS {
         for bit in 0..32u8 {
             let f = Feature { leaf, subleaf, register: reg, bit };
@@ -309,6 +346,49 @@ pub fn clear_feature(cpuid: &mut CpuId, name: &str) -> bool {
         }
     }
     false
+}
+
+/// Every feature name [`clear_feature`] knows, in CPUID order.
+pub fn feature_names() -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for &(leaf, subleaf, register, _) in FEATURE_REGISTERS {
+        for bit in 0..32u8 {
+            if let Some(n) = feature_name(&Feature { leaf, subleaf, register, bit }) {
+                names.push(n);
+            }
+        }
+    }
+    names
+}
+
+/// A feature name that is not one of [`feature_names`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CPU feature {name:?}; the features that can be hidden are: {}", feature_names().join(", "))]
+pub struct UnknownFeature {
+    /// The name given.
+    pub name: String,
+}
+
+/// Checks one name given to hide (`--cpu-hide`, `[cpu] hide`): trimmed, known.
+pub fn parse_feature_name(name: &str) -> Result<String, UnknownFeature> {
+    let n = name.trim();
+    if feature_names().contains(&n) {
+        Ok(n.to_string())
+    } else {
+        Err(UnknownFeature { name: n.to_string() })
+    }
+}
+
+/// Clears every feature of `names` in a host table (see [`clear_feature`]); the first unknown
+/// name is an error and leaves the table partly cleared (check names first with
+/// [`parse_feature_name`]).
+pub fn hide_features(cpuid: &mut CpuId, names: &[String]) -> Result<(), UnknownFeature> {
+    for n in names {
+        if !clear_feature(cpuid, n) {
+            return Err(UnknownFeature { name: n.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// Looks up one leaf/subleaf in a table.
@@ -335,6 +415,52 @@ mod tests {
         let names: Vec<String> = missing_features(&guest, &h).iter().map(|f| f.to_string()).collect();
         assert_eq!(names, vec!["sse3"]);
         assert!(!clear_feature(&mut h, "no-such-feature"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(feature_names().contains(&"avx2"));
+        assert_eq!(parse_feature_name(" avx2 "), Ok("avx2".to_string()));
+        let e = parse_feature_name("bogus").expect_err("unknown");
+        assert!(e.to_string().contains("\"bogus\"") && e.to_string().contains("avx2"), "{e}");
+        let mut h = host();
+        hide_features(&mut h, &["sse3".into()]).expect("known");
+        assert_eq!(find(&h, 1, 0).expect("leaf 1").ecx & 1, 0);
+        assert!(hide_features(&mut h, &["bogus".into()]).is_err());
+    }
+
+    #[test]
+    fn hiding_avx_hides_its_xsave_state() {
+        let leaf_d = |index, eax, ebx, ecx| kvm_cpuid_entry2 {
+            function: 0xd,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx,
+            ..Default::default()
+        };
+        let mut t = CpuId::from_entries(&[
+            kvm_cpuid_entry2 { function: 1, ecx: 1 << 28, ..Default::default() },
+            // x87, SSE, AVX, the AVX-512 three: 2688 bytes with all of them.
+            leaf_d(0, 0xe7, 576, 2688),
+            leaf_d(2, 256, 576, 0),
+            leaf_d(5, 64, 1088, 0),
+            leaf_d(6, 512, 1152, 0),
+            leaf_d(7, 1024, 1664, 0),
+        ])
+        .expect("table");
+        assert!(clear_feature(&mut t, "avx512f"));
+        let d = find(&t, 0xd, 0).expect("leaf 0xd");
+        assert_eq!((d.eax, d.ecx), (0x7, 832), "AVX-512 state gone, the area shrinks to AVX's end");
+        assert!(clear_feature(&mut t, "avx"));
+        let d = find(&t, 0xd, 0).expect("leaf 0xd");
+        assert_eq!((d.eax, d.ecx), (0x3, 576));
+        assert_eq!(find(&t, 1, 0).expect("leaf 1").ecx & (1 << 28), 0);
+        // Features without XSAVE state leave leaf 0xD alone.
+        let before = find(&t, 0xd, 0);
+        assert!(clear_feature(&mut t, "avx2"));
+        assert_eq!(find(&t, 0xd, 0), before);
     }
 
     fn host() -> CpuId {

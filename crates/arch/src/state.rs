@@ -36,6 +36,15 @@ pub enum Error {
         /// The first one it did not.
         index: u32,
     },
+    /// KVM cannot run the vCPU at the TSC frequency the VM had.
+    #[error("KVM cannot set the vCPU's TSC frequency to the VM's {khz} kHz (this host cannot scale its TSC to it)")]
+    TscKhz {
+        /// The VM's frequency.
+        khz: u32,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// A table is too large for KVM's fixed-size arrays.
     #[error("the saved {0} has too many entries")]
     TooManyEntries(&'static str),
@@ -185,9 +194,11 @@ impl VcpuState {
         let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::TooManyEntries("CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm("set the vCPU's CPUID"))?;
         if let Some(khz) = self.tsc_khz {
-            // Keeps the guest's TSC rate on a host with another one, where KVM can scale.
+            // Keeps the guest's TSC rate on a host with another one: KVM takes a rate within
+            // its tolerance (250 ppm) as is and scales others where it can; where it cannot
+            // the restore fails, rather than the guest's clock running at the wrong rate.
             if vcpu.get_tsc_khz().ok() != Some(khz) {
-                let _ = vcpu.set_tsc_khz(khz);
+                vcpu.set_tsc_khz(khz).map_err(|source| Error::TscKhz { khz, source })?;
             }
         }
         vcpu.set_mp_state(self.mp_state).map_err(kvm("set the MP state"))?;

@@ -131,7 +131,8 @@ pub struct HostMigrationsArgs {
     /// Only the migrations in progress.
     #[arg(long, conflicts_with_all = ["failed", "id"])]
     pub active: bool,
-    /// Only the failed ones.
+    /// Only the ones that did not complete: failed, and refused by the checks (as vMotion's
+    /// failed list has both).
     #[arg(long, conflicts_with = "id")]
     pub failed: bool,
     /// One migration.
@@ -331,6 +332,11 @@ pub struct VmCreateArgs {
     /// The CPU model (free text, recorded in vm.toml).
     #[arg(long, value_name = "MODEL")]
     pub cpu_model: Option<String>,
+    /// CPU features the VM never sees (vm.toml `cpu_hide`; comma-separated or repeated, e.g.
+    /// `--cpu-hide avx2`): its VMM runs with `--cpu-hide`, so the VM can migrate to hosts
+    /// whose CPUs lack them (a per-VM CPU baseline).
+    #[arg(long, value_name = "FEATURE[,FEATURE...]", value_delimiter = ',', value_parser = parse_cpu_feature)]
+    pub cpu_hide: Vec<String>,
 }
 
 fn parse_disk_arg(s: &str) -> Result<(String, u64), String> {
@@ -506,6 +512,13 @@ pub struct ReceiveArgs {
     /// bounded by its stall bound instead.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub deadline_s: u64,
+
+    /// Treat these CPU features as absent from this host (comma-separated or repeated): a VM
+    /// whose CPUID has one is refused as on a host without it (reason `cpu_features`). The
+    /// host daemon passes its `[cpu] hide` here, so one machine can stand for a host with an
+    /// older CPU. An unknown name is an error that lists the names Ferry knows.
+    #[arg(long, value_name = "FEATURE[,FEATURE...]", value_delimiter = ',', value_parser = parse_cpu_feature)]
+    pub cpu_hide: Vec<String>,
 }
 
 /// Arguments of `ferry migrate`.
@@ -711,6 +724,12 @@ pub struct RunArgs {
     /// migration the destination announces each MAC (RARP) so switches learn the move.
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
     pub nets: Vec<ferry_net::NetConfig>,
+    /// Hide these CPU features from the guest (comma-separated or repeated; e.g.
+    /// `--cpu-hide avx2,avx512f`): its CPUID lacks them as if this host did, so it can later
+    /// migrate to hosts whose CPUs lack them too (a CPU baseline). An unknown name is an error
+    /// that lists the names Ferry knows. `GET /vm` shows the features the guest got.
+    #[arg(long, value_name = "FEATURE[,FEATURE...]", value_delimiter = ',', value_parser = parse_cpu_feature)]
+    pub cpu_hide: Vec<String>,
 }
 
 /// Arguments of `ferry restore`.
@@ -751,6 +770,13 @@ pub struct RestoreArgs {
     /// will see older memory against newer disks. Without it such a restore is refused.
     #[arg(long)]
     pub revert: bool,
+
+    /// Treat these CPU features as absent from this host (comma-separated or repeated): a VM
+    /// whose CPUID has one is refused as on a host without it (reason `cpu_features`). The
+    /// host daemon passes its `[cpu] hide` here, so one machine can stand for a host with an
+    /// older CPU. An unknown name is an error that lists the names Ferry knows.
+    #[arg(long, value_name = "FEATURE[,FEATURE...]", value_delimiter = ',', value_parser = parse_cpu_feature)]
+    pub cpu_hide: Vec<String>,
 }
 
 /// The API socket of the VM to act on.
@@ -789,6 +815,11 @@ pub struct SnapshotArgs {
 
 fn parse_memory(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// One name of `--cpu-hide`, checked against the features Ferry knows.
+fn parse_cpu_feature(s: &str) -> Result<String, String> {
+    ferry_arch::cpuid::parse_feature_name(s).map_err(|e| e.to_string())
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {

@@ -106,6 +106,20 @@ pub fn print_host(h: &HostInfo) {
         ),
         None => println!("kvm cpuid:   unavailable (/dev/kvm cannot be opened)"),
     }
+    if let Some(k) = h.cpu.kvm.as_ref().filter(|k| !k.hidden.is_empty()) {
+        println!("cpu hidden:  {} ([cpu] hide)", k.hidden.join(", "));
+    }
+    if let Some(m) = &h.cpu.kvm_model {
+        println!(
+            "cpu model:   XCR0 {:#x}, XSAVE {} bytes, TSC {} kHz{}, {} MSRs, {}",
+            m.xcr0,
+            m.xsave_size,
+            m.tsc_khz.map(|k| k.to_string()).unwrap_or_else(|| "?".into()),
+            if m.tsc_scaling { " (scalable)" } else { "" },
+            m.msrs.len(),
+            m.kvm_capabilities.join(" ")
+        );
+    }
     println!(
         "memory:      {} total, {} available, {} reserved by VMs",
         mib(h.memory.total_bytes),
@@ -269,6 +283,12 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
         } else {
             print_checks(&started.checks);
         }
+        if let Some(r) = &started.refused_id {
+            // On stderr: with --json, stdout is the checks' report alone.
+            eprintln!(
+                "migration {r}: refused; recorded in the source's history (ferry host migrations --failed)"
+            );
+        }
         return Ok(if started.checks.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     };
     if !json {
@@ -348,6 +368,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
                     .collect(),
                 nics: c.nics.into_iter().map(|(portgroup, mac)| NicDef { mac, portgroup }).collect(),
                 cpu_model: c.cpu_model,
+                cpu_hide: c.cpu_hide,
             };
             let d: VmDetail = client.post(paths::VMS, &CreateVm { datastore: c.datastore, definition })?;
             detail(d)

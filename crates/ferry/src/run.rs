@@ -51,6 +51,7 @@ pub fn run(args: RunArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         lease: args.lease.clone(),
         disks: args.disks,
         nets: args.nets,
+        cpu_hide: args.cpu_hide,
     };
     let vmm = Vmm::build(config, stop).context("cannot start the VM")?;
     crate::logfile::open(vmm.home(), vmm.leased());
@@ -69,6 +70,7 @@ pub fn restore(args: RestoreArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         started_ns,
         tap_map: args.tap_map,
         revert: args.revert,
+        cpu_hide: args.cpu_hide,
     };
     let vmm =
         Vmm::restore(config, stop).with_context(|| format!("cannot restore from {}", args.from.display()))?;
@@ -104,6 +106,7 @@ pub fn receive(args: ReceiveArgs, started_ns: u64) -> anyhow::Result<ExitCode> {
         deadline: (args.deadline_s > 0).then(|| std::time::Duration::from_secs(args.deadline_s)),
         faults: faults_from_env(),
         lease: args.lease.clone(),
+        cpu_hide: args.cpu_hide,
     };
     let vmm = match Vmm::receive(config, stop) {
         Ok(v) => v,

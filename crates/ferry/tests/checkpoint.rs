@@ -229,6 +229,17 @@ fn small_checkpoint(dir: &TempDir) -> PathBuf {
     snap
 }
 
+/// The named CPU features vCPU 0 of a checkpoint was given.
+fn info_features_of(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("state.ferry")).expect("state");
+    let state: serde_json::Value = serde_json::from_slice(&bytes[32..]).expect("state JSON");
+    let table: Vec<ferry_arch::state::CpuidEntry> =
+        serde_json::from_value(state["vcpus"][0]["cpuid"].clone()).expect("cpuid entries");
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = table.iter().map(Into::into).collect();
+    let empty = kvm_bindings::CpuId::new(0).expect("empty table");
+    ferry_arch::cpuid::missing_features(&entries, &empty).iter().map(ToString::to_string).collect()
+}
+
 fn copy_checkpoint(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for f in ["state.ferry", "memory.bin"] {
@@ -338,6 +349,43 @@ fn bad_checkpoints_are_refused_and_left_untouched() {
     let d = case("inconsistent");
     edit_state(&d, |v| v["description"]["vcpus"] = 3.into());
     restore_fails(&d, "inconsistent");
+
+    // A host that hides a feature the guest was given (`--cpu-hide`, a host daemon's
+    // `[cpu] hide`) refuses it as a host without it would.
+    let given = info_features_of(&good);
+    let hidden = ["lahf_lm", "cx16", "sse3"].into_iter().find(|f| given.iter().any(|g| g == f));
+    let hidden = hidden.unwrap_or_else(|| panic!("the guest has none of the features to hide: {given:?}"));
+    let before = digest(&good);
+    let out = run_cmd_to_end(
+        on_b(ferry().args([
+            "restore",
+            "--from",
+            good.to_str().expect("utf8"),
+            "--serial",
+            "null",
+            "--cpu-hide",
+            hidden,
+        ])),
+        T,
+    );
+    assert_one_line_error(&out, &format!("lacks features the checkpointed guest was given: {hidden}"));
+    assert_eq!(digest(&good), before, "a failed restore changed the checkpoint");
+
+    // A TSC rate KVM cannot give the vCPU (half this host's, without TSC scaling): the
+    // restore fails cleanly instead of running the guest's clock at the wrong rate.
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    if kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+        eprintln!("this host scales TSCs: the failing TSC restore is not provoked");
+    } else {
+        let d = case("tsc");
+        edit_state(&d, |v| {
+            for vcpu in v["vcpus"].as_array_mut().expect("vcpus") {
+                let khz = vcpu["tsc_khz"].as_u64().expect("tsc_khz saved");
+                vcpu["tsc_khz"] = (khz / 2).into();
+            }
+        });
+        restore_fails(&d, "KVM cannot set the vCPU's TSC frequency to the VM's");
+    }
 
     // The good one still restores after all that.
     let mut vm = restore_and_check_continues(&good, 0, u64::MAX / 2);

@@ -224,6 +224,33 @@ fn destination_lacking_a_cpu_feature_refuses_before_memory_moves() {
 }
 
 #[test]
+fn destination_with_fewer_xsave_components_refuses_before_memory_moves() {
+    require_kvm();
+    // `--cpu-hide avx512f` (else `avx`) takes that state's XCR0 components from this host's
+    // offer; a guest given them (all this host's KVM offers) cannot come.
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let host = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).expect("supported CPUID");
+    let d = ferry_arch::cpuid::find(&host, 0xd, 0).expect("KVM offers leaf 0xD");
+    let hide = if d.eax & 0xe0 != 0 { "avx512f" } else { "avx" };
+    assert_ne!(d.eax & 0xe4, 0, "this host's KVM offers no AVX state (XCR0 {:#x})", d.eax);
+    let dir = TempDir::new("mig-xsave");
+    let key = write_key(&dir, "key", 6);
+    let (mut src, sock) = source(&dir, &[]);
+    let port = free_port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut cmd = common::ferry();
+    cmd.args(["receive", "--listen", &listen, "--auth-key-file"]).arg(&key).args(["--cpu-hide", hide]);
+    let dst = common::Vm::spawn(common::mig::on_b(&mut cmd));
+    dst.wait_stderr(T, "waiting for an incoming migration");
+    let (out, r) = migrate(&sock, port, &key, &[]);
+    assert!(!out.status.success());
+    assert_eq!(r["reason_code"], "refused_by_destination/xsave", "{r}");
+    assert!(r["reason"].as_str().is_some_and(|m| m.contains("XSAVE components")), "{r}");
+    assert_eq!(r["passes"].as_array().expect("passes").len(), 0, "no memory may move: {r}");
+    still_runs(&mut src, &sock);
+}
+
+#[test]
 fn wrong_key_is_rejected_and_nothing_is_restored() {
     require_kvm();
     let dir = TempDir::new("mig-key");

@@ -215,6 +215,10 @@ pub struct VmDefinition {
     /// The CPU model the VM is given (free text for now; unused by the VMM yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// CPU features hidden from the VM's CPUID (names as `ferry run --cpu-hide` takes them):
+    /// the VM can then run on, and migrate to, hosts that lack them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_hide: Vec<String>,
 }
 
 /// A disk of a VM.
@@ -403,6 +407,10 @@ pub struct CpuInfo {
     /// What KVM offers guests (KVM_GET_SUPPORTED_CPUID), if KVM could be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kvm: Option<KvmCpuid>,
+    /// What KVM offers for restoring VMs beyond feature bits (XSAVE, TSC, MSRs,
+    /// capabilities), if KVM could be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_model: Option<ferry_arch::model::HostCpuModel>,
 }
 
 /// The CPUID leaves KVM offers.
@@ -413,8 +421,12 @@ pub struct KvmCpuid {
     pub digest: String,
     /// Number of entries.
     pub entries: usize,
-    /// The feature bits set, by name where Ferry knows one.
+    /// The feature bits set, by name where Ferry knows one (without `hidden`).
     pub features: Vec<String>,
+    /// Features the host's configuration hides (`[cpu] hide`): absent from `features` and
+    /// from every VM this host starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<String>,
 }
 
 /// Memory in `GET /host`.
@@ -468,6 +480,16 @@ pub enum CheckCode {
     NotEnoughMemory,
     /// CPU features the VM may use are not offered by the destination's KVM.
     CpuFeatures,
+    /// The VM's XSAVE components (XCR0) are not offered there, or its XSAVE area is larger
+    /// than KVM there restores.
+    Xsave,
+    /// The VM's TSC frequency differs from the destination's (beyond 250 ppm) and KVM there
+    /// cannot scale it.
+    Tsc,
+    /// MSRs the VM's state carries are not in the destination KVM's MSR index list.
+    Msrs,
+    /// KVM capabilities the VM's state restore uses are missing there.
+    KvmCapabilities,
     /// The VM does not run (a VM that is not running cannot migrate live).
     VmNotRunning,
     /// A migration of the VM is already in progress.
@@ -490,6 +512,10 @@ impl CheckCode {
             CheckCode::PortGroupMissing => "port_group_missing",
             CheckCode::NotEnoughMemory => "not_enough_memory",
             CheckCode::CpuFeatures => "cpu_features",
+            CheckCode::Xsave => "xsave",
+            CheckCode::Tsc => "tsc",
+            CheckCode::Msrs => "msrs",
+            CheckCode::KvmCapabilities => "kvm_capabilities",
             CheckCode::VmNotRunning => "vm_not_running",
             CheckCode::AlreadyMigrating => "already_migrating",
             CheckCode::Maintenance => "maintenance",
@@ -552,6 +578,10 @@ pub struct MigrateStarted {
     /// The migration's id once started (follow it with `GET /migrations?id=ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+    /// A migration (not `check`) the checks refused: the id of its record (outcome
+    /// `refused`) in the source's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_id: Option<String>,
 }
 
 /// `POST /migrations/incoming` (and `/check`): a source host asks this one to take a VM.
@@ -569,6 +599,10 @@ pub struct IncomingMigration {
     /// Feature bits the VM may use (the source's KVM offer).
     #[serde(default)]
     pub cpu_features: Vec<String>,
+    /// What the VM's state needs beyond feature bits (its VMM's `GET /vm` `cpu_model`);
+    /// absent from a VMM that does not say, and then not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<ferry_arch::model::VmCpuModel>,
     /// Migration protocol versions the source speaks.
     #[serde(default)]
     pub migration_protocols: Vec<u32>,
@@ -701,6 +735,9 @@ pub struct MigrationRecord {
     /// Live progress while active (source side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<MigrationProgress>,
+    /// Every reason the checks gave (outcome `refused`; `reason_code` is the first one's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<CheckReason>,
 }
 
 /// `GET /migrations`.

@@ -100,6 +100,10 @@ pub struct Config {
     pub vm_memory_mib: Option<u64>,
     /// How long an incoming migration's reservation waits to be used.
     pub reservation_ttl: std::time::Duration,
+    /// `[cpu] hide`: CPU features this host treats as absent (names as `ferry_arch::cpuid`
+    /// knows them). Its inventory's KVM offer lacks them, and every VMM it starts gets them
+    /// as `--cpu-hide`: VMs started here do not see them, VMs that need them are refused.
+    pub cpu_hide: Vec<String>,
 }
 
 impl Config {
@@ -136,6 +140,14 @@ struct Raw {
     maintenance: bool,
     vm_memory_mib: Option<u64>,
     reservation_ttl_s: Option<Spanned<u64>>,
+    cpu: Option<RawCpu>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCpu {
+    #[serde(default)]
+    hide: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +305,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         })?,
         None => listen.ip(),
     };
+    let mut cpu_hide = Vec::new();
+    for f in raw.cpu.map(|c| c.hide).unwrap_or_default() {
+        let name = ferry_arch::cpuid::parse_feature_name(f.get_ref())
+            .map_err(|e| field(at(f.span()), "cpu.hide", e.to_string()))?;
+        if !cpu_hide.contains(&name) {
+            cpu_hide.push(name);
+        }
+    }
     Ok(Config {
         file: path.to_owned(),
         name,
@@ -306,6 +326,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         maintenance: raw.maintenance,
         vm_memory_mib: raw.vm_memory_mib,
         reservation_ttl,
+        cpu_hide,
     })
 }
 
@@ -359,5 +380,18 @@ mod tests {
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
         let e = err("state_dir = \"/tmp/x\"\n");
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn cpu_hide_names_are_checked() {
+        let base = "listen = \"127.0.0.1:7443\"\nstate_dir = \"/tmp/x\"\nferry_binary = \"/bin/sh\"\n";
+        let c =
+            parse(Path::new("h.toml"), &format!("{base}[cpu]\nhide = [\"avx2\", \"avx2\", \"sse4.2\"]\n"))
+                .expect("parses");
+        assert_eq!(c.cpu_hide, vec!["avx2".to_string(), "sse4.2".to_string()]);
+        let e = err(&format!("{base}[cpu]\nhide = [\"avx2\", \"bogus\"]\n"));
+        assert!(e.contains("line 5: cpu.hide: unknown CPU feature \"bogus\""), "{e}");
+        assert!(e.contains("avx2"), "the valid names are listed: {e}");
+        assert!(parse(Path::new("h.toml"), base).expect("parses").cpu_hide.is_empty());
     }
 }

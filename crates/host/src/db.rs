@@ -326,14 +326,17 @@ impl Db {
         Ok(())
     }
 
-    /// Migration records, newest first: `outcome` filters (`active`, `failed` ...), `id` picks one.
+    /// Migration records, newest first: `outcome` filters (`active`, `failed` ...; `failed`
+    /// includes `refused`: a migration the checks refused failed too, as in vMotion's failed
+    /// list), `id` picks one.
     pub async fn migrations(
         &self,
         outcome: Option<MigrationOutcome>,
         id: Option<&str>,
     ) -> Result<Vec<MigrationRecord>, Error> {
         let rows = sqlx::query(
-            "SELECT id, record FROM migrations WHERE (?1 IS NULL OR outcome = ?1) AND (?2 IS NULL OR id = ?2)
+            "SELECT id, record FROM migrations
+             WHERE (?1 IS NULL OR outcome = ?1 OR (?1 = 'failed' AND outcome = 'refused')) AND (?2 IS NULL OR id = ?2)
              ORDER BY started_unix_ms DESC LIMIT 1000",
         )
         .bind(outcome.map(|o| o.as_str()))
@@ -442,11 +445,32 @@ mod tests {
             bytes: Some(10),
             passes: None,
             progress: None,
+            reasons: Vec::new(),
         };
         db.put_migration(&m).await.expect("put migration");
         assert_eq!(db.migrations(None, Some("m-1")).await.expect("by id"), vec![m.clone()]);
         assert_eq!(db.migrations(Some(MigrationOutcome::Completed), None).await.expect("done").len(), 1);
         assert!(db.migrations(Some(MigrationOutcome::Failed), None).await.expect("failed").is_empty());
+        // A refused one is among the failed ones, with every reason kept.
+        let refused = MigrationRecord {
+            id: "m-2".into(),
+            started_unix_ms: 6,
+            outcome: MigrationOutcome::Refused,
+            reason_code: "cpu_features".into(),
+            reasons: vec![
+                ferry_host_api::CheckReason {
+                    code: ferry_host_api::CheckCode::CpuFeatures,
+                    message: "avx2".into(),
+                },
+                ferry_host_api::CheckReason {
+                    code: ferry_host_api::CheckCode::NotEnoughMemory,
+                    message: "1 MiB".into(),
+                },
+            ],
+            ..m.clone()
+        };
+        db.put_migration(&refused).await.expect("put refused");
+        assert_eq!(db.migrations(Some(MigrationOutcome::Failed), None).await.expect("failed"), vec![refused]);
         let events = db.events("a", 5).await.expect("events");
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].kind.as_str(), events[0].message.as_str()), ("crashed", "signal 9"));

@@ -111,6 +111,11 @@ pub fn check(def: &VmDefinition) -> Result<(), (String, String)> {
             return e(&format!("nics[{i}].portgroup"), m);
         }
     }
+    for (i, f) in def.cpu_hide.iter().enumerate() {
+        if let Err(u) = ferry_arch::cpuid::parse_feature_name(f) {
+            return e(&format!("cpu_hide[{i}]"), u.to_string());
+        }
+    }
     Ok(())
 }
 

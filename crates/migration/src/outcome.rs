@@ -72,6 +72,12 @@ pub enum Check {
     Memory,
     /// An MSR the source saves cannot be restored here.
     Msrs,
+    /// The guest's XSAVE components (XCR0) are not offered here, or its XSAVE area is
+    /// larger than KVM here restores.
+    Xsave,
+    /// The guest's TSC frequency differs from this host's beyond 250 ppm and KVM here cannot
+    /// scale it.
+    Tsc,
     /// A device this Ferry does not have, or too many.
     Devices,
     /// A disk image or tap cannot be opened here.
@@ -92,6 +98,8 @@ const CHECKS: &[(Check, &str)] = &[
     (Check::CpuFeatures, "cpu_features"),
     (Check::Memory, "memory"),
     (Check::Msrs, "msrs"),
+    (Check::Xsave, "xsave"),
+    (Check::Tsc, "tsc"),
     (Check::Devices, "devices"),
     (Check::Disks, "disks"),
     (Check::LockIdentity, "lock_identity"),

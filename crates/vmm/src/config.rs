@@ -131,6 +131,9 @@ pub struct VmConfig {
     pub disks: Vec<crate::disk::DiskConfig>,
     /// NICs on tap devices, one virtio-net device each, after the disks.
     pub nets: Vec<ferry_net::NetConfig>,
+    /// CPU features hidden from the guest's CPUID (`--cpu-hide`; names as
+    /// [`ferry_arch::cpuid::feature_names`]), so that it can later move to hosts without them.
+    pub cpu_hide: Vec<String>,
 }
 
 impl VmConfig {

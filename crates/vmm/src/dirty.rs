@@ -154,6 +154,7 @@ mod tests {
                 lease: None,
                 disks: Vec::new(),
                 nets: Vec::new(),
+                cpu_hide: Vec::new(),
             },
             crate::StopSource::new().expect("stop source").0,
         )

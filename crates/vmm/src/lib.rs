@@ -66,6 +66,9 @@ pub enum Error {
     /// KVM is unusable.
     #[error(transparent)]
     Vm(#[from] vm::Error),
+    /// A feature to hide (`--cpu-hide`) is not one Ferry knows.
+    #[error(transparent)]
+    CpuHide(#[from] ferry_arch::cpuid::UnknownFeature),
     /// Guest memory cannot be created.
     #[error(transparent)]
     Memory(#[from] memory::Error),
@@ -365,10 +368,14 @@ pub(crate) struct Host {
     pub(crate) max_vcpus: usize,
 }
 
-pub(crate) fn open_host() -> Result<Host, Error> {
+/// Opens KVM; `hide` are CPU features (names as [`ferry_arch::cpuid::feature_names`]) treated
+/// as absent from this host (`--cpu-hide`): a VM built here never sees them, and a VM whose
+/// CPUID has one is refused here as on a host without it.
+pub(crate) fn open_host(hide: &[String]) -> Result<Host, Error> {
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus().min(usize::from(u8::MAX));
-    let supported = vm::supported_cpuid(&kvm)?;
+    let mut supported = vm::supported_cpuid(&kvm)?;
+    cpuid::hide_features(&mut supported, hide)?;
     Ok(Host { kvm, supported, max_vcpus })
 }
 
@@ -431,10 +438,17 @@ impl Vmm {
         }
     }
 
+    /// What the VM's state needs from a host that restores it beyond feature bits: vCPU 0's
+    /// CPUID (XSAVE, TSC), the MSRs its state carries, the KVM capabilities it was saved with.
+    pub(crate) fn cpu_model(&self) -> ferry_arch::model::VmCpuModel {
+        let table = self.cpuid.first().map(Vec::as_slice).unwrap_or_default();
+        ferry_arch::model::vm_model(table, &self.msrs, ferry_arch::model::kvm_capabilities(&self.kvm))
+    }
+
     /// Builds the VM described by `config`. Nothing runs until [`Vmm::run`], which stops
     /// when `stop` fires (see [`stop`]: the library never touches the signal mask).
     pub fn build(config: VmConfig, stop: StopSource) -> Result<Self, Error> {
-        let host = open_host()?;
+        let host = open_host(&config.cpu_hide)?;
         config.validate(host.max_vcpus)?;
         // The VM runs in one VMM only: take its home's lock before anything else.
         let (claim, home_is_default) =

@@ -162,6 +162,9 @@ pub struct RestoreConfig {
     /// Restore even if the VM ran on past the checkpoint (the operator vouches that the
     /// disks match it).
     pub revert: bool,
+    /// CPU features treated as absent from this host (`--cpu-hide`): a checkpoint whose
+    /// CPUID has one is refused as on a host without it.
+    pub cpu_hide: Vec<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -361,7 +364,7 @@ impl Vmm {
             Ok(_) => {}
         }
         let snap: VmSnapshot = read_state_file(dir).map_err(RestoreError::from)?;
-        let host = open_host()?;
+        let host = open_host(&config.cpu_hide)?;
         check_consistent(&snap, host.max_vcpus)?;
         // CPU features and the memory file, before the home is claimed: a checkpoint this
         // host cannot run neither takes the lease (raising its version) nor the lock.

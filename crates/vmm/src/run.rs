@@ -496,6 +496,7 @@ impl Vmm {
             receiving: None,
             fenced: self.fenced.clone(),
             cpu_features: self.cpu_features(),
+            cpu_model: Some(self.cpu_model()),
         }
     }
 

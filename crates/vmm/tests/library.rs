@@ -41,6 +41,7 @@ fn a_vm_runs_and_stops_through_the_library_without_touching_signals() {
             lease: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            cpu_hide: Vec::new(),
         },
         stop,
     )

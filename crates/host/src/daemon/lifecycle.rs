@@ -202,6 +202,15 @@ impl Daemon {
                 cmd.arg("--net").arg(format!("tap={tap},mac={}", nic.mac));
             }
         }
+        // This host's hidden features (it stands for a host without them) and, on a fresh
+        // start, the VM's own (a restored VM keeps the CPUID it had).
+        let mut hide = self.config.cpu_hide.clone();
+        if !restore {
+            hide.extend(def.cpu_hide.iter().filter(|f| !self.config.cpu_hide.contains(f)).cloned());
+        }
+        if !hide.is_empty() {
+            cmd.arg("--cpu-hide").arg(hide.join(","));
+        }
         cmd.arg("--serial").arg(format!("file:{}", home.join(CONSOLE_LOG).display()));
         cmd.arg("--api-socket").arg(&sock);
         cmd.arg("--home").arg(&home);

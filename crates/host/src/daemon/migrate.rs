@@ -162,6 +162,18 @@ impl Daemon {
                 ),
             ));
         }
+        if let (Some(vm), Some(host)) = (&req.cpu_model, &self.cpu_model) {
+            use ferry_arch::model::MismatchKind;
+            for m in ferry_arch::model::compare(vm, host) {
+                let code = match m.kind {
+                    MismatchKind::Xsave => CheckCode::Xsave,
+                    MismatchKind::Tsc => CheckCode::Tsc,
+                    MismatchKind::Msrs => CheckCode::Msrs,
+                    MismatchKind::KvmCapabilities => CheckCode::KvmCapabilities,
+                };
+                reasons.push(reason(code, format!("host {}: {}", self.config.name, m.message)));
+            }
+        }
         {
             let vms = self.vms.lock().await;
             if let Some(vm) = vms.get(&def.name) {
@@ -259,6 +271,7 @@ impl Daemon {
             bytes: None,
             passes: None,
             progress: None,
+            reasons: Vec::new(),
         };
         if let Err(e) = self.db.put_migration(&record).await {
             tracing::warn!("migration {id}: cannot record it: {e}");
@@ -343,6 +356,9 @@ impl Daemon {
             .arg(format!("file:{}", home.join(format!("console.{id}.log")).display()));
         if let Some(l) = lease {
             cmd.arg("--lease").arg(l.to_arg());
+        }
+        if !self.config.cpu_hide.is_empty() {
+            cmd.arg("--cpu-hide").arg(self.config.cpu_hide.join(","));
         }
         let log_path = home.join(VM_LOG);
         let log = std::fs::OpenOptions::new()
@@ -519,9 +535,10 @@ impl Daemon {
             let vm = vms.get(name).ok_or_else(|| Error::NoVm(name.into()))?;
             (vm.def.clone(), vm.row.state, vm.row.datastore.clone(), vm.row.api_socket.clone())
         };
-        // The CPU features the VM's CPUID gives the guest, from its VMM; a VMM that does not
-        // say (an older one) stands for this host's KVM offer.
-        let vm_features = match sock.filter(|_| state == VmState::Running) {
+        // The CPU features the VM's CPUID gives the guest and the CPU model its state needs,
+        // from its VMM; a VMM that does not say (an older one) stands for this host's KVM
+        // offer, and its model is not compared.
+        let info = match sock.filter(|_| state == VmState::Running) {
             Some(sock) => tokio::task::spawn_blocking(move || {
                 ferry_api::client::send(&sock, &ferry_api::Request::Info, STATUS_TIMEOUT)
             })
@@ -529,11 +546,13 @@ impl Daemon {
             .ok()
             .and_then(Result::ok)
             .and_then(|r| match r {
-                ferry_api::Response::Info(i) if !i.cpu_features.is_empty() => Some(i.cpu_features),
+                ferry_api::Response::Info(i) => Some(i),
                 _ => None,
             }),
             None => None,
         };
+        let vm_cpu_model = info.as_ref().and_then(|i| i.cpu_model.clone());
+        let vm_features = info.map(|i| i.cpu_features).filter(|f| !f.is_empty());
         let mut report = CheckReport {
             vm: name.into(),
             destination: to_host.into(),
@@ -561,6 +580,7 @@ impl Daemon {
             definition: def,
             datastore_id: self.datastore_ids.get(&datastore).cloned().unwrap_or_default(),
             cpu_features: vm_features.unwrap_or_else(|| self.kvm_features.clone()),
+            cpu_model: vm_cpu_model,
             migration_protocols: vec![ferry_migration::protocol::PROTOCOL_VERSION],
         };
         // One request: the destination's own checks (the same code its reservation runs).
@@ -613,12 +633,14 @@ impl Daemon {
     /// starts and its id is answered at once (follow it with `GET /migrations?id=ID`).
     pub async fn migrate(self: &Arc<Self>, name: &str, req: MigrateVm) -> Result<MigrateStarted, Error> {
         let started = Instant::now();
+        let started_unix_ms = unix_ms();
         let (checks, ctx) = self.checks(name, &req.to_host).await?;
-        if req.check || !checks.ok {
-            return Ok(MigrateStarted { checks, migration_id: None });
+        if req.check {
+            return Ok(MigrateStarted { checks, migration_id: None, refused_id: None });
         }
-        let Some((peer, destination, mut incoming)) = ctx else {
-            return Ok(MigrateStarted { checks, migration_id: None });
+        let Some((peer, destination, mut incoming)) = ctx.filter(|_| checks.ok) else {
+            let id = self.record_refused(name, &checks, started_unix_ms, started).await;
+            return Ok(MigrateStarted { checks, migration_id: None, refused_id: Some(id) });
         };
         let id = new_id();
         incoming.migration_id = id.clone();
@@ -639,6 +661,7 @@ impl Daemon {
             bytes: None,
             passes: None,
             progress: Some(MigrationProgress::default()),
+            reasons: Vec::new(),
         };
         {
             let mut out = self.outgoing.lock().await;
@@ -659,7 +682,60 @@ impl Daemon {
         tokio::spawn(async move {
             daemon.run_outgoing(&vm, peer, incoming, req, started).await;
         });
-        Ok(MigrateStarted { checks, migration_id: Some(id) })
+        Ok(MigrateStarted { checks, migration_id: Some(id), refused_id: None })
+    }
+
+    /// Records a migration the checks refused in this host's history (outcome `refused`,
+    /// reason code the first reason's, every reason kept) and returns its id. Nothing was
+    /// asked of the destination beyond its checks, so it records nothing.
+    async fn record_refused(
+        &self,
+        name: &str,
+        checks: &CheckReport,
+        started_unix_ms: u64,
+        started: Instant,
+    ) -> String {
+        let id = new_id();
+        let record = MigrationRecord {
+            id: id.clone(),
+            vm: name.into(),
+            source: self.config.name.clone(),
+            destination: checks.destination.clone(),
+            role: MigrationRole::Source,
+            started_unix_ms,
+            ended_unix_ms: Some(unix_ms()),
+            outcome: MigrationOutcome::Refused,
+            reason_code: checks.reasons.first().map(|r| r.code.as_str().to_string()).unwrap_or_default(),
+            reason: checks
+                .reasons
+                .iter()
+                .map(|r| format!("{}: {}", r.code.as_str(), r.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            downtime_ms: None,
+            // The checks' time: all of it was spent outside any VMM's migration.
+            total_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+            orchestration_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+            bytes: None,
+            passes: None,
+            progress: None,
+            reasons: checks.reasons.clone(),
+        };
+        tracing::info!(
+            "migration {id}: VM {name} to {}: refused by the checks: {}",
+            record.destination,
+            record.reason
+        );
+        if let Err(e) = self.db.put_migration(&record).await {
+            tracing::warn!("migration {id}: cannot record it: {e}");
+        }
+        self.event(
+            name,
+            "migration-refused",
+            &format!("migration {id} to {}: {}", record.destination, record.reason_code),
+        )
+        .await;
+        id
     }
 
     async fn set_progress(&self, name: &str, f: impl FnOnce(&mut MigrationRecord)) {

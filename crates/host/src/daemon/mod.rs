@@ -204,8 +204,11 @@ pub struct Daemon {
     reservations: Mutex<BTreeMap<String, migrate::Reserved>>,
     /// Outgoing migrations in progress, by VM name, with their live progress.
     outgoing: Mutex<BTreeMap<String, ferry_host_api::MigrationRecord>>,
-    /// The CPU feature bits KVM offers guests here.
+    /// The CPU feature bits KVM offers guests here (without `[cpu] hide`).
     kvm_features: Vec<String>,
+    /// What KVM here offers for restoring VMs beyond feature bits (probed at start: it does
+    /// not change while the daemon runs), if KVM could be asked.
+    cpu_model: Option<ferry_arch::model::HostCpuModel>,
     /// The client other hosts' daemons are called with (this host's TLS identity), if the
     /// identity loads.
     peer_client: Option<ferry_pki::Client>,
@@ -312,12 +315,23 @@ impl Daemon {
             datastore_ids.insert(ds.name.clone(), crate::datastore::ensure_id(&ds.path)?);
         }
         let db = Db::open(&config.db_path()).await?;
-        let kvm_features = tokio::task::spawn_blocking(crate::inventory::kvm_cpuid)
+        let hide = config.cpu_hide.clone();
+        let kvm_features = tokio::task::spawn_blocking(move || crate::inventory::kvm_cpuid(&hide))
             .await
             .ok()
             .and_then(Result::ok)
             .map(|k| k.features)
             .unwrap_or_default();
+        let hide = config.cpu_hide.clone();
+        let cpu_model = match tokio::task::spawn_blocking(move || ferry_arch::model::probe_host(&hide)).await
+        {
+            Ok(Ok(m)) => Some(m),
+            Ok(Err(e)) => {
+                tracing::warn!("cannot probe this host's CPU model (XSAVE, TSC, MSRs): {e}");
+                None
+            }
+            Err(_) => None,
+        };
         let peer_client = match ferry_pki::Client::new(&config.identity_dir) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -334,6 +348,7 @@ impl Daemon {
             reservations: Mutex::new(BTreeMap::new()),
             outgoing: Mutex::new(BTreeMap::new()),
             kvm_features,
+            cpu_model,
             peer_client,
         });
         daemon.reconcile().await?;
@@ -662,6 +677,7 @@ impl Daemon {
             let config = self.config.clone();
             let ids = self.datastore_ids.clone();
             move || {
+                let hide = &config.cpu_hide;
                 let ds = config
                     .datastores
                     .values()
@@ -677,11 +693,12 @@ impl Daemon {
                         }
                     })
                     .collect();
-                (crate::inventory::cpu(), crate::inventory::memory(), ds)
+                (crate::inventory::cpu(hide), crate::inventory::memory(), ds)
             }
         })
         .await
-        .unwrap_or_else(|_| (crate::inventory::cpu(), (0, 0), Vec::new()));
+        .unwrap_or_else(|_| (crate::inventory::cpu(&self.config.cpu_hide), (0, 0), Vec::new()));
+        let cpu = ferry_host_api::CpuInfo { kvm_model: self.cpu_model.clone(), ..cpu };
         HostInfo {
             api_version: ferry_host_api::API_VERSION,
             name: self.config.name.clone(),

@@ -336,6 +336,7 @@ impl Status {
             }),
             fenced: None,
             cpu_features: Vec::new(),
+            cpu_model: None,
         }
     }
 }

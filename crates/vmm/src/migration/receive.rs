@@ -90,6 +90,9 @@ pub struct ReceiveConfig {
     /// The VM's lease on shared storage: joined before listening, taken at the switchover
     /// where the lock is (`None`: `vm.lock` alone arbitrates).
     pub lease: Option<crate::lease::LeaseConfig>,
+    /// CPU features treated as absent from this host (`--cpu-hide`): a VM whose CPUID has
+    /// one is refused (`cpu_features`) as on a host without it.
+    pub cpu_hide: Vec<String>,
 }
 
 /// Where a receiving VMM listens.
@@ -129,7 +132,7 @@ impl Vmm {
         let setup =
             |e: managed::Error| mig(Error::Vmm(format!("set up the receiving side: {}", error_chain(&e))));
         // Fail early on a host that cannot run VMs at all.
-        drop(open_host()?);
+        drop(open_host(&config.cpu_hide)?);
         // Join the datastore's lockspace now: it takes 2 * io_timeout, which must not
         // fall in a migration's switchover.
         if let Some(lease) = &config.lease {
@@ -570,7 +573,7 @@ impl Receiver {
         let stall = cfg.stall_timeout();
         self.bound_waits(stall)?;
         super::size_receive_buffer(self.stream()?, &cfg);
-        let mut host = open_host()?;
+        let mut host = open_host(&config.cpu_hide)?;
         for name in &faults.hide_cpu_features {
             if ferry_arch::cpuid::clear_feature(&mut host.supported, name) {
                 tracing::warn!("migration {id}: fault injected: pretending this CPU lacks {name}");
@@ -1302,6 +1305,20 @@ fn check_config(c: &MigrationConfig, host: &Host) -> Result<(), (Check, String)>
                 Check::CpuFeatures,
                 format!("this host's CPU lacks features the VM was given: {} (vCPU {i})", names.join(", ")),
             ));
+        }
+    }
+    // The CPU model beyond feature bits: XSAVE and TSC (MSRs just below; the capabilities a
+    // restore uses fail it cleanly if missing).
+    if let Some(table) = c.cpuid.first() {
+        let here = ferry_arch::model::host_model(&host.kvm, &host.supported)
+            .map_err(|e| (Check::Host, format!("cannot probe this host's CPU model: {}", error_chain(&e))))?;
+        let vm = ferry_arch::model::vm_model(table, &[], Vec::new());
+        for m in ferry_arch::model::compare(&vm, &here) {
+            match m.kind {
+                ferry_arch::model::MismatchKind::Xsave => return Err((Check::Xsave, m.message)),
+                ferry_arch::model::MismatchKind::Tsc => return Err((Check::Tsc, m.message)),
+                ferry_arch::model::MismatchKind::Msrs | ferry_arch::model::MismatchKind::KvmCapabilities => {}
+            }
         }
     }
     let list = host
