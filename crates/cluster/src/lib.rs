@@ -18,6 +18,9 @@ use ferry_cluster_api::{HEARTBEAT_INTERVAL_MS, MISSED_HEARTBEATS};
 /// How often the controller looks for hosts that stopped answering.
 const STALE_CHECK: Duration = Duration::from_millis(500);
 
+/// How often the hosts' own migration histories are imported.
+const IMPORT_EVERY: Duration = Duration::from_secs(5);
+
 /// Errors running the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -85,6 +88,15 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     migrate::resume(&controller).await;
     tracing::info!("ferry cluster {} listening on {local}", config.name);
     let watcher = tokio::spawn(watch_heartbeats(store.clone()));
+    let importer = {
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IMPORT_EVERY).await;
+                migrate::import_histories(&controller).await;
+            }
+        })
+    };
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -99,6 +111,7 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     };
     ferry_pki::serve_tls(listener, Arc::new(tls), server::router(controller), shutdown).await;
     watcher.abort();
+    importer.abort();
     store.close().await;
     Ok(())
 }

@@ -341,3 +341,42 @@ pub async fn action(
     tracing::info!("VM {vm}: {} on host {}", action.as_str(), host.name);
     Ok(ferry_cluster_api::VmActionDone { host: host.name, vm: detail })
 }
+
+/// Imports the hosts' own histories: every migration a joined, answering host reports as its
+/// source (started with `ferry vm migrate` on the host, or through the controller) goes into
+/// the controller's history. Idempotent; an ended migration is never changed back.
+pub async fn import_histories(c: &Controller) {
+    let hosts = match c.store.hosts().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("cannot list the hosts to import their histories: {}", error_chain(&e));
+            return;
+        }
+    };
+    for host in hosts.iter().filter(|h| matches!(h.state, HostState::Connected | HostState::Maintenance)) {
+        let url = format!("{}{}", host.api_url, ferry_host_api::paths::MIGRATIONS);
+        let list = match c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status) {
+            Ok(r) => match serde_json::from_slice::<MigrationList>(&r.body) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("host {} sent a malformed migration history: {e}", host.name);
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::debug!("cannot read host {}'s migration history: {}", host.name, error_chain(&e));
+                continue;
+            }
+        };
+        for m in list.migrations.iter().filter(|m| m.role == ferry_host_api::MigrationRole::Source) {
+            if let Err(e) = c.store.record_migration(m, unix_ms()).await {
+                tracing::warn!(
+                    "migration {}: cannot record it from host {}'s history: {}",
+                    m.id,
+                    host.name,
+                    error_chain(&e)
+                );
+            }
+        }
+    }
+}

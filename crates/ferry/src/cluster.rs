@@ -32,6 +32,10 @@ Examples:
   ferry cluster hosts
   ferry cluster vms --json
   ferry cluster vm web1
+  ferry cluster vm web1 stop                 # forwarded to the host that runs it
+  ferry cluster migrate web1 --check         # every other host: compatible, or every reason
+  ferry cluster migrate web1 --to-host host-b
+  ferry cluster migrations --vm web1
   ferry cluster datastores
   ferry cluster portgroups
 

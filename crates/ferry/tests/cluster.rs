@@ -116,8 +116,16 @@ impl Controller {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
+        let mut a = args.to_vec();
+        a.push("--json");
         loop {
-            let v = self.json(args);
+            // A report may fail meanwhile (a VM between its hosts' reports is on none).
+            let out = self.cli(&a);
+            let v = if out.status.success() {
+                serde_json::from_slice(&out.stdout).expect("json")
+            } else {
+                serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr) })
+            };
             if pred(&v) {
                 return v;
             }
@@ -369,28 +377,48 @@ fn migration_through_the_controller() {
     ctl.start();
     let mut a = Hostd::config("cl-mig-a", "");
     let mut b = Hostd::config("cl-mig-b", &format!("shared = \"{}\"\n", a.ds().display()));
+    // C: in maintenance, and without the VM's datastore.
+    let mut c = Hostd::config("cl-mig-c", "");
+    let text = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(&c.config, text.replace("[datastores]", "maintenance = true\n\n[datastores]"))
+        .expect("config");
     a.start();
     b.start();
+    c.start();
     a.create_memstress("web", &[]);
     a.vm_json(&["start", "web"]);
     a.wait_state("web", "running", Duration::from_secs(30));
     common::hostd::wait_console(&a.home("web"), "memstress: pass ", Duration::from_secs(30));
     host_cmd(&a, &["join", &ctl.url]);
     host_cmd(&b, &["join", &ctl.url]);
-    let (na, nb) = ("test-cl-mig-a", "test-cl-mig-b");
+    host_cmd(&c, &["join", &ctl.url]);
+    let (na, nb, nc) = ("test-cl-mig-a", "test-cl-mig-b", "test-cl-mig-c");
     ctl.wait_for(&["vm", "web"], "web reported running", Duration::from_secs(10), |v| {
         v["vms"][0]["state"] == "running"
     });
 
-    // Every other host at once: B can take it.
+    assert_eq!(host_state(&ctl.json(&["hosts"]), nc), Some("maintenance"));
+    // Every other host at once: B can take it; C cannot, for every one of its reasons.
     let table = ctl.json(&["migrate", "web", "--check"]);
     assert_eq!(table["source"], na, "{table}");
-    assert_eq!(table["checks"].as_array().map(Vec::len), Some(1), "{table}");
+    assert_eq!(table["checks"].as_array().map(Vec::len), Some(2), "{table}");
     assert_eq!(
         (table["checks"][0]["host"].as_str(), table["checks"][0]["ok"].as_bool()),
         (Some(nb), Some(true)),
         "{table}"
     );
+    assert_eq!(
+        (table["checks"][1]["host"].as_str(), table["checks"][1]["ok"].as_bool()),
+        (Some(nc), Some(false)),
+        "{table}"
+    );
+    assert!(
+        table["checks"][1]["reasons"].as_array().is_some_and(|r| r.len() >= 2),
+        "maintenance and the datastore: {table}"
+    );
+    let out = ctl.cli(&["migrate", "web", "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(nc) && text.contains(" no "), "{text}");
     let out = ctl.cli(&["migrate", "web", "--check", "--to-host", "nobody"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no host named \"nobody\""), "{err}");
@@ -425,10 +453,24 @@ fn migration_through_the_controller() {
     ctl.wait_for(&["vm", "web"], "web reported on B", Duration::from_secs(10), |v| {
         v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == nb && r["state"] == "running"))
     });
+    // A migration started on a host directly (B -> A) reaches the controller's history from
+    // B's own history.
+    let back = b.vm_json(&["migrate", "web", "--to-host", &a.url]);
+    assert_eq!(back["outcome"], "completed", "{back}");
+    let back_id = back["id"].as_str().expect("id").to_string();
+    a.wait_state("web", "running", Duration::from_secs(60));
+    ctl.wait_for(&["migrations"], "the direct migration imported", Duration::from_secs(20), |v| {
+        v["migrations"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|m| m["id"] == back_id.as_str() && m["outcome"] == "completed"))
+    });
+    ctl.wait_for(&["vm", "web"], "web reported on A", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|l| l.iter().any(|r| r["host"] == na && r["state"] == "running"))
+    });
     // A VM action through the controller goes to the host whose VMM runs it.
     let stopped = ctl.json(&["vm", "web", "stop"]);
-    assert_eq!(stopped["host"], nb, "{stopped}");
-    b.wait_state("web", "defined", Duration::from_secs(30));
+    assert_eq!(stopped["host"], na, "{stopped}");
+    a.wait_state("web", "defined", Duration::from_secs(30));
     let out = ctl.cli(&["vm", "web", "explode"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no action \"explode\""), "{err}");
