@@ -38,6 +38,7 @@ Examples:
   ferry cluster migrations --vm web1
   ferry cluster datastores
   ferry cluster portgroups
+  ferry cluster evc                          # the CPU baseline; `evc set --hide F` lowers it
 
 The configuration is in docs/cluster.md, with an example in docs/examples/cluster.toml.";
 
@@ -76,6 +77,10 @@ pub enum ClusterCommand {
     Migrations(MigrationsArgs),
     /// One migration: its record, per-pass statistics and the controller's events.
     Migration(NamedArgs),
+    /// The cluster's CPU baseline (EVC): its features and generation, each host's extra and
+    /// lacking features, each VM's CPUID generation; `evc set` changes it.
+    #[command(long_about = crate::evc::EVC_ABOUT)]
+    Evc(crate::evc::EvcArgs),
 }
 
 /// Arguments of `ferry cluster migrate`.
@@ -231,13 +236,13 @@ fn server_from_file(path: &Path) -> anyhow::Result<Option<String>> {
 }
 
 /// A client of the controller.
-struct Controller {
+pub(crate) struct Controller {
     url: String,
     client: ferry_pki::BlockingClient,
 }
 
 impl ServerTarget {
-    fn connect(&self) -> anyhow::Result<Controller> {
+    pub(crate) fn connect(&self) -> anyhow::Result<Controller> {
         let url = match self
             .server
             .clone()
@@ -268,14 +273,18 @@ impl ServerTarget {
 }
 
 impl Controller {
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self.client.get(&format!("{}{path}", self.url)).with_context(|| {
             format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
         })?;
         self.decode(response)
     }
 
-    fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub(crate) fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let body = serde_json::to_value(body)?;
         let response = self.client.post(&format!("{}{path}", self.url), &body).with_context(|| {
             format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
@@ -397,6 +406,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ClusterCommand::Migrate(args) => return migrate(args),
+        ClusterCommand::Evc(args) => crate::evc::run(args)?,
         ClusterCommand::Migrations(args) => {
             let mut query = Vec::new();
             if args.active {

@@ -212,6 +212,8 @@ pub struct Daemon {
     /// The client other hosts' daemons are called with (this host's TLS identity), if the
     /// identity loads.
     peer_client: Option<ferry_pki::Client>,
+    /// The cluster's CPU baseline and the VMs' generations (EVC).
+    evc: crate::evc::Evc,
 }
 
 /// A handle to the daemon, shared by the API handlers and the watchers.
@@ -315,6 +317,7 @@ impl Daemon {
             datastore_ids.insert(ds.name.clone(), crate::datastore::ensure_id(&ds.path)?);
         }
         let db = Db::open(&config.db_path()).await?;
+        let evc = crate::evc::Evc::load(&db).await?;
         let hide = config.cpu_hide.clone();
         let kvm_features = tokio::task::spawn_blocking(move || crate::inventory::kvm_cpuid(&hide))
             .await
@@ -350,6 +353,7 @@ impl Daemon {
             kvm_features,
             cpu_model,
             peer_client,
+            evc,
         });
         daemon.reconcile().await?;
         daemon.close_stale_migrations().await?;
@@ -359,6 +363,11 @@ impl Daemon {
     /// The daemon's database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The cluster's CPU baseline as this host keeps it (EVC).
+    pub fn evc(&self) -> &crate::evc::Evc {
+        &self.evc
     }
 
     /// The daemon's configuration.
@@ -427,8 +436,13 @@ impl Daemon {
         }
     }
 
-    fn summary(vm: &Vm) -> VmSummary {
+    fn summary(&self, vm: &Vm) -> VmSummary {
         VmSummary {
+            cpuid_generation: if crate::evc::powered_on(vm.row.state) {
+                self.evc.generation(&vm.row.name)
+            } else {
+                None
+            },
             name: vm.row.name.clone(),
             state: vm.row.state,
             memory_mib: vm.def.memory_mib,
@@ -440,7 +454,7 @@ impl Daemon {
 
     /// `GET /vms`.
     pub async fn list(&self) -> VmList {
-        VmList { vms: self.vms.lock().await.values().map(Self::summary).collect() }
+        VmList { vms: self.vms.lock().await.values().map(|v| self.summary(v)).collect() }
     }
 
     /// `GET /vms/NAME`; a running VM's paused/running state is read from its VMM.
