@@ -41,7 +41,9 @@ pub mod paths {
     /// answers [`crate::EvcChanged`].
     pub const EVC: &str = "/evc";
 
-    /// `GET /hosts/NAME`: [`crate::HostDetail`].
+    /// `GET /hosts/NAME`: [`crate::HostDetail`]; `DELETE /hosts/NAME`: remove the host
+    /// (`disconnected`; its heartbeats are refused until it joins again), answers
+    /// [`crate::HostSummary`].
     pub fn host(name: &str) -> String {
         format!("/hosts/{name}")
     }
@@ -80,7 +82,7 @@ pub enum HostState {
     Connected,
     /// No heartbeat for [`MISSED_HEARTBEATS`] intervals: its VMs are shown as last reported.
     NotResponding,
-    /// It left the cluster (`ferry host leave`).
+    /// It left the cluster (`ferry host leave`) or was removed (`ferry cluster remove-host`).
     Disconnected,
     /// Its heartbeats arrive and its configuration puts it in maintenance (it refuses
     /// incoming migrations).
@@ -126,6 +128,10 @@ pub struct Heartbeat {
     pub api_url: String,
     /// Whether its configuration puts it in maintenance.
     pub maintenance: bool,
+    /// The first heartbeat of a join (`ferry host join`): taken from a `disconnected` host;
+    /// a regular heartbeat from a host that left or was removed is refused (409).
+    #[serde(default)]
+    pub join: bool,
     /// `GET /host` of the host daemon.
     #[schema(value_type = Object)]
     pub info: HostInfo,

@@ -99,7 +99,7 @@ pub fn openapi() -> String {
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route(paths::HOSTS, get(hosts))
-        .route("/hosts/{name}", get(host))
+        .route("/hosts/{name}", get(host).delete(remove_host))
         .route(paths::VMS, get(vms))
         .route("/vms/{name}", get(vm))
         .route(paths::DATASTORES, get(datastores))
@@ -147,6 +147,15 @@ async fn heartbeat(
     let url = api_url(&beat.api_url, addr)?;
     let evc = crate::evc::heartbeat(&c, &peer.name, &beat.info).await?;
     let known = c.store.host(&peer.name).await?;
+    if !beat.join && known.as_ref().is_some_and(|h| h.state == HostState::Disconnected) {
+        return Err(Failure::new(
+            ErrorCode::Conflict,
+            format!(
+                "host {} left or was removed from this cluster; join it again with `ferry host join`",
+                peer.name
+            ),
+        ));
+    }
     c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
     match known.map(|h| h.state) {
         None => tracing::info!("host {} joined from {addr} (API {url})", peer.name),
@@ -193,6 +202,24 @@ async fn host(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<
         Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
     })?;
     Ok(Json(HostDetail { summary: row.summary(unix_ms()), info: row.info }))
+}
+
+/// Removes a host: `disconnected`, its last report kept; its heartbeats are refused until it
+/// joins again.
+#[utoipa::path(delete, path = "/hosts/{name}", params(("name" = String, Path, description = "The host's name")),
+    responses((status = 200, body = HostSummary), (status = 404, body = ApiError)))]
+async fn remove_host(
+    State(c): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<HostSummary>, Failure> {
+    if !c.store.set_host_state(&name, HostState::Disconnected).await? {
+        return Err(Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster")));
+    }
+    tracing::info!("host {name} removed from the cluster");
+    let row = c.store.host(&name).await?.ok_or_else(|| {
+        Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
+    })?;
+    Ok(Json(row.summary(unix_ms())))
 }
 
 /// Every VM the hosts reported, with the age of the report.

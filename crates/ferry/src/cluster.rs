@@ -60,6 +60,9 @@ pub enum ClusterCommand {
     Hosts(ReportArgs),
     /// One host: its state and its last inventory.
     Host(NamedArgs),
+    /// Remove a host from the cluster: it becomes disconnected (its last report is kept) and
+    /// its heartbeats are refused until it joins again (`ferry host join`).
+    RemoveHost(NamedArgs),
     /// Every VM of every host, as its host last reported it (with the report's age).
     Vms(ReportArgs),
     /// One VM: which host has it, its state and the report's age; with an ACTION (start,
@@ -292,6 +295,13 @@ impl Controller {
         self.decode(response)
     }
 
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self.client.delete(&format!("{}{path}", self.url)).with_context(|| {
+            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
+        })?;
+        self.decode(response)
+    }
+
     fn decode<T: DeserializeOwned>(&self, response: ferry_pki::Response) -> anyhow::Result<T> {
         if !response.is_success() {
             // The controller's error answer, else the raw body.
@@ -335,6 +345,15 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 print_hosts(&HostList { hosts: vec![host.summary.clone()] });
                 println!();
                 crate::hostcmd::print_host(&host.info);
+            }
+        }
+        ClusterCommand::RemoveHost(args) => {
+            let h: ferry_cluster_api::HostSummary =
+                args.target.connect()?.delete(&paths::host(&args.name))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                println!("host {} removed: {}", h.name, h.state);
             }
         }
         ClusterCommand::Vms(args) => {

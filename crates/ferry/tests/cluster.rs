@@ -256,6 +256,21 @@ fn inventory(tag: &str, database: Option<&str>) {
         host_state(v, &na) == Some("connected")
     });
 
+    // B removed by the controller: disconnected, its heartbeats refused (the host says why);
+    // it joins again.
+    let removed = ctl.json(&["remove-host", &nb]);
+    assert_eq!(removed["state"], "disconnected", "{removed}");
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("disconnected"));
+    let m = host_cmd(&b, &["cluster"]);
+    assert!(m["last_error"].as_str().is_some_and(|e| e.contains("join it again")), "{m}");
+    host_cmd(&b, &["join", &ctl.url]);
+    assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("connected"));
+    let out = ctl.cli(&["remove-host", "nobody"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no host named \"nobody\"")
+    );
+
     // B leaves: disconnected, and stays so.
     let left = host_cmd(&b, &["leave"]);
     assert!(left.get("last_error").is_none(), "{left}");

@@ -162,12 +162,13 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// One heartbeat to `url`.
-    async fn beat(&self, url: &str) -> Result<HeartbeatAck, Error> {
+    /// One heartbeat to `url` (`join`: the first of a join).
+    async fn beat(&self, url: &str, join: bool) -> Result<HeartbeatAck, Error> {
         let config = self.daemon.config();
         let beat = Heartbeat {
             api_url: format!("https://{}", config.listen),
             maintenance: config.maintenance,
+            join,
             info: self.daemon.host_info().await,
         };
         let body = serde_json::to_value(&beat)
@@ -197,7 +198,14 @@ impl Cluster {
                 status.last_error = None;
             }
             Err(e) => {
-                let text = e.to_string();
+                // The whole chain: the controller's answer says why (a removed host, say).
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
                 if status.last_error.as_deref() != Some(text.as_str()) {
                     tracing::warn!("heartbeat failed: {text}");
                 }
@@ -209,7 +217,7 @@ impl Cluster {
     /// Joins the controller at `url`: a first heartbeat must be taken, then it is recorded.
     pub async fn join(&self, url: &str) -> Result<Membership, Error> {
         let url = check_url(url)?;
-        let ack = self.beat(&url).await?;
+        let ack = self.beat(&url, true).await?;
         self.daemon.db().set_controller(Some(&url)).await?;
         self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await?;
         {
@@ -275,7 +283,7 @@ async fn heartbeats(cluster: Arc<Cluster>) {
     loop {
         let url = target.borrow_and_update().clone();
         if let Some(url) = url {
-            let result = cluster.beat(&url).await;
+            let result = cluster.beat(&url, false).await;
             cluster.note(&result).await;
         }
         // The next beat, or at once when the controller changes.
