@@ -145,7 +145,6 @@ async fn heartbeat(
     let beat: Heartbeat = serde_json::from_slice(&bytes)
         .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed heartbeat: {e}")))?;
     let url = api_url(&beat.api_url, addr)?;
-    let evc = crate::evc::heartbeat(&c, &peer.name, &beat.info).await?;
     let known = c.store.host(&peer.name).await?;
     if !beat.join && known.as_ref().is_some_and(|h| h.state == HostState::Disconnected) {
         return Err(Failure::new(
@@ -156,6 +155,7 @@ async fn heartbeat(
             ),
         ));
     }
+    let evc = crate::evc::heartbeat(&c, &peer.name, &beat.info).await?;
     c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
     match known.map(|h| h.state) {
         None => tracing::info!("host {} joined from {addr} (API {url})", peer.name),
