@@ -687,6 +687,9 @@ fn print_membership(m: &ferry_host::join::Membership, json: bool) -> anyhow::Res
         (Some(url), None) => println!("controller: {url}"),
         (None, _) => println!("controller: none (this host joined no cluster)"),
     }
+    if let Some(g) = m.evc_generation {
+        println!("CPU baseline: generation {g} (see `ferry cluster evc`)");
+    }
     if let Some(e) = &m.last_error {
         println!("last error: {e}");
     }

@@ -58,6 +58,10 @@ pub struct Membership {
     /// Why the last heartbeat failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The generation of the cluster's CPU baseline (EVC) this host applies to the VMs it
+    /// powers on (from the controller's last heartbeat answer), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evc_generation: Option<u64>,
 }
 
 /// Errors of joining and leaving.
@@ -228,11 +232,12 @@ impl Cluster {
                 joined_unix_ms: Some(crate::db::unix_ms()),
                 last_ack_unix_ms: Some(crate::db::unix_ms()),
                 last_error: None,
+                evc_generation: None,
             };
         }
         self.target.send_replace(Some(url.clone()));
         tracing::info!("joined the cluster of controller {} at {url}", ack.controller);
-        Ok(self.status.lock().await.clone())
+        Ok(self.status().await)
     }
 
     /// Leaves: tells the controller (a controller that does not answer is told nothing:
@@ -260,7 +265,9 @@ impl Cluster {
 
     /// The membership now.
     pub async fn status(&self) -> Membership {
-        self.status.lock().await.clone()
+        let mut m = self.status.lock().await.clone();
+        m.evc_generation = self.daemon.evc().baseline().map(|b| b.generation);
+        m
     }
 }
 
