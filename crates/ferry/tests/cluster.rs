@@ -517,12 +517,25 @@ fn evc_vm<'a>(report: &'a serde_json::Value, name: &str) -> Option<&'a serde_jso
 /// v2 started on A now lacks F and migrates to B; v1 restarted gets generation 2 and
 /// migrates too.
 #[test]
-fn evc_baseline() {
+fn evc_baseline_on_sqlite() {
+    evc_baseline("cl-evc", None);
+}
+
+#[test]
+fn evc_baseline_on_postgres() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let Some(db) = rt.block_on(ferry_cluster::testing::TestDatabase::create()) else { return };
+    evc_baseline("cl-evcpg", Some(&db.url));
+    drop(db);
+}
+
+/// The EVC test body, on the store `database` names (None: SQLite).
+fn evc_baseline(tag: &str, database: Option<&str>) {
     require_root();
     common::require_kvm();
-    let mut ctl = Controller::new("cl-evc", None);
+    let mut ctl = Controller::new(tag, database);
     ctl.start();
-    let mut a = Hostd::config("cl-evc-a", "");
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
     a.start();
     let offered = names(&a.host_info()["cpu"]["kvm"]["features"]);
     // A feature a guest runs without (not lm, nx, x2apic), as tests/host_cpu.rs picks it.
@@ -530,10 +543,13 @@ fn evc_baseline() {
         .into_iter()
         .find(|f| offered.iter().any(|o| o == f))
         .unwrap_or_else(|| panic!("this machine's KVM offers none of the usual features: {offered:?}"));
-    let mut b =
-        Hostd::config("cl-evc-b", &format!("shared = \"{}\"\n\n[cpu]\nhide = [\"{f}\"]\n", a.ds().display()));
+    let mut b = Hostd::config(
+        &format!("{tag}-b"),
+        &format!("shared = \"{}\"\n\n[cpu]\nhide = [\"{f}\"]\n", a.ds().display()),
+    );
     b.start();
-    let (na, nb) = ("test-cl-evc-a", "test-cl-evc-b");
+    let (na, nb) = (format!("test-{tag}-a"), format!("test-{tag}-b"));
+    let (na, nb) = (na.as_str(), nb.as_str());
 
     // A joins: the baseline is what A offers, generation 1.
     host_cmd(&a, &["join", &ctl.url]);
