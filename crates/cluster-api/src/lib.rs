@@ -37,6 +37,9 @@ pub mod paths {
     pub const PORTGROUPS: &str = "/portgroups";
     /// `GET`: the OpenAPI document of this API.
     pub const OPENAPI: &str = "/openapi.json";
+    /// `GET`: [`crate::EvcReport`]; `POST` [`crate::EvcSet`]: change the CPU baseline,
+    /// answers [`crate::EvcChanged`].
+    pub const EVC: &str = "/evc";
 
     /// `GET /hosts/NAME`: [`crate::HostDetail`]; `DELETE /hosts/NAME`: remove the host
     /// (`disconnected`; its heartbeats are refused until it joins again), answers
@@ -141,6 +144,10 @@ pub struct HeartbeatAck {
     pub controller: String,
     /// The interval the controller expects, ms.
     pub interval_ms: u64,
+    /// The cluster's CPU baseline (EVC), once there is one: every VM the host powers on
+    /// from then on sees only these features (the host hides the rest it offers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evc: Option<EvcBaseline>,
 }
 
 /// A host in `GET /hosts`.
@@ -387,6 +394,109 @@ pub struct MigrationDetail {
     pub events: Vec<MigrationEvent>,
 }
 
+/// The cluster's CPU baseline (EVC): the CPU features every VM powered on in the cluster
+/// sees. Names as `ferry_arch::cpuid` gives them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcBaseline {
+    /// Raised at every change (from 1).
+    pub generation: u64,
+    /// The features, sorted.
+    pub features: Vec<String>,
+    /// How it was set (`first host NAME`, `operator: ...`).
+    pub set_by: String,
+    /// When, ms since the Unix epoch.
+    pub set_unix_ms: u64,
+}
+
+/// A host in [`EvcReport`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcHost {
+    /// The host.
+    pub name: String,
+    /// Its state.
+    pub state: HostState,
+    /// Whether its last report had KVM's CPUID (else `extra` and `lacking` are empty).
+    pub cpuid_known: bool,
+    /// Features it offers beyond the baseline (hidden from the VMs it powers on).
+    pub extra: Vec<String>,
+    /// Features of the baseline it lacks (it could not join with them).
+    pub lacking: Vec<String>,
+}
+
+/// A VM in [`EvcReport`] and [`EvcChanged`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcVm {
+    /// The VM.
+    pub name: String,
+    /// The host that reported it powered on (or, when off, last reported it).
+    pub host: String,
+    /// Its state there.
+    pub state: String,
+    /// The baseline generation its CPUID was made under (while it is powered on; a VM keeps
+    /// its CPUID until it is powered off), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Whether that is the current generation.
+    pub current: bool,
+    /// Features its CPUID has that the current baseline does not (it keeps them until it is
+    /// powered off; hosts without them cannot take it).
+    pub above_baseline: Vec<String>,
+}
+
+/// A host refused at join for lacking baseline features (until it joins).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcRefused {
+    /// The host.
+    pub name: String,
+    /// The features it lacks.
+    pub lacking: Vec<String>,
+    /// When it was last refused, ms since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+/// `GET /evc`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcReport {
+    /// The baseline, once a host with KVM's CPUID joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<EvcBaseline>,
+    /// Every host, by name.
+    pub hosts: Vec<EvcHost>,
+    /// Every VM reported powered on, by name.
+    pub vms: Vec<EvcVm>,
+    /// Hosts refused at join that have not joined since, by name.
+    pub refused: Vec<EvcRefused>,
+}
+
+/// `POST /evc`: a new baseline: the current one minus `hide`, plus `add`, intersected with
+/// the features of host `baseline_of` (a joined host, or one refused at join).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvcSet {
+    /// Features to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hide: Vec<String>,
+    /// Features to add back (refused if a connected host lacks one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<String>,
+    /// Intersect with this host's features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_of: Option<String>,
+}
+
+/// The answer of `POST /evc`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct EvcChanged {
+    /// The new baseline (the same generation if nothing changed).
+    pub baseline: EvcBaseline,
+    /// Features it no longer has.
+    pub removed: Vec<String>,
+    /// Features it gained.
+    pub added: Vec<String>,
+    /// The powered-on VMs that keep features above it until they are powered off.
+    pub vms_keeping: Vec<EvcVm>,
+}
+
 /// What kind of failure an error answer is: clients decide on this, never on the text.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -403,6 +513,9 @@ pub enum ErrorCode {
     HostFailed,
     /// The controller failed (500).
     Internal,
+    /// A host lacks features of the cluster's CPU baseline (EVC) and cannot join until the
+    /// baseline is lowered (409); the message names the features.
+    CpuBelowBaseline,
 }
 
 impl ErrorCode {
@@ -412,7 +525,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => 400,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::CpuBelowBaseline => 409,
             ErrorCode::HostFailed => 502,
             ErrorCode::Internal => 500,
         }

@@ -4,6 +4,7 @@
 //! See `docs/cluster.md`.
 
 pub mod config;
+pub mod evc;
 pub mod migrate;
 pub mod server;
 pub mod store;

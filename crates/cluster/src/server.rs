@@ -82,7 +82,7 @@ impl IntoResponse for Failure {
     ),
     paths(
         heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
-        migration
+        migration, evc, evc_set
     ),
     components(schemas(ApiError, ErrorCode, HostState, CheckTable))
 )]
@@ -108,6 +108,7 @@ pub fn router(state: Shared) -> Router {
         .route("/vms/{name}/{action}", post(vm_action))
         .route(paths::MIGRATIONS, get(migrations))
         .route("/migrations/{id}", get(migration))
+        .route(paths::EVC, get(evc).post(evc_set))
         .route(
             paths::OPENAPI,
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi()) }),
@@ -133,7 +134,8 @@ fn api_url(given: &str, peer: SocketAddr) -> Result<String, Failure> {
 
 /// A joined host's inventory.
 #[utoipa::path(post, path = "/heartbeat", request_body = Heartbeat,
-    responses((status = 200, body = HeartbeatAck), (status = 400, body = ApiError), (status = 403, description = "not a host certificate")))]
+    responses((status = 200, body = HeartbeatAck), (status = 400, body = ApiError), (status = 403, description = "not a host certificate"),
+        (status = 409, description = "cpu_below_baseline: the host lacks features of the EVC baseline", body = ApiError)))]
 async fn heartbeat(
     State(c): State<Shared>,
     Extension(peer): Extension<PeerIdentity>,
@@ -153,6 +155,7 @@ async fn heartbeat(
             ),
         ));
     }
+    let evc = crate::evc::heartbeat(&c, &peer.name, &beat.info).await?;
     c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
     match known.map(|h| h.state) {
         None => tracing::info!("host {} joined from {addr} (API {url})", peer.name),
@@ -161,7 +164,7 @@ async fn heartbeat(
         }
         Some(_) => {}
     }
-    Ok(Json(HeartbeatAck { controller: c.name.clone(), interval_ms: HEARTBEAT_INTERVAL_MS }))
+    Ok(Json(HeartbeatAck { controller: c.name.clone(), interval_ms: HEARTBEAT_INTERVAL_MS, evc }))
 }
 
 /// The calling host leaves the cluster: `disconnected` (its last report stays).
@@ -329,6 +332,27 @@ async fn migration(
         Failure::new(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
     })?;
     Ok(Json(MigrationDetail { record, events: c.store.migration_events(&id).await? }))
+}
+
+/// The cluster's CPU baseline (EVC): its features and generation, each host's extra and
+/// lacking features, each powered-on VM's CPUID generation.
+#[utoipa::path(get, path = "/evc", responses((status = 200, body = ferry_cluster_api::EvcReport)))]
+async fn evc(State(c): State<Shared>) -> Result<Json<ferry_cluster_api::EvcReport>, Failure> {
+    Ok(Json(crate::evc::report(&c).await?))
+}
+
+/// Changes the CPU baseline (a new generation): VMs powered on from then on get it; those
+/// running keep theirs until they are powered off.
+#[utoipa::path(post, path = "/evc", request_body = ferry_cluster_api::EvcSet,
+    responses((status = 200, body = ferry_cluster_api::EvcChanged), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, description = "a host lacks a feature added, or no baseline yet", body = ApiError)))]
+async fn evc_set(
+    State(c): State<Shared>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<ferry_cluster_api::EvcChanged>, Failure> {
+    let req: ferry_cluster_api::EvcSet = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    Ok(Json(crate::evc::set(&c, &req).await?))
 }
 
 #[cfg(test)]

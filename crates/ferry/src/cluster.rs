@@ -38,6 +38,7 @@ Examples:
   ferry cluster migrations --vm web1
   ferry cluster datastores
   ferry cluster portgroups
+  ferry cluster evc                          # the CPU baseline; `evc set --hide F` lowers it
 
 The configuration is in docs/cluster.md, with an example in docs/examples/cluster.toml.";
 
@@ -79,6 +80,10 @@ pub enum ClusterCommand {
     Migrations(MigrationsArgs),
     /// One migration: its record, per-pass statistics and the controller's events.
     Migration(NamedArgs),
+    /// The cluster's CPU baseline (EVC): its features and generation, each host's extra and
+    /// lacking features, each VM's CPUID generation; `evc set` changes it.
+    #[command(long_about = crate::evc::EVC_ABOUT)]
+    Evc(crate::evc::EvcArgs),
 }
 
 /// Arguments of `ferry cluster migrate`.
@@ -234,13 +239,13 @@ fn server_from_file(path: &Path) -> anyhow::Result<Option<String>> {
 }
 
 /// A client of the controller.
-struct Controller {
+pub(crate) struct Controller {
     url: String,
     client: ferry_pki::BlockingClient,
 }
 
 impl ServerTarget {
-    fn connect(&self) -> anyhow::Result<Controller> {
+    pub(crate) fn connect(&self) -> anyhow::Result<Controller> {
         let url = match self
             .server
             .clone()
@@ -271,14 +276,18 @@ impl ServerTarget {
 }
 
 impl Controller {
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self.client.get(&format!("{}{path}", self.url)).with_context(|| {
             format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
         })?;
         self.decode(response)
     }
 
-    fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub(crate) fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let body = serde_json::to_value(body)?;
         let response = self.client.post(&format!("{}{path}", self.url), &body).with_context(|| {
             format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
@@ -416,6 +425,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ClusterCommand::Migrate(args) => return migrate(args),
+        ClusterCommand::Evc(args) => crate::evc::run(args)?,
         ClusterCommand::Migrations(args) => {
             let mut query = Vec::new();
             if args.active {
@@ -676,6 +686,9 @@ fn print_membership(m: &ferry_host::join::Membership, json: bool) -> anyhow::Res
         (Some(url), Some(name)) => println!("controller: {name} at {url}"),
         (Some(url), None) => println!("controller: {url}"),
         (None, _) => println!("controller: none (this host joined no cluster)"),
+    }
+    if let Some(g) = m.evc_generation {
+        println!("CPU baseline: generation {g} (see `ferry cluster evc`)");
     }
     if let Some(e) = &m.last_error {
         println!("last error: {e}");

@@ -4,6 +4,7 @@ mod ca;
 mod cli;
 mod cluster;
 mod ctl;
+mod evc;
 mod hostcmd;
 mod hostctl;
 mod logfile;

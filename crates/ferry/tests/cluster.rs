@@ -490,3 +490,179 @@ fn migration_through_the_controller() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no action \"explode\""), "{err}");
 }
+
+/// The features in a JSON array of names.
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+}
+
+/// The CPU features the VMM of VM `name` on `h` gives its guest (`ferry info`).
+fn guest_features(h: &Hostd, name: &str) -> Vec<String> {
+    let sock = h.dir.path("state").join("run").join(format!("{name}.sock"));
+    let out = ferry().args(["info", "--json", "--api-socket"]).arg(&sock).output().expect("ferry info");
+    assert!(out.status.success(), "ferry info: {}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info json");
+    names(&info["cpu_features"])
+}
+
+/// The VM `name` in a `ferry cluster evc --json` report.
+fn evc_vm<'a>(report: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    report["vms"].as_array()?.iter().find(|v| v["name"] == name)
+}
+
+/// EVC end to end (needs /dev/kvm): host A offers everything this machine's KVM does, host B
+/// hides a feature F (`[cpu] hide`). A joins and sets the baseline (generation 1, with F); v1
+/// started on A sees F; B is refused at join, F and v1 named; lowering the baseline
+/// (generation 2) lets B join, and v1 keeps F until it is powered off: it cannot migrate to B;
+/// v2 started on A now lacks F and migrates to B; v1 restarted gets generation 2 and
+/// migrates too.
+#[test]
+fn evc_baseline_on_sqlite() {
+    evc_baseline("cl-evc", None);
+}
+
+#[test]
+fn evc_baseline_on_postgres() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let Some(db) = rt.block_on(ferry_cluster::testing::TestDatabase::create()) else { return };
+    evc_baseline("cl-evcpg", Some(&db.url));
+    drop(db);
+}
+
+/// The EVC test body, on the store `database` names (None: SQLite).
+fn evc_baseline(tag: &str, database: Option<&str>) {
+    require_root();
+    common::require_kvm();
+    let mut ctl = Controller::new(tag, database);
+    ctl.start();
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
+    a.start();
+    let offered = names(&a.host_info()["cpu"]["kvm"]["features"]);
+    // A feature a guest runs without (not lm, nx, x2apic), as tests/host_cpu.rs picks it.
+    let f = ["avx2", "sse4.2", "popcnt", "ssse3", "sse3", "lahf_lm", "cx16"]
+        .into_iter()
+        .find(|f| offered.iter().any(|o| o == f))
+        .unwrap_or_else(|| panic!("this machine's KVM offers none of the usual features: {offered:?}"));
+    let mut b = Hostd::config(
+        &format!("{tag}-b"),
+        &format!("shared = \"{}\"\n\n[cpu]\nhide = [\"{f}\"]\n", a.ds().display()),
+    );
+    b.start();
+    let (na, nb) = (format!("test-{tag}-a"), format!("test-{tag}-b"));
+    let (na, nb) = (na.as_str(), nb.as_str());
+
+    // A joins: the baseline is what A offers, generation 1.
+    host_cmd(&a, &["join", &ctl.url]);
+    let evc = ctl.json(&["evc"]);
+    assert_eq!(evc["baseline"]["generation"], 1, "{evc}");
+    assert_eq!(evc["baseline"]["set_by"], format!("first host {na}"), "{evc}");
+    assert!(names(&evc["baseline"]["features"]).iter().any(|x| x == f), "{evc}");
+
+    // v1 on A: generation 1, sees F.
+    a.create_memstress("v1", &[]);
+    a.vm_json(&["start", "v1"]);
+    a.wait_state("v1", "running", Duration::from_secs(30));
+    common::hostd::wait_console(&a.home("v1"), "memstress: pass ", Duration::from_secs(30));
+    assert!(guest_features(&a, "v1").iter().any(|x| x == f), "v1 sees {f}");
+    ctl.wait_for(&["evc"], "v1 at generation 1", Duration::from_secs(10), |v| {
+        evc_vm(v, "v1").is_some_and(|vm| vm["generation"] == 1 && vm["current"] == true)
+    });
+
+    // B lacks F: refused at join, F and v1 named, with the way out.
+    let out = ferry().args(["host", "join", &ctl.url, "--host", &b.url]).output().expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "B joined below the baseline");
+    assert!(
+        err.contains(&format!("lacks CPU features of the cluster's baseline (generation 1): {f}"))
+            && err.contains(&format!("--hide {f}"))
+            && err.contains(&format!("--baseline-of {nb}"))
+            && err.contains(&format!("v1 on {na}")),
+        "{err}"
+    );
+    let evc = ctl.json(&["evc"]);
+    assert_eq!(evc["refused"][0]["name"], nb, "{evc}");
+    assert_eq!(names(&evc["refused"][0]["lacking"]), [f], "{evc}");
+    assert_eq!(host_state(&ctl.json(&["hosts"]), nb), None, "a refused host is not in the inventory");
+
+    // Lowered: generation 2, v1 keeps F.
+    let set = ctl.json(&["evc", "set", "--hide", f]);
+    assert_eq!(set["baseline"]["generation"], 2, "{set}");
+    assert_eq!(names(&set["removed"]), [f], "{set}");
+    assert_eq!(set["vms_keeping"][0]["name"], "v1", "{set}");
+    assert_eq!(names(&set["vms_keeping"][0]["above_baseline"]), [f], "{set}");
+    host_cmd(&b, &["join", &ctl.url]);
+    ctl.wait_for(&["hosts"], "B connected", Duration::from_secs(10), |v| {
+        host_state(v, nb) == Some("connected")
+    });
+    // Raising it back above B is refused, B and F named.
+    let out = ctl.cli(&["evc", "set", "--add", f]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("{nb} lacks {f}")), "{err}");
+    let out = ctl.cli(&["evc", "set", "--hide", "bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown CPU feature \"bogus\""), "{err}");
+
+    // v1 (generation 1, F) cannot go to B: the existing cpu_features check.
+    let out = ctl.cli(&["migrate", "v1", "--check", "--to-host", nb, "--json"]);
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let row = &table["checks"][0];
+    assert_eq!(row["ok"], false, "{table} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        row["reasons"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|r| r["code"] == "cpu_features" && r["message"].as_str().is_some_and(|m| m.contains(f)))),
+        "{table}"
+    );
+
+    // v2 on A: generation 2, without F; migrates to B and runs there. (A change reaches a
+    // host with its next heartbeat.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_cmd(&a, &["cluster"])["evc_generation"] != 2 {
+        assert!(Instant::now() < deadline, "A did not get generation 2");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.create_memstress("v2", &[]);
+    a.vm_json(&["start", "v2"]);
+    a.wait_state("v2", "running", Duration::from_secs(30));
+    assert!(!guest_features(&a, "v2").iter().any(|x| x == f), "v2 does not see {f}");
+    ctl.wait_for(&["evc"], "v2 at generation 2", Duration::from_secs(10), |v| {
+        evc_vm(v, "v2").is_some_and(|vm| vm["generation"] == 2 && vm["current"] == true)
+    });
+    let done = ctl.json(&["migrate", "v2", "--to-host", nb]);
+    assert_eq!(done["record"]["outcome"], "completed", "{done}\ncontroller log:\n{}", ctl.log());
+    b.wait_state("v2", "running", Duration::from_secs(30));
+    std::fs::write(a.home("v2").join("console.log"), "").expect("truncate console");
+    common::hostd::wait_console(&a.home("v2"), "memstress: pass ", Duration::from_secs(30));
+
+    // v1 powered off and on: generation 2, migrates.
+    a.vm_json(&["stop", "v1"]);
+    a.wait_state("v1", "defined", Duration::from_secs(30));
+    a.vm_json(&["start", "v1"]);
+    a.wait_state("v1", "running", Duration::from_secs(30));
+    assert!(!guest_features(&a, "v1").iter().any(|x| x == f), "v1 restarted does not see {f}");
+    ctl.wait_for(&["evc"], "v1 at generation 2", Duration::from_secs(10), |v| {
+        evc_vm(v, "v1").is_some_and(|vm| vm["generation"] == 2)
+    });
+    let done = ctl.json(&["migrate", "v1", "--to-host", nb]);
+    assert_eq!(done["record"]["outcome"], "completed", "{done}\ncontroller log:\n{}", ctl.log());
+    b.wait_state("v1", "running", Duration::from_secs(30));
+
+    // The report: both VMs on B at generation 2 (kept across the migration), A's extra F.
+    let evc = ctl.wait_for(&["evc"], "both VMs reported on B", Duration::from_secs(10), |v| {
+        ["v1", "v2"].iter().all(|n| evc_vm(v, n).is_some_and(|vm| vm["host"] == nb))
+    });
+    for n in ["v1", "v2"] {
+        let vm = evc_vm(&evc, n).expect("vm");
+        assert_eq!((vm["generation"].as_u64(), vm["current"].as_bool()), (Some(2), Some(true)), "{evc}");
+        assert_eq!(vm["above_baseline"], serde_json::json!([]), "{evc}");
+    }
+    let host = |n: &str| evc["hosts"].as_array().and_then(|h| h.iter().find(|h| h["name"] == n)).cloned();
+    assert_eq!(names(&host(na).expect("A")["extra"]), [f], "{evc}");
+    assert_eq!(host(nb).expect("B")["extra"], serde_json::json!([]), "{evc}");
+    assert_eq!(evc["refused"], serde_json::json!([]), "{evc}");
+    let out = ctl.cli(&["evc"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("baseline generation 2 (operator: -"), "{text}");
+    b.vm_json(&["stop", "v1"]);
+    b.vm_json(&["stop", "v2"]);
+}

@@ -279,6 +279,11 @@ pub struct VmSummary {
     /// The VMM's process id while one runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The cluster CPU baseline (EVC) generation this host powered it on under, while it is
+    /// powered on here and was started by this host in a cluster (a VM received by
+    /// migration keeps the CPUID it was started with: its generation is the controller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuid_generation: Option<u64>,
 }
 
 /// `GET /vms`.

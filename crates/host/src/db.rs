@@ -7,7 +7,9 @@
 //! binary knows is refused with both versions named. Version 2 adds the `migrations` table
 //! (the host's migration history: each row's columns for queries, `record` the whole
 //! [`ferry_host_api::MigrationRecord`] as JSON). Version 3 adds `cluster`: the controller
-//! this host joined (`ferry host join`), at most one row.
+//! this host joined (`ferry host join`), at most one row. Version 4 adds EVC: `evc` (the
+//! cluster's CPU baseline as the controller last answered, at most one row) and `vm_cpuid`
+//! (the baseline generation each VM was last powered on under here).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -66,6 +68,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
         id INTEGER PRIMARY KEY CHECK (id = 1),
         controller_url TEXT NOT NULL,
         joined_unix_ms INTEGER NOT NULL
+    );",
+    ),
+    (
+        4,
+        "CREATE TABLE evc (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        baseline TEXT NOT NULL
+    );
+    CREATE TABLE vm_cpuid (
+        name TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL
     );",
     ),
 ];
@@ -294,6 +307,60 @@ impl Db {
         Ok(())
     }
 
+    /// The cluster's CPU baseline the controller last answered, if any.
+    pub async fn evc(&self) -> Result<Option<ferry_cluster_api::EvcBaseline>, Error> {
+        let row = sqlx::query("SELECT baseline FROM evc WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        let Some(r) = row else { return Ok(None) };
+        let text: String = r.try_get("baseline").map_err(self.sql())?;
+        serde_json::from_str(&text).map(Some).map_err(|e| Error::Damaged {
+            path: self.path.clone(),
+            vm: "(evc)".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Records the cluster's CPU baseline, or (`None`) forgets it (the host left).
+    pub async fn set_evc(&self, baseline: Option<&ferry_cluster_api::EvcBaseline>) -> Result<(), Error> {
+        let query = match baseline {
+            Some(b) => sqlx::query("INSERT OR REPLACE INTO evc (id, baseline) VALUES (1, ?)")
+                .bind(serde_json::to_string(b).unwrap_or_default()),
+            None => sqlx::query("DELETE FROM evc"),
+        };
+        query.execute(&self.pool).await.map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The baseline generation each VM was last powered on under here, by name.
+    pub async fn vm_cpuid_generations(&self) -> Result<std::collections::BTreeMap<String, u64>, Error> {
+        let rows = sqlx::query("SELECT name, generation FROM vm_cpuid")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        let mut out = std::collections::BTreeMap::new();
+        for r in rows {
+            out.insert(
+                r.try_get("name").map_err(self.sql())?,
+                r.try_get::<i64, _>("generation").map_err(self.sql())? as u64,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records VM `name`'s generation, or (`None`) that it has none from this host.
+    pub async fn set_vm_cpuid_generation(&self, name: &str, generation: Option<u64>) -> Result<(), Error> {
+        let query = match generation {
+            Some(g) => sqlx::query("INSERT OR REPLACE INTO vm_cpuid (name, generation) VALUES (?, ?)")
+                .bind(name.to_string())
+                .bind(g as i64),
+            None => sqlx::query("DELETE FROM vm_cpuid WHERE name = ?").bind(name.to_string()),
+        };
+        query.execute(&self.pool).await.map_err(self.sql())?;
+        Ok(())
+    }
+
     /// Writes a migration's record (insert or replace).
     pub async fn put_migration(&self, m: &MigrationRecord) -> Result<(), Error> {
         let mut stored = m.clone();
@@ -478,7 +545,7 @@ mod tests {
         sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
         drop(db);
         let e = Db::open(&path).await.expect_err("too new").to_string();
-        assert!(e.contains("schema version 99, newer than this Ferry's 3"), "{e}");
+        assert!(e.contains("schema version 99, newer than this Ferry's 4"), "{e}");
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

@@ -58,6 +58,10 @@ pub struct Membership {
     /// Why the last heartbeat failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The generation of the cluster's CPU baseline (EVC) this host applies to the VMs it
+    /// powers on (from the controller's last heartbeat answer), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evc_generation: Option<u64>,
 }
 
 /// Errors of joining and leaving.
@@ -86,6 +90,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The controller refused this host: it lacks features of the cluster's CPU baseline.
+    #[error("the controller at {url} refused this host: {message}")]
+    BelowBaseline {
+        /// The controller.
+        url: String,
+        /// The controller's words (the features, how to lower the baseline, the VMs that
+        /// would keep it).
+        message: String,
+    },
     /// This host joined no controller.
     #[error("this host joined no controller")]
     NotJoined,
@@ -98,7 +111,7 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::Url(_) | Error::Controller { .. } | Error::Malformed { .. } => ErrorCode::BadRequest,
-            Error::NotJoined => ErrorCode::Conflict,
+            Error::NotJoined | Error::BelowBaseline { .. } => ErrorCode::Conflict,
             Error::Identity(_) | Error::Db(_) => ErrorCode::Internal,
         };
         let mut message = e.to_string();
@@ -169,7 +182,7 @@ impl Cluster {
             .post(&format!("{url}{}", paths::HEARTBEAT), &body)
             .await
             .and_then(ferry_pki::Response::error_for_status)
-            .map_err(|source| Error::Controller { url: url.to_string(), source })?;
+            .map_err(|source| refused(url, source))?;
         serde_json::from_slice(&answer.body)
             .map_err(|e| Error::Malformed { url: url.to_string(), reason: e.to_string() })
     }
@@ -182,6 +195,9 @@ impl Cluster {
                     tracing::info!("controller {}: heartbeats taken again", ack.controller);
                 }
                 status.controller = Some(ack.controller.clone());
+                if let Err(e) = self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await {
+                    tracing::warn!("cannot keep the cluster's CPU baseline: {e}");
+                }
                 status.last_ack_unix_ms = Some(crate::db::unix_ms());
                 status.last_error = None;
             }
@@ -207,6 +223,7 @@ impl Cluster {
         let url = check_url(url)?;
         let ack = self.beat(&url, true).await?;
         self.daemon.db().set_controller(Some(&url)).await?;
+        self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await?;
         {
             let mut status = self.status.lock().await;
             *status = Membership {
@@ -215,11 +232,12 @@ impl Cluster {
                 joined_unix_ms: Some(crate::db::unix_ms()),
                 last_ack_unix_ms: Some(crate::db::unix_ms()),
                 last_error: None,
+                evc_generation: None,
             };
         }
         self.target.send_replace(Some(url.clone()));
         tracing::info!("joined the cluster of controller {} at {url}", ack.controller);
-        Ok(self.status.lock().await.clone())
+        Ok(self.status().await)
     }
 
     /// Leaves: tells the controller (a controller that does not answer is told nothing:
@@ -233,6 +251,7 @@ impl Cluster {
             .await
             .and_then(ferry_pki::Response::error_for_status);
         self.daemon.db().set_controller(None).await?;
+        self.daemon.evc().set_baseline(self.daemon.db(), None).await?;
         let mut status = self.status.lock().await;
         let before = std::mem::take(&mut *status);
         if let Err(e) = told {
@@ -246,8 +265,23 @@ impl Cluster {
 
     /// The membership now.
     pub async fn status(&self) -> Membership {
-        self.status.lock().await.clone()
+        let mut m = self.status.lock().await.clone();
+        m.evc_generation = self.daemon.evc().baseline().map(|b| b.generation);
+        m
     }
+}
+
+/// The error of a heartbeat the controller did not take: typed when the controller's answer
+/// is (its error code, never its text).
+fn refused(url: &str, source: ferry_pki::client::Error) -> Error {
+    if let ferry_pki::client::Error::Status { body, .. } = &source {
+        if let Ok(e) = serde_json::from_str::<ferry_cluster_api::ApiError>(body) {
+            if e.code == ferry_cluster_api::ErrorCode::CpuBelowBaseline {
+                return Error::BelowBaseline { url: url.to_string(), message: e.message };
+            }
+        }
+    }
+    Error::Controller { url: url.to_string(), source }
 }
 
 /// Sends a heartbeat every interval while a controller is set.

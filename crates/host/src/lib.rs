@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datastore;
 pub mod db;
+pub mod evc;
 pub mod inventory;
 pub mod join;
 pub mod peer;

@@ -10,6 +10,7 @@
 //! Live state (`hosts` and what each reported) is replaced host by host at each heartbeat;
 //! history (`migrations`, `migration_events`) is appended to.
 
+pub mod evc;
 pub mod schema;
 
 use std::time::Duration;

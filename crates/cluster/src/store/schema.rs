@@ -4,14 +4,16 @@
 //! `ON CONFLICT ... DO UPDATE`.
 //!
 //! Live state (what the hosts last reported): `hosts`, `host_datastores`, `host_portgroups`,
-//! `host_vms`; replaced host by host at each heartbeat. History (append-only; a migration's
+//! `host_vms`; replaced host by host at each heartbeat. Version 2: EVC (`evc_generations`,
+//! history; `evc_vms`, `evc_refused`). History (append-only; a migration's
 //! row changes only from `active` to its end): `migrations`, `migration_events`.
 
 /// `(version, statements)`, oldest first. Never edit a released version: add one.
-pub const MIGRATIONS: &[(u32, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE hosts (
+pub const MIGRATIONS: &[(u32, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE hosts (
             name TEXT PRIMARY KEY,
             api_url TEXT NOT NULL,
             state TEXT NOT NULL,
@@ -20,7 +22,7 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[(
             last_seen_unix_ms BIGINT NOT NULL,
             info TEXT NOT NULL
         )",
-        "CREATE TABLE host_datastores (
+            "CREATE TABLE host_datastores (
             datastore_id TEXT NOT NULL,
             host TEXT NOT NULL,
             name TEXT NOT NULL,
@@ -29,14 +31,14 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[(
             total_bytes BIGINT NOT NULL,
             PRIMARY KEY (datastore_id, host)
         )",
-        "CREATE TABLE host_portgroups (
+            "CREATE TABLE host_portgroups (
             name TEXT NOT NULL,
             host TEXT NOT NULL,
             bridge TEXT NOT NULL,
             present BIGINT NOT NULL,
             PRIMARY KEY (name, host)
         )",
-        "CREATE TABLE host_vms (
+            "CREATE TABLE host_vms (
             name TEXT NOT NULL,
             host TEXT NOT NULL,
             state TEXT NOT NULL,
@@ -46,7 +48,7 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[(
             reported_unix_ms BIGINT NOT NULL,
             PRIMARY KEY (name, host)
         )",
-        "CREATE TABLE migrations (
+            "CREATE TABLE migrations (
             id TEXT PRIMARY KEY,
             vm TEXT NOT NULL,
             source TEXT NOT NULL,
@@ -57,8 +59,8 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[(
             reason_code TEXT NOT NULL,
             record TEXT NOT NULL
         )",
-        "CREATE INDEX migrations_vm ON migrations (vm)",
-        "CREATE TABLE migration_events (
+            "CREATE INDEX migrations_vm ON migrations (vm)",
+            "CREATE TABLE migration_events (
             migration_id TEXT NOT NULL,
             seq BIGINT NOT NULL,
             at_unix_ms BIGINT NOT NULL,
@@ -66,8 +68,37 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[(
             message TEXT NOT NULL,
             PRIMARY KEY (migration_id, seq)
         )",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        &[
+            // EVC: every CPU baseline the cluster had (history: appended, the newest is
+            // current), the generation each VM was powered on under (as its host reported it;
+            // kept when the VM moves to a host that did not power it on), and the hosts
+            // refused at join for lacking baseline features (their offer, for
+            // `--baseline-of`).
+            "CREATE TABLE evc_generations (
+            generation BIGINT PRIMARY KEY,
+            features TEXT NOT NULL,
+            set_by TEXT NOT NULL,
+            set_unix_ms BIGINT NOT NULL
+        )",
+            "CREATE TABLE evc_vms (
+            vm TEXT PRIMARY KEY,
+            generation BIGINT NOT NULL,
+            host TEXT NOT NULL,
+            reported_unix_ms BIGINT NOT NULL
+        )",
+            "CREATE TABLE evc_refused (
+            host TEXT PRIMARY KEY,
+            features TEXT NOT NULL,
+            lacking TEXT NOT NULL,
+            at_unix_ms BIGINT NOT NULL
+        )",
+        ],
+    ),
+];
 
 /// The newest version this binary knows.
 pub fn latest() -> u32 {

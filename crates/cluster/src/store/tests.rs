@@ -76,6 +76,7 @@ fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
                 vcpus: 1,
                 datastore: "shared".into(),
                 pid: None,
+                cpuid_generation: None,
             })
             .collect(),
     }
@@ -257,4 +258,43 @@ fn unsupported_urls_are_refused() {
     let err = rt.block_on(Store::open("mysql://root:secret@db/x")).expect_err("refused");
     assert!(matches!(err, super::Error::Url(_)));
     assert!(!err.to_string().contains("secret"), "{err}");
+}
+
+#[test]
+fn evc_generations_vms_and_refusals() {
+    on_both(|store| async move {
+        assert_eq!(store.evc_baseline().await.expect("none"), None);
+        let first = ferry_cluster_api::EvcBaseline {
+            generation: 1,
+            features: vec!["avx2".into(), "lahf_lm".into()],
+            set_by: "first host a".into(),
+            set_unix_ms: 10,
+        };
+        assert!(store.evc_put(&first).await.expect("put"));
+        // A second first baseline (a race of two first heartbeats) is not recorded.
+        let other = ferry_cluster_api::EvcBaseline { set_by: "first host b".into(), ..first.clone() };
+        assert!(!store.evc_put(&other).await.expect("again"));
+        let second = ferry_cluster_api::EvcBaseline {
+            generation: 2,
+            features: vec!["avx2".into()],
+            set_by: "operator: -lahf_lm".into(),
+            set_unix_ms: 20,
+        };
+        assert!(store.evc_put(&second).await.expect("second"));
+        assert_eq!(store.evc_baseline().await.expect("current"), Some(second.clone()));
+        assert_eq!(store.evc_generations().await.expect("all"), vec![first, second]);
+
+        store.evc_note_vms("a", &[("v1".into(), 1), ("v2".into(), 2)], 30).await.expect("note");
+        store.evc_note_vms("b", &[("v1".into(), 2)], 40).await.expect("note b");
+        let gens = store.evc_vm_generations().await.expect("gens");
+        assert_eq!(gens.get("v1"), Some(&2));
+        assert_eq!(gens.get("v2"), Some(&2));
+
+        store.evc_refuse("c", &["avx2".into()], &["lahf_lm".into()], 50).await.expect("refuse");
+        let refused = store.evc_refused().await.expect("refused");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].lacking, vec!["lahf_lm".to_string()]);
+        store.evc_unrefuse("c").await.expect("unrefuse");
+        assert!(store.evc_refused().await.expect("none").is_empty());
+    });
 }

@@ -126,8 +126,13 @@ impl Daemon {
                 },
             )
         };
-        match self.spawn_vmm(&mut row, &def, lease.as_ref(), restore).await {
+        // A fresh start gets the cluster's CPU baseline; a resume keeps its CPUID.
+        let evc = if restore { None } else { Some(self.evc.for_start(&self.kvm_features)) };
+        match self.spawn_vmm(&mut row, &def, lease.as_ref(), restore, evc.as_ref()).await {
             Ok(child) => {
+                if let Some(evc) = &evc {
+                    self.evc.record(&self.db, name, evc.generation).await?;
+                }
                 let pid = child.id();
                 {
                     let mut vms = self.vms.lock().await;
@@ -163,6 +168,7 @@ impl Daemon {
         def: &VmDefinition,
         lease: Option<&crate::config::LeaseSettings>,
         restore: bool,
+        evc: Option<&crate::evc::StartCpuid>,
     ) -> Result<std::process::Child, Error> {
         let home = row.home.clone();
         {
@@ -207,6 +213,12 @@ impl Daemon {
         let mut hide = self.config.cpu_hide.clone();
         if !restore {
             hide.extend(def.cpu_hide.iter().filter(|f| !self.config.cpu_hide.contains(f)).cloned());
+        }
+        // What this host offers beyond the cluster's baseline (EVC).
+        for f in evc.map(|e| e.hide.as_slice()).unwrap_or_default() {
+            if !hide.contains(f) {
+                hide.push(f.clone());
+            }
         }
         if !hide.is_empty() {
             cmd.arg("--cpu-hide").arg(hide.join(","));

@@ -524,6 +524,8 @@ impl Daemon {
             last_log: Vec::new(),
         };
         self.db.put(&row).await?;
+        // It keeps the CPUID it was powered on with elsewhere: no generation from this host.
+        self.evc.record(&self.db, &row.name, None).await?;
         self.vms.lock().await.insert(
             row.name.clone(),
             Vm { row, def: r.def.clone(), stop_requested: false, suspending: false },
@@ -1253,6 +1255,7 @@ impl Daemon {
                         last_exit: None,
                         last_log: Vec::new(),
                     };
+                    let _ = self.evc.record(&self.db, &row.name, None).await;
                     if self.db.put(&row).await.is_ok() {
                         self.vms.lock().await.insert(
                             row.name.clone(),

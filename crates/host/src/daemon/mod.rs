@@ -218,6 +218,8 @@ pub struct Daemon {
     peer_client: Option<ferry_pki::Client>,
     /// Test-only faults (`FERRY_HOST_FAULT`): none in production.
     faults: fault::HostFaults,
+    /// The cluster's CPU baseline and the VMs' generations (EVC).
+    evc: crate::evc::Evc,
 }
 
 /// A handle to the daemon, shared by the API handlers and the watchers.
@@ -322,6 +324,7 @@ impl Daemon {
             datastore_ids.insert(ds.name.clone(), crate::datastore::ensure_id(&ds.path)?);
         }
         let db = Db::open(&config.db_path()).await?;
+        let evc = crate::evc::Evc::load(&db).await?;
         let hide = config.cpu_hide.clone();
         let kvm_features = tokio::task::spawn_blocking(move || crate::inventory::kvm_cpuid(&hide))
             .await
@@ -361,6 +364,7 @@ impl Daemon {
             cpu_model,
             peer_client,
             faults,
+            evc,
         });
         daemon.reconcile().await?;
         daemon.close_stale_migrations().await?;
@@ -370,6 +374,11 @@ impl Daemon {
     /// The daemon's database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The cluster's CPU baseline as this host keeps it (EVC).
+    pub fn evc(&self) -> &crate::evc::Evc {
+        &self.evc
     }
 
     /// The daemon's configuration.
@@ -438,8 +447,13 @@ impl Daemon {
         }
     }
 
-    fn summary(vm: &Vm) -> VmSummary {
+    fn summary(&self, vm: &Vm) -> VmSummary {
         VmSummary {
+            cpuid_generation: if crate::evc::powered_on(vm.row.state) {
+                self.evc.generation(&vm.row.name)
+            } else {
+                None
+            },
             name: vm.row.name.clone(),
             state: vm.row.state,
             memory_mib: vm.def.memory_mib,
@@ -451,7 +465,7 @@ impl Daemon {
 
     /// `GET /vms`.
     pub async fn list(&self) -> VmList {
-        VmList { vms: self.vms.lock().await.values().map(Self::summary).collect() }
+        VmList { vms: self.vms.lock().await.values().map(|v| self.summary(v)).collect() }
     }
 
     /// `GET /vms/NAME`; a running VM's paused/running state is read from its VMM.
