@@ -150,15 +150,16 @@ pub fn freeze_then_kill(pid: u32) -> Option<u64> {
     // SAFETY: signalling a process this test started (and has not reaped yet).
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     // A thread in uninterruptible sleep (an fsync on a loaded machine) stops only once it
-    // leaves it: seen taking over 10 s here.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // leaves it: seen taking over 10 s here, and over 30 s while a cold build wrote
+    // gigabytes to the same disk. It runs no guest code meanwhile, so waiting is safe.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         match proc_state(pid) {
             Some('T') => break,
             None | Some('Z') | Some('X') => return None,
             Some(other) => assert!(
                 std::time::Instant::now() < deadline,
-                "pid {pid} still shows state {other} 30 s after SIGSTOP"
+                "pid {pid} still shows state {other} 120 s after SIGSTOP"
             ),
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
