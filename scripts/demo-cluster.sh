@@ -4,7 +4,7 @@
 # --sqlite: SQLite in its state directory instead), two hosts in network namespaces joined by
 # a switch bridge (as scripts/demo-hosts.sh makes them), a datastore directory both see.
 #   1. both hosts join the controller; its inventory: hosts, the datastore both see, port
-#      groups, VMs;
+#      groups, VMs, the CPU baseline (EVC);
 #   2. a memstress VM on host a: the per-host check table, then a migration by name through
 #      the controller; the guest's self-check keeps passing on host b;
 #   3. the controller's history: ferry cluster migrations, and the migration with its passes.
@@ -138,6 +138,8 @@ cli cluster hosts
 cli cluster datastores
 cli cluster portgroups
 cli cluster vms
+# The cluster's CPU baseline (EVC): set by the first host to join; m1 runs under it.
+cli cluster evc || fail "the CPU baseline"
 
 say "3. the check table (every other host), then m1 migrated to host b by name through the controller"
 for _ in $(seq 1 600); do grep -q "memstress: pass 2" "$home/console.log" 2>/dev/null && break; sleep 0.1; done
