@@ -8,40 +8,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::hostd::{wait_console, Hostd};
+use common::hostd::{two_hosts, wait_console, Hostd};
 use common::{require_kvm, require_root, run_to_end};
 
 const T: Duration = Duration::from_secs(20);
-
-/// `ferry host ARGS --host URL --json` against `h`; the JSON answer.
-fn host_json(h: &Hostd, args: &[&str]) -> serde_json::Value {
-    let out: Output = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env_remove("FERRY_HOST")
-        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
-        .arg("host")
-        .args(args)
-        .args(["--host", &h.url, "--json"])
-        .output()
-        .expect("ferry host");
-    assert!(out.status.success(), "ferry host {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-/// Two daemons on loopback; B sees A's datastore as `shared` and has `b_extra` in its
-/// configuration (before its datastores).
-fn two_hosts(tag: &str, b_extra: &str) -> (Hostd, Hostd) {
-    let mut a = Hostd::config(&format!("{tag}-a"), "");
-    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
-    let text = std::fs::read_to_string(&b.config).expect("config");
-    std::fs::write(&b.config, text.replace("[datastores]", &format!("{b_extra}\n[datastores]")))
-        .expect("config");
-    a.start();
-    b.start();
-    (a, b)
-}
 
 /// The `GET /vm` of a VM's VMM on `h`.
 fn vmm_info(h: &Hostd, name: &str) -> serde_json::Value {
@@ -155,7 +128,7 @@ fn cpu_refusal_and_baseline() {
     assert_eq!(reasons[0]["code"], "cpu_features", "{c}");
     assert!(reasons[0]["message"].as_str().is_some_and(|m| m.contains(f)), "{c}");
     nothing_reserved(&b, &home1);
-    assert!(host_json(&a, &["migrations"])["migrations"].as_array().is_some_and(Vec::is_empty));
+    assert!(a.host_json(&["migrations"])["migrations"].as_array().is_some_and(Vec::is_empty));
 
     // A real attempt: refused the same way, recorded on A as refused with every reason, not
     // on B, nothing reserved on B, the VM runs on A as before.
@@ -166,7 +139,7 @@ fn cpu_refusal_and_baseline() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refused"), "{stderr}");
     nothing_reserved(&b, &home1);
-    let failed = host_json(&a, &["migrations", "--failed"]);
+    let failed = a.host_json(&["migrations", "--failed"]);
     let list = failed["migrations"].as_array().expect("list");
     assert_eq!(list.len(), 1, "{failed}");
     let r = &list[0];
@@ -185,7 +158,7 @@ fn cpu_refusal_and_baseline() {
     let id = r["id"].as_str().expect("id");
     assert!(stderr.contains(id), "the CLI names the record: {stderr}");
     assert!(
-        host_json(&b, &["migrations"])["migrations"].as_array().is_some_and(Vec::is_empty),
+        b.host_json(&["migrations"])["migrations"].as_array().is_some_and(Vec::is_empty),
         "B recorded it"
     );
     // The text listing shows it too.

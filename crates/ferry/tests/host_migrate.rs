@@ -10,45 +10,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::hostd::{wait_console, Hostd};
+use common::hostd::{two_hosts, wait_console, Hostd};
 use common::{require_kvm, require_root};
 
 const T: Duration = Duration::from_secs(20);
-
-/// `ferry host ARGS --host URL --json` against `h` (in its namespace); the JSON answer.
-fn host_json(h: &Hostd, args: &[&str]) -> serde_json::Value {
-    let mut c = match &h.netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_ferry")),
-    };
-    let out: Output = c
-        .env_remove("FERRY_HOST")
-        .env(ferry_pki::IDENTITY_ENV, &common::hostd::cluster().client)
-        .arg("host")
-        .args(args)
-        .args(["--host", &h.url, "--json"])
-        .output()
-        .expect("ferry host");
-    assert!(out.status.success(), "ferry host {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-/// Two daemons on loopback: A with datastore `local`, B seeing A's datastore directory as
-/// `shared` (the same id) and its own `local`. `top_b` goes at the top of B's configuration.
-fn two_hosts(tag: &str, top_b: &str) -> (Hostd, Hostd) {
-    let mut a = Hostd::config(&format!("{tag}-a"), "");
-    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
-    let text = std::fs::read_to_string(&b.config).expect("config");
-    std::fs::write(&b.config, text.replace("[datastores]", &format!("{top_b}\n[datastores]")))
-        .expect("config");
-    a.start();
-    b.start();
-    (a, b)
-}
 
 /// Truncates the VM's console and waits for a fresh memstress pass (its self-check).
 fn memstress_passes(home: &Path) -> String {
@@ -86,7 +51,7 @@ fn nothing_reserved(h: &Hostd) {
 }
 
 fn record(h: &Hostd, id: &str) -> serde_json::Value {
-    let list = host_json(h, &["migrations", "--id", id]);
+    let list = h.host_json(&["migrations", "--id", id]);
     assert_eq!(list["migrations"].as_array().map(Vec::len), Some(1), "{list}");
     list["migrations"][0].clone()
 }
@@ -150,7 +115,7 @@ fn host_migrate_by_name_and_back() {
         ids.push(id);
     }
     assert_ne!(ids[0], ids[1]);
-    let all = host_json(&a, &["migrations"]);
+    let all = a.host_json(&["migrations"]);
     assert_eq!(all["migrations"].as_array().map(Vec::len), Some(2), "{all}");
 }
 
@@ -202,7 +167,7 @@ fn host_migrate_refusals_list_every_reason_and_reserve_nothing() {
             assert!(codes.contains(&want), "{want} missing in {c}");
         }
         nothing_reserved(&b);
-        assert!(host_json(&b, &["migrations"])["migrations"].as_array().expect("list").is_empty());
+        assert!(b.host_json(&["migrations"])["migrations"].as_array().expect("list").is_empty());
     }
     // A destination that does not answer.
     let out = a.vm(&["migrate", "r1", "--to-host", "https://127.0.0.1:1", "--check", "--json"]);

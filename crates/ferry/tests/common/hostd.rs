@@ -224,6 +224,20 @@ impl Hostd {
         serde_json::from_slice(&out.stdout).expect("json")
     }
 
+    /// `ferry host ARGS --host URL --json` against this daemon (in its namespace), which must
+    /// succeed; the JSON answer.
+    pub fn host_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .cmd()
+            .arg("host")
+            .args(args)
+            .args(["--host", &self.url, "--json"])
+            .output()
+            .expect("ferry host");
+        assert!(out.status.success(), "ferry host {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
     /// `ferry vm ARGS --json`, which must succeed; its report.
     pub fn vm_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
@@ -291,6 +305,20 @@ impl Hostd {
         a.extend_from_slice(extra);
         self.vm_json(&a)
     }
+}
+
+/// Two daemons on loopback, started: A with datastore `local`, B seeing A's datastore
+/// directory as `shared` (the same id) beside its own `local`; `top_b` goes at the top of B's
+/// configuration (before its datastores).
+pub fn two_hosts(tag: &str, top_b: &str) -> (Hostd, Hostd) {
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
+    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
+    let text = std::fs::read_to_string(&b.config).expect("config");
+    std::fs::write(&b.config, text.replace("[datastores]", &format!("{top_b}\n[datastores]")))
+        .expect("config");
+    a.start();
+    b.start();
+    (a, b)
 }
 
 /// Whether process `pid` is alive (not a zombie).
