@@ -128,27 +128,25 @@ async fn check_one(
         };
     }
     match ask(c, source, vm, dest, req, true).await {
-        Ok(started) => HostCheck {
-            host: dest.name.clone(),
-            ok: started.checks.ok,
-            reasons: started
-                .checks
-                .reasons
-                .iter()
-                .map(|r| CheckReason {
-                    code: serde_json::to_value(r.code)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
-                    message: r.message.clone(),
-                })
-                .collect(),
-        },
+        Ok(started) => host_check(dest, &started.checks),
         Err(e) => HostCheck {
             host: dest.name.clone(),
             ok: false,
             reasons: vec![CheckReason { code: "source_failed".into(), message: e.message().to_string() }],
         },
+    }
+}
+
+/// A destination's row of the check table from the source daemon's report.
+fn host_check(dest: &HostRow, report: &ferry_host_api::CheckReport) -> HostCheck {
+    HostCheck {
+        host: dest.name.clone(),
+        ok: report.ok,
+        reasons: report
+            .reasons
+            .iter()
+            .map(|r| CheckReason { code: r.code.as_str().to_string(), message: r.message.clone() })
+            .collect(),
     }
 }
 
@@ -202,22 +200,7 @@ pub async fn migrate(
         });
     }
     let started = ask(c, &source, vm, &dest, req, false).await?;
-    let checks = HostCheck {
-        host: dest.name.clone(),
-        ok: started.checks.ok,
-        reasons: started
-            .checks
-            .reasons
-            .iter()
-            .map(|r| CheckReason {
-                code: serde_json::to_value(r.code)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
-                message: r.message.clone(),
-            })
-            .collect(),
-    };
+    let checks = host_check(&dest, &started.checks);
     if let Some(id) = &started.migration_id {
         tracing::info!(
             "migration {id}: VM {vm} from host {} to host {} started through the controller",
