@@ -634,25 +634,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         .with_context(|| {
             format!("cannot make the controller identity in {}", config.identity_dir.display())
         })?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "controller": config.name,
-                "identity_dir": config.identity_dir,
-                "cert": issued.cert,
-                "key": issued.key,
-                "ca": issued.ca,
-                "names": issued.sans,
-            }))?
-        );
-    } else {
-        println!("controller identity for {} in {}", config.name, config.identity_dir.display());
-        println!("  certificate: {}", issued.cert.display());
-        println!("  key:         {} (mode 0600)", issued.key.display());
-        println!("  cluster CA:  {}", issued.ca.display());
-    }
-    Ok(())
+    crate::hostcmd::print_identity(
+        "controller",
+        &config.name,
+        &config.identity_dir,
+        &issued,
+        false,
+        args.json,
+    )
 }
 
 /// Arguments of `ferry host join`.

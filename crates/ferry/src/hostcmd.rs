@@ -70,12 +70,26 @@ fn init(args: HostInitArgs) -> anyhow::Result<ExitCode> {
     }
     let issued = ferry_pki::issue_host(&args.ca, &config.name, &addresses, &config.identity_dir)
         .with_context(|| format!("cannot make the host identity in {}", config.identity_dir.display()))?;
-    if args.json {
+    print_identity("host", &config.name, &config.identity_dir, &issued, true, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints an identity `ferry host init` or `ferry cluster init` just issued (`kind`: host or
+/// controller; `names`: also list the certificate's names in the text).
+pub fn print_identity(
+    kind: &str,
+    name: &str,
+    identity_dir: &std::path::Path,
+    issued: &ferry_pki::IssuedFiles,
+    names: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "host": config.name,
-                "identity_dir": config.identity_dir,
+                kind: name,
+                "identity_dir": identity_dir,
                 "cert": issued.cert,
                 "key": issued.key,
                 "ca": issued.ca,
@@ -83,13 +97,15 @@ fn init(args: HostInitArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        println!("host identity for {} in {}", config.name, config.identity_dir.display());
+        println!("{kind} identity for {name} in {}", identity_dir.display());
         println!("  certificate: {}", issued.cert.display());
         println!("  key:         {} (mode 0600)", issued.key.display());
         println!("  cluster CA:  {}", issued.ca.display());
-        println!("  names:       {}", issued.sans.join(", "));
+        if names {
+            println!("  names:       {}", issued.sans.join(", "));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn mib(bytes: u64) -> String {

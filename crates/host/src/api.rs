@@ -17,20 +17,25 @@ use crate::daemon::Shared;
 #[derive(Debug)]
 pub struct Failure(ApiError);
 
+/// An error's message with its causes, one after another (a cause the message already
+/// states is not repeated).
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
 impl From<crate::daemon::Error> for Failure {
     fn from(e: crate::daemon::Error) -> Self {
-        // The message with its causes, one sentence after another.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = s.source();
-        }
-        Failure(ApiError { code: e.code(), message })
+        Failure(ApiError { code: e.code(), message: with_causes(&e) })
     }
 }
 

@@ -114,17 +114,7 @@ impl From<Error> for Failure {
             Error::NotJoined | Error::BelowBaseline { .. } => ErrorCode::Conflict,
             Error::Identity(_) | Error::Db(_) => ErrorCode::Internal,
         };
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = s.source();
-        }
-        Failure::from_api(ApiError { code, message })
+        Failure::from_api(ApiError { code, message: crate::api::with_causes(&e) })
     }
 }
 
