@@ -41,7 +41,7 @@ export RUST_TEST_THREADS=${RUST_TEST_THREADS:-2}
 log=$(mktemp)
 trap 'rm -f "$log"; scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT
 set +e
-cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo prints one per test binary, the last of
