@@ -261,7 +261,8 @@ pub fn precheck(vm: &VmFacts, host: &HostRow, reserved_bytes: u64) -> Result<Fit
             )),
         }
     }
-    if let Some(other) = info.vms.iter().find(|v| v.name == vm.name) {
+    let on_source = vm.source.as_deref() == Some(host.name.as_str());
+    if let Some(other) = info.vms.iter().find(|v| v.name == vm.name).filter(|_| !on_source) {
         if vm.source.is_none() || other.state.has_process() {
             reasons.push(reason(
                 CheckCode::NameTaken.as_str(),
@@ -415,7 +416,10 @@ pub(crate) mod tests {
     #[test]
     fn host_states_source_and_names() {
         let mut h = host("a", 4096, 2048);
+        vm_on(&mut h, "web1", 256, 1, VmState::Running);
+        // Its own VM on its source: only same_host.
         assert_eq!(codes(&precheck(&facts(Some("a")), &h, 0)), ["same_host"]);
+        h.info.vms.clear();
         h.state = HostState::NotResponding;
         assert_eq!(codes(&precheck(&facts(Some("b")), &h, 0)), [HOST_NOT_CONNECTED]);
         h.state = HostState::Connected;
