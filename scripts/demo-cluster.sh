@@ -177,7 +177,10 @@ cli cluster migrate m1 --check || fail "the checks"
 cli vm migrate m1 --explain || fail "the ranking"
 last_pass() { grep -ao 'memstress: pass [0-9]*' "$home/console.log" | tail -1 | grep -o '[0-9]*$' || echo 0; }
 before=$(last_pass)
-cli vm migrate m1 || fail "the migration by placement"
+out=$(cli vm migrate m1) || { echo "$out"; fail "the migration by placement"; }
+echo "$out"
+dest=$(sed -n '1s/.* to \(host-[a-z]*\) (picked by placement)$/\1/p' <<<"$out")
+[ -n "$dest" ] || fail "no destination in the migration's report"
 for _ in $(seq 1 300); do
   now=$(last_pass)
   [ "$now" -gt "$before" ] && break; sleep 0.1
@@ -200,8 +203,11 @@ grep -h "migration $id" "$work/controller.log" | cut -c1-160 >&2
 say "done: stopping the VMs through the controller; the cleanup removes the namespaces, the store and $work"
 # Until m1's old host's next heartbeat (2 s) the controller still has its report of m1 there:
 # wait for the one report, from its new host.
-one_report() { local out; out=$(cli vm show m1 --json 2>/dev/null) || return 1; [ "$(grep -c '"host":' <<<"$out")" = 1 ]; }
-for _ in $(seq 1 50); do one_report && running m1 && break; sleep 0.2; done
+on_dest() {
+  local out; out=$(cli vm show m1 --json 2>/dev/null) || return 1
+  [ "$(grep -c '"host":' <<<"$out")" = 1 ] && grep -q "\"host\": \"$dest\"" <<<"$out"
+}
+for _ in $(seq 1 50); do on_dest && running m1 && break; sleep 0.2; done
 for vm in m1 m2; do
   cli vm stop "$vm" || fail "the stop of $vm"
 done

@@ -298,8 +298,8 @@ pub struct PortGroupList {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination host's name. Without it, only `check` is possible (every other host is
-    /// checked; the controller does not choose a host).
+    /// The destination host's name. Without it: with `check`, every other host is checked;
+    /// with `explain`, placement's ranking is answered; else placement picks the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_host: Option<String>,
     /// Only run the checks (nothing is reserved).
