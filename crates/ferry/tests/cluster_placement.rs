@@ -7,7 +7,8 @@
 //! migrated by name without a host (`ferry vm migrate NAME` through the controller) goes to
 //! B and its memstress self-check passes there; two migrations placed at once do not both
 //! land on B when it has room for one; bad input (a VM name that exists, a migration to an
-//! unknown host, a datastore no host has) is refused clearly. The same body runs with the
+//! unknown host, a datastore no host has) is refused clearly; a home is registered by
+//! placement. The same body runs with the
 //! controller on SQLite and on PostgreSQL. Needs root and /dev/kvm.
 
 mod common;
@@ -191,6 +192,19 @@ fn placement(tag: &str, database: Option<&str>) {
         "{text}{}",
         stderr(&out)
     );
+
+    // A home registered by placement: made on A directly, forgotten there, then registered
+    // through the controller (its memory unknown: every host ranks; A first by name).
+    t.a.vm_json(&["create", "r1", "--datastore", "shared", "--memory-mib", "64", "--guest", "memstress"]);
+    t.a.vm_json(&["unregister", "r1"]);
+    let home = t.home("r1");
+    let home = home.to_str().expect("path");
+    let p = ctl.json(&["register", home, "--explain"]);
+    assert_eq!(ranking(&p).iter().filter(|h| h.1.is_some()).count(), 3, "{p}");
+    let r1 = ctl.json(&["register", home]);
+    assert_eq!((r1["host"].as_str(), r1["vm"]["name"].as_str()), (Some(na.as_str()), Some("r1")), "{r1}");
+    let out = ctl.cli(&["register", "/nowhere/r1"]);
+    assert!(!out.status.success() && stderr(&out).contains("is on no datastore"), "{}", stderr(&out));
 
     // Started through the controller.
     for v in ["v1", "v2", "v3"] {
