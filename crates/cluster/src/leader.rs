@@ -392,11 +392,21 @@ impl Leader {
                     continue;
                 }
             }
+            // The other calls of the tick: never past the active's renew deadline (the next
+            // tick steps down at once then).
+            let budget = |machine: &Machine| match machine.next(ms()) {
+                Attempt::Acquire => Some(self.timing.op_deadline),
+                Attempt::Renew { within_ms, .. } => {
+                    Some(self.timing.op_deadline.min(Duration::from_millis(within_ms)))
+                }
+                Attempt::StepDown => None,
+            };
             // The registration: every controller, standby or active.
+            let Some(within) = budget(&machine) else { continue };
             if self
                 .bounded(
                     "cannot renew this controller's registration",
-                    self.timing.op_deadline,
+                    within,
                     store.controller_seen(&self.name, &self.url, !registered),
                 )
                 .await
@@ -405,13 +415,12 @@ impl Leader {
                 registered = true;
             }
             // Who is active, and the controllers the hosts and the CLI may turn to.
-            if let Some(read) =
-                self.bounded("cannot read the leader lease", self.timing.op_deadline, store.lease()).await
-            {
+            let Some(within) = budget(&machine) else { continue };
+            if let Some(read) = self.bounded("cannot read the leader lease", within, store.lease()).await {
                 self.note_holder(&read);
-                if let Some(all) = self
-                    .bounded("cannot read the controllers", self.timing.op_deadline, store.controllers(&read))
-                    .await
+                let Some(within) = budget(&machine) else { continue };
+                if let Some(all) =
+                    self.bounded("cannot read the controllers", within, store.controllers(&read)).await
                 {
                     let mut urls = vec![self.url.clone()];
                     for c in all.into_iter().filter(|c| c.age_ms <= FORGET_AFTER.as_millis() as u64) {

@@ -1,0 +1,181 @@
+//! A controller for the tests (`cluster.rs`, `cluster_ha.rs`): `ferry cluster serve` with a
+//! configuration in a scratch directory and an identity from the test CA, and `ferry cluster
+//! ...` run against it. Drop stops it (SIGTERM).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::hostd::cluster;
+use super::{wait_timeout, TempDir};
+
+/// A controller: its directory, configuration, URL and process.
+pub struct Controller {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub url: String,
+    pub process: Option<Child>,
+}
+
+impl Controller {
+    /// A configuration in a scratch directory (`database`: a URL, or the default SQLite file),
+    /// its identity from the test CA.
+    pub fn new(tag: &str, database: Option<&str>) -> Controller {
+        let dir = TempDir::new(tag);
+        let port = super::mig::free_port();
+        let config = dir.path("cluster.toml");
+        let mut text = format!(
+            "name = \"ctl-{tag}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n",
+            dir.path("state").display()
+        );
+        if let Some(db) = database {
+            text.push_str(&format!("database = \"{db}\"\n"));
+        }
+        std::fs::write(&config, text).expect("config");
+        let out = ferry()
+            .args(["cluster", "init", "--config"])
+            .arg(&config)
+            .arg("--ca")
+            .arg(&cluster().ca)
+            .output()
+            .expect("ferry cluster init");
+        assert!(out.status.success(), "ferry cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        Controller { dir, config, url: format!("https://127.0.0.1:{port}"), process: None }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("controller.log")).unwrap_or_default()
+    }
+
+    /// Starts it and waits until it answers as the active controller.
+    pub fn start(&mut self) {
+        self.spawn();
+        self.wait_answering(&["hosts"]);
+    }
+
+    /// Starts it beside an active controller and waits until it answers (`ferry cluster
+    /// leader`: a standby answers nothing else).
+    pub fn start_standby(&mut self) {
+        self.spawn();
+        self.wait_answering(&["leader"]);
+    }
+
+    /// SIGKILL, and reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path("controller.log"))
+            .expect("log");
+        let child = ferry()
+            .args(["cluster", "serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry cluster serve");
+        self.process = Some(child);
+    }
+
+    fn wait_answering(&mut self, args: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.cli(args).status.success() {
+            if let Some(Ok(Some(st))) = self.process.as_mut().map(Child::try_wait) {
+                panic!("the controller exited ({st}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "the controller did not answer:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ferry cluster ARGS --server URL`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut child = ferry()
+            .arg("cluster")
+            .args(args)
+            .args(["--server", &self.url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ferry cluster");
+        if wait_timeout(&mut child, Duration::from_secs(30)).is_none() {
+            let _ = child.kill();
+            panic!("ferry cluster {args:?} did not finish");
+        }
+        child.wait_with_output().expect("output")
+    }
+
+    /// `ferry cluster ARGS --json`, which must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "ferry cluster {args:?}: {}\ncontroller log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    /// Waits until `pred` holds for `ferry cluster ARGS --json`; that report.
+    pub fn wait_for(
+        &self,
+        args: &[&str],
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut a = args.to_vec();
+        a.push("--json");
+        loop {
+            // A report may fail meanwhile (a VM between its hosts' reports is on none).
+            let out = self.cli(&a);
+            let v = if out.status.success() {
+                serde_json::from_slice(&out.stdout).expect("json")
+            } else {
+                serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr) })
+            };
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not within {timeout:?}: {v}\ncontroller log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// `ferry` with the test CLI identity and no controller from the environment.
+pub fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("FERRY_LOG").env_remove("FERRY_HOST").env_remove("FERRY_SERVER");
+    c.env(ferry_pki::IDENTITY_ENV, &cluster().client);
+    c
+}
