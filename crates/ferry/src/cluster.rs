@@ -878,3 +878,31 @@ pub fn membership(args: MembershipArgs) -> anyhow::Result<ExitCode> {
     print_membership(&m, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn several_controllers_are_named_by_commas_or_a_list() {
+        assert_eq!(
+            super::split_servers(" https://a:1/, https://b:2 ,,"),
+            ["https://a:1".to_string(), "https://b:2".to_string()]
+        );
+        let dir = std::env::temp_dir().join(format!("ferry-cli-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("cli.toml");
+        std::fs::write(&file, "servers = [\"https://a:1\", \"https://b:2,https://c:3\"]\n").expect("write");
+        let urls = super::servers_from_file(&file).expect("read").expect("some");
+        assert_eq!(urls, ["https://a:1", "https://b:2", "https://c:3"]);
+        std::fs::write(&file, "server = \"https://a:1,https://b:2\"\n").expect("write");
+        assert_eq!(
+            super::servers_from_file(&file).expect("read").expect("some"),
+            ["https://a:1", "https://b:2"]
+        );
+        std::fs::write(&file, "servers = \"https://a:1\"\n").expect("write");
+        let err = super::servers_from_file(&file).expect_err("a string is not a list").to_string();
+        assert!(err.contains("cli.toml, line 1"), "{err}");
+        std::fs::write(&file, "").expect("write");
+        assert_eq!(super::servers_from_file(&file).expect("read"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
