@@ -192,9 +192,13 @@ fn a_standby_takes_over_a_migration_in_flight() {
     c1.wait_for(&["hosts"], "both hosts connected", Duration::from_secs(20), |v| {
         host_state(v, na) == Some("connected") && host_state(v, nb) == Some("connected")
     });
-    // The heartbeat answers name both controllers.
-    let m = a.host_json(&["cluster"]);
-    assert_eq!(m["controllers"], serde_json::json!([c1.url, c2.url]), "{m}");
+    // The heartbeat answers name both controllers (the active one's list is refreshed every
+    // second from the registry).
+    for h in [&a, &b] {
+        wait_until("the host knows both controllers", Duration::from_secs(20), || {
+            h.host_json(&["cluster"])["controllers"] == serde_json::json!([c1.url, c2.url])
+        });
+    }
     a.create_memstress("web", &[]);
     a.vm_json(&["start", "web"]);
     a.wait_state("web", "running", Duration::from_secs(30));

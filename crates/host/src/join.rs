@@ -9,8 +9,8 @@
 //! every controller of the cluster; when the heartbeat fails (no answer, a 5xx) or the
 //! controller answers `not_active`, the daemon tries at once the active controller that
 //! answer named, then the others, and follows the first that takes the heartbeat (recorded
-//! as the cluster's controller in its database). A join given a standby joins the active
-//! controller it names.
+//! as the cluster's controller in its database, with the list: host schema version 5). A
+//! join given a standby joins the active controller it names.
 //!
 //! Routes: `GET /cluster` ([`Membership`]), `POST /cluster/join` ([`JoinCluster`]),
 //! `POST /cluster/leave`.
@@ -173,6 +173,7 @@ impl Cluster {
         if let Some((url, at)) = &joined {
             status.controller_url = Some(url.clone());
             status.joined_unix_ms = Some(*at);
+            status.controllers = daemon.db().controllers().await?;
         }
         let (target, _) = watch::channel(joined.map(|j| j.0));
         let cluster = Arc::new(Cluster { daemon, client, status: Mutex::new(status), target });
@@ -209,8 +210,11 @@ impl Cluster {
                     tracing::info!("controller {}: heartbeats taken again", ack.controller);
                 }
                 status.controller = Some(ack.controller.clone());
-                if !ack.controllers.is_empty() {
+                if !ack.controllers.is_empty() && status.controllers != ack.controllers {
                     status.controllers = ack.controllers.clone();
+                    if let Err(e) = self.daemon.db().set_controllers(&ack.controllers).await {
+                        tracing::warn!("cannot keep the cluster's controllers: {e}");
+                    }
                 }
                 if let Err(e) = self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await {
                     tracing::warn!("cannot keep the cluster's CPU baseline: {e}");
@@ -249,6 +253,7 @@ impl Cluster {
             other => (url, other?),
         };
         self.daemon.db().set_controller(Some(&url)).await?;
+        self.daemon.db().set_controllers(&ack.controllers).await?;
         self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await?;
         {
             let mut status = self.status.lock().await;
@@ -278,6 +283,7 @@ impl Cluster {
             .await
             .and_then(ferry_pki::Response::error_for_status);
         self.daemon.db().set_controller(None).await?;
+        self.daemon.db().set_controllers(&[]).await?;
         self.daemon.evc().set_baseline(self.daemon.db(), None).await?;
         let mut status = self.status.lock().await;
         let before = std::mem::take(&mut *status);
