@@ -98,7 +98,9 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
         config.name,
         config.url
     );
-    let lease = tokio::spawn(leader.clone().run(store.clone()));
+    // The lease has a pool of its own: its renewals never wait behind the API's queries.
+    let lease_store = store::Store::open(&config.database).await?;
+    let lease = tokio::spawn(leader.clone().run(lease_store.clone()));
     let takeovers = tokio::spawn(on_takeover(controller.clone()));
     let watcher = tokio::spawn(watch_heartbeats(store.clone(), leader.clone()));
     let importer = {
@@ -129,7 +131,8 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     importer.abort();
     takeovers.abort();
     lease.abort();
-    leader.release(&store).await;
+    leader.release(&lease_store).await;
+    lease_store.close().await;
     store.close().await;
     Ok(())
 }

@@ -164,6 +164,10 @@ fn a_standby_takes_over_a_migration_in_flight() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert_eq!(names, ["ctl-ha1", "ctl-ha2"], "{report}");
+    let out = cli(&c2.url, &["leader"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("active: ctl-ha1 at {}, term {term},", c1.url)), "{text}");
+    assert!(text.contains("answered by ctl-ha2 (standby)"), "{text}");
     // The CLI: the standby alone (its hint followed), both, a dead one first.
     for servers in [c2.url.clone(), both.clone(), format!("https://127.0.0.1:1,{}", c2.url)] {
         let out = cli(&servers, &["hosts", "--json"]);
