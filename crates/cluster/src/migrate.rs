@@ -199,6 +199,13 @@ pub async fn migrate(
             migration_id: None,
         });
     }
+    // The last moment to find out that this controller stepped down since the request came.
+    if !c.leader.is_active() {
+        return Err(failure(
+            ErrorCode::NotActive,
+            "this controller stepped down while checking the request; nothing was started: ask the active one".into(),
+        ));
+    }
     let started = ask(c, &source, vm, &dest, req, false).await?;
     let checks = host_check(&dest, &started.checks);
     if let Some(id) = &started.migration_id {
