@@ -421,6 +421,7 @@ static struct {
     u32 buffered;               /* bytes in the ring: received, not yet acknowledged */
     u32 fin_rcvd;
     u32 ack_now;                /* an ACK is owed */
+    u32 dupacks;                /* pure ACKs owed, one per out-of-order segment */
     u32 timeouts;               /* expiries in a row */
     u64 rto;                    /* the current timeout, TSC ticks */
     u64 rto_at;                 /* when the timer expires; 0: not running */
@@ -557,6 +558,9 @@ static void tcp_output(void)
         }
         return;
     }
+    /* Duplicate ACKs first: pure ACKs, the same window, before any data. */
+    while (tcp.dupacks && tcp_send(TH_ACK, tcp.snd_nxt, 0, 0))
+        tcp.dupacks--;
     for (u32 k = 0; k < TCP_BURST; k++) {
         u32 sent = tcp.snd_nxt - tcp.snd_una; /* ring bytes already sent (+1 once FIN is) */
         if (sent < tcp.buffered) {
@@ -647,7 +651,7 @@ static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
         tcp.iss = (u32)(now_tsc >> 8);
         tcp.snd_una = tcp.snd_nxt = tcp.snd_max = tcp.iss;
         tcp.snd_wnd = htons(*(const u16u *)(l4 + 14));
-        tcp.head = tcp.buffered = tcp.fin_rcvd = tcp.ack_now = tcp.timeouts = 0;
+        tcp.head = tcp.buffered = tcp.fin_rcvd = tcp.ack_now = tcp.dupacks = tcp.timeouts = 0;
         tcp.rto = TCP_RTO_MS * ticks_per_ms;
         tcp.rto_at = 0;
         tcp.state = TCP_SYN_RCVD;
@@ -710,8 +714,13 @@ static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
         return 0;
     tcp.ack_now = 1; /* data or FIN, new or not: acknowledge what we expect next */
     u32 have = tcp.rcv_nxt - seq; /* bytes of this segment we already hold */
-    if (tcp.fin_rcvd || have > dlen) /* ahead of rcv_nxt (out of order), or all old */
+    if (tcp.fin_rcvd || have > dlen) { /* ahead of rcv_nxt (out of order), or all old */
+        /* One duplicate ACK per such segment, not one for the lot: three bring the
+         * peer's fast retransmit instead of waiting for its timeout. */
+        if (dlen && tcp.dupacks < TCP_BURST)
+            tcp.dupacks++;
         return 0;
+    }
     u32 take = dlen - have;
     u32 room = SNDBUF - tcp.buffered;
     if (take > room)
