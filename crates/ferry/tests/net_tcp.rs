@@ -180,6 +180,7 @@ fn an_open_tcp_connection_survives_the_migration() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let before = got.load(Ordering::SeqCst);
+    let started = Instant::now();
     let out = run_to_end(
         &["migrate", "--api-socket", s(&sock_a), "--to", &listen, "--auth-key-file", s(&key), "--json"],
         T,
@@ -189,8 +190,8 @@ fn an_open_tcp_connection_survives_the_migration() {
         panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr));
     });
     assert_eq!(report["status"], "completed", "{report}");
-    migrated.store(true, Ordering::SeqCst);
     let at_switch = got.load(Ordering::SeqCst);
+    migrated.store(true, Ordering::SeqCst);
     assert!(a.wait(T).success(), "{}", a.stderr());
 
     writer.join().expect("writer thread").unwrap_or_else(|e| panic!("the client could not send: {e}"));
@@ -205,11 +206,16 @@ fn an_open_tcp_connection_survives_the_migration() {
     // The longest pause in the echo stream, and where it fell.
     let (gap, gap_end) =
         rx.reads.windows(2).map(|w| (w[1].0 - w[0].0, w[1].0)).max_by_key(|g| g.0).expect("several reads");
-    let where_ms = if gap_end >= done {
-        format!("ended {:.0} ms after `ferry migrate` returned", (gap_end - done).as_secs_f64() * 1e3)
-    } else {
-        format!("ended {:.0} ms before `ferry migrate` returned", (done - gap_end).as_secs_f64() * 1e3)
+    let ms = |t: Instant| {
+        let (after, before) = (t.saturating_duration_since(started), started.saturating_duration_since(t));
+        (after.as_secs_f64() - before.as_secs_f64()) * 1e3
     };
+    let where_ms = format!(
+        "from {:.0} to {:.0} ms after `ferry migrate` started; it returned at {:.0} ms",
+        ms(gap_end - gap),
+        ms(gap_end),
+        ms(done)
+    );
     eprintln!(
         "tcp echo through the migration: {TOTAL} bytes in {} reads, {before} back before it started and \
          {at_switch} when it completed; longest pause {:.1} ms ({where_ms}); downtime {} ms; guest: {line}",

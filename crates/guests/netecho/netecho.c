@@ -13,13 +13,21 @@
  *     the request's ICMP checksum is checked, the reply's updated incrementally, the IP
  *     header's recomputed, TTL 64);
  *   - UDP datagrams to its address, port 7 (echo: addresses and ports swapped, same
- *     payload; the UDP checksum is left as it is, which swapping keeps correct).
+ *     payload; the UDP checksum is left as it is, which swapping keeps correct);
+ *   - TCP on port 7: an echo, one connection at a time (passive open; a SYN while one is
+ *     open, a segment to another port or to no connection gets a RST: refused, not
+ *     queued), in-order data only (an out-of-order segment is dropped and answered with a
+ *     duplicate ACK), a window of the 16 KiB send ring's free space, MSS the only option,
+ *     go-back-N retransmission on a timer, passive close (see "TCP echo" below). Its state
+ *     is in guest memory, so an open connection migrates with the VM.
  * Only plain IPv4 (no options, no fragments, valid header checksum) sent to its MAC.
  * At start it sends one gratuitous ARP (an ARP request for its own address), then prints
  *   netecho: ready mac=<mac> ip=<ip>
  * and, every 2 seconds in which something was received or sent,
  *   netecho: rx <frames received> tx <frames sent>[ dropped <replies not sent>]
- * ("dropped" only once a reply found the transmit queue full).
+ *            [ tcp conns <established> echoed <bytes> rexmit <timeouts> rst <resets sent>]
+ * ("dropped" only once a reply found the transmit queue full; the tcp part once TCP was
+ * used), and "netecho: tcp connection reset ..." when a connection ends by a reset.
  * Errors are "netecho: error: ..." lines, after which it powers off (or halts).
  *
  * The driver: virtio-mmio version 2 through rt/virtio.h, VIRTIO_F_VERSION_1 and
@@ -31,7 +39,8 @@
  * queue at once) and back to the pool when the device has sent it. No copies, no
  * interrupts: the guest polls both used rings. Guests here may run by instruction
  * emulation at a few million instructions a second, so the per-frame path is short: the
- * only loop over a frame's bytes is the ICMP checksum check (64 bytes per round).
+ * only loops over a frame's bytes are the ICMP and TCP checksums (64 bytes per round) and
+ * TCP's copies into and out of its ring (8 bytes per round).
  */
 #include "../rt/rt.h"
 #include "../rt/virtio.h"
