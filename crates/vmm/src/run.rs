@@ -453,7 +453,7 @@ impl Vmm {
         for n in self.devices.virtio.nics() {
             match n.announce() {
                 Ok(()) => tracing::info!(
-                    "migration {id}: announced {} on tap {} at the switchover, before the vCPUs start",
+                    "migration {id}: sent a RARP frame from {} on tap {} at the switchover, before the vCPUs start",
                     n.mac(),
                     n.tap_name()
                 ),
