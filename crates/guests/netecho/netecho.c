@@ -16,8 +16,9 @@
  *     payload; the UDP checksum is left as it is, which swapping keeps correct);
  *   - TCP on port 7: an echo, one connection at a time (passive open; a SYN while one is
  *     open, a segment to another port or to no connection gets a RST: refused, not
- *     queued), in-order data only (an out-of-order segment is dropped and answered with a
- *     duplicate ACK), a window of the 16 KiB send ring's free space, MSS the only option,
+ *     queued), one range of out-of-order data kept (in the ring, at its place), every
+ *     out-of-order segment answered with a duplicate ACK, a window of the 16 KiB send
+ *     ring's free space, MSS the only option,
  *     go-back-N retransmission on a timer, passive close (see "TCP echo" below). Its state
  *     is in guest memory, so an open connection migrates with the VM.
  * Only plain IPv4 (no options, no fragments, valid header checksum) sent to its MAC.
@@ -383,8 +384,10 @@ static void tx_reclaim(void)
  * One connection at a time, passive open only. Every byte received in order is put in
  * the send ring and echoed; the ring is also the retransmission queue (bytes leave it when
  * the peer acknowledges them), and its free space is the advertised window, so the
- * window's right edge never moves back. Out-of-order segments are dropped and answered
- * with an ACK of the expected sequence number. Retransmission is go-back-N: when the
+ * window's right edge never moves back. A segment ahead of the expected one is answered
+ * with a duplicate ACK and kept at its place in the ring if it extends the one range kept
+ * ahead (else dropped); a peer without SACK otherwise ends its recovery after a migration
+ * in a backed-off timeout. Retransmission is go-back-N: when the
  * timer expires, sending restarts at the first unacknowledged byte (the timer doubles on
  * each expiry, from TCP_RTO_MS to TCP_RTO_MAX_MS, and the connection is reset after
  * TCP_GIVE_UP expiries in a row). Closing is passive: after the peer's FIN the ring is
@@ -431,6 +434,7 @@ static struct {
     u32 fin_rcvd;
     u32 ack_now;                /* an ACK is owed */
     u32 dupacks;                /* pure ACKs owed, one per out-of-order segment */
+    u32 ooo_seq, ooo_len;       /* one range received ahead of rcv_nxt, kept in the ring */
     u32 timeouts;               /* expiries in a row */
     u64 rto;                    /* the current timeout, TSC ticks */
     u64 rto_at;                 /* when the timer expires; 0: not running */
@@ -629,6 +633,37 @@ static u32 tcp_reset_reply(u8 *l4, u32 len, u32 hlen, u32 src, u32 dst)
     return 20;
 }
 
+/* A segment ahead of rcv_nxt: its bytes go straight to their place in the ring (the
+ * window guarantees the place is free: it lies between the ring's end and the window's
+ * right edge, and neither acknowledgements nor in-order data move the bytes' place). One
+ * range only: a segment that neither overlaps nor touches it is dropped (the peer sends
+ * it again). The range joins the stream once the data before it arrives. */
+static void tcp_keep_ahead(u32 seq, const u8 *data, u32 n)
+{
+    u32 off = seq - tcp.rcv_nxt;
+    u32 room = SNDBUF - tcp.buffered;
+    if (off >= room)
+        return;
+    if (n > room - off)
+        n = room - off;
+    if (tcp.ooo_len) {
+        u32 end = tcp.ooo_seq + tcp.ooo_len;
+        if (seq_lt(end, seq) || seq_lt(seq + n, tcp.ooo_seq))
+            return;
+        u32 start = seq_lt(seq, tcp.ooo_seq) ? seq : tcp.ooo_seq;
+        u32 last = seq_lt(end, seq + n) ? seq + n : end;
+        tcp.ooo_seq = start;
+        tcp.ooo_len = last - start;
+    } else {
+        tcp.ooo_seq = seq;
+        tcp.ooo_len = n;
+    }
+    u32 at = (tcp.head + tcp.buffered + off) & (SNDBUF - 1);
+    u32 first = SNDBUF - at < n ? SNDBUF - at : n;
+    copy(ring + at, data, first);
+    copy(ring, data + first, n - first);
+}
+
 /* A TCP segment to our address (IP header at ip, `len` bytes of TCP at l4). Returns the
  * length of a reply built in place (a RST), or 0. */
 static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
@@ -661,6 +696,7 @@ static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
         tcp.snd_una = tcp.snd_nxt = tcp.snd_max = tcp.iss;
         tcp.snd_wnd = htons(*(const u16u *)(l4 + 14));
         tcp.head = tcp.buffered = tcp.fin_rcvd = tcp.ack_now = tcp.dupacks = tcp.timeouts = 0;
+        tcp.ooo_len = 0;
         tcp.rto = TCP_RTO_MS * ticks_per_ms;
         tcp.rto_at = 0;
         tcp.state = TCP_SYN_RCVD;
@@ -728,6 +764,8 @@ static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
          * peer's fast retransmit instead of waiting for its timeout. */
         if (dlen && tcp.dupacks < TCP_BURST)
             tcp.dupacks++;
+        if (!tcp.fin_rcvd && (int)have < 0 && dlen)
+            tcp_keep_ahead(seq, l4 + hlen, dlen);
         return 0;
     }
     u32 take = dlen - have;
@@ -742,6 +780,17 @@ static u32 tcp_input(const u8 *f, const u8 *ip, u8 *l4, u32 len)
         tcp.buffered += take;
         tcp.rcv_nxt += take;
         tcp_echoed += take;
+    }
+    /* The hole before the range kept ahead is filled: that range is in order now. */
+    if (tcp.ooo_len && !seq_lt(tcp.rcv_nxt, tcp.ooo_seq)) {
+        u32 end = tcp.ooo_seq + tcp.ooo_len;
+        if (seq_lt(tcp.rcv_nxt, end) && !(flags & TH_FIN)) {
+            u32 more = end - tcp.rcv_nxt;
+            tcp.buffered += more;
+            tcp.rcv_nxt += more;
+            tcp_echoed += more;
+        }
+        tcp.ooo_len = 0;
     }
     if ((flags & TH_FIN) && have + take == dlen) {
         tcp.rcv_nxt++;
