@@ -445,9 +445,10 @@ impl Vmm {
     /// the VM's lock and its disks' held) and before its vCPUs start: one round of RARP
     /// frames, so the switches already send the VM's traffic here while the vCPUs are being
     /// started (the frames wait in the tap until the guest reads them). Measured on the
-    /// namespaced test network, the first round otherwise left 10-20 ms after the lock was
-    /// taken (vCPU start, then the announcing thread), all of it added to the outage the
-    /// VM's peers see. The usual rounds follow once the guest runs ([`Self::announce_nics`]).
+    /// namespaced test network of a loaded machine, the first round otherwise left 20-37 ms
+    /// after the lock was taken, 13-20 ms after the vCPUs ran (the announcing thread starts
+    /// after them); with this round it leaves 4-5 ms before they run. The usual rounds
+    /// follow once the guest runs ([`Self::announce_nics`]).
     /// Not earlier: until the lock is held here the source may still take the VM back.
     pub(crate) fn announce_at_switchover(&self, id: &str) {
         for n in self.devices.virtio.nics() {
