@@ -8,6 +8,7 @@ pub mod faultproxy;
 pub mod hostd;
 pub mod leases;
 pub mod mig;
+pub mod netvm;
 pub mod overlap;
 
 use std::io::{BufRead, BufReader, Read};
