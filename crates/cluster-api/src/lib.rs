@@ -40,6 +40,9 @@ pub mod paths {
     /// `GET`: [`crate::EvcReport`]; `POST` [`crate::EvcSet`]: change the CPU baseline,
     /// answers [`crate::EvcChanged`].
     pub const EVC: &str = "/evc";
+    /// `GET`: [`crate::LeaderReport`], answered by every controller, standby or active:
+    /// which controller holds the lease (is active), its term, the others.
+    pub const LEADER: &str = "/leader";
 
     /// `GET /hosts/NAME`: [`crate::HostDetail`]; `DELETE /hosts/NAME`: remove the host
     /// (`disconnected`; its heartbeats are refused until it joins again), answers
@@ -158,6 +161,10 @@ pub struct HeartbeatAck {
     /// from then on sees only these features (the host hides the rest it offers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evc: Option<EvcBaseline>,
+    /// The API URLs of every controller of this cluster known to the active one (itself
+    /// first): where the host turns when this one fails or answers `not_active`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
 }
 
 /// A host in `GET /hosts`.
@@ -614,6 +621,9 @@ pub enum ErrorCode {
     /// A host lacks features of the cluster's CPU baseline (EVC) and cannot join until the
     /// baseline is lowered (409); the message names the features.
     CpuBelowBaseline,
+    /// This controller is a standby (it does not hold the leader lease): ask the active one,
+    /// whose URL the answer ([`NotActive`]) carries when it is known (503).
+    NotActive,
 }
 
 impl ErrorCode {
@@ -626,6 +636,7 @@ impl ErrorCode {
             ErrorCode::Conflict | ErrorCode::CpuBelowBaseline => 409,
             ErrorCode::HostFailed => 502,
             ErrorCode::Internal => 500,
+            ErrorCode::NotActive => 503,
         }
     }
 }
@@ -646,6 +657,109 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// A controller's role (docs/cluster.md "High availability"): `standby` until it takes the
+/// leader lease, `active` while it holds and renews it, `stepping_down` when it could not
+/// renew in time (it stops acting at once and is a standby again once its tasks stopped).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ControllerRole {
+    /// It answers `not_active` and only tries to take the lease.
+    Standby,
+    /// It holds the lease: it answers the API and runs the background tasks.
+    Active,
+    /// It lost (or could not renew) the lease: it no longer acts.
+    SteppingDown,
+}
+
+impl ControllerRole {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerRole::Standby => "standby",
+            ControllerRole::Active => "active",
+            ControllerRole::SteppingDown => "stepping_down",
+        }
+    }
+}
+
+impl std::fmt::Display for ControllerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of a `not_active` answer (503): an [`ApiError`] (same `code` and `message`, so a
+/// client that knows only `ApiError` reads it) plus where the active controller is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct NotActive {
+    /// Always [`ErrorCode::NotActive`].
+    pub code: ErrorCode,
+    /// In one sentence.
+    pub message: String,
+    /// The controller that answered.
+    pub controller: String,
+    /// The active controller's name, when a controller holds an unexpired lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// The active controller's API URL: where to ask instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_url: Option<String>,
+    /// The lease's term (raised at every takeover).
+    pub term: u64,
+}
+
+/// The leader lease as the database holds it (times on the database's clock).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct LeaseInfo {
+    /// The controller that took it last (empty: never taken).
+    pub holder: String,
+    /// Its API URL.
+    pub holder_url: String,
+    /// Raised at every takeover.
+    pub term: u64,
+    /// When the holder took it, ms since the Unix epoch.
+    pub acquired_unix_ms: u64,
+    /// Its last renewal.
+    pub renewed_unix_ms: u64,
+    /// When it expires unless renewed (0: released).
+    pub expires_unix_ms: u64,
+    /// Whether it expired: no controller is active until one takes it.
+    pub expired: bool,
+}
+
+/// A controller of the cluster, as registered in the database.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct ControllerSeen {
+    /// Its name (its certificate's).
+    pub name: String,
+    /// Its API URL.
+    pub url: String,
+    /// When it last started, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// Its last renewal of its registration (every controller, standby or active, renews it
+    /// about every second).
+    pub last_seen_unix_ms: u64,
+    /// How old that renewal is, ms (on the database's clock).
+    pub age_ms: u64,
+    /// Whether it holds the unexpired lease.
+    pub active: bool,
+}
+
+/// `GET /leader`: who is active (the lease), the controllers, and the answering one's role.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct LeaderReport {
+    /// The controller that answered.
+    pub answered_by: String,
+    /// Its role.
+    pub role: ControllerRole,
+    /// The lease.
+    pub lease: LeaseInfo,
+    /// Every registered controller, by name.
+    pub controllers: Vec<ControllerSeen>,
+    /// The database's clock when read, ms since the Unix epoch.
+    pub now_unix_ms: u64,
+}
 
 #[cfg(test)]
 mod tests {

@@ -50,6 +50,10 @@ pub struct Config {
     /// The store: `sqlite://PATH` or `postgres://...` (default
     /// `sqlite://STATE_DIR/cluster.db`).
     pub database: String,
+    /// The controller's API URL as hosts, the CLI and the other controllers reach it
+    /// (`url = "https://IP:PORT"`; default `https://LISTEN`): what it advertises when it is
+    /// the active one (docs/cluster.md "High availability").
+    pub url: String,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +64,7 @@ struct Raw {
     state_dir: Spanned<PathBuf>,
     identity_dir: Option<Spanned<PathBuf>>,
     database: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
 }
 
 fn line_of(text: &str, at: usize) -> usize {
@@ -131,7 +136,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         }
         None => format!("sqlite://{}", state_dir.join("cluster.db").display()),
     };
-    Ok(Config { file: path.to_owned(), name, listen, state_dir, identity_dir, database })
+    let url = match raw.url {
+        Some(u) => {
+            let valid = u.get_ref().strip_prefix("https://").is_some_and(|rest| {
+                let rest = rest.trim_end_matches('/');
+                !rest.is_empty() && !rest.contains('/') && rest.contains(':')
+            });
+            if !valid {
+                return Err(field(at(u.span()), "url", "use https://HOST:PORT".into()));
+            }
+            u.get_ref().trim_end_matches('/').to_string()
+        }
+        None => format!("https://{listen}"),
+    };
+    Ok(Config { file: path.to_owned(), name, listen, state_dir, identity_dir, database, url })
 }
 
 #[cfg(test)]
@@ -150,6 +168,7 @@ mod tests {
         assert_eq!(c.name, "controller");
         assert_eq!(c.database, "sqlite:///var/lib/ferry-cluster/cluster.db");
         assert_eq!(c.identity_dir, Path::new("/var/lib/ferry-cluster/identity"));
+        assert_eq!(c.url, "https://127.0.0.1:7444");
     }
 
     #[test]
@@ -161,6 +180,7 @@ mod tests {
             ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nbogus = 1\n", 3, "(file)"),
             ("listen = \"127.0.0.1:1\"\n", 1, "(file)"),
             ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nname = \"a b\"\n", 3, "name"),
+            ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nurl = \"http://x:1\"\n", 3, "url"),
         ];
         for (text, line, name) in cases {
             match parse(Path::new("/etc/c.toml"), text) {

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod evc;
+pub mod leader;
 pub mod migrate;
 pub mod placement;
 pub mod precheck;
@@ -87,21 +88,32 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     let client = ferry_pki::Client::new(&dir)
         .map_err(|e| Error::Client { dir, reason: e.to_string() })?
         .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
+    let leader = leader::Leader::new(&config.name, &config.url, leader::Timing::default());
     let controller = Arc::new(server::Controller {
         name: config.name.clone(),
         store: store.clone(),
         client,
+        leader: leader.clone(),
         placing: placement::Pending::default(),
     });
-    migrate::resume(&controller).await;
-    tracing::info!("ferry cluster {} listening on {local}", config.name);
-    let watcher = tokio::spawn(watch_heartbeats(store.clone()));
+    tracing::info!(
+        "ferry cluster {} listening on {local} (API {}), standby until it holds the leader lease",
+        config.name,
+        config.url
+    );
+    // The lease has a pool of its own: its renewals never wait behind the API's queries.
+    let lease_store = store::Store::open(&config.database).await?;
+    let lease = tokio::spawn(leader.clone().run(lease_store.clone()));
+    let takeovers = tokio::spawn(on_takeover(controller.clone()));
+    let watcher = tokio::spawn(watch_heartbeats(store.clone(), leader.clone()));
     let importer = {
         let controller = controller.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(IMPORT_EVERY).await;
-                migrate::import_histories(&controller).await;
+                if controller.leader.is_active() {
+                    migrate::import_histories(&controller).await;
+                }
             }
         })
     };
@@ -120,16 +132,41 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     ferry_pki::serve_tls(listener, Arc::new(tls), server::router(controller), shutdown).await;
     watcher.abort();
     importer.abort();
+    takeovers.abort();
+    lease.abort();
+    leader.release(&lease_store).await;
+    lease_store.close().await;
     store.close().await;
     Ok(())
 }
 
+/// At every takeover (a new term): follows again the migrations the history holds as active.
+async fn on_takeover(controller: Arc<server::Controller>) {
+    let mut status = controller.leader.subscribe();
+    let mut followed_term = 0;
+    loop {
+        let now = status.borrow_and_update().clone();
+        if now.role == ferry_cluster_api::ControllerRole::Active && now.term != followed_term {
+            followed_term = now.term;
+            migrate::resume(&controller).await;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Marks `not_responding` the hosts whose heartbeats stopped ([`MISSED_HEARTBEATS`]
-/// intervals without one). Idempotent: rerun after any restart.
-async fn watch_heartbeats(store: store::Store) {
+/// intervals without one). Idempotent: rerun after any restart. Only while active, and not in
+/// the first `MISSED_HEARTBEATS` intervals after a takeover: the hosts' heartbeats went
+/// nowhere while no controller was active, and they need that long to find the new one.
+async fn watch_heartbeats(store: store::Store, leader: Arc<leader::Leader>) {
     let silence = HEARTBEAT_INTERVAL_MS * MISSED_HEARTBEATS;
     loop {
         tokio::time::sleep(STALE_CHECK).await;
+        if !leader.active_for(Duration::from_millis(silence)) {
+            continue;
+        }
         match store.mark_not_responding(store::unix_ms().saturating_sub(silence)).await {
             Ok(names) => {
                 for name in names {

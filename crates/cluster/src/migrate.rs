@@ -199,6 +199,13 @@ pub async fn migrate(
             migration_id: None,
         });
     }
+    // The last moment to find out that this controller stepped down since the request came.
+    if !c.leader.is_active() {
+        return Err(failure(
+            ErrorCode::NotActive,
+            "this controller stepped down while checking the request; nothing was started: ask the active one".into(),
+        ));
+    }
     let started = ask(c, &source, vm, &dest, req, false).await?;
     let checks = host_check(&dest, &started.checks);
     if let Some(id) = &started.migration_id {
@@ -223,7 +230,14 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
     let url = format!("{}{}?id={id}", source.api_url, ferry_host_api::paths::MIGRATIONS);
     let deadline = tokio::time::Instant::now() + FOLLOW_AT_MOST;
     let mut last_error = String::new();
+    // Only the active controller follows, and only in the term it started in: after a
+    // takeover the new active one follows it again (`resume`).
+    let term = c.leader.active_term();
     while tokio::time::Instant::now() < deadline {
+        if term.is_none() || c.leader.active_term() != term {
+            tracing::info!("migration {id}: no longer followed here (this controller is not the active one)");
+            return;
+        }
         let answer = c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status);
         match answer.map(|r| serde_json::from_slice::<MigrationList>(&r.body)) {
             Ok(Ok(list)) => match list.migrations.into_iter().next() {
@@ -265,8 +279,8 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
     tracing::warn!("migration {id}: not ended after {FOLLOW_AT_MOST:?}; no longer followed");
 }
 
-/// At start-up: follows again the migrations the history holds as active (a controller that
-/// restarted forgets none).
+/// At start-up and at every takeover: follows again the migrations the history holds as active
+/// (a controller that restarted, or a standby that took over, forgets none).
 pub async fn resume(c: &Arc<Controller>) {
     let filter =
         crate::store::MigrationFilter { outcome: Some(MigrationOutcome::Active), ..Default::default() };
@@ -280,7 +294,10 @@ pub async fn resume(c: &Arc<Controller>) {
     for m in active {
         match c.store.host(&m.source).await {
             Ok(Some(source)) => {
-                tracing::info!("migration {}: following it again (controller restarted)", m.id);
+                tracing::info!(
+                    "migration {}: following it again (this controller restarted or took over)",
+                    m.id
+                );
                 tokio::spawn(follow(Arc::clone(c), source, m.id.clone()));
             }
             _ => tracing::warn!("migration {}: its source host {} is unknown; not followed", m.id, m.source),

@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ferry_cluster_api::{
-    paths, ApiError, CheckTable, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck, HostDetail, HostList,
-    HostState, HostSummary, MigrateRequest, MigrationDetail, MigrationList, MigrationStarted, PortGroupList,
-    VmList, HEARTBEAT_INTERVAL_MS,
+    paths, ApiError, CheckTable, ControllerRole, DatastoreList, ErrorCode, Heartbeat, HeartbeatAck,
+    HostDetail, HostList, HostState, HostSummary, LeaderReport, MigrateRequest, MigrationDetail,
+    MigrationList, MigrationStarted, NotActive, PortGroupList, VmList, HEARTBEAT_INTERVAL_MS,
 };
 use ferry_pki::PeerIdentity;
 use utoipa::OpenApi;
@@ -31,6 +31,9 @@ pub struct Controller {
     pub store: Store,
     /// The controller's client of the host daemons (its own certificate).
     pub client: ferry_pki::Client,
+    /// The leader lease: whether this controller is the active one (docs/cluster.md "High
+    /// availability"); background tasks ask it before acting.
+    pub leader: Arc<crate::leader::Leader>,
     /// Memory held by placements in progress (creates, migrations not yet in the history).
     pub placing: crate::placement::Pending,
 }
@@ -84,9 +87,17 @@ impl IntoResponse for Failure {
     ),
     paths(
         heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
-        migration, evc, evc_set, create, register
+        migration, evc, evc_set, leader, create, register
     ),
-    components(schemas(ApiError, ErrorCode, HostState, CheckTable, ferry_cluster_api::Placement))
+    components(schemas(
+        ApiError,
+        ErrorCode,
+        HostState,
+        CheckTable,
+        NotActive,
+        ControllerRole,
+        ferry_cluster_api::Placement
+    ))
 )]
 pub struct ApiDoc;
 
@@ -122,8 +133,61 @@ pub fn router(state: Shared) -> Router {
                 .route(paths::LEAVE, post(leave))
                 .route_layer(axum::middleware::from_fn(ferry_pki::require_host)),
         )
+        .route(paths::LEADER, get(leader))
         .fallback(|| async { Failure::new(ErrorCode::NotFound, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), only_active))
         .with_state(state)
+}
+
+/// A standby answers every request but `GET /leader` and `GET /openapi.json` with
+/// `not_active` (503) and the active controller's URL when one holds the lease.
+async fn only_active(
+    State(c): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if c.leader.is_active() || path == paths::LEADER || path == paths::OPENAPI {
+        return next.run(request).await;
+    }
+    let status = c.leader.status();
+    let (active, active_url) = match status.holder {
+        Some((name, url, _)) if name != c.name => (Some(name), Some(url)),
+        _ => (None, None),
+    };
+    let message = match (&active, &active_url) {
+        (Some(name), Some(url)) => {
+            format!("controller {} is a standby; the active controller is {name} at {url}", c.name)
+        }
+        _ => format!(
+            "controller {} is a standby and no controller holds the leader lease now (a takeover takes a few seconds); try again",
+            c.name
+        ),
+    };
+    let body = NotActive {
+        code: ErrorCode::NotActive,
+        message,
+        controller: c.name.clone(),
+        active,
+        active_url,
+        term: status.term,
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// Which controller is active (holds the leader lease), its term, and every controller with
+/// its last renewal; answered by standbys too.
+#[utoipa::path(get, path = "/leader", responses((status = 200, body = LeaderReport)))]
+async fn leader(State(c): State<Shared>) -> Result<Json<LeaderReport>, Failure> {
+    let read = c.store.lease().await?;
+    let controllers = c.store.controllers(&read).await?;
+    Ok(Json(LeaderReport {
+        answered_by: c.name.clone(),
+        role: c.leader.status().role,
+        lease: read.lease,
+        controllers,
+        now_unix_ms: read.now_unix_ms,
+    }))
 }
 
 /// The host's API URL: an unspecified IP is replaced by the heartbeat's source address.
@@ -167,7 +231,12 @@ async fn heartbeat(
         }
         Some(_) => {}
     }
-    Ok(Json(HeartbeatAck { controller: c.name.clone(), interval_ms: HEARTBEAT_INTERVAL_MS, evc }))
+    Ok(Json(HeartbeatAck {
+        controller: c.name.clone(),
+        interval_ms: HEARTBEAT_INTERVAL_MS,
+        evc,
+        controllers: c.leader.known(),
+    }))
 }
 
 /// The calling host leaves the cluster: `disconnected` (its last report stays).

@@ -22,7 +22,8 @@ about 6 s (its VMs are shown as last reported, with the report's age).
 
 The reports find the controller from --server URL, else $FERRY_SERVER, else `server = \"URL\"`
 in $XDG_CONFIG_HOME/ferry/cli.toml (else ~/.config/ferry/cli.toml); they authenticate with the
-CLI's identity (--identity, $FERRY_IDENTITY, ~/.config/ferry/identity).
+CLI's identity (--identity, $FERRY_IDENTITY, ~/.config/ferry/identity). With standby
+controllers, give them all (--server A,B or servers = [\"A\", \"B\"]): the CLI asks the active one.
 
 Examples:
   ferry cluster init --config /etc/ferry/cluster.toml --ca /etc/ferry/ca
@@ -42,6 +43,7 @@ Examples:
   ferry cluster datastores
   ferry cluster portgroups
   ferry cluster evc                          # the CPU baseline; `evc set --hide F` lowers it
+  ferry cluster leader --server https://10.0.0.10:7444,https://10.0.0.11:7444   # which one is active
 
 The configuration is in docs/cluster.md, with an example in docs/examples/cluster.toml.";
 
@@ -109,7 +111,28 @@ pub enum ClusterCommand {
     /// lacking features, each VM's CPUID generation; `evc set` changes it.
     #[command(long_about = crate::evc::EVC_ABOUT)]
     Evc(crate::evc::EvcArgs),
+    /// High availability: which controller is active (holds the leader lease), its term, and
+    /// every controller with its last renewal. Any controller answers, standby or active.
+    #[command(long_about = LEADER_ABOUT)]
+    Leader(ReportArgs),
 }
+
+/// The long help of `ferry cluster leader`.
+pub const LEADER_ABOUT: &str = "\
+Which controller is active, its term, and the standbys with their last renewal.
+
+Two or more `ferry cluster serve` on one database (PostgreSQL) form one controller: the one
+that holds the leader lease (a row in the database, renewed every second for 5 s, on the
+database's clock) is active; the others are standbys that answer every request with
+not_active and the active one's URL, and take the lease over when it expires. The term is
+raised at every takeover. Any controller answers this report.
+
+Give the CLI every controller's URL (--server A,B, FERRY_SERVER=A,B, or servers = [...] in
+cli.toml): it tries them in order and follows a standby's hint to the active one.
+
+Examples:
+  ferry cluster leader --server https://10.0.0.10:7444,https://10.0.0.11:7444
+  ferry cluster leader --json";
 
 /// Arguments of `ferry cluster migrate`.
 #[derive(Debug, Args)]
@@ -230,9 +253,10 @@ pub struct InitArgs {
 /// Which controller, and as whom.
 #[derive(Debug, Args, Clone)]
 pub struct ServerTarget {
-    /// The controller's URL (https://HOST:PORT). Default: $FERRY_SERVER, else `server` in
-    /// ~/.config/ferry/cli.toml.
-    #[arg(long = "server", value_name = "URL")]
+    /// The controller's URL (https://HOST:PORT), or several separated by commas (standby
+    /// controllers: tried in order, a standby's hint to the active one followed). Default:
+    /// $FERRY_SERVER, else `server` (or `servers = [...]`) in ~/.config/ferry/cli.toml.
+    #[arg(long = "server", value_name = "URL[,URL...]")]
     pub server: Option<String>,
     /// The CLI's TLS identity (cert.pem, key.pem, ca.pem from `ferry ca issue --kind
     /// client`). Default: $FERRY_IDENTITY, else ~/.config/ferry/identity.
@@ -277,11 +301,13 @@ pub struct VmArgs {
     pub json: bool,
 }
 
-/// `server = "..."` in the CLI's configuration file.
+/// `server = "..."` (one URL, or several separated by commas) or `servers = [...]` in the
+/// CLI's configuration file.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CliConfig {
     server: Option<String>,
+    servers: Option<Vec<String>>,
 }
 
 /// The CLI's configuration file: $XDG_CONFIG_HOME/ferry/cli.toml, else
@@ -293,7 +319,7 @@ fn cli_config_path() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|h| h.join(".config").join("ferry").join("cli.toml")))
 }
 
-fn server_from_file(path: &Path) -> anyhow::Result<Option<String>> {
+fn servers_from_file(path: &Path) -> anyhow::Result<Option<Vec<String>>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -303,50 +329,137 @@ fn server_from_file(path: &Path) -> anyhow::Result<Option<String>> {
         let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(1);
         anyhow::anyhow!("{}, line {line}: {}", path.display(), e.message().trim())
     })?;
-    Ok(config.server)
+    let mut urls = config.server.as_deref().map(split_servers).unwrap_or_default();
+    urls.extend(config.servers.unwrap_or_default().iter().flat_map(|s| split_servers(s)));
+    Ok((!urls.is_empty()).then_some(urls))
 }
 
-/// A client of the controller.
+/// `a,b , c` as URLs, without empty ones and trailing slashes.
+fn split_servers(list: &str) -> Vec<String> {
+    list.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect()
+}
+
+/// A client of the controller: the controllers to try, in order (the one that answered last
+/// first), and the CLI's TLS client.
 pub(crate) struct Controller {
-    url: String,
+    urls: std::cell::RefCell<Vec<String>>,
     client: ferry_pki::BlockingClient,
 }
 
 impl ServerTarget {
-    /// The controller's URL if one is configured: --server, else $FERRY_SERVER, else
-    /// `server` in cli.toml (an unreadable or malformed cli.toml is an error).
-    pub(crate) fn configured(&self) -> anyhow::Result<Option<String>> {
+    /// The controllers' URLs if any is configured: --server, else $FERRY_SERVER (several
+    /// separated by commas), else `server`/`servers` in cli.toml (an unreadable or malformed
+    /// cli.toml is an error).
+    pub(crate) fn configured(&self) -> anyhow::Result<Option<Vec<String>>> {
         match self.server.clone().or_else(|| std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty())) {
-            Some(u) => Ok(Some(u)),
-            None => Ok(cli_config_path().as_deref().map(server_from_file).transpose()?.flatten()),
+            Some(u) => Ok(Some(split_servers(&u))),
+            None => Ok(cli_config_path().as_deref().map(servers_from_file).transpose()?.flatten()),
         }
     }
 
     pub(crate) fn connect(&self) -> anyhow::Result<Controller> {
-        let url = match self.configured()? {
+        let urls = match self.configured()? {
             Some(u) => u,
             None => anyhow::bail!(
-                "no controller: pass --server https://HOST:PORT, set {SERVER_ENV}, or put server = \"https://HOST:PORT\" in {}",
+                "no controller: pass --server https://HOST:PORT[,https://HOST2:PORT], set {SERVER_ENV}, or put server = \"https://HOST:PORT\" (or servers = [...]) in {}",
                 cli_config_path().map_or("~/.config/ferry/cli.toml".into(), |f| f.display().to_string())
             ),
         };
-        if !url.starts_with("https://") {
-            anyhow::bail!("{url}: the controller speaks only HTTPS with mutual TLS; use https://HOST:PORT");
+        if urls.is_empty() {
+            anyhow::bail!("no controller URL given: use https://HOST:PORT, several separated by commas");
+        }
+        for url in &urls {
+            if !url.starts_with("https://") {
+                anyhow::bail!(
+                    "{url}: the controller speaks only HTTPS with mutual TLS; use https://HOST:PORT"
+                );
+            }
         }
         let dir = self.identity.clone().or_else(ferry_pki::default_identity_dir).context(
             "no TLS identity: pass --identity DIR or set FERRY_IDENTITY (a directory with cert.pem, key.pem and ca.pem from `ferry ca issue --kind client`)",
         )?;
         let client = ferry_pki::BlockingClient::new(&dir)
             .with_context(|| format!("cannot use the TLS identity in {}", dir.display()))?;
-        Ok(Controller { url: url.trim_end_matches('/').to_string(), client })
+        Ok(Controller { urls: std::cell::RefCell::new(urls), client })
     }
 }
 
+/// Whether a request that failed with `e` certainly did not reach the controller's handler
+/// (so another controller may be asked even for a request that changes something).
+fn not_sent(e: &ferry_pki::client::Error) -> bool {
+    use ferry_pki::client::Error as E;
+    matches!(e, E::Connect { .. } | E::Tls { .. } | E::Url(_))
+        || matches!(e, E::Timeout { step, .. } if *step != "request")
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 impl Controller {
+    /// Sends a request (`send(url)`) to the controllers in order until the active one
+    /// answers: one that cannot be reached is skipped (for a request that changes something,
+    /// only if it certainly did not get it), a standby's `not_active` answer is followed to
+    /// the active controller it names (once). The answer and the URL that gave it.
+    fn exchange(
+        &self,
+        changes: bool,
+        send: impl Fn(&str) -> Result<ferry_pki::Response, ferry_pki::client::Error>,
+    ) -> anyhow::Result<ferry_pki::Response> {
+        let urls = self.urls.borrow().clone();
+        let mut queue: std::collections::VecDeque<String> = urls.iter().cloned().collect();
+        let mut tried: Vec<(String, String)> = Vec::new();
+        let mut hint_followed = false;
+        while let Some(url) = queue.pop_front() {
+            if tried.iter().any(|(u, _)| *u == url) {
+                continue;
+            }
+            match send(&url) {
+                Err(e) if urls.len() == 1 && tried.is_empty() && queue.is_empty() => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot reach the controller at {url} (is `ferry cluster serve` running there?)"
+                    )));
+                }
+                Err(e) if !changes || not_sent(&e) => tried.push((url, chain(&e))),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the controller at {url} did not answer (the request may have been done: check before retrying)"
+                    )))
+                }
+                Ok(r) if r.status == 503 => {
+                    match serde_json::from_slice::<ferry_cluster_api::NotActive>(&r.body) {
+                        Ok(n) if n.code == ferry_cluster_api::ErrorCode::NotActive => {
+                            if let Some(active) = n.active_url.clone().filter(|_| !hint_followed) {
+                                hint_followed = true;
+                                queue.push_front(active.trim_end_matches('/').to_string());
+                            }
+                            tried.push((url, format!("standby ({})", n.message)));
+                        }
+                        _ => return Ok(r),
+                    }
+                }
+                Ok(r) => {
+                    // Ask this one first from now on.
+                    let mut order = self.urls.borrow_mut();
+                    order.retain(|u| *u != url);
+                    order.insert(0, url);
+                    return Ok(r);
+                }
+            }
+        }
+        let list: Vec<String> = tried.iter().map(|(u, why)| format!("{u}: {why}")).collect();
+        anyhow::bail!("no active controller answered; tried {}", list.join("; "))
+    }
+
     pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self.client.get(&format!("{}{path}", self.url)).with_context(|| {
-            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
-        })?;
+        let response = self.exchange(false, |url| self.client.get(&format!("{url}{path}")))?;
         self.decode(response)
     }
 
@@ -356,17 +469,18 @@ impl Controller {
         body: &B,
     ) -> anyhow::Result<T> {
         let body = serde_json::to_value(body)?;
-        let response = self.client.post(&format!("{}{path}", self.url), &body).with_context(|| {
-            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
-        })?;
+        let response = self.exchange(true, |url| self.client.post(&format!("{url}{path}"), &body))?;
         self.decode(response)
     }
 
     fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self.client.delete(&format!("{}{path}", self.url)).with_context(|| {
-            format!("cannot reach the controller at {} (is `ferry cluster serve` running there?)", self.url)
-        })?;
+        let response = self.exchange(true, |url| self.client.delete(&format!("{url}{path}")))?;
         self.decode(response)
+    }
+
+    /// The controller the last answer came from.
+    fn url(&self) -> String {
+        self.urls.borrow().first().cloned().unwrap_or_default()
     }
 
     fn decode<T: DeserializeOwned>(&self, response: ferry_pki::Response) -> anyhow::Result<T> {
@@ -376,14 +490,14 @@ impl Controller {
                 Ok(e) => anyhow::bail!("{e}"),
                 Err(_) => anyhow::bail!(
                     "the controller at {} answered {}: {}",
-                    self.url,
+                    self.url(),
                     response.status,
                     String::from_utf8_lossy(&response.body).trim()
                 ),
             }
         }
         serde_json::from_slice(&response.body)
-            .with_context(|| format!("the controller at {} sent a malformed answer", self.url))
+            .with_context(|| format!("the controller at {} sent a malformed answer", self.url()))
     }
 }
 
@@ -489,6 +603,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             return register(&ctl, &req, args.json);
         }
         ClusterCommand::Evc(args) => crate::evc::run(args)?,
+        ClusterCommand::Leader(args) => {
+            let report: ferry_cluster_api::LeaderReport = args.target.connect()?.get(paths::LEADER)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_leader(&report);
+            }
+        }
         ClusterCommand::Migrations(args) => {
             let mut query = Vec::new();
             if args.active {
@@ -783,6 +905,36 @@ pub(crate) fn migrate_through(
     })
 }
 
+fn print_leader(r: &ferry_cluster_api::LeaderReport) {
+    let l = &r.lease;
+    if l.holder.is_empty() {
+        println!("active: none (the lease was never taken)");
+    } else if l.expired {
+        println!(
+            "active: none (the lease of {} at {}, term {}, expired {} ago; a standby takes it at its next try)",
+            l.holder,
+            l.holder_url,
+            l.term,
+            age(r.now_unix_ms.saturating_sub(l.expires_unix_ms))
+        );
+    } else {
+        println!(
+            "active: {} at {}, term {}, renewed {} ago, expires in {}",
+            l.holder,
+            l.holder_url,
+            l.term,
+            age(r.now_unix_ms.saturating_sub(l.renewed_unix_ms)),
+            age(l.expires_unix_ms.saturating_sub(r.now_unix_ms))
+        );
+    }
+    println!("answered by {} ({})", r.answered_by, r.role);
+    println!("{:<20} {:<8} {:<32} LAST RENEWAL", "CONTROLLER", "ROLE", "URL");
+    for c in &r.controllers {
+        let role = if c.active { "active" } else { "standby" };
+        println!("{:<20} {:<8} {:<32} {} ago", c.name, role, c.url, age(c.age_ms));
+    }
+}
+
 /// Milliseconds as a short age.
 fn age(ms: u64) -> String {
     if ms < 10_000 {
@@ -890,6 +1042,14 @@ fn print_membership(m: &ferry_host::join::Membership, json: bool) -> anyhow::Res
     if let Some(g) = m.evc_generation {
         println!("CPU baseline: generation {g} (see `ferry cluster evc`)");
     }
+    if m.controllers.len() > 1 {
+        println!("controllers (the host turns to these when its controller fails or stands by):");
+        for url in &m.controllers {
+            let mark =
+                if m.controller_url.as_deref() == Some(url.as_str()) { " (talking to it)" } else { "" };
+            println!("  {url}{mark}");
+        }
+    }
     if let Some(e) = &m.last_error {
         println!("last error: {e}");
     }
@@ -929,4 +1089,32 @@ pub fn membership(args: MembershipArgs) -> anyhow::Result<ExitCode> {
     let m: ferry_host::join::Membership = client.get(ferry_host::join::routes::CLUSTER)?;
     print_membership(&m, args.json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn several_controllers_are_named_by_commas_or_a_list() {
+        assert_eq!(
+            super::split_servers(" https://a:1/, https://b:2 ,,"),
+            ["https://a:1".to_string(), "https://b:2".to_string()]
+        );
+        let dir = std::env::temp_dir().join(format!("ferry-cli-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("cli.toml");
+        std::fs::write(&file, "servers = [\"https://a:1\", \"https://b:2,https://c:3\"]\n").expect("write");
+        let urls = super::servers_from_file(&file).expect("read").expect("some");
+        assert_eq!(urls, ["https://a:1", "https://b:2", "https://c:3"]);
+        std::fs::write(&file, "server = \"https://a:1,https://b:2\"\n").expect("write");
+        assert_eq!(
+            super::servers_from_file(&file).expect("read").expect("some"),
+            ["https://a:1", "https://b:2"]
+        );
+        std::fs::write(&file, "servers = \"https://a:1\"\n").expect("write");
+        let err = super::servers_from_file(&file).expect_err("a string is not a list").to_string();
+        assert!(err.contains("cli.toml, line 1"), "{err}");
+        std::fs::write(&file, "").expect("write");
+        assert_eq!(super::servers_from_file(&file).expect("read"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -16,9 +16,20 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::controller::{host_cmd, host_state, Controller};
+use common::cluster::{ferry, Controller};
 use common::hostd::{wait_console, Hostd};
 use common::{require_kvm, require_root, TempDir};
+
+/// `ferry host ARGS --host URL --json` of `h`, which must succeed.
+fn host_cmd(h: &Hostd, args: &[&str]) -> serde_json::Value {
+    let out = ferry().arg("host").args(args).args(["--host", &h.url, "--json"]).output().expect("ferry host");
+    assert!(out.status.success(), "ferry host {args:?}: {}\n{}", stderr(&out), h.daemon_log());
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn host_state<'a>(hosts: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)?["state"].as_str()
+}
 
 /// The controller, three hosts and the shared datastore directory (removed last).
 struct Three {
@@ -250,7 +261,7 @@ fn placement(tag: &str, database: Option<&str>) {
         let url = ctl.url.clone();
         let v = v.to_string();
         std::thread::spawn(move || {
-            common::controller::ferry()
+            ferry()
                 .args(["vm", "migrate", &v, "--json", "--server", &url])
                 .output()
                 .expect("ferry vm migrate")

@@ -9,59 +9,20 @@
 mod common;
 
 use std::net::{TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::netvm::{in_netns, netecho, ping, receiver_on_b, MAC};
 use common::{assert_one_line_error, require_kvm, require_root, run_to_end, TempDir, Vm};
-use ferry_testnet::{Net, CLIENT_IP, HOST_B_IP, TAP, VM_IP};
+use ferry_testnet::{Net, CLIENT_IP, HOST_B_IP, VM_IP};
 
 const T: Duration = Duration::from_secs(60);
-const MAC: &str = "52:54:00:77:00:02";
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
-}
-
-/// `ferry run` of netecho inside namespace `ns`, on its tap.
-fn netecho(net_ns: &str, sock: &Path, home: &Path) -> Vm {
-    let mut cmd = Net::exec(net_ns, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
-    let net = format!("tap={TAP},mac={MAC}");
-    let cmdline = format!("ip={VM_IP}/24");
-    cmd.args(["run", "--guest", "netecho", "--memory", "64M", "--cmdline", &cmdline, "--net", &net]);
-    cmd.args(["--api-socket", s(sock), "--home", s(home)]);
-    let mut vm = Vm::spawn(common::mig::on_a(&mut cmd));
-    vm.wait_prefix(T, "netecho: ready");
-    vm
-}
-
-/// `ping` from the client namespace; true if all `count` came back.
-fn ping(net: &Net, count: u32) -> bool {
-    Net::exec(&net.client, "ping")
-        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", VM_IP])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns on this thread only, with a namespace fd we own.
-        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
 }
 
 #[test]
@@ -158,14 +119,7 @@ fn the_network_follows_the_vm() {
     assert_eq!(net.switch_port_of(MAC).as_deref(), Some("sw-a"), "the switch has the VM behind host A");
 
     // The destination VMM on host B (its own tap vm0), listening on B's address.
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let listen = format!("tcp:{HOST_B_IP}:{port}");
-    let sock_b = dir.path("b.sock");
-    let mut cmd = Net::exec(&net.b, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
-    cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(&key), "--api-socket", s(&sock_b)]);
-    let mut b = Vm::spawn(common::mig::on_b(&mut cmd));
-    b.wait_stderr(T, "waiting for an incoming migration");
+    let (mut b, listen, sock_b) = receiver_on_b(&net, &dir, &key);
 
     // The client: iputils ping every 1 ms with timestamps, and UDP echoes.
     let ping_out = dir.path("ping.txt");

@@ -9,7 +9,9 @@
 //! [`ferry_host_api::MigrationRecord`] as JSON). Version 3 adds `cluster`: the controller
 //! this host joined (`ferry host join`), at most one row. Version 4 adds EVC: `evc` (the
 //! cluster's CPU baseline as the controller last answered, at most one row) and `vm_cpuid`
-//! (the baseline generation each VM was last powered on under here).
+//! (the baseline generation each VM was last powered on under here). Version 5 adds
+//! `cluster_controllers`: every controller of the cluster (standbys included) the active one
+//! last named, in order, where the heartbeats turn when their controller fails.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -79,6 +81,13 @@ const MIGRATIONS: &[(u32, &str)] = &[
     CREATE TABLE vm_cpuid (
         name TEXT PRIMARY KEY,
         generation INTEGER NOT NULL
+    );",
+    ),
+    (
+        5,
+        "CREATE TABLE cluster_controllers (
+        url TEXT PRIMARY KEY,
+        position INTEGER NOT NULL
     );",
     ),
 ];
@@ -307,6 +316,31 @@ impl Db {
         Ok(())
     }
 
+    /// The controllers of the cluster the active one last named, in order.
+    pub async fn controllers(&self) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query("SELECT url FROM cluster_controllers ORDER BY position")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql())?;
+        rows.iter().map(|r| r.try_get("url").map_err(self.sql())).collect()
+    }
+
+    /// Replaces the controllers of the cluster (empty: the host left).
+    pub async fn set_controllers(&self, urls: &[String]) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(self.sql())?;
+        sqlx::query("DELETE FROM cluster_controllers").execute(&mut *tx).await.map_err(self.sql())?;
+        for (i, url) in urls.iter().enumerate() {
+            sqlx::query("INSERT OR IGNORE INTO cluster_controllers (url, position) VALUES (?, ?)")
+                .bind(url)
+                .bind(i as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.sql())?;
+        }
+        tx.commit().await.map_err(self.sql())?;
+        Ok(())
+    }
+
     /// The cluster's CPU baseline the controller last answered, if any.
     pub async fn evc(&self) -> Result<Option<ferry_cluster_api::EvcBaseline>, Error> {
         let row = sqlx::query("SELECT baseline FROM evc WHERE id = 1")
@@ -495,6 +529,12 @@ mod tests {
         drop(db);
         let db = Db::open(&path).await.expect("reopen");
         assert_eq!(db.all().await.expect("all"), vec![row]);
+        // The cluster's controllers, in order, replaced as a whole.
+        let urls = vec!["https://b:1".to_string(), "https://a:1".to_string()];
+        db.set_controllers(&urls).await.expect("controllers");
+        assert_eq!(db.controllers().await.expect("controllers"), urls);
+        db.set_controllers(&urls[1..]).await.expect("controllers");
+        assert_eq!(db.controllers().await.expect("controllers"), urls[1..].to_vec());
         let m = MigrationRecord {
             id: "m-1".into(),
             vm: "a".into(),
@@ -545,7 +585,7 @@ mod tests {
         sqlx::query("INSERT INTO schema_version VALUES (99, 0)").execute(&db.pool).await.expect("bump");
         drop(db);
         let e = Db::open(&path).await.expect_err("too new").to_string();
-        assert!(e.contains("schema version 99, newer than this Ferry's 4"), "{e}");
+        assert!(e.contains("schema version 99, newer than this Ferry's 5"), "{e}");
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

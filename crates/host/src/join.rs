@@ -5,6 +5,13 @@
 //! `ferry host leave` tells the controller and stops. A daemon that restarts resumes the
 //! heartbeats of the controller it had joined.
 //!
+//! Standby controllers (docs/cluster.md "High availability"): every heartbeat answer names
+//! every controller of the cluster; when the heartbeat fails (no answer, a 5xx) or the
+//! controller answers `not_active`, the daemon tries at once the active controller that
+//! answer named, then the others, and follows the first that takes the heartbeat (recorded
+//! as the cluster's controller in its database, with the list: host schema version 5). A
+//! join given a standby joins the active controller it names.
+//!
 //! Routes: `GET /cluster` ([`Membership`]), `POST /cluster/join` ([`JoinCluster`]),
 //! `POST /cluster/leave`.
 
@@ -62,6 +69,11 @@ pub struct Membership {
     /// powers on (from the controller's last heartbeat answer), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evc_generation: Option<u64>,
+    /// Every controller of the cluster the active one named in its last heartbeat answer
+    /// (standbys included): where this host turns when `controller_url` fails or answers
+    /// `not_active`. `controller_url` is the one it talks to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
 }
 
 /// Errors of joining and leaving.
@@ -99,6 +111,16 @@ pub enum Error {
         /// would keep it).
         message: String,
     },
+    /// The controller is a standby; the active one is elsewhere (or none is active now).
+    #[error("the controller at {url} is a standby: {message}")]
+    NotActive {
+        /// The controller.
+        url: String,
+        /// The active controller's URL, if one is active.
+        active_url: Option<String>,
+        /// The controller's words.
+        message: String,
+    },
     /// This host joined no controller.
     #[error("this host joined no controller")]
     NotJoined,
@@ -110,7 +132,9 @@ pub enum Error {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Url(_) | Error::Controller { .. } | Error::Malformed { .. } => ErrorCode::BadRequest,
+            Error::Url(_) | Error::Controller { .. } | Error::Malformed { .. } | Error::NotActive { .. } => {
+                ErrorCode::BadRequest
+            }
             Error::NotJoined | Error::BelowBaseline { .. } => ErrorCode::Conflict,
             Error::Identity(_) | Error::Db(_) => ErrorCode::Internal,
         };
@@ -149,6 +173,7 @@ impl Cluster {
         if let Some((url, at)) = &joined {
             status.controller_url = Some(url.clone());
             status.joined_unix_ms = Some(*at);
+            status.controllers = daemon.db().controllers().await?;
         }
         let (target, _) = watch::channel(joined.map(|j| j.0));
         let cluster = Arc::new(Cluster { daemon, client, status: Mutex::new(status), target });
@@ -185,6 +210,12 @@ impl Cluster {
                     tracing::info!("controller {}: heartbeats taken again", ack.controller);
                 }
                 status.controller = Some(ack.controller.clone());
+                if !ack.controllers.is_empty() && status.controllers != ack.controllers {
+                    status.controllers = ack.controllers.clone();
+                    if let Err(e) = self.daemon.db().set_controllers(&ack.controllers).await {
+                        tracing::warn!("cannot keep the cluster's controllers: {e}");
+                    }
+                }
                 if let Err(e) = self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await {
                     tracing::warn!("cannot keep the cluster's CPU baseline: {e}");
                 }
@@ -211,8 +242,18 @@ impl Cluster {
     /// Joins the controller at `url`: a first heartbeat must be taken, then it is recorded.
     pub async fn join(&self, url: &str) -> Result<Membership, Error> {
         let url = check_url(url)?;
-        let ack = self.beat(&url, true).await?;
+        // A standby names the active controller: join that one.
+        let (url, ack) = match self.beat(&url, true).await {
+            Err(Error::NotActive { active_url: Some(active), .. }) => {
+                let active = check_url(&active)?;
+                tracing::info!("controller {url} is a standby; joining the active one at {active}");
+                let ack = self.beat(&active, true).await?;
+                (active, ack)
+            }
+            other => (url, other?),
+        };
         self.daemon.db().set_controller(Some(&url)).await?;
+        self.daemon.db().set_controllers(&ack.controllers).await?;
         self.daemon.evc().set_baseline(self.daemon.db(), ack.evc.as_ref()).await?;
         {
             let mut status = self.status.lock().await;
@@ -223,6 +264,7 @@ impl Cluster {
                 last_ack_unix_ms: Some(crate::db::unix_ms()),
                 last_error: None,
                 evc_generation: None,
+                controllers: ack.controllers.clone(),
             };
         }
         self.target.send_replace(Some(url.clone()));
@@ -241,6 +283,7 @@ impl Cluster {
             .await
             .and_then(ferry_pki::Response::error_for_status);
         self.daemon.db().set_controller(None).await?;
+        self.daemon.db().set_controllers(&[]).await?;
         self.daemon.evc().set_baseline(self.daemon.db(), None).await?;
         let mut status = self.status.lock().await;
         let before = std::mem::take(&mut *status);
@@ -270,17 +313,94 @@ fn refused(url: &str, source: ferry_pki::client::Error) -> Error {
                 return Error::BelowBaseline { url: url.to_string(), message: e.message };
             }
         }
+        if let Ok(e) = serde_json::from_str::<ferry_cluster_api::NotActive>(body) {
+            if e.code == ferry_cluster_api::ErrorCode::NotActive {
+                return Error::NotActive {
+                    url: url.to_string(),
+                    active_url: e.active_url,
+                    message: e.message,
+                };
+            }
+        }
     }
     Error::Controller { url: url.to_string(), source }
 }
 
-/// Sends a heartbeat every interval while a controller is set.
+/// Whether a heartbeat that failed with `e` should be tried on another controller: the
+/// controller cannot be reached, failed (5xx) or is a standby; not when it answered with a
+/// decision about this host (a 4xx: removed, below the CPU baseline, malformed).
+fn try_others(e: &Error) -> bool {
+    match e {
+        Error::NotActive { .. } => true,
+        Error::Controller { source: ferry_pki::client::Error::Status { status, .. }, .. } => *status >= 500,
+        Error::Controller { .. } | Error::Malformed { .. } => true,
+        _ => false,
+    }
+}
+
+impl Cluster {
+    /// The heartbeat to `url` failed with `e`: tries the active controller it named, then
+    /// every other known controller, once each; the first that took the heartbeat.
+    async fn fail_over(&self, url: &str, e: &Error) -> Option<(String, HeartbeatAck)> {
+        let mut candidates = Vec::new();
+        if let Error::NotActive { active_url: Some(active), .. } = e {
+            candidates.push(active.clone());
+        }
+        candidates.extend(self.status.lock().await.controllers.iter().cloned());
+        let mut tried = vec![url.to_string()];
+        for candidate in candidates {
+            let Ok(candidate) = check_url(&candidate) else { continue };
+            if tried.contains(&candidate) {
+                continue;
+            }
+            tried.push(candidate.clone());
+            match self.beat(&candidate, false).await {
+                Ok(ack) => {
+                    tracing::info!(
+                        "controller at {url} failed or stands by; controller {} at {candidate} took the heartbeat: following it",
+                        ack.controller
+                    );
+                    return Some((candidate, ack));
+                }
+                Err(e) => tracing::debug!("controller at {candidate} did not take the heartbeat either: {e}"),
+            }
+        }
+        None
+    }
+}
+
+/// Sends a heartbeat every interval while a controller is set; when it fails or stands by,
+/// tries the others the controllers named.
 async fn heartbeats(cluster: Arc<Cluster>) {
     let mut target = cluster.target.subscribe();
     loop {
         let url = target.borrow_and_update().clone();
         if let Some(url) = url {
-            let result = cluster.beat(&url, false).await;
+            let mut result = cluster.beat(&url, false).await;
+            if let Err(e) = &result {
+                if try_others(e) {
+                    if let Some((other, ack)) = cluster.fail_over(&url, e).await {
+                        // Only if nobody joined or left meanwhile.
+                        let moved = cluster.target.send_if_modified(|t| {
+                            if t.as_deref() == Some(url.as_str()) {
+                                *t = Some(other.clone());
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                        if moved {
+                            // Recorded, so that a restart starts there.
+                            target.borrow_and_update();
+                            if let Err(e) = cluster.daemon.db().set_controller(Some(&other)).await {
+                                tracing::warn!("cannot record the controller {other}: {e}");
+                            }
+                            cluster.status.lock().await.controller_url = Some(other);
+                            result = Ok(ack);
+                        }
+                    }
+                }
+            }
             cluster.note(&result).await;
         }
         // The next beat, or at once when the controller changes.

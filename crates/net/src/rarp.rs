@@ -2,7 +2,9 @@
 //! broadcast RARP frames from the VM's MAC, so that every switch (and Linux bridge) on the
 //! way updates its forwarding table to the destination's port at once, instead of when
 //! the guest next happens to send something. Same frame as QEMU's announce, and a similar
-//! schedule: 5 rounds, the gaps growing from 50 to 200 ms.
+//! schedule: 5 rounds once the guest runs, the gaps growing from 50 to 200 ms. The VMM sends
+//! one round more at the switchover, as soon as the destination holds the VM's lock and
+//! before the vCPUs start, so the switches already point at the new host while they start.
 
 use std::time::Duration;
 

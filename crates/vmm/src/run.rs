@@ -441,6 +441,30 @@ impl Vmm {
         None
     }
 
+    /// On a migration destination, as soon as the VM is this host's (the commit received,
+    /// the VM's lock and its disks' held) and before its vCPUs start: one round of RARP
+    /// frames, so the switches already send the VM's traffic here while the vCPUs are being
+    /// started (the frames wait in the tap until the guest reads them). Measured on the
+    /// namespaced test network of a loaded machine, the first round otherwise left 20-37 ms
+    /// after the lock was taken, 13-20 ms after the vCPUs ran (the announcing thread starts
+    /// after them); with this round it leaves 4-5 ms before they run. The usual rounds
+    /// follow once the guest runs ([`Self::announce_nics`]).
+    /// Not earlier: until the lock is held here the source may still take the VM back.
+    pub(crate) fn announce_at_switchover(&self, id: &str) {
+        for n in self.devices.virtio.nics() {
+            match n.announce() {
+                Ok(()) => tracing::info!(
+                    "migration {id}: sent a RARP frame from {} on tap {} at the switchover, before the vCPUs start",
+                    n.mac(),
+                    n.tap_name()
+                ),
+                Err(e) => {
+                    tracing::warn!("migration {id}: cannot announce {} on {}: {e}", n.mac(), n.tap_name())
+                }
+            }
+        }
+    }
+
     /// After a migration: tells the switches where each NIC's MAC is now (RARP, several
     /// rounds, as vMotion and QEMU do), from a thread so nothing waits for it.
     fn announce_nics(&self, id: &str) {

@@ -5,7 +5,8 @@
 //!
 //! Live state (what the hosts last reported): `hosts`, `host_datastores`, `host_portgroups`,
 //! `host_vms`; replaced host by host at each heartbeat. Version 2: EVC (`evc_generations`,
-//! history; `evc_vms`, `evc_refused`). History (append-only; a migration's
+//! history; `evc_vms`, `evc_refused`). Version 4: high availability (`controller_lease`,
+//! `controllers`). History (append-only; a migration's
 //! row changes only from `active` to its end): `migrations`, `migration_events`.
 
 /// `(version, statements)`, oldest first. Never edit a released version: add one.
@@ -95,6 +96,32 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[
             features TEXT NOT NULL,
             lacking TEXT NOT NULL,
             at_unix_ms BIGINT NOT NULL
+        )",
+        ],
+    ),
+    (
+        4,
+        &[
+            // High availability (crate::leader): one lease row (id 1) that the active
+            // controller renews and a standby takes once it expired, times on the database's
+            // clock, `term` raised at every takeover; and the registry of every controller
+            // (standbys included) with its URL and last renewal, for the hosts and the CLI.
+            "CREATE TABLE controller_lease (
+            id BIGINT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            holder_url TEXT NOT NULL,
+            term BIGINT NOT NULL,
+            acquired_unix_ms BIGINT NOT NULL,
+            renewed_unix_ms BIGINT NOT NULL,
+            expires_unix_ms BIGINT NOT NULL
+        )",
+            "INSERT INTO controller_lease (id, holder, holder_url, term, acquired_unix_ms, renewed_unix_ms, expires_unix_ms)
+             VALUES (1, '', '', 0, 0, 0, 0)",
+            "CREATE TABLE controllers (
+            name TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            started_unix_ms BIGINT NOT NULL,
+            last_seen_unix_ms BIGINT NOT NULL
         )",
         ],
     ),

@@ -14,7 +14,7 @@ use super::{Backend, MigrationFilter, Store};
 use crate::testing::TestDatabase;
 
 /// Runs `body` on a fresh SQLite store and on a fresh PostgreSQL store.
-fn on_both<F, Fut>(body: F)
+pub(super) fn on_both<F, Fut>(body: F)
 where
     F: Fn(Store) -> Fut,
     Fut: Future<Output = ()>,

@@ -3,11 +3,12 @@
 
 #![allow(dead_code)]
 
-pub mod controller;
+pub mod cluster;
 pub mod faultproxy;
 pub mod hostd;
 pub mod leases;
 pub mod mig;
+pub mod netvm;
 pub mod overlap;
 
 use std::io::{BufRead, BufReader, Read};

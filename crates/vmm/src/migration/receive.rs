@@ -943,6 +943,7 @@ impl Receiver {
             tracing::warn!("migration {id}: {why}; this side holds the VM's whole state");
             commit_ns = crate::monotonic_ns();
             self.take_over_if_free(&mut vmm, &note, &why)?;
+            vmm.announce_at_switchover(&id);
             tracing::info!(
                 "migration {id}: holding the VM's lock on {}; starting the vCPUs",
                 home_dir.display()
@@ -983,6 +984,7 @@ impl Receiver {
                 Err(e) => return Err(e),
             },
         }
+        vmm.announce_at_switchover(&id);
         tracing::info!("migration {id}: holding the VM's lock on {}; starting the vCPUs", home_dir.display());
         self.event(EventBody::Phase { phase: MigrationPhase::Committed, reason: None });
         let stream = self.stream.take().ok_or(Error::Vmm("keep the connection".into()))?;

@@ -1,12 +1,12 @@
-//! A controller for the tests (`cluster.rs`, `cluster_placement.rs`): `ferry cluster serve`
-//! with a configuration in a scratch directory, its identity from the test CA, on SQLite or
-//! on the PostgreSQL database given; `ferry cluster ...` run against it.
+//! A controller for the tests (`cluster.rs`, `cluster_ha.rs`, `cluster_placement.rs`): `ferry cluster serve` with a
+//! configuration in a scratch directory and an identity from the test CA, and `ferry cluster
+//! ...` run against it. Drop stops it (SIGTERM).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::hostd::{cluster, Hostd};
+use super::hostd::cluster;
 use super::{wait_timeout, TempDir};
 
 /// A controller: its directory, configuration, URL and process.
@@ -47,9 +47,33 @@ impl Controller {
         std::fs::read_to_string(self.dir.path("controller.log")).unwrap_or_default()
     }
 
-    /// Starts it and waits until it answers.
+    /// Starts it and waits until it answers as the active controller.
     pub fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.path("controller.log")).expect("log");
+        self.spawn();
+        self.wait_answering(&["hosts"]);
+    }
+
+    /// Starts it beside an active controller and waits until it answers (`ferry cluster
+    /// leader`: a standby answers nothing else).
+    pub fn start_standby(&mut self) {
+        self.spawn();
+        self.wait_answering(&["leader"]);
+    }
+
+    /// SIGKILL, and reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path("controller.log"))
+            .expect("log");
         let child = ferry()
             .args(["cluster", "serve", "--config"])
             .arg(&self.config)
@@ -59,8 +83,11 @@ impl Controller {
             .spawn()
             .expect("spawn ferry cluster serve");
         self.process = Some(child);
+    }
+
+    fn wait_answering(&mut self, args: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.cli(&["hosts"]).status.success() {
+        while !self.cli(args).status.success() {
             if let Some(Ok(Some(st))) = self.process.as_mut().map(Child::try_wait) {
                 panic!("the controller exited ({st}):\n{}", self.log());
             }
@@ -151,22 +178,6 @@ pub fn ferry() -> Command {
     c.env_remove("FERRY_LOG").env_remove("FERRY_HOST").env_remove("FERRY_SERVER");
     c.env(ferry_pki::IDENTITY_ENV, &cluster().client);
     c
-}
-
-/// `ferry host ARGS --host URL` of `h`, which must succeed; its JSON.
-pub fn host_cmd(h: &Hostd, args: &[&str]) -> serde_json::Value {
-    let out = ferry().arg("host").args(args).args(["--host", &h.url, "--json"]).output().expect("ferry host");
-    assert!(
-        out.status.success(),
-        "ferry host {args:?}: {}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.daemon_log()
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-pub fn host_state<'a>(hosts: &'a serde_json::Value, name: &str) -> Option<&'a str> {
-    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)?["state"].as_str()
 }
 
 impl Controller {
