@@ -6,6 +6,7 @@
 pub mod config;
 pub mod evc;
 pub mod migrate;
+pub mod queue;
 pub mod server;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -85,8 +86,21 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     let client = ferry_pki::Client::new(&dir)
         .map_err(|e| Error::Client { dir, reason: e.to_string() })?
         .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
-    let controller = Arc::new(server::Controller { name: config.name.clone(), store: store.clone(), client });
+    let controller = Arc::new(server::Controller {
+        name: config.name.clone(),
+        store: store.clone(),
+        client,
+        limits: config.limits,
+        dispatch: tokio::sync::Mutex::new(()),
+        wake: tokio::sync::Notify::new(),
+    });
     migrate::resume(&controller).await;
+    tracing::info!(
+        "migration limits: {} per host (outgoing and incoming apart), {} per cluster",
+        config.limits.per_host,
+        config.limits.per_cluster
+    );
+    let dispatcher = tokio::spawn(migrate::dispatch(controller.clone()));
     tracing::info!("ferry cluster {} listening on {local}", config.name);
     let watcher = tokio::spawn(watch_heartbeats(store.clone()));
     let importer = {
@@ -113,6 +127,7 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     ferry_pki::serve_tls(listener, Arc::new(tls), server::router(controller), shutdown).await;
     watcher.abort();
     importer.abort();
+    dispatcher.abort();
     store.close().await;
     Ok(())
 }

@@ -223,6 +223,7 @@ fn record(id: &str, outcome: MigrationOutcome, started: u64) -> MigrationRecord 
         progress: None,
         reasons: Vec::new(),
         orchestration: None,
+        queue_position: None,
     }
 }
 
