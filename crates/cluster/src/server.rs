@@ -332,12 +332,14 @@ async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Js
             ("cancelled", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Cancelled),
             ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
             ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
-            _ => return Err(Failure::new(
-                ErrorCode::BadRequest,
-                format!(
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!(
                     "unknown query parameter {kv:?} (active, failed, queued, cancelled, vm=NAME, host=NAME)"
                 ),
-            )),
+                ))
+            }
         }
     }
     let mut migrations = c.store.migrations(&filter).await?;

@@ -850,18 +850,18 @@ impl Daemon {
                 tracing::info!("migration {id}: the source VMM did not take the cancel: {e}");
             }
         }
+        // The record ends once the destination was told (and released its reservation).
         let deadline = Instant::now() + CANCEL_WAIT;
-        loop {
-            let active = self.outgoing.lock().await.values().any(|r| r.id == id);
-            if !active {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return self.known_migration(id).await;
+        let r = loop {
+            let r = self.known_migration(id).await?;
+            if r.outcome != MigrationOutcome::Active || Instant::now() >= deadline {
+                break r;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if r.outcome == MigrationOutcome::Active {
+            return Ok(r);
         }
-        let r = self.known_migration(id).await?;
         match r.outcome {
             MigrationOutcome::Cancelled => Ok(r),
             other => Err(Error::Conflict(format!(
