@@ -450,6 +450,25 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
         Ok(None) => return fail("host_not_found", format!("host {} is gone", q.destination), vec![]).await,
         Err(e) => return fail("internal", error_chain(&e), vec![]).await,
     };
+    // A controller that stopped between asking the source and taking the migration out of
+    // the queue finds it in the source's history: adopted, not asked again.
+    if let Some(known) = source_record(c, &source, id).await {
+        tracing::info!(
+            "migration {id}: already in host {}'s history ({}): adopted",
+            source.name,
+            known.outcome.as_str()
+        );
+        if let Err(e) = c.store.record_migration(&known, unix_ms()).await {
+            tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
+        }
+        if let Err(e) = c.store.dequeue(id).await {
+            tracing::warn!("migration {id}: cannot take it out of the queue: {}", error_chain(&e));
+        }
+        if known.outcome == MigrationOutcome::Active {
+            tokio::spawn(follow(Arc::clone(c), source, id.clone()));
+        }
+        return true;
+    }
     match ask(c, &source, &q.vm, &dest, &req, false, Some(id)).await {
         Ok(started) if started.migration_id.is_some() => {
             tracing::info!(
@@ -476,6 +495,13 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
         }
         Err(e) => fail("source_failed", e.message().to_string(), vec![]).await,
     }
+}
+
+/// Migration `id` in `source`'s history, if it answers and has it.
+async fn source_record(c: &Controller, source: &HostRow, id: &str) -> Option<MigrationRecord> {
+    let url = format!("{}{}?id={id}", source.api_url, ferry_host_api::paths::MIGRATIONS);
+    let answer = c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status).ok()?;
+    serde_json::from_slice::<MigrationList>(&answer.body).ok()?.migrations.into_iter().next()
 }
 
 /// `POST /migrations/ID/cancel`: a queued migration leaves the queue (`cancelled`, never
