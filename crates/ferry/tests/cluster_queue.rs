@@ -128,9 +128,19 @@ fn event_kinds(detail: &serde_json::Value) -> Vec<String> {
 /// that ends `ok` (a lost or stale page would have stopped it with CORRUPTION). `h`: host
 /// A, whose datastore directory holds every VM's home (B sees it as `shared`).
 fn self_check(h: &Hostd, vm: &str) {
-    std::fs::write(h.home(vm).join("console.log"), "").expect("truncate console");
-    let line = wait_console(&h.home(vm), "dirtier: rate=", Duration::from_secs(30));
-    assert!(line.ends_with(" ok"), "{vm}: {line}");
+    let console = h.home(vm).join("console.log");
+    std::fs::write(&console, "").expect("truncate console");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The last line may be half written: a whole one ends ` ok`.
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(!text.contains("CORRUPTION"), "{vm}: the guest reported corruption:\n{text}");
+        if text.lines().any(|l| l.starts_with("dirtier: rate=") && l.ends_with(" ok")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vm}: no self-check line within 30 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The VMM processes host `h`'s daemon runs for VM `vm` (their API socket is in its state
@@ -233,6 +243,27 @@ fn limits_queue_and_cancel(tag: &str, database: Option<&str>) {
             assert!(!event_kinds(d).iter().any(|k| k == "queued"), "{d:#}");
         }
     }
+    // A figure, not an assertion: from the first end the controller saw to the queued one's
+    // start (the dispatcher is woken by the end; its follower polls every 0.5 s).
+    let at = |d: &serde_json::Value, kind: &str| {
+        d["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["kind"] == kind)
+            .and_then(|e| e["at_unix_ms"].as_u64())
+    };
+    let first_end = details
+        .iter()
+        .filter(|(d, _)| d["record"]["id"] != queued_id.as_str())
+        .filter_map(|(d, _)| at(d, "completed"))
+        .min();
+    if let (Some(end), Some(start)) = (first_end, at(qd, "started")) {
+        eprintln!(
+            "figure: the queued migration started {} ms after the first end was recorded",
+            start.saturating_sub(end)
+        );
+    }
     // The inventory moved at once: each VM is shown on B (no gap until B's heartbeat).
     for v in vms {
         let shown = ctl.json(&["vm", v]);
@@ -272,7 +303,9 @@ fn limits_queue_and_cancel(tag: &str, database: Option<&str>) {
     let q = wait_migrations(&ctl, &["--queued"], "v3 queued", Duration::from_secs(30), |r| r.len() == 1);
     assert_eq!(q[0]["vm"], "v3", "{q:#?}");
     let q_id = q[0]["id"].as_str().expect("id").to_string();
+    let t = Instant::now();
     let cancelled = migrations(&ctl, &["cancel", &q_id]);
+    eprintln!("figure: `ferry migrations cancel` of a queued migration took {:?}", t.elapsed());
     assert_eq!(cancelled["record"]["outcome"], "cancelled", "{cancelled:#}");
     assert_eq!(cancelled["record"]["state"], "cancelled", "{cancelled:#}");
     let (ok, d3, _) = finish(&ctl, c3);
@@ -288,7 +321,12 @@ fn limits_queue_and_cancel(tag: &str, database: Option<&str>) {
         r.len() == 1
     });
     let id1 = r1[0]["id"].as_str().expect("id").to_string();
+    let t = Instant::now();
     let cancelled = migrations(&ctl, &["cancel", &id1]);
+    eprintln!(
+        "figure: `ferry migrations cancel` of a running migration took {:?} (until both hosts recorded it)",
+        t.elapsed()
+    );
     assert_eq!(cancelled["record"]["outcome"], "cancelled", "{cancelled:#}\ncontroller log:\n{}", ctl.log());
     assert_eq!(cancelled["record"]["reason_code"], "cancelled", "{cancelled:#}");
     let (ok, d1, _) = finish(&ctl, c1);

@@ -7,7 +7,7 @@
 //! `host_vms`; replaced host by host at each heartbeat. Version 2: EVC (`evc_generations`,
 //! history; `evc_vms`, `evc_refused`). Version 3: `migration_queue` (migrations waiting for
 //! a slot). History (append-only; a migration's
-//! row changes only from `active` to its end): `migrations`, `migration_events`.
+//! row changes only from `queued` to `active` to its end): `migrations`, `migration_events`.
 
 /// `(version, statements)`, oldest first. Never edit a released version: add one.
 pub const MIGRATIONS: &[(u32, &[&str])] = &[
