@@ -336,7 +336,7 @@ async fn record_started(c: &Controller, id: &str, vm: &str, source: &str, destin
         reasons: Vec::new(),
         queue_position: None,
     };
-    if let Err(e) = c.store.record_migration(&record, unix_ms()).await {
+    if let Err(e) = save(c, &record).await {
         tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
     }
 }
@@ -417,7 +417,7 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
                 reasons,
                 queue_position: None,
             };
-            if let Err(e) = c.store.record_migration(&record, now).await {
+            if let Err(e) = save(c, &record).await {
                 tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
             }
             if let Err(e) = c.store.dequeue(id).await {
@@ -458,7 +458,7 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
             source.name,
             known.outcome.as_str()
         );
-        if let Err(e) = c.store.record_migration(&known, unix_ms()).await {
+        if let Err(e) = save(c, &known).await {
             tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
         }
         if let Err(e) = c.store.dequeue(id).await {
@@ -497,6 +497,23 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
     }
 }
 
+/// Records `m` in the history; tried again a few times when the store fails (SQLite
+/// refuses at once a write transaction whose snapshot another writer overtook: the
+/// followers, the importer, the dispatcher and cancel all write migrations).
+async fn save(c: &Controller, m: &MigrationRecord) -> Result<(), crate::store::Error> {
+    let mut tries = 0u64;
+    loop {
+        match c.store.record_migration(m, unix_ms()).await {
+            Err(e @ crate::store::Error::Sql { .. }) if tries < 5 => {
+                tries += 1;
+                tracing::debug!("migration {}: the store is busy ({}); again", m.id, error_chain(&e));
+                tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Migration `id` in `source`'s history, if it answers and has it.
 async fn source_record(c: &Controller, source: &HostRow, id: &str) -> Option<MigrationRecord> {
     let url = format!("{}{}?id={id}", source.api_url, ferry_host_api::paths::MIGRATIONS);
@@ -520,7 +537,7 @@ pub async fn cancel(c: &Arc<Controller>, id: &str) -> Result<MigrationDetail, Fa
             record.reason_code = "cancelled".into();
             record.reason = "cancelled while queued: it never started".into();
             record.ended_unix_ms = Some(now);
-            c.store.record_migration(&record, now).await?;
+            save(c, &record).await?;
             tracing::info!("migration {id}: cancelled while queued (VM {})", record.vm);
             return detail(c, id).await;
         }
@@ -572,7 +589,7 @@ pub async fn cancel(c: &Arc<Controller>, id: &str) -> Result<MigrationDetail, Fa
     let ended: MigrationRecord = serde_json::from_slice(&answer.body).map_err(|e| {
         failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", source.name))
     })?;
-    c.store.record_migration(&ended, unix_ms()).await?;
+    save(c, &ended).await?;
     tracing::info!("migration {id}: {} ({}) after the cancel", ended.outcome.as_str(), ended.reason_code);
     c.wake.notify_one();
     detail(c, id).await
@@ -611,7 +628,7 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
         match answer.map(|r| serde_json::from_slice::<MigrationList>(&r.body)) {
             Ok(Ok(list)) => match list.migrations.into_iter().next() {
                 Some(record) => {
-                    if let Err(e) = c.store.record_migration(&record, unix_ms()).await {
+                    if let Err(e) = save(&c, &record).await {
                         tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
                     }
                     if record.outcome != MigrationOutcome::Active {
@@ -756,7 +773,7 @@ pub async fn import_histories(c: &Controller) {
             }
         };
         for m in list.migrations.iter().filter(|m| m.role == ferry_host_api::MigrationRole::Source) {
-            if let Err(e) = c.store.record_migration(m, unix_ms()).await {
+            if let Err(e) = save(c, m).await {
                 tracing::warn!(
                     "migration {}: cannot record it from host {}'s history: {}",
                     m.id,

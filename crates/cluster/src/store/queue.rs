@@ -120,6 +120,14 @@ impl Store {
     /// first); whether a row changed.
     pub async fn move_vm(&self, vm: &str, from: &str, to: &str, now_ms: u64) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await.map_err(self.sql())?;
+        // A write first: the transaction holds the write lock from its start (SQLite would
+        // refuse at once to upgrade a read transaction that another writer overtook).
+        sqlx::query("UPDATE host_vms SET reported_unix_ms = reported_unix_ms WHERE name = $1 AND host = $2")
+            .bind(vm)
+            .bind(from)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.sql())?;
         let known = sqlx::query("SELECT name FROM host_vms WHERE name = $1 AND host = $2")
             .bind(vm)
             .bind(from)
