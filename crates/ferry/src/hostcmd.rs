@@ -297,6 +297,8 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
         downtime_ms: args.downtime_ms,
         streams: args.streams,
         check: args.check,
+        migration_id: None,
+        bandwidth_mib: None,
     };
     let started: MigrateStarted = client.post(&paths::migrate(&args.name), &req)?;
     let Some(id) = started.migration_id else {
