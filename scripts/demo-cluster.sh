@@ -177,9 +177,9 @@ cli cluster migrate m1 --check || fail "the checks"
 cli vm migrate m1 --explain || fail "the ranking"
 last_pass() { grep -ao 'memstress: pass [0-9]*' "$home/console.log" | tail -1 | grep -o '[0-9]*$' || echo 0; }
 before=$(last_pass)
-out=$(cli vm migrate m1) || { echo "$out"; fail "the migration by placement"; }
+out=$(cli vm migrate m1 2>&1) || { echo "$out"; fail "the migration by placement"; }
 echo "$out"
-dest=$(sed -n '1s/.* to \(host-[a-z]*\) (picked by placement)$/\1/p' <<<"$out")
+dest=$(sed -n 's/.* to \(host-[a-z]*\) (picked by placement)$/\1/p' <<<"$out" | head -1)
 [ -n "$dest" ] || fail "no destination in the migration's report"
 for _ in $(seq 1 300); do
   now=$(last_pass)

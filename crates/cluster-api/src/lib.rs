@@ -68,12 +68,20 @@ pub mod paths {
         format!("/vms/{name}/{action}")
     }
 
-    /// `GET /migrations[?active|?failed|?vm=NAME|?host=NAME]`: [`crate::MigrationList`].
+    /// `GET /migrations[?active|?failed|?queued|?cancelled|?vm=NAME|?host=NAME]`:
+    /// [`crate::MigrationList`].
     pub const MIGRATIONS: &str = "/migrations";
 
     /// `GET /migrations/ID`: [`crate::MigrationDetail`].
     pub fn migration(id: &str) -> String {
         format!("/migrations/{id}")
+    }
+
+    /// `POST /migrations/ID/cancel` (no body): a queued migration leaves the queue, a running
+    /// one is cancelled by its source host (before its commit); answers
+    /// [`crate::MigrationDetail`] (outcome `cancelled`), 409 when it cannot be cancelled.
+    pub fn cancel_migration(id: &str) -> String {
+        format!("/migrations/{id}/cancel")
     }
 
     /// `POST` [`crate::CreateVmRequest`]: create a VM on a host placement picks (or the one
@@ -318,6 +326,9 @@ pub struct MigrateRequest {
     /// Parallel streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u32>,
+    /// Bandwidth cap of the migration, MiB/s (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib: Option<u64>,
     /// Without `to_host`: only answer the placement's ranking ([`Placement`]): nothing is
     /// migrated or reserved.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -372,6 +383,14 @@ pub struct MigrationStarted {
     /// `GET /migrations/ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+    /// The migration waits in the controller's queue (a limit is reached; `[limits]`): its
+    /// place, from 1. It starts (checked again then) when a slot frees; `migration_id` names
+    /// it meanwhile, and `checks` are those made when it was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+    /// Why it waits (the limit it would exceed), when queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<String>,
 }
 
 /// The answer of a VM action forwarded to its host.

@@ -54,6 +54,15 @@ pub struct Config {
     /// (`url = "https://IP:PORT"`; default `https://LISTEN`): what it advertises when it is
     /// the active one (docs/cluster.md "High availability").
     pub url: String,
+    /// `[limits]`: how many migrations run at once; more wait in the controller's queue.
+    pub limits: crate::queue::Limits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_host: Option<Spanned<i64>>,
+    per_cluster: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +74,7 @@ struct Raw {
     identity_dir: Option<Spanned<PathBuf>>,
     database: Option<Spanned<String>>,
     url: Option<Spanned<String>>,
+    limits: Option<Spanned<RawLimits>>,
 }
 
 fn line_of(text: &str, at: usize) -> usize {
@@ -149,7 +159,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
         }
         None => format!("https://{listen}"),
     };
-    Ok(Config { file: path.to_owned(), name, listen, state_dir, identity_dir, database, url })
+    let mut limits = crate::queue::Limits::default();
+    if let Some(l) = raw.limits {
+        let l = l.into_inner();
+        for (key, value, slot) in [
+            ("limits.per_host", l.per_host, &mut limits.per_host),
+            ("limits.per_cluster", l.per_cluster, &mut limits.per_cluster),
+        ] {
+            if let Some(v) = value {
+                let n = *v.get_ref();
+                if !(1..=1000).contains(&n) {
+                    return Err(field(at(v.span()), key, format!("{n} is not 1 to 1000")));
+                }
+                *slot = n as u32;
+            }
+        }
+    }
+    Ok(Config { file: path.to_owned(), name, listen, state_dir, identity_dir, database, url, limits })
 }
 
 #[cfg(test)]
@@ -169,6 +195,17 @@ mod tests {
         assert_eq!(c.database, "sqlite:///var/lib/ferry-cluster/cluster.db");
         assert_eq!(c.identity_dir, Path::new("/var/lib/ferry-cluster/identity"));
         assert_eq!(c.url, "https://127.0.0.1:7444");
+        assert_eq!((c.limits.per_host, c.limits.per_cluster), (2, 8));
+    }
+
+    #[test]
+    fn limits() {
+        let c = parse(
+            Path::new("c.toml"),
+            "listen = \"127.0.0.1:7444\"\nstate_dir = \"/s\"\n[limits]\nper_host = 3\nper_cluster = 5\n",
+        )
+        .expect("parse");
+        assert_eq!((c.limits.per_host, c.limits.per_cluster), (3, 5));
     }
 
     #[test]
@@ -181,6 +218,13 @@ mod tests {
             ("listen = \"127.0.0.1:1\"\n", 1, "(file)"),
             ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nname = \"a b\"\n", 3, "name"),
             ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nurl = \"http://x:1\"\n", 3, "url"),
+            ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nper_host = 0\n", 4, "limits.per_host"),
+            (
+                "listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nper_cluster = -1\n",
+                4,
+                "limits.per_cluster",
+            ),
+            ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nper_vm = 1\n", 4, "(file)"),
         ];
         for (text, line, name) in cases {
             match parse(Path::new("/etc/c.toml"), text) {

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod migrate;
 pub mod placement;
 pub mod precheck;
+pub mod queue;
 pub mod server;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -94,6 +95,9 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
         store: store.clone(),
         client,
         leader: leader.clone(),
+        limits: config.limits,
+        dispatch: tokio::sync::Mutex::new(()),
+        wake: tokio::sync::Notify::new(),
         placing: placement::Pending::default(),
     });
     tracing::info!(
@@ -101,10 +105,16 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
         config.name,
         config.url
     );
+    tracing::info!(
+        "migration limits: {} per host (outgoing and incoming apart), {} per cluster",
+        config.limits.per_host,
+        config.limits.per_cluster
+    );
     // The lease has a pool of its own: its renewals never wait behind the API's queries.
     let lease_store = store::Store::open(&config.database).await?;
     let lease = tokio::spawn(leader.clone().run(lease_store.clone()));
     let takeovers = tokio::spawn(on_takeover(controller.clone()));
+    let dispatcher = tokio::spawn(migrate::dispatch(controller.clone()));
     let watcher = tokio::spawn(watch_heartbeats(store.clone(), leader.clone()));
     let importer = {
         let controller = controller.clone();
@@ -133,6 +143,7 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     watcher.abort();
     importer.abort();
     takeovers.abort();
+    dispatcher.abort();
     lease.abort();
     leader.release(&lease_store).await;
     lease_store.close().await;

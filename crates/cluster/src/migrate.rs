@@ -11,9 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_cluster_api::{
-    CheckReason, CheckTable, ErrorCode, HostCheck, HostState, MigrateRequest, MigrationStarted,
+    CheckReason, CheckTable, ErrorCode, HostCheck, HostState, MigrateRequest, MigrationDetail,
+    MigrationStarted,
 };
-use ferry_host_api::{MigrateStarted, MigrateVm, MigrationList, MigrationOutcome};
+use ferry_host_api::{
+    MigrateStarted, MigrateVm, MigrationList, MigrationOutcome, MigrationRecord, MigrationRole,
+};
+
+use crate::queue::Pair;
 
 use crate::server::{Controller, Failure};
 use crate::store::{unix_ms, HostRow};
@@ -71,12 +76,15 @@ async fn ask(
     dest: &HostRow,
     req: &MigrateRequest,
     check: bool,
+    id: Option<&str>,
 ) -> Result<MigrateStarted, Failure> {
     let body = MigrateVm {
         to_host: dest.api_url.clone(),
         downtime_ms: req.downtime_ms,
         streams: req.streams,
         check,
+        migration_id: id.map(str::to_string),
+        bandwidth_mib: req.bandwidth_mib,
     };
     let body = serde_json::to_value(&body).map_err(|e| failure(ErrorCode::Internal, e.to_string()))?;
     let url = format!("{}{}", source.api_url, ferry_host_api::paths::migrate(vm));
@@ -127,7 +135,7 @@ pub(crate) async fn check_one(
             }],
         };
     }
-    match ask(c, source, vm, dest, req, true).await {
+    match ask(c, source, vm, dest, req, true, None).await {
         Ok(started) => host_check(dest, &started.checks),
         Err(e) => HostCheck {
             host: dest.name.clone(),
@@ -175,7 +183,10 @@ async fn destination(c: &Controller, name: &str, source: &HostRow) -> Result<Hos
         .ok_or_else(|| failure(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster")))
 }
 
-/// `POST /vms/NAME/migrate`: checks, then the source daemon migrates; followed until it ends.
+/// `POST /vms/NAME/migrate`: within the limits, the source daemon checks and migrates at once
+/// (with the controller's id) and the controller follows it until it ends; beyond them, the
+/// checks run and, if they pass, the migration waits in the queue (answered with its id and
+/// position) for [`dispatch`] to start it.
 pub async fn migrate(
     c: &Arc<Controller>,
     vm: &str,
@@ -189,40 +200,434 @@ pub async fn migrate(
     })?;
     let source = source_of(c, vm).await?;
     let dest = destination(c, to, &source).await?;
+    let answer = |checks: HostCheck, id: Option<String>, queued: Option<(u32, String)>| MigrationStarted {
+        vm: vm.into(),
+        source: source.name.clone(),
+        destination: dest.name.clone(),
+        checks,
+        migration_id: id,
+        queue_position: queued.as_ref().map(|q| q.0),
+        queue_reason: queued.map(|q| q.1),
+    };
     if !matches!(dest.state, HostState::Connected | HostState::Maintenance) {
         let checks = check_one(c, &source, vm, &dest, req).await;
-        return Ok(MigrationStarted {
-            vm: vm.into(),
-            source: source.name,
-            destination: dest.name,
-            checks,
-            migration_id: None,
-        });
+        return Ok(answer(checks, None, None));
     }
-    // The last moment to find out that this controller stepped down since the request came.
-    if !c.leader.is_active() {
-        return Err(failure(
-            ErrorCode::NotActive,
-            "this controller stepped down while checking the request; nothing was started: ask the active one".into(),
-        ));
+    let id = new_id();
+    let pair = Pair::new(&source.name, &dest.name);
+    let wait = {
+        let _turn = c.dispatch.lock().await;
+        let running = running_pairs(c).await?;
+        let queue = c.store.queue().await?;
+        let mut pairs: Vec<Pair> = queue.iter().map(|q| Pair::new(&q.source, &q.destination)).collect();
+        pairs.push(pair.clone());
+        let plan = crate::queue::plan(c.limits, &running, &pairs);
+        if plan.contains(&queue.len()) {
+            // The last moment to find out that this controller stepped down since the
+            // request came.
+            if !c.leader.is_active() {
+                return Err(failure(
+                    ErrorCode::NotActive,
+                    "this controller stepped down while checking the request; nothing was started: ask the active one".into(),
+                ));
+            }
+            let started = ask(c, &source, vm, &dest, req, false, Some(&id)).await?;
+            let checks = host_check(&dest, &started.checks);
+            if let Some(mid) = &started.migration_id {
+                tracing::info!(
+                    "migration {mid}: VM {vm} from host {} to host {} started through the controller",
+                    source.name,
+                    dest.name
+                );
+                record_started(c, mid, vm, &source.name, &dest.name).await;
+                tokio::spawn(follow(Arc::clone(c), source.clone(), mid.clone()));
+            }
+            if plan.len() > 1 {
+                // Queued ones may go too: the dispatcher starts them.
+                c.wake.notify_one();
+            }
+            return Ok(answer(checks, started.migration_id, None));
+        }
+        // The limit it waits for: with those ahead of it that start now counted.
+        let mut ahead = running.clone();
+        ahead.extend(plan.iter().filter_map(|&i| pairs.get(i).cloned()));
+        crate::queue::admit(c.limits, &ahead, &pair).err()
+    };
+    let reason = wait.map(|w| w.to_string()).unwrap_or_else(|| "migrations ahead of it in the queue".into());
+    // Checked now (nothing reserved), and again when it starts.
+    let checks = check_one(c, &source, vm, &dest, req).await;
+    if !checks.ok {
+        return Ok(answer(checks, None, None));
     }
-    let started = ask(c, &source, vm, &dest, req, false).await?;
-    let checks = host_check(&dest, &started.checks);
-    if let Some(id) = &started.migration_id {
-        tracing::info!(
-            "migration {id}: VM {vm} from host {} to host {} started through the controller",
-            source.name,
-            dest.name
-        );
-        tokio::spawn(follow(Arc::clone(c), source.clone(), id.clone()));
-    }
-    Ok(MigrationStarted {
+    let record = MigrationRecord {
+        id: id.clone(),
         vm: vm.into(),
-        source: source.name,
-        destination: dest.name,
-        checks,
-        migration_id: started.migration_id,
-    })
+        source: source.name.clone(),
+        destination: dest.name.clone(),
+        role: MigrationRole::Source,
+        started_unix_ms: unix_ms(),
+        ended_unix_ms: None,
+        outcome: MigrationOutcome::Queued,
+        reason_code: String::new(),
+        reason: reason.clone(),
+        downtime_ms: None,
+        total_ms: None,
+        orchestration_ms: None,
+        orchestration: None,
+        bytes: None,
+        passes: None,
+        progress: None,
+        reasons: Vec::new(),
+        queue_position: None,
+    };
+    let request = serde_json::to_string(req).map_err(|e| failure(ErrorCode::Internal, e.to_string()))?;
+    let position = {
+        let _turn = c.dispatch.lock().await;
+        c.store.enqueue(&record, &request, unix_ms()).await?
+    };
+    tracing::info!(
+        "migration {id}: VM {vm} from host {} to host {} queued, position {position}: {reason}",
+        source.name,
+        dest.name
+    );
+    // A slot may have freed meanwhile.
+    c.wake.notify_one();
+    Ok(answer(checks, Some(id), Some((position, reason))))
+}
+
+/// A migration id made by the controller (the hosts use it too): `m-` and 12 hex digits.
+fn new_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        // No /dev/urandom: the clock's nanoseconds and a counter, still unique here.
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).rotate_left(40);
+        bytes.copy_from_slice(&n.to_le_bytes()[..6]);
+    }
+    format!("m-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The migrations that count against the limits: the history's active ones.
+async fn running_pairs(c: &Controller) -> Result<Vec<Pair>, Failure> {
+    let filter =
+        crate::store::MigrationFilter { outcome: Some(MigrationOutcome::Active), ..Default::default() };
+    Ok(c.store.migrations(&filter).await?.iter().map(|m| Pair::new(&m.source, &m.destination)).collect())
+}
+
+/// Records migration `id` as active at once (its source's record replaces it at the first
+/// follow), so that it counts against the limits from now on.
+async fn record_started(c: &Controller, id: &str, vm: &str, source: &str, destination: &str) {
+    let record = MigrationRecord {
+        id: id.to_string(),
+        vm: vm.to_string(),
+        source: source.to_string(),
+        destination: destination.to_string(),
+        role: MigrationRole::Source,
+        started_unix_ms: unix_ms(),
+        ended_unix_ms: None,
+        outcome: MigrationOutcome::Active,
+        reason_code: String::new(),
+        reason: String::new(),
+        downtime_ms: None,
+        total_ms: None,
+        orchestration_ms: None,
+        orchestration: None,
+        bytes: None,
+        passes: None,
+        progress: None,
+        reasons: Vec::new(),
+        queue_position: None,
+    };
+    if let Err(e) = save(c, &record).await {
+        tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
+    }
+}
+
+/// How often the dispatcher looks at the queue without being woken.
+const DISPATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The dispatcher: starts queued migrations in FIFO order as slots free up (woken when a
+/// followed migration ends, and every [`DISPATCH_EVERY`]: migrations started on hosts
+/// directly free slots too). The queue is in the store: a restarted controller goes on.
+pub async fn dispatch(c: Arc<Controller>) {
+    loop {
+        tokio::select! {
+            _ = c.wake.notified() => {}
+            _ = tokio::time::sleep(DISPATCH_EVERY) => {}
+        }
+        // Only the active controller starts queued migrations (a standby's queue is the
+        // same rows: it starts them once it takes over).
+        if c.leader.is_active() {
+            dispatch_once(&c).await;
+        }
+    }
+}
+
+/// One round of the dispatcher.
+pub async fn dispatch_once(c: &Arc<Controller>) {
+    let _turn = c.dispatch.lock().await;
+    let queue = match c.store.queue().await {
+        Ok(q) if q.is_empty() => return,
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!("cannot read the migration queue: {}", error_chain(&e));
+            return;
+        }
+    };
+    let running = match running_pairs(c).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot count the active migrations: {}", e.message());
+            return;
+        }
+    };
+    let pairs: Vec<Pair> = queue.iter().map(|q| Pair::new(&q.source, &q.destination)).collect();
+    let mut failed = false;
+    for i in crate::queue::plan(c.limits, &running, &pairs) {
+        if let Some(q) = queue.get(i) {
+            failed |= !start_queued(c, q).await;
+        }
+    }
+    if failed {
+        // Its slot is free again.
+        c.wake.notify_one();
+    }
+}
+
+/// Starts queued migration `q` (checked again by its source); false if it ended `failed`.
+async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> bool {
+    let id = &q.id;
+    let fail = |code: &str, reason: String, reasons: Vec<ferry_host_api::CheckReason>| {
+        let code = code.to_string();
+        async move {
+            tracing::warn!("migration {id}: failed when leaving the queue ({code}): {reason}");
+            let now = unix_ms();
+            let record = MigrationRecord {
+                id: id.clone(),
+                vm: q.vm.clone(),
+                source: q.source.clone(),
+                destination: q.destination.clone(),
+                role: MigrationRole::Source,
+                started_unix_ms: q.queued_unix_ms,
+                ended_unix_ms: Some(now),
+                outcome: MigrationOutcome::Failed,
+                reason_code: code,
+                reason,
+                downtime_ms: None,
+                total_ms: None,
+                orchestration_ms: None,
+                orchestration: None,
+                bytes: None,
+                passes: None,
+                progress: None,
+                reasons,
+                queue_position: None,
+            };
+            if let Err(e) = save(c, &record).await {
+                tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
+            }
+            if let Err(e) = c.store.dequeue(id).await {
+                tracing::warn!("migration {id}: cannot take it out of the queue: {}", error_chain(&e));
+            }
+            false
+        }
+    };
+    let req: MigrateRequest = match serde_json::from_str(&q.request) {
+        Ok(r) => r,
+        Err(e) => return fail("internal", format!("its stored request does not decode: {e}"), vec![]).await,
+    };
+    let source = match source_of(c, &q.vm).await {
+        Ok(s) if s.name == q.source => s,
+        Ok(s) => {
+            return fail(
+                "vm_moved",
+                format!("VM {} is now on host {}, not {}", q.vm, s.name, q.source),
+                vec![],
+            )
+            .await
+        }
+        Err(e) => return fail("source_failed", e.message().to_string(), vec![]).await,
+    };
+    let dest = match c.store.host(&q.destination).await {
+        Ok(Some(d)) if matches!(d.state, HostState::Connected | HostState::Maintenance) => d,
+        Ok(Some(d)) => {
+            return fail("host_not_connected", format!("host {} is {}", d.name, d.state), vec![]).await
+        }
+        Ok(None) => return fail("host_not_found", format!("host {} is gone", q.destination), vec![]).await,
+        Err(e) => return fail("internal", error_chain(&e), vec![]).await,
+    };
+    // A controller that stopped between asking the source and taking the migration out of
+    // the queue finds it in the source's history: adopted, not asked again.
+    if let Some(known) = source_record(c, &source, id).await {
+        tracing::info!(
+            "migration {id}: already in host {}'s history ({}): adopted",
+            source.name,
+            known.outcome.as_str()
+        );
+        if let Err(e) = save(c, &known).await {
+            tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
+        }
+        if let Err(e) = c.store.dequeue(id).await {
+            tracing::warn!("migration {id}: cannot take it out of the queue: {}", error_chain(&e));
+        }
+        if known.outcome == MigrationOutcome::Active {
+            tokio::spawn(follow(Arc::clone(c), source, id.clone()));
+        }
+        return true;
+    }
+    match ask(c, &source, &q.vm, &dest, &req, false, Some(id)).await {
+        Ok(started) if started.migration_id.is_some() => {
+            tracing::info!(
+                "migration {id}: VM {} from host {} to host {} leaves the queue and starts",
+                q.vm,
+                source.name,
+                dest.name
+            );
+            record_started(c, id, &q.vm, &source.name, &dest.name).await;
+            if let Err(e) = c.store.dequeue(id).await {
+                tracing::warn!("migration {id}: cannot take it out of the queue: {}", error_chain(&e));
+            }
+            tokio::spawn(follow(Arc::clone(c), source, id.clone()));
+            true
+        }
+        Ok(started) => {
+            let reasons = started.checks.reasons;
+            let code =
+                reasons.first().map(|r| r.code.as_str().to_string()).unwrap_or_else(|| "refused".into());
+            let text =
+                reasons.iter().map(|r| format!("{}: {}", r.code.as_str(), r.message)).collect::<Vec<_>>();
+            fail(&code, format!("the checks refused it when it left the queue: {}", text.join("; ")), reasons)
+                .await
+        }
+        Err(e) => fail("source_failed", e.message().to_string(), vec![]).await,
+    }
+}
+
+/// Records `m` in the history; tried again a few times when the store fails (SQLite
+/// refuses at once a write transaction whose snapshot another writer overtook: the
+/// followers, the importer, the dispatcher and cancel all write migrations).
+async fn save(c: &Controller, m: &MigrationRecord) -> Result<(), crate::store::Error> {
+    let mut tries = 0u64;
+    loop {
+        match c.store.record_migration(m, unix_ms()).await {
+            Err(e @ crate::store::Error::Sql { .. }) if tries < 5 => {
+                tries += 1;
+                tracing::debug!("migration {}: the store is busy ({}); again", m.id, error_chain(&e));
+                tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Migration `id` in `source`'s history, if it answers and has it.
+async fn source_record(c: &Controller, source: &HostRow, id: &str) -> Option<MigrationRecord> {
+    let url = format!("{}{}?id={id}", source.api_url, ferry_host_api::paths::MIGRATIONS);
+    let answer = c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status).ok()?;
+    serde_json::from_slice::<MigrationList>(&answer.body).ok()?.migrations.into_iter().next()
+}
+
+/// `POST /migrations/ID/cancel`: a queued migration leaves the queue (`cancelled`, never
+/// started); an active one is cancelled by its source host (the VM stays there, the
+/// destination releases its reservation); the controller records the source's answer.
+pub async fn cancel(c: &Arc<Controller>, id: &str) -> Result<MigrationDetail, Failure> {
+    let by_id = crate::store::MigrationFilter { id: Some(id.to_string()), ..Default::default() };
+    {
+        let _turn = c.dispatch.lock().await;
+        if c.store.dequeue(id).await? {
+            let mut record = c.store.migrations(&by_id).await?.into_iter().next().ok_or_else(|| {
+                failure(ErrorCode::Internal, format!("migration {id} was queued without a history row"))
+            })?;
+            let now = unix_ms();
+            record.outcome = MigrationOutcome::Cancelled;
+            record.reason_code = "cancelled".into();
+            record.reason = "cancelled while queued: it never started".into();
+            record.ended_unix_ms = Some(now);
+            save(c, &record).await?;
+            tracing::info!("migration {id}: cancelled while queued (VM {})", record.vm);
+            return detail(c, id).await;
+        }
+    }
+    let record = c.store.migrations(&by_id).await?.into_iter().next().ok_or_else(|| {
+        failure(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
+    })?;
+    match record.outcome {
+        MigrationOutcome::Active => {}
+        MigrationOutcome::Cancelled => return detail(c, id).await,
+        other => {
+            return Err(failure(
+                ErrorCode::Conflict,
+                format!("migration {id} has already ended: {} ({})", other.as_str(), record.reason_code),
+            ))
+        }
+    }
+    let source = c.store.host(&record.source).await?.ok_or_else(|| {
+        failure(ErrorCode::Conflict, format!("migration {id}: its source host {} is unknown", record.source))
+    })?;
+    tracing::info!("migration {id}: cancel asked for; forwarded to host {}", source.name);
+    let url = format!("{}{}", source.api_url, ferry_host_api::paths::cancel(id));
+    let answer = c.client.post(&url, &serde_json::Value::Null).await.map_err(|e| {
+        failure(
+            ErrorCode::HostFailed,
+            format!(
+                "host {} ({}) did not answer the cancel: {}",
+                source.name,
+                source.api_url,
+                error_chain(&e)
+            ),
+        )
+    })?;
+    if !answer.is_success() {
+        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
+            Ok(e) => (
+                match e.code {
+                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
+                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
+                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
+                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
+                },
+                e.message,
+            ),
+            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
+        };
+        return Err(failure(code, format!("host {}: {text}", source.name)));
+    }
+    let ended: MigrationRecord = serde_json::from_slice(&answer.body).map_err(|e| {
+        failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", source.name))
+    })?;
+    save(c, &ended).await?;
+    tracing::info!("migration {id}: {} ({}) after the cancel", ended.outcome.as_str(), ended.reason_code);
+    c.wake.notify_one();
+    detail(c, id).await
+}
+
+/// `GET /migrations/ID`: the record (with its queue position) and the events.
+pub async fn detail(c: &Controller, id: &str) -> Result<MigrationDetail, Failure> {
+    let filter = crate::store::MigrationFilter { id: Some(id.to_string()), ..Default::default() };
+    let mut list = c.store.migrations(&filter).await?;
+    with_positions(c, &mut list).await?;
+    let record = list.into_iter().next().ok_or_else(|| {
+        failure(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
+    })?;
+    Ok(MigrationDetail { record, events: c.store.migration_events(id).await? })
+}
+
+/// Fills in the queue positions of the queued migrations of `list`.
+pub async fn with_positions(c: &Controller, list: &mut [MigrationRecord]) -> Result<(), Failure> {
+    if !list.iter().any(|m| m.outcome == MigrationOutcome::Queued) {
+        return Ok(());
+    }
+    let queue = c.store.queue().await?;
+    for m in list.iter_mut().filter(|m| m.outcome == MigrationOutcome::Queued) {
+        m.queue_position = queue.iter().find(|q| q.id == m.id).map(|q| q.position);
+    }
+    Ok(())
 }
 
 /// Follows migration `id` in `source`'s history until it ends, recording each change.
@@ -242,10 +647,31 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
         match answer.map(|r| serde_json::from_slice::<MigrationList>(&r.body)) {
             Ok(Ok(list)) => match list.migrations.into_iter().next() {
                 Some(record) => {
-                    if let Err(e) = c.store.record_migration(&record, unix_ms()).await {
+                    if let Err(e) = save(&c, &record).await {
                         tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
                     }
                     if record.outcome != MigrationOutcome::Active {
+                        c.wake.notify_one();
+                        if record.outcome == MigrationOutcome::Completed {
+                            // The inventory follows at once (the heartbeats confirm it).
+                            match c
+                                .store
+                                .move_vm(&record.vm, &record.source, &record.destination, unix_ms())
+                                .await
+                            {
+                                Ok(true) => tracing::info!(
+                                    "migration {id}: VM {} now shown on host {}",
+                                    record.vm,
+                                    record.destination
+                                ),
+                                Ok(false) => {}
+                                Err(e) => tracing::warn!(
+                                    "migration {id}: cannot move VM {} in the inventory: {}",
+                                    record.vm,
+                                    error_chain(&e)
+                                ),
+                            }
+                        }
                         tracing::info!(
                             "migration {id}: {} ({}){}",
                             record.outcome.as_str(),
@@ -369,7 +795,7 @@ pub async fn import_histories(c: &Controller) {
             }
         };
         for m in list.migrations.iter().filter(|m| m.role == ferry_host_api::MigrationRole::Source) {
-            if let Err(e) = c.store.record_migration(m, unix_ms()).await {
+            if let Err(e) = save(c, m).await {
                 tracing::warn!(
                     "migration {}: cannot record it from host {}'s history: {}",
                     m.id,

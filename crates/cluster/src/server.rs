@@ -34,6 +34,13 @@ pub struct Controller {
     /// The leader lease: whether this controller is the active one (docs/cluster.md "High
     /// availability"); background tasks ask it before acting.
     pub leader: Arc<crate::leader::Leader>,
+    /// How many migrations run at once (`[limits]`).
+    pub limits: crate::queue::Limits,
+    /// Held while deciding whether a migration starts or waits, and while starting it, so
+    /// that two decisions never count the same free slot.
+    pub dispatch: tokio::sync::Mutex<()>,
+    /// Wakes the dispatcher (a migration ended, or was queued).
+    pub wake: tokio::sync::Notify,
     /// Memory held by placements in progress (creates, migrations not yet in the history).
     pub placing: crate::placement::Pending,
 }
@@ -86,8 +93,24 @@ impl IntoResponse for Failure {
         description = "The cluster controller (`ferry cluster serve`): inventory of the joined hosts, fed by their heartbeats. Mutual TLS with the cluster CA."
     ),
     paths(
-        heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
-        migration, evc, evc_set, leader, create, register
+        leader,
+        heartbeat,
+        leave,
+        hosts,
+        host,
+        vms,
+        vm,
+        vm_action,
+        datastores,
+        portgroups,
+        migrate,
+        migrations,
+        migration,
+        evc,
+        evc_set,
+        cancel_migration,
+        create,
+        register
     ),
     components(schemas(
         ApiError,
@@ -122,6 +145,7 @@ pub fn router(state: Shared) -> Router {
         .route("/vms/{name}/{action}", post(vm_action))
         .route(paths::MIGRATIONS, get(migrations))
         .route("/migrations/{id}", get(migration))
+        .route("/migrations/{id}/cancel", post(cancel_migration))
         .route(paths::EVC, get(evc).post(evc_set))
         .route(
             paths::OPENAPI,
@@ -389,17 +413,36 @@ async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Js
         match kv.split_once('=').unwrap_or((kv, "")) {
             ("active", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Active),
             ("failed", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Failed),
+            ("queued", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Queued),
+            ("cancelled", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Cancelled),
             ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
             ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
             _ => {
                 return Err(Failure::new(
                     ErrorCode::BadRequest,
-                    format!("unknown query parameter {kv:?} (active, failed, vm=NAME, host=NAME)"),
+                    format!(
+                    "unknown query parameter {kv:?} (active, failed, queued, cancelled, vm=NAME, host=NAME)"
+                ),
                 ))
             }
         }
     }
-    Ok(Json(MigrationList { migrations: c.store.migrations(&filter).await? }))
+    let mut migrations = c.store.migrations(&filter).await?;
+    crate::migrate::with_positions(&c, &mut migrations).await?;
+    Ok(Json(MigrationList { migrations }))
+}
+
+/// Cancels a migration: a queued one leaves the queue, a running one is cancelled by its
+/// source host before its commit (the VM stays there). Answers the migration once it ended.
+#[utoipa::path(post, path = "/migrations/{id}/cancel", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, body = MigrationDetail), (status = 404, body = ApiError),
+        (status = 409, description = "it has ended, or committed: it can no longer be cancelled", body = ApiError),
+        (status = 502, body = ApiError)))]
+async fn cancel_migration(
+    State(c): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationDetail>, Failure> {
+    Ok(Json(crate::migrate::cancel(&c, &id).await?))
 }
 
 /// One migration: its record (with per-pass statistics) and the controller's events.
@@ -409,11 +452,7 @@ async fn migration(
     State(c): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<MigrationDetail>, Failure> {
-    let filter = store::MigrationFilter { id: Some(id.clone()), ..Default::default() };
-    let record = c.store.migrations(&filter).await?.into_iter().next().ok_or_else(|| {
-        Failure::new(ErrorCode::NotFound, format!("no migration {id:?} in the controller's history"))
-    })?;
-    Ok(Json(MigrationDetail { record, events: c.store.migration_events(&id).await? }))
+    Ok(Json(crate::migrate::detail(&c, &id).await?))
 }
 
 /// The cluster's CPU baseline (EVC): its features and generation, each host's extra and

@@ -68,6 +68,10 @@ pub enum Command {
     /// VMs, datastores, port groups.
     #[command(subcommand, long_about = crate::cluster::CLUSTER_ABOUT)]
     Cluster(crate::cluster::ClusterCommand),
+    /// The cluster's live migrations, from the controller: queued, running (live progress),
+    /// ended; show, cancel or watch one.
+    #[command(long_about = crate::migrations::MIGRATIONS_ABOUT)]
+    Migrations(crate::migrations::MigrationsArgs),
 }
 
 const HOST_ABOUT: &str = "\

@@ -39,7 +39,7 @@ Examples:
   ferry cluster migrate web1 --explain       # placement's ranking of every host
   ferry cluster migrate web1                 # to the host placement picks
   ferry cluster create web2 --datastore shared --memory-mib 256 --guest memstress
-  ferry cluster migrations --vm web1
+  ferry cluster migrations --vm web1         # the same as `ferry migrations --vm web1`
   ferry cluster datastores
   ferry cluster portgroups
   ferry cluster evc                          # the CPU baseline; `evc set --hide F` lowers it
@@ -94,7 +94,9 @@ pub enum ClusterCommand {
     /// Check or live-migrate a VM by name: the controller asks the host that has it. With
     /// --check and no --to-host, every other host is checked (a table: host, compatible or
     /// all its reasons). Without --to-host, placement picks the destination (--explain shows
-    /// its ranking). Without --check, waits until the migration ends.
+    /// its ranking). Without --check, follows the migration until it ends: "queued,
+    /// position N" while it waits for a slot ([limits]), then live progress (Ctrl-C
+    /// detaches; `ferry migrations cancel ID` cancels).
     Migrate(MigrateArgs),
     /// Create a VM (as `ferry vm create`) on the host placement picks, or --host HOST;
     /// --explain shows the ranking.
@@ -103,8 +105,8 @@ pub enum ClusterCommand {
     /// Register an existing home on the host placement picks among those that see its
     /// datastore, or --host HOST; --explain shows the ranking.
     Register(RegisterArgs),
-    /// The controller's migration history, newest first.
-    Migrations(MigrationsArgs),
+    /// The controller's migration history, newest first (the same as `ferry migrations`).
+    Migrations(crate::migrations::ListArgs),
     /// One migration: its record, per-pass statistics and the controller's events.
     Migration(NamedArgs),
     /// The cluster's CPU baseline (EVC): its features and generation, each host's extra and
@@ -155,6 +157,9 @@ pub struct MigrateArgs {
     /// Parallel streams.
     #[arg(long, value_name = "N")]
     pub streams: Option<u32>,
+    /// Bandwidth cap of the migration, MiB/s.
+    #[arg(long, value_name = "MIB_S")]
+    pub bandwidth_mib: Option<u64>,
     #[command(flatten)]
     pub target: ServerTarget,
     /// Print the report as JSON.
@@ -194,28 +199,6 @@ pub struct RegisterArgs {
     /// Only show placement's ranking; nothing is registered.
     #[arg(long)]
     pub explain: bool,
-    #[command(flatten)]
-    pub target: ServerTarget,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Arguments of `ferry cluster migrations`.
-#[derive(Debug, Args)]
-pub struct MigrationsArgs {
-    /// Only those in progress.
-    #[arg(long, conflicts_with = "failed")]
-    pub active: bool,
-    /// Only failed ones.
-    #[arg(long)]
-    pub failed: bool,
-    /// Only this VM's.
-    #[arg(long, value_name = "NAME")]
-    pub vm: Option<String>,
-    /// Only those from or to this host.
-    #[arg(long, value_name = "NAME")]
-    pub host: Option<String>,
     #[command(flatten)]
     pub target: ServerTarget,
     /// Print the report as JSON.
@@ -611,76 +594,16 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 print_leader(&report);
             }
         }
-        ClusterCommand::Migrations(args) => {
-            let mut query = Vec::new();
-            if args.active {
-                query.push("active".to_string());
-            }
-            if args.failed {
-                query.push("failed".to_string());
-            }
-            if let Some(v) = &args.vm {
-                query.push(format!("vm={v}"));
-            }
-            if let Some(h) = &args.host {
-                query.push(format!("host={h}"));
-            }
-            let path = if query.is_empty() {
-                paths::MIGRATIONS.to_string()
-            } else {
-                format!("{}?{}", paths::MIGRATIONS, query.join("&"))
-            };
-            let list: ferry_cluster_api::MigrationList = args.target.connect()?.get(&path)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                crate::hostcmd::print_migrations(&ferry_host_api::MigrationList {
-                    migrations: list.migrations,
-                });
-            }
-        }
+        ClusterCommand::Migrations(args) => return crate::migrations::list(args),
         ClusterCommand::Migration(args) => {
-            let m: ferry_cluster_api::MigrationDetail =
-                args.target.connect()?.get(&paths::migration(&args.name))?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
-            } else {
-                print_migration(&m);
-            }
+            return crate::migrations::show(crate::migrations::IdArgs {
+                id: args.name,
+                target: args.target,
+                json: args.json,
+            })
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_migration(m: &ferry_cluster_api::MigrationDetail) {
-    let r = &m.record;
-    println!("migration:  {}", r.id);
-    println!("vm:         {} from {} to {}", r.vm, r.source, r.destination);
-    println!(
-        "outcome:    {} ({}){}",
-        r.outcome.as_str(),
-        r.reason_code,
-        if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) }
-    );
-    if let Some(d) = r.downtime_ms {
-        println!("downtime:   {d:.1} ms");
-    }
-    if let Some(t) = r.total_ms {
-        println!("total:      {t:.1} ms");
-    }
-    if let Some(b) = r.bytes {
-        println!("bytes:      {b}");
-    }
-    if let Some(passes) = r.passes.as_ref().and_then(|p| p.as_array()) {
-        println!("passes:");
-        for (i, p) in passes.iter().enumerate() {
-            println!("  {:>3}: {}", i + 1, p);
-        }
-    }
-    println!("events:");
-    for e in &m.events {
-        println!("  {:>3} {} {}: {}", e.seq, e.at_unix_ms, e.kind, e.message);
-    }
 }
 
 fn print_checks(table: &ferry_cluster_api::CheckTable) {
@@ -830,6 +753,7 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         downtime_ms: args.downtime_ms,
         streams: args.streams,
         explain: args.explain,
+        bandwidth_mib: args.bandwidth_mib,
     };
     migrate_through(&ctl, &args.name, &req, args.json)
 }
@@ -874,35 +798,16 @@ pub(crate) fn migrate_through(
         }
         anyhow::bail!("the migration of {} to {} was refused by its checks", started.vm, started.destination);
     };
-    if !json {
-        let how = if req.to_host.is_none() { " (picked by placement)" } else { "" };
-        println!("migration {id}: {} from {} to {}{how}", started.vm, started.source, started.destination);
+    let how = if req.to_host.is_none() { " (picked by placement)" } else { "" };
+    eprintln!("migration {id}: {} from {} to {}{how}", started.vm, started.source, started.destination);
+    if let Some(p) = started.queue_position {
+        eprintln!(
+            "migration {id}: queued, position {p}{}",
+            started.queue_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+        );
     }
-    // Follow it in the controller's history until it ends.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-    let detail = loop {
-        match ctl.get::<ferry_cluster_api::MigrationDetail>(&paths::migration(&id)) {
-            Ok(d) if d.record.outcome != ferry_host_api::MigrationOutcome::Active => break d,
-            // Not recorded yet, or still active.
-            _ if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(250))
-            }
-            other => {
-                other?;
-                anyhow::bail!("migration {id} did not end within an hour");
-            }
-        }
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&detail)?);
-    } else {
-        print_migration(&detail);
-    }
-    Ok(if detail.record.outcome == ferry_host_api::MigrationOutcome::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    // Follow it in the controller's history until it ends, with live progress.
+    crate::migrations::follow(ctl, &id, json)
 }
 
 fn print_leader(r: &ferry_cluster_api::LeaderReport) {

@@ -303,7 +303,14 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
             "--explain shows the controller's placement: use it without --host, with a controller configured"
         );
     }
-    let req = MigrateVm { to_host, downtime_ms: args.downtime_ms, streams: args.streams, check: args.check };
+    let req = MigrateVm {
+        to_host,
+        downtime_ms: args.downtime_ms,
+        streams: args.streams,
+        check: args.check,
+        migration_id: None,
+        bandwidth_mib: None,
+    };
     let started: MigrateStarted = client.post(&paths::migrate(&args.name), &req)?;
     let Some(id) = started.migration_id else {
         if json {
@@ -427,6 +434,7 @@ fn vm_through(target: crate::cluster::ServerTarget, args: VmArgs) -> anyhow::Res
                 downtime_ms: m.downtime_ms,
                 streams: m.streams,
                 explain: m.explain,
+                bandwidth_mib: None,
             };
             crate::cluster::migrate_through(&ctl, &m.name, &req, json)
         }

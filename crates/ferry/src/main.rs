@@ -9,6 +9,7 @@ mod hostcmd;
 mod hostctl;
 mod logfile;
 mod migrate;
+mod migrations;
 mod run;
 
 use std::process::ExitCode;
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         cli::Command::Vm(args) => hostcmd::vm(args),
         cli::Command::Ca(args) => ca::run(args),
         cli::Command::Cluster(cmd) => cluster::run(cmd),
+        cli::Command::Migrations(args) => migrations::run(args),
     };
     logfile::finish(std::time::Duration::from_secs(2));
     match result {

@@ -11,25 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{ferry, Controller};
+use common::cluster::{ferry, host_cmd, host_state, Controller};
 use common::hostd::{cluster, Hostd};
 use common::{require_root, TempDir};
-
-/// `ferry host ARGS --host URL` of `h`, which must succeed; its JSON.
-fn host_cmd(h: &Hostd, args: &[&str]) -> serde_json::Value {
-    let out = ferry().arg("host").args(args).args(["--host", &h.url, "--json"]).output().expect("ferry host");
-    assert!(
-        out.status.success(),
-        "ferry host {args:?}: {}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.daemon_log()
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-fn host_state<'a>(hosts: &'a serde_json::Value, name: &str) -> Option<&'a str> {
-    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)?["state"].as_str()
-}
 
 /// The inventory test body, on the store `database` names (None: SQLite).
 fn inventory(tag: &str, database: Option<&str>) {

@@ -63,6 +63,14 @@ pub mod paths {
 
     /// `GET /migrations[?active|?failed|?id=ID]`: [`crate::MigrationList`].
     pub const MIGRATIONS: &str = "/migrations";
+
+    /// `POST /migrations/ID/cancel` (any client; no body): cancel this host's outgoing
+    /// migration ID (the VM stays here, the destination releases its reservation). Answers
+    /// the [`crate::MigrationRecord`] once it ended (outcome `cancelled`), or 409 when it
+    /// can no longer be cancelled (committed, or ended otherwise).
+    pub fn cancel(id: &str) -> String {
+        format!("/migrations/{id}/cancel")
+    }
 }
 
 /// A VM's lifecycle as the daemon sees it. Transitions (checked by the daemon, see
@@ -582,6 +590,15 @@ pub struct MigrateVm {
     /// Only run the checks (nothing is reserved).
     #[serde(default)]
     pub check: bool,
+    /// The migration's id, when the caller chose it (the controller does, so one id names
+    /// the migration on the controller and both hosts): 1 to 64 letters, digits, `-`, `_`,
+    /// not already in this host's history. Absent: the daemon makes one. (A daemon older
+    /// than this field refuses a request that carries it.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+    /// Bandwidth cap of the VMM's migration, MiB/s (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib: Option<u64>,
 }
 
 /// The answer of `POST /vms/NAME/migrate`.
@@ -660,6 +677,12 @@ pub enum MigrationOutcome {
     Failed,
     /// Refused by the checks.
     Refused,
+    /// Cancelled by an operator before the commit (`POST /migrations/ID/cancel` on the
+    /// source host or the controller): the VM stayed on the source.
+    Cancelled,
+    /// Waiting in the controller's queue for a free slot (the controller's history only;
+    /// a host never records it).
+    Queued,
 }
 
 impl MigrationOutcome {
@@ -670,6 +693,8 @@ impl MigrationOutcome {
             MigrationOutcome::Completed => "completed",
             MigrationOutcome::Failed => "failed",
             MigrationOutcome::Refused => "refused",
+            MigrationOutcome::Cancelled => "cancelled",
+            MigrationOutcome::Queued => "queued",
         }
     }
 
@@ -680,6 +705,8 @@ impl MigrationOutcome {
             "completed" => MigrationOutcome::Completed,
             "failed" => MigrationOutcome::Failed,
             "refused" => MigrationOutcome::Refused,
+            "cancelled" => MigrationOutcome::Cancelled,
+            "queued" => MigrationOutcome::Queued,
             _ => return None,
         })
     }
@@ -703,6 +730,22 @@ pub struct MigrationProgress {
     pub eta_ms: Option<f64>,
     /// Bytes sent so far.
     pub bytes_transferred: u64,
+    /// The guest's memory, 4 KiB pages (0 when not known).
+    #[serde(default)]
+    pub memory_pages: u64,
+    /// Progress, percent: the share of the guest's memory not waiting to be sent in the
+    /// current pass (rises through pass 1, then stays near 100 while later passes send
+    /// what the guest dirtied); absent when the memory size is not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+}
+
+impl MigrationProgress {
+    /// [`MigrationProgress::percent`] from the pages left and the memory size.
+    pub fn percent_of(pages_left: u64, memory_pages: u64) -> Option<f64> {
+        (memory_pages > 0)
+            .then(|| 100.0 * memory_pages.saturating_sub(pages_left) as f64 / memory_pages as f64)
+    }
 }
 
 /// Where a migration by name spends its time outside the VMM's own migration, ms, as the
@@ -779,6 +822,9 @@ pub struct MigrationRecord {
     /// Every reason the checks gave (outcome `refused`; `reason_code` is the first one's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<CheckReason>,
+    /// Outcome `queued` (the controller's history only): its place in the queue, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
 }
 
 /// `GET /migrations`.

@@ -67,6 +67,7 @@ pub fn router(state: Shared) -> Router {
         .route("/vms/{name}/log", get(log))
         .route("/vms/{name}/migrate", post(migrate))
         .route(ferry_host_api::paths::MIGRATIONS, get(migrations))
+        .route("/migrations/{id}/cancel", post(cancel_migration))
         .merge(
             // Only other hosts' daemons may reserve, complete or abort here.
             Router::new()
@@ -191,6 +192,14 @@ async fn migrations(
         }
     }
     Ok(Json(ferry_host_api::MigrationList { migrations: d.migrations(outcome, id.as_deref()).await? }))
+}
+
+/// `POST /migrations/ID/cancel`: cancel this host's outgoing migration.
+async fn cancel_migration(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<ferry_host_api::MigrationRecord>, Failure> {
+    Ok(Json(d.cancel_outgoing(&id).await?))
 }
 
 async fn incoming(

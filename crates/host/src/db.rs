@@ -554,6 +554,7 @@ mod tests {
             passes: None,
             progress: None,
             reasons: Vec::new(),
+            queue_position: None,
         };
         db.put_migration(&m).await.expect("put migration");
         assert_eq!(db.migrations(None, Some("m-1")).await.expect("by id"), vec![m.clone()]);

@@ -13,6 +13,7 @@
 pub mod evc;
 pub mod lease;
 pub mod placement;
+pub mod queue;
 pub mod schema;
 
 use std::time::Duration;
@@ -554,8 +555,12 @@ impl Store {
                 format!("{} {} -> {}: {}", m.vm, m.source, m.destination, m.outcome.as_str()),
             )),
             Some(p) if p == m.outcome.as_str() => None,
+            // Out of the queue.
+            Some(p) if p == MigrationOutcome::Queued.as_str() && m.outcome == MigrationOutcome::Active => {
+                Some(("started", format!("{} -> {}: left the queue", m.source, m.destination)))
+            }
             // Ended: keep the end.
-            Some(p) if p != MigrationOutcome::Active.as_str() => {
+            Some(p) if p != MigrationOutcome::Active.as_str() && p != MigrationOutcome::Queued.as_str() => {
                 tx.commit().await.map_err(self.sql())?;
                 return Ok(());
             }

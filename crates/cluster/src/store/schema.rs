@@ -5,9 +5,10 @@
 //!
 //! Live state (what the hosts last reported): `hosts`, `host_datastores`, `host_portgroups`,
 //! `host_vms`; replaced host by host at each heartbeat. Version 2: EVC (`evc_generations`,
-//! history; `evc_vms`, `evc_refused`). Version 4: high availability (`controller_lease`,
-//! `controllers`). History (append-only; a migration's
-//! row changes only from `active` to its end): `migrations`, `migration_events`.
+//! history; `evc_vms`, `evc_refused`). Version 3: `migration_queue` (migrations waiting for
+//! a slot). Version 4: high availability (`controller_lease`, `controllers`). History
+//! (append-only; a migration's row changes only from `queued` to `active` to its end):
+//! `migrations`, `migration_events`.
 
 /// `(version, statements)`, oldest first. Never edit a released version: add one.
 pub const MIGRATIONS: &[(u32, &[&str])] = &[
@@ -96,6 +97,23 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[
             features TEXT NOT NULL,
             lacking TEXT NOT NULL,
             at_unix_ms BIGINT NOT NULL
+        )",
+        ],
+    ),
+    (
+        3,
+        &[
+            // The migrations waiting for a slot (limits), oldest first by `seq`: the request
+            // to send when one starts. Each also has its `migrations` row (outcome
+            // `queued`) for the history.
+            "CREATE TABLE migration_queue (
+            id TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            vm TEXT NOT NULL,
+            source TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            request TEXT NOT NULL,
+            queued_unix_ms BIGINT NOT NULL
         )",
         ],
     ),

@@ -229,6 +229,7 @@ fn record(id: &str, outcome: MigrationOutcome, started: u64) -> MigrationRecord 
         progress: None,
         reasons: Vec::new(),
         orchestration: None,
+        queue_position: None,
     }
 }
 
@@ -340,5 +341,103 @@ fn memory_reserved_by_migrations_to_each_host() {
         store.record_migration(&record("m3", MigrationOutcome::Failed, 3000), 3000).await.expect("m3");
         sqlx::query("DELETE FROM migrations WHERE id = 'm2'").execute(&store.pool).await.expect("delete");
         assert!(store.reserved_by_destination().await.expect("none left").is_empty());
+    });
+}
+
+#[test]
+fn the_queue_keeps_its_order_and_its_migrations_leave_it() {
+    on_both(|store| async move {
+        for (i, id) in ["q1", "q2", "q3"].iter().enumerate() {
+            let position = store
+                .enqueue(&record(id, MigrationOutcome::Queued, 100 + i as u64), "{\"to_host\":\"b\"}", 100)
+                .await
+                .expect("enqueue");
+            assert_eq!(position, i as u32 + 1);
+        }
+        let q = store.queue().await.expect("queue");
+        assert_eq!(
+            q.iter().map(|q| (q.id.as_str(), q.position)).collect::<Vec<_>>(),
+            [("q1", 1), ("q2", 2), ("q3", 3)]
+        );
+        assert_eq!(q[0].request, "{\"to_host\":\"b\"}");
+        let queued = MigrationFilter { outcome: Some(MigrationOutcome::Queued), ..Default::default() };
+        assert_eq!(store.migrations(&queued).await.expect("queued").len(), 3);
+        // q1 starts: out of the queue, its row active with a `started` event.
+        assert!(store.dequeue("q1").await.expect("dequeue"));
+        assert!(!store.dequeue("q1").await.expect("again"));
+        store.record_migration(&record("q1", MigrationOutcome::Active, 100), 110).await.expect("active");
+        // q2 is cancelled while queued; q3 moves up.
+        assert!(store.dequeue("q2").await.expect("dequeue"));
+        store
+            .record_migration(&record("q2", MigrationOutcome::Cancelled, 101), 120)
+            .await
+            .expect("cancelled");
+        let q = store.queue().await.expect("queue");
+        assert_eq!(q.iter().map(|q| (q.id.as_str(), q.position)).collect::<Vec<_>>(), [("q3", 1)]);
+        let kinds = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .migration_events(id)
+                    .await
+                    .expect("events")
+                    .into_iter()
+                    .map(|e| e.kind)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(kinds("q1").await, ["queued", "started"]);
+        assert_eq!(kinds("q2").await, ["queued", "cancelled"]);
+        let cancelled = MigrationFilter { outcome: Some(MigrationOutcome::Cancelled), ..Default::default() };
+        assert_eq!(store.migrations(&cancelled).await.expect("cancelled")[0].id, "q2");
+    });
+}
+
+#[test]
+fn a_completed_migration_moves_the_vm_in_the_inventory() {
+    on_both(|store| async move {
+        store
+            .heartbeat(
+                "a",
+                "https://10.0.0.1:7443",
+                false,
+                &info("a", "ds1", &[("web", VmState::Running)]),
+                1000,
+            )
+            .await
+            .expect("a");
+        store.heartbeat("b", "https://10.0.0.2:7443", false, &info("b", "ds1", &[]), 1000).await.expect("b");
+        assert!(store.move_vm("web", "a", "b", 2000).await.expect("move"));
+        let vms = store.vms(Some("web"), 2000).await.expect("vms");
+        assert_eq!(
+            vms.iter().map(|v| (v.host.as_str(), v.state.as_str())).collect::<Vec<_>>(),
+            [("b", "running")]
+        );
+        // Nothing to move any more.
+        assert!(!store.move_vm("web", "a", "b", 2100).await.expect("again"));
+        // The destination reported it first: the source's stale report goes.
+        store
+            .heartbeat(
+                "a",
+                "https://10.0.0.1:7443",
+                false,
+                &info("a", "ds1", &[("db", VmState::Running)]),
+                3000,
+            )
+            .await
+            .expect("a");
+        store
+            .heartbeat(
+                "b",
+                "https://10.0.0.2:7443",
+                false,
+                &info("b", "ds1", &[("db", VmState::Running)]),
+                3000,
+            )
+            .await
+            .expect("b");
+        assert!(store.move_vm("db", "a", "b", 3100).await.expect("move"));
+        let vms = store.vms(Some("db"), 3100).await.expect("vms");
+        assert_eq!(vms.iter().map(|v| v.host.as_str()).collect::<Vec<_>>(), ["b"]);
     });
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::hostd::cluster;
+use super::hostd::{cluster, Hostd};
 use super::{wait_timeout, TempDir};
 
 /// A controller: its directory, configuration, URL and process.
@@ -21,6 +21,11 @@ impl Controller {
     /// A configuration in a scratch directory (`database`: a URL, or the default SQLite file),
     /// its identity from the test CA.
     pub fn new(tag: &str, database: Option<&str>) -> Controller {
+        Controller::with_config(tag, database, "")
+    }
+
+    /// The same with `extra` appended to the configuration (e.g. a `[limits]` section).
+    pub fn with_config(tag: &str, database: Option<&str>, extra: &str) -> Controller {
         let dir = TempDir::new(tag);
         let port = super::mig::free_port();
         let config = dir.path("cluster.toml");
@@ -31,6 +36,7 @@ impl Controller {
         if let Some(db) = database {
             text.push_str(&format!("database = \"{db}\"\n"));
         }
+        text.push_str(extra);
         std::fs::write(&config, text).expect("config");
         let out = ferry()
             .args(["cluster", "init", "--config"])
@@ -178,6 +184,23 @@ pub fn ferry() -> Command {
     c.env_remove("FERRY_LOG").env_remove("FERRY_HOST").env_remove("FERRY_SERVER");
     c.env(ferry_pki::IDENTITY_ENV, &cluster().client);
     c
+}
+
+/// `ferry host ARGS --host URL` of `h`, which must succeed; its JSON.
+pub fn host_cmd(h: &Hostd, args: &[&str]) -> serde_json::Value {
+    let out = ferry().arg("host").args(args).args(["--host", &h.url, "--json"]).output().expect("ferry host");
+    assert!(
+        out.status.success(),
+        "ferry host {args:?}: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.daemon_log()
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The state of host `name` in a `ferry cluster hosts --json` report.
+pub fn host_state<'a>(hosts: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)?["state"].as_str()
 }
 
 impl Controller {

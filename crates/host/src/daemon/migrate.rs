@@ -55,6 +55,24 @@ fn reason(code: CheckCode, message: String) -> CheckReason {
     CheckReason { code, message }
 }
 
+/// The reason code of a migration an operator cancelled (the VMM's own code for it).
+const CANCELLED: &str = "cancelled";
+/// How long `POST /migrations/ID/cancel` waits for the migration to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(15);
+
+/// Asks the VMM at `sock` to cancel its migration (`PUT /vm/migrate/cancel`).
+async fn vmm_cancel(sock: PathBuf) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || {
+        ferry_api::client::send(&sock, &ferry_api::Request::MigrateCancel, STATUS_TIMEOUT)
+    })
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn new_id() -> String {
     let n = ferry_migration::auth::nonce().map(|n| ferry_migration::auth::hex(&n[..6])).unwrap_or_default();
     format!("m-{n}")
@@ -275,6 +293,7 @@ impl Daemon {
             passes: None,
             progress: None,
             reasons: Vec::new(),
+            queue_position: None,
         };
         if let Err(e) = self.db.put_migration(&record).await {
             tracing::warn!("migration {id}: cannot record it: {e}");
@@ -434,7 +453,12 @@ impl Daemon {
 
     /// `POST /migrations/ID/abort`.
     pub async fn abort_incoming(&self, id: &str, why: &MigrationRecord) -> Result<MigrationRecord, Error> {
-        match self.release(id, MigrationOutcome::Failed, &why.reason_code, &why.reason).await {
+        let outcome = if why.outcome == MigrationOutcome::Cancelled {
+            MigrationOutcome::Cancelled
+        } else {
+            MigrationOutcome::Failed
+        };
+        match self.release(id, outcome, &why.reason_code, &why.reason).await {
             Some(r) => Ok(r),
             None => self.known_migration(id).await,
         }
@@ -668,11 +692,25 @@ impl Daemon {
         if req.check {
             return Ok(MigrateStarted { checks, migration_id: None, refused_id: None });
         }
+        let given = match &req.migration_id {
+            Some(id) => {
+                if !ferry_migration::handshake::valid_id(id) {
+                    return Err(Error::BadRequest(format!(
+                        "migration id {id:?} is not valid (1 to 64 letters, digits, '-', '_')"
+                    )));
+                }
+                if !self.db.migrations(None, Some(id)).await?.is_empty() {
+                    return Err(Error::Conflict(format!("migration {id} is already in this host's history")));
+                }
+                Some(id.clone())
+            }
+            None => None,
+        };
         let Some((peer, destination, mut incoming)) = ctx.filter(|_| checks.ok) else {
-            let id = self.record_refused(name, &checks, started_unix_ms, started).await;
+            let id = self.record_refused(name, &checks, started_unix_ms, started, given).await;
             return Ok(MigrateStarted { checks, migration_id: None, refused_id: Some(id) });
         };
-        let id = new_id();
+        let id = given.unwrap_or_else(new_id);
         incoming.migration_id = id.clone();
         let record = MigrationRecord {
             id: id.clone(),
@@ -691,8 +729,13 @@ impl Daemon {
             orchestration: None,
             bytes: None,
             passes: None,
-            progress: Some(MigrationProgress::default()),
+            progress: Some(MigrationProgress {
+                memory_pages: incoming.definition.memory_mib << 8,
+                percent: Some(0.0),
+                ..MigrationProgress::default()
+            }),
             reasons: Vec::new(),
+            queue_position: None,
         };
         {
             let mut out = self.outgoing.lock().await;
@@ -725,8 +768,9 @@ impl Daemon {
         checks: &CheckReport,
         started_unix_ms: u64,
         started: Instant,
+        given: Option<String>,
     ) -> String {
-        let id = new_id();
+        let id = given.unwrap_or_else(new_id);
         let record = MigrationRecord {
             id: id.clone(),
             vm: name.into(),
@@ -752,6 +796,7 @@ impl Daemon {
             progress: None,
             reasons: checks.reasons.clone(),
             orchestration: None,
+            queue_position: None,
         };
         tracing::info!(
             "migration {id}: VM {name} to {}: refused by the checks: {}",
@@ -768,6 +813,63 @@ impl Daemon {
         )
         .await;
         id
+    }
+
+    /// `POST /migrations/ID/cancel`: cancels this host's outgoing migration `id` (before its
+    /// commit; the source VMM decides that against the commit): the VM stays here and the
+    /// destination releases its reservation. Waits up to [`CANCEL_WAIT`] for the end and
+    /// answers the record (outcome `cancelled`, or still `active` if it has not ended by
+    /// then). A migration that already ended otherwise, or that the VMM can no longer
+    /// cancel, is a conflict; one that ended cancelled is answered as it is.
+    pub async fn cancel_outgoing(&self, id: &str) -> Result<MigrationRecord, Error> {
+        let vm = self.outgoing.lock().await.values().find(|r| r.id == id).map(|r| r.vm.clone());
+        let Some(vm) = vm else {
+            let known = self.known_migration(id).await?;
+            return match known.outcome {
+                MigrationOutcome::Cancelled => Ok(known),
+                MigrationOutcome::Active => Err(Error::Conflict(format!(
+                    "migration {id} is not this host's outgoing migration (this host is its {})",
+                    if known.role == MigrationRole::Source {
+                        "source, from a previous run"
+                    } else {
+                        "destination"
+                    }
+                ))),
+                other => {
+                    Err(Error::Conflict(format!("migration {id} has already ended: {}", other.as_str())))
+                }
+            };
+        };
+        self.cancels.lock().await.insert(id.to_string());
+        tracing::info!("migration {id}: cancel asked for (VM {vm})");
+        let sock = self.vms.lock().await.get(&vm).and_then(|v| v.row.api_socket.clone());
+        if let Some(sock) = sock {
+            // A VMM that has not been asked to migrate yet refuses: the daemon's own check
+            // before and after asking it catches the cancel then.
+            if let Err(e) = vmm_cancel(sock).await {
+                tracing::info!("migration {id}: the source VMM did not take the cancel: {e}");
+            }
+        }
+        // The record ends once the destination was told (and released its reservation).
+        let deadline = Instant::now() + CANCEL_WAIT;
+        let r = loop {
+            let r = self.known_migration(id).await?;
+            if r.outcome != MigrationOutcome::Active || Instant::now() >= deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if r.outcome == MigrationOutcome::Active {
+            return Ok(r);
+        }
+        match r.outcome {
+            MigrationOutcome::Cancelled => Ok(r),
+            other => Err(Error::Conflict(format!(
+                "migration {id} could not be cancelled: it ended {} ({})",
+                other.as_str(),
+                r.reason_code
+            ))),
+        }
     }
 
     async fn set_progress(&self, name: &str, f: impl FnOnce(&mut MigrationRecord)) {
@@ -841,7 +943,10 @@ impl Daemon {
                 );
             }
             Err((code, why, report)) => {
-                record.outcome = MigrationOutcome::Failed;
+                // An operator's cancel (the VMM's reason code, or the daemon's own before the
+                // VMM was asked): the VM stays here, as with any failure.
+                record.outcome =
+                    if code == CANCELLED { MigrationOutcome::Cancelled } else { MigrationOutcome::Failed };
                 record.reason_code = code;
                 record.reason = why;
                 record.total_ms = Some(wall_ms);
@@ -865,8 +970,12 @@ impl Daemon {
         if let Err(e) = self.db.put_migration(&record).await {
             tracing::warn!("migration {id}: cannot record it: {e}");
         }
-        let kind =
-            if record.outcome == MigrationOutcome::Completed { "migrated" } else { "migration-failed" };
+        self.cancels.lock().await.remove(&id);
+        let kind = match record.outcome {
+            MigrationOutcome::Completed => "migrated",
+            MigrationOutcome::Cancelled => "migration-cancelled",
+            _ => "migration-failed",
+        };
         self.event(name, kind, &format!("migration {id} to {}: {}", record.destination, record.reason_code))
             .await;
     }
@@ -896,6 +1005,7 @@ impl Daemon {
             reserved_ms
         );
         self.faults.at(Step::Reserved, &id);
+        let memory_pages = incoming.definition.memory_mib << 8;
         let (sock, pid, home) = {
             let vms = self.vms.lock().await;
             let vm =
@@ -924,8 +1034,15 @@ impl Daemon {
                 return Err(fail("internal", format!("cannot write {}: {e}", key_file.display())));
             }
         }
+        if self.cancels.lock().await.contains(&id) {
+            let _ = std::fs::remove_file(&key_file);
+            return Err(fail(CANCELLED, "cancelled by an operator before the VMM was asked".into()));
+        }
         let mut mreq = ferry_api::MigrateRequest::new(reservation.listen.clone(), key_file.clone());
         mreq.migration_id = Some(id.clone());
+        if let Some(b) = req.bandwidth_mib {
+            mreq.bandwidth_mib = b;
+        }
         if let Some(d) = req.downtime_ms {
             mreq.downtime_ms = d;
         }
@@ -947,6 +1064,13 @@ impl Daemon {
         }
         let started_ms = ms();
         tracing::info!("migration {id}: the source VMM (pid {pid}) migrates VM {name} (+{started_ms:.1} ms)");
+        // A cancel that came while the VMM was being asked found no migration there: passed
+        // on now (the VMM decides it against its commit).
+        if self.cancels.lock().await.contains(&id) {
+            if let Err(e) = vmm_cancel(sock.clone()).await {
+                tracing::warn!("migration {id}: the source VMM refused the cancel: {e}");
+            }
+        }
         self.faults.at(Step::Started, &id);
         let report_file = home.join("migrations").join(format!("{id}.json"));
         let read_report = || {
@@ -1037,6 +1161,8 @@ impl Daemon {
                                     expected_downtime_ms: info.expected_downtime_ms,
                                     eta_ms: info.eta_ms,
                                     bytes_transferred: info.bytes_transferred,
+                                    memory_pages,
+                                    percent: MigrationProgress::percent_of(info.pages_left, memory_pages),
                                 })
                             })
                             .await;

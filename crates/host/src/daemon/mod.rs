@@ -208,6 +208,8 @@ pub struct Daemon {
     reservations: Mutex<BTreeMap<String, migrate::Reserved>>,
     /// Outgoing migrations in progress, by VM name, with their live progress.
     outgoing: Mutex<BTreeMap<String, ferry_host_api::MigrationRecord>>,
+    /// Outgoing migrations an operator asked to cancel (`POST /migrations/ID/cancel`), by id.
+    cancels: Mutex<std::collections::BTreeSet<String>>,
     /// The CPU feature bits KVM offers guests here (without `[cpu] hide`).
     kvm_features: Vec<String>,
     /// What KVM here offers for restoring VMs beyond feature bits (probed at start: it does
@@ -360,6 +362,7 @@ impl Daemon {
             runtime: tokio::runtime::Handle::current(),
             reservations: Mutex::new(BTreeMap::new()),
             outgoing: Mutex::new(BTreeMap::new()),
+            cancels: Mutex::new(std::collections::BTreeSet::new()),
             kvm_features,
             cpu_model,
             peer_client,
