@@ -122,7 +122,13 @@ fn host_daemon_restart_readopts_running_vm() {
     h.kill_daemon();
     // SAFETY: a signal to the VMM this test's daemon started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    // Gone before the daemon starts again (a killed VMM's memory takes a while to free on a
+    // busy machine; one still alive then would be re-adopted, rightly).
+    let deadline = std::time::Instant::now() + T;
+    while alive(pid) {
+        assert!(std::time::Instant::now() < deadline, "the killed VMM {pid} is still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     h.start();
     let v = h.vm_json(&["show", "m2"]);
     assert_eq!(v["state"], "crashed", "{v}");
