@@ -516,9 +516,12 @@ fn committed_fixture_from_format_version_1_restores() {
     assert_eq!(&state[..8], b"FERRYCKP");
     assert_eq!(u32::from_le_bytes([state[8], state[9], state[10], state[11]]), 1);
     // The fixture was made on one machine; this one may have another CPU (another vendor,
-    // another generation). Where it lacks features the guest was given, the checkpoint as
-    // it is must be refused, naming them; a copy with its CPUID masked to this host (what
-    // a CPU baseline does; the file stays format version 1) must restore.
+    // another generation, another TSC frequency). Where it lacks features the guest was
+    // given, the checkpoint as it is must be refused, naming them; a copy with its CPUID
+    // masked to this host (what a CPU baseline does) and its TSC frequency this host's (a
+    // host without TSC scaling cannot run a guest whose TSC ran more than 250 ppm apart:
+    // the fixture's 2,596,122 kHz against, say, 2,600,000) must restore. The file stays
+    // format version 1.
     let cleared = fit_cpuid_to_host(&fitted.join("state.ferry"));
     if !cleared.is_empty() {
         restore_fails(&as_is, "this host's CPU lacks features the checkpointed guest was given");
@@ -528,15 +531,19 @@ fn committed_fixture_from_format_version_1_restores() {
     assert!(vm.signal_and_wait(libc::SIGTERM, Duration::from_secs(5)).success());
 }
 
-/// Masks every vCPU's CPUID in a format-version-1 state file to this host's features and
-/// rewrites it (same format version, new checksum). Returns the features cleared.
+/// Masks every vCPU's CPUID in a format-version-1 state file to this host's features, sets
+/// its TSC frequency to this host's (KVM's default for a new vCPU; none if KVM cannot say)
+/// and rewrites it (same format version, new checksum). Returns the features cleared.
 fn fit_cpuid_to_host(state_file: &Path) -> Vec<String> {
     let bytes = std::fs::read(state_file).expect("state");
     let mut state: serde_json::Value = serde_json::from_slice(&bytes[32..]).expect("state JSON");
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let host = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).expect("supported CPUID");
+    let host_tsc_khz =
+        kvm.create_vm().ok().and_then(|vm| vm.create_vcpu(0).ok()).and_then(|v| v.get_tsc_khz().ok());
     let mut cleared = Vec::new();
     for vcpu in state["vcpus"].as_array_mut().expect("vcpus") {
+        vcpu["tsc_khz"] = serde_json::json!(host_tsc_khz);
         let table: Vec<ferry_arch::state::CpuidEntry> =
             serde_json::from_value(vcpu["cpuid"].take()).expect("cpuid entries");
         let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = table.iter().map(Into::into).collect();

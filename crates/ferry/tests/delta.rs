@@ -47,8 +47,16 @@ fn with_the_cache_off_no_page_goes_as_a_delta() {
         &key,
         &["--bandwidth-mib", "2", "--downtime-ms", "300", "--verify", "--delta-cache-mib", "0"],
     );
-    assert!(out.status.success(), "{r}");
-    assert_eq!(r["verified"], true, "{r}");
+    // Without deltas every dirty page costs 4 KiB: the whole set (about 0.5 s at 2 MiB/s)
+    // fits the 300 ms limit only if auto-converge's throttle slows the guest enough, which
+    // depends on the machine's speed. Either ending is right; what must hold is that pages
+    // went again in later passes (the ones deltas would have shrunk) and none as a delta.
+    if out.status.success() {
+        assert_eq!(r["verified"], true, "{r}");
+    } else {
+        assert_eq!(r["reason_code"], "no_convergence", "{r}");
+    }
+    assert!(r["passes"].as_array().map_or(0, Vec::len) >= 3, "deltas had passes to show in: {r}");
     assert_eq!((r["delta_cache_mib"].as_u64(), r["delta_pages"].as_u64()), (Some(0), Some(0)), "{r}");
 }
 

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -194,7 +193,7 @@ fn migration_moves_the_disk_and_its_lock() {
     let key = dir.path("key");
     std::fs::write(&key, [7u8; 32]).expect("key");
     let (mut src, sock) = blkstress(&dir, &disk, "a", 64);
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = common::mig::free_port();
     let listen = format!("tcp:127.0.0.1:{port}");
     let mut dst = Vm::spawn(common::mig::on_b(ferry().args([
         "receive",
@@ -248,7 +247,7 @@ fn destination_that_cannot_lock_the_disk_rolls_back() {
     let (mut src, sock) = blkstress(&dir, &disk, "a", 64);
     // The VM that holds the destination's file.
     let (_holder, _) = blkstress(&dir, &other, "holder", 0);
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = common::mig::free_port();
     let listen = format!("tcp:127.0.0.1:{port}");
     // The destination in its own mount namespace, where the disk's path is the other file.
     let host_b = &common::leases::datastore().b;
@@ -263,7 +262,7 @@ fn destination_that_cannot_lock_the_disk_rolls_back() {
     let mut cmd = Command::new("unshare");
     host_b.env(&mut cmd);
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.env("FERRY_STATE_DIR", common::state_dir());
     let mut dst = Vm::spawn(&mut cmd);
     dst.wait_stderr(T, "waiting for an incoming migration");
     let out = run_to_end(

@@ -122,11 +122,30 @@ fn host_daemon_restart_readopts_running_vm() {
     h.kill_daemon();
     // SAFETY: a signal to the VMM this test's daemon started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    // Gone, every thread of it, before the daemon starts again. A killed VMM takes a while
+    // to end on a busy machine; its main thread shows as a zombie while its vCPU threads
+    // still exit and keep its files, the home's lock among them, open: a daemon starting
+    // then sees the lock held and says `elsewhere`, rightly.
+    let deadline = std::time::Instant::now() + T;
+    while !all_threads_ended(pid) {
+        assert!(std::time::Instant::now() < deadline, "the killed VMM {pid} is still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     h.start();
     let v = h.vm_json(&["show", "m2"]);
     assert_eq!(v["state"], "crashed", "{v}");
     assert!(v["last_exit"]["description"].as_str().expect("exit").contains("daemon was not running"), "{v}");
+}
+
+/// Whether every thread of process `pid` has ended (gone, or a zombie: past closing its
+/// files).
+fn all_threads_ended(pid: u64) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |s| {
+            s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    })
 }
 
 #[test]

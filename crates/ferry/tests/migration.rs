@@ -320,6 +320,7 @@ fn a_page_outside_guest_memory_aborts_that_migration() {
             let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut b2, &mut a2);
+                let _ = a2.shutdown(Shutdown::Both);
             });
             forward_with_a_bad_first_batch(a, b);
         });
@@ -385,8 +386,11 @@ fn forward_with_a_bad_first_batch(mut a: TcpStream, mut b: TcpStream) {
             break;
         }
     }
-    let _ = a.shutdown(Shutdown::Both);
-    let _ = b.shutdown(Shutdown::Both);
+    // Only this direction ends here. The destination's answer (an Abort naming the bad
+    // page, then its close) still goes back through the other direction's copy, which
+    // closes the source's connection once it is through: closing it here too raced with
+    // that copy, and the source sometimes saw a bare close (connection_lost) first.
+    let _ = b.shutdown(Shutdown::Write);
 }
 
 /// What [`stream_proxy`] does with the source's connections after the first.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::net::{TcpListener, UdpSocket};
+use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -218,7 +218,7 @@ fn a_restored_vm_answers_on_its_tap() {
     assert!(vm.wait(T).success());
     let sock2 = dir.path("b.sock");
     let mut cmd = Net::exec(&net.a, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.env("FERRY_STATE_DIR", common::state_dir());
     cmd.args(["restore", "--from", s(&ckpt), "--api-socket", s(&sock2)]);
     let mut restored = Vm::spawn(common::mig::on_a(&mut cmd));
     restored.wait_stderr(T, "API listening");
@@ -241,10 +241,10 @@ fn a_destination_without_the_tap_refuses_the_migration() {
     std::fs::write(&key, [6u8; 32]).expect("key");
     let (sock_a, home) = (dir.path("a.sock"), dir.path("home"));
     let _a = netecho(&net.a, &sock_a, &home);
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = common::mig::free_port();
     let listen = format!("tcp:{HOST_B_IP}:{port}");
     let mut cmd = Net::exec(&net.b, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.env("FERRY_STATE_DIR", common::state_dir());
     cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(&key), "--tap", "vm0=fynotap"]);
     let b = Vm::spawn(&mut cmd);
     b.wait_stderr(T, "waiting for an incoming migration");

@@ -43,7 +43,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    common::mig::free_port()
 }
 
 /// `BIN receive` on a free port; returns the VM and its address.

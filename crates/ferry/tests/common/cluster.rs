@@ -126,7 +126,9 @@ impl Controller {
         let out = self.cli(&a);
         assert!(
             out.status.success(),
-            "ferry cluster {args:?}: {}\ncontroller log:\n{}",
+            "ferry cluster {args:?}: {}{}\ncontroller log:\n{}",
+            // A command that fails with --json says why on stdout (a migration's record).
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );

@@ -136,23 +136,29 @@ fn start() -> Result<Datastore, String> {
         Ok(Host { daemon, id, ids: ids.clone() })
     };
     let (a, b) = (host(1)?, host(2)?);
-    // Both join at once (each takes 2 x io_timeout + 1 s).
+    // Both join at once (each takes 2 x io_timeout + 1 s). On a busy machine a join can
+    // fail (seen: "add_lockspace_timeout done -111" while other KVM tests ran): it is tried
+    // three times before the tests that need the datastore fail.
     let join = |h: &Host| -> std::thread::JoinHandle<Result<(), String>> {
         let mut cmd = Command::new("sanlock");
         h.env(&mut cmd)
             .args(["client", "add_lockspace", "-s", &format!("{LOCKSPACE}:{}:{}:0", h.id, ids.display())])
             .args(["-o", &IO_TIMEOUT.to_string()]);
         std::thread::spawn(move || {
-            let out = cmd.output().map_err(|e| format!("sanlock client add_lockspace: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "sanlock client add_lockspace: {}{}",
+            let mut failures = Vec::new();
+            for _ in 0..3 {
+                let out = cmd.output().map_err(|e| format!("sanlock client add_lockspace: {e}"))?;
+                if out.status.success() {
+                    return Ok(());
+                }
+                failures.push(format!(
+                    "{}{}",
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)
-                ))
+                ));
+                std::thread::sleep(Duration::from_secs(1));
             }
+            Err(format!("sanlock client add_lockspace failed three times: {}", failures.join(" / ")))
         })
     };
     let (ja, jb) = (join(&a), join(&b));

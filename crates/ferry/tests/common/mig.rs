@@ -17,9 +17,42 @@ use super::{ferry, pass_number, run_to_end, wait_timeout, write_random_file, Tem
 
 pub const T: Duration = Duration::from_secs(60);
 
+/// A TCP port on 127.0.0.1 for a server a test starts next (a `ferry receive`, a host daemon,
+/// a controller: they bind it themselves, so the port is free only between now and then).
+/// Three things keep that window safe when several tests and test binaries run side by side:
+/// - it is below the kernel's ephemeral range (`ip_local_port_range`), so no outgoing
+///   connection and no `bind(..:0)` (ours or another process's) is given it meanwhile;
+/// - it is claimed, for the life of this test process, by an abstract unix socket named after
+///   it (`@ferry-test-port-N`, gone when the process ends, nothing on disk), so no other test
+///   of this process and no other test process that uses this function picks it too;
+/// - a probe binds it, so nothing listens on it now.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static CLAIMS: std::sync::Mutex<Vec<UnixListener>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Ports 20000 up to the ephemeral range's start (32768 by default).
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (20000u32, ephemeral.clamp(21000, 65536));
+    let span = high - low;
+    // Each process starts somewhere else in the span, so processes rarely even try the same.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(7919).wrapping_add(nanos);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (low + start.wrapping_add(n) % span) as u16;
+        let Ok(name) = SocketAddr::from_abstract_name(format!("ferry-test-port-{port}")) else { continue };
+        let Ok(claim) = UnixListener::bind_addr(&name) else { continue };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            CLAIMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(claim);
+            return port;
+        }
+    }
+    panic!("no free TCP port from {low} to {high} on 127.0.0.1");
 }
 
 pub fn s(p: &Path) -> &str {

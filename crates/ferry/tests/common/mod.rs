@@ -21,9 +21,22 @@ use std::time::{Duration, Instant};
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("FERRY_LOG");
-    // Default VM homes go under a scratch state root, not /var/lib/ferry.
-    c.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    // Default VM homes go under the test's scratch state root, not /var/lib/ferry.
+    c.env("FERRY_STATE_DIR", state_dir());
     c
+}
+
+/// The scratch state root (`FERRY_STATE_DIR`) of the `ferry` commands the calling test runs:
+/// default VM homes (`ferry run` or `ferry receive` without `--home`) go under it. One per
+/// test (libtest runs each test on its own thread), removed when the test's thread ends, so
+/// a VMM killed mid-test, whose home is not removed by the VMM itself, leaves nothing in
+/// /tmp. A thread a test spawns has its own, removed when that thread ends: start VMMs
+/// that outlive such a thread from the test's own thread.
+pub fn state_dir() -> PathBuf {
+    thread_local! {
+        static STATE: TempDir = TempDir::new("state");
+    }
+    STATE.with(|d| d.0.clone())
 }
 
 /// Fails the test unless `/dev/kvm` can be opened read-write.

@@ -3,7 +3,6 @@
 //! and `net_tcp.rs`. VMs started here hold a lease on the shared datastore
 //! (`super::leases`), as every migration test's VMs do.
 
-use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,7 +20,7 @@ pub const MAC: &str = "52:54:00:77:00:02";
 /// `ferry run` of netecho inside namespace `net_ns`, on its tap; waits until it is ready.
 pub fn netecho(net_ns: &str, sock: &Path, home: &Path) -> Vm {
     let mut cmd = Net::exec(net_ns, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.env("FERRY_STATE_DIR", super::state_dir());
     let net = format!("tap={TAP},mac={MAC}");
     let cmdline = format!("ip={VM_IP}/24");
     cmd.args(["run", "--guest", "netecho", "--memory", "64M", "--cmdline", &cmdline, "--net", &net]);
@@ -60,11 +59,11 @@ pub fn in_netns<R: Send + 'static>(
 /// on B's address, with an API socket in `dir`. Returns the VMM, the `--to` address for
 /// `ferry migrate`, and the API socket.
 pub fn receiver_on_b(net: &Net, dir: &TempDir, key: &Path) -> (Vm, String, PathBuf) {
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = super::mig::free_port();
     let listen = format!("tcp:{HOST_B_IP}:{port}");
     let sock = dir.path("b.sock");
     let mut cmd = Net::exec(&net.b, env!("CARGO_BIN_EXE_ferry"));
-    cmd.env("FERRY_STATE_DIR", std::env::temp_dir().join("ferry-test-state"));
+    cmd.env("FERRY_STATE_DIR", super::state_dir());
     cmd.args(["receive", "--listen", &listen, "--auth-key-file", s(key), "--api-socket", s(&sock)]);
     let vm = Vm::spawn(on_b(&mut cmd));
     vm.wait_stderr(T, "waiting for an incoming migration");

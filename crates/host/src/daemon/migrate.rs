@@ -1020,19 +1020,9 @@ impl Daemon {
         let key_file = self.config.run_dir().join(format!("{id}.key"));
         let key = ferry_migration::auth::unhex(&reservation.auth_key_hex)
             .ok_or_else(|| fail("reservation_failed", "the destination's key is not hex".into()))?;
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&key_file)
-                .and_then(|mut f| f.write_all(&key));
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&key_file);
-                return Err(fail("internal", format!("cannot write {}: {e}", key_file.display())));
-            }
+        if let Err(e) = write_key_file(&key_file, &key) {
+            let _ = std::fs::remove_file(&key_file);
+            return Err(fail("internal", format!("cannot write {}: {e}", key_file.display())));
         }
         if self.cancels.lock().await.contains(&id) {
             let _ = std::fs::remove_file(&key_file);
@@ -1582,4 +1572,43 @@ fn spawn_follower(
             }
         }
     })
+}
+
+/// Writes migration key `key` to a new file only root can read, in the form the VMM's
+/// `Key::load` reads: the key's bytes and a newline. `Key::load` drops one trailing newline
+/// (for keys written by hand), so a random key written bare lost its last byte whenever that
+/// byte was a newline (1 migration in 256): the source then proved a 31-byte key, the
+/// destination knew all 32 (it reads them from a pipe), and the migration failed as
+/// `auth_failed`.
+fn write_key_file(path: &std::path::Path, key: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(key)?;
+    f.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod key_file_tests {
+    #[test]
+    fn a_key_file_gives_back_every_byte_of_the_key_even_a_last_newline() {
+        let dir = std::env::temp_dir().join(format!("ferry-host-keyfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let keys: [Vec<u8>; 3] = [vec![7; 32], [vec![1; 31], vec![b'\n']].concat(), vec![b'\n'; 32]];
+        for (i, key) in keys.iter().enumerate() {
+            let path = dir.join(format!("{i}.key"));
+            super::write_key_file(&path, key).expect("write");
+            let loaded = ferry_migration::auth::Key::load(&path).expect("load");
+            // Same key: a proof made with one checks with the other.
+            let original = ferry_migration::auth::Key::from_bytes(key.clone()).expect("key");
+            let nonce = [3u8; ferry_migration::auth::NONCE_LEN];
+            let proof = loaded.prove(ferry_migration::auth::Role::Sender, "m-1", &nonce);
+            assert!(original.check(ferry_migration::auth::Role::Sender, "m-1", &nonce, &proof), "key {i}");
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
