@@ -96,9 +96,7 @@ fn inventory(tag: &str, database: Option<&str>) {
 
     // A comes back: connected again (its daemon resumes the heartbeats it had).
     a.start();
-    ctl.wait_for(&["hosts"], "A connected again", REPORTED, |v| {
-        host_state(v, &na) == Some("connected")
-    });
+    ctl.wait_for(&["hosts"], "A connected again", REPORTED, |v| host_state(v, &na) == Some("connected"));
 
     // B removed by the controller: disconnected, its heartbeats refused (the host says why);
     // it joins again.
@@ -125,9 +123,7 @@ fn inventory(tag: &str, database: Option<&str>) {
     // B leaves: disconnected, and stays so.
     let left = host_cmd(&b, &["leave"]);
     assert!(left.get("last_error").is_none(), "{left}");
-    ctl.wait_for(&["hosts"], "B disconnected", REPORTED, |v| {
-        host_state(v, &nb) == Some("disconnected")
-    });
+    ctl.wait_for(&["hosts"], "B disconnected", REPORTED, |v| host_state(v, &nb) == Some("disconnected"));
     std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(host_state(&ctl.json(&["hosts"]), &nb), Some("disconnected"));
     assert_eq!(host_cmd(&b, &["cluster"]).get("controller_url"), None);
@@ -259,9 +255,7 @@ fn migration_through_the_controller() {
     host_cmd(&b, &["join", &ctl.url]);
     host_cmd(&c, &["join", &ctl.url]);
     let (na, nb, nc) = ("test-cl-mig-a", "test-cl-mig-b", "test-cl-mig-c");
-    ctl.wait_for(&["vm", "web"], "web reported running", REPORTED, |v| {
-        v["vms"][0]["state"] == "running"
-    });
+    ctl.wait_for(&["vm", "web"], "web reported running", REPORTED, |v| v["vms"][0]["state"] == "running");
 
     assert_eq!(host_state(&ctl.json(&["hosts"]), nc), Some("maintenance"));
     // Every other host at once: B can take it; C cannot, for every one of its reasons.
@@ -442,9 +436,7 @@ fn evc_baseline(tag: &str, database: Option<&str>) {
     assert_eq!(set["vms_keeping"][0]["name"], "v1", "{set}");
     assert_eq!(names(&set["vms_keeping"][0]["above_baseline"]), [f], "{set}");
     host_cmd(&b, &["join", &ctl.url]);
-    ctl.wait_for(&["hosts"], "B connected", REPORTED, |v| {
-        host_state(v, nb) == Some("connected")
-    });
+    ctl.wait_for(&["hosts"], "B connected", REPORTED, |v| host_state(v, nb) == Some("connected"));
     // Raising it back above B is refused, B and F named.
     let out = ctl.cli(&["evc", "set", "--add", f]);
     let err = String::from_utf8_lossy(&out.stderr);
