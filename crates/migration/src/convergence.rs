@@ -331,12 +331,16 @@ const MIN_MEASURE_MS: f64 = 5.0;
 const MIN_MEASURE_BYTES: u64 = 64 << 10;
 
 /// Bandwidth estimate in bytes per millisecond: the last measurable pass's (one long enough
-/// to time, that carried enough to time), or, if none is, the best of the rest.
+/// to time, that carried enough to time), or, if none is, the best of the rest, each at the
+/// better of its measured stream's rate and all its streams' rate. (With several streams the
+/// measured one can carry almost nothing in a long pass 1: its rate alone would be near zero
+/// and the expected downtime hours, a migration given up for an estimate, not for the link.)
 pub fn bandwidth(passes: &[PassMeasure]) -> f64 {
     let rate = |p: &PassMeasure| if p.ms > 0.0 { p.bytes as f64 / p.ms } else { 0.0 };
+    let wire_rate = |p: &PassMeasure| if p.ms > 0.0 { p.wire_bytes as f64 / p.ms } else { 0.0 };
     match passes.iter().rev().find(|p| p.ms >= MIN_MEASURE_MS && p.bytes >= MIN_MEASURE_BYTES) {
         Some(p) => rate(p),
-        None => passes.iter().map(rate).fold(0.0, f64::max),
+        None => passes.iter().map(|p| rate(p).max(wire_rate(p))).fold(0.0, f64::max),
     }
 }
 
@@ -509,6 +513,23 @@ mod tests {
         };
         let nothing = PassMeasure { pass: 2, pages: 900, bytes: 40, ms: 10.0, dirtied: 130, wire_bytes: 40 };
         assert!((bandwidth(&[first, nothing]) - (14 << 20) as f64 / 100.0).abs() < 1.0);
+    }
+
+    /// Several streams, and the measured one carried only its PassEnd in a long pass 1: the
+    /// estimate falls back to what all streams carried, not to ~0 (which gave up migrations
+    /// as needing hours).
+    #[test]
+    fn bandwidth_falls_back_to_all_streams_when_no_pass_is_measurable() {
+        let first = PassMeasure {
+            pass: 1,
+            pages: 65_536,
+            bytes: 40,
+            ms: 2000.0,
+            dirtied: 900,
+            wire_bytes: 14 << 20,
+        };
+        assert!((bandwidth(&[first]) - (14 << 20) as f64 / 2000.0).abs() < 1.0);
+        assert!(expected_downtime(&[first], 900) < 1000.0);
     }
 
     fn run(
