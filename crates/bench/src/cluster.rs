@@ -441,6 +441,9 @@ pub struct SimRun {
     pub list_http_bytes: usize,
     /// VMs listed.
     pub vms_listed: usize,
+    /// `Store::hosts()` (every host's row with its inventory decoded: what a check against
+    /// every host or a placement reads first), median of `--samples`, ms.
+    pub hosts_load_ms: f64,
     /// The check of one VM against every host: p50, ms (absent: not in this controller).
     pub check_p50_ms: Option<f64>,
     /// p99, ms.
@@ -650,25 +653,41 @@ async fn sim_run(
         "{progress}: steady heartbeats p50 {:.2} ms, p99 {:.2} ms",
         run.heartbeat_p50_ms, run.heartbeat_p99_ms
     );
-    // Listing.
-    let t0 = Instant::now();
-    let listed = sim.controller.store.vms(None, ferry_cluster::store::unix_ms()).await?;
-    run.list_store_ms = ms(t0.elapsed());
-    run.vms_listed = listed.len();
-    drop(listed);
-    let t0 = Instant::now();
-    let (status, body) = sim.get(paths::VMS).await;
-    run.list_http_ms = ms(t0.elapsed());
-    if status != 200 {
-        bail!("GET /vms answered {status}: {}", String::from_utf8_lossy(&body));
+    // Listing, median of 5 each.
+    let mut store_ms = Vec::new();
+    let mut http_ms = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let listed = sim.controller.store.vms(None, ferry_cluster::store::unix_ms()).await?;
+        store_ms.push(ms(t0.elapsed()));
+        run.vms_listed = listed.len();
+        drop(listed);
+        let t0 = Instant::now();
+        let (status, body) = sim.get(paths::VMS).await;
+        http_ms.push(ms(t0.elapsed()));
+        if status != 200 {
+            bail!("GET /vms answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        run.list_http_bytes = body.len();
+        let vms: ferry_cluster_api::VmList =
+            serde_json::from_slice(&body).context("GET /vms answered no VM list")?;
+        if vms.vms.len() != args.hosts * args.vms_per_host {
+            bail!("GET /vms listed {} VMs, {} expected", vms.vms.len(), args.hosts * args.vms_per_host);
+        }
     }
-    run.list_http_bytes = body.len();
-    let vms: ferry_cluster_api::VmList =
-        serde_json::from_slice(&body).context("GET /vms answered no VM list")?;
-    if vms.vms.len() != args.hosts * args.vms_per_host {
-        bail!("GET /vms listed {} VMs, {} expected", vms.vms.len(), args.hosts * args.vms_per_host);
+    run.list_store_ms = percentile(&store_ms, 50.0);
+    run.list_http_ms = percentile(&http_ms, 50.0);
+    eprintln!("{progress}: list store {store_ms:.0?} ms, GET /vms {http_ms:.0?} ms");
+    let mut loads = Vec::new();
+    for _ in 0..args.samples.min(20) {
+        let t0 = Instant::now();
+        let hosts = sim.controller.store.hosts().await?;
+        loads.push(ms(t0.elapsed()));
+        if hosts.len() != args.hosts {
+            bail!("the store has {} hosts, {} expected", hosts.len(), args.hosts);
+        }
     }
-    drop(vms);
+    run.hosts_load_ms = percentile(&loads, 50.0);
     // Check and placement of a VM of the last host (a generation-2 host: every host of the
     // baseline may take it).
     let vm = vm_name(args.hosts.saturating_sub(1), 0);
@@ -707,6 +726,7 @@ const SIM_FIGURES: &[SimFigure] = &[
     ("heartbeat_cpu_fraction", |r| Some(r.heartbeat_cpu_fraction)),
     ("list_store_ms", |r| Some(r.list_store_ms)),
     ("list_http_ms", |r| Some(r.list_http_ms)),
+    ("hosts_load_ms", |r| Some(r.hosts_load_ms)),
     ("check_p50_ms", |r| r.check_p50_ms),
     ("check_p99_ms", |r| r.check_p99_ms),
     ("placement_p50_ms", |r| r.placement_p50_ms),
@@ -1199,6 +1219,7 @@ fn print(report: &Report) {
             ("CPU at every host each 2 s, cores", "heartbeat_cpu_fraction"),
             ("list VMs, store call, ms", "list_store_ms"),
             ("list VMs, GET /vms JSON, ms", "list_http_ms"),
+            ("Store::hosts() (all, decoded), ms", "hosts_load_ms"),
             ("check 1 VM x all hosts p50, ms", "check_p50_ms"),
             ("check 1 VM x all hosts p99, ms", "check_p99_ms"),
             ("placement p50, ms", "placement_p50_ms"),
