@@ -72,6 +72,16 @@ pub mod paths {
     pub fn migration(id: &str) -> String {
         format!("/migrations/{id}")
     }
+
+    /// `POST` [`crate::CreateVmRequest`]: create a VM on a host placement picks (or the one
+    /// named); answers [`crate::VmActionDone`], or [`crate::Placement`] with `explain`.
+    /// (`GET` on the same path lists the VMs.)
+    pub const CREATE: &str = "/vms";
+
+    /// `POST` [`crate::RegisterVmRequest`]: register an existing home on a host placement
+    /// picks (or the one named); answers [`crate::VmActionDone`], or [`crate::Placement`]
+    /// with `explain`.
+    pub const REGISTER: &str = "/vms/register";
 }
 
 /// A host's state as the controller sees it.
@@ -288,8 +298,8 @@ pub struct PortGroupList {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination host's name. Without it, only `check` is possible (every other host is
-    /// checked; the controller does not choose a host).
+    /// The destination host's name. Without it: with `check`, every other host is checked;
+    /// with `explain`, placement's ranking is answered; else placement picks the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_host: Option<String>,
     /// Only run the checks (nothing is reserved).
@@ -301,6 +311,10 @@ pub struct MigrateRequest {
     /// Parallel streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u32>,
+    /// Without `to_host`: only answer the placement's ranking ([`Placement`]): nothing is
+    /// migrated or reserved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub explain: bool,
 }
 
 /// A reason a host cannot take the VM: the source daemon's check reason (its `code` is the
@@ -495,6 +509,90 @@ pub struct EvcChanged {
     pub added: Vec<String>,
     /// The powered-on VMs that keep features above it until they are powered off.
     pub vms_keeping: Vec<EvcVm>,
+}
+
+/// `POST /vms`: create a VM through the controller: the host daemon's create (`datastore`
+/// by name, `definition`) plus the host to create it on, else the one placement picks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// The datastore, by its name in the hosts' configurations (the host must have it).
+    pub datastore: String,
+    /// The definition, as the host API's `POST /vms` takes it.
+    #[schema(value_type = Object)]
+    pub definition: ferry_host_api::VmDefinition,
+    /// The host to create it on (its name); without it placement picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Only answer the placement's ranking ([`Placement`]); nothing is created.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub explain: bool,
+}
+
+/// `POST /vms/register`: register an existing home through the controller.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterVmRequest {
+    /// The home directory, as the hosts see it (on one of their datastores).
+    #[schema(value_type = String)]
+    pub path: std::path::PathBuf,
+    /// The host to register it on (its name); without it placement picks one among the
+    /// hosts whose datastore holds the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Only answer the placement's ranking ([`Placement`]); nothing is registered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub explain: bool,
+}
+
+/// A host's score in a placement (see docs/cluster.md, "Placement"): higher
+/// `free_after_fraction` first, then lower `load`, then the host's name.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct PlacementScore {
+    /// Memory VMs may have on the host (its `vm_memory_mib`, else its total), bytes.
+    pub total_bytes: u64,
+    /// Free for VMs as the host last reported it, bytes.
+    pub free_bytes: u64,
+    /// Held on it by the controller (migrations in flight or queued to it, creates in
+    /// progress), bytes.
+    pub reserved_bytes: u64,
+    /// Left after the VM: free - reserved - the VM's memory, bytes.
+    pub free_after_bytes: u64,
+    /// `free_after_bytes / total_bytes` (0 to 1): the first criterion, higher is better.
+    pub free_after_fraction: f64,
+    /// vCPUs of the VMs running there per logical CPU: the second criterion, lower is better.
+    pub load: f64,
+}
+
+/// A host in a placement: its rank and score if it may take the VM, else every reason.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct PlacementHost {
+    /// The host.
+    pub host: String,
+    /// 1 for the best host, 2 for the next... absent for an excluded host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    /// Its score, if it passed the checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<PlacementScore>,
+    /// Why it cannot take the VM (the checks' codes); empty when ranked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<CheckReason>,
+}
+
+/// A placement's ranking (`explain`): every host, ranked ones first (best first), then the
+/// excluded ones by name.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Placement {
+    /// The VM.
+    pub vm: String,
+    /// The host that has it (a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Its memory, MiB (0: unknown, for a home registered by path).
+    pub memory_mib: u64,
+    /// The hosts.
+    pub hosts: Vec<PlacementHost>,
 }
 
 /// What kind of failure an error answer is: clients decide on this, never on the text.

@@ -6,6 +6,8 @@
 pub mod config;
 pub mod evc;
 pub mod migrate;
+pub mod placement;
+pub mod precheck;
 pub mod server;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -85,7 +87,12 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
     let client = ferry_pki::Client::new(&dir)
         .map_err(|e| Error::Client { dir, reason: e.to_string() })?
         .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
-    let controller = Arc::new(server::Controller { name: config.name.clone(), store: store.clone(), client });
+    let controller = Arc::new(server::Controller {
+        name: config.name.clone(),
+        store: store.clone(),
+        client,
+        placing: placement::Pending::default(),
+    });
     migrate::resume(&controller).await;
     tracing::info!("ferry cluster {} listening on {local}", config.name);
     let watcher = tokio::spawn(watch_heartbeats(store.clone()));

@@ -29,7 +29,7 @@ fn failure(code: ErrorCode, message: String) -> Failure {
 
 /// The host that has VM `name` and answers: the one whose VMM runs it, else the only one
 /// that reports it.
-async fn source_of(c: &Controller, name: &str) -> Result<HostRow, Failure> {
+pub(crate) async fn source_of(c: &Controller, name: &str) -> Result<HostRow, Failure> {
     let reports = c.store.vms(Some(name), unix_ms()).await?;
     if reports.is_empty() {
         return Err(failure(ErrorCode::NotFound, format!("no host of this cluster has a VM named {name:?}")));
@@ -110,7 +110,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The check row of one destination.
-async fn check_one(
+pub(crate) async fn check_one(
     c: &Controller,
     source: &HostRow,
     vm: &str,

@@ -31,6 +31,8 @@ pub struct Controller {
     pub store: Store,
     /// The controller's client of the host daemons (its own certificate).
     pub client: ferry_pki::Client,
+    /// Memory held by placements in progress (creates, migrations not yet in the history).
+    pub placing: crate::placement::Pending,
 }
 
 /// The shared controller.
@@ -82,9 +84,9 @@ impl IntoResponse for Failure {
     ),
     paths(
         heartbeat, leave, hosts, host, vms, vm, vm_action, datastores, portgroups, migrate, migrations,
-        migration, evc, evc_set
+        migration, evc, evc_set, create, register
     ),
-    components(schemas(ApiError, ErrorCode, HostState, CheckTable))
+    components(schemas(ApiError, ErrorCode, HostState, CheckTable, ferry_cluster_api::Placement))
 )]
 pub struct ApiDoc;
 
@@ -100,7 +102,8 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route(paths::HOSTS, get(hosts))
         .route("/hosts/{name}", get(host).delete(remove_host))
-        .route(paths::VMS, get(vms))
+        .route(paths::VMS, get(vms).post(create))
+        .route(paths::REGISTER, post(register))
         .route("/vms/{name}", get(vm))
         .route(paths::DATASTORES, get(datastores))
         .route(paths::PORTGROUPS, get(portgroups))
@@ -258,7 +261,7 @@ async fn portgroups(State(c): State<Shared>) -> Result<Json<PortGroupList>, Fail
 /// that has it.
 #[utoipa::path(post, path = "/vms/{name}/migrate", params(("name" = String, Path, description = "The VM's name")),
     request_body = MigrateRequest,
-    responses((status = 200, description = "CheckTable with check, else MigrationStarted", body = MigrationStarted),
+    responses((status = 200, description = "CheckTable with check, Placement with explain, else MigrationStarted (without to_host, to the host placement picks)", body = MigrationStarted),
         (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 502, body = ApiError)))]
 async fn migrate(
     State(c): State<Shared>,
@@ -267,8 +270,18 @@ async fn migrate(
 ) -> Result<Response, Failure> {
     let req: MigrateRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    if req.explain && (req.check || req.to_host.is_some()) {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            "explain shows the placement's ranking: it takes neither to_host nor check".into(),
+        ));
+    }
     if req.check {
         Ok(Json(crate::migrate::check(&c, &name, &req).await?).into_response())
+    } else if req.explain {
+        Ok(Json(crate::placement::explain_migration(&c, &name).await?).into_response())
+    } else if req.to_host.is_none() {
+        Ok(Json(crate::placement::migrate(&c, &name, &req).await?).into_response())
     } else {
         Ok(Json(crate::migrate::migrate(&c, &name, &req).await?).into_response())
     }
@@ -353,6 +366,38 @@ async fn evc_set(
     let req: ferry_cluster_api::EvcSet = serde_json::from_slice(&bytes)
         .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
     Ok(Json(crate::evc::set(&c, &req).await?))
+}
+
+/// Creates a VM on the host named, else on the one placement picks; `explain`: only the
+/// ranking.
+#[utoipa::path(post, path = "/vms", request_body = ferry_cluster_api::CreateVmRequest,
+    responses((status = 200, description = "VmActionDone, or Placement with explain", body = ferry_cluster_api::VmActionDone),
+        (status = 400, body = ApiError), (status = 404, description = "no such host or datastore", body = ApiError),
+        (status = 409, description = "the name exists, or no host can take the VM", body = ApiError), (status = 502, body = ApiError)))]
+async fn create(State(c): State<Shared>, bytes: axum::body::Bytes) -> Result<Response, Failure> {
+    let req: ferry_cluster_api::CreateVmRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    if req.explain {
+        Ok(Json(crate::placement::explain_create(&c, &req).await?).into_response())
+    } else {
+        Ok(Json(crate::placement::create(&c, &req).await?).into_response())
+    }
+}
+
+/// Registers an existing home on the host named, else on the one placement picks among the
+/// hosts that see its datastore; `explain`: only the ranking.
+#[utoipa::path(post, path = "/vms/register", request_body = ferry_cluster_api::RegisterVmRequest,
+    responses((status = 200, description = "VmActionDone, or Placement with explain", body = ferry_cluster_api::VmActionDone),
+        (status = 400, body = ApiError), (status = 404, description = "no such host, or the path is on no datastore", body = ApiError),
+        (status = 409, body = ApiError), (status = 502, body = ApiError)))]
+async fn register(State(c): State<Shared>, bytes: axum::body::Bytes) -> Result<Response, Failure> {
+    let req: ferry_cluster_api::RegisterVmRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request body: {e}")))?;
+    if req.explain {
+        Ok(Json(crate::placement::explain_register(&c, &req).await?).into_response())
+    } else {
+        Ok(Json(crate::placement::register(&c, &req).await?).into_response())
+    }
 }
 
 #[cfg(test)]

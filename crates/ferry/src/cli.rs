@@ -191,7 +191,14 @@ pub struct HostInfoArgs {
 
 const VM_ABOUT: &str = "\
 Manage a host's VMs through its daemon (`ferry host serve`); --host URL or $FERRY_HOST
-picks the daemon (default http://127.0.0.1:7443).
+picks the daemon (default https://127.0.0.1:7443).
+
+Without --host and $FERRY_HOST, when a controller is configured (--server URL,
+$FERRY_SERVER, or `server` in ~/.config/ferry/cli.toml), list, show, start, stop, kill,
+suspend, resume, snapshot, migrate, create and register go through the controller: the whole
+cluster's VMs (with their host), actions forwarded to the VM's host, `create` and `migrate`
+without --to-host on the host placement picks (see `ferry cluster create --help`). log and
+unregister need --host.
 
 A VM is a home directory DATASTORE/NAME holding its definition (vm.toml), its disks, its
 lock, its logs (vm.log: the VMM's output; console.log: the guest's serial console). Its
@@ -211,14 +218,26 @@ Examples:
   ferry vm kill web1            # SIGKILL
   ferry vm register /srv/ferry/ds1/web2   # adopt an existing home
   ferry vm unregister web2                # forget it (the home stays)
-  ferry vm migrate web1 --to-host http://10.0.0.2:7443 --check   # only the checks
-  ferry vm migrate web1 --to-host http://10.0.0.2:7443           # live, by name";
+  ferry vm migrate web1 --to-host https://10.0.0.2:7443 --check   # only the checks
+  ferry vm migrate web1 --to-host https://10.0.0.2:7443           # live, by name
+
+Through the controller (FERRY_SERVER set, no --host):
+  ferry vm list                          # every host's VMs, with the host
+  ferry vm migrate web1 --explain        # placement's ranking
+  ferry vm migrate web1                  # to the host placement picks
+  ferry vm migrate web1 --to-host host-b
+  ferry vm create web2 --datastore shared --memory-mib 256 --guest memstress";
 
 /// `ferry vm ...`.
 #[derive(Debug, Args)]
 pub struct VmArgs {
     #[command(flatten)]
     pub target: HostTarget,
+    /// The controller (https://HOST:PORT): without --host (and $FERRY_HOST), list, show,
+    /// start, stop, kill, suspend, resume, snapshot, migrate, create and register go through
+    /// it. Default: $FERRY_SERVER, else `server` in ~/.config/ferry/cli.toml.
+    #[arg(long = "server", value_name = "URL", global = true)]
+    pub server: Option<String>,
     /// Print the report as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -276,9 +295,15 @@ pub struct VmMigrateArgs {
     /// The VM.
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// The destination host's daemon (http://HOST:PORT).
-    #[arg(long, value_name = "URL")]
-    pub to_host: String,
+    /// The destination: a host daemon's URL (https://HOST:PORT) with --host, a host's name
+    /// through the controller. Through the controller it may be left out: placement picks
+    /// the host.
+    #[arg(long, value_name = "URL_OR_HOST")]
+    pub to_host: Option<String>,
+    /// Through the controller, without --to-host: only show placement's ranking (every
+    /// host's score, or its reasons); nothing is migrated.
+    #[arg(long, conflicts_with_all = ["check", "to_host"])]
+    pub explain: bool,
     /// Largest acceptable downtime, ms.
     #[arg(long, value_name = "MS")]
     pub downtime_ms: Option<u64>,

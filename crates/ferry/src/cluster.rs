@@ -35,12 +35,29 @@ Examples:
   ferry cluster vm web1 stop                 # forwarded to the host that runs it
   ferry cluster migrate web1 --check         # every other host: compatible, or every reason
   ferry cluster migrate web1 --to-host host-b
+  ferry cluster migrate web1 --explain       # placement's ranking of every host
+  ferry cluster migrate web1                 # to the host placement picks
+  ferry cluster create web2 --datastore shared --memory-mib 256 --guest memstress
   ferry cluster migrations --vm web1
   ferry cluster datastores
   ferry cluster portgroups
   ferry cluster evc                          # the CPU baseline; `evc set --hide F` lowers it
 
 The configuration is in docs/cluster.md, with an example in docs/examples/cluster.toml.";
+
+const CREATE_ABOUT: &str = "\
+Create a VM through the controller: the same arguments as `ferry vm create`, plus --host
+HOST to name the host. Without --host, placement picks it: among the hosts that have the
+datastore (by name), every port group of the NICs and enough free memory for VMs (less what
+the controller holds for migrations and creates in progress), the one with the largest
+fraction of its memory free after the VM, then the lowest vCPU load, then by name (see
+docs/cluster.md, \"Placement\"). The controller then asks that host's daemon to create it.
+
+Examples:
+  ferry cluster create web1 --datastore shared --memory-mib 256 --guest memstress --explain
+  ferry cluster create web1 --datastore shared --memory-mib 256 --guest memstress
+  ferry cluster create web2 --datastore shared --memory-mib 256 --guest memstress --host host-b
+  ferry cluster vm web1 start";
 
 /// The environment variable naming the controller.
 pub const SERVER_ENV: &str = "FERRY_SERVER";
@@ -74,8 +91,16 @@ pub enum ClusterCommand {
     Portgroups(ReportArgs),
     /// Check or live-migrate a VM by name: the controller asks the host that has it. With
     /// --check and no --to-host, every other host is checked (a table: host, compatible or
-    /// all its reasons). Without --check, waits until the migration ends.
+    /// all its reasons). Without --to-host, placement picks the destination (--explain shows
+    /// its ranking). Without --check, waits until the migration ends.
     Migrate(MigrateArgs),
+    /// Create a VM (as `ferry vm create`) on the host placement picks, or --host HOST;
+    /// --explain shows the ranking.
+    #[command(long_about = CREATE_ABOUT)]
+    Create(CreateArgs),
+    /// Register an existing home on the host placement picks among those that see its
+    /// datastore, or --host HOST; --explain shows the ranking.
+    Register(RegisterArgs),
     /// The controller's migration history, newest first.
     Migrations(MigrationsArgs),
     /// One migration: its record, per-pass statistics and the controller's events.
@@ -97,12 +122,55 @@ pub struct MigrateArgs {
     /// Only run the checks (nothing is reserved); without --to-host, on every other host.
     #[arg(long)]
     pub check: bool,
+    /// Without --to-host: only show placement's ranking (every host's score, or its
+    /// reasons); nothing is migrated.
+    #[arg(long, conflicts_with_all = ["check", "to_host"])]
+    pub explain: bool,
     /// Largest acceptable downtime, ms.
     #[arg(long, value_name = "MS")]
     pub downtime_ms: Option<u64>,
     /// Parallel streams.
     #[arg(long, value_name = "N")]
     pub streams: Option<u32>,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub vm: crate::cli::VmCreateArgs,
+    /// The host to create it on (its name); without it placement picks one.
+    #[arg(long = "host", value_name = "HOST")]
+    pub host: Option<String>,
+    /// Only show placement's ranking (every host's score, or its reasons); nothing is
+    /// created.
+    #[arg(long)]
+    pub explain: bool,
+    #[command(flatten)]
+    pub target: ServerTarget,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry cluster register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The home directory, as the hosts see it (on one of their datastores).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// The host to register it on (its name); without it placement picks one among the
+    /// hosts that see the home's datastore.
+    #[arg(long = "host", value_name = "HOST")]
+    pub host: Option<String>,
+    /// Only show placement's ranking; nothing is registered.
+    #[arg(long)]
+    pub explain: bool,
     #[command(flatten)]
     pub target: ServerTarget,
     /// Print the report as JSON.
@@ -245,23 +313,22 @@ pub(crate) struct Controller {
 }
 
 impl ServerTarget {
+    /// The controller's URL if one is configured: --server, else $FERRY_SERVER, else
+    /// `server` in cli.toml (an unreadable or malformed cli.toml is an error).
+    pub(crate) fn configured(&self) -> anyhow::Result<Option<String>> {
+        match self.server.clone().or_else(|| std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty())) {
+            Some(u) => Ok(Some(u)),
+            None => Ok(cli_config_path().as_deref().map(server_from_file).transpose()?.flatten()),
+        }
+    }
+
     pub(crate) fn connect(&self) -> anyhow::Result<Controller> {
-        let url = match self
-            .server
-            .clone()
-            .or_else(|| std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty()))
-        {
+        let url = match self.configured()? {
             Some(u) => u,
-            None => {
-                let file = cli_config_path();
-                match file.as_deref().map(server_from_file).transpose()?.flatten() {
-                    Some(u) => u,
-                    None => anyhow::bail!(
-                        "no controller: pass --server https://HOST:PORT, set {SERVER_ENV}, or put server = \"https://HOST:PORT\" in {}",
-                        file.map_or("~/.config/ferry/cli.toml".into(), |f| f.display().to_string())
-                    ),
-                }
-            }
+            None => anyhow::bail!(
+                "no controller: pass --server https://HOST:PORT, set {SERVER_ENV}, or put server = \"https://HOST:PORT\" in {}",
+                cli_config_path().map_or("~/.config/ferry/cli.toml".into(), |f| f.display().to_string())
+            ),
         };
         if !url.starts_with("https://") {
             anyhow::bail!("{url}: the controller speaks only HTTPS with mutual TLS; use https://HOST:PORT");
@@ -356,35 +423,12 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 println!("host {} removed: {}", h.name, h.state);
             }
         }
-        ClusterCommand::Vms(args) => {
-            let list: VmList = args.target.connect()?.get(paths::VMS)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_vms(&list);
-            }
-        }
+        ClusterCommand::Vms(args) => vms(&args.target.connect()?, None, args.json)?,
         ClusterCommand::Vm(args) if args.action.is_some() => {
             let action = args.action.as_deref().unwrap_or_default();
-            if ferry_host_api::Action::parse(action).is_none() {
-                anyhow::bail!("no action {action:?}: use start, stop, kill, suspend, resume or snapshot");
-            }
-            let done: ferry_cluster_api::VmActionDone =
-                args.target.connect()?.post(&paths::action(&args.name, action), &serde_json::Value::Null)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&done)?);
-            } else {
-                println!("{}: {} on host {} (now {})", args.name, action, done.host, done.vm.state);
-            }
+            vm_action(&args.target.connect()?, &args.name, action, args.json)?;
         }
-        ClusterCommand::Vm(args) => {
-            let list: VmList = args.target.connect()?.get(&paths::vm(&args.name))?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_vms(&list);
-            }
-        }
+        ClusterCommand::Vm(args) => vms(&args.target.connect()?, Some(&args.name), args.json)?,
         ClusterCommand::Datastores(args) => {
             let list: DatastoreList = args.target.connect()?.get(paths::DATASTORES)?;
             if args.json {
@@ -425,6 +469,25 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ClusterCommand::Migrate(args) => return migrate(args),
+        ClusterCommand::Create(args) => {
+            let ctl = args.target.connect()?;
+            let req = ferry_cluster_api::CreateVmRequest {
+                datastore: args.vm.datastore.clone(),
+                definition: crate::hostcmd::definition(args.vm),
+                host: args.host,
+                explain: args.explain,
+            };
+            return create(&ctl, &req, args.json);
+        }
+        ClusterCommand::Register(args) => {
+            let ctl = args.target.connect()?;
+            let req = ferry_cluster_api::RegisterVmRequest {
+                path: std::path::absolute(&args.path)?,
+                host: args.host,
+                explain: args.explain,
+            };
+            return register(&ctl, &req, args.json);
+        }
         ClusterCommand::Evc(args) => crate::evc::run(args)?,
         ClusterCommand::Migrations(args) => {
             let mut query = Vec::new();
@@ -507,6 +570,135 @@ fn print_checks(table: &ferry_cluster_api::CheckTable) {
     }
 }
 
+/// A VM action through the controller (forwarded to the VM's host), printed.
+pub(crate) fn vm_action(ctl: &Controller, name: &str, action: &str, json: bool) -> anyhow::Result<()> {
+    if ferry_host_api::Action::parse(action).is_none() {
+        anyhow::bail!("no action {action:?}: use start, stop, kill, suspend, resume or snapshot");
+    }
+    let done: ferry_cluster_api::VmActionDone =
+        ctl.post(&paths::action(name, action), &serde_json::Value::Null)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        println!("{name}: {action} on host {} (now {})", done.host, done.vm.state);
+    }
+    Ok(())
+}
+
+/// The VMs through the controller (`name`: one VM's reports), printed.
+pub(crate) fn vms(ctl: &Controller, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let list: VmList = ctl.get(&name.map_or_else(|| paths::VMS.to_string(), paths::vm))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print_vms(&list);
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+/// Placement's ranking: ranked hosts best first with their score, then the excluded ones
+/// with every reason.
+pub(crate) fn print_placement(p: &ferry_cluster_api::Placement) {
+    match &p.source {
+        Some(s) => println!("placement of VM {} ({} MiB) from host {s}", p.vm, p.memory_mib),
+        None => println!("placement of VM {} ({} MiB)", p.vm, p.memory_mib),
+    }
+    println!(
+        "{:<5} {:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6}  REASONS",
+        "RANK", "HOST", "FREE MiB", "HELD MiB", "AFTER MiB", "OF MiB", "AFTER %", "LOAD"
+    );
+    for h in &p.hosts {
+        match &h.score {
+            Some(s) => println!(
+                "{:<5} {:<16} {:>10} {:>10} {:>10} {:>10} {:>7.1}% {:>6.2}",
+                h.rank.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                h.host,
+                mib(s.free_bytes),
+                mib(s.reserved_bytes),
+                mib(s.free_after_bytes),
+                mib(s.total_bytes),
+                s.free_after_fraction * 100.0,
+                s.load
+            ),
+            None => {
+                let reasons: Vec<String> =
+                    h.reasons.iter().map(|r| format!("{}: {}", r.code, r.message)).collect();
+                println!(
+                    "{:<5} {:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6}  {}",
+                    "-",
+                    h.host,
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    reasons.join("; ")
+                );
+            }
+        }
+    }
+    match p.hosts.iter().find(|h| h.rank == Some(1)) {
+        Some(h) => println!("best: {}", h.host),
+        None => println!("no host can take it"),
+    }
+}
+
+/// `POST /vms` on the controller: the ranking with `explain`, else the VM created.
+pub(crate) fn create(
+    ctl: &Controller,
+    req: &ferry_cluster_api::CreateVmRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if req.explain {
+        let p: ferry_cluster_api::Placement = ctl.post(paths::CREATE, req)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            print_placement(&p);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done: ferry_cluster_api::VmActionDone = ctl.post(paths::CREATE, req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        println!("host:       {}", done.host);
+        crate::hostcmd::print_detail(&done.vm);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `POST /vms/register` on the controller: the ranking with `explain`, else the VM
+/// registered.
+pub(crate) fn register(
+    ctl: &Controller,
+    req: &ferry_cluster_api::RegisterVmRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if req.explain {
+        let p: ferry_cluster_api::Placement = ctl.post(paths::REGISTER, req)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            print_placement(&p);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done: ferry_cluster_api::VmActionDone = ctl.post(paths::REGISTER, req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        println!("host:       {}", done.host);
+        crate::hostcmd::print_detail(&done.vm);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ferry cluster migrate`.
 fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let ctl = args.target.connect()?;
@@ -515,23 +707,41 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         check: args.check,
         downtime_ms: args.downtime_ms,
         streams: args.streams,
+        explain: args.explain,
     };
-    if args.check {
-        let table: ferry_cluster_api::CheckTable = ctl.post(&paths::migrate(&args.name), &req)?;
-        if args.json {
+    migrate_through(&ctl, &args.name, &req, args.json)
+}
+
+/// A migration (or its checks, or placement's ranking) through the controller, followed
+/// until it ends.
+pub(crate) fn migrate_through(
+    ctl: &Controller,
+    name: &str,
+    req: &ferry_cluster_api::MigrateRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if req.explain {
+        let p: ferry_cluster_api::Placement = ctl.post(&paths::migrate(name), req)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            print_placement(&p);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if req.check {
+        let table: ferry_cluster_api::CheckTable = ctl.post(&paths::migrate(name), req)?;
+        if json {
             println!("{}", serde_json::to_string_pretty(&table)?);
         } else {
             print_checks(&table);
         }
         let all_ok = table.checks.iter().all(|c| c.ok);
-        return Ok(if all_ok || args.to_host.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if all_ok || req.to_host.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
-    if args.to_host.is_none() {
-        anyhow::bail!("give --to-host HOST (or --check to check every host): the controller does not choose a destination yet");
-    }
-    let started: ferry_cluster_api::MigrationStarted = ctl.post(&paths::migrate(&args.name), &req)?;
+    let started: ferry_cluster_api::MigrationStarted = ctl.post(&paths::migrate(name), req)?;
     let Some(id) = started.migration_id.clone() else {
-        if args.json {
+        if json {
             println!("{}", serde_json::to_string_pretty(&started)?);
         } else {
             print_checks(&ferry_cluster_api::CheckTable {
@@ -542,8 +752,9 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
         anyhow::bail!("the migration of {} to {} was refused by its checks", started.vm, started.destination);
     };
-    if !args.json {
-        println!("migration {id}: {} from {} to {}", started.vm, started.source, started.destination);
+    if !json {
+        let how = if req.to_host.is_none() { " (picked by placement)" } else { "" };
+        println!("migration {id}: {} from {} to {}{how}", started.vm, started.source, started.destination);
     }
     // Follow it in the controller's history until it ends.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
@@ -560,7 +771,7 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&detail)?);
     } else {
         print_migration(&detail);

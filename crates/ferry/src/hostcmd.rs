@@ -9,7 +9,7 @@ use ferry_host_api::{
     MigrationOutcome, MigrationRole, NicDef, RegisterVm, VmDefinition, VmDetail, VmList, VmLog,
 };
 
-use crate::cli::{HostCommand, HostInitArgs, VmArgs, VmCommand, VmMigrateArgs};
+use crate::cli::{HostCommand, HostInitArgs, VmArgs, VmCommand, VmCreateArgs, VmMigrateArgs};
 use crate::hostctl::HostClient;
 
 /// `ferry host ...`.
@@ -188,7 +188,7 @@ fn print_list(list: &VmList) {
     }
 }
 
-fn print_detail(d: &VmDetail) {
+pub(crate) fn print_detail(d: &VmDetail) {
     println!("name:       {}", d.name);
     println!("state:      {}", d.state);
     println!("home:       {} (datastore {})", d.home.display(), d.datastore);
@@ -292,12 +292,18 @@ fn print_checks(c: &CheckReport) {
 /// `ferry vm migrate`: starts the migration on the source's daemon, prints its progress
 /// from `GET /migrations?id=ID`, then the report.
 fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let req = MigrateVm {
-        to_host: args.to_host,
-        downtime_ms: args.downtime_ms,
-        streams: args.streams,
-        check: args.check,
+    let Some(to_host) = args.to_host else {
+        anyhow::bail!(
+            "give --to-host URL (the destination daemon): a host daemon does not choose a destination; \
+             through the controller (--server, $FERRY_SERVER, without --host) placement picks one"
+        );
     };
+    if args.explain {
+        anyhow::bail!(
+            "--explain shows the controller's placement: use it without --host, with a controller configured"
+        );
+    }
+    let req = MigrateVm { to_host, downtime_ms: args.downtime_ms, streams: args.streams, check: args.check };
     let started: MigrateStarted = client.post(&paths::migrate(&args.name), &req)?;
     let Some(id) = started.migration_id else {
         if json {
@@ -365,8 +371,95 @@ fn migrate(client: &HostClient, args: VmMigrateArgs, json: bool) -> anyhow::Resu
     Ok(if record.outcome == MigrationOutcome::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// `ferry vm ...`.
+/// A VM's definition from `ferry vm create`'s arguments.
+pub(crate) fn definition(c: VmCreateArgs) -> VmDefinition {
+    VmDefinition {
+        name: c.name,
+        memory_mib: c.memory_mib,
+        vcpus: c.vcpus,
+        guest: c.guest,
+        kernel: c.kernel,
+        cmdline: c.cmdline,
+        disks: c
+            .disks
+            .into_iter()
+            .map(|(file, size)| DiskDef { file, size_bytes: Some(size), readonly: false })
+            .collect(),
+        nics: c.nics.into_iter().map(|(portgroup, mac)| NicDef { mac, portgroup }).collect(),
+        cpu_model: c.cpu_model,
+        cpu_hide: c.cpu_hide,
+    }
+}
+
+/// The controller `ferry vm` talks to: one is configured and no daemon is named (--host or
+/// $FERRY_HOST).
+fn through_controller(args: &VmArgs) -> anyhow::Result<Option<crate::cluster::ServerTarget>> {
+    let host_named = args.target.url.is_some() || std::env::var("FERRY_HOST").is_ok_and(|h| !h.is_empty());
+    if host_named {
+        return Ok(None);
+    }
+    let target =
+        crate::cluster::ServerTarget { server: args.server.clone(), identity: args.target.identity.clone() };
+    Ok(target.configured()?.map(|_| target))
+}
+
+/// `ferry vm ...` through the controller.
+fn vm_through(target: crate::cluster::ServerTarget, args: VmArgs) -> anyhow::Result<ExitCode> {
+    let ctl = target.connect()?;
+    let json = args.json;
+    let act = |name: &str, action: Action| -> anyhow::Result<ExitCode> {
+        crate::cluster::vm_action(&ctl, name, action.as_str(), json)?;
+        Ok(ExitCode::SUCCESS)
+    };
+    match args.command {
+        VmCommand::List => crate::cluster::vms(&ctl, None, json).map(|_| ExitCode::SUCCESS),
+        VmCommand::Show(n) => crate::cluster::vms(&ctl, Some(&n.name), json).map(|_| ExitCode::SUCCESS),
+        VmCommand::Start(n) => act(&n.name, Action::Start),
+        VmCommand::Stop(n) => act(&n.name, Action::Stop),
+        VmCommand::Kill(n) => act(&n.name, Action::Kill),
+        VmCommand::Suspend(n) => act(&n.name, Action::Suspend),
+        VmCommand::Resume(n) => act(&n.name, Action::Resume),
+        VmCommand::Snapshot(n) => act(&n.name, Action::Snapshot),
+        VmCommand::Migrate(m) => {
+            let req = ferry_cluster_api::MigrateRequest {
+                to_host: m.to_host,
+                check: m.check,
+                downtime_ms: m.downtime_ms,
+                streams: m.streams,
+                explain: m.explain,
+            };
+            crate::cluster::migrate_through(&ctl, &m.name, &req, json)
+        }
+        VmCommand::Create(c) => {
+            let req = ferry_cluster_api::CreateVmRequest {
+                datastore: c.datastore.clone(),
+                definition: definition(c),
+                host: None,
+                explain: false,
+            };
+            crate::cluster::create(&ctl, &req, json)
+        }
+        VmCommand::Register { path } => {
+            let req = ferry_cluster_api::RegisterVmRequest {
+                path: std::path::absolute(&path)?,
+                host: None,
+                explain: false,
+            };
+            crate::cluster::register(&ctl, &req, json)
+        }
+        VmCommand::Unregister(_) | VmCommand::Log { .. } => anyhow::bail!(
+            "`ferry vm unregister` and `ferry vm log` talk to a host daemon: pass --host URL \
+             (a controller is configured, and it does not forward them)"
+        ),
+    }
+}
+
+/// `ferry vm ...`: through the controller when one is configured and no daemon is named,
+/// else to the daemon.
 pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
+    if let Some(target) = through_controller(&args)? {
+        return vm_through(target, args);
+    }
     let client = args.target.client()?;
     let json = args.json;
     let detail = |d: VmDetail| -> anyhow::Result<ExitCode> {
@@ -382,23 +475,8 @@ pub fn vm(args: VmArgs) -> anyhow::Result<ExitCode> {
     };
     match args.command {
         VmCommand::Create(c) => {
-            let definition = VmDefinition {
-                name: c.name,
-                memory_mib: c.memory_mib,
-                vcpus: c.vcpus,
-                guest: c.guest,
-                kernel: c.kernel,
-                cmdline: c.cmdline,
-                disks: c
-                    .disks
-                    .into_iter()
-                    .map(|(file, size)| DiskDef { file, size_bytes: Some(size), readonly: false })
-                    .collect(),
-                nics: c.nics.into_iter().map(|(portgroup, mac)| NicDef { mac, portgroup }).collect(),
-                cpu_model: c.cpu_model,
-                cpu_hide: c.cpu_hide,
-            };
-            let d: VmDetail = client.post(paths::VMS, &CreateVm { datastore: c.datastore, definition })?;
+            let datastore = c.datastore.clone();
+            let d: VmDetail = client.post(paths::VMS, &CreateVm { datastore, definition: definition(c) })?;
             detail(d)
         }
         VmCommand::Register { path } => {

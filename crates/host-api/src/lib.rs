@@ -444,6 +444,15 @@ pub struct MemoryInfo {
     /// The sum of the memory of the VMs whose VMM runs (or is starting) and of incoming
     /// migrations' reservations, bytes.
     pub reserved_bytes: u64,
+    /// The memory this host gives VMs (its configuration's `vm_memory_mib`), bytes, when it
+    /// limits it; else all of `total_bytes`. Absent from older hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_limit_bytes: Option<u64>,
+    /// The memory free for another VM as this host's own migration check counts it
+    /// (available minus incoming reservations, within `vm_memory_mib` minus what running VMs
+    /// and reservations hold), bytes. Absent from older hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_for_vms_bytes: Option<u64>,
 }
 
 /// `GET /host`: this host's inventory.

@@ -11,6 +11,7 @@
 //! history (`migrations`, `migration_events`) is appended to.
 
 pub mod evc;
+pub mod placement;
 pub mod schema;
 
 use std::time::Duration;

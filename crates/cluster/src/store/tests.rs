@@ -57,7 +57,13 @@ fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
             kvm: None,
             kvm_model: None,
         },
-        memory: MemoryInfo { total_bytes: 4 << 30, available_bytes: 3 << 30, reserved_bytes: 0 },
+        memory: MemoryInfo {
+            total_bytes: 4 << 30,
+            available_bytes: 3 << 30,
+            reserved_bytes: 0,
+            vm_limit_bytes: None,
+            free_for_vms_bytes: None,
+        },
         datastores: vec![DatastoreInfo {
             name: "shared".into(),
             path: PathBuf::from(format!("/srv/{name}/shared")),
@@ -296,5 +302,43 @@ fn evc_generations_vms_and_refusals() {
         assert_eq!(refused[0].lacking, vec!["lahf_lm".to_string()]);
         store.evc_unrefuse("c").await.expect("unrefuse");
         assert!(store.evc_refused().await.expect("none").is_empty());
+    });
+}
+
+#[test]
+fn memory_reserved_by_migrations_to_each_host() {
+    on_both(|store| async move {
+        let a = info("a", "ds", &[("web", VmState::Running), ("db", VmState::Running)]);
+        store.heartbeat("a", "https://127.0.0.1:1", false, &a, 1000).await.expect("a");
+        store.heartbeat("b", "https://127.0.0.1:2", false, &info("b", "ds", &[]), 1000).await.expect("b");
+        assert!(store.reserved_by_destination().await.expect("none").is_empty());
+        // Active to b: web's 64 MiB.
+        let mut m1 = record("m1", MigrationOutcome::Active, 2000);
+        store.record_migration(&m1, 2000).await.expect("m1");
+        let r = store.reserved_by_destination().await.expect("active");
+        assert_eq!(r.get("b"), Some(&(64 << 20)));
+        // Queued (another engineer's outcome), db to b: counted too.
+        sqlx::query(
+            "INSERT INTO migrations (id, vm, source, destination, started_unix_ms, ended_unix_ms, outcome, reason_code, record)
+             VALUES ('m2', 'db', 'a', 'b', 2100, NULL, 'queued', 'queued', '{}')",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("queued row");
+        assert_eq!(store.reserved_by_destination().await.expect("queued").get("b"), Some(&(128 << 20)));
+        // Completed after b's last report: still counted until b reports again.
+        m1.outcome = MigrationOutcome::Completed;
+        m1.ended_unix_ms = Some(5000);
+        store.record_migration(&m1, 5000).await.expect("done");
+        assert_eq!(store.reserved_by_destination().await.expect("done").get("b"), Some(&(128 << 20)));
+        store
+            .heartbeat("b", "https://127.0.0.1:2", false, &info("b", "ds", &[]), 9000)
+            .await
+            .expect("b again");
+        assert_eq!(store.reserved_by_destination().await.expect("reported").get("b"), Some(&(64 << 20)));
+        // A failed one holds nothing.
+        store.record_migration(&record("m3", MigrationOutcome::Failed, 3000), 3000).await.expect("m3");
+        sqlx::query("DELETE FROM migrations WHERE id = 'm2'").execute(&store.pool).await.expect("delete");
+        assert!(store.reserved_by_destination().await.expect("none left").is_empty());
     });
 }

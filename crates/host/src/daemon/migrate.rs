@@ -68,7 +68,7 @@ impl Daemon {
 
     /// The memory free for another VM: available, within `vm_memory_mib`, minus what running
     /// VMs and reservations hold.
-    async fn free_for_vms(&self) -> u64 {
+    pub(super) async fn free_for_vms(&self) -> u64 {
         let (total, available) =
             tokio::task::spawn_blocking(crate::inventory::memory).await.unwrap_or((0, 0));
         let running: u64 = self

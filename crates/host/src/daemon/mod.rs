@@ -730,7 +730,13 @@ impl Daemon {
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
             migration_protocols: vec![ferry_migration::protocol::PROTOCOL_VERSION],
             cpu,
-            memory: MemoryInfo { total_bytes: total, available_bytes: available, reserved_bytes },
+            memory: MemoryInfo {
+                total_bytes: total,
+                available_bytes: available,
+                reserved_bytes,
+                vm_limit_bytes: self.config.vm_memory_mib.map(|m| m << 20),
+                free_for_vms_bytes: Some(self.free_for_vms().await),
+            },
             datastores,
             portgroups: self
                 .config
