@@ -784,7 +784,10 @@ async fn sim_run(
     Ok(run)
 }
 
-fn summarize<T>(runs: &[T], figures: &[(&str, fn(&T) -> Option<f64>)]) -> BTreeMap<String, Summary> {
+/// A figure's name and how to read it from a run.
+type Figure<T> = (&'static str, fn(&T) -> Option<f64>);
+
+fn summarize<T>(runs: &[T], figures: &[Figure<T>]) -> BTreeMap<String, Summary> {
     let mut out = BTreeMap::new();
     for (name, get) in figures {
         let values: Vec<f64> = runs.iter().filter_map(get).collect();
@@ -795,7 +798,7 @@ fn summarize<T>(runs: &[T], figures: &[(&str, fn(&T) -> Option<f64>)]) -> BTreeM
     out
 }
 
-type SimFigure = (&'static str, fn(&SimRun) -> Option<f64>);
+type SimFigure = Figure<SimRun>;
 
 const SIM_FIGURES: &[SimFigure] = &[
     ("join_pass_s", |r| Some(r.join_pass_s)),
@@ -910,7 +913,7 @@ pub struct AgentReport {
     pub summary: BTreeMap<String, Summary>,
 }
 
-type AgentFigure = (&'static str, fn(&AgentRun) -> Option<f64>);
+type AgentFigure = Figure<AgentRun>;
 
 const AGENT_FIGURES: &[AgentFigure] = &[
     ("latency_p50_ms", |r| Some(r.latency_p50_ms)),
@@ -1040,8 +1043,7 @@ async fn agents_run(
     ferry: &Path,
     pki: &Pki,
     dir: &Path,
-    database: &str,
-    pg: Option<&Database>,
+    (database, pg): (&str, Option<&Database>),
     progress: &str,
 ) -> anyhow::Result<AgentRun> {
     let served = serve(ferry, pki, dir, database).await?;
@@ -1187,11 +1189,11 @@ pub async fn agents(
         let run = match admin_url {
             None => {
                 let db = format!("sqlite://{}", dir.join("cluster.db").display());
-                agents_run(args, t, ferry, &pki, &dir, &db, None, &progress).await
+                agents_run(args, t, ferry, &pki, &dir, (&db, None), &progress).await
             }
             Some(admin) => {
                 let db = Database::create(admin, &format!("agents{r}")).await?;
-                let result = agents_run(args, t, ferry, &pki, &dir, &db.url, Some(&db), &progress).await;
+                let result = agents_run(args, t, ferry, &pki, &dir, (&db.url, Some(&db)), &progress).await;
                 db.drop_it().await;
                 result
             }
