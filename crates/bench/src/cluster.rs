@@ -888,6 +888,8 @@ pub struct AgentRun {
     pub controller_rss_mib: f64,
     /// Hosts whose inventory was then sent once each (so the store holds every host).
     pub fed_hosts: usize,
+    /// Of those, heartbeats refused or failed.
+    pub feed_failed: usize,
     /// Seconds to send them (8 at a time).
     pub feed_s: f64,
     /// The controller's VmRSS after that, MiB.
@@ -916,6 +918,8 @@ pub struct AgentReport {
 type AgentFigure = Figure<AgentRun>;
 
 const AGENT_FIGURES: &[AgentFigure] = &[
+    ("heartbeats_failed", |r| Some(r.failed as f64)),
+    ("feed_failed", |r| Some(r.feed_failed as f64)),
     ("latency_p50_ms", |r| Some(r.latency_p50_ms)),
     ("latency_p99_ms", |r| Some(r.latency_p99_ms)),
     ("controller_cpu_fraction", |r| Some(r.controller_cpu_fraction)),
@@ -1127,13 +1131,19 @@ async fn agents_run(
             let (i, answer) = sent?;
             match answer {
                 Ok(r) if r.is_success() => {}
-                Ok(r) => bail!(
-                    "host {}'s heartbeat refused: {} {}",
-                    host_name(i),
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                ),
-                Err(e) => bail!("host {}'s heartbeat failed: {e}", host_name(i)),
+                Ok(r) => {
+                    run.feed_failed += 1;
+                    eprintln!(
+                        "{progress}: host {}'s heartbeat refused: {} {}",
+                        host_name(i),
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    );
+                }
+                Err(e) => {
+                    run.feed_failed += 1;
+                    eprintln!("{progress}: host {}'s heartbeat failed: {e}", host_name(i));
+                }
             }
         }
         if chunk[0] % 400 < 8 {
@@ -1326,12 +1336,14 @@ fn print(report: &Report) {
             a.ferry
         );
         for (label, key) in [
+            ("heartbeats failed in the window", "heartbeats_failed"),
             ("heartbeat latency p50, ms", "latency_p50_ms"),
             ("heartbeat latency p99, ms", "latency_p99_ms"),
             ("controller CPU, cores", "controller_cpu_fraction"),
             ("PostgreSQL backends CPU, cores", "postgres_cpu_fraction"),
             ("controller RSS, MiB", "controller_rss_mib"),
             ("other hosts sent once, s", "feed_s"),
+            ("  of which refused or failed", "feed_failed"),
             ("controller RSS, every host, MiB", "controller_rss_full_mib"),
             ("GET /vms over HTTPS, every VM, ms", "list_https_ms"),
             ("controller peak RSS, MiB", "controller_peak_rss_mib"),

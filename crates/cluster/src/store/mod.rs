@@ -296,17 +296,20 @@ impl Store {
             reason: e.to_string(),
         })?;
         let now = now_ms as i64;
-        let mut tx = self.pool.begin().await.map_err(self.sql())?;
         // The rows of what did not change since the last report stay (only the VMs' report
         // time moves): most heartbeats change only the free memory. A previous report that
-        // does not decode counts as changed.
+        // does not decode counts as changed. Read before the transaction: on SQLite a
+        // transaction that reads first and then writes fails at once (SQLITE_BUSY, no busy
+        // wait) when another connection wrote meanwhile; a host sends one heartbeat at a
+        // time, so nothing else changes its rows in between.
         let previous: Option<HostInfo> = sqlx::query("SELECT info FROM hosts WHERE name = $1")
             .bind(name)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await
             .map_err(self.sql())?
             .and_then(|r| r.try_get::<String, _>("info").ok())
             .and_then(|text| serde_json::from_str(&text).ok());
+        let mut tx = self.pool.begin().await.map_err(self.sql())?;
         let same_datastores = previous.as_ref().is_some_and(|p| p.datastores == info.datastores);
         let same_portgroups = previous.as_ref().is_some_and(|p| p.portgroups == info.portgroups);
         let same_vms = previous.as_ref().is_some_and(|p| p.vms == info.vms);
