@@ -3,6 +3,7 @@
 
 mod boot;
 mod checkpoint;
+mod cluster;
 mod devices;
 mod guestline;
 mod hostmig;
@@ -65,6 +66,13 @@ enum Bench {
     /// the source's clean-up), and the daemon's VmRSS with 0 and with `--vms` registered VMs.
     /// Needs root and /dev/kvm.
     Hostmig(hostmig::HostmigArgs),
+    /// The controller at vCenter's scale (2,500 hosts, 40,000 VMs; SQLite and PostgreSQL):
+    /// its real store and router fed by simulated hosts' heartbeats in process (heartbeat
+    /// cost, listing every VM, the check of one VM against every host, placement), then a
+    /// real `ferry cluster serve` with `--agents` host agents over mutual TLS (heartbeat
+    /// latency, the controller's CPU and memory). PostgreSQL from --database or
+    /// $FERRY_TEST_POSTGRES_URL (`scripts/bench.sh cluster` starts one).
+    Cluster(cluster::ClusterArgs),
     /// One host's side of the leases benchmark's hand-over (commands on stdin).
     #[command(hide = true)]
     LeaseHost,
@@ -95,6 +103,7 @@ fn main() -> ExitCode {
         Bench::Devices(args) => devices::run(&ferry, &args, cli.json),
         Bench::Leases(args) => leases::run(&ferry, &args, cli.json),
         Bench::Hostmig(args) => hostmig::run(&ferry, &args, cli.json),
+        Bench::Cluster(args) => cluster::run(&ferry, &args, cli.json),
         Bench::LeaseHost => Ok(()),
     };
     match result {

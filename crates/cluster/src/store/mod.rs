@@ -298,7 +298,23 @@ impl Store {
             reason: e.to_string(),
         })?;
         let now = now_ms as i64;
+        // The rows of what did not change since the last report stay (only the VMs' report
+        // time moves): most heartbeats change only the free memory. A previous report that
+        // does not decode counts as changed. Read before the transaction: on SQLite a
+        // transaction that reads first and then writes fails at once (SQLITE_BUSY, no busy
+        // wait) when another connection wrote meanwhile; a host sends one heartbeat at a
+        // time, so nothing else changes its rows in between.
+        let previous: Option<HostInfo> = sqlx::query("SELECT info FROM hosts WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.sql())?
+            .and_then(|r| r.try_get::<String, _>("info").ok())
+            .and_then(|text| serde_json::from_str(&text).ok());
         let mut tx = self.pool.begin().await.map_err(self.sql())?;
+        let same_datastores = previous.as_ref().is_some_and(|p| p.datastores == info.datastores);
+        let same_portgroups = previous.as_ref().is_some_and(|p| p.portgroups == info.portgroups);
+        let same_vms = previous.as_ref().is_some_and(|p| p.vms == info.vms);
         sqlx::query(
             "INSERT INTO hosts (name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info)
              VALUES ($1, $2, $3, $4, $5, $5, $6)
@@ -315,14 +331,29 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(self.sql())?;
-        for table in ["host_datastores", "host_portgroups", "host_vms"] {
+        for (table, same) in [
+            ("host_datastores", same_datastores),
+            ("host_portgroups", same_portgroups),
+            ("host_vms", same_vms),
+        ] {
+            if same {
+                continue;
+            }
             sqlx::query(&format!("DELETE FROM {table} WHERE host = $1"))
                 .bind(name)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.sql())?;
         }
-        for d in &info.datastores {
+        if same_vms {
+            sqlx::query("UPDATE host_vms SET reported_unix_ms = $1 WHERE host = $2")
+                .bind(now)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.sql())?;
+        }
+        for d in info.datastores.iter().filter(|_| !same_datastores) {
             sqlx::query(
                 "INSERT INTO host_datastores (datastore_id, host, name, path, free_bytes, total_bytes)
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -337,7 +368,7 @@ impl Store {
             .await
             .map_err(self.sql())?;
         }
-        for p in &info.portgroups {
+        for p in info.portgroups.iter().filter(|_| !same_portgroups) {
             sqlx::query("INSERT INTO host_portgroups (name, host, bridge, present) VALUES ($1, $2, $3, $4)")
                 .bind(&p.name)
                 .bind(name)
@@ -347,7 +378,7 @@ impl Store {
                 .await
                 .map_err(self.sql())?;
         }
-        for v in &info.vms {
+        for v in info.vms.iter().filter(|_| !same_vms) {
             sqlx::query(
                 "INSERT INTO host_vms (name, host, state, memory_mib, vcpus, datastore, reported_unix_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",

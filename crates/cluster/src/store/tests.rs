@@ -441,3 +441,33 @@ fn a_completed_migration_moves_the_vm_in_the_inventory() {
         assert_eq!(vms.iter().map(|v| v.host.as_str()).collect::<Vec<_>>(), ["b"]);
     });
 }
+
+/// A heartbeat that changes only the host's memory keeps its rows and moves their report
+/// time; one that changes a VM, a datastore or a port group rewrites those rows.
+#[test]
+fn unchanged_reports_keep_their_rows() {
+    on_both(|store| async move {
+        let first = info("a", "ds-1", &[("web", VmState::Running), ("db", VmState::Running)]);
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &first, 1000).await.expect("first");
+        let mut memory_only = first.clone();
+        memory_only.memory.available_bytes -= 1 << 20;
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &memory_only, 2000).await.expect("second");
+        let vms = store.vms(None, 2500).await.expect("vms");
+        assert_eq!(
+            vms.iter().map(|v| (v.name.as_str(), v.state.as_str(), v.age_ms)).collect::<Vec<_>>(),
+            [("db", "running", 500), ("web", "running", 500)]
+        );
+        let a = store.host("a").await.expect("host").expect("a");
+        assert_eq!(a.info.memory.available_bytes, memory_only.memory.available_bytes);
+        // A VM stopped, a datastore and a port group replaced: all rewritten.
+        let mut changed = info("a", "ds-2", &[("web", VmState::Defined), ("db", VmState::Running)]);
+        changed.portgroups[0].name = "san".into();
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &changed, 3000).await.expect("third");
+        let vms = store.vms(Some("web"), 3000).await.expect("web");
+        assert_eq!((vms.len(), vms[0].state.as_str(), vms[0].age_ms), (1, "defined", 0));
+        let ds = store.datastores().await.expect("ds");
+        assert_eq!(ds.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["ds-2"]);
+        let pg = store.portgroups().await.expect("pg");
+        assert_eq!(pg.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["san"]);
+    });
+}
