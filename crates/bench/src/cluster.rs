@@ -504,7 +504,10 @@ impl Sim {
         tokio::spawn(leader.clone().run(store.clone()));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !leader.is_active() {
-            anyhow::ensure!(Instant::now() < deadline, "the simulated controller never took the leader lease");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the simulated controller never took the leader lease"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let controller = Arc::new(ferry_cluster::server::Controller {

@@ -520,14 +520,8 @@ mod tests {
     /// as needing hours).
     #[test]
     fn bandwidth_falls_back_to_all_streams_when_no_pass_is_measurable() {
-        let first = PassMeasure {
-            pass: 1,
-            pages: 65_536,
-            bytes: 40,
-            ms: 2000.0,
-            dirtied: 900,
-            wire_bytes: 14 << 20,
-        };
+        let first =
+            PassMeasure { pass: 1, pages: 65_536, bytes: 40, ms: 2000.0, dirtied: 900, wire_bytes: 14 << 20 };
         assert!((bandwidth(&[first]) - (14 << 20) as f64 / 2000.0).abs() < 1.0);
         assert!(expected_downtime(&[first], 900) < 1000.0);
     }
