@@ -106,6 +106,31 @@ async fn ask(
     serde_json::from_slice(&answer.body).map_err(|e| host_failed(format!("malformed answer: {e}")))
 }
 
+/// A host daemon's answer as a `T`, or its error as the controller's: the daemon's typed code
+/// mapped to ours (its internal errors are `host_failed`), the message prefixed with the host.
+pub(crate) fn host_answer<T: serde::de::DeserializeOwned>(
+    host: &str,
+    answer: ferry_pki::Response,
+) -> Result<T, Failure> {
+    if !answer.is_success() {
+        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
+            Ok(e) => (
+                match e.code {
+                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
+                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
+                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
+                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
+                },
+                e.message,
+            ),
+            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
+        };
+        return Err(failure(code, format!("host {host}: {text}")));
+    }
+    serde_json::from_slice(&answer.body)
+        .map_err(|e| failure(ErrorCode::HostFailed, format!("host {host} sent a malformed answer: {e}")))
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -583,24 +608,7 @@ pub async fn cancel(c: &Arc<Controller>, id: &str) -> Result<MigrationDetail, Fa
             ),
         )
     })?;
-    if !answer.is_success() {
-        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
-            Ok(e) => (
-                match e.code {
-                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
-                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
-                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
-                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
-                },
-                e.message,
-            ),
-            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
-        };
-        return Err(failure(code, format!("host {}: {text}", source.name)));
-    }
-    let ended: MigrationRecord = serde_json::from_slice(&answer.body).map_err(|e| {
-        failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", source.name))
-    })?;
+    let ended: MigrationRecord = host_answer(&source.name, answer)?;
     save(c, &ended).await?;
     tracing::info!("migration {id}: {} ({}) after the cancel", ended.outcome.as_str(), ended.reason_code);
     c.wake.notify_one();
@@ -746,24 +754,7 @@ pub async fn action(
             format!("host {} ({}) did not answer: {}", host.name, host.api_url, error_chain(&e)),
         )
     })?;
-    if !answer.is_success() {
-        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
-            Ok(e) => (
-                match e.code {
-                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
-                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
-                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
-                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
-                },
-                e.message,
-            ),
-            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
-        };
-        return Err(failure(code, format!("host {}: {text}", host.name)));
-    }
-    let detail = serde_json::from_slice(&answer.body).map_err(|e| {
-        failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", host.name))
-    })?;
+    let detail = host_answer(&host.name, answer)?;
     tracing::info!("VM {vm}: {} on host {}", action.as_str(), host.name);
     Ok(ferry_cluster_api::VmActionDone { host: host.name, vm: detail })
 }

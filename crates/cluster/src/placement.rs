@@ -193,24 +193,7 @@ async fn call<T: serde::de::DeserializeOwned>(
             format!("host {} ({}) did not answer: {}", host.name, host.api_url, error_chain(&e)),
         )
     })?;
-    if !answer.is_success() {
-        let (code, text) = match serde_json::from_slice::<ferry_host_api::ApiError>(&answer.body) {
-            Ok(e) => (
-                match e.code {
-                    ferry_host_api::ErrorCode::NotFound => ErrorCode::NotFound,
-                    ferry_host_api::ErrorCode::Conflict => ErrorCode::Conflict,
-                    ferry_host_api::ErrorCode::BadRequest => ErrorCode::BadRequest,
-                    ferry_host_api::ErrorCode::Internal => ErrorCode::HostFailed,
-                },
-                e.message,
-            ),
-            Err(_) => (ErrorCode::HostFailed, String::from_utf8_lossy(&answer.body).trim().to_string()),
-        };
-        return Err(failure(code, format!("host {}: {text}", host.name)));
-    }
-    serde_json::from_slice(&answer.body).map_err(|e| {
-        failure(ErrorCode::HostFailed, format!("host {} sent a malformed answer: {e}", host.name))
-    })
+    crate::migrate::host_answer(&host.name, answer)
 }
 
 /// The facts of VM `vm` for its migration: its source (the host whose VMM runs it), its

@@ -699,23 +699,7 @@ pub(crate) fn create(
     req: &ferry_cluster_api::CreateVmRequest,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    if req.explain {
-        let p: ferry_cluster_api::Placement = ctl.post(paths::CREATE, req)?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&p)?);
-        } else {
-            print_placement(&p);
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let done: ferry_cluster_api::VmActionDone = ctl.post(paths::CREATE, req)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&done)?);
-    } else {
-        println!("host:       {}", done.host);
-        crate::hostcmd::print_detail(&done.vm);
-    }
-    Ok(ExitCode::SUCCESS)
+    place(ctl, paths::CREATE, req, req.explain, json)
 }
 
 /// `POST /vms/register` on the controller: the ranking with `explain`, else the VM
@@ -725,8 +709,20 @@ pub(crate) fn register(
     req: &ferry_cluster_api::RegisterVmRequest,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    if req.explain {
-        let p: ferry_cluster_api::Placement = ctl.post(paths::REGISTER, req)?;
+    place(ctl, paths::REGISTER, req, req.explain, json)
+}
+
+/// A request placed by the controller (`path`): the ranking when `explain`, else the VM
+/// with the host that took it.
+fn place<R: serde::Serialize>(
+    ctl: &Controller,
+    path: &str,
+    req: &R,
+    explain: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if explain {
+        let p: ferry_cluster_api::Placement = ctl.post(path, req)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&p)?);
         } else {
@@ -734,7 +730,7 @@ pub(crate) fn register(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let done: ferry_cluster_api::VmActionDone = ctl.post(paths::REGISTER, req)?;
+    let done: ferry_cluster_api::VmActionDone = ctl.post(path, req)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&done)?);
     } else {
