@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ferry's controller demo (about a minute after the build, root): a controller
-# (ferry cluster serve) on PostgreSQL (a private throwaway server from scripts/postgres.sh;
+# (ferry cluster serve) on PostgreSQL (--postgres, the default: a private throwaway server from scripts/postgres.sh;
 # --sqlite: SQLite in its state directory instead), three hosts in network namespaces joined
 # by a switch bridge (as scripts/demo-hosts.sh makes them), a datastore directory all see.
 # Host a gives VMs 2048 MiB, b 1536 MiB, c 1024 MiB and hides a CPU feature its KVM offers
@@ -22,8 +22,8 @@ cd "$(dirname "$0")/.."
 store=postgres
 case "${1:-}" in
   --sqlite) store=sqlite ;;
-  "") ;;
-  *) echo "usage: scripts/demo-cluster.sh [--sqlite]" >&2; exit 2 ;;
+  --postgres | "") ;;
+  *) echo "usage: scripts/demo-cluster.sh [--postgres (the default) | --sqlite]" >&2; exit 2 ;;
 esac
 if [ -z "${FERRY:-}" ]; then
   scripts/setup.sh
