@@ -246,6 +246,10 @@ async fn heartbeat(
             ),
         ));
     }
+    if let Some(why) = duplicate_join(known.as_ref(), beat.join, &url, unix_ms()) {
+        tracing::warn!("host {}: join from {addr} refused: {why}", peer.name);
+        return Err(Failure::new(ErrorCode::Conflict, why));
+    }
     let evc = crate::evc::heartbeat(&c, &peer.name, &beat.info).await?;
     c.store.heartbeat(&peer.name, &url, beat.maintenance, &beat.info, unix_ms()).await?;
     match known.map(|h| h.state) {
@@ -261,6 +265,31 @@ async fn heartbeat(
         evc,
         controllers: c.leader.known(),
     }))
+}
+
+/// Why a join must be refused as a second host with a name already in the cluster: `known`,
+/// the host of that name, still answers (a heartbeat within the last
+/// `MISSED_HEARTBEATS` intervals) from another API URL. Two daemons with one name would
+/// overwrite each other's inventory at every heartbeat. The same daemon joining again (same
+/// URL), or a host whose old address went silent, may join.
+fn duplicate_join(
+    known: Option<&crate::store::HostRow>,
+    join: bool,
+    url: &str,
+    now_ms: u64,
+) -> Option<String> {
+    let h = known?;
+    let alive = matches!(h.state, HostState::Connected | HostState::Maintenance)
+        && now_ms.saturating_sub(h.last_seen_unix_ms)
+            < HEARTBEAT_INTERVAL_MS * ferry_cluster_api::MISSED_HEARTBEATS;
+    (join && alive && h.api_url != url).then(|| {
+        format!(
+            "a host named {} is already in this cluster and answering at {} (this join came from {url}); \
+             each host needs a name of its own (its certificate's), or remove the other first \
+             (`ferry cluster remove-host {}`)",
+            h.name, h.api_url, h.name
+        )
+    })
 }
 
 /// The calling host leaves the cluster: `disconnected` (its last report stays).
@@ -517,6 +546,31 @@ mod tests {
         assert_eq!(super::api_url("https://127.0.0.1:7443/", peer).expect("ok"), "https://127.0.0.1:7443");
         assert!(super::api_url("http://127.0.0.1:7443", peer).is_err());
         assert!(super::api_url("https://host:7443", peer).is_err());
+    }
+
+    /// A second daemon joining with a name a live host has is refused; the same daemon
+    /// joining again, a regular heartbeat, or a name whose host went silent are not.
+    #[test]
+    fn a_second_host_with_a_live_name_cannot_join() {
+        use ferry_cluster_api::HostState;
+        let row = |state, last_seen_unix_ms| crate::store::HostRow {
+            name: "a".into(),
+            api_url: "https://10.0.0.1:7443".into(),
+            state,
+            maintenance: false,
+            joined_unix_ms: 0,
+            last_seen_unix_ms,
+            info: crate::store::tests::info("a", "ds1", &[]),
+        };
+        let live = row(HostState::Connected, 10_000);
+        let why = super::duplicate_join(Some(&live), true, "https://10.0.0.9:7443", 11_000).expect("refused");
+        assert!(why.contains("already in this cluster and answering at https://10.0.0.1:7443"), "{why}");
+        assert!(super::duplicate_join(Some(&live), true, "https://10.0.0.1:7443", 11_000).is_none());
+        assert!(super::duplicate_join(Some(&live), false, "https://10.0.0.9:7443", 11_000).is_none());
+        assert!(super::duplicate_join(Some(&live), true, "https://10.0.0.9:7443", 20_000).is_none());
+        let gone = row(HostState::NotResponding, 10_000);
+        assert!(super::duplicate_join(Some(&gone), true, "https://10.0.0.9:7443", 11_000).is_none());
+        assert!(super::duplicate_join(None, true, "https://10.0.0.9:7443", 11_000).is_none());
     }
 
     /// docs/openapi/cluster.json is what the server serves.

@@ -44,7 +44,7 @@ where
     });
 }
 
-fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
+pub(crate) fn info(name: &str, ds_id: &str, vms: &[(&str, VmState)]) -> HostInfo {
     HostInfo {
         api_version: 1,
         name: name.into(),
