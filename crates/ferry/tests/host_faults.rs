@@ -280,7 +280,24 @@ fn cell_with(tag: &str, kill: Kill, freeze_receiver: bool) {
     let lockspace = leases::datastore();
     let (runner, other, runner_id) =
         if on == 'a' { (&p.a, &p.b, lockspace.a.id) } else { (&p.b, &p.a, lockspace.b.id) };
-    let v = show(runner, &name).expect("registered");
+    // Read again until it answers (a daemon just restarted may refuse one call while it
+    // re-adopts); a VM that stays unregistered on the host that runs it fails here, with why.
+    let v = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = runner.vm(&["show", &name, "--json"]);
+            if out.status.success() {
+                break serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{tag}: host {on} runs the VM but does not show it: {}\nits log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                runner.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
     let pid = v["pid"].as_u64().expect("pid");
     assert!(common::hostd::alive(pid), "{tag}: the VMM {pid} that runs the VM is not alive");
     let holder = v["lock_holder"].as_str().unwrap_or_default();
