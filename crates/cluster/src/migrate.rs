@@ -285,25 +285,15 @@ pub async fn migrate(
         return Ok(answer(checks, None, None));
     }
     let record = MigrationRecord {
-        id: id.clone(),
-        vm: vm.into(),
-        source: source.name.clone(),
-        destination: dest.name.clone(),
-        role: MigrationRole::Source,
-        started_unix_ms: unix_ms(),
-        ended_unix_ms: None,
-        outcome: MigrationOutcome::Queued,
-        reason_code: String::new(),
         reason: reason.clone(),
-        downtime_ms: None,
-        total_ms: None,
-        orchestration_ms: None,
-        orchestration: None,
-        bytes: None,
-        passes: None,
-        progress: None,
-        reasons: Vec::new(),
-        queue_position: None,
+        ..MigrationRecord::begin(
+            &id,
+            vm,
+            (&source.name, &dest.name),
+            MigrationRole::Source,
+            MigrationOutcome::Queued,
+            unix_ms(),
+        )
     };
     let request = serde_json::to_string(req).map_err(|e| failure(ErrorCode::Internal, e.to_string()))?;
     let position = {
@@ -348,27 +338,14 @@ async fn running_pairs(c: &Controller) -> Result<Vec<Pair>, Failure> {
 /// Records migration `id` as active at once (its source's record replaces it at the first
 /// follow), so that it counts against the limits from now on.
 async fn record_started(c: &Controller, id: &str, vm: &str, source: &str, destination: &str) {
-    let record = MigrationRecord {
-        id: id.to_string(),
-        vm: vm.to_string(),
-        source: source.to_string(),
-        destination: destination.to_string(),
-        role: MigrationRole::Source,
-        started_unix_ms: unix_ms(),
-        ended_unix_ms: None,
-        outcome: MigrationOutcome::Active,
-        reason_code: String::new(),
-        reason: String::new(),
-        downtime_ms: None,
-        total_ms: None,
-        orchestration_ms: None,
-        orchestration: None,
-        bytes: None,
-        passes: None,
-        progress: None,
-        reasons: Vec::new(),
-        queue_position: None,
-    };
+    let record = MigrationRecord::begin(
+        id,
+        vm,
+        (source, destination),
+        MigrationRole::Source,
+        MigrationOutcome::Active,
+        unix_ms(),
+    );
     if let Err(e) = save(c, &record).await {
         tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
     }
@@ -434,25 +411,18 @@ async fn start_queued(c: &Arc<Controller>, q: &crate::store::queue::Queued) -> b
             tracing::warn!("migration {id}: failed when leaving the queue ({code}): {reason}");
             let now = unix_ms();
             let record = MigrationRecord {
-                id: id.clone(),
-                vm: q.vm.clone(),
-                source: q.source.clone(),
-                destination: q.destination.clone(),
-                role: MigrationRole::Source,
-                started_unix_ms: q.queued_unix_ms,
                 ended_unix_ms: Some(now),
-                outcome: MigrationOutcome::Failed,
                 reason_code: code,
                 reason,
-                downtime_ms: None,
-                total_ms: None,
-                orchestration_ms: None,
-                orchestration: None,
-                bytes: None,
-                passes: None,
-                progress: None,
                 reasons,
-                queue_position: None,
+                ..MigrationRecord::begin(
+                    id,
+                    &q.vm,
+                    (&q.source, &q.destination),
+                    MigrationRole::Source,
+                    MigrationOutcome::Failed,
+                    q.queued_unix_ms,
+                )
             };
             if let Err(e) = save(c, &record).await {
                 tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));

@@ -827,6 +827,42 @@ pub struct MigrationRecord {
     pub queue_position: Option<u32>,
 }
 
+impl MigrationRecord {
+    /// A record of migration `id` that begins at `started_unix_ms` with `outcome` (active,
+    /// queued, ...): nothing measured, no reason yet. The other fields are set with struct
+    /// update syntax where they are known.
+    pub fn begin(
+        id: &str,
+        vm: &str,
+        (source, destination): (&str, &str),
+        role: MigrationRole,
+        outcome: MigrationOutcome,
+        started_unix_ms: u64,
+    ) -> MigrationRecord {
+        MigrationRecord {
+            id: id.to_string(),
+            vm: vm.to_string(),
+            source: source.to_string(),
+            destination: destination.to_string(),
+            role,
+            started_unix_ms,
+            ended_unix_ms: None,
+            outcome,
+            reason_code: String::new(),
+            reason: String::new(),
+            downtime_ms: None,
+            total_ms: None,
+            orchestration_ms: None,
+            orchestration: None,
+            bytes: None,
+            passes: None,
+            progress: None,
+            reasons: Vec::new(),
+            queue_position: None,
+        }
+    }
+}
+
 /// `GET /migrations`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MigrationList {

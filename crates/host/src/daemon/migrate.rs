@@ -274,27 +274,14 @@ impl Daemon {
             }
         };
         let now = unix_ms();
-        let record = MigrationRecord {
-            id: id.clone(),
-            vm: def.name.clone(),
-            source: req.source.clone(),
-            destination: self.config.name.clone(),
-            role: MigrationRole::Destination,
-            started_unix_ms: now,
-            ended_unix_ms: None,
-            outcome: MigrationOutcome::Active,
-            reason_code: String::new(),
-            reason: String::new(),
-            downtime_ms: None,
-            total_ms: None,
-            orchestration_ms: None,
-            orchestration: None,
-            bytes: None,
-            passes: None,
-            progress: None,
-            reasons: Vec::new(),
-            queue_position: None,
-        };
+        let record = MigrationRecord::begin(
+            &id,
+            &def.name,
+            (&req.source, &self.config.name),
+            MigrationRole::Destination,
+            MigrationOutcome::Active,
+            now,
+        );
         if let Err(e) = self.db.put_migration(&record).await {
             tracing::warn!("migration {id}: cannot record it: {e}");
         }
@@ -713,29 +700,19 @@ impl Daemon {
         let id = given.unwrap_or_else(new_id);
         incoming.migration_id = id.clone();
         let record = MigrationRecord {
-            id: id.clone(),
-            vm: name.into(),
-            source: self.config.name.clone(),
-            destination: destination.clone(),
-            role: MigrationRole::Source,
-            started_unix_ms: unix_ms(),
-            ended_unix_ms: None,
-            outcome: MigrationOutcome::Active,
-            reason_code: String::new(),
-            reason: String::new(),
-            downtime_ms: None,
-            total_ms: None,
-            orchestration_ms: None,
-            orchestration: None,
-            bytes: None,
-            passes: None,
             progress: Some(MigrationProgress {
                 memory_pages: incoming.definition.memory_mib << 8,
                 percent: Some(0.0),
                 ..MigrationProgress::default()
             }),
-            reasons: Vec::new(),
-            queue_position: None,
+            ..MigrationRecord::begin(
+                &id,
+                name,
+                (&self.config.name, &destination),
+                MigrationRole::Source,
+                MigrationOutcome::Active,
+                unix_ms(),
+            )
         };
         {
             let mut out = self.outgoing.lock().await;
