@@ -362,7 +362,7 @@ impl Database {
             .await
             .with_context(|| format!("cannot create database {name}"))?;
         admin.close().await;
-        let url = with_database(admin_url, &name);
+        let url = ferry_cluster::store::with_database(admin_url, &name);
         Ok(Database { admin_url: admin_url.to_string(), name, url })
     }
 
@@ -389,20 +389,6 @@ impl Database {
         admin.close().await;
         rows.iter().filter_map(|r| r.try_get::<i64, _>("pid").ok()).map(|p| p as u32).collect()
     }
-}
-
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{host_part}/{db}{query}")
 }
 
 /// CPU of a set of processes between two readings.
@@ -1482,7 +1468,13 @@ mod tests {
 
     #[test]
     fn database_names_are_replaced() {
-        assert_eq!(with_database("postgres://p@127.0.0.1:5/postgres", "x"), "postgres://p@127.0.0.1:5/x");
-        assert_eq!(with_database("postgres://p@h:5/postgres?a=b", "y"), "postgres://p@h:5/y?a=b");
+        assert_eq!(
+            ferry_cluster::store::with_database("postgres://p@127.0.0.1:5/postgres", "x"),
+            "postgres://p@127.0.0.1:5/x"
+        );
+        assert_eq!(
+            ferry_cluster::store::with_database("postgres://p@h:5/postgres?a=b", "y"),
+            "postgres://p@h:5/y?a=b"
+        );
     }
 }

@@ -313,7 +313,7 @@ impl Leader {
         match tokio::time::timeout(within, call).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
-                tracing::warn!("controller {}: {what}: {}", self.name, error_text(&e));
+                tracing::warn!("controller {}: {what}: {}", self.name, crate::error_chain(&e));
                 None
             }
             Err(_) => {
@@ -465,18 +465,6 @@ impl Leader {
             )
             .await;
     }
-}
-
-/// An error with its causes, in one line.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -188,3 +188,15 @@ async fn watch_heartbeats(store: store::Store, leader: Arc<leader::Leader>) {
         }
     }
 }
+
+/// An error with its causes, in one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -18,6 +18,7 @@ use ferry_host_api::{
     MigrateStarted, MigrateVm, MigrationList, MigrationOutcome, MigrationRecord, MigrationRole,
 };
 
+use crate::error_chain;
 use crate::queue::Pair;
 
 use crate::server::{Controller, Failure};
@@ -129,17 +130,6 @@ pub(crate) fn host_answer<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(&answer.body)
         .map_err(|e| failure(ErrorCode::HostFailed, format!("host {host} sent a malformed answer: {e}")))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The check row of one destination.

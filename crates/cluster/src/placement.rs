@@ -31,6 +31,7 @@ use ferry_cluster_api::{
 };
 use ferry_host_api::{CreateVm, RegisterVm, VmDetail};
 
+use crate::error_chain;
 use crate::precheck::{precheck, DatastoreRef, Fit, VmFacts};
 use crate::server::{Controller, Failure};
 use crate::store::{unix_ms, HostRow};
@@ -161,17 +162,6 @@ fn nowhere(vm: &str, ranking: &[PlacementHost]) -> Failure {
             format!("no host can take VM {vm} ({}); see the reasons with explain", rows.join("; "))
         },
     )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Sends `body` to `host`'s daemon at `path` (GET without a body) and decodes its answer;

@@ -37,20 +37,6 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{host_part}/{db}{query}")
-}
-
 impl TestDatabase {
     /// A new empty database on the test server, or `None` if there is no server (and none is
     /// required).
@@ -72,7 +58,7 @@ impl TestDatabase {
             .await
             .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
         admin.close().await;
-        let url = with_database(&admin_url, &name);
+        let url = crate::store::with_database(&admin_url, &name);
         Some(TestDatabase { admin_url, name, url })
     }
 }
@@ -101,13 +87,13 @@ mod tests {
     #[test]
     fn database_names_are_replaced() {
         assert_eq!(
-            super::with_database("postgres://postgres@127.0.0.1:5433/postgres", "x"),
+            crate::store::with_database("postgres://postgres@127.0.0.1:5433/postgres", "x"),
             "postgres://postgres@127.0.0.1:5433/x"
         );
         assert_eq!(
-            super::with_database("postgres://u@localhost:1/postgres?sslmode=disable", "y"),
+            crate::store::with_database("postgres://u@localhost:1/postgres?sslmode=disable", "y"),
             "postgres://u@localhost:1/y?sslmode=disable"
         );
-        assert_eq!(super::with_database("postgres://u@h:1", "z"), "postgres://u@h:1/z");
+        assert_eq!(crate::store::with_database("postgres://u@h:1", "z"), "postgres://u@h:1/z");
     }
 }

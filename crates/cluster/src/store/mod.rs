@@ -683,5 +683,20 @@ impl Store {
     }
 }
 
+/// A PostgreSQL `url` with its database name replaced by `db` (tests and benchmarks make
+/// a database of their own on one server).
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{host_part}/{db}{query}")
+}
+
 #[cfg(test)]
 pub(crate) mod tests;
