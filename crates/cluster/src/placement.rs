@@ -503,8 +503,8 @@ mod tests {
     fn register_maps_the_path_per_host() {
         let mut a = host("a", 4096, 2048);
         let mut b = host("b", 4096, 2048);
-        a.info.datastores[0].path = "/mnt/a/ds".into();
-        b.info.datastores[0].path = "/mnt/b/ds".into();
+        std::sync::Arc::make_mut(&mut a.info).datastores[0].path = "/mnt/a/ds".into();
+        std::sync::Arc::make_mut(&mut b.info).datastores[0].path = "/mnt/b/ds".into();
         let req = RegisterVmRequest { path: "/mnt/a/ds/web2".into(), host: None, explain: false };
         let (f, paths) = register_facts(&req, &[a.clone(), b.clone()]).expect("on a datastore");
         assert_eq!(f.name, "web2");

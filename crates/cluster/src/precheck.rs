@@ -295,7 +295,7 @@ pub(crate) mod tests {
             maintenance: false,
             joined_unix_ms: 1,
             last_seen_unix_ms: 1,
-            info: HostInfo {
+            info: std::sync::Arc::new(HostInfo {
                 api_version: 1,
                 name: name.into(),
                 ferry_version: "0".into(),
@@ -329,12 +329,12 @@ pub(crate) mod tests {
                 }],
                 portgroups: vec![PortGroupInfo { name: "lan".into(), bridge: "br0".into(), present: true }],
                 vms: Vec::new(),
-            },
+            }),
         }
     }
 
     pub(crate) fn vm_on(host: &mut HostRow, name: &str, memory_mib: u64, vcpus: u32, state: VmState) {
-        host.info.vms.push(VmSummary {
+        std::sync::Arc::make_mut(&mut host.info).vms.push(VmSummary {
             name: name.into(),
             state,
             memory_mib,
@@ -385,11 +385,11 @@ pub(crate) mod tests {
     fn every_reason_at_once() {
         let mut h = host("b", 4096, 300);
         h.state = HostState::Maintenance;
-        h.info.migration_protocols = vec![2];
-        h.info.api_version = 2;
-        h.info.datastores[0].id = "other".into();
-        h.info.portgroups[0].present = false;
-        if let Some(k) = h.info.cpu.kvm.as_mut() {
+        std::sync::Arc::make_mut(&mut h.info).migration_protocols = vec![2];
+        std::sync::Arc::make_mut(&mut h.info).api_version = 2;
+        std::sync::Arc::make_mut(&mut h.info).datastores[0].id = "other".into();
+        std::sync::Arc::make_mut(&mut h.info).portgroups[0].present = false;
+        if let Some(k) = std::sync::Arc::make_mut(&mut h.info).cpu.kvm.as_mut() {
             k.features.retain(|f| f != "sse2");
         }
         vm_on(&mut h, "web1", 64, 1, VmState::Running);
@@ -419,11 +419,11 @@ pub(crate) mod tests {
         vm_on(&mut h, "web1", 256, 1, VmState::Running);
         // Its own VM on its source: only same_host.
         assert_eq!(codes(&precheck(&facts(Some("a")), &h, 0)), ["same_host"]);
-        h.info.vms.clear();
+        std::sync::Arc::make_mut(&mut h.info).vms.clear();
         h.state = HostState::NotResponding;
         assert_eq!(codes(&precheck(&facts(Some("b")), &h, 0)), [HOST_NOT_CONNECTED]);
         h.state = HostState::Connected;
-        h.info.portgroups.clear();
+        std::sync::Arc::make_mut(&mut h.info).portgroups.clear();
         assert_eq!(codes(&precheck(&facts(Some("b")), &h, 0)), ["port_group_missing"]);
         // A VM of that name defined there: taken for a create, not for a migration (the
         // host re-registers the same home).
@@ -440,7 +440,7 @@ pub(crate) mod tests {
         assert_eq!(codes(&precheck(&f, &h, 0)), ["datastore_not_visible"]);
         // No KVM CPUID reported: the features cannot be checked.
         let mut h = host("b", 4096, 2048);
-        h.info.cpu.kvm = None;
+        std::sync::Arc::make_mut(&mut h.info).cpu.kvm = None;
         assert_eq!(codes(&precheck(&facts(Some("a")), &h, 0)), ["cpu_features"]);
         let mut f = facts(Some("a"));
         f.cpu_features = None;
@@ -454,10 +454,10 @@ pub(crate) mod tests {
         assert_eq!(codes(&precheck(&facts(None), &h, 1)), ["not_enough_memory"]);
         // An older host: available within the limit minus what its VMs hold.
         let mut h = host("b", 4096, 0);
-        h.info.memory.free_for_vms_bytes = None;
-        h.info.memory.available_bytes = 3000 << 20;
-        h.info.memory.vm_limit_bytes = Some(1024 << 20);
-        h.info.memory.reserved_bytes = 512 << 20;
+        std::sync::Arc::make_mut(&mut h.info).memory.free_for_vms_bytes = None;
+        std::sync::Arc::make_mut(&mut h.info).memory.available_bytes = 3000 << 20;
+        std::sync::Arc::make_mut(&mut h.info).memory.vm_limit_bytes = Some(1024 << 20);
+        std::sync::Arc::make_mut(&mut h.info).memory.reserved_bytes = 512 << 20;
         assert_eq!(free_for_vms(&h.info), 512 << 20);
         assert_eq!(precheck(&facts(None), &h, 0).expect("fits").memory.total, 1024 << 20);
     }

@@ -326,7 +326,7 @@ async fn host(State(c): State<Shared>, Path(name): Path<String>) -> Result<Json<
     let row = c.store.host(&name).await?.ok_or_else(|| {
         Failure::new(ErrorCode::NotFound, format!("no host named {name:?} joined this cluster"))
     })?;
-    Ok(Json(HostDetail { summary: row.summary(unix_ms()), info: row.info }))
+    Ok(Json(HostDetail { summary: row.summary(unix_ms()), info: (*row.info).clone() }))
 }
 
 /// Removes a host: `disconnected`, its last report kept; its heartbeats are refused until it
@@ -560,7 +560,7 @@ mod tests {
             maintenance: false,
             joined_unix_ms: 0,
             last_seen_unix_ms,
-            info: crate::store::tests::info("a", "ds1", &[]),
+            info: crate::store::tests::info("a", "ds1", &[]).into(),
         };
         let live = row(HostState::Connected, 10_000);
         let why = super::duplicate_join(Some(&live), true, "https://10.0.0.9:7443", 11_000).expect("refused");

@@ -16,6 +16,8 @@ pub mod placement;
 pub mod queue;
 pub mod schema;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ferry_cluster_api::{
@@ -100,8 +102,8 @@ pub struct HostRow {
     pub joined_unix_ms: u64,
     /// Last heartbeat.
     pub last_seen_unix_ms: u64,
-    /// Its last inventory.
-    pub info: HostInfo,
+    /// Its last inventory (shared with the store's cache of decoded inventories).
+    pub info: Arc<HostInfo>,
 }
 
 impl HostRow {
@@ -153,7 +155,56 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     location: String,
+    infos: InfoCache,
 }
+
+/// The hosts' decoded inventories by name, each with the `info_rev` it was decoded at:
+/// decoding 2,500 inventories is most of what a check or a placement over the whole cluster
+/// costs, and between two of them only the revisions that moved need decoding again. A
+/// revision is raised by every write of `info` (whoever wrote it: another controller
+/// before a takeover too), so an entry is used only while the database still has its
+/// revision; the heartbeats this process takes refill it as they write.
+#[derive(Clone, Debug, Default)]
+struct InfoCache(Arc<Mutex<HashMap<String, Revised>>>);
+
+/// An inventory and its revision.
+type Revised = (i64, Arc<HostInfo>);
+
+impl InfoCache {
+    fn get(&self, name: &str, rev: i64) -> Option<Arc<HostInfo>> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(name).filter(|(r, _)| *r == rev).map(|(_, info)| info.clone())
+    }
+
+    fn put(&self, name: &str, rev: i64, info: Arc<HostInfo>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(name.to_string(), (rev, info));
+    }
+
+    /// Forgets the hosts not in `names` (they left).
+    fn keep_only(&self, names: &std::collections::HashSet<&str>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|name, _| names.contains(name.as_str()));
+    }
+}
+
+/// The PostgreSQL advisory lock key under which one controller at a time upgrades the
+/// schema ("ferry" in ASCII).
+const MIGRATE_LOCK: i64 = 0x6665_7272_79;
+
+/// A host's row without its inventory, and the inventory if the cache had it.
+struct HostHead {
+    name: String,
+    api_url: String,
+    state: HostState,
+    maintenance: bool,
+    joined_unix_ms: u64,
+    last_seen_unix_ms: u64,
+    info: Option<Arc<HostInfo>>,
+}
+
+/// The columns of a host's row, its inventory's revision but not the inventory.
+const HOST_COLUMNS: &str = "name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info_rev";
 
 /// `postgres://user:secret@host/db` without the secret.
 fn redact(url: &str) -> String {
@@ -205,7 +256,7 @@ impl Store {
             }
         };
         let pool = options.connect(&connect_url).await.map_err(sql)?;
-        let store = Store { pool, backend, location };
+        let store = Store { pool, backend, location, infos: InfoCache::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -243,7 +294,34 @@ impl Store {
         Ok(row.try_get::<i64, _>("v").map_err(self.sql())? as u32)
     }
 
+    /// Brings the schema to the newest version. Two controllers starting at once on a new
+    /// database must not both apply a version (the second would fail on a table that
+    /// exists): on PostgreSQL they take turns on an advisory lock held by a connection for
+    /// the whole upgrade (released when that session ends, even if this process dies); on
+    /// SQLite each version's transaction begins with a write, which waits for the other
+    /// writer (busy timeout), and then reads the version again.
     async fn migrate(&self) -> Result<(), Error> {
+        let mut turn = None;
+        if self.backend == Backend::Postgres {
+            let mut conn = self.pool.acquire().await.map_err(self.sql())?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATE_LOCK)
+                .execute(&mut *conn)
+                .await
+                .map_err(self.sql())?;
+            turn = Some(conn);
+        }
+        let done = self.migrate_in_turn().await;
+        if let Some(mut conn) = turn {
+            // A failed unlock ends with the session: drop the connection rather than return it.
+            if sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await.is_err() {
+                let _ = conn.detach();
+            }
+        }
+        done
+    }
+
+    async fn migrate_in_turn(&self) -> Result<(), Error> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL, applied_unix_ms BIGINT NOT NULL)",
         )
@@ -262,6 +340,24 @@ impl Store {
         }
         for (version, statements) in schema::MIGRATIONS.iter().filter(|m| m.0 > found) {
             let mut tx = self.pool.begin().await.map_err(self.sql())?;
+            if self.backend == Backend::Sqlite {
+                // A write first: SQLite's lock for writing, taken now (waiting for another
+                // writer), not at the first CREATE after a read.
+                sqlx::query("UPDATE schema_version SET applied_unix_ms = applied_unix_ms WHERE version < 0")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.sql())?;
+            }
+            let applied = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(self.sql())?
+                .try_get::<i64, _>("v")
+                .map_err(self.sql())?;
+            if applied >= i64::from(*version) {
+                tx.commit().await.map_err(self.sql())?;
+                continue;
+            }
             for statement in *statements {
                 sqlx::query(statement).execute(&mut *tx).await.map_err(self.sql())?;
             }
@@ -304,23 +400,32 @@ impl Store {
         // transaction that reads first and then writes fails at once (SQLITE_BUSY, no busy
         // wait) when another connection wrote meanwhile; a host sends one heartbeat at a
         // time, so nothing else changes its rows in between.
-        let previous: Option<HostInfo> = sqlx::query("SELECT info FROM hosts WHERE name = $1")
+        let previous: Option<Arc<HostInfo>> = sqlx::query("SELECT info_rev, info FROM hosts WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await
             .map_err(self.sql())?
-            .and_then(|r| r.try_get::<String, _>("info").ok())
-            .and_then(|text| serde_json::from_str(&text).ok());
+            .and_then(|r| {
+                let rev = r.try_get::<i64, _>("info_rev").ok()?;
+                self.infos.get(name, rev).or_else(|| {
+                    let text = r.try_get::<String, _>("info").ok()?;
+                    serde_json::from_str(&text).ok().map(Arc::new)
+                })
+            });
         let mut tx = self.pool.begin().await.map_err(self.sql())?;
         let same_datastores = previous.as_ref().is_some_and(|p| p.datastores == info.datastores);
         let same_portgroups = previous.as_ref().is_some_and(|p| p.portgroups == info.portgroups);
         let same_vms = previous.as_ref().is_some_and(|p| p.vms == info.vms);
-        sqlx::query(
-            "INSERT INTO hosts (name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info)
-             VALUES ($1, $2, $3, $4, $5, $5, $6)
+        // The revision: one more than the stored one, and never below now (schema 6).
+        let rev: i64 = sqlx::query(
+            "INSERT INTO hosts (name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info, info_rev)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $5)
              ON CONFLICT (name) DO UPDATE SET api_url = excluded.api_url, state = excluded.state,
                  maintenance = excluded.maintenance, last_seen_unix_ms = excluded.last_seen_unix_ms,
-                 info = excluded.info",
+                 info = excluded.info,
+                 info_rev = CASE WHEN hosts.info_rev + 1 > excluded.info_rev THEN hosts.info_rev + 1
+                                 ELSE excluded.info_rev END
+             RETURNING info_rev",
         )
         .bind(name)
         .bind(api_url)
@@ -328,8 +433,10 @@ impl Store {
         .bind(i64::from(maintenance))
         .bind(now)
         .bind(info_json)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
+        .map_err(self.sql())?
+        .try_get("info_rev")
         .map_err(self.sql())?;
         for (table, same) in [
             ("host_datastores", same_datastores),
@@ -395,6 +502,7 @@ impl Store {
             .map_err(self.sql())?;
         }
         tx.commit().await.map_err(self.sql())?;
+        self.infos.put(name, rev, Arc::new(info.clone()));
         Ok(())
     }
 
@@ -435,45 +543,96 @@ impl Store {
         Ok(names)
     }
 
-    fn host_row(&self, r: &sqlx::any::AnyRow) -> Result<HostRow, Error> {
+    /// A host's row as selected by [`HOST_COLUMNS`], with its inventory if the cache has it
+    /// at the row's revision (otherwise [`Store::complete`] reads and decodes it).
+    fn host_row(&self, r: &sqlx::any::AnyRow) -> Result<HostHead, Error> {
         let name: String = r.try_get("name").map_err(self.sql())?;
-        let damaged = |reason: String| Error::Damaged { table: "hosts", key: name.clone(), reason };
         let state: String = r.try_get("state").map_err(self.sql())?;
-        let state = HostState::parse(&state).ok_or_else(|| damaged(format!("unknown state {state:?}")))?;
-        let info: String = r.try_get("info").map_err(self.sql())?;
-        let info: HostInfo = serde_json::from_str(&info).map_err(|e| damaged(e.to_string()))?;
-        Ok(HostRow {
+        let state = HostState::parse(&state).ok_or_else(|| Error::Damaged {
+            table: "hosts",
+            key: name.clone(),
+            reason: format!("unknown state {state:?}"),
+        })?;
+        let rev: i64 = r.try_get("info_rev").map_err(self.sql())?;
+        Ok(HostHead {
+            info: self.infos.get(&name, rev),
             api_url: r.try_get("api_url").map_err(self.sql())?,
             state,
             maintenance: r.try_get::<i64, _>("maintenance").map_err(self.sql())? != 0,
             joined_unix_ms: r.try_get::<i64, _>("joined_unix_ms").map_err(self.sql())? as u64,
             last_seen_unix_ms: r.try_get::<i64, _>("last_seen_unix_ms").map_err(self.sql())? as u64,
-            info,
             name,
         })
     }
 
-    /// Every host, by name.
+    /// Reads and decodes the inventories of `names` (those the cache lacks), caching them;
+    /// by name, with the revision read (a host that left meanwhile is absent).
+    async fn read_infos(&self, names: &[&str]) -> Result<HashMap<String, Revised>, Error> {
+        let mut found = HashMap::with_capacity(names.len());
+        for chunk in names.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let text = format!("SELECT name, info_rev, info FROM hosts WHERE name IN ({})", marks.join(", "));
+            let mut query = sqlx::query(&text);
+            for name in chunk {
+                query = query.bind(*name);
+            }
+            for r in query.fetch_all(&self.pool).await.map_err(self.sql())? {
+                let name: String = r.try_get("name").map_err(self.sql())?;
+                let rev: i64 = r.try_get("info_rev").map_err(self.sql())?;
+                let text: String = r.try_get("info").map_err(self.sql())?;
+                let info: HostInfo = serde_json::from_str(&text).map_err(|e| Error::Damaged {
+                    table: "hosts",
+                    key: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                let info = Arc::new(info);
+                self.infos.put(&name, rev, info.clone());
+                found.insert(name, (rev, info));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Fills in the inventories the cache lacked; drops rows whose host left meanwhile.
+    async fn complete(&self, rows: Vec<HostHead>) -> Result<Vec<HostRow>, Error> {
+        let missing: Vec<&str> = rows.iter().filter(|r| r.info.is_none()).map(|r| r.name.as_str()).collect();
+        let mut read = if missing.is_empty() { HashMap::new() } else { self.read_infos(&missing).await? };
+        Ok(rows
+            .into_iter()
+            .filter_map(|head| {
+                let info = match head.info {
+                    Some(info) => info,
+                    None => read.remove(&head.name)?.1,
+                };
+                Some(HostRow {
+                    name: head.name,
+                    api_url: head.api_url,
+                    state: head.state,
+                    maintenance: head.maintenance,
+                    joined_unix_ms: head.joined_unix_ms,
+                    last_seen_unix_ms: head.last_seen_unix_ms,
+                    info,
+                })
+            })
+            .collect())
+    }
+
+    /// Every host, by name. The inventories come from the cache where their revision is
+    /// still the stored one; only the others are read and decoded.
     pub async fn hosts(&self) -> Result<Vec<HostRow>, Error> {
-        let rows = sqlx::query(
-            "SELECT name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info FROM hosts ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.sql())?;
-        rows.iter().map(|r| self.host_row(r)).collect()
+        let text = format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name");
+        let rows = sqlx::query(&text).fetch_all(&self.pool).await.map_err(self.sql())?;
+        let rows = rows.iter().map(|r| self.host_row(r)).collect::<Result<Vec<_>, _>>()?;
+        self.infos.keep_only(&rows.iter().map(|r| r.name.as_str()).collect());
+        self.complete(rows).await
     }
 
     /// Host `name`.
     pub async fn host(&self, name: &str) -> Result<Option<HostRow>, Error> {
-        let row = sqlx::query(
-            "SELECT name, api_url, state, maintenance, joined_unix_ms, last_seen_unix_ms, info FROM hosts WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.sql())?;
-        row.map(|r| self.host_row(&r)).transpose()
+        let text = format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = $1");
+        let row = sqlx::query(&text).bind(name).fetch_optional(&self.pool).await.map_err(self.sql())?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(self.complete(vec![self.host_row(&row)?]).await?.pop())
     }
 
     /// The VMs every host reported (by name, then host), or those named `name`; ages at

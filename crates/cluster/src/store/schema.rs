@@ -155,6 +155,16 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[
             "CREATE INDEX host_portgroups_host ON host_portgroups (host)",
         ],
     ),
+    (
+        6,
+        &[
+            // Scale: every write of a host's `info` raises its revision, so a controller keeps
+            // the decoded inventories in memory and decodes again only those whose revision
+            // moved (`Store::hosts`). Never lower than the write's time in ms, so a host that
+            // left and joined again does not repeat a revision a cache may hold.
+            "ALTER TABLE hosts ADD COLUMN info_rev BIGINT NOT NULL DEFAULT 0",
+        ],
+    ),
 ];
 
 /// The newest version this binary knows.

@@ -10,6 +10,8 @@ use ferry_host_api::{
     PortGroupInfo, VmState, VmSummary,
 };
 
+use sqlx::Row;
+
 use super::{Backend, MigrationFilter, Store};
 use crate::testing::TestDatabase;
 
@@ -121,7 +123,7 @@ fn sqlite_is_in_wal_mode() {
         std::fs::create_dir_all(&dir).expect("dir");
         let store = Store::open_sqlite(&dir.join("c.db")).await.expect("open");
         let row = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await.expect("pragma");
-        let mode: String = sqlx::Row::try_get(&row, 0).expect("mode");
+        let mode: String = row.try_get(0).expect("mode");
         assert_eq!(mode, "wal");
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -469,5 +471,77 @@ fn unchanged_reports_keep_their_rows() {
         assert_eq!(ds.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["ds-2"]);
         let pg = store.portgroups().await.expect("pg");
         assert_eq!(pg.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["san"]);
+    });
+}
+
+/// The decoded inventories a store keeps are used only while their revision is the stored
+/// one: another writer (a controller before a takeover) makes them read again, a heartbeat
+/// refills them, and a revision never repeats even when the clock does.
+#[test]
+fn cached_inventories_follow_every_writer() {
+    on_both(|store| async move {
+        let first = info("a", "ds-1", &[("web", VmState::Running)]);
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &first, 5000).await.expect("first");
+        store.heartbeat("b", "https://10.0.0.2:7443", false, &info("b", "ds-1", &[]), 5000).await.expect("b");
+        let hosts = store.hosts().await.expect("hosts");
+        assert_eq!(hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(*hosts[0].info, first);
+        // Read twice: the same decoded inventory (from the cache), not a new one.
+        let again = store.host("a").await.expect("host").expect("a");
+        assert!(std::sync::Arc::ptr_eq(&hosts[0].info, &again.info));
+
+        // Another controller on the same database (its own cache) writes a's inventory, with a
+        // clock that went back: this store must see the new one.
+        let other = Store { infos: super::InfoCache::default(), ..store.clone() };
+        let mut moved = first.clone();
+        moved.vms.clear();
+        moved.memory.available_bytes -= 1 << 30;
+        other.heartbeat("a", "https://10.0.0.1:7443", false, &moved, 4000).await.expect("other");
+        let hosts = store.hosts().await.expect("hosts");
+        assert_eq!(*hosts[0].info, moved);
+        assert_eq!(*store.host("a").await.expect("host").expect("a").info, moved);
+        // And back: this store's own heartbeat refills its cache with what it wrote.
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &first, 4001).await.expect("back");
+        assert_eq!(*other.hosts().await.expect("hosts")[0].info, first);
+        let hosts = store.hosts().await.expect("hosts");
+        assert_eq!(*hosts[0].info, first);
+        assert_eq!(*hosts[1].info, info("b", "ds-1", &[]));
+    });
+}
+
+/// Controllers that start at once on a new database both open it: the schema is applied
+/// once, by one of them.
+#[test]
+fn stores_opened_at_once_on_a_new_database_apply_the_schema_once() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let dir = std::env::temp_dir().join(format!("ferry-store-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut urls = vec![format!("sqlite://{}", dir.join("cluster.db").display())];
+        let db = TestDatabase::create().await;
+        urls.extend(db.as_ref().map(|d| d.url.clone()));
+        for url in urls {
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { Store::open(&url).await })
+                })
+                .collect();
+            for open in opens {
+                let store = open.await.expect("task").unwrap_or_else(|e| panic!("open {url}: {e:?}"));
+                assert_eq!(store.version().await.expect("version"), super::schema::latest());
+                store.close().await;
+            }
+            let store = Store::open(&url).await.expect("reopen");
+            let applied = sqlx::query("SELECT COUNT(*) AS n FROM schema_version")
+                .fetch_one(&store.pool)
+                .await
+                .expect("count")
+                .try_get::<i64, _>("n")
+                .expect("n");
+            assert_eq!(applied, super::schema::MIGRATIONS.len() as i64, "{url}: each version applied once");
+            store.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     });
 }
