@@ -1129,7 +1129,12 @@ impl Daemon {
                                     eta_ms: info.eta_ms,
                                     bytes_transferred: info.bytes_transferred,
                                     memory_pages,
-                                    percent: MigrationProgress::percent_of(info.pages_left, memory_pages),
+                                    // Before pass 1 (setup) nothing is counted left yet: 0%, not 100%.
+                                    percent: if info.pass == 0 {
+                                        Some(0.0)
+                                    } else {
+                                        MigrationProgress::percent_of(info.pages_left, memory_pages)
+                                    },
                                 })
                             })
                             .await;
