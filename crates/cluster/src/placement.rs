@@ -138,7 +138,7 @@ fn failure(code: ErrorCode, message: String) -> Failure {
 
 /// What the controller holds on each host: the store's migrations to it plus [`Pending`].
 async fn reserved(c: &Controller) -> Result<BTreeMap<String, u64>, Failure> {
-    let mut r = c.store.reserved_by_destination().await?;
+    let mut r = c.store.reserved_by_destination(unix_ms()).await?;
     for (host, bytes) in c.placing.by_host() {
         *r.entry(host).or_insert(0) += bytes;
     }

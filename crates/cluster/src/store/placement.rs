@@ -11,24 +11,30 @@ use super::{Error, Store};
 /// heartbeat's report (the host's inventory is taken just before it is sent).
 const REPORT_MARGIN_MS: i64 = 1000;
 
+/// A completed migration older than this is in its destination's report or the destination
+/// stopped reporting (then it is `not_responding` and no candidate anyway).
+const RECENT_MS: i64 = 10 * 60 * 1000;
+
 impl Store {
     /// The memory of the VMs of migrations to each host (by destination name, bytes) that
     /// its last report may not count yet: outcome `active` or `queued`, or completed after
-    /// its last heartbeat (less [`REPORT_MARGIN_MS`]). A VM's memory is what its hosts
-    /// report (the largest, if several do); a migration of a VM no host reports counts 0.
-    /// One query, whatever the cluster's size.
-    pub async fn reserved_by_destination(&self) -> Result<BTreeMap<String, u64>, Error> {
+    /// its last heartbeat (less [`REPORT_MARGIN_MS`]) and within [`RECENT_MS`] of `now_ms`.
+    /// A VM's memory is what its hosts report (the largest, if several do); a migration of a
+    /// VM no host reports counts 0. One query, whatever the cluster's size: the migrations
+    /// are found by outcome and end time (index of schema 6), each VM by its key.
+    pub async fn reserved_by_destination(&self, now_ms: u64) -> Result<BTreeMap<String, u64>, Error> {
         let rows = sqlx::query(
-            "SELECT m.destination AS host, CAST(SUM(v.memory_mib) AS BIGINT) AS mib
+            "SELECT m.destination AS host,
+                    CAST(SUM(COALESCE((SELECT MAX(v.memory_mib) FROM host_vms v WHERE v.name = m.vm), 0)) AS BIGINT) AS mib
              FROM migrations m
-             JOIN (SELECT name, MAX(memory_mib) AS memory_mib FROM host_vms GROUP BY name) v ON v.name = m.vm
              LEFT JOIN hosts h ON h.name = m.destination
              WHERE m.outcome IN ('active', 'queued')
-                OR (m.outcome = 'completed' AND m.ended_unix_ms IS NOT NULL
+                OR (m.outcome = 'completed' AND m.ended_unix_ms > $2
                     AND m.ended_unix_ms + $1 > COALESCE(h.last_seen_unix_ms, 0))
              GROUP BY m.destination",
         )
         .bind(REPORT_MARGIN_MS)
+        .bind(now_ms as i64 - RECENT_MS)
         .fetch_all(&self.pool)
         .await
         .map_err(self.sql())?;

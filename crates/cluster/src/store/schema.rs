@@ -163,6 +163,9 @@ pub const MIGRATIONS: &[(u32, &[&str])] = &[
             // moved (`Store::hosts`). Never lower than the write's time in ms, so a host that
             // left and joined again does not repeat a revision a cache may hold.
             "ALTER TABLE hosts ADD COLUMN info_rev BIGINT NOT NULL DEFAULT 0",
+            // The migrations that hold memory on their destination (active, queued, just
+            // completed), found without reading the whole history.
+            "CREATE INDEX migrations_outcome ON migrations (outcome, ended_unix_ms)",
         ],
     ),
 ];

@@ -314,11 +314,11 @@ fn memory_reserved_by_migrations_to_each_host() {
         let a = info("a", "ds", &[("web", VmState::Running), ("db", VmState::Running)]);
         store.heartbeat("a", "https://127.0.0.1:1", false, &a, 1000).await.expect("a");
         store.heartbeat("b", "https://127.0.0.1:2", false, &info("b", "ds", &[]), 1000).await.expect("b");
-        assert!(store.reserved_by_destination().await.expect("none").is_empty());
+        assert!(store.reserved_by_destination(10_000).await.expect("none").is_empty());
         // Active to b: web's 64 MiB.
         let mut m1 = record("m1", MigrationOutcome::Active, 2000);
         store.record_migration(&m1, 2000).await.expect("m1");
-        let r = store.reserved_by_destination().await.expect("active");
+        let r = store.reserved_by_destination(10_000).await.expect("active");
         assert_eq!(r.get("b"), Some(&(64 << 20)));
         // Queued (another engineer's outcome), db to b: counted too.
         sqlx::query(
@@ -328,21 +328,24 @@ fn memory_reserved_by_migrations_to_each_host() {
         .execute(&store.pool)
         .await
         .expect("queued row");
-        assert_eq!(store.reserved_by_destination().await.expect("queued").get("b"), Some(&(128 << 20)));
+        assert_eq!(store.reserved_by_destination(10_000).await.expect("queued").get("b"), Some(&(128 << 20)));
         // Completed after b's last report: still counted until b reports again.
         m1.outcome = MigrationOutcome::Completed;
         m1.ended_unix_ms = Some(5000);
         store.record_migration(&m1, 5000).await.expect("done");
-        assert_eq!(store.reserved_by_destination().await.expect("done").get("b"), Some(&(128 << 20)));
+        assert_eq!(store.reserved_by_destination(10_000).await.expect("done").get("b"), Some(&(128 << 20)));
+        // ... but not once it is long past (b stopped reporting: not a candidate anyway).
+        let later = 5000 + 10 * 60 * 1000 + 1;
+        assert_eq!(store.reserved_by_destination(later).await.expect("old").get("b"), Some(&(64 << 20)));
         store
             .heartbeat("b", "https://127.0.0.1:2", false, &info("b", "ds", &[]), 9000)
             .await
             .expect("b again");
-        assert_eq!(store.reserved_by_destination().await.expect("reported").get("b"), Some(&(64 << 20)));
+        assert_eq!(store.reserved_by_destination(10_000).await.expect("reported").get("b"), Some(&(64 << 20)));
         // A failed one holds nothing.
         store.record_migration(&record("m3", MigrationOutcome::Failed, 3000), 3000).await.expect("m3");
         sqlx::query("DELETE FROM migrations WHERE id = 'm2'").execute(&store.pool).await.expect("delete");
-        assert!(store.reserved_by_destination().await.expect("none left").is_empty());
+        assert!(store.reserved_by_destination(10_000).await.expect("none left").is_empty());
     });
 }
 
