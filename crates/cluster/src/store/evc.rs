@@ -80,27 +80,29 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Records the generations `host` reports for its powered-on VMs.
+    /// Records the generations `host` reports for its powered-on VMs: one statement per
+    /// 200 VMs (a heartbeat's 16 VMs were 16 statements and a transaction).
     pub async fn evc_note_vms(&self, host: &str, vms: &[(String, u64)], now_ms: u64) -> Result<(), Error> {
-        if vms.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await.map_err(self.sql())?;
-        for (vm, generation) in vms {
-            sqlx::query(
-                "INSERT INTO evc_vms (vm, generation, host, reported_unix_ms) VALUES ($1, $2, $3, $4)
+        // A VM named twice in one statement would make the upsert touch a row twice.
+        let mut vms: Vec<&(String, u64)> = vms.iter().collect();
+        vms.sort_by(|a, b| a.0.cmp(&b.0));
+        vms.dedup_by(|a, b| a.0 == b.0);
+        for chunk in vms.chunks(200) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, $1, $2)", 3 + 2 * i, 4 + 2 * i))
+                .collect();
+            let text = format!(
+                "INSERT INTO evc_vms (vm, generation, host, reported_unix_ms) VALUES {}
                  ON CONFLICT (vm) DO UPDATE SET generation = excluded.generation, host = excluded.host,
                      reported_unix_ms = excluded.reported_unix_ms",
-            )
-            .bind(vm)
-            .bind(*generation as i64)
-            .bind(host)
-            .bind(now_ms as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.sql())?;
+                values.join(", ")
+            );
+            let mut query = sqlx::query(&text).bind(host).bind(now_ms as i64);
+            for (vm, generation) in chunk {
+                query = query.bind(vm).bind(*generation as i64);
+            }
+            query.execute(&self.pool).await.map_err(self.sql())?;
         }
-        tx.commit().await.map_err(self.sql())?;
         Ok(())
     }
 

@@ -400,18 +400,21 @@ impl Store {
         // transaction that reads first and then writes fails at once (SQLITE_BUSY, no busy
         // wait) when another connection wrote meanwhile; a host sends one heartbeat at a
         // time, so nothing else changes its rows in between.
-        let previous: Option<Arc<HostInfo>> = sqlx::query("SELECT info_rev, info FROM hosts WHERE name = $1")
+        let stored_rev: Option<i64> = sqlx::query("SELECT info_rev FROM hosts WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await
             .map_err(self.sql())?
-            .and_then(|r| {
-                let rev = r.try_get::<i64, _>("info_rev").ok()?;
-                self.infos.get(name, rev).or_else(|| {
-                    let text = r.try_get::<String, _>("info").ok()?;
-                    serde_json::from_str(&text).ok().map(Arc::new)
-                })
-            });
+            .map(|r| r.try_get("info_rev"))
+            .transpose()
+            .map_err(self.sql())?;
+        let previous: Option<Arc<HostInfo>> = match stored_rev {
+            None => None,
+            Some(rev) => match self.infos.get(name, rev) {
+                Some(info) => Some(info),
+                None => self.read_infos(&[name]).await.ok().and_then(|mut read| read.remove(name)).map(|r| r.1),
+            },
+        };
         let mut tx = self.pool.begin().await.map_err(self.sql())?;
         let same_datastores = previous.as_ref().is_some_and(|p| p.datastores == info.datastores);
         let same_portgroups = previous.as_ref().is_some_and(|p| p.portgroups == info.portgroups);

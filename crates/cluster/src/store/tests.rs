@@ -298,6 +298,13 @@ fn evc_generations_vms_and_refusals() {
         let gens = store.evc_vm_generations().await.expect("gens");
         assert_eq!(gens.get("v1"), Some(&2));
         assert_eq!(gens.get("v2"), Some(&2));
+        // More VMs than one statement takes, one of them named twice.
+        let many: Vec<(String, u64)> =
+            (0..250).map(|i| (format!("m{i:03}"), 3)).chain([("m007".to_string(), 3)]).collect();
+        store.evc_note_vms("c", &many, 45).await.expect("note many");
+        let gens = store.evc_vm_generations().await.expect("gens");
+        assert_eq!(gens.len(), 252);
+        assert!((0..250).all(|i| gens.get(&format!("m{i:03}")) == Some(&3)));
 
         store.evc_refuse("c", &["avx2".into()], &["lahf_lm".into()], 50).await.expect("refuse");
         let refused = store.evc_refused().await.expect("refused");
