@@ -88,9 +88,8 @@ impl Store {
         vms.sort_by(|a, b| a.0.cmp(&b.0));
         vms.dedup_by(|a, b| a.0 == b.0);
         for chunk in vms.chunks(200) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, $1, $2)", 3 + 2 * i, 4 + 2 * i))
-                .collect();
+            let values: Vec<String> =
+                (0..chunk.len()).map(|i| format!("(${}, ${}, $1, $2)", 3 + 2 * i, 4 + 2 * i)).collect();
             let text = format!(
                 "INSERT INTO evc_vms (vm, generation, host, reported_unix_ms) VALUES {}
                  ON CONFLICT (vm) DO UPDATE SET generation = excluded.generation, host = excluded.host,

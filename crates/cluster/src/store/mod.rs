@@ -190,7 +190,7 @@ impl InfoCache {
 
 /// The PostgreSQL advisory lock key under which one controller at a time upgrades the
 /// schema ("ferry" in ASCII).
-const MIGRATE_LOCK: i64 = 0x6665_7272_79;
+const MIGRATE_LOCK: i64 = 0x0066_6572_7279;
 
 /// A host's row without its inventory, and the inventory if the cache had it.
 struct HostHead {
@@ -314,7 +314,12 @@ impl Store {
         let done = self.migrate_in_turn().await;
         if let Some(mut conn) = turn {
             // A failed unlock ends with the session: drop the connection rather than return it.
-            if sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await.is_err() {
+            if sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(MIGRATE_LOCK)
+                .execute(&mut *conn)
+                .await
+                .is_err()
+            {
                 let _ = conn.detach();
             }
         }
@@ -412,7 +417,9 @@ impl Store {
             None => None,
             Some(rev) => match self.infos.get(name, rev) {
                 Some(info) => Some(info),
-                None => self.read_infos(&[name]).await.ok().and_then(|mut read| read.remove(name)).map(|r| r.1),
+                None => {
+                    self.read_infos(&[name]).await.ok().and_then(|mut read| read.remove(name)).map(|r| r.1)
+                }
             },
         };
         let mut tx = self.pool.begin().await.map_err(self.sql())?;

@@ -348,7 +348,10 @@ fn memory_reserved_by_migrations_to_each_host() {
             .heartbeat("b", "https://127.0.0.1:2", false, &info("b", "ds", &[]), 9000)
             .await
             .expect("b again");
-        assert_eq!(store.reserved_by_destination(10_000).await.expect("reported").get("b"), Some(&(64 << 20)));
+        assert_eq!(
+            store.reserved_by_destination(10_000).await.expect("reported").get("b"),
+            Some(&(64 << 20))
+        );
         // A failed one holds nothing.
         store.record_migration(&record("m3", MigrationOutcome::Failed, 3000), 3000).await.expect("m3");
         sqlx::query("DELETE FROM migrations WHERE id = 'm2'").execute(&store.pool).await.expect("delete");
@@ -523,7 +526,8 @@ fn cached_inventories_follow_every_writer() {
 /// once, by one of them.
 #[test]
 fn stores_opened_at_once_on_a_new_database_apply_the_schema_once() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = std::env::temp_dir().join(format!("ferry-store-race-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
