@@ -171,9 +171,42 @@ async fn only_active(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if c.leader.is_active() || path == paths::LEADER || path == paths::OPENAPI {
+    if path == paths::LEADER || path == paths::OPENAPI {
         return next.run(request).await;
     }
+    if c.leader.is_active() {
+        return until_fenced(&c, next.run(request)).await;
+    }
+    not_active(&c)
+}
+
+/// `answer`, unless this controller stops being active first (it could not renew its leader
+/// lease: its database is down or hangs): then the request is dropped where it stands and
+/// answered `not_active`, so that no request outlives the self-fencing bound (docs/cluster.md
+/// "Faults") and a fenced controller acts no more.
+async fn until_fenced(c: &Controller, answer: impl std::future::Future<Output = Response>) -> Response {
+    let mut status = c.leader.subscribe();
+    let fenced = async {
+        loop {
+            if status.borrow_and_update().role != ControllerRole::Active {
+                return;
+            }
+            if status.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = answer => r,
+        () = fenced => {
+            tracing::warn!("controller {}: stepped down while answering a request; answered not_active", c.name);
+            not_active(c)
+        }
+    }
+}
+
+/// The `not_active` answer (503) with the active controller's URL when one holds the lease.
+fn not_active(c: &Controller) -> Response {
     let status = c.leader.status();
     let (active, active_url) = match status.holder {
         Some((name, url, _)) if name != c.name => (Some(name), Some(url)),
