@@ -210,6 +210,9 @@ pub struct Leader {
     status: watch::Sender<Status>,
     /// The API URLs of the controllers registered recently, this one first.
     known: std::sync::Mutex<Vec<String>>,
+    /// Since when the loop's database calls fail, and the last failure (`None`: the last one
+    /// went through).
+    database_fault: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 /// A controller whose registration is older than this is no longer offered to the hosts.
@@ -226,6 +229,7 @@ impl Leader {
             timing,
             status,
             known: std::sync::Mutex::new(vec![url.to_string()]),
+            database_fault: std::sync::Mutex::new(None),
         })
     }
 
@@ -259,6 +263,24 @@ impl Leader {
     /// The API URLs of the controllers registered in the last ten minutes, this one first.
     pub fn known(&self) -> Vec<String> {
         self.known.lock().map(|k| k.clone()).unwrap_or_else(|_| vec![self.url.clone()])
+    }
+
+    /// Whether the lease loop's database calls fail now: for how long, and the last failure.
+    pub fn database_fault(&self) -> Option<(Duration, String)> {
+        let fault = self.database_fault.lock().ok()?;
+        fault.as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    fn note_database(&self, failure: Option<String>) {
+        if let Ok(mut fault) = self.database_fault.lock() {
+            match failure {
+                None => *fault = None,
+                Some(why) => {
+                    let since = fault.as_ref().map_or_else(tokio::time::Instant::now, |(t, _)| *t);
+                    *fault = Some((since, why));
+                }
+            }
+        }
     }
 
     /// The status now.
@@ -311,9 +333,14 @@ impl Leader {
         call: impl std::future::Future<Output = Result<T, store::Error>>,
     ) -> Option<T> {
         match tokio::time::timeout(within, call).await {
-            Ok(Ok(v)) => Some(v),
+            Ok(Ok(v)) => {
+                self.note_database(None);
+                Some(v)
+            }
             Ok(Err(e)) => {
-                tracing::warn!("controller {}: {what}: {}", self.name, crate::error_chain(&e));
+                let why = crate::error_chain(&e);
+                tracing::warn!("controller {}: {what}: {why}", self.name);
+                self.note_database(Some(why));
                 None
             }
             Err(_) => {
@@ -321,6 +348,7 @@ impl Leader {
                     "controller {}: {what}: no answer from the database within {within:?}",
                     self.name
                 );
+                self.note_database(Some(format!("no answer from the database within {within:?}")));
                 None
             }
         }
