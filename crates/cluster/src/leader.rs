@@ -271,12 +271,13 @@ impl Leader {
         fault.as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
     }
 
-    fn note_database(&self, failure: Option<String>) {
+    /// The outcome of a database call sent at `sent`: `None` it went through, else why not.
+    fn note_database(&self, sent: tokio::time::Instant, failure: Option<String>) {
         if let Ok(mut fault) = self.database_fault.lock() {
             match failure {
                 None => *fault = None,
                 Some(why) => {
-                    let since = fault.as_ref().map_or_else(tokio::time::Instant::now, |(t, _)| *t);
+                    let since = fault.as_ref().map_or(sent, |(t, _)| *t);
                     *fault = Some((since, why));
                 }
             }
@@ -332,15 +333,16 @@ impl Leader {
         within: Duration,
         call: impl std::future::Future<Output = Result<T, store::Error>>,
     ) -> Option<T> {
+        let sent = tokio::time::Instant::now();
         match tokio::time::timeout(within, call).await {
             Ok(Ok(v)) => {
-                self.note_database(None);
+                self.note_database(sent, None);
                 Some(v)
             }
             Ok(Err(e)) => {
                 let why = crate::error_chain(&e);
                 tracing::warn!("controller {}: {what}: {why}", self.name);
-                self.note_database(Some(why));
+                self.note_database(sent, Some(why));
                 None
             }
             Err(_) => {
@@ -348,7 +350,7 @@ impl Leader {
                     "controller {}: {what}: no answer from the database within {within:?}",
                     self.name
                 );
-                self.note_database(Some(format!("no answer from the database within {within:?}")));
+                self.note_database(sent, Some(format!("no answer from the database within {within:?}")));
                 None
             }
         }

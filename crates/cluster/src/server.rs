@@ -219,11 +219,11 @@ fn not_active(c: &Controller) -> Response {
         _ => match c.leader.database_fault() {
             // Fenced: its database is down or hangs (docs/cluster.md "Faults").
             Some((for_, why)) => format!(
-                "controller {} cannot reach its database for {} s ({why}), so it acts no more (it holds \
-                 no leader lease); the hosts and their VMs go on without it; try again once the database \
-                 is back",
+                "controller {} cannot reach its database for {:.1} s ({why}), so it acts no more (it \
+                 holds no leader lease); the hosts and their VMs go on without it; try again once the \
+                 database is back",
                 c.name,
-                for_.as_secs()
+                for_.as_secs_f64()
             ),
             None => format!(
                 "controller {} is a standby and no controller holds the leader lease now (a takeover takes a few seconds); try again",

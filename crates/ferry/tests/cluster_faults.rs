@@ -21,7 +21,10 @@
 //!   on the hosts; A goes on and completes the migration on the hosts alone, the VM runs on B.
 //!   PostgreSQL back (same port): the controller takes the lease again (time printed), records
 //!   the migration `completed` from A's history, the hosts are connected and the VM shown on B,
-//!   and a migration by name (B to A) completes.
+//!   and a migration by name (B to A) completes. Then PostgreSQL hangs (all its processes
+//!   SIGSTOPped): a request made at that moment is answered `not_active` once the controller
+//!   fences itself (no hang), the CLI fails clearly; SIGCONT: the controller is active again
+//!   and the inventory current.
 //!
 //! No assertion depends on the machine's speed: the bounds are generous upper limits; the
 //! measured times are printed.
@@ -238,6 +241,41 @@ impl PrivatePostgres {
         assert!(out.status.success(), "postgres.sh stop: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The server's processes: the postmaster, then its children (backends and workers).
+    fn processes(&self) -> Vec<u32> {
+        let pid_file = std::fs::read_to_string(self.dir.path("data/postmaster.pid")).expect("postmaster.pid");
+        let postmaster: u32 = pid_file.lines().next().and_then(|l| l.trim().parse().ok()).expect("pid");
+        let mut out = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the fields after the last ')'.
+            let ppid =
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            if ppid == Some(postmaster) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Every process of the server frozen (SIGSTOP): it hangs, its sockets open; the
+    /// processes, for [`PrivatePostgres::thaw`].
+    fn freeze(&self) -> Vec<u32> {
+        let pids = self.processes();
+        for &p in &pids {
+            signal(p, libc::SIGSTOP);
+        }
+        pids
+    }
+
+    /// The frozen processes go on (SIGCONT), children first.
+    fn thaw(pids: &[u32]) {
+        for &p in pids.iter().rev() {
+            signal(p, libc::SIGCONT);
+        }
+    }
+
     /// Started again on its port.
     fn restart(&self) {
         let out = Command::new(postgres_script())
@@ -355,6 +393,28 @@ fn the_database_stops_and_comes_back() {
     let again = ctl.json(&["migrate", "web", "--to-host", na]);
     assert_eq!(again["record"]["outcome"], "completed", "{again}\n{}", ctl.log());
     a.wait_state("web", "running", Duration::from_secs(30));
+
+    // PostgreSQL hangs (every process frozen): a request made now ends when the controller
+    // fences itself (never a hang), and the controller is active again once it goes on.
+    let term = ctl.json(&["leader"])["lease"]["term"].as_u64().expect("term");
+    let frozen = pg.freeze();
+    let hung = Instant::now();
+    let (status, body) = raw_get(&format!("{}/hosts", ctl.url));
+    println!("with PostgreSQL frozen, a request was answered {status} after {:?}", hung.elapsed());
+    assert_eq!((status, body["code"].as_str()), (503, Some("not_active")), "{body}");
+    wait_until("the controller fences itself", Duration::from_secs(30), || {
+        ctl.log().contains(&format!("active -> stepping_down (term {term})"))
+    });
+    let out = ctl.cli(&["vms"]);
+    assert!(!out.status.success(), "ferry cluster vms with PostgreSQL frozen");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach its database"));
+    PrivatePostgres::thaw(&frozen);
+    let took = wait_until("the controller active again", Duration::from_secs(60), || {
+        raw_get(&format!("{}/hosts", ctl.url)).0 == 200
+    });
+    println!("after PostgreSQL went on, the controller was active again within {took:?}");
+    all_connected(&ctl, &[na, nb]);
+    shown_on(&ctl, "web", na);
     stop_child(cli);
     drop(b);
     drop(a);
