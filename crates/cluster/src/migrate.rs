@@ -617,7 +617,7 @@ const LOST_FOLLOW_EVERY: Duration = Duration::from_secs(5);
 /// What one host answered about a migration.
 enum Heard {
     /// Its record.
-    Record(MigrationRecord),
+    Record(Box<MigrationRecord>),
     /// It answered, without a record (none, an error status, a malformed list): why.
     Nothing(String),
     /// No answer (refused, reset, timed out): why.
@@ -639,7 +639,7 @@ async fn hear(c: &Controller, host: &HostRow, id: &str) -> Heard {
     }
     match serde_json::from_slice::<MigrationList>(&answer.body) {
         Ok(list) => match list.migrations.into_iter().next() {
-            Some(r) => Heard::Record(r),
+            Some(r) => Heard::Record(Box::new(r)),
             None => Heard::Nothing(format!("host {} has no record of it", host.name)),
         },
         Err(e) => Heard::Nothing(format!("host {} sent a malformed history: {e}", host.name)),
@@ -732,11 +732,11 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
         }
         let (src, dst) = (
             match from_source {
-                Heard::Record(r) => Ok(r),
+                Heard::Record(r) => Ok(*r),
                 Heard::Nothing(why) | Heard::Silent(why) => Err(why),
             },
             match from_destination {
-                Some(Heard::Record(r)) => Ok(r),
+                Some(Heard::Record(r)) => Ok(*r),
                 Some(Heard::Nothing(why) | Heard::Silent(why)) => Err(why),
                 None => Err(String::new()),
             },

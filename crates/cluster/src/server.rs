@@ -487,13 +487,14 @@ async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Js
             ("failed", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Failed),
             ("queued", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Queued),
             ("cancelled", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Cancelled),
+            ("unknown", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Unknown),
             ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
             ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
             _ => {
                 return Err(Failure::new(
                     ErrorCode::BadRequest,
                     format!(
-                    "unknown query parameter {kv:?} (active, failed, queued, cancelled, vm=NAME, host=NAME)"
+                    "unknown query parameter {kv:?} (active, failed, queued, cancelled, unknown, vm=NAME, host=NAME)"
                 ),
                 ))
             }
