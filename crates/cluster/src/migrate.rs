@@ -698,7 +698,7 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
     let term = c.leader.active_term();
     let mut silence = Silence::new(unix_ms(), crate::queue::HOST_LOST_AFTER);
     let known = stored(&c, &id).await;
-    let destination = known.as_ref().map(|m| m.destination.clone());
+    let mut destination = known.as_ref().map(|m| m.destination.clone());
     // Recorded `unknown` (here, or before a restart or a takeover).
     let mut lost = known.is_some_and(|m| m.outcome == MigrationOutcome::Unknown);
     while tokio::time::Instant::now() < deadline {
@@ -711,6 +711,10 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
         let mut from_destination = None;
         if !matches!(from_source, Heard::Record(_)) {
             // The source cannot tell (or has not answered): its destination may.
+            if destination.is_none() {
+                // The store failed when following began.
+                destination = stored(&c, &id).await.map(|m| m.destination);
+            }
             if let Some(Ok(Some(dest))) = match &destination {
                 Some(name) => Some(c.store.host(name).await),
                 None => None,
