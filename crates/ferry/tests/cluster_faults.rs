@@ -25,6 +25,10 @@
 //!   SIGSTOPped): a request made at that moment is answered `not_active` once the controller
 //!   fences itself (no hang), the CLI fails clearly; SIGCONT: the controller is active again
 //!   and the inventory current.
+//! - `two_controllers_start_at_once_on_an_empty_database` (PostgreSQL, gated as above; no root
+//!   needed): three times, two `ferry cluster serve` started at the same moment on a new empty
+//!   database both come up (neither exits on the schema migration), the schema is at the
+//!   newest version, exactly one is active and the other answers `not_active` naming it.
 //!
 //! No assertion depends on the machine's speed: the bounds are generous upper limits; the
 //! measured times are printed.
@@ -420,4 +424,47 @@ fn the_database_stops_and_comes_back() {
     drop(a);
     drop(ctl);
     drop(pg);
+}
+
+#[test]
+fn two_controllers_start_at_once_on_an_empty_database() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for round in 0..3 {
+        let Some(db) = rt.block_on(ferry_cluster::testing::TestDatabase::create()) else {
+            eprintln!(
+                "skipped: needs PostgreSQL (set FERRY_TEST_POSTGRES_URL; scripts/postgres.sh starts one)"
+            );
+            return;
+        };
+        let mut c1 = Controller::new(&format!("race{round}a"), Some(&db.url));
+        let mut c2 = Controller::new(&format!("race{round}b"), Some(&db.url));
+        c1.spawn_now();
+        c2.spawn_now();
+        for c in [&mut c1, &mut c2] {
+            c.wait_leader_report();
+            assert!(c.exited().is_none(), "a controller exited:\n{}", c.log());
+        }
+        let version = rt.block_on(async {
+            let store = ferry_cluster::store::Store::open(&db.url).await.expect("open");
+            let v = store.version().await.expect("version");
+            store.close().await;
+            v
+        });
+        assert_eq!(version, ferry_cluster::store::schema::latest());
+        // Exactly one active; the other names it.
+        let mut answers = Vec::new();
+        wait_until("one controller active", Duration::from_secs(30), || {
+            answers = [&c1, &c2].iter().map(|c| raw_get(&format!("{}/hosts", c.url))).collect();
+            answers.iter().filter(|(s, _)| *s == 200).count() == 1
+                && answers.iter().any(|(s, b)| *s == 503 && b["active_url"].is_string())
+        });
+        let (active, standby) = if answers[0].0 == 200 { (&c1, &answers[1].1) } else { (&c2, &answers[0].1) };
+        assert_eq!(standby["active_url"], active.url.as_str(), "{standby}");
+        for c in [&mut c1, &mut c2] {
+            assert!(c.exited().is_none(), "a controller exited:\n{}", c.log());
+        }
+        drop(c2);
+        drop(c1);
+        drop(db);
+    }
 }

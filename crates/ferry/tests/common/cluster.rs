@@ -266,3 +266,22 @@ pub fn migration_id_at(log: &str, marker: &str) -> Option<String> {
     let head = &line[..line.find(marker)?];
     Some(head.rsplit("migration ").next()?.trim().to_string())
 }
+
+impl Controller {
+    /// Starts it without waiting for anything (several controllers started at the same
+    /// moment); [`Controller::wait_leader_report`] then waits until it answers.
+    pub fn spawn_now(&mut self) {
+        self.spawn();
+    }
+
+    /// Waits until it answers `ferry cluster leader` (standbys answer it too); fails if it
+    /// exits first.
+    pub fn wait_leader_report(&mut self) {
+        self.wait_answering(&["leader"]);
+    }
+
+    /// Whether its process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
