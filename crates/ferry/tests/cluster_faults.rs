@@ -1,7 +1,8 @@
 //! The controller under faults, end to end (docs/cluster.md "Faults"). Needs root (the host
 //! daemons) and /dev/kvm.
 //!
-//! - `a_migration_whose_hosts_go_silent_frees_its_slot_and_takes_their_outcome_later` (SQLite):
+//! - `a_migration_whose_hosts_go_silent_frees_its_slot_and_takes_their_outcome_later` (SQLite;
+//!   `a_migration_whose_hosts_go_silent_on_postgres` the same on PostgreSQL, gated as below):
 //!   a controller with `[limits] per_cluster = 1` and four hosts. A memstress VM migrates from
 //!   A to B through the controller; A's daemon freezes itself once its VMM handed the VM over
 //!   (`FERRY_HOST_FAULT=stop-at=after`: the migration is active in both hosts' histories) and
@@ -110,14 +111,34 @@ fn stop_child(mut c: Child) {
 fn a_migration_whose_hosts_go_silent_frees_its_slot_and_takes_their_outcome_later() {
     require_root();
     require_kvm();
-    let mut ctl = Controller::with_config("lost", None, "[limits]\nper_host = 1\nper_cluster = 1\n");
+    host_lost("lost", None);
+}
+
+#[test]
+fn a_migration_whose_hosts_go_silent_on_postgres() {
+    require_root();
+    require_kvm();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let Some(db) = rt.block_on(ferry_cluster::testing::TestDatabase::create()) else {
+        eprintln!("skipped: needs PostgreSQL (set FERRY_TEST_POSTGRES_URL; scripts/postgres.sh starts one)");
+        return;
+    };
+    host_lost("pglost", Some(&db.url));
+    drop(db);
+}
+
+/// The host-lost scenario (see the file's comment) with a controller on `database` (SQLite
+/// when `None`); `tag` names the controller and the four hosts (`test-TAG-a` ...).
+fn host_lost(tag: &str, database: Option<&str>) {
+    let mut ctl = Controller::with_config(tag, database, "[limits]\nper_host = 1\nper_cluster = 1\n");
     ctl.start();
-    let mut a = Hostd::config("lost-a", "");
+    let mut a = Hostd::config(&format!("{tag}-a"), "");
     a.env.push(("FERRY_HOST_FAULT".into(), "stop-at=after".into()));
-    let mut b = Hostd::config("lost-b", &format!("shared = \"{}\"\n", a.ds().display()));
-    let mut c = Hostd::config("lost-c", "");
-    let mut d = Hostd::config("lost-d", &format!("shared = \"{}\"\n", c.ds().display()));
-    let (na, nb, nc, nd) = ("test-lost-a", "test-lost-b", "test-lost-c", "test-lost-d");
+    let mut b = Hostd::config(&format!("{tag}-b"), &format!("shared = \"{}\"\n", a.ds().display()));
+    let mut c = Hostd::config(&format!("{tag}-c"), "");
+    let mut d = Hostd::config(&format!("{tag}-d"), &format!("shared = \"{}\"\n", c.ds().display()));
+    let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|x| format!("test-{tag}-{x}")).collect();
+    let (na, nb, nc, nd) = (names[0].as_str(), names[1].as_str(), names[2].as_str(), names[3].as_str());
     for h in [&mut a, &mut b, &mut c, &mut d] {
         h.start();
         h.host_json(&["join", &ctl.url]);
