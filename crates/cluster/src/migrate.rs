@@ -879,8 +879,8 @@ pub async fn action(
 /// Imports the hosts' own histories: every migration a joined, answering host reports as its
 /// source (started with `ferry vm migrate` on the host, or through the controller) goes into
 /// the controller's history. Idempotent; an ended migration is never changed back. A migration
-/// recorded `unknown` takes the record of the first host that settles it (its source's, or
-/// its destination's once ended there: [`crate::queue::settle`]).
+/// recorded `unknown` takes its source's or its destination's record, as the two settle it
+/// together ([`crate::queue::settle`]: `completed` from either wins).
 pub async fn import_histories(c: &Controller) {
     let hosts = match c.store.hosts().await {
         Ok(h) => h,
@@ -889,17 +889,20 @@ pub async fn import_histories(c: &Controller) {
             return;
         }
     };
-    // The migrations lost with their hosts: the first host's record that settles one
-    // replaces it (`reconcile_imported`).
+    // The migrations lost with their hosts: settled once every host's history was read
+    // (`reconcile_imported`).
     let lost =
         crate::store::MigrationFilter { outcome: Some(MigrationOutcome::Unknown), ..Default::default() };
-    let mut unknown: Vec<String> = match c.store.migrations(&lost).await {
+    let unknown: Vec<String> = match c.store.migrations(&lost).await {
         Ok(list) => list.into_iter().map(|m| m.id).collect(),
         Err(e) => {
             tracing::warn!("cannot list the unknown migrations: {}", error_chain(&e));
             Vec::new()
         }
     };
+    // What the hosts report of those: the source's record and the destination's.
+    let mut reports: std::collections::BTreeMap<String, (Option<MigrationRecord>, Option<MigrationRecord>)> =
+        std::collections::BTreeMap::new();
     for host in hosts.iter().filter(|h| matches!(h.state, HostState::Connected | HostState::Maintenance)) {
         let url = format!("{}{}", host.api_url, ferry_host_api::paths::MIGRATIONS);
         let list = match c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status) {
@@ -917,7 +920,11 @@ pub async fn import_histories(c: &Controller) {
         };
         for m in list.migrations.iter() {
             if unknown.contains(&m.id) {
-                reconcile_imported(c, &host.name, m, &mut unknown).await;
+                let (source, destination) = reports.entry(m.id.clone()).or_default();
+                match m.role {
+                    MigrationRole::Source => *source = Some(m.clone()),
+                    MigrationRole::Destination => *destination = Some(m.clone()),
+                }
                 continue;
             }
             if m.role != MigrationRole::Source {
@@ -933,34 +940,42 @@ pub async fn import_histories(c: &Controller) {
             }
         }
     }
+    for (source, destination) in reports.into_values() {
+        reconcile_imported(c, source, destination).await;
+    }
 }
 
-/// Migration `m` (in `unknown`, recorded `unknown`) as host `host` reports it: the record
-/// takes it when it settles the migration alone (the source's record, or the destination's
-/// once ended there); then it is no longer unknown.
-async fn reconcile_imported(c: &Controller, host: &str, m: &MigrationRecord, unknown: &mut Vec<String>) {
-    let side = match m.role {
-        MigrationRole::Source => crate::queue::settle(Some(m.outcome), None),
-        MigrationRole::Destination => crate::queue::settle(None, Some(m.outcome)),
+/// A migration recorded `unknown`, as its source and its destination report it (`None`: not
+/// in the histories read): the record takes the one that settles it ([`crate::queue::settle`]:
+/// `completed` from either wins).
+async fn reconcile_imported(
+    c: &Controller,
+    source: Option<MigrationRecord>,
+    destination: Option<MigrationRecord>,
+) {
+    let decided = match crate::queue::settle(
+        source.as_ref().map(|m| m.outcome),
+        destination.as_ref().map(|m| m.outcome),
+    ) {
+        Some(crate::queue::Side::Source) => source,
+        Some(crate::queue::Side::Destination) => destination,
+        None => None,
     };
-    if side.is_none() {
-        return;
-    }
-    match c.store.reconcile_unknown(m, unix_ms()).await {
-        Ok(changed) => {
-            if changed {
-                tracing::info!(
-                    "migration {}: host {host} answered again: {} ({}); the unknown record takes it",
-                    m.id,
-                    m.outcome.as_str(),
-                    m.reason_code
-                );
-                if m.outcome != MigrationOutcome::Active {
-                    c.wake.notify_one();
-                }
+    let Some(m) = decided else { return };
+    let host = if m.role == MigrationRole::Source { &m.source } else { &m.destination };
+    match c.store.reconcile_unknown(&m, unix_ms()).await {
+        Ok(true) => {
+            tracing::info!(
+                "migration {}: host {host} answered again: {} ({}); the unknown record takes it",
+                m.id,
+                m.outcome.as_str(),
+                m.reason_code
+            );
+            if m.outcome != MigrationOutcome::Active {
+                c.wake.notify_one();
             }
-            unknown.retain(|id| id != &m.id);
         }
+        Ok(false) => {}
         Err(e) => tracing::warn!("migration {}: cannot reconcile it: {}", m.id, error_chain(&e)),
     }
 }
