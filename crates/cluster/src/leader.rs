@@ -569,6 +569,21 @@ mod tests {
     }
 
     #[test]
+    fn a_database_fault_counts_from_the_first_failed_call_until_one_goes_through() {
+        let leader = super::Leader::new("c1", "https://127.0.0.1:1", Timing::default());
+        assert_eq!(leader.database_fault(), None);
+        let first = tokio::time::Instant::now() - std::time::Duration::from_secs(2);
+        leader.note_database(first, Some("refused".into()));
+        leader.note_database(tokio::time::Instant::now(), Some("no answer within 1.5s".into()));
+        let (for_, why) = leader.database_fault().expect("a fault");
+        // Since the first failed call was sent, with the last reason.
+        assert!(for_ >= std::time::Duration::from_secs(2), "{for_:?}");
+        assert_eq!(why, "no answer within 1.5s");
+        leader.note_database(tokio::time::Instant::now(), None);
+        assert_eq!(leader.database_fault(), None);
+    }
+
+    #[test]
     fn only_checked_transitions() {
         let mut m = machine();
         // A standby neither steps down nor becomes a standby again.

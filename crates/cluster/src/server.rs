@@ -186,9 +186,12 @@ async fn only_active(
 /// "Faults") and a fenced controller acts no more.
 async fn until_fenced(c: &Controller, answer: impl std::future::Future<Output = Response>) -> Response {
     let mut status = c.leader.subscribe();
+    // The term it answers in: a step-down and a new term in between count too.
+    let term = status.borrow().term;
     let fenced = async {
         loop {
-            if status.borrow_and_update().role != ControllerRole::Active {
+            let now = status.borrow_and_update().clone();
+            if now.role != ControllerRole::Active || now.term != term {
                 return;
             }
             if status.changed().await.is_err() {

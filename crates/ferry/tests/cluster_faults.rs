@@ -414,9 +414,25 @@ fn the_database_stops_and_comes_back() {
     // Inventory current again after heartbeats.
     all_connected(&ctl, &[na, nb]);
     shown_on(&ctl, "web", nb);
-    // A migration by name works: back to A (A's fault is on its outgoing side only).
-    let again = ctl.json(&["migrate", "web", "--to-host", na]);
-    assert_eq!(again["record"]["outcome"], "completed", "{again}\n{}", ctl.log());
+    // A migration by name works: back to A (A's fault is on its outgoing side only), once A
+    // reports no live VMM of web any more.
+    ctl.wait_for(&["vm", "web"], "web live on B only", Duration::from_secs(30), |v| {
+        v["vms"].as_array().is_some_and(|l| {
+            l.iter().all(|r| {
+                r["host"] == nb || !matches!(r["state"].as_str(), Some("starting" | "running" | "paused"))
+            })
+        })
+    });
+    let out = ctl.cli(&["migrate", "web", "--to-host", na, "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success() && again["record"]["outcome"] == "completed",
+        "the migration back: {again}\n{}\ncontroller log:\n{}\nA's log:\n{}\nB's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctl.log(),
+        a.daemon_log(),
+        b.daemon_log()
+    );
     a.wait_state("web", "running", Duration::from_secs(30));
 
     // PostgreSQL hangs (every process frozen): a request made now ends when the controller
