@@ -314,12 +314,7 @@ impl Store {
         let done = self.migrate_in_turn().await;
         if let Some(mut conn) = turn {
             // A failed unlock ends with the session: drop the connection rather than return it.
-            if sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(MIGRATE_LOCK)
-                .execute(&mut *conn)
-                .await
-                .is_err()
-            {
+            if sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await.is_err() {
                 let _ = conn.detach();
             }
         }

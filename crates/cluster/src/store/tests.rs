@@ -516,8 +516,7 @@ fn cached_inventories_follow_every_writer() {
 /// once, by one of them.
 #[test]
 fn stores_opened_at_once_on_a_new_database_apply_the_schema_once() {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = std::env::temp_dir().join(format!("ferry-store-race-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
