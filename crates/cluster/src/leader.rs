@@ -210,6 +210,9 @@ pub struct Leader {
     status: watch::Sender<Status>,
     /// The API URLs of the controllers registered recently, this one first.
     known: std::sync::Mutex<Vec<String>>,
+    /// Since when the loop's database calls fail, and the last failure (`None`: the last one
+    /// went through).
+    database_fault: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 /// A controller whose registration is older than this is no longer offered to the hosts.
@@ -226,6 +229,7 @@ impl Leader {
             timing,
             status,
             known: std::sync::Mutex::new(vec![url.to_string()]),
+            database_fault: std::sync::Mutex::new(None),
         })
     }
 
@@ -259,6 +263,25 @@ impl Leader {
     /// The API URLs of the controllers registered in the last ten minutes, this one first.
     pub fn known(&self) -> Vec<String> {
         self.known.lock().map(|k| k.clone()).unwrap_or_else(|_| vec![self.url.clone()])
+    }
+
+    /// Whether the lease loop's database calls fail now: for how long, and the last failure.
+    pub fn database_fault(&self) -> Option<(Duration, String)> {
+        let fault = self.database_fault.lock().ok()?;
+        fault.as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    /// The outcome of a database call sent at `sent`: `None` it went through, else why not.
+    fn note_database(&self, sent: tokio::time::Instant, failure: Option<String>) {
+        if let Ok(mut fault) = self.database_fault.lock() {
+            match failure {
+                None => *fault = None,
+                Some(why) => {
+                    let since = fault.as_ref().map_or(sent, |(t, _)| *t);
+                    *fault = Some((since, why));
+                }
+            }
+        }
     }
 
     /// The status now.
@@ -310,10 +333,16 @@ impl Leader {
         within: Duration,
         call: impl std::future::Future<Output = Result<T, store::Error>>,
     ) -> Option<T> {
+        let sent = tokio::time::Instant::now();
         match tokio::time::timeout(within, call).await {
-            Ok(Ok(v)) => Some(v),
+            Ok(Ok(v)) => {
+                self.note_database(sent, None);
+                Some(v)
+            }
             Ok(Err(e)) => {
-                tracing::warn!("controller {}: {what}: {}", self.name, crate::error_chain(&e));
+                let why = crate::error_chain(&e);
+                tracing::warn!("controller {}: {what}: {why}", self.name);
+                self.note_database(sent, Some(why));
                 None
             }
             Err(_) => {
@@ -321,6 +350,7 @@ impl Leader {
                     "controller {}: {what}: no answer from the database within {within:?}",
                     self.name
                 );
+                self.note_database(sent, Some(format!("no answer from the database within {within:?}")));
                 None
             }
         }
@@ -536,6 +566,21 @@ mod tests {
         m.record(0, 0, &Outcome::Acquired { term: 1 });
         let t = m.record(1000, 1001, &Outcome::Lost).expect("transition");
         assert_eq!((t.from, t.to, t.term), (Role::Active, Role::SteppingDown, 1));
+    }
+
+    #[test]
+    fn a_database_fault_counts_from_the_first_failed_call_until_one_goes_through() {
+        let leader = super::Leader::new("c1", "https://127.0.0.1:1", Timing::default());
+        assert_eq!(leader.database_fault(), None);
+        let first = tokio::time::Instant::now() - std::time::Duration::from_secs(2);
+        leader.note_database(first, Some("refused".into()));
+        leader.note_database(tokio::time::Instant::now(), Some("no answer within 1.5s".into()));
+        let (for_, why) = leader.database_fault().expect("a fault");
+        // Since the first failed call was sent, with the last reason.
+        assert!(for_ >= std::time::Duration::from_secs(2), "{for_:?}");
+        assert_eq!(why, "no answer within 1.5s");
+        leader.note_database(tokio::time::Instant::now(), None);
+        assert_eq!(leader.database_fault(), None);
     }
 
     #[test]

@@ -545,6 +545,16 @@ pub async fn cancel(c: &Arc<Controller>, id: &str) -> Result<MigrationDetail, Fa
     match record.outcome {
         MigrationOutcome::Active => {}
         MigrationOutcome::Cancelled => return detail(c, id).await,
+        MigrationOutcome::Unknown => {
+            return Err(failure(
+                ErrorCode::Conflict,
+                format!(
+                    "migration {id}: its hosts {} and {} stopped answering (host_lost); nothing can be \
+                     cancelled until one answers again (its outcome then comes from their histories)",
+                    record.source, record.destination
+                ),
+            ))
+        }
         other => {
             return Err(failure(
                 ErrorCode::Conflict,
@@ -598,99 +608,246 @@ pub async fn with_positions(c: &Controller, list: &mut [MigrationRecord]) -> Res
     Ok(())
 }
 
-/// Follows migration `id` in `source`'s history until it ends, recording each change.
+/// At most this long for one question to a host about a migration it follows (a frozen
+/// daemon accepts connections and never answers).
+const ASK_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a migration recorded `unknown` (its hosts went silent) is asked about.
+const LOST_FOLLOW_EVERY: Duration = Duration::from_secs(5);
+
+/// What one host answered about a migration.
+enum Heard {
+    /// Its record.
+    Record(Box<MigrationRecord>),
+    /// It answered, without a record (none, an error status, a malformed list): why.
+    Nothing(String),
+    /// No answer (refused, reset, timed out): why.
+    Silent(String),
+}
+
+/// Asks `host` for its record of migration `id`, within [`ASK_DEADLINE`].
+async fn hear(c: &Controller, host: &HostRow, id: &str) -> Heard {
+    let url = format!("{}{}?id={id}", host.api_url, ferry_host_api::paths::MIGRATIONS);
+    let answer = match tokio::time::timeout(ASK_DEADLINE, c.client.get(&url)).await {
+        Err(_) => return Heard::Silent(format!("host {} did not answer within {ASK_DEADLINE:?}", host.name)),
+        Ok(Err(e)) => {
+            return Heard::Silent(format!("cannot ask host {} about it: {}", host.name, error_chain(&e)))
+        }
+        Ok(Ok(a)) => a,
+    };
+    if !answer.is_success() {
+        return Heard::Nothing(format!("host {} answered with status {}", host.name, answer.status));
+    }
+    match serde_json::from_slice::<MigrationList>(&answer.body) {
+        Ok(list) => match list.migrations.into_iter().next() {
+            Some(r) => Heard::Record(Box::new(r)),
+            None => Heard::Nothing(format!("host {} has no record of it", host.name)),
+        },
+        Err(e) => Heard::Nothing(format!("host {} sent a malformed history: {e}", host.name)),
+    }
+}
+
+/// Migration `id` as the controller's history holds it.
+async fn stored(c: &Controller, id: &str) -> Option<MigrationRecord> {
+    let by_id = crate::store::MigrationFilter { id: Some(id.to_string()), ..Default::default() };
+    c.store.migrations(&by_id).await.ok()?.into_iter().next()
+}
+
+/// Records active migration `id` `unknown` (`host_lost`): its hosts were silent for
+/// `silent_ms`; its slots are free from now on. Whether it was recorded so (not if it ended
+/// meanwhile, or the store failed).
+async fn mark_lost(c: &Controller, id: &str, silent_ms: u64) -> bool {
+    let Some(mut record) = stored(c, id).await else { return false };
+    if record.outcome != MigrationOutcome::Active {
+        return false;
+    }
+    record.outcome = MigrationOutcome::Unknown;
+    record.reason_code = "host_lost".into();
+    record.reason = format!(
+        "neither host {} nor host {} answered about it for {} s (bound {} s): its slots are freed; \
+         its outcome is taken from their histories when one of them answers again",
+        record.source,
+        record.destination,
+        silent_ms / 1000,
+        crate::queue::HOST_LOST_AFTER.as_secs()
+    );
+    match save(c, &record).await {
+        Ok(()) => {
+            tracing::warn!("migration {id}: unknown (host_lost): {}", record.reason);
+            c.wake.notify_one();
+            true
+        }
+        Err(e) => {
+            tracing::warn!("migration {id}: cannot record it unknown: {}", error_chain(&e));
+            false
+        }
+    }
+}
+
+/// Follows migration `id` in `source`'s history until it ends, recording each change. When
+/// the source does not tell, its destination is asked; when neither has answered for
+/// [`crate::queue::HOST_LOST_AFTER`], the migration is recorded `unknown` (`host_lost`, its
+/// slots freed) and asked about every [`LOST_FOLLOW_EVERY`] until a host's record settles it
+/// ([`crate::queue::settle`]).
 async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
-    let url = format!("{}{}?id={id}", source.api_url, ferry_host_api::paths::MIGRATIONS);
+    use crate::queue::{settle, Side, Silence, Verdict};
     let deadline = tokio::time::Instant::now() + FOLLOW_AT_MOST;
+    let mut source = source;
     let mut last_error = String::new();
     // Only the active controller follows, and only in the term it started in: after a
     // takeover the new active one follows it again (`resume`).
     let term = c.leader.active_term();
+    let mut silence = Silence::new(unix_ms(), crate::queue::HOST_LOST_AFTER);
+    let known = stored(&c, &id).await;
+    let mut destination = known.as_ref().map(|m| m.destination.clone());
+    // Recorded `unknown` (here, or before a restart or a takeover).
+    let mut lost = known.is_some_and(|m| m.outcome == MigrationOutcome::Unknown);
     while tokio::time::Instant::now() < deadline {
         if term.is_none() || c.leader.active_term() != term {
             tracing::info!("migration {id}: no longer followed here (this controller is not the active one)");
             return;
         }
-        let answer = c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status);
-        match answer.map(|r| serde_json::from_slice::<MigrationList>(&r.body)) {
-            Ok(Ok(list)) => match list.migrations.into_iter().next() {
-                Some(record) => {
-                    if let Err(e) = save(&c, &record).await {
-                        tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
-                    }
-                    if record.outcome != MigrationOutcome::Active {
-                        c.wake.notify_one();
-                        if record.outcome == MigrationOutcome::Completed {
-                            // The inventory follows at once (the heartbeats confirm it).
-                            match c
-                                .store
-                                .move_vm(&record.vm, &record.source, &record.destination, unix_ms())
-                                .await
-                            {
-                                Ok(true) => tracing::info!(
-                                    "migration {id}: VM {} now shown on host {}",
-                                    record.vm,
-                                    record.destination
-                                ),
-                                Ok(false) => {}
-                                Err(e) => tracing::warn!(
-                                    "migration {id}: cannot move VM {} in the inventory: {}",
-                                    record.vm,
-                                    error_chain(&e)
-                                ),
-                            }
-                        }
-                        tracing::info!(
-                            "migration {id}: {} ({}){}",
-                            record.outcome.as_str(),
-                            record.reason_code,
-                            record.downtime_ms.map(|d| format!(", downtime {d:.1} ms")).unwrap_or_default()
-                        );
-                        return;
-                    }
-                }
-                None => {
-                    let text = format!("host {} has no record of it", source.name);
-                    if text != last_error {
-                        tracing::warn!("migration {id}: {text}");
-                        last_error = text;
-                    }
-                }
-            },
-            Ok(Err(e)) => {
-                tracing::warn!("migration {id}: host {} sent a malformed history: {e}", source.name)
+        let from_source = hear(&c, &source, &id).await;
+        let mut answered = !matches!(from_source, Heard::Silent(_));
+        let mut from_destination = None;
+        if !matches!(from_source, Heard::Record(_)) {
+            // The source cannot tell (or has not answered): its destination may.
+            if destination.is_none() {
+                // The store failed when following began.
+                destination = stored(&c, &id).await.map(|m| m.destination);
             }
-            Err(e) => {
-                let text = error_chain(&e);
-                if text != last_error {
-                    tracing::warn!("migration {id}: cannot ask host {} about it: {text}", source.name);
-                    last_error = text;
+            if let Some(Ok(Some(dest))) = match &destination {
+                Some(name) => Some(c.store.host(name).await),
+                None => None,
+            } {
+                let heard = hear(&c, &dest, &id).await;
+                answered |= !matches!(heard, Heard::Silent(_));
+                from_destination = Some(heard);
+            }
+            if matches!(from_source, Heard::Silent(_)) {
+                // It may have joined again at another address.
+                if let Ok(Some(again)) = c.store.host(&source.name).await {
+                    source = again;
                 }
             }
         }
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        let now = unix_ms();
+        if answered {
+            silence.answered(now);
+        }
+        let (src, dst) = (
+            match from_source {
+                Heard::Record(r) => Ok(*r),
+                Heard::Nothing(why) | Heard::Silent(why) => Err(why),
+            },
+            match from_destination {
+                Some(Heard::Record(r)) => Ok(*r),
+                Some(Heard::Nothing(why) | Heard::Silent(why)) => Err(why),
+                None => Err(String::new()),
+            },
+        );
+        let decided = match settle(src.as_ref().ok().map(|r| r.outcome), dst.as_ref().ok().map(|r| r.outcome))
+        {
+            Some(Side::Source) => src.as_ref().ok().cloned(),
+            Some(Side::Destination) => dst.as_ref().ok().cloned(),
+            None => None,
+        };
+        let Some(record) = decided else {
+            let text = [src.err(), dst.err()]
+                .into_iter()
+                .flatten()
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if text != last_error {
+                tracing::warn!("migration {id}: {text}");
+                last_error = text;
+            }
+            if !lost {
+                if let Verdict::Lost { silent_ms } = silence.verdict(now) {
+                    lost = mark_lost(&c, &id, silent_ms).await;
+                }
+            }
+            tokio::time::sleep(if lost { LOST_FOLLOW_EVERY } else { FOLLOW_EVERY }).await;
+            continue;
+        };
+        if lost {
+            match c.store.reconcile_unknown(&record, now).await {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(
+                            "migration {id}: host {} answered again: {} ({}); the unknown record takes it",
+                            if record.role == MigrationRole::Source {
+                                &record.source
+                            } else {
+                                &record.destination
+                            },
+                            record.outcome.as_str(),
+                            record.reason_code
+                        );
+                    }
+                    lost = false;
+                }
+                Err(e) => tracing::warn!("migration {id}: cannot reconcile it: {}", error_chain(&e)),
+            }
+        }
+        if !lost {
+            if let Err(e) = save(&c, &record).await {
+                tracing::warn!("migration {id}: cannot record it: {}", error_chain(&e));
+            }
+        }
+        if record.outcome != MigrationOutcome::Active && !lost {
+            c.wake.notify_one();
+            if record.outcome == MigrationOutcome::Completed {
+                // The inventory follows at once (the heartbeats confirm it).
+                match c.store.move_vm(&record.vm, &record.source, &record.destination, unix_ms()).await {
+                    Ok(true) => tracing::info!(
+                        "migration {id}: VM {} now shown on host {}",
+                        record.vm,
+                        record.destination
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        "migration {id}: cannot move VM {} in the inventory: {}",
+                        record.vm,
+                        error_chain(&e)
+                    ),
+                }
+            }
+            tracing::info!(
+                "migration {id}: {} ({}){}",
+                record.outcome.as_str(),
+                record.reason_code,
+                record.downtime_ms.map(|d| format!(", downtime {d:.1} ms")).unwrap_or_default()
+            );
+            return;
+        }
+        tokio::time::sleep(if lost { LOST_FOLLOW_EVERY } else { FOLLOW_EVERY }).await;
     }
     tracing::warn!("migration {id}: not ended after {FOLLOW_AT_MOST:?}; no longer followed");
 }
 
 /// At start-up and at every takeover: follows again the migrations the history holds as active
-/// (a controller that restarted, or a standby that took over, forgets none).
+/// or unknown (a controller that restarted, or a standby that took over, forgets none).
 pub async fn resume(c: &Arc<Controller>) {
-    let filter =
-        crate::store::MigrationFilter { outcome: Some(MigrationOutcome::Active), ..Default::default() };
-    let active = match c.store.migrations(&filter).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!("cannot read the active migrations: {}", error_chain(&e));
-            return;
+    let mut followed = Vec::new();
+    // The unknown ones too: their hosts may answer again.
+    for outcome in [MigrationOutcome::Active, MigrationOutcome::Unknown] {
+        let filter = crate::store::MigrationFilter { outcome: Some(outcome), ..Default::default() };
+        match c.store.migrations(&filter).await {
+            Ok(list) => followed.extend(list),
+            Err(e) => {
+                tracing::warn!("cannot read the {} migrations: {}", outcome.as_str(), error_chain(&e));
+                return;
+            }
         }
-    };
-    for m in active {
+    }
+    for m in followed {
         match c.store.host(&m.source).await {
             Ok(Some(source)) => {
                 tracing::info!(
-                    "migration {}: following it again (this controller restarted or took over)",
-                    m.id
+                    "migration {}: following it again ({}; this controller restarted or took over)",
+                    m.id,
+                    m.outcome.as_str()
                 );
                 tokio::spawn(follow(Arc::clone(c), source, m.id.clone()));
             }
@@ -721,7 +878,9 @@ pub async fn action(
 
 /// Imports the hosts' own histories: every migration a joined, answering host reports as its
 /// source (started with `ferry vm migrate` on the host, or through the controller) goes into
-/// the controller's history. Idempotent; an ended migration is never changed back.
+/// the controller's history. Idempotent; an ended migration is never changed back. A migration
+/// recorded `unknown` takes its source's or its destination's record, as the two settle it
+/// together ([`crate::queue::settle`]: `completed` from either wins).
 pub async fn import_histories(c: &Controller) {
     let hosts = match c.store.hosts().await {
         Ok(h) => h,
@@ -730,6 +889,20 @@ pub async fn import_histories(c: &Controller) {
             return;
         }
     };
+    // The migrations lost with their hosts: settled once every host's history was read
+    // (`reconcile_imported`).
+    let lost =
+        crate::store::MigrationFilter { outcome: Some(MigrationOutcome::Unknown), ..Default::default() };
+    let unknown: Vec<String> = match c.store.migrations(&lost).await {
+        Ok(list) => list.into_iter().map(|m| m.id).collect(),
+        Err(e) => {
+            tracing::warn!("cannot list the unknown migrations: {}", error_chain(&e));
+            Vec::new()
+        }
+    };
+    // What the hosts report of those: the source's record and the destination's.
+    let mut reports: std::collections::BTreeMap<String, (Option<MigrationRecord>, Option<MigrationRecord>)> =
+        std::collections::BTreeMap::new();
     for host in hosts.iter().filter(|h| matches!(h.state, HostState::Connected | HostState::Maintenance)) {
         let url = format!("{}{}", host.api_url, ferry_host_api::paths::MIGRATIONS);
         let list = match c.client.get(&url).await.and_then(ferry_pki::Response::error_for_status) {
@@ -745,7 +918,18 @@ pub async fn import_histories(c: &Controller) {
                 continue;
             }
         };
-        for m in list.migrations.iter().filter(|m| m.role == ferry_host_api::MigrationRole::Source) {
+        for m in list.migrations.iter() {
+            if unknown.contains(&m.id) {
+                let (source, destination) = reports.entry(m.id.clone()).or_default();
+                match m.role {
+                    MigrationRole::Source => *source = Some(m.clone()),
+                    MigrationRole::Destination => *destination = Some(m.clone()),
+                }
+                continue;
+            }
+            if m.role != MigrationRole::Source {
+                continue;
+            }
             if let Err(e) = save(c, m).await {
                 tracing::warn!(
                     "migration {}: cannot record it from host {}'s history: {}",
@@ -755,5 +939,43 @@ pub async fn import_histories(c: &Controller) {
                 );
             }
         }
+    }
+    for (source, destination) in reports.into_values() {
+        reconcile_imported(c, source, destination).await;
+    }
+}
+
+/// A migration recorded `unknown`, as its source and its destination report it (`None`: not
+/// in the histories read): the record takes the one that settles it ([`crate::queue::settle`]:
+/// `completed` from either wins).
+async fn reconcile_imported(
+    c: &Controller,
+    source: Option<MigrationRecord>,
+    destination: Option<MigrationRecord>,
+) {
+    let decided = match crate::queue::settle(
+        source.as_ref().map(|m| m.outcome),
+        destination.as_ref().map(|m| m.outcome),
+    ) {
+        Some(crate::queue::Side::Source) => source,
+        Some(crate::queue::Side::Destination) => destination,
+        None => None,
+    };
+    let Some(m) = decided else { return };
+    let host = if m.role == MigrationRole::Source { &m.source } else { &m.destination };
+    match c.store.reconcile_unknown(&m, unix_ms()).await {
+        Ok(true) => {
+            tracing::info!(
+                "migration {}: host {host} answered again: {} ({}); the unknown record takes it",
+                m.id,
+                m.outcome.as_str(),
+                m.reason_code
+            );
+            if m.outcome != MigrationOutcome::Active {
+                c.wake.notify_one();
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!("migration {}: cannot reconcile it: {}", m.id, error_chain(&e)),
     }
 }

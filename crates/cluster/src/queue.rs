@@ -9,6 +9,93 @@
 //!
 //! The functions here are pure: the counts come from the controller's history (its
 //! `active` migrations, those started on a host directly included).
+//!
+//! A migration whose hosts both stop answering does not keep its slots forever: once neither
+//! its source nor its destination has answered about it for [`HOST_LOST_AFTER`] ([`Silence`]),
+//! the controller records it `unknown` (reason code `host_lost`), which no longer counts
+//! against the limits; the record takes the hosts' outcome once one of them answers again
+//! ([`settle`]: the hosts are the authority, and a `completed` from either side wins).
+
+use std::time::Duration;
+
+use ferry_host_api::MigrationOutcome;
+
+/// How long both hosts of an active migration may stay silent (no answer from either about
+/// it: refused or timed-out connections, a frozen or dead daemon) before the controller
+/// records it `unknown` (`host_lost`) and frees its slots. Five times the heartbeat silence
+/// that makes a host `not_responding` (6 s): a migration is not given up on because one
+/// heartbeat was late.
+pub const HOST_LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// When the hosts of one active migration last answered about it, as its follower saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Silence {
+    last_answer_ms: u64,
+    bound_ms: u64,
+}
+
+/// What the follower does about an active migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A host answered recently enough: go on following.
+    Follow,
+    /// Neither host answered for `silent_ms` (at least the bound): record it `unknown`.
+    Lost {
+        /// How long they have been silent.
+        silent_ms: u64,
+    },
+}
+
+impl Silence {
+    /// Following starts at `now_ms` (counted as an answer: the migration was just seen
+    /// active), with `bound` ([`HOST_LOST_AFTER`] in the controller).
+    pub fn new(now_ms: u64, bound: Duration) -> Silence {
+        Silence { last_answer_ms: now_ms, bound_ms: bound.as_millis() as u64 }
+    }
+
+    /// The source or the destination answered about it at `now_ms` (with its record, without
+    /// one, or with an error status: a daemon that answers is not lost).
+    pub fn answered(&mut self, now_ms: u64) {
+        self.last_answer_ms = self.last_answer_ms.max(now_ms);
+    }
+
+    /// The verdict at `now_ms`.
+    pub fn verdict(&self, now_ms: u64) -> Verdict {
+        let silent_ms = now_ms.saturating_sub(self.last_answer_ms);
+        if silent_ms >= self.bound_ms {
+            Verdict::Lost { silent_ms }
+        } else {
+            Verdict::Follow
+        }
+    }
+}
+
+/// Which host's record of a migration the controller takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The source's record.
+    Source,
+    /// The destination's record.
+    Destination,
+}
+
+/// Whose record decides a migration, from what its source and destination each report
+/// (`None`: no answer, or no record): a `completed` from either (the VM runs on the
+/// destination, which holds its lock), else the source's, else the destination's once it
+/// has ended there (a destination still receiving says nothing the source would not); `None`
+/// when neither decides.
+pub fn settle(source: Option<MigrationOutcome>, destination: Option<MigrationOutcome>) -> Option<Side> {
+    use MigrationOutcome::{Active, Completed, Queued, Unknown};
+    // Neither host records `queued` or `unknown`: such a report decides nothing.
+    let source = source.filter(|o| !matches!(o, Queued | Unknown));
+    let destination = destination.filter(|o| !matches!(o, Queued | Unknown));
+    match (source, destination) {
+        (_, Some(Completed)) if source != Some(Completed) => Some(Side::Destination),
+        (Some(_), _) => Some(Side::Source),
+        (None, Some(o)) if o != Active => Some(Side::Destination),
+        _ => None,
+    }
+}
 
 /// The limits (`[limits]` in the controller's configuration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +238,63 @@ mod tests {
         assert_eq!(plan(TWO, &running, &q), vec![1, 3]);
         // The two started fill d's incoming slots: a later one to d waits.
         assert_eq!(plan(TWO, &running, &[p("c", "d"), p("e", "d"), p("f", "d")]), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_migration_is_lost_only_after_both_hosts_were_silent_for_the_bound() {
+        let bound = Duration::from_secs(30);
+        let mut s = Silence::new(1_000, bound);
+        assert_eq!(s.verdict(1_000), Verdict::Follow);
+        assert_eq!(s.verdict(30_999), Verdict::Follow);
+        assert_eq!(s.verdict(31_000), Verdict::Lost { silent_ms: 30_000 });
+        // One answer (either host) starts the count again.
+        s.answered(20_000);
+        assert_eq!(s.verdict(31_000), Verdict::Follow);
+        assert_eq!(s.verdict(49_999), Verdict::Follow);
+        assert_eq!(s.verdict(50_000), Verdict::Lost { silent_ms: 30_000 });
+        // An answer seen late (an older time) does not move the count back.
+        s.answered(10_000);
+        assert_eq!(s.verdict(50_000), Verdict::Lost { silent_ms: 30_000 });
+        // A clock that seems to go back is no silence.
+        assert_eq!(s.verdict(5_000), Verdict::Follow);
+        // The controller's bound is longer than a host's not_responding silence.
+        let not_responding = ferry_cluster_api::HEARTBEAT_INTERVAL_MS * ferry_cluster_api::MISSED_HEARTBEATS;
+        assert!(HOST_LOST_AFTER.as_millis() as u64 > not_responding);
+    }
+
+    #[test]
+    fn the_hosts_records_settle_it_and_completed_always_wins() {
+        use MigrationOutcome::*;
+        // Completed from either side wins, whatever the other says.
+        assert_eq!(settle(Some(Failed), Some(Completed)), Some(Side::Destination));
+        assert_eq!(settle(None, Some(Completed)), Some(Side::Destination));
+        assert_eq!(settle(Some(Active), Some(Completed)), Some(Side::Destination));
+        assert_eq!(settle(Some(Completed), Some(Failed)), Some(Side::Source));
+        assert_eq!(settle(Some(Completed), None), Some(Side::Source));
+        // Otherwise the source's record.
+        assert_eq!(settle(Some(Failed), Some(Failed)), Some(Side::Source));
+        assert_eq!(settle(Some(Active), None), Some(Side::Source));
+        assert_eq!(settle(Some(Cancelled), Some(Active)), Some(Side::Source));
+        // The destination's alone only once it has ended there.
+        assert_eq!(settle(None, Some(Failed)), Some(Side::Destination));
+        assert_eq!(settle(None, Some(Active)), None);
+        assert_eq!(settle(None, None), None);
+        // The controller's own outcomes decide nothing.
+        assert_eq!(settle(Some(Unknown), Some(Queued)), None);
+        assert_eq!(settle(Some(Queued), Some(Failed)), Some(Side::Destination));
+        // Never failed where a host says completed.
+        for s in [None, Some(Active), Some(Failed), Some(Refused), Some(Cancelled), Some(Completed)] {
+            for d in [None, Some(Active), Some(Failed), Some(Refused), Some(Cancelled), Some(Completed)] {
+                let taken = match settle(s, d) {
+                    Some(Side::Source) => s,
+                    Some(Side::Destination) => d,
+                    None => None,
+                };
+                if s == Some(Completed) || d == Some(Completed) {
+                    assert_eq!(taken, Some(Completed), "{s:?} {d:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -171,9 +171,45 @@ async fn only_active(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if c.leader.is_active() || path == paths::LEADER || path == paths::OPENAPI {
+    if path == paths::LEADER || path == paths::OPENAPI {
         return next.run(request).await;
     }
+    if c.leader.is_active() {
+        return until_fenced(&c, next.run(request)).await;
+    }
+    not_active(&c)
+}
+
+/// `answer`, unless this controller stops being active first (it could not renew its leader
+/// lease: its database is down or hangs): then the request is dropped where it stands and
+/// answered `not_active`, so that no request outlives the self-fencing bound (docs/cluster.md
+/// "Faults") and a fenced controller acts no more.
+async fn until_fenced(c: &Controller, answer: impl std::future::Future<Output = Response>) -> Response {
+    let mut status = c.leader.subscribe();
+    // The term it answers in: a step-down and a new term in between count too.
+    let term = status.borrow().term;
+    let fenced = async {
+        loop {
+            let now = status.borrow_and_update().clone();
+            if now.role != ControllerRole::Active || now.term != term {
+                return;
+            }
+            if status.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = answer => r,
+        () = fenced => {
+            tracing::warn!("controller {}: stepped down while answering a request; answered not_active", c.name);
+            not_active(c)
+        }
+    }
+}
+
+/// The `not_active` answer (503) with the active controller's URL when one holds the lease.
+fn not_active(c: &Controller) -> Response {
     let status = c.leader.status();
     let (active, active_url) = match status.holder {
         Some((name, url, _)) if name != c.name => (Some(name), Some(url)),
@@ -183,10 +219,20 @@ async fn only_active(
         (Some(name), Some(url)) => {
             format!("controller {} is a standby; the active controller is {name} at {url}", c.name)
         }
-        _ => format!(
-            "controller {} is a standby and no controller holds the leader lease now (a takeover takes a few seconds); try again",
-            c.name
-        ),
+        _ => match c.leader.database_fault() {
+            // Fenced: its database is down or hangs (docs/cluster.md "Faults").
+            Some((for_, why)) => format!(
+                "controller {} cannot reach its database for {:.1} s ({why}), so it acts no more (it \
+                 holds no leader lease); the hosts and their VMs go on without it; try again once the \
+                 database is back",
+                c.name,
+                for_.as_secs_f64()
+            ),
+            None => format!(
+                "controller {} is a standby and no controller holds the leader lease now (a takeover takes a few seconds); try again",
+                c.name
+            ),
+        },
     };
     let body = NotActive {
         code: ErrorCode::NotActive,
@@ -444,13 +490,14 @@ async fn migrations(State(c): State<Shared>, RawQuery(q): RawQuery) -> Result<Js
             ("failed", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Failed),
             ("queued", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Queued),
             ("cancelled", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Cancelled),
+            ("unknown", _) => filter.outcome = Some(ferry_host_api::MigrationOutcome::Unknown),
             ("vm", v) if !v.is_empty() => filter.vm = Some(v.to_string()),
             ("host", v) if !v.is_empty() => filter.host = Some(v.to_string()),
             _ => {
                 return Err(Failure::new(
                     ErrorCode::BadRequest,
                     format!(
-                    "unknown query parameter {kv:?} (active, failed, queued, cancelled, vm=NAME, host=NAME)"
+                    "unknown query parameter {kv:?} (active, failed, queued, cancelled, unknown, vm=NAME, host=NAME)"
                 ),
                 ))
             }

@@ -683,6 +683,11 @@ pub enum MigrationOutcome {
     /// Waiting in the controller's queue for a free slot (the controller's history only;
     /// a host never records it).
     Queued,
+    /// The controller lost track of it: its source and destination both stopped answering
+    /// for longer than the controller's bound (reason code `host_lost`). Not an end: the
+    /// record takes the hosts' outcome once one of them answers again (the controller's
+    /// history only; a host never records it).
+    Unknown,
 }
 
 impl MigrationOutcome {
@@ -695,6 +700,7 @@ impl MigrationOutcome {
             MigrationOutcome::Refused => "refused",
             MigrationOutcome::Cancelled => "cancelled",
             MigrationOutcome::Queued => "queued",
+            MigrationOutcome::Unknown => "unknown",
         }
     }
 
@@ -707,6 +713,7 @@ impl MigrationOutcome {
             "refused" => MigrationOutcome::Refused,
             "cancelled" => MigrationOutcome::Cancelled,
             "queued" => MigrationOutcome::Queued,
+            "unknown" => MigrationOutcome::Unknown,
             _ => return None,
         })
     }

@@ -168,4 +168,55 @@ impl Store {
         tx.commit().await.map_err(self.sql())?;
         Ok(true)
     }
+
+    /// A migration recorded `unknown` (its hosts went silent: `host_lost`) takes the outcome a
+    /// host reports now (`m`: `active` again, or how it ended), with an event `reconciled`.
+    /// Nothing happens unless its row is `unknown` (an end recorded otherwise is kept) or when
+    /// `m` is itself `queued` or `unknown`; whether it changed.
+    pub async fn reconcile_unknown(&self, m: &MigrationRecord, now_ms: u64) -> Result<bool, Error> {
+        if matches!(m.outcome, MigrationOutcome::Queued | MigrationOutcome::Unknown) {
+            return Ok(false);
+        }
+        let damaged = |reason: String| Error::Damaged { table: "migrations", key: m.id.clone(), reason };
+        let record = serde_json::to_string(m).map_err(|e| damaged(e.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(self.sql())?;
+        // The write first: on SQLite the transaction holds the write lock from its start.
+        let done = sqlx::query(
+            "UPDATE migrations SET ended_unix_ms = $2, outcome = $3, reason_code = $4, record = $5
+             WHERE id = $1 AND outcome = $6",
+        )
+        .bind(&m.id)
+        .bind(m.ended_unix_ms.map(|t| t as i64))
+        .bind(m.outcome.as_str())
+        .bind(&m.reason_code)
+        .bind(record)
+        .bind(MigrationOutcome::Unknown.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(self.sql())?;
+        if done.rows_affected() == 0 {
+            tx.commit().await.map_err(self.sql())?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO migration_events (migration_id, seq, at_unix_ms, kind, message)
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, 'reconciled', $3 FROM migration_events WHERE migration_id = $1",
+        )
+        .bind(&m.id)
+        .bind(now_ms as i64)
+        .bind(format!(
+            "a host answered again: {} ({}) from host {}'s history",
+            m.outcome.as_str(),
+            m.reason_code,
+            match m.role {
+                ferry_host_api::MigrationRole::Source => &m.source,
+                ferry_host_api::MigrationRole::Destination => &m.destination,
+            }
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(self.sql())?;
+        tx.commit().await.map_err(self.sql())?;
+        Ok(true)
+    }
 }

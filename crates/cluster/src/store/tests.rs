@@ -559,3 +559,43 @@ fn stores_opened_at_once_on_a_new_database_apply_the_schema_once() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+/// A migration lost with its hosts (`unknown`) is not kept as an end: the outcome a host
+/// reports later replaces it (with an event `reconciled`), once; other ends are kept.
+#[test]
+fn an_unknown_migration_takes_the_outcome_a_host_reports_later() {
+    on_both(|store| async move {
+        store.record_migration(&record("m1", MigrationOutcome::Active, 100), 100).await.expect("active");
+        let mut lost = record("m1", MigrationOutcome::Active, 100);
+        lost.outcome = MigrationOutcome::Unknown;
+        lost.reason_code = "host_lost".into();
+        store.record_migration(&lost, 200).await.expect("unknown");
+        let by_id = MigrationFilter { id: Some("m1".into()), ..Default::default() };
+        assert_eq!(store.migrations(&by_id).await.expect("m1")[0].outcome, MigrationOutcome::Unknown);
+        // The ordinary recording keeps it (as it keeps every end) ...
+        store.record_migration(&record("m1", MigrationOutcome::Failed, 100), 300).await.expect("kept");
+        assert_eq!(store.migrations(&by_id).await.expect("m1")[0].outcome, MigrationOutcome::Unknown);
+        // ... the reconciliation takes the host's.
+        assert!(!store.reconcile_unknown(&lost, 350).await.expect("unknown is no answer"));
+        let done = record("m1", MigrationOutcome::Completed, 100);
+        assert!(store.reconcile_unknown(&done, 400).await.expect("reconciled"));
+        let now = store.migrations(&by_id).await.expect("m1");
+        assert_eq!((now[0].outcome, now[0].ended_unix_ms), (MigrationOutcome::Completed, Some(110)));
+        let kinds: Vec<String> =
+            store.migration_events("m1").await.expect("events").into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["recorded", "unknown", "reconciled"]);
+        // Once: a later report changes nothing.
+        assert!(!store
+            .reconcile_unknown(&record("m1", MigrationOutcome::Failed, 100), 500)
+            .await
+            .expect("no"));
+        let completed = MigrationFilter { outcome: Some(MigrationOutcome::Completed), ..Default::default() };
+        assert_eq!(store.migrations(&completed).await.expect("completed").len(), 1);
+        // An active migration is not touched by it.
+        store.record_migration(&record("m2", MigrationOutcome::Active, 600), 600).await.expect("m2");
+        assert!(!store
+            .reconcile_unknown(&record("m2", MigrationOutcome::Failed, 600), 700)
+            .await
+            .expect("no"));
+    });
+}

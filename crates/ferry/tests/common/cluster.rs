@@ -237,3 +237,51 @@ impl Controller {
         serde_json::from_slice(&out.stdout).expect("json")
     }
 }
+
+/// `GET URL` with the CLI's identity, from one controller (no failover): its status and JSON
+/// body (status 0 and the error when it cannot be reached). Bounded: 2 s to connect, 10 s in
+/// all.
+pub fn raw_get(url: &str) -> (u16, serde_json::Value) {
+    let client = ferry_pki::BlockingClient::new(&cluster().client)
+        .expect("client")
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10));
+    match client.get(url) {
+        Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)),
+        Err(e) => (0, serde_json::json!({ "error": e.to_string() })),
+    }
+}
+
+/// Sends `signal` to the process `pid` the test started (SIGSTOP freezes a daemon: it keeps
+/// its sockets and answers nothing; SIGCONT lets it go on).
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: a signal to a process this test started.
+    let r = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(r, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+}
+
+/// The migration id a source daemon's log names on the line containing `marker` (`migration
+/// ID: ...`), once it is there.
+pub fn migration_id_at(log: &str, marker: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains(marker))?;
+    let head = &line[..line.find(marker)?];
+    Some(head.rsplit("migration ").next()?.trim().to_string())
+}
+
+impl Controller {
+    /// Starts it without waiting for anything (several controllers started at the same
+    /// moment); [`Controller::wait_leader_report`] then waits until it answers.
+    pub fn spawn_now(&mut self) {
+        self.spawn();
+    }
+
+    /// Waits until it answers `ferry cluster leader` (standbys answer it too); fails if it
+    /// exits first.
+    pub fn wait_leader_report(&mut self) {
+        self.wait_answering(&["leader"]);
+    }
+
+    /// Whether its process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
