@@ -20,7 +20,9 @@ ones with their live progress (the source host's figures, which the controller f
 
 STATE is `queued N` (waiting for a slot: at most [limits] per_host migrations leave a host
 and per_host arrive at one, per_cluster in the cluster; the rest wait in FIFO order),
-`running pass K`, `completed`, `failed`, `refused` (by the checks) or `cancelled`. PROGRESS is
+`running pass K`, `completed`, `failed`, `refused` (by the checks), `cancelled` or `unknown`
+(both hosts stopped answering while it ran: its slot is freed, and the hosts' records settle
+it when they answer again; `watch` waits for that). PROGRESS is
 the share of the guest's memory not waiting to be sent in the current pass; ETA and
 EXP.DOWNTIME are the source VMM's estimates during pre-copy; OUTCOME is the reason code.
 
@@ -79,7 +81,7 @@ pub struct IdArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only those running.
-    #[arg(long, conflicts_with_all = ["failed", "queued", "cancelled"])]
+    #[arg(long, conflicts_with_all = ["failed", "queued", "cancelled", "unknown"])]
     pub active: bool,
     /// Only failed ones (refused by the checks included).
     #[arg(long, conflicts_with_all = ["queued", "cancelled"])]
@@ -88,8 +90,12 @@ pub struct ListArgs {
     #[arg(long, conflicts_with = "cancelled")]
     pub queued: bool,
     /// Only cancelled ones.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "unknown")]
     pub cancelled: bool,
+    /// Only those whose hosts both stopped answering while they ran (outcome `unknown`,
+    /// reason `host_lost`; settled from the hosts' records when they answer again).
+    #[arg(long, conflicts_with_all = ["failed", "queued"])]
+    pub unknown: bool,
     /// Only this VM's.
     #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
@@ -148,6 +154,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         (args.failed, "failed"),
         (args.queued, "queued"),
         (args.cancelled, "cancelled"),
+        (args.unknown, "unknown"),
     ] {
         if on {
             query.push(word.to_string());
@@ -369,6 +376,11 @@ pub fn follow(ctl: &crate::cluster::Controller, id: &str, json: bool) -> anyhow:
                         Some(p) => format!("running: {}", progress_line(p)),
                         None => "running".into(),
                     },
+                    // Not an end: the hosts decide once they answer again.
+                    MigrationOutcome::Unknown => format!(
+                        "unknown: neither host answers ({}); waiting for them to say how it ended",
+                        r.reason_code
+                    ),
                     _ => break d,
                 };
                 if line != last {

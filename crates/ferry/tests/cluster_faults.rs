@@ -202,6 +202,13 @@ fn host_lost(tag: &str, database: Option<&str>) {
     // Still unknown (the hosts have not answered).
     let still = ctl.json(&["migration", &web]);
     assert_eq!(still["record"]["outcome"], "unknown", "{still}");
+    let listed = ctl.json(&["migrations", "--unknown"]);
+    let rows = listed["migrations"].as_array().expect("migrations");
+    assert!(
+        rows.iter().any(|m| m["id"] == web.as_str() && m["state"] == "unknown"),
+        "ferry migrations --unknown: {listed}"
+    );
+    assert!(rows.iter().all(|m| m["outcome"] == "unknown"), "{listed}");
 
     // Both daemons go on: A ends the migration, and the controller takes the hosts' outcome.
     signal(b_pid, libc::SIGCONT);
