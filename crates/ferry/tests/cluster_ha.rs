@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{ferry, Controller};
-use common::hostd::{cluster, wait_console, Hostd};
+use common::cluster::{ferry, raw_get, Controller};
+use common::hostd::{wait_console, Hostd};
 use common::{require_kvm, require_root, wait_timeout};
 use ferry_cluster::testing::TestDatabase;
 
@@ -47,17 +47,6 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-/// `GET URL` with the CLI's identity: status and JSON body (no failover: what this one
-/// controller answers).
-fn raw_get(url: &str) -> (u16, serde_json::Value) {
-    let client = ferry_pki::BlockingClient::new(&cluster().client)
-        .expect("client")
-        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10));
-    match client.get(url) {
-        Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)),
-        Err(e) => (0, serde_json::json!({ "error": e.to_string() })),
-    }
-}
 
 /// `ferry cluster ARGS --server SERVERS`.
 fn cli(servers: &str, args: &[&str]) -> std::process::Output {
