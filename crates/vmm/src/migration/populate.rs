@@ -24,8 +24,14 @@
 //! begins, up to `window` bytes of zero pages are populated that a plain receive would have
 //! left unbacked (at most one window per such stretch).
 //!
-//! `FERRY_POPULATE_AHEAD` (read by the receiving VMM) sets the window in MiB; `0` or `off`
-//! turns the helper off (for side-by-side measurements).
+//! The receive lands in small pages (`memory::create_small`; huge pages are advised once the
+//! memory is in): a fault that must find a free 2 MiB block can make the kernel compact
+//! memory on the spot, which on a host whose RAM is full of page cache cost more than the
+//! receive itself (docs/migration.md, "The receive").
+//!
+//! Two environment variables of the receiving VMM exist for side-by-side measurements:
+//! `FERRY_POPULATE_AHEAD` sets the window in MiB (`0` or `off`: no helper) and
+//! `FERRY_RECEIVE_PAGES=huge` receives into memory advised for huge pages, as before.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -42,6 +48,8 @@ pub const CHUNK: u64 = 2 << 20;
 pub const DEFAULT_WINDOW: u64 = 16 << 20;
 /// The environment variable that sets the window (MiB; `0` or `off`: no helper).
 pub const ENV: &str = "FERRY_POPULATE_AHEAD";
+/// The environment variable that chooses the pages the receive lands in (`small`, `huge`).
+pub const PAGES_ENV: &str = "FERRY_RECEIVE_PAGES";
 /// The longest the helper sleeps without looking at the frontier and its stop flag (a
 /// wake-up can be missed between its check and its park; this bounds the cost).
 const NAP: Duration = Duration::from_millis(5);
@@ -108,6 +116,21 @@ impl Window {
                 return Step::Populate { addr: at, len: chunk_end - at };
             }
             at = end;
+        }
+    }
+}
+
+/// Whether the receive lands pages in small pages (`memory::create_small`, the default) or
+/// in memory advised for huge pages from the start ([`PAGES_ENV`]`=huge`, for side-by-side
+/// measurements).
+pub fn small_pages_from_env() -> bool {
+    match std::env::var(PAGES_ENV) {
+        Err(_) => true,
+        Ok(v) if v.trim().eq_ignore_ascii_case("small") => true,
+        Ok(v) if v.trim().eq_ignore_ascii_case("huge") => false,
+        Ok(v) => {
+            tracing::warn!("{PAGES_ENV}={v:?} is not \"small\" or \"huge\": receiving into small pages");
+            true
         }
     }
 }

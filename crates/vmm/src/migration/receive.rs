@@ -589,8 +589,14 @@ impl Receiver {
         // switchover).
         let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
             .map_err(|e| Error::Check(Check::Disks, error_chain(&e)))?;
-        let mem = memory::create(cfg.description.memory)
-            .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
+        // Small pages for the receive (huge ones advised once it is in): `memory::create_small`.
+        let small = populate::small_pages_from_env();
+        let mem = if small {
+            memory::create_small(cfg.description.memory)
+        } else {
+            memory::create(cfg.description.memory)
+        }
+        .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(Check::Host, error_chain(&e)))?;
         self.enter(Phase::Reserved);
         self.status.describe(&cfg.description);
@@ -617,6 +623,9 @@ impl Receiver {
             s.set_write_timeout(Some(stall)).map_err(wire::Error::Io)?;
         }
         let snap = self.receive_memory(&mem, &extra)?;
+        if small {
+            memory::advise_huge(&mem);
+        }
         // From here on this side holds the VM's whole state. If the connection breaks now the
         // source may have died, and this may be the only copy: the lock (free only if the
         // source let the VM go or died) and the generation decide, not the connection.
