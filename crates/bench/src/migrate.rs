@@ -14,6 +14,12 @@
 //! and downtime, it reports what the guest felt: memstress passes per second on the source
 //! while the migration ran, or dirtier's own rate and longest pause.
 //!
+//! The throughput references after the runs: one plain TCP stream, and one stream into fresh
+//! memory twice, advised for huge pages and in small pages (the destination receives into
+//! small pages: `ferry_vmm::memory::create_small`). When the destination's populate-ahead
+//! helper runs (`FERRY_POPULATE_AHEAD`, inherited by the receiving `ferry`), the report says
+//! what it populated and the time it took, read from the destination's log.
+//!
 //! `--guest dirtier` is the fast-dirtying scenario: the dirtier guest (1 GiB, no initrd,
 //! wss=128M) rewrites one stamp per page of its working set from ring 3 at native speed;
 //! QEMU runs plain and with XBZRLE and auto-converge after each Ferry run; and each side

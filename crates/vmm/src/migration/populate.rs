@@ -29,9 +29,12 @@
 //! memory on the spot, which on a host whose RAM is full of page cache cost more than the
 //! receive itself (docs/migration.md, "The receive").
 //!
-//! Two environment variables of the receiving VMM exist for side-by-side measurements:
-//! `FERRY_POPULATE_AHEAD` sets the window in MiB (`0` or `off`: no helper) and
-//! `FERRY_RECEIVE_PAGES=huge` receives into memory advised for huge pages, as before.
+//! The helper is off unless `FERRY_POPULATE_AHEAD` (read by the receiving VMM) is `on` or a
+//! window in MiB: on the 2-core reference machine, where the source's vCPU holds one core,
+//! it competed with the receive and the guest for the other and made migrations slower; a
+//! destination with an idle core is where it can pay. `FERRY_RECEIVE_PAGES=huge` receives
+//! into memory advised for huge pages from the start, as before (for side-by-side
+//! measurements).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -44,7 +47,7 @@ use crate::memory::GuestMemory;
 
 /// The unit populated at a time: one transparent huge page.
 pub const CHUNK: u64 = 2 << 20;
-/// How far ahead of the receive the helper populates by default.
+/// The window when [`ENV`] names none in MiB (`on`).
 pub const DEFAULT_WINDOW: u64 = 16 << 20;
 /// The environment variable that sets the window (MiB; `0` or `off`: no helper).
 pub const ENV: &str = "FERRY_POPULATE_AHEAD";
@@ -135,23 +138,29 @@ pub fn small_pages_from_env() -> bool {
     }
 }
 
-/// The window the receiving VMM uses: [`ENV`] in MiB if set (`None`: off), else
-/// [`DEFAULT_WINDOW`]. A value that is not a number is ignored with a warning.
+/// The window the receiving VMM uses: off (`None`) unless [`ENV`] is `on` or a number of
+/// MiB. Off by default: on the 2-core reference machine, where the source's vCPU holds a
+/// core, the helper made migrations slower (docs/migration.md, "The receive"). A value that
+/// is not understood is ignored with a warning.
 pub fn window_from_env() -> Option<u64> {
     match std::env::var(ENV) {
-        Err(_) => Some(DEFAULT_WINDOW),
+        Err(_) => None,
         Ok(v) => parse_window(&v).unwrap_or_else(|| {
-            tracing::warn!("{ENV}={v:?} is not a size in MiB or \"off\": using the default");
-            Some(DEFAULT_WINDOW)
+            tracing::warn!("{ENV}={v:?} is not a size in MiB, \"on\" or \"off\": populating nothing ahead");
+            None
         }),
     }
 }
 
-/// `off` or `0`: `Some(None)`; a number of MiB: that window; anything else: `None`.
+/// `off` or `0`: `Some(None)`; `on`: the default window; a number of MiB: that window;
+/// anything else: `None`.
 fn parse_window(v: &str) -> Option<Option<u64>> {
     let v = v.trim();
     if v.eq_ignore_ascii_case("off") {
         return Some(None);
+    }
+    if v.eq_ignore_ascii_case("on") {
+        return Some(Some(DEFAULT_WINDOW));
     }
     let mib: u64 = v.parse().ok()?;
     Some((mib > 0).then(|| mib.saturating_mul(1 << 20)))
@@ -361,6 +370,7 @@ mod tests {
     #[test]
     fn parses_the_window() {
         assert_eq!(parse_window("off"), Some(None));
+        assert_eq!(parse_window("On"), Some(Some(DEFAULT_WINDOW)));
         assert_eq!(parse_window(" 0 "), Some(None));
         assert_eq!(parse_window("32"), Some(Some(32 * MIB)));
         assert_eq!(parse_window("32M"), None);
