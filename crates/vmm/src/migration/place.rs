@@ -366,6 +366,7 @@ mod tests {
         let ahead = Ahead::new(&mem, 4 << 20);
         let p = Placer::new(&mem).with_ahead(Some(&ahead));
         std::thread::scope(|s| {
+            let _stop = ahead.finish_on_drop();
             let helper = s.spawn(|| ahead.run());
             // Data in runs of 100 pages from 1 MiB on, a zero marker over every 7th page.
             for run in 0..pages / 100 {

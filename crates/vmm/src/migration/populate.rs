@@ -248,6 +248,12 @@ impl<'a> Ahead<'a> {
         }
     }
 
+    /// A guard that stops the helper when dropped, so that a receive that ends any way,
+    /// unwinding included, never leaves a scope waiting for it.
+    pub fn finish_on_drop(&self) -> FinishOnDrop<'_, 'a> {
+        FinishOnDrop(self)
+    }
+
     /// What the helper has done so far.
     pub fn populated(&self) -> Populated {
         Populated {
@@ -295,6 +301,16 @@ impl<'a> Ahead<'a> {
         self.ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Stops the helper when dropped ([`Ahead::finish_on_drop`]).
+#[derive(Debug)]
+pub struct FinishOnDrop<'h, 'a>(&'h Ahead<'a>);
+
+impl Drop for FinishOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

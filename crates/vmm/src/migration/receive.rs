@@ -826,13 +826,12 @@ impl Receiver {
             }
             // Populates guest memory ahead of the first pass; scoped: joined below whatever
             // happens to the receive.
+            let stop_helper = ahead.as_ref().map(Ahead::finish_on_drop);
             let helper = ahead.as_ref().map(|a| {
                 std::thread::Builder::new().name("populate-ahead".into()).spawn_scoped(s, move || a.run())
             });
             let first = self.receive_first_stream(&placer, extra.len() + 1);
-            if let Some(a) = &ahead {
-                a.finish();
-            }
+            drop(stop_helper);
             // The state is in (or this failed): the extra streams have nothing more to say.
             done.store(true, Ordering::SeqCst);
             for stream in extra {
