@@ -31,8 +31,9 @@
 //!
 //! The helper is off unless `FERRY_POPULATE_AHEAD` (read by the receiving VMM) is `on` or a
 //! window in MiB: on the 2-core reference machine, where the source's vCPU holds one core,
-//! it competed with the receive and the guest for the other and made migrations slower; a
-//! destination with an idle core is where it can pay. `FERRY_RECEIVE_PAGES=huge` receives
+//! it competes with the receive and the guest for the other; it paid there when the machine
+//! was quiet and cost up to twice the time when it was busy. A destination with an idle
+//! core is where it should pay. `FERRY_RECEIVE_PAGES=huge` receives
 //! into memory advised for huge pages from the start, as before (for side-by-side
 //! measurements).
 
@@ -140,8 +141,9 @@ pub fn small_pages_from_env() -> bool {
 
 /// The window the receiving VMM uses: off (`None`) unless [`ENV`] is `on` or a number of
 /// MiB. Off by default: on the 2-core reference machine, where the source's vCPU holds a
-/// core, the helper made migrations slower (docs/migration.md, "The receive"). A value that
-/// is not understood is ignored with a warning.
+/// core, the helper made migrations faster when the machine was quiet and up to twice as
+/// slow when it was busy (docs/migration.md, "The receive"). A value that is not understood
+/// is ignored with a warning.
 pub fn window_from_env() -> Option<u64> {
     match std::env::var(ENV) {
         Err(_) => None,
