@@ -14,6 +14,12 @@
 //! and downtime, it reports what the guest felt: memstress passes per second on the source
 //! while the migration ran, or dirtier's own rate and longest pause.
 //!
+//! The throughput references after the runs: one plain TCP stream, and one stream into fresh
+//! memory twice, advised for huge pages and in small pages (the destination receives into
+//! small pages: `ferry_vmm::memory::create_small`). When the destination's populate-ahead
+//! helper runs (`FERRY_POPULATE_AHEAD`, inherited by the receiving `ferry`), the report says
+//! what it populated and the time it took, read from the destination's log.
+//!
 //! `--guest dirtier` is the fast-dirtying scenario: the dirtier guest (1 GiB, no initrd,
 //! wss=128M) rewrites one stamp per page of its working set from ring 3 at native speed;
 //! QEMU runs plain and with XBZRLE and auto-converge after each Ferry run; and each side
@@ -199,6 +205,9 @@ struct Report {
     /// One TCP stream from populated memory into fresh memory (what pass 1 must do).
     tcp_into_fresh_memory_mb_s: f64,
     pass1_vs_fresh: f64,
+    /// The same into small pages (no huge-page advice), as the destination now receives.
+    tcp_into_fresh_small_pages_mb_s: f64,
+    pass1_vs_fresh_small: f64,
     /// What dirtier felt (pages/s before and during the migration, longest pause).
     guest_felt: Option<FeltSummary>,
     /// The same migration with QEMU, one entry per set of capabilities (plain first);
@@ -211,6 +220,10 @@ struct Report {
     cold_runs: usize,
     bandwidth_mib: u64,
     policy: String,
+    /// What the destination populated ahead of the first pass's receive, MiB, and the time
+    /// its helper spent doing it, ms (`None`: it did not run, `FERRY_POPULATE_AHEAD=off`).
+    populated_ahead_mib: Option<Summary>,
+    populate_ms: Option<Summary>,
 }
 
 /// QEMU's figures for the same guest, and Ferry's medians over QEMU's.
@@ -285,10 +298,11 @@ fn tcp_stream(dur: Duration) -> anyhow::Result<f64> {
 }
 
 /// MB/s of one TCP stream on loopback carrying `mib` MiB from populated memory into fresh
-/// memory (never touched, advised for transparent huge pages), the way a migration's first
-/// pass must: no warm 2 MiB buffers on either side, every byte received lands on a page the
-/// kernel has to allocate. Median of three; no guest runs meanwhile.
-fn tcp_into_fresh_memory(mib: usize) -> anyhow::Result<f64> {
+/// memory (never touched; advised for transparent huge pages if `huge`, else small pages),
+/// the way a migration's first pass must: no warm 2 MiB buffers on either side, every byte
+/// received lands on a page the kernel has to allocate. Median of three; no guest runs
+/// meanwhile.
+fn tcp_into_fresh_memory(mib: usize, huge: bool) -> anyhow::Result<f64> {
     let len = mib << 20;
     let src: std::sync::Arc<Vec<u8>> = std::sync::Arc::new((0..len).map(|i| (i ^ (i >> 12)) as u8).collect());
     let mut rates = Vec::new();
@@ -304,7 +318,7 @@ fn tcp_into_fresh_memory(mib: usize) -> anyhow::Result<f64> {
             Ok(())
         });
         let (mut r, _) = l.accept()?;
-        let fresh = FreshMemory::new(len, true)?;
+        let fresh = FreshMemory::new(len, huge)?;
         let t = Instant::now();
         // SAFETY: `fresh` is a private anonymous mapping of `len` bytes that nothing else
         // uses and that outlives the slice.
@@ -398,6 +412,17 @@ fn vcpu_ns(pid: u32, tid: u32) -> Option<u64> {
     s.split_whitespace().next()?.parse().ok()
 }
 
+/// What the destination's populate-ahead helper did, from its log line
+/// (`populated N MiB ahead of the receive (X ms)`): MiB and ms. `None` when it did not run
+/// (`FERRY_POPULATE_AHEAD=off`) or the line is not there.
+fn populated_ahead(log: &str) -> Option<(f64, f64)> {
+    let line = log.lines().find(|l| l.contains(" MiB ahead of the receive ("))?;
+    let (head, tail) = line.split_once(" MiB ahead of the receive (")?;
+    let mib = head.rsplit_once("populated ")?.1.trim().parse().ok()?;
+    let ms = tail.split_once(" ms)")?.0.trim().parse().ok()?;
+    Some((mib, ms))
+}
+
 fn one_run(
     ferry: &Path,
     dir: &Path,
@@ -464,6 +489,10 @@ fn one_run(
         let mut report: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("no report: {}", String::from_utf8_lossy(&out.stderr)))?;
         report["bench_vcpu_share"] = serde_json::json!(vcpu_share);
+        if let Some((mib, ms)) = populated_ahead(&std::fs::read_to_string(&dst_log).unwrap_or_default()) {
+            report["bench_populated_ahead_mib"] = serde_json::json!(mib);
+            report["bench_populate_ms"] = serde_json::json!(ms);
+        }
         report["bench_guest_passes_per_s"] = serde_json::json!(if took > 0.0 { guest / took } else { 0.0 });
         if report["status"] != "completed" {
             bail!("migration did not complete: {report}");
@@ -508,7 +537,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     let reports: Vec<&serde_json::Value> = runs.ferry.iter().map(|(r, _)| r).collect();
     let figures: Vec<&RunFigures> = runs.ferry.iter().map(|(_, f)| f).collect();
     let tcp = tcp_stream(Duration::from_secs(1))?;
-    let fresh = tcp_into_fresh_memory(args.initrd_mib as usize)?;
+    let fresh = tcp_into_fresh_memory(args.initrd_mib as usize, true)?;
+    let fresh_small = tcp_into_fresh_memory(args.initrd_mib as usize, false)?;
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
     let bytes: Vec<f64> = f("bytes_transferred").iter().map(|b| b / (1u64 << 20) as f64).collect();
     let passes: Vec<f64> =
@@ -527,6 +557,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         pass1_vs_tcp: pass1.median / tcp,
         tcp_into_fresh_memory_mb_s: fresh,
         pass1_vs_fresh: pass1.median / fresh,
+        tcp_into_fresh_small_pages_mb_s: fresh_small,
+        pass1_vs_fresh_small: pass1.median / fresh_small,
         pass1_mb_s: pass1,
         vcpu_share_pct: vcpu,
         streams: args.streams,
@@ -538,6 +570,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         cold_runs: figures.iter().filter(|f| f.cold).count(),
         bandwidth_mib: args.bandwidth_mib,
         policy: args.policy.clone(),
+        populated_ahead_mib: summary_of_present(&reports, "bench_populated_ahead_mib"),
+        populate_ms: summary_of_present(&reports, "bench_populate_ms"),
     };
     if let Some(q) = &runs.qemu_bin {
         report.qemu =
@@ -549,6 +583,12 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         print_report(args, &report);
     }
     Ok(())
+}
+
+/// The summary of `key` over the reports that have it; `None` if none has.
+fn summary_of_present(reports: &[&serde_json::Value], key: &str) -> Option<Summary> {
+    let v: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
+    (!v.is_empty()).then(|| Summary::of(&v))
 }
 
 fn print_report(args: &MigrateArgs, report: &Report) {
@@ -587,6 +627,13 @@ fn print_report(args: &MigrateArgs, report: &Report) {
     p("passes", &report.passes, "");
     p("pass 1 throughput", &report.pass1_mb_s, "MB/s");
     p("vCPU kept of a core", &report.vcpu_share_pct, "%");
+    match (&report.populated_ahead_mib, &report.populate_ms) {
+        (Some(mib), Some(ms)) => {
+            p("populated ahead (dest.)", mib, "MiB");
+            p("populate time (dest.)", ms, "ms");
+        }
+        _ => println!("{:<27} off or not logged (FERRY_POPULATE_AHEAD)", "populated ahead (dest.)"),
+    }
     if args.dirtier() {
         felt("", &report.guest_felt);
     } else {
@@ -605,6 +652,12 @@ fn print_report(args: &MigrateArgs, report: &Report) {
         "one stream, fresh memory",
         report.tcp_into_fresh_memory_mb_s,
         report.pass1_vs_fresh * 100.0
+    );
+    println!(
+        "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
+        "  the same, small pages",
+        report.tcp_into_fresh_small_pages_mb_s,
+        report.pass1_vs_fresh_small * 100.0
     );
     if report.qemu.is_empty() {
         if args.without_qemu {
@@ -887,4 +940,18 @@ fn qemu_report(
         total_ms,
         downtime_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_populate_line() {
+        let log = "2026-12-02T13:00:00Z INFO ferry_vmm: migration m-1: pass 1 received\n\
+                   2026-12-02T13:00:00Z INFO ferry_vmm::migration::receive: migration m-1: populated 542 MiB \
+                   ahead of the receive (201.5 ms)\n";
+        assert_eq!(populated_ahead(log), Some((542.0, 201.5)));
+        assert_eq!(populated_ahead("migration m-1: pass 1 received"), None);
+    }
 }

@@ -87,16 +87,36 @@ pub fn check_size(size: u64, host_ram: Option<u64>, phys_bits: u8) -> Result<(),
 
 /// Maps `size` bytes of guest memory (lazily: nothing is touched), asking for transparent
 /// huge pages: populating memory 2 MiB at a time is several times cheaper than 4 KiB at a
-/// time (loading an initrd, receiving a migration), and the guest takes fewer TLB misses.
-/// Without THP (disabled on the host) the memory works the same with small pages.
+/// time when the host has free 2 MiB blocks (loading an initrd), and the guest takes fewer
+/// TLB misses. Without THP (disabled on the host) the memory works the same with small pages.
 pub fn create(size: u64) -> Result<GuestMemory, Error> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mem = create_small(size)?;
+    advise_huge(&mem);
+    Ok(mem)
+}
+
+/// Maps `size` bytes of guest memory (lazily) without asking for huge pages: a migration's
+/// destination receives into it. A fault in memory advised for huge pages allocates a 2 MiB
+/// block, and when the host has none free (its RAM full of page cache, or fragmented) the
+/// kernel compacts or reclaims memory for it right there (`defrag` = `madvise`, the default),
+/// while the receive holds the socket; small pages need none of that. On the reference
+/// machine the receive ran several times faster in small pages (docs/migration.md, "The
+/// receive"). [`advise_huge`] advises huge pages once the memory has arrived, for what the
+/// guest touches later.
+pub fn create_small(size: u64) -> Result<GuestMemory, Error> {
     let ranges: Vec<(GuestAddress, usize)> =
         layout::ram_ranges(size).into_iter().map(|(a, l)| (a, l as usize)).collect();
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })?;
+    GuestMemory::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
+}
+
+/// Advises transparent huge pages for all of `mem` (see [`create`]): pages faulted in from
+/// now on come 2 MiB at a time where the host has them; pages present stay as they are
+/// (khugepaged may merge them later). Without THP on the host this changes nothing.
+pub fn advise_huge(mem: &GuestMemory) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for r in mem.iter() {
-        // SAFETY: advice on a mapping this function just created and owns; MADV_HUGEPAGE
-        // changes how the kernel backs it, not its contents or its validity.
+        // SAFETY: advice on a mapping of guest memory, which `mem` owns and keeps mapped;
+        // MADV_HUGEPAGE changes how the kernel backs it, not its contents or its validity.
         let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
         if rc != 0 {
             tracing::debug!(
@@ -105,7 +125,6 @@ pub fn create(size: u64) -> Result<GuestMemory, Error> {
             );
         }
     }
-    Ok(mem)
 }
 
 /// For each region, a bitmap (bit `i` of word `i / 64` = page `i`) of the pages that were
@@ -201,6 +220,40 @@ mod tests {
         assert!(!untouched(0x409), "a page read (the zero page is mapped)");
         assert!((512..1024).all(untouched) && (1536..4096).all(untouched));
         assert!(bits.iter().map(|w| w.count_ones()).sum::<u32>() >= 4096 - 2 * 512);
+    }
+
+    /// The `VmFlags` of the mapping that starts at `addr`, from `/proc/self/smaps`.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let start = format!("{addr:x}-");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if line.split_whitespace().next().is_some_and(|r| r.contains('-') && !r.ends_with(':')) {
+                inside = line.starts_with(&start);
+            } else if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    /// Memory for a receive is not advised for huge pages until `advise_huge`; `create`
+    /// advises it at once. (`hg` is the kernel's flag for MADV_HUGEPAGE.)
+    #[test]
+    fn small_pages_until_advised() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_small(16 << 20).expect("map");
+        let addr = mem.iter().next().expect("a region").as_ptr() as usize;
+        assert!(!vm_flags(addr).split(' ').any(|f| f == "hg"), "{}", vm_flags(addr));
+        mem.write_obj(7u64, GuestAddress(0x5000)).expect("write");
+        advise_huge(&mem);
+        assert!(vm_flags(addr).split(' ').any(|f| f == "hg"), "{}", vm_flags(addr));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x5000)).expect("read"), 7, "advice keeps data");
+        let mem = create(16 << 20).expect("map");
+        let addr = mem.iter().next().expect("a region").as_ptr() as usize;
+        assert!(vm_flags(addr).split(' ').any(|f| f == "hg"), "{}", vm_flags(addr));
     }
 
     #[test]

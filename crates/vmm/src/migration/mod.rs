@@ -16,6 +16,7 @@ mod link;
 pub mod managed;
 mod pass;
 mod place;
+mod populate;
 pub mod receive;
 pub mod send;
 mod splice;

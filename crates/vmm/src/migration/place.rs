@@ -15,6 +15,9 @@
 //! page comes once, on one stream, and passes do not overlap (the source waits for every
 //! stream's `PassAck`), so no two threads touch the same page; the record of written
 //! pages is atomic because neighbouring pages share its words.
+//!
+//! During the first pass a helper thread may populate guest memory a little ahead of the
+//! receive ([`super::populate`]): the placer tells it how far the receive has reached.
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -24,6 +27,7 @@ use ferry_migration::delta::{DeltaError, Entry};
 use ferry_migration::protocol::{self as wire, Run, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::populate::Ahead;
 use crate::memory::GuestMemory;
 
 const OUTSIDE: wire::Error = wire::Error::BadPages("a page outside guest memory");
@@ -37,6 +41,8 @@ pub struct Placer<'a> {
     written: Vec<AtomicU64>,
     /// Counts what is placed, for a receiving VMM's `GET /vm`.
     progress: Option<&'a super::managed::Status>,
+    /// The populate-ahead helper, told where the receive is.
+    ahead: Option<&'a Ahead<'a>>,
 }
 
 impl<'a> Placer<'a> {
@@ -44,12 +50,13 @@ impl<'a> Placer<'a> {
     pub fn new(mem: &'a GuestMemory) -> Self {
         let top = mem.iter().map(|r| r.last_addr().0 + 1).max().unwrap_or(0);
         let written = (0..(top / PAGE_SIZE as u64).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Self { mem, written, progress: None }
+        Self { mem, written, progress: None, ahead: None }
     }
 
     /// The page at `addr` is all zeros.
     pub fn zero(&self, addr: u64) -> Result<(), wire::Error> {
         let (word, bit) = self.bit(addr)?;
+        self.reached(addr.saturating_add(PAGE_SIZE as u64));
         if self.written[word].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
             let zero = [0u8; PAGE_SIZE];
             self.mem.write_slice(&zero, GuestAddress(addr)).map_err(|_| OUTSIDE)?;
@@ -62,6 +69,7 @@ impl<'a> Placer<'a> {
     /// Reads the data of `pages` pages from `addr` on from `sock` into guest memory.
     pub fn receive(&self, addr: u64, pages: usize, sock: &TcpStream) -> Result<(), wire::Error> {
         let host = self.host_range(addr, pages)?;
+        self.reached(addr.saturating_add((pages * PAGE_SIZE) as u64));
         // SAFETY: `host_range` checked that `host .. host + pages * PAGE_SIZE` lies inside
         // one mapped region of guest memory, which lives as long as `self.mem`. Nothing else
         // uses these pages while they arrive (no vCPU runs, nothing restores or hashes, and
@@ -97,6 +105,8 @@ impl<'a> Placer<'a> {
         let entries = ferry_migration::delta::parse(payload)?;
         let mut data = 0u64;
         for e in &entries {
+            let (Entry::Zero(a) | Entry::Full(a, _) | Entry::Lz4(a, _) | Entry::Delta { addr: a, .. }) = *e;
+            self.reached(a.saturating_add(PAGE_SIZE as u64));
             match *e {
                 Entry::Zero(addr) => self.zero(addr)?,
                 Entry::Full(addr, page) => {
@@ -136,6 +146,27 @@ impl<'a> Placer<'a> {
     /// Counts what is placed in `progress` too.
     pub fn with_progress(self, progress: &'a super::managed::Status) -> Self {
         Self { progress: Some(progress), ..self }
+    }
+
+    /// Tells `ahead` how far the receive has reached (from the first page placed on).
+    pub fn with_ahead(self, ahead: Option<&'a Ahead<'a>>) -> Self {
+        Self { ahead, ..self }
+    }
+
+    /// The first pass has ended on a stream: the populate-ahead helper stops (later passes
+    /// carry pages the first one populated).
+    pub fn first_pass_done(&self) {
+        if let Some(a) = self.ahead {
+            a.finish();
+        }
+    }
+
+    /// The receive has reached guest address `end` (exclusive). Only a hint: the helper never
+    /// leaves guest memory whatever it is told.
+    fn reached(&self, end: u64) {
+        if let Some(a) = self.ahead {
+            a.reached(end);
+        }
     }
 
     /// Places one run of a batch whose data follows on `sock`.
@@ -314,5 +345,45 @@ mod tests {
         assert_eq!(read(&mem, 0x40_0000), page(1));
         assert_eq!(read(&mem, 0x40_1000), page(0));
         assert_eq!(read(&mem, 0x40_0000 + 599 * 0x1000), page((599 % 251) as u8 + 1));
+    }
+
+    /// With the populate-ahead helper running beside it, a receive of runs and zero markers
+    /// lands the same bytes (populating never overwrites a page), and the helper ends when
+    /// the first pass does.
+    #[test]
+    fn receives_runs_with_the_helper_populating_ahead() {
+        use super::super::populate::Ahead;
+        let mem = crate::memory::create(64 << 20).expect("memory");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let pages = 2000u32;
+        let writer = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            let data: Vec<u8> = (0..pages).flat_map(|i| vec![(i % 251) as u8 + 1; PAGE_SIZE]).collect();
+            s.write_all(&data).expect("write");
+        });
+        let (sock, _) = l.accept().expect("accept");
+        let ahead = Ahead::new(&mem, 4 << 20);
+        let p = Placer::new(&mem).with_ahead(Some(&ahead));
+        std::thread::scope(|s| {
+            let _stop = ahead.finish_on_drop();
+            let helper = s.spawn(|| ahead.run());
+            // Data in runs of 100 pages from 1 MiB on, a zero marker over every 7th page.
+            for run in 0..pages / 100 {
+                let at = 0x10_0000 + u64::from(run) * 100 * 0x1000;
+                p.receive(at, 100, &sock).expect("run");
+                p.zero(at + 7 * 0x1000).expect("zero");
+            }
+            p.first_pass_done();
+            assert!(helper.join().expect("helper").is_ok());
+        });
+        writer.join().expect("writer");
+        for i in 0..pages {
+            let at = 0x10_0000 + u64::from(i) * 0x1000;
+            let want = if i % 100 == 7 { page(0) } else { page((i % 251) as u8 + 1) };
+            assert_eq!(read(&mem, at), want, "page {i}");
+        }
+        assert_eq!(read(&mem, 0x10_0000 + u64::from(pages) * 0x1000), page(0));
+        assert_eq!(read(&mem, 0), page(0));
     }
 }

@@ -38,6 +38,7 @@ use kvm_bindings::kvm_cpuid_entry2;
 use super::accept::{Acceptor, Authenticated, Desk};
 use super::managed;
 use super::place::Placer;
+use super::populate::{self, Ahead};
 use super::{
     error_chain, memory_crcs, parse_address, verify_chunk, Activation, Error, Faults, MigrationConfig,
     DEVICES,
@@ -588,8 +589,14 @@ impl Receiver {
         // switchover).
         let (opened, backends) = crate::virtio::open_backends(&cfg.virtio, false, &config.tap_map)
             .map_err(|e| Error::Check(Check::Disks, error_chain(&e)))?;
-        let mem = memory::create(cfg.description.memory)
-            .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
+        // Small pages for the receive (huge ones advised once it is in): `memory::create_small`.
+        let small = populate::small_pages_from_env();
+        let mem = if small {
+            memory::create_small(cfg.description.memory)
+        } else {
+            memory::create(cfg.description.memory)
+        }
+        .map_err(|e| Error::Check(Check::Memory, error_chain(&e)))?;
         let vm_fd = vm::create_vm(&host.kvm, &mem).map_err(|e| Error::Check(Check::Host, error_chain(&e)))?;
         self.enter(Phase::Reserved);
         self.status.describe(&cfg.description);
@@ -616,6 +623,9 @@ impl Receiver {
             s.set_write_timeout(Some(stall)).map_err(wire::Error::Io)?;
         }
         let snap = self.receive_memory(&mem, &extra)?;
+        if small {
+            memory::advise_huge(&mem);
+        }
         // From here on this side holds the VM's whole state. If the connection breaks now the
         // source may have died, and this may be the only copy: the lock (free only if the
         // source let the VM go or died) and the generation decide, not the connection.
@@ -794,7 +804,8 @@ impl Receiver {
     /// here, on each extra stream in a thread of its own.
     fn receive_memory(&mut self, mem: &GuestMemory, extra: &[TcpStream]) -> Result<VmSnapshot, Error> {
         let progress = self.status.clone();
-        let placer = Placer::new(mem).with_progress(&progress);
+        let ahead = populate::window_from_env().map(|window| Ahead::new(mem, window));
+        let placer = Placer::new(mem).with_progress(&progress).with_ahead(ahead.as_ref());
         let done = AtomicBool::new(false);
         let id = self.id().to_owned();
         // A stream that fails wakes the first stream's reader through this handle.
@@ -813,11 +824,21 @@ impl Receiver {
             if threads.iter().any(Result::is_err) {
                 let _ = wake.shutdown(std::net::Shutdown::Read);
             }
+            // Populates guest memory ahead of the first pass; scoped: joined below whatever
+            // happens to the receive.
+            let stop_helper = ahead.as_ref().map(Ahead::finish_on_drop);
+            let helper = ahead.as_ref().map(|a| {
+                std::thread::Builder::new().name("populate-ahead".into()).spawn_scoped(s, move || a.run())
+            });
             let first = self.receive_first_stream(&placer, extra.len() + 1);
+            drop(stop_helper);
             // The state is in (or this failed): the extra streams have nothing more to say.
             done.store(true, Ordering::SeqCst);
             for stream in extra {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+            if let (Some(helper), Some(a)) = (helper, &ahead) {
+                log_populated(&id, helper, a);
             }
             let mut failed = None;
             for t in threads {
@@ -871,6 +892,9 @@ impl Receiver {
             match self.read_payload(h)? {
                 Kind::PassEnd => {
                     let end: PassEnd = parse_json(Kind::PassEnd, &self.payload, Kind::PassEnd, "PassEnd")?;
+                    if end.pass == 1 {
+                        placer.first_pass_done();
+                    }
                     match acknowledge_pass(self.stream()?, &end, pages_in_pass) {
                         Ok(()) => {}
                         Err(e @ Error::Protocol(wire::Error::Io(_))) => {
@@ -1126,6 +1150,29 @@ fn receive_batch(
         placer.place_run(run, stream)?;
     }
     Ok(entries.len() as u64)
+}
+
+/// Joins the populate-ahead helper and logs what it did. Its failure only ever meant the
+/// receive faulted its pages in itself.
+fn log_populated(
+    id: &str,
+    helper: std::io::Result<std::thread::ScopedJoinHandle<'_, Result<(), populate::Error>>>,
+    ahead: &Ahead<'_>,
+) {
+    let r = match helper {
+        Ok(h) => h.join().unwrap_or(Err(populate::Error::Panicked)),
+        Err(e) => Err(populate::Error::Spawn(e)),
+    };
+    let done = ahead.populated();
+    let (mib, ms) = (done.bytes as f64 / (1 << 20) as f64, done.ms);
+    match r {
+        Ok(()) => tracing::info!("migration {id}: populated {mib:.0} MiB ahead of the receive ({ms:.1} ms)"),
+        Err(e) => tracing::warn!(
+            "migration {id}: populated {mib:.0} MiB ahead of the receive ({ms:.1} ms), then stopped: {}; \
+             the receive faulted the rest in itself",
+            error_chain(&e)
+        ),
+    }
 }
 
 /// Checks a stream's `PassEnd` against the pages that came in the pass and answers it
