@@ -47,7 +47,6 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-
 /// `ferry cluster ARGS --server SERVERS`.
 fn cli(servers: &str, args: &[&str]) -> std::process::Output {
     let mut child = ferry()
