@@ -456,7 +456,16 @@ impl Store {
             if same {
                 continue;
             }
-            sqlx::query(&format!("DELETE FROM {table} WHERE host = $1"))
+            // A VM this host no longer reports while the controller follows its migration
+            // from here keeps its row until that migration ends: the host may report it
+            // gone before the controller sees the end, and the end moves the row to the
+            // destination (`move_vm`), so the VM is never shown on no host in between.
+            let keep = if table == "host_vms" {
+                " AND name NOT IN (SELECT vm FROM migrations WHERE source = $1 AND outcome = 'active')"
+            } else {
+                ""
+            };
+            sqlx::query(&format!("DELETE FROM {table} WHERE host = $1{keep}"))
                 .bind(name)
                 .execute(&mut *tx)
                 .await
@@ -498,7 +507,10 @@ impl Store {
         for v in info.vms.iter().filter(|_| !same_vms) {
             sqlx::query(
                 "INSERT INTO host_vms (name, host, state, memory_mib, vcpus, datastore, reported_unix_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name, host) DO UPDATE SET state = excluded.state, memory_mib = excluded.memory_mib,
+                     vcpus = excluded.vcpus, datastore = excluded.datastore,
+                     reported_unix_ms = excluded.reported_unix_ms",
             )
             .bind(&v.name)
             .bind(name)

@@ -457,6 +457,46 @@ fn a_completed_migration_moves_the_vm_in_the_inventory() {
     });
 }
 
+/// The source reports a VM gone before the controller sees its migration end, and the
+/// destination does not report it yet: the VM stays shown on the source until the end
+/// moves it, never on no host.
+#[test]
+fn a_vm_leaving_under_a_followed_migration_stays_shown_until_it_ends() {
+    on_both(|store| async move {
+        let with_web = info("a", "ds1", &[("web", VmState::Running), ("db", VmState::Running)]);
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &with_web, 1000).await.expect("a");
+        store.heartbeat("b", "https://10.0.0.2:7443", false, &info("b", "ds1", &[]), 1000).await.expect("b");
+        store.record_migration(&record("m1", MigrationOutcome::Active, 1500), 1500).await.expect("m1");
+        // a's report without web (and without db, which no migration takes: it goes).
+        let without = info("a", "ds1", &[("cache", VmState::Running)]);
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &without, 2000).await.expect("a again");
+        let shown = |vms: Vec<ferry_cluster_api::ClusterVm>| {
+            vms.iter().map(|v| (v.name.clone(), v.host.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(store.vms(None, 2000).await.expect("vms")),
+            [("cache".to_string(), "a".to_string()), ("web".into(), "a".into())]
+        );
+        // a reports web again (the migration failed and it runs there): one row, updated.
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &with_web, 2500).await.expect("a back");
+        assert_eq!(store.vms(Some("web"), 2500).await.expect("web").len(), 1);
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &without, 2600).await.expect("a gone");
+        // The end moves it.
+        assert!(store.move_vm("web", "a", "b", 3000).await.expect("move"));
+        let mut done = record("m1", MigrationOutcome::Completed, 1500);
+        done.ended_unix_ms = Some(3000);
+        store.record_migration(&done, 3000).await.expect("done");
+        assert_eq!(
+            shown(store.vms(Some("web"), 3000).await.expect("web")),
+            [("web".to_string(), "b".to_string())]
+        );
+        // Once it ended, the source's reports without it leave it where the end put it, and a
+        // source report that drops a VM no migration takes drops it as before.
+        store.heartbeat("a", "https://10.0.0.1:7443", false, &info("a", "ds1", &[]), 4000).await.expect("a");
+        assert_eq!(shown(store.vms(None, 4000).await.expect("vms")), [("web".to_string(), "b".to_string())]);
+    });
+}
+
 /// A heartbeat that changes only the host's memory keeps its rows and moves their report
 /// time; one that changes a VM, a datastore or a port group rewrites those rows.
 #[test]
