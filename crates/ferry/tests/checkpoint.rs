@@ -31,6 +31,17 @@ fn start_vm(dir: &TempDir, memory: &str, cmdline: &str) -> (Vm, PathBuf) {
         "--api-socket",
         sock.to_str().expect("utf8"),
     ])));
+    // The VMM binds its API once the vCPUs run: the guest may print before it is there
+    // (one CI run connected first and found no socket).
+    let deadline = std::time::Instant::now() + T;
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMM's API socket {} never answered",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (vm, sock)
 }
 
