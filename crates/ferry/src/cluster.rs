@@ -375,17 +375,6 @@ fn not_sent(e: &ferry_pki::client::Error) -> bool {
         || matches!(e, E::Timeout { step, .. } if *step != "request")
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 impl Controller {
     /// Sends a request (`send(url)`) to the controllers in order until the active one
     /// answers: one that cannot be reached is skipped (for a request that changes something,
@@ -410,7 +399,7 @@ impl Controller {
                         "cannot reach the controller at {url} (is `ferry cluster serve` running there?)"
                     )));
                 }
-                Err(e) if !changes || not_sent(&e) => tried.push((url, chain(&e))),
+                Err(e) if !changes || not_sent(&e) => tried.push((url, ferry_cluster::error_chain(&e))),
                 Err(e) => {
                     return Err(anyhow::Error::new(e).context(format!(
                         "the controller at {url} did not answer (the request may have been done: check before retrying)"
