@@ -15,8 +15,12 @@
 //! while the migration ran, or dirtier's own rate and longest pause.
 //!
 //! The throughput references after the runs: one plain TCP stream, and one stream into fresh
-//! memory twice, advised for huge pages and in small pages (the destination receives into
-//! small pages: `ferry_vmm::memory::create_small`). When the destination's populate-ahead
+//! memory, advised for huge pages and in small pages (the destination receives into small
+//! pages: `ferry_vmm::memory::create_small`), each with the machine otherwise idle and with
+//! one core kept busy as the guest's vCPU keeps it during a migration, and each repetition
+//! after the same idle time and probe as the runs (a reference taken right after another
+//! lands in memory freed a moment ago: warm, when the runs are cold). Pass 1 is held to the
+//! like-for-like one: the receive's pages, a core busy. When the destination's populate-ahead
 //! helper runs (`FERRY_POPULATE_AHEAD`, inherited by the receiving `ferry`), the report says
 //! what it populated and the time it took, read from the destination's log.
 //!
@@ -110,7 +114,7 @@ impl MigrateArgs {
         let base = if self.dirtier() {
             format!("wss={} report_ms={}", self.wss(), guestline::REPORT_MS)
         } else {
-            format!("wss={}", self.wss())
+            format!("wss={} every=1", self.wss())
         };
         format!("{base} {}", self.guest_cmdline).trim_end().to_string()
     }
@@ -141,9 +145,30 @@ fn probe_ns_per_page() -> anyhow::Result<f64> {
     Ok(t.elapsed().as_nanos() as f64 / PROBE_PAGES as f64)
 }
 
-/// memstress passes a console file shows so far.
+/// How far memstress has got by its console so far, in passes: the highest pass it says it
+/// finished (`memstress: pass N`), or within a pass, the pass before plus the share of pages
+/// done (`memstress: pass N: page I of M`). Read from the numbers, not by counting lines:
+/// memstress prints at most two pass lines a second when it knows the TSC frequency (Ferry
+/// gives it, QEMU does not), unless its command line says `every=1`, as the bench's does.
 pub fn guest_passes(console: &Path) -> f64 {
-    std::fs::read_to_string(console).map(|s| s.matches("memstress: pass ").count() as f64).unwrap_or(0.0)
+    std::fs::read_to_string(console).map(|s| memstress_progress(&s)).unwrap_or(0.0)
+}
+
+/// [`guest_passes`] of a console's text.
+fn memstress_progress(text: &str) -> f64 {
+    let point = |line: &str| -> Option<f64> {
+        let rest = line.strip_prefix("memstress: pass ")?;
+        match rest.split_once(": page ") {
+            None => rest.trim().parse::<f64>().ok(),
+            Some((pass, pages)) => {
+                let (done, of) = pages.split_once(" of ")?;
+                let (pass, done, of) =
+                    (pass.parse::<f64>().ok()?, done.parse::<f64>().ok()?, of.trim().parse::<f64>().ok()?);
+                (of > 0.0).then(|| pass - 1.0 + done / of)
+            }
+        }
+    };
+    text.lines().filter_map(point).fold(0.0, f64::max)
 }
 
 /// One run of either side, as the pairs compare them.
@@ -207,12 +232,13 @@ struct Report {
     streams: u32,
     tcp_stream_mb_s: f64,
     pass1_vs_tcp: f64,
-    /// One TCP stream from populated memory into fresh memory (what pass 1 must do).
-    tcp_into_fresh_memory_mb_s: f64,
-    pass1_vs_fresh: f64,
-    /// The same into small pages (no huge-page advice), as the destination now receives.
-    tcp_into_fresh_small_pages_mb_s: f64,
-    pass1_vs_fresh_small: f64,
+    /// One TCP stream from populated memory into fresh memory (what pass 1 must do): huge
+    /// and small pages, with the machine otherwise idle and with one core busy as the
+    /// guest's vCPU keeps it during a migration; each repetition after the runs' idle time.
+    fresh_references: Vec<FreshReference>,
+    /// The reference pass 1 is held to: the destination's pages (small unless
+    /// `FERRY_RECEIVE_PAGES=huge`) with a core busy.
+    pass1_vs_like_reference: f64,
     /// What dirtier felt (pages/s before and during the migration, longest pause).
     guest_felt: Option<FeltSummary>,
     /// The same migration with QEMU, one entry per set of capabilities (plain first);
@@ -302,16 +328,48 @@ fn tcp_stream(dur: Duration) -> anyhow::Result<f64> {
     Ok(n as f64 / secs / 1e6)
 }
 
-/// MB/s of one TCP stream on loopback carrying `mib` MiB from populated memory into fresh
-/// memory (never touched; advised for transparent huge pages if `huge`, else small pages),
-/// the way a migration's first pass must: no warm 2 MiB buffers on either side, every byte
-/// received lands on a page the kernel has to allocate. Median of three; no guest runs
-/// meanwhile.
-fn tcp_into_fresh_memory(mib: usize, huge: bool) -> anyhow::Result<f64> {
+/// One reference for pass 1: one TCP stream on loopback from populated memory into fresh
+/// memory, as a migration's first pass must do it.
+#[derive(Debug, Clone, Serialize)]
+struct FreshReference {
+    /// `huge` (advised for transparent huge pages) or `small`.
+    pages: &'static str,
+    /// Whether a thread spun on a core meanwhile, as the source's vCPU does during a
+    /// migration (two cores here: the sender and the receiver share what it leaves).
+    busy_core: bool,
+    /// Median of the repetitions, MB/s.
+    mb_s: f64,
+    /// Pass 1's median throughput over `mb_s`.
+    pass1_ratio: f64,
+    /// Each repetition's probe before its stream (after the same idle time as the runs),
+    /// ns per page, and how many were cold.
+    probe_ns_per_page: Summary,
+    cold: usize,
+    repetitions: usize,
+}
+
+/// Repetitions of each fresh-memory reference.
+const REFERENCE_REPS: usize = 3;
+
+/// [`FreshReference`]: `REFERENCE_REPS` streams carrying `mib` MiB each into a new mapping
+/// (advised for huge pages if `huge`, else small pages), each after `idle` and a probe, as
+/// the runs are, so that the reference is cold when they are; with one core kept busy if
+/// `busy`.
+fn tcp_into_fresh_memory(
+    mib: usize,
+    huge: bool,
+    busy: bool,
+    idle: Duration,
+    cold_ns: f64,
+) -> anyhow::Result<FreshReference> {
     let len = mib << 20;
     let src: std::sync::Arc<Vec<u8>> = std::sync::Arc::new((0..len).map(|i| (i ^ (i >> 12)) as u8).collect());
     let mut rates = Vec::new();
-    for _ in 0..3 {
+    let mut probes = Vec::new();
+    for _ in 0..REFERENCE_REPS {
+        std::thread::sleep(idle);
+        probes.push(probe_ns_per_page()?);
+        let spinner = busy.then(Spinner::start);
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let data = src.clone();
@@ -331,9 +389,45 @@ fn tcp_into_fresh_memory(mib: usize, huge: bool) -> anyhow::Result<f64> {
         r.read_exact(buf)?;
         rates.push(len as f64 / t.elapsed().as_secs_f64() / 1e6);
         writer.join().map_err(|_| anyhow::anyhow!("writer thread failed"))??;
+        drop(spinner);
     }
-    rates.sort_by(f64::total_cmp);
-    Ok(rates[1])
+    Ok(FreshReference {
+        pages: if huge { "huge" } else { "small" },
+        busy_core: busy,
+        mb_s: Summary::of(&rates).median,
+        pass1_ratio: 0.0,
+        cold: probes.iter().filter(|&&p| p >= cold_ns).count(),
+        probe_ns_per_page: Summary::of(&probes),
+        repetitions: REFERENCE_REPS,
+    })
+}
+
+/// A thread that keeps one core busy until dropped.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A fresh anonymous mapping (advised for huge pages or against them), unmapped on drop.
@@ -542,8 +636,12 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
     let reports: Vec<&serde_json::Value> = runs.ferry.iter().map(|(r, _)| r).collect();
     let figures: Vec<&RunFigures> = runs.ferry.iter().map(|(_, f)| f).collect();
     let tcp = tcp_stream(Duration::from_secs(1))?;
-    let fresh = tcp_into_fresh_memory(args.initrd_mib as usize, true)?;
-    let fresh_small = tcp_into_fresh_memory(args.initrd_mib as usize, false)?;
+    let idle = Duration::from_secs_f64(args.idle_s);
+    let mut fresh_references = Vec::new();
+    for (huge, busy) in [(true, false), (false, false), (true, true), (false, true)] {
+        let mib = args.initrd_mib.max(64) as usize;
+        fresh_references.push(tcp_into_fresh_memory(mib, huge, busy, idle, args.cold_ns_per_page)?);
+    }
     let f = |k: &str| -> Vec<f64> { reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
     let bytes: Vec<f64> = f("bytes_transferred").iter().map(|b| b / (1u64 << 20) as f64).collect();
     let passes: Vec<f64> =
@@ -560,10 +658,15 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         bytes_mib: Summary::of(&bytes),
         passes: Summary::of(&passes),
         pass1_vs_tcp: pass1.median / tcp,
-        tcp_into_fresh_memory_mb_s: fresh,
-        pass1_vs_fresh: pass1.median / fresh,
-        tcp_into_fresh_small_pages_mb_s: fresh_small,
-        pass1_vs_fresh_small: pass1.median / fresh_small,
+        pass1_vs_like_reference: {
+            let huge = std::env::var("FERRY_RECEIVE_PAGES").is_ok_and(|v| v == "huge");
+            let like = fresh_references.iter().find(|r| r.busy_core && (r.pages == "huge") == huge);
+            like.map_or(0.0, |r| pass1.median / r.mb_s)
+        },
+        fresh_references: fresh_references
+            .into_iter()
+            .map(|r| FreshReference { pass1_ratio: pass1.median / r.mb_s, ..r })
+            .collect(),
         pass1_mb_s: pass1,
         vcpu_share_pct: vcpu,
         streams: args.streams,
@@ -652,17 +755,23 @@ fn print_report(args: &MigrateArgs, report: &Report) {
         report.tcp_stream_mb_s,
         report.pass1_vs_tcp * 100.0
     );
+    println!("one stream into fresh memory, each after the runs' idle time (median of {REFERENCE_REPS}):");
+    for r in &report.fresh_references {
+        println!(
+            "  {:<5} pages, {:<9} {:>13.0} MB/s (pass 1 reaches {:>3.0}% of it; probe {:.0} ns/page, {} of {} cold)",
+            r.pages,
+            if r.busy_core { "core busy" } else { "idle" },
+            r.mb_s,
+            r.pass1_ratio * 100.0,
+            r.probe_ns_per_page.median,
+            r.cold,
+            r.repetitions
+        );
+    }
     println!(
-        "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
-        "one stream, fresh memory",
-        report.tcp_into_fresh_memory_mb_s,
-        report.pass1_vs_fresh * 100.0
-    );
-    println!(
-        "{:<27} {:>13.0} MB/s (pass 1 reaches {:.0}% of it)",
-        "  the same, small pages",
-        report.tcp_into_fresh_small_pages_mb_s,
-        report.pass1_vs_fresh_small * 100.0
+        "{:<27} {:>13.0}% of the stream into the receive's pages with a core busy",
+        "pass 1, like for like",
+        report.pass1_vs_like_reference * 100.0
     );
     if report.qemu.is_empty() {
         if args.without_qemu {
@@ -958,5 +1067,15 @@ mod tests {
                    ahead of the receive (201.5 ms)\n";
         assert_eq!(populated_ahead(log), Some((542.0, 201.5)));
         assert_eq!(populated_ahead("migration m-1: pass 1 received"), None);
+    }
+
+    #[test]
+    fn memstress_progress_comes_from_the_pass_numbers() {
+        let text =
+            "memstress: ready\nmemstress: pass 1\nmemstress: pass 7\nmemstress: pass 8: page 4096 of 16384\n";
+        assert_eq!(memstress_progress(text), 7.25);
+        // Rate-limited lines skip passes: the count of lines would say 2, the numbers 12.
+        assert_eq!(memstress_progress("memstress: pass 3\nmemstress: pass 12\n"), 12.0);
+        assert_eq!(memstress_progress("memstress: CORRUPTION page=1\nmemstress: pass x\n"), 0.0);
     }
 }

@@ -2,7 +2,9 @@
  * memstress: a page-stamping memory writer that catches any lost or stale page.
  *
  * Command line: wss=SIZE (working set, default 64M), seed=N (default 1), rate=N (pages
- * per second, 0 = as fast as it can), passes=N (power off after N passes; 0 = for ever).
+ * per second, 0 = as fast as it can), passes=N (power off after N passes; 0 = for ever),
+ * every=1 (print every pass's line; by default, when the VMM gives the TSC frequency, at most
+ * two a second, with a progress line each second within a long pass).
  *
  * On pass p it checks that every page of the working set still holds the stamp of pass
  * p-1 (zero for p = 1: fresh RAM is zero), then writes the stamp of pass p: a 64-bit value
@@ -20,7 +22,7 @@
 #define K_PAGE 0x165667b19e3779f9ull
 #define MIB (1ull << 20)
 
-static const char *const known[] = {"wss", "seed", "rate", "passes", 0};
+static const char *const known[] = {"wss", "seed", "rate", "passes", "every", 0};
 
 /* The stamp base of pass p; page i's stamp is (base + i * K_PAGE) | 1. */
 static u64 pass_base(u64 seed, u64 p) { return (seed * K_SEED) ^ (p * K_PASS); }
@@ -62,6 +64,7 @@ void guest_main(const struct hvm_start_info *si)
     u64 seed = option(cmdline, "seed", 1);
     u64 rate = option(cmdline, "rate", 0);
     u64 passes = option(cmdline, "passes", 0);
+    u64 every = option(cmdline, "every", 0);
 
     u64 rd_lo = 0, rd_hi = 0;
     if (si->nr_modules >= 1 && si->modlist_paddr) {
@@ -154,7 +157,7 @@ void guest_main(const struct hvm_start_info *si)
         }
         u64 now = rdtsc();
         int last = passes && p >= passes;
-        if (!khz || p == 1 || last || now - last_print >= tsc_per_sec / 2) {
+        if (every || !khz || p == 1 || last || now - last_print >= tsc_per_sec / 2) {
             pass_line(p);
             last_print = now;
         }
