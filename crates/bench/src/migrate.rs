@@ -236,9 +236,13 @@ struct Report {
     /// and small pages, with the machine otherwise idle and with one core busy as the
     /// guest's vCPU keeps it during a migration; each repetition after the runs' idle time.
     fresh_references: Vec<FreshReference>,
-    /// The reference pass 1 is held to: the destination's pages (small unless
-    /// `FERRY_RECEIVE_PAGES=huge`) with a core busy.
+    /// Pass 1 over the like-for-like reference after the runs: the destination's pages
+    /// (small unless `FERRY_RECEIVE_PAGES=huge`) with a core busy.
     pass1_vs_like_reference: f64,
+    /// Each run's pass 1 over the like-for-like stream measured right after it (the same
+    /// bytes, the same idle time before): the figure pass 1 is held to.
+    pass1_vs_adjacent: Option<Summary>,
+    adjacent_reference_mb_s: Option<Summary>,
     /// What dirtier felt (pages/s before and during the migration, longest pause).
     guest_felt: Option<FeltSummary>,
     /// The same migration with QEMU, one entry per set of capabilities (plain first);
@@ -362,34 +366,13 @@ fn tcp_into_fresh_memory(
     idle: Duration,
     cold_ns: f64,
 ) -> anyhow::Result<FreshReference> {
-    let len = mib << 20;
-    let src: std::sync::Arc<Vec<u8>> = std::sync::Arc::new((0..len).map(|i| (i ^ (i >> 12)) as u8).collect());
+    let src = reference_data(mib);
     let mut rates = Vec::new();
     let mut probes = Vec::new();
     for _ in 0..REFERENCE_REPS {
         std::thread::sleep(idle);
         probes.push(probe_ns_per_page()?);
-        let spinner = busy.then(Spinner::start);
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?;
-        let data = src.clone();
-        let writer = std::thread::spawn(move || -> std::io::Result<()> {
-            let mut s = TcpStream::connect(addr)?;
-            for chunk in data.chunks(2 << 20) {
-                s.write_all(chunk)?;
-            }
-            Ok(())
-        });
-        let (mut r, _) = l.accept()?;
-        let fresh = FreshMemory::new(len, huge)?;
-        let t = Instant::now();
-        // SAFETY: `fresh` is a private anonymous mapping of `len` bytes that nothing else
-        // uses and that outlives the slice.
-        let buf = unsafe { std::slice::from_raw_parts_mut(fresh.0.cast::<u8>(), len) };
-        r.read_exact(buf)?;
-        rates.push(len as f64 / t.elapsed().as_secs_f64() / 1e6);
-        writer.join().map_err(|_| anyhow::anyhow!("writer thread failed"))??;
-        drop(spinner);
+        rates.push(fresh_stream(&src, mib << 20, huge, busy)?);
     }
     Ok(FreshReference {
         pages: if huge { "huge" } else { "small" },
@@ -400,6 +383,41 @@ fn tcp_into_fresh_memory(
         probe_ns_per_page: Summary::of(&probes),
         repetitions: REFERENCE_REPS,
     })
+}
+
+/// `mib` MiB of populated, non-zero data for the reference streams.
+fn reference_data(mib: usize) -> std::sync::Arc<Vec<u8>> {
+    std::sync::Arc::new((0..mib << 20).map(|i| (i ^ (i >> 12)) as u8 | 1).collect())
+}
+
+/// MB/s of one TCP stream on loopback carrying the first `len` bytes of `src` into a new
+/// mapping (advised for huge pages if `huge`, else small pages), with one core kept busy
+/// meanwhile if `busy`.
+fn fresh_stream(src: &std::sync::Arc<Vec<u8>>, len: usize, huge: bool, busy: bool) -> anyhow::Result<f64> {
+    let len = len.min(src.len());
+    anyhow::ensure!(len > 0, "an empty reference stream");
+    let spinner = busy.then(Spinner::start);
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let data = src.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        for chunk in data[..len].chunks(2 << 20) {
+            s.write_all(chunk)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = l.accept()?;
+    let fresh = FreshMemory::new(len, huge)?;
+    let t = Instant::now();
+    // SAFETY: `fresh` is a private anonymous mapping of `len` bytes that nothing else uses
+    // and that outlives the slice.
+    let buf = unsafe { std::slice::from_raw_parts_mut(fresh.0.cast::<u8>(), len) };
+    r.read_exact(buf)?;
+    let rate = len as f64 / t.elapsed().as_secs_f64() / 1e6;
+    writer.join().map_err(|_| anyhow::anyhow!("writer thread failed"))??;
+    drop(spinner);
+    Ok(rate)
 }
 
 /// A thread that keeps one core busy until dropped.
@@ -658,6 +676,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         bytes_mib: Summary::of(&bytes),
         passes: Summary::of(&passes),
         pass1_vs_tcp: pass1.median / tcp,
+        pass1_vs_adjacent: summary_of_present(&reports, "bench_pass1_vs_adjacent"),
+        adjacent_reference_mb_s: summary_of_present(&reports, "bench_adjacent_reference_mb_s"),
         pass1_vs_like_reference: {
             let huge = std::env::var("FERRY_RECEIVE_PAGES").is_ok_and(|v| v == "huge");
             let like = fresh_references.iter().find(|r| r.busy_core && (r.pages == "huge") == huge);
@@ -773,6 +793,16 @@ fn print_report(args: &MigrateArgs, report: &Report) {
         "pass 1, like for like",
         report.pass1_vs_like_reference * 100.0
     );
+    if let (Some(ratio), Some(mb_s)) = (&report.pass1_vs_adjacent, &report.adjacent_reference_mb_s) {
+        let pct = Summary {
+            median: ratio.median * 100.0,
+            min: ratio.min * 100.0,
+            max: ratio.max * 100.0,
+            ..*ratio
+        };
+        p("stream right after a run", mb_s, "MB/s");
+        p("pass 1 / stream after it", &pct, "%");
+    }
     if report.qemu.is_empty() {
         if args.without_qemu {
             println!("QEMU side by side: skipped (--without-qemu)");
@@ -904,6 +934,10 @@ fn all_runs(
         None => String::new(),
     };
     let mut tsc_hz = None;
+    // The like-for-like reference right after each Ferry run: its pass 1's bytes into the
+    // receive's kind of pages, a core busy, after the same idle time and probe.
+    let huge = std::env::var("FERRY_RECEIVE_PAGES").is_ok_and(|v| v == "huge");
+    let mut reference: Option<std::sync::Arc<Vec<u8>>> = None;
     for i in 0..args.runs {
         let qemu_first = i % 2 == 1 && qemu_bin.is_some();
         for side in if qemu_first { ["qemu", "ferry"] } else { ["ferry", "qemu"] } {
@@ -935,6 +969,29 @@ fn all_runs(
                 }
                 if let Some(k) = r["bench_tsc_khz"].as_u64() {
                     tsc_hz = Some(k * 1000);
+                }
+                let mut r = r;
+                let pass1_bytes = r["passes"][0]["bytes"].as_u64().unwrap_or(0) as usize;
+                if pass1_bytes >= 1 << 20 {
+                    let src = reference
+                        .get_or_insert_with(|| reference_data((pass1_bytes >> 20).clamp(1, 1024) + 64))
+                        .clone();
+                    let (probe, cold) = settle(args)?;
+                    let mb_s = fresh_stream(&src, pass1_bytes, huge, true)?;
+                    let pass1 = r["throughput_mb_s"].as_f64().unwrap_or(0.0);
+                    if !json {
+                        eprintln!(
+                            "run {}: pass 1 {pass1:.0} MB/s; right after, one stream of its {} MiB into fresh {} \
+                             pages with a core busy: {mb_s:.0} MB/s ({:.0}%), probe {probe:.0} ns/page ({})",
+                            i + 1,
+                            pass1_bytes >> 20,
+                            if huge { "huge" } else { "small" },
+                            pass1 / mb_s * 100.0,
+                            if cold { "cold" } else { "warm" }
+                        );
+                    }
+                    r["bench_adjacent_reference_mb_s"] = serde_json::json!(mb_s);
+                    r["bench_pass1_vs_adjacent"] = serde_json::json!(pass1 / mb_s);
                 }
                 runs.ferry.push((r, fig));
                 continue;

@@ -214,10 +214,43 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Socket buffer size asked for on both ends: room for a few page batches in flight, so
-/// that sender and receiver wake each other less often (about 10% more throughput on
-/// loopback here than the kernel's autotuned buffers).
+/// Socket buffer size asked for on both ends when [`BUFFER_ENV`] says a size.
 const SOCKET_BUFFER: libc::c_int = ferry_migration::schema::SOCKET_BUFFER as libc::c_int;
+
+/// The environment variable that sets the migration sockets' buffers: a size in MiB (1 to
+/// 64) forced on both ends, `max` ([`SOCKET_BUFFER`], the default) or `auto` (the kernel's
+/// autotuning), for side-by-side measurements on other machines.
+pub const BUFFER_ENV: &str = "FERRY_SOCKET_BUFFER";
+
+/// The socket buffer [`BUFFER_ENV`] asks for: `None` for the kernel's autotuning.
+///
+/// 8 MiB forced on both ends is the default: room for a few page batches in flight, so that
+/// sender and receiver wake each other less often. Measured again against autotuning on
+/// 2 Dec 2026 (`ferry-bench migrate --runs 2 --without-qemu`, alternated, 4 invocations
+/// each, cold memory): total 664-742 ms against 716-1071 ms, pass 1 996-1150 against
+/// 680-1053 MB/s. (A bare loopback stream into fresh memory went the other way, 813
+/// against 1045 MB/s: the forced buffers help Ferry's sender, not every stream.)
+fn socket_buffer() -> Option<libc::c_int> {
+    static CHOICE: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| parse_socket_buffer(std::env::var(BUFFER_ENV).ok().as_deref()))
+}
+
+/// [`socket_buffer`] from the variable's value (`None`: unset).
+fn parse_socket_buffer(value: Option<&str>) -> Option<libc::c_int> {
+    match value.map(str::trim) {
+        None | Some("" | "max") => Some(SOCKET_BUFFER),
+        Some("auto") => None,
+        Some(v) => match v.parse::<libc::c_int>() {
+            Ok(mib @ 1..=64) => Some(mib << 20),
+            _ => {
+                tracing::warn!(
+                    "{BUFFER_ENV}={v:?} is neither auto, max nor a size of 1 to 64 MiB; using max"
+                );
+                Some(SOCKET_BUFFER)
+            }
+        },
+    }
+}
 
 /// On a destination: gives `sock` the receive buffer `config` asks for, if any
 /// ([`MigrationConfig::receive_buffer`]).
@@ -227,12 +260,14 @@ fn size_receive_buffer(sock: &TcpStream, config: &MigrationConfig) {
     }
 }
 
-/// Gives a migration socket [`SOCKET_BUFFER`]-sized buffers in direction `opt`
-/// (`SO_SNDBUFFORCE` or `SO_RCVBUFFORCE`, which need `CAP_NET_ADMIN`). Without the
-/// privilege the kernel's autotuning stays in charge: a plain `SO_SNDBUF` would cap the
-/// buffer at `wmem_max` and switch autotuning off.
+/// Gives a migration socket the buffer [`BUFFER_ENV`] asks for (8 MiB by default) in
+/// direction `opt` (`SO_SNDBUFFORCE` or `SO_RCVBUFFORCE`, which need `CAP_NET_ADMIN`), or
+/// leaves it to the kernel's autotuning (`auto`). Without the privilege autotuning stays in charge: a
+/// plain `SO_SNDBUF` would cap the buffer at `wmem_max` and switch autotuning off.
 fn size_socket_buffer(sock: &TcpStream, opt: libc::c_int) {
-    set_socket_buffer(sock, opt, SOCKET_BUFFER);
+    if let Some(size) = socket_buffer() {
+        set_socket_buffer(sock, opt, size);
+    }
 }
 
 /// [`size_socket_buffer`] with `size` bytes.
@@ -1023,6 +1058,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn socket_buffer_choice() {
+        assert_eq!(parse_socket_buffer(None), Some(SOCKET_BUFFER));
+        assert_eq!(parse_socket_buffer(Some("auto")), None);
+        assert_eq!(parse_socket_buffer(Some("max")), Some(SOCKET_BUFFER));
+        assert_eq!(parse_socket_buffer(Some(" 4 ")), Some(4 << 20));
+        for bad in ["0", "65", "-1", "8M", "lots"] {
+            assert_eq!(parse_socket_buffer(Some(bad)), Some(SOCKET_BUFFER), "{bad}");
+        }
+    }
 
     /// A Config from a source without the stall bound (older Ferry), as JSON.
     fn older_config(memory: u64, verify: bool) -> serde_json::Value {
