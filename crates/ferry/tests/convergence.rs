@@ -13,8 +13,8 @@
 
 mod common;
 
-use common::mig::{free_port, info, migrate, receiver, source, still_runs, write_key};
-use common::{require_kvm, TempDir};
+use common::mig::{free_port, info, migrate, migrate_args, receiver, s, source, still_runs, write_key, T};
+use common::{require_kvm, run_to_end, TempDir};
 use serde_json::Value;
 
 const GUEST: &[&str] = &["--memory", "64M", "--cmdline", "wss=1M"];
@@ -181,4 +181,36 @@ fn a_throttled_guest_that_gives_up_runs_at_full_speed_again() {
     let i = info(&sock);
     assert_eq!(i["migration"]["throttle_percent"], 0, "{i}");
     still_runs(&mut src, &sock);
+}
+
+/// A throttle never reaches a paused VM: a paused VM is not migrated at all (it could not
+/// stall, and no policy may resume it), and a VM in pre-copy cannot be paused
+/// (`cancel.rs`, `pause_before_the_state_is_taken_is_refused`). The refusal leaves the VM
+/// paused where it is, unthrottled, with no migration begun and the destination unused.
+#[test]
+fn a_paused_vm_is_refused_before_any_policy_could_throttle_it() {
+    require_kvm();
+    let dir = TempDir::new("conv-paused");
+    let key = write_key(&dir, "key", 45);
+    let (mut src, sock) = source(&dir, GUEST);
+    let port = free_port();
+    let _dst = receiver(port, &key, None, &[]);
+    let ok = |args: &[&str]| {
+        let out = run_to_end(args, T);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    ok(&["pause", "--api-socket", s(&sock)]);
+    let to = format!("tcp:127.0.0.1:{port}");
+    let extra = ["--bandwidth-mib", "1", "--downtime-ms", "50", "--policy", "auto-converge"];
+    let out = run_to_end(&migrate_args(&sock, &to, &key, &extra), T);
+    common::assert_one_line_error(&out, "the VM is paused; resume it before migrating");
+    let i = info(&sock);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert!(i["migration"].is_null(), "no migration may have begun: {i}");
+    ok(&["resume", "--api-socket", s(&sock)]);
+    still_runs(&mut src, &sock);
+    // The destination was never used: it still takes a migration.
+    let (out, r) = migrate(&sock, port, &key, &[]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["status"], "completed", "{r}");
 }
