@@ -63,6 +63,7 @@ pub struct Config {
 struct RawLimits {
     per_host: Option<Spanned<i64>>,
     per_cluster: Option<Spanned<i64>>,
+    host_lost_after_s: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +163,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
     let mut limits = crate::queue::Limits::default();
     if let Some(l) = raw.limits {
         let l = l.into_inner();
+        if let Some(v) = l.host_lost_after_s {
+            let n = *v.get_ref();
+            let min = crate::queue::HOST_LOST_AFTER_MIN_S as i64;
+            if !(min..=3600).contains(&n) {
+                return Err(field(
+                    at(v.span()),
+                    "limits.host_lost_after_s",
+                    format!(
+                        "{n} is not {min} to 3600 (seconds; longer than a host takes to be not_responding)"
+                    ),
+                ));
+            }
+            limits.host_lost_after = std::time::Duration::from_secs(n as u64);
+        }
         for (key, value, slot) in [
             ("limits.per_host", l.per_host, &mut limits.per_host),
             ("limits.per_cluster", l.per_cluster, &mut limits.per_cluster),
@@ -199,6 +214,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses_with_its_values() {
+        let text = include_str!("../../../docs/examples/cluster.toml");
+        let c = parse(Path::new("docs/examples/cluster.toml"), text).expect("the example parses");
+        assert_eq!((c.limits.per_host, c.limits.per_cluster), (2, 8));
+        assert_eq!(c.limits.host_lost_after, crate::queue::HOST_LOST_AFTER);
+    }
+
+    #[test]
     fn limits() {
         let c = parse(
             Path::new("c.toml"),
@@ -206,6 +229,14 @@ mod tests {
         )
         .expect("parse");
         assert_eq!((c.limits.per_host, c.limits.per_cluster), (3, 5));
+        assert_eq!(c.limits.host_lost_after, crate::queue::HOST_LOST_AFTER);
+        let c = parse(
+            Path::new("/c.toml"),
+            "listen = \"127.0.0.1:7444\"\nstate_dir = \"/s\"\n[limits]\nhost_lost_after_s = 120\n",
+        )
+        .expect("valid");
+        assert_eq!(c.limits.host_lost_after, std::time::Duration::from_secs(120));
+        assert_eq!((c.limits.per_host, c.limits.per_cluster), (2, 8));
     }
 
     #[test]
@@ -225,6 +256,16 @@ mod tests {
                 "limits.per_cluster",
             ),
             ("listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nper_vm = 1\n", 4, "(file)"),
+            (
+                "listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nhost_lost_after_s = 6\n",
+                4,
+                "limits.host_lost_after_s",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n[limits]\nhost_lost_after_s = 3601\n",
+                4,
+                "limits.host_lost_after_s",
+            ),
         ];
         for (text, line, name) in cases {
             match parse(Path::new("/etc/c.toml"), text) {

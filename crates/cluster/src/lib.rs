@@ -106,9 +106,11 @@ pub async fn run(config_file: &std::path::Path) -> Result<(), Error> {
         config.url
     );
     tracing::info!(
-        "migration limits: {} per host (outgoing and incoming apart), {} per cluster",
+        "migration limits: {} per host (outgoing and incoming apart), {} per cluster; a migration \
+         whose hosts are both silent for {} s is recorded unknown and frees its slots",
         config.limits.per_host,
-        config.limits.per_cluster
+        config.limits.per_cluster,
+        config.limits.host_lost_after.as_secs()
     );
     // The lease has a pool of its own: its renewals never wait behind the API's queries.
     let lease_store = store::Store::open(&config.database).await?;

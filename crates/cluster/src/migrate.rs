@@ -668,7 +668,7 @@ async fn mark_lost(c: &Controller, id: &str, silent_ms: u64) -> bool {
         record.source,
         record.destination,
         silent_ms / 1000,
-        crate::queue::HOST_LOST_AFTER.as_secs()
+        c.limits.host_lost_after.as_secs()
     );
     match save(c, &record).await {
         Ok(()) => {
@@ -685,7 +685,8 @@ async fn mark_lost(c: &Controller, id: &str, silent_ms: u64) -> bool {
 
 /// Follows migration `id` in `source`'s history until it ends, recording each change. When
 /// the source does not tell, its destination is asked; when neither has answered for
-/// [`crate::queue::HOST_LOST_AFTER`], the migration is recorded `unknown` (`host_lost`, its
+/// `[limits] host_lost_after_s` ([`crate::queue::HOST_LOST_AFTER`]), the migration is recorded
+/// `unknown` (`host_lost`, its
 /// slots freed) and asked about every [`LOST_FOLLOW_EVERY`] until a host's record settles it
 /// ([`crate::queue::settle`]).
 async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
@@ -696,7 +697,7 @@ async fn follow(c: Arc<Controller>, source: HostRow, id: String) {
     // Only the active controller follows, and only in the term it started in: after a
     // takeover the new active one follows it again (`resume`).
     let term = c.leader.active_term();
-    let mut silence = Silence::new(unix_ms(), crate::queue::HOST_LOST_AFTER);
+    let mut silence = Silence::new(unix_ms(), c.limits.host_lost_after);
     let known = stored(&c, &id).await;
     let mut destination = known.as_ref().map(|m| m.destination.clone());
     // Recorded `unknown` (here, or before a restart or a takeover).

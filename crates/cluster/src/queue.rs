@@ -22,10 +22,15 @@ use ferry_host_api::MigrationOutcome;
 
 /// How long both hosts of an active migration may stay silent (no answer from either about
 /// it: refused or timed-out connections, a frozen or dead daemon) before the controller
-/// records it `unknown` (`host_lost`) and frees its slots. Five times the heartbeat silence
-/// that makes a host `not_responding` (6 s): a migration is not given up on because one
-/// heartbeat was late.
+/// records it `unknown` (`host_lost`) and frees its slots, unless `[limits]
+/// host_lost_after_s` says otherwise. Five times the heartbeat silence that makes a host
+/// `not_responding` (6 s): a migration is not given up on because one heartbeat was late.
 pub const HOST_LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// The shortest `host_lost_after_s` the configuration takes: longer than the silence that
+/// makes a host `not_responding`, so that a host is never lost before it is even late.
+pub const HOST_LOST_AFTER_MIN_S: u64 =
+    (ferry_cluster_api::HEARTBEAT_INTERVAL_MS * ferry_cluster_api::MISSED_HEARTBEATS).div_ceil(1000) + 1;
 
 /// When the hosts of one active migration last answered about it, as its follower saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,11 +109,14 @@ pub struct Limits {
     pub per_host: u32,
     /// Migrations in the whole cluster at once.
     pub per_cluster: u32,
+    /// How long both hosts of an active migration may stay silent before it is recorded
+    /// `unknown` and its slots freed ([`HOST_LOST_AFTER`] by default).
+    pub host_lost_after: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { per_host: 2, per_cluster: 8 }
+        Limits { per_host: 2, per_cluster: 8, host_lost_after: HOST_LOST_AFTER }
     }
 }
 
@@ -205,7 +213,7 @@ mod tests {
         Pair::new(s, d)
     }
 
-    const TWO: Limits = Limits { per_host: 2, per_cluster: 8 };
+    const TWO: Limits = Limits { per_host: 2, per_cluster: 8, host_lost_after: HOST_LOST_AFTER };
 
     #[test]
     fn two_per_host_run_and_the_third_waits() {
@@ -260,6 +268,7 @@ mod tests {
         // The controller's bound is longer than a host's not_responding silence.
         let not_responding = ferry_cluster_api::HEARTBEAT_INTERVAL_MS * ferry_cluster_api::MISSED_HEARTBEATS;
         assert!(HOST_LOST_AFTER.as_millis() as u64 > not_responding);
+        assert!(HOST_LOST_AFTER_MIN_S * 1000 > not_responding);
     }
 
     #[test]
@@ -299,14 +308,14 @@ mod tests {
 
     #[test]
     fn the_cluster_limit() {
-        let limits = Limits { per_host: 2, per_cluster: 3 };
+        let limits = Limits { per_host: 2, per_cluster: 3, ..Limits::default() };
         let q = [p("a", "b"), p("c", "d"), p("e", "f"), p("g", "h")];
         assert_eq!(plan(limits, &[], &q), vec![0, 1, 2]);
         assert_eq!(
             admit(limits, &[p("a", "b"), p("c", "d"), p("e", "f")], &q[3]),
             Err(Wait::Cluster { limit: 3 })
         );
-        let one = Limits { per_host: 1, per_cluster: 1 };
+        let one = Limits { per_host: 1, per_cluster: 1, ..Limits::default() };
         assert_eq!(plan(one, &[], &q), vec![0]);
         assert_eq!(plan(one, &[p("x", "y")], &q), Vec::<usize>::new());
     }

@@ -7,7 +7,8 @@
 //!   A to B through the controller; A's daemon freezes itself once its VMM handed the VM over
 //!   (`FERRY_HOST_FAULT=stop-at=after`: the migration is active in both hosts' histories) and
 //!   the test freezes B's daemon (SIGSTOP): neither answers. A second migration, C to D, waits
-//!   in the queue behind it. After the documented silence (`HOST_LOST_AFTER`, 30 s) the
+//!   in the queue behind it. After the configured silence (`[limits] host_lost_after_s =
+//!   12`; the default is 30 s) the
 //!   controller records the first one `unknown` (`host_lost`), its slot frees and the second
 //!   leaves the queue (its start comes after the first's `unknown`, from the events) and
 //!   completes; a cancel of the unknown one is refused with its reason. Both daemons go on:
@@ -130,7 +131,12 @@ fn a_migration_whose_hosts_go_silent_on_postgres() {
 /// The host-lost scenario (see the file's comment) with a controller on `database` (SQLite
 /// when `None`); `tag` names the controller and the four hosts (`test-TAG-a` ...).
 fn host_lost(tag: &str, database: Option<&str>) {
-    let mut ctl = Controller::with_config(tag, database, "[limits]\nper_host = 1\nper_cluster = 1\n");
+    // The silence bound from the configuration (the default is 30 s).
+    let mut ctl = Controller::with_config(
+        tag,
+        database,
+        "[limits]\nper_host = 1\nper_cluster = 1\nhost_lost_after_s = 12\n",
+    );
     ctl.start();
     let mut a = Hostd::config(&format!("{tag}-a"), "");
     a.env.push(("FERRY_HOST_FAULT".into(), "stop-at=after".into()));
@@ -180,6 +186,7 @@ fn host_lost(tag: &str, database: Option<&str>) {
     println!("host_lost: web's migration recorded unknown {:?} after B's daemon froze", silent.elapsed());
     assert_eq!(lost["record"]["outcome"], "unknown", "{lost}\n{}", ctl.log());
     assert_eq!(lost["record"]["reason_code"], "host_lost", "{lost}");
+    assert!(lost["record"]["reason"].as_str().is_some_and(|r| r.contains("(bound 12 s)")), "{lost}");
     assert!(
         ctl.log().contains(&format!("migration {web}: unknown (host_lost)")),
         "the controller's log names it:\n{}",
