@@ -6,8 +6,8 @@
 //! state and the switchover) and decides:
 //!
 //! - **stop-and-copy** when the expected downtime is within the limit and another pass
-//!   would not buy much: the dirty set no longer halves from pass to pass, it is already
-//!   tiny, or the pass budget is spent. Iterating while the set still shrinks fast is cheap
+//!   would not buy much: the last pass left dirty three quarters or more of what it sent
+//!   ([`ANOTHER_PASS_BELOW`]), the set is already tiny, or the pass budget is spent. Iterating while the set still shrinks fast is cheap
 //!   and is what takes the downtime from the limit (300 ms) down to a few milliseconds;
 //! - **give up** (the VM stays on the source) when copying what is left would take longer
 //!   than [`MAX_REMAINING_COPY`] (vSphere's rule), after `max_iterations` passes without
@@ -444,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_going_while_the_dirty_set_halves() {
+    fn keeps_going_while_the_dirty_set_shrinks() {
         // 1 GB/s; 10,000 dirty pages cost ~41 ms: within 300 ms, but still shrinking.
         let p = [pass(1, 250_000, 1000.0, 20_000), pass(2, 20_000, 80.0, 2_000)];
         assert_eq!(decide(&p, Duration::from_secs(1), &LIMITS), Decision::Continue);
