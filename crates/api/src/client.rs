@@ -105,7 +105,7 @@ pub fn send(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
 /// The largest event line accepted from `GET /vm/events`.
 const MAX_EVENT_LINE: usize = 4 << 20;
 
-/// A connection to `GET /vm/events`: [`EventStream::next`] returns events as the VMM sends
+/// A connection to `GET /vm/events`: `EventStream::next` returns events as the VMM sends
 /// them.
 #[derive(Debug)]
 pub struct EventStream {

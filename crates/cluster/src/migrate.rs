@@ -345,7 +345,7 @@ async fn record_started(c: &Controller, id: &str, vm: &str, source: &str, destin
 const DISPATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The dispatcher: starts queued migrations in FIFO order as slots free up (woken when a
-/// followed migration ends, and every [`DISPATCH_EVERY`]: migrations started on hosts
+/// followed migration ends, and every `DISPATCH_EVERY`: migrations started on hosts
 /// directly free slots too). The queue is in the store: a restarted controller goes on.
 pub async fn dispatch(c: Arc<Controller>) {
     loop {

@@ -95,7 +95,7 @@ pub enum ClusterCommand {
     /// --check and no --to-host, every other host is checked (a table: host, compatible or
     /// all its reasons). Without --to-host, placement picks the destination (--explain shows
     /// its ranking). Without --check, follows the migration until it ends: "queued,
-    /// position N" while it waits for a slot ([limits]), then live progress (Ctrl-C
+    /// position N" while it waits for a slot (`[limits]`), then live progress (Ctrl-C
     /// detaches; `ferry migrations cancel ID` cancels).
     Migrate(MigrateArgs),
     /// Create a VM (as `ferry vm create`) on the host placement picks, or --host HOST;

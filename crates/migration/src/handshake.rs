@@ -9,7 +9,7 @@
 //!   ChallengeResponse {proof_s} ─────────>   proof_s must be HMAC(key, sender, id#k, nonce_r)
 //! ```
 //!
-//! Nothing here reads more than [`HANDSHAKE_MAX_PAYLOAD`] bytes of a frame or waits on a
+//! Nothing here reads more than [`HANDSHAKE_MAX_PAYLOAD`](crate::protocol::HANDSHAKE_MAX_PAYLOAD) bytes of a frame or waits on a
 //! clock: the caller's reader and writer carry the deadline. No VM is needed, so the
 //! fuzzer drives exactly this code.
 

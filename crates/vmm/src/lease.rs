@@ -6,7 +6,7 @@
 //! the local cache and record of the holder) and released after it. The generation rule is
 //! unchanged: `vm.generation` beside the lease is written only by the lease holder.
 //!
-//! Self-fencing ([`Monitor`]): sanlock renews this host's delta lease every
+//! Self-fencing (`Monitor`): sanlock renews this host's delta lease every
 //! `2 * io_timeout` seconds; if it cannot, it counts the host's leases failed at
 //! `8 * io_timeout` and runs the killpath Ferry registers (`kill -USR1 <pid>`); another
 //! host may take the lease over only at `8 * io_timeout + 60` s. Without a watchdog a hung

@@ -18,7 +18,7 @@ const RECENT_MS: i64 = 10 * 60 * 1000;
 impl Store {
     /// The memory of the VMs of migrations to each host (by destination name, bytes) that
     /// its last report may not count yet: outcome `active` or `queued`, or completed after
-    /// its last heartbeat (less [`REPORT_MARGIN_MS`]) and within [`RECENT_MS`] of `now_ms`.
+    /// its last heartbeat (less `REPORT_MARGIN_MS`) and within `RECENT_MS` of `now_ms`.
     /// A VM's memory is what its hosts report (the largest, if several do); a migration of a
     /// VM no host reports counts 0. One query, whatever the cluster's size: the migrations
     /// are found by outcome and end time (index of schema 6), each VM by its key.

@@ -794,7 +794,7 @@ impl Daemon {
 
     /// `POST /migrations/ID/cancel`: cancels this host's outgoing migration `id` (before its
     /// commit; the source VMM decides that against the commit): the VM stays here and the
-    /// destination releases its reservation. Waits up to [`CANCEL_WAIT`] for the end and
+    /// destination releases its reservation. Waits up to `CANCEL_WAIT` for the end and
     /// answers the record (outcome `cancelled`, or still `active` if it has not ended by
     /// then). A migration that already ended otherwise, or that the VMM can no longer
     /// cancel, is a conflict; one that ended cancelled is answered as it is.

@@ -3,7 +3,7 @@
 //! The source side runs on its own thread ([`send`]) so the VMM thread keeps serving the
 //! API (progress in `info`, cancel) and the guest keeps running during pre-copy. Everything
 //! that touches the vCPUs or the VM's lock (pause, save, commit, resume) the migration
-//! thread asks of the VMM thread through a [`Call`], so those steps are ordered with API
+//! thread asks of the VMM thread through a `Call`, so those steps are ordered with API
 //! requests such as a cancel: the commit and a cancel can never both succeed.
 //!
 //! The destination side ([`receive`]) runs before the VM exists: `ferry receive` waits for
@@ -218,7 +218,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 const SOCKET_BUFFER: libc::c_int = ferry_migration::schema::SOCKET_BUFFER as libc::c_int;
 
 /// The environment variable that sets the migration sockets' buffers: a size in MiB (1 to
-/// 64) forced on both ends, `max` ([`SOCKET_BUFFER`], the default) or `auto` (the kernel's
+/// 64) forced on both ends, `max` (`SOCKET_BUFFER`, the default) or `auto` (the kernel's
 /// autotuning), for side-by-side measurements on other machines.
 pub const BUFFER_ENV: &str = "FERRY_SOCKET_BUFFER";
 

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Nothing runs before the lock is held: [`Vmm::run`] refuses to start vCPUs without it.
-//! Connections are accepted and authenticated by [`super::accept`], concurrently and each
+//! Connections are accepted and authenticated by `super::accept`, concurrently and each
 //! within one deadline; a migration starts here with an authenticated first stream.
 //! A failed incoming migration (bad key, malformed message, a check that fails, the source
 //! rolling back) is logged and the receiver waits for the next one; SIGTERM or SIGINT end
