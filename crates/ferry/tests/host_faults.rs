@@ -261,11 +261,17 @@ fn cell_with(tag: &str, kill: Kill, freeze_receiver: bool) {
         // only once that VMM has ended, which takes longer on a busy machine.
         let other_knows =
             |v: &Option<serde_json::Value>| v.as_ref().is_none_or(|v| v["state"] == "elsewhere");
+        // A migration recorded completed moved the VM to B, whatever A's row says: the source
+        // daemon records the outcome a few milliseconds before it unregisters the VM, and
+        // with B's daemon dead (no row to show) A alone looked like the runner in that gap.
+        let completed =
+            |r: &Option<serde_json::Value>| r.as_ref().is_some_and(|r| r["outcome"] == "completed");
+        let moved = completed(&ra) || completed(&rb);
         match (runs(&va), runs(&vb)) {
             // For a moment both may say so: a source daemon records its VMM's end (it
             // committed) after the destination registered the VM. Whether the guest ever
             // ran twice is the overlap checker's question, below.
-            (true, false) if settled && other_knows(&vb) => break ('a', ra, rb),
+            (true, false) if settled && !moved && other_knows(&vb) => break ('a', ra, rb),
             (false, true) if settled && other_knows(&va) => break ('b', ra, rb),
             _ => {}
         }
