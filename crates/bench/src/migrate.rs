@@ -679,7 +679,8 @@ pub fn run(ferry: &Path, args: &MigrateArgs, json: bool) -> anyhow::Result<()> {
         pass1_vs_adjacent: summary_of_present(&reports, "bench_pass1_vs_adjacent"),
         adjacent_reference_mb_s: summary_of_present(&reports, "bench_adjacent_reference_mb_s"),
         pass1_vs_like_reference: {
-            let huge = std::env::var("FERRY_RECEIVE_PAGES").is_ok_and(|v| v == "huge");
+            // The receiving VMMs inherit this environment: read it as they do.
+            let huge = !ferry_vmm::migration::small_pages_from_env();
             let like = fresh_references.iter().find(|r| r.busy_core && (r.pages == "huge") == huge);
             like.map_or(0.0, |r| pass1.median / r.mb_s)
         },
@@ -936,7 +937,7 @@ fn all_runs(
     let mut tsc_hz = None;
     // The like-for-like reference right after each Ferry run: its pass 1's bytes into the
     // receive's kind of pages, a core busy, after the same idle time and probe.
-    let huge = std::env::var("FERRY_RECEIVE_PAGES").is_ok_and(|v| v == "huge");
+    let huge = !ferry_vmm::migration::small_pages_from_env();
     let mut reference: Option<std::sync::Arc<Vec<u8>>> = None;
     for i in 0..args.runs {
         let qemu_first = i % 2 == 1 && qemu_bin.is_some();

@@ -40,6 +40,7 @@ use crate::memory::GuestMemory;
 use crate::persist::{RegionState, VmSnapshot};
 use crate::{VmRunState, Vmm};
 
+pub use populate::{small_pages_from_env, PAGES_ENV};
 pub use receive::{AuthKey, Listen, ReceiveConfig};
 
 pub use ferry_migration::schema::{MigrationConfig, DEVICES};
